@@ -1,0 +1,49 @@
+// The seam between the frozen encoder (server/model/) and an adapter
+// (MetaTT, LoRA). The encoder never changes its own weights; at each adapted
+// projection it asks the adapter for an additive delta:
+//
+//   y = W x + b + delta(layer, projection, x, task of the row)
+//
+// Projections that read the same input (Q, K, V read the attention input) are
+// asked for together so that an adapter can share work across them (MetaTT
+// computes Z = X . G1 once for all three).
+#pragma once
+
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace metatt {
+
+enum class Projection : int {
+  kQuery = 0,
+  kKey = 1,
+  kValue = 2,
+  kAttnOutput = 3,  // attention output dense (BertSelfOutput)
+  kFfnUp = 4,       // intermediate dense (D -> 4D)
+  kFfnDown = 5,     // output dense (4D -> D)
+};
+constexpr int kNumProjections = 6;
+const char* ProjectionName(Projection p);  // "q", "k", "v", "o", "ffn_up", "ffn_down"
+
+// Per-forward information the adapter needs about the rows of the batch.
+struct AdapterBatch {
+  // int64 [B] on the model's device: task index of each row (sequence).
+  // Undefined means every row is task 0 (single-task forms ignore it).
+  torch::Tensor task_index;
+};
+
+class EncoderAdapter {
+ public:
+  virtual ~EncoderAdapter() = default;
+
+  // x: [B, S, D_in], the input shared by `projections` at `layer`.
+  // Returns one tensor per requested projection, [B, S, D_out] to be added to
+  // the base projection's output, or an undefined tensor where the adapter
+  // does not adapt that (layer, projection).
+  virtual std::vector<torch::Tensor> Deltas(int layer, const torch::Tensor& x,
+                                            const std::vector<Projection>& projections,
+                                            const AdapterBatch& batch) = 0;
+};
+
+}  // namespace metatt

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages, a Python venv in .venv, the MiniLM model
+# converted to safetensors, and a CMake build in build/. Fast when already done.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+DEB_PKGS=(build-essential cmake ninja-build pkg-config git
+  libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev prometheus-cpp-dev libsqlite3-dev sqlite3 nlohmann-json3-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3-venv curl ca-certificates)
+missing=()
+for p in "${DEB_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  log "Debian packages present"
+fi
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+REQ_STAMP=.venv/.requirements.sha256
+want="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$REQ_STAMP" 2>/dev/null)" != "$want" ]; then
+  log "installing Python requirements (first time: several minutes, torch is large)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements.txt
+  echo "$want" > "$REQ_STAMP"
+else
+  log "Python requirements present"
+fi
+
+# The real model, as config.json + model.safetensors + vocab, under models/.
+if [ ! -f models/all-MiniLM-L6-v2/model.safetensors ]; then
+  log "preparing all-MiniLM-L6-v2 under models/"
+  .venv/bin/python scripts/prepare_model.py --out models/all-MiniLM-L6-v2
+fi
+
+TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}"
+if [ ! -f build/CMakeCache.txt ]; then
+  log "configuring CMake (LibTorch from $TORCH_PREFIX)"
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
+    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python"
+fi
+log "building"
+cmake --build build -j"$(nproc)"
+log "done"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: set-up (idempotent), then every C++ test (ctest) and every
+# Python test (pytest: parity with transformers/peft, black-box server tests).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+./scripts/setup.sh
+export METATT_BUILD_DIR="$ROOT/build"
+export METATT_MODEL_DIR="${METATT_MODEL_DIR:-$ROOT/models/all-MiniLM-L6-v2}"
+export METATT_SHARED_DIR="${METATT_SHARED_DIR:-$(cd "$ROOT/.." && pwd)/shared}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+start=$(date +%s)
+rc=0
+echo "== ctest"
+(cd build && ctest --output-on-failure -j2 --timeout 900) || rc=1
+echo "== pytest"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python $( [ -d tests/integration ] && echo tests/integration ) || rc=1
+echo "== tests finished in $(( $(date +%s) - start ))s, rc=$rc"
+exit $rc
