@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# metatt-server image. CPU by default; `--build-arg VARIANT=cuda` makes the GPU
+# image (the torch wheel carries the CUDA runtime; the host needs the NVIDIA
+# driver and container toolkit).
+#   docker build -t metatt:cpu .
+#   docker build --build-arg VARIANT=cuda -t metatt:cuda .
+ARG BASE=debian:bookworm-slim
+ARG VARIANT=cpu
+
+FROM ${BASE} AS build
+WORKDIR /opt/metatt
+COPY scripts/ scripts/
+COPY requirements.txt ./
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends python3 python3-venv python3-pip sudo \
+    && rm -rf /var/lib/apt/lists/*
+COPY CMakeLists.txt ./
+COPY cmake/ cmake/
+COPY proto/ proto/
+COPY adapters/ adapters/
+COPY server/ server/
+COPY client/ client/
+COPY bench/ bench/
+COPY tests/ tests/
+RUN ./scripts/setup.sh && rm -rf build/CMakeFiles
+
+FROM ${BASE} AS runtime-base
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+      libgrpc++1.51 libprotobuf32 libsqlite3-0 libabsl20220623 libprometheus-cpp-pull1.0 \
+      libprometheus-cpp-core1.0 libgomp1 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home metatt && mkdir /data && chown metatt /data
+WORKDIR /opt/metatt
+# Binaries keep their RPATH into .venv/.../torch/lib and nvidia/*/lib.
+COPY --from=build /opt/metatt/.venv/lib/python3.11/site-packages/torch/lib .venv/lib/python3.11/site-packages/torch/lib
+COPY --from=build /opt/metatt/.venv/lib/python3.11/site-packages/nvidia .venv/lib/python3.11/site-packages/nvidia
+COPY --from=build /opt/metatt/models models
+COPY --from=build /opt/metatt/build/server/metatt-server /opt/metatt/build/client/metattctl /usr/local/bin/
+ENV METATT_MODEL_DIR=/opt/metatt/models/all-MiniLM-L6-v2
+USER metatt
+VOLUME ["/data"]
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["metattctl", "--server=127.0.0.1:50051", "health"]
+ENTRYPOINT ["metatt-server", "--data_dir=/data"]
+CMD ["--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090", "--device=auto"]
+
+FROM runtime-base AS runtime-cpu
+ENV METATT_DEVICE_HINT=cpu
+
+FROM runtime-base AS runtime-cuda
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+# The final image: runtime-cpu (default) or runtime-cuda.
+FROM runtime-${VARIANT}
