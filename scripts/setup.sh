@@ -53,6 +53,8 @@ if [ ! -f build/CMakeCache.txt ]; then
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
     -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python"
 fi
+log "generating Python client stubs (client/python/metatt_client/gen)"
+(cd client/python && "$ROOT/.venv/bin/python" -m metatt_client.codegen >/dev/null)
 log "building"
 cmake --build build -j"$(nproc)"
 log "done"

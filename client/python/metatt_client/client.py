@@ -1,0 +1,185 @@
+"""A small, blocking client: upload, submit, follow, predict (+ list/get/cancel)."""
+import os
+import sys
+import time
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from . import codegen
+
+if not (codegen.GEN / "metatt" / "v1" / "jobs_pb2.py").exists():
+    codegen.generate()
+if str(codegen.GEN) not in sys.path:
+    sys.path.insert(0, str(codegen.GEN))
+
+from metatt.v1 import adapters_pb2, adapters_pb2_grpc  # noqa: E402
+from metatt.v1 import datasets_pb2, datasets_pb2_grpc  # noqa: E402
+from metatt.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from metatt.v1 import jobs_pb2, jobs_pb2_grpc  # noqa: E402
+
+pb = {"jobs": jobs_pb2, "datasets": datasets_pb2, "adapters": adapters_pb2,
+      "inference": inference_pb2}
+
+CHUNK = 1 << 20
+TERMINAL = {jobs_pb2.SUCCEEDED, jobs_pb2.FAILED, jobs_pb2.CANCELLED}
+
+
+class MetattError(Exception):
+    """A failed RPC: .code is the grpc.StatusCode, str() the server's message."""
+
+    def __init__(self, err: grpc.RpcError):
+        self.code = err.code()
+        super().__init__(f"{self.code.name}: {err.details()}")
+
+
+def _call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as e:  # pragma: no cover - exercised by tests through subclasses
+        raise MetattError(e) from None
+
+
+class _Progress:
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled, self.done = max(total, 1), label, enabled, 0
+
+    def update(self, n: int):
+        self.done += n
+        if self.enabled:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {self.done}/{self.total} B")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 60.0,
+                 channel: Optional[grpc.Channel] = None):
+        self.channel = channel or grpc.insecure_channel(
+            target, options=[("grpc.max_send_message_length", 64 << 20),
+                             ("grpc.max_receive_message_length", 64 << 20)])
+        self.timeout = timeout
+        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        self.datasets = datasets_pb2_grpc.DatasetServiceStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- datasets ---------------------------------------------------------------
+    def upload(self, path: Union[str, os.PathLike], name: str, text_column: str,
+               label_column: str, text_pair_column: str = "", fmt: str = "tsv",
+               has_header: bool = True, regression: bool = False, quoting: bool = False,
+               progress: bool = False, data: Optional[bytes] = None):
+        """Streams a file (or `data`) in 1 MiB chunks; returns the Dataset."""
+        blob = data if data is not None else open(path, "rb").read()
+        header = datasets_pb2.DatasetHeader(
+            name=name, format=getattr(datasets_pb2, fmt.upper()), has_header=has_header,
+            text_column=text_column, text_pair_column=text_pair_column,
+            label_column=label_column, quoting=quoting,
+            label_kind=datasets_pb2.REGRESSION if regression else datasets_pb2.CLASSIFICATION)
+        bar = _Progress(len(blob), f"upload {name}", progress)
+
+        def gen():
+            yield datasets_pb2.UploadDatasetRequest(header=header)
+            for i in range(0, len(blob), CHUNK):
+                chunk = blob[i:i + CHUNK]
+                bar.update(len(chunk))
+                yield datasets_pb2.UploadDatasetRequest(chunk=chunk)
+
+        return _call(self.datasets.UploadDataset, gen(), timeout=self.timeout).dataset
+
+    def list_datasets(self):
+        return list(_call(self.datasets.ListDatasets, datasets_pb2.ListDatasetsRequest(),
+                          timeout=self.timeout).datasets)
+
+    # -- jobs -------------------------------------------------------------------
+    def submit(self, family: str, task: str = "", dataset_id: str = "", kind: str = "train",
+               tasks: Sequence[Tuple[str, str]] = (), form: str = "4+1d",
+               ranks: Sequence[int] = (8,), projections: Sequence[str] = (),
+               eval_dataset_id: str = "", idempotency_key: str = "", **hparams):
+        """kind: train | add_task | multi_task. `tasks` = [(task_name, dataset_id)]
+        for multi-task jobs; hparams are HyperParams fields (max_steps, ...)."""
+        kinds = {"train": jobs_pb2.TRAIN_FAMILY, "add_task": jobs_pb2.ADD_TASK,
+                 "multi_task": jobs_pb2.MULTI_TASK}
+        job_tasks = [jobs_pb2.JobTask(task_name=t, dataset_id=d) for t, d in tasks]
+        if task:
+            job_tasks.insert(0, jobs_pb2.JobTask(task_name=task, dataset_id=dataset_id,
+                                                 eval_dataset_id=eval_dataset_id))
+        spec = jobs_pb2.JobSpec(kind=kinds[kind], family=family, tasks=job_tasks,
+                                adapter=jobs_pb2.AdapterConfig(form=form, ranks=list(ranks),
+                                                               projections=list(projections)),
+                                hparams=jobs_pb2.HyperParams(**hparams))
+        req = jobs_pb2.CreateJobRequest(spec=spec, idempotency_key=idempotency_key)
+        return _call(self.jobs.CreateJob, req, timeout=self.timeout).job
+
+    def get_job(self, job_id: str):
+        return _call(self.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def list_jobs(self, state: Optional[str] = None, page_size: int = 50):
+        req = jobs_pb2.ListJobsRequest(page_size=page_size,
+                                       state=getattr(jobs_pb2, state) if state else 0)
+        out = []
+        while True:
+            resp = _call(self.jobs.ListJobs, req, timeout=self.timeout)
+            out.extend(resp.jobs)
+            if not resp.next_page_token:
+                return out
+            req.page_token = resp.next_page_token
+
+    def cancel(self, job_id: str):
+        return _call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id),
+                     timeout=self.timeout).job
+
+    def follow(self, job_id: str, timeout: Optional[float] = None) -> Iterator:
+        """Yields JobEvents (past ones first) until the job reaches a terminal state."""
+        stream = self.jobs.StreamJobEvents(jobs_pb2.StreamJobEventsRequest(job_id=job_id),
+                                           timeout=timeout)
+        try:
+            for ev in stream:
+                yield ev
+                if ev.WhichOneof("event") == "state" and ev.state.state in TERMINAL:
+                    return
+        except grpc.RpcError as e:
+            raise MetattError(e) from None
+
+    def wait(self, job_id: str, timeout: Optional[float] = None):
+        for _ in self.follow(job_id, timeout=timeout):
+            pass
+        return self.get_job(job_id)
+
+    # -- inference --------------------------------------------------------------
+    def predict(self, family: str, task: Union[str, int],
+                texts: Iterable[Union[str, Tuple[str, str]]], version: int = 0):
+        inputs = []
+        for t in texts:
+            a, b = (t, None) if isinstance(t, str) else t
+            inp = inference_pb2.PredictInput(family=family, version=version, text=a)
+            if b is not None:
+                inp.text_pair = b
+            if isinstance(task, int):
+                inp.task_index = task
+            else:
+                inp.task = task
+            inputs.append(inp)
+        return list(_call(self.inference.Predict, inference_pb2.PredictRequest(inputs=inputs),
+                          timeout=self.timeout).predictions)
+
+    def predict_mixed(self, inputs: List[inference_pb2.PredictInput]):
+        return list(_call(self.inference.Predict, inference_pb2.PredictRequest(inputs=inputs),
+                          timeout=self.timeout).predictions)
+
+    # -- adapters ---------------------------------------------------------------
+    def list_families(self):
+        return _call(self.adapters.ListFamilies, adapters_pb2.ListFamiliesRequest(),
+                     timeout=self.timeout)

@@ -1,0 +1,107 @@
+// metatt-tokenize: JSONL in, JSONL out.
+//
+// Each input line is {"a": "...", "b": "..." (optional or null)}; each output
+// line is {"ids": [...], "type_ids": [...], "attention_mask": [...]} for that
+// input, encoded with longest_first truncation to --max_length (no padding).
+// With --batch, all inputs are encoded as one batch (padded to the longest).
+//
+//   metatt-tokenize --model_dir=DIR [--input=FILE|-] [--output=FILE|-]
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "nlohmann/json.hpp"
+#include "server/model/tokenizer.h"
+
+namespace {
+std::string DefaultModelDir() {
+  const char* env = std::getenv("METATT_MODEL_DIR");
+  return env != nullptr && *env != '\0' ? env : "/work/main/models/all-MiniLM-L6-v2";
+}
+}  // namespace
+
+ABSL_FLAG(std::string, model_dir, DefaultModelDir(),
+          "Model dir (tokenizer.json or vocab.txt) or tokenizer file; default "
+          "$METATT_MODEL_DIR");
+ABSL_FLAG(std::string, input, "-", "JSONL input file, '-' for stdin");
+ABSL_FLAG(std::string, output, "-", "JSONL output file, '-' for stdout");
+ABSL_FLAG(int, max_length, 128, "Truncation length (<= 0: none)");
+ABSL_FLAG(bool, batch, false, "Encode all lines as one padded batch");
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  std::ios::sync_with_stdio(false);
+  auto tok = metatt::WordPieceTokenizer::Create(absl::GetFlag(FLAGS_model_dir));
+  if (!tok.ok()) {
+    std::cerr << "metatt-tokenize: " << tok.status() << "\n";
+    return 1;
+  }
+  std::ifstream in_file;
+  std::istream* in = &std::cin;
+  if (absl::GetFlag(FLAGS_input) != "-") {
+    in_file.open(absl::GetFlag(FLAGS_input), std::ios::binary);
+    if (!in_file) {
+      std::cerr << "metatt-tokenize: cannot open " << absl::GetFlag(FLAGS_input) << "\n";
+      return 1;
+    }
+    in = &in_file;
+  }
+  std::ofstream out_file;
+  std::ostream* out = &std::cout;
+  if (absl::GetFlag(FLAGS_output) != "-") {
+    out_file.open(absl::GetFlag(FLAGS_output), std::ios::binary);
+    if (!out_file) {
+      std::cerr << "metatt-tokenize: cannot open " << absl::GetFlag(FLAGS_output) << "\n";
+      return 1;
+    }
+    out = &out_file;
+  }
+  const int max_length = absl::GetFlag(FLAGS_max_length);
+
+  std::vector<std::pair<std::string, std::optional<std::string>>> inputs;
+  std::string line;
+  size_t line_no = 0;
+  while (std::getline(*in, line)) {
+    ++line_no;
+    if (line.empty()) continue;
+    nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("a") || !j["a"].is_string()) {
+      std::cerr << "metatt-tokenize: line " << line_no
+                << ": expected {\"a\": string, \"b\": string|null}\n";
+      return 2;
+    }
+    std::optional<std::string> b;
+    if (j.contains("b") && !j["b"].is_null()) {
+      if (!j["b"].is_string()) {
+        std::cerr << "metatt-tokenize: line " << line_no << ": \"b\" must be a string or null\n";
+        return 2;
+      }
+      b = j["b"].get<std::string>();
+    }
+    inputs.emplace_back(j["a"].get<std::string>(), std::move(b));
+  }
+
+  auto write = [&](const metatt::Encoding& e) {
+    nlohmann::json o = {
+        {"ids", e.ids}, {"type_ids", e.type_ids}, {"attention_mask", e.attention_mask}};
+    *out << o.dump() << "\n";
+  };
+  if (absl::GetFlag(FLAGS_batch)) {
+    for (const auto& e : tok->EncodeBatch(inputs, max_length)) write(e);
+  } else {
+    for (const auto& [a, b] : inputs) {
+      std::optional<std::string_view> bv;
+      if (b.has_value()) bv = *b;
+      write(tok->Encode(a, bv, max_length));
+    }
+  }
+  out->flush();
+  return out->good() ? 0 : 1;
+}
