@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Quality benchmark: GLUE dev metrics for the rows of the quality table.
+
+NOT run by the test suite. Every row runs `metatt-train` (or, for the PEFT
+row, a PyTorch + PEFT loop with the same data, steps, batch size, lr, seed,
+max length, pooling and warm-up) and reads its result.json. Writes
+bench/out/quality.json and bench/out/quality.md.
+
+Rows:
+  metatt4d_r8      MetaTT-4D, r = 8
+  metatt5d_r8      MetaTT-5D, r = 8
+  dmrg_10_to_4     MetaTT-4D from r = 10, swept to 6 then 4 (DMRG schedule)
+  multitask_4p1d   MetaTT-(4+1)D, all tasks in one adapter, mixed batches
+  new_task_frozen  (4+1)D trained on the other tasks, then each task added
+                   with every shared core frozen (task slice + head train)
+  lora_r8          our LoRA r = 8 (same library, same trainer)
+  peft_lora_r8     Hugging Face PEFT LoRA r = 8 in PyTorch
+
+CPU-only machines: the defaults are STEP-LIMITED (--steps, --train_limit,
+--max_eval) so that the whole table runs in tens of minutes on 2 cores; the
+numbers are then far from converged GLUE scores and only compare rows with
+each other. On a GPU pass --steps 0 --epochs 3 --train_limit 0 --max_eval 0
+for full runs.
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ["MRPC", "CoLA", "SST-2", "STS-B"]
+PRIMARY = {"MRPC": "f1_acc", "CoLA": "mcc", "SST-2": "accuracy", "STS-B": "pearson_spearman"}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build_dir", default=os.environ.get("METATT_BUILD_DIR", os.path.join(REPO, "build")))
+    p.add_argument("--model_dir", default=os.environ.get("METATT_MODEL_DIR",
+                                                         os.path.join(REPO, "models", "all-MiniLM-L6-v2")))
+    p.add_argument("--glue_dir", default=os.path.join(
+        os.environ.get("METATT_SHARED_DIR", "/work/shared"), "data", "glue"))
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--rows", default="metatt4d_r8,metatt5d_r8,dmrg_10_to_4,multitask_4p1d,"
+                                     "new_task_frozen,lora_r8,peft_lora_r8")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=300, help="0: use --epochs")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora_lr", type=float, default=5e-4)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--train_limit", type=int, default=2000)
+    p.add_argument("--max_eval", type=int, default=400)
+    p.add_argument("--pooling", default="mean")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "out"))
+    return p.parse_args()
+
+
+def train_rows(args, task):
+    counts = {"MRPC": 3668, "CoLA": 8551, "SST-2": 67349, "STS-B": 5749}
+    n = counts[task]
+    return min(n, args.train_limit) if args.train_limit > 0 else n
+
+
+def common_flags(args):
+    return [f"--model_dir={args.model_dir}", f"--device={args.device}", f"--glue_dir={args.glue_dir}",
+            f"--steps={args.steps}", f"--epochs={args.epochs}", f"--batch_size={args.batch_size}",
+            f"--max_length={args.max_length}", f"--train_limit={args.train_limit}",
+            f"--max_eval={args.max_eval}", f"--pooling={args.pooling}", f"--seed={args.seed}",
+            "--warmup_ratio=0.06", "--log_every=50"]
+
+
+def run_train(args, flags, out_dir):
+    tool = os.path.join(args.build_dir, "server", "training", "metatt-train")
+    cmd = [tool] + common_flags(args) + flags + [f"--out={out_dir}"]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"metatt-train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out_dir, "result.json")) as f:
+        res = json.load(f)
+    res["wall_seconds"] = time.time() - t0
+    return res
+
+
+def metrics_of(res):
+    ev = res.get("best_eval") or res.get("final_eval") or {}
+    return ev.get("metrics", {})
+
+
+def peft_row(args, task, out_dir):
+    """PEFT LoRA r=8 on Q,V in PyTorch with the same data and schedule."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from scipy import stats
+    from sklearn import metrics as skm
+    from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    def read(path, spec):
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+        if spec["header"]:
+            lines = lines[1:]
+        for line in lines:
+            if not line.strip():
+                continue
+            c = line.split("\t")
+            rows.append((c[spec["text"]], c[spec["pair"]] if spec["pair"] is not None else None,
+                         float(c[spec["label"]])))
+        return rows
+
+    specs = {"MRPC": dict(header=True, text=3, pair=4, label=0), "CoLA": dict(header=False, text=3, pair=None, label=1),
+             "SST-2": dict(header=True, text=0, pair=None, label=1),
+             "STS-B": dict(header=True, text=7, pair=8, label=9)}
+    train = read(os.path.join(args.glue_dir, task, "train.tsv"), specs[task])
+    dev = read(os.path.join(args.glue_dir, task, "dev.tsv"), specs[task])
+    if args.train_limit > 0 and len(train) > args.train_limit:
+        idx = rng.permutation(len(train))[: args.train_limit]
+        train = [train[i] for i in idx]
+    if args.max_eval > 0:
+        dev = dev[: args.max_eval]
+    reg = task == "STS-B"
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    base = AutoModel.from_pretrained(args.model_dir)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                            lora_dropout=0.0, bias="none"))
+    hidden = base.config.hidden_size
+    head = torch.nn.Linear(hidden, 1 if reg else 2)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    steps = args.steps if args.steps > 0 else math.ceil(args.epochs * math.ceil(len(train) / args.batch_size))
+    opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, round(0.06 * steps), steps)
+
+    def encode(batch):
+        a = [r[0] for r in batch]
+        b = [r[1] for r in batch] if batch[0][1] is not None else None
+        return tok(a, b, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+
+    def pooled(enc):
+        h = model(**enc).last_hidden_state
+        if args.pooling == "cls":
+            return h[:, 0]
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+    t0 = time.time()
+    order, cur = rng.permutation(len(train)), 0
+    losses = []
+    for _ in range(steps):
+        if cur >= len(order):
+            order, cur = rng.permutation(len(train)), 0
+        batch = [train[i] for i in order[cur: cur + args.batch_size]]
+        cur += args.batch_size
+        out = head(pooled(encode(batch)))
+        y = torch.tensor([r[2] for r in batch])
+        loss = (torch.nn.functional.mse_loss(out.squeeze(-1), y) if reg
+                else torch.nn.functional.cross_entropy(out, y.long()))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    preds = []
+    with torch.no_grad():
+        for s in range(0, len(dev), 64):
+            out = head(pooled(encode(dev[s: s + 64])))
+            preds += (out.squeeze(-1) if reg else out.argmax(-1)).tolist()
+    y = [r[2] for r in dev]
+    if reg:
+        p_, s_ = stats.pearsonr(preds, y)[0], stats.spearmanr(preds, y)[0]
+        m = {"pearson": p_, "spearman": s_, "pearson_spearman": (p_ + s_) / 2}
+    else:
+        yi = [int(v) for v in y]
+        acc, f1 = skm.accuracy_score(yi, preds), skm.f1_score(yi, preds)
+        m = {"accuracy": acc, "f1": f1, "f1_acc": (acc + f1) / 2, "mcc": skm.matthews_corrcoef(yi, preds)}
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res = {"steps": steps, "losses": losses, "final_eval": {"metrics": {task: m}},
+           "adapter_parameters": n_params, "wall_seconds": time.time() - t0}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+def main():
+    args = parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+    rows = [r for r in args.rows.split(",") if r]
+    os.makedirs(args.out, exist_ok=True)
+    runs = os.path.join(args.out, "runs")
+    table = {}  # row -> task -> {primary, metrics, params, seconds}
+
+    def record(row, task, res):
+        m = metrics_of(res).get(task, {})
+        table.setdefault(row, {})[task] = {
+            "primary_metric": PRIMARY[task], "score": m.get(PRIMARY[task]), "metrics": m,
+            "adapter_parameters": res.get("adapter_parameters"), "seconds": res.get("wall_seconds"),
+            "ranks": res.get("ranks"), "sweeps": res.get("sweeps")}
+
+    for row in rows:
+        if row == "multitask_4p1d":
+            res = run_train(args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8",
+                                   f"--lr={args.lr}"], os.path.join(runs, row))
+            for t in tasks:
+                record(row, t, res)
+            continue
+        for t in tasks:
+            out_dir = os.path.join(runs, row, t)
+            if row == "metatt4d_r8":
+                res = run_train(args, [f"--task={t}", "--form=4d", "--rank=8", f"--lr={args.lr}"], out_dir)
+            elif row == "metatt5d_r8":
+                res = run_train(args, [f"--task={t}", "--form=5d", "--rank=8", f"--lr={args.lr}"], out_dir)
+            elif row == "dmrg_10_to_4":
+                spe = math.ceil(train_rows(args, t) / args.batch_size)
+                total = args.steps if args.steps > 0 else args.epochs * spe
+                e1, e2 = total / 3 / spe, 2 * total / 3 / spe  # thirds of the run, in epochs
+                res = run_train(args, [f"--task={t}", "--form=4d", "--rank=10", f"--lr={args.lr}",
+                                       f"--rank_schedule={e1:.4f}:6,{e2:.4f}:4"], out_dir)
+            elif row == "new_task_frozen":
+                others = [o for o in tasks if o != t]
+                base_dir = os.path.join(runs, row, f"base_without_{t}")
+                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8",
+                                 f"--lr={args.lr}"], base_dir)
+                res = run_train(args, [f"--task={t}", f"--base_family={base_dir}", f"--lr={args.lr}"],
+                                out_dir)
+            elif row == "lora_r8":
+                res = run_train(args, [f"--task={t}", "--adapter=lora", "--rank=8",
+                                       f"--lr={args.lora_lr}"], out_dir)
+            elif row == "peft_lora_r8":
+                res = peft_row(args, t, out_dir)
+            else:
+                raise SystemExit(f"unknown row {row}")
+            record(row, t, res)
+        with open(os.path.join(args.out, "quality.json"), "w") as f:
+            json.dump({"settings": vars(args), "rows": table}, f, indent=2)
+
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump({"settings": vars(args), "rows": table}, f, indent=2)
+    lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
+             f"train_limit={args.train_limit}, max_eval={args.max_eval}, batch={args.batch_size})", "",
+             "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) + " | adapter params |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+    for row, per in table.items():
+        cells = []
+        for t in tasks:
+            s = per.get(t, {}).get("score")
+            cells.append("n/a" if s is None else f"{100 * s:.1f}")
+        params = next((v.get("adapter_parameters") for v in per.values() if v.get("adapter_parameters")), "")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} |")
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

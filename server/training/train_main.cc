@@ -1,0 +1,414 @@
+// metatt-train: offline fine-tuning of a MetaTT (or LoRA) adapter on a frozen
+// BERT-family encoder. The same Trainer the server's jobs drive step by step.
+//
+//   metatt-train --task=MRPC --form=4d --rank=8 --steps=200 --out=/tmp/mrpc
+//   metatt-train --train=a.tsv --eval=b.tsv --text_col=sentence --label_col=label ...
+//   metatt-train --task=MRPC,CoLA --form=4+1d            (multi-task, mixed batches)
+//   metatt-train --task=SST-2 --base_family=/tmp/mt --out=/tmp/mt2   (add a task,
+//                                                         shared cores frozen)
+//
+// Prints one line per progress/eval/sweep event and a final JSON line
+// ("result {...}"); with --out writes the family (MetaTT: family_io's
+// SaveFamily; LoRA: lora.safetensors) and result.json.
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "adapters/family_io.h"
+#include "adapters/util/safetensors.h"
+#include "adapters/util/status_macros.h"
+#include "server/model/model_dir.h"
+#include "server/training/adapter_binding.h"
+#include "server/training/metrics.h"
+#include "server/training/text_batch.h"
+
+ABSL_FLAG(std::string, model_dir, "", "base model directory (default: ResolveModelDir)");
+ABSL_FLAG(std::string, device, "auto", "auto|cpu|cuda");
+ABSL_FLAG(std::string, task, "", "GLUE task(s): MRPC, CoLA, SST-2, STS-B; comma-separated for multi-task");
+ABSL_FLAG(std::string, glue_dir, "", "GLUE data dir (default $METATT_SHARED_DIR/data/glue or /work/shared/data/glue)");
+ABSL_FLAG(std::string, train, "", "custom train file (instead of --task)");
+ABSL_FLAG(std::string, eval, "", "custom eval file");
+ABSL_FLAG(std::string, task_name, "custom", "name of the custom task");
+ABSL_FLAG(std::string, format, "tsv", "tsv|csv|jsonl");
+ABSL_FLAG(bool, has_header, true, "custom file has a header line");
+ABSL_FLAG(bool, quoting, true, "CSV-style double-quote quoting");
+ABSL_FLAG(std::string, text_col, "0", "text column (name or 0-based index)");
+ABSL_FLAG(std::string, pair_col, "", "optional second text column");
+ABSL_FLAG(std::string, label_col, "1", "label column");
+ABSL_FLAG(std::string, label_kind, "classification", "classification|regression");
+ABSL_FLAG(std::string, metric, "", "primary metric (default: GLUE's / accuracy / pearson_spearman)");
+ABSL_FLAG(std::string, adapter, "metatt", "metatt|lora");
+ABSL_FLAG(std::string, form, "4d", "MetaTT form: 4d|5d|4+1d");
+ABSL_FLAG(int64_t, rank, 8, "TT rank (MetaTT) or LoRA rank");
+ABSL_FLAG(std::string, projections, "q,v", "adapted projections");
+ABSL_FLAG(double, alpha, 0, "scale numerator (0: MetaTT default alpha = r; LoRA 2r)");
+ABSL_FLAG(std::string, init, "ze-id-id-id", "MetaTT core init spec");
+ABSL_FLAG(std::string, base_family, "", "add a task to this saved (4+1)D family (shared cores frozen)");
+ABSL_FLAG(int64_t, steps, 0, "optimizer steps (0: use --epochs)");
+ABSL_FLAG(double, epochs, 1.0, "epochs when --steps=0");
+ABSL_FLAG(int64_t, batch_size, 16, "batch size");
+ABSL_FLAG(double, lr, 5e-4, "peak learning rate");
+ABSL_FLAG(double, weight_decay, 0.0, "AdamW weight decay");
+ABSL_FLAG(double, warmup_ratio, 0.06, "warm-up fraction of the steps");
+ABSL_FLAG(double, grad_clip, 1.0, "gradient clip norm (0: off)");
+ABSL_FLAG(int64_t, seed, 0, "seed");
+ABSL_FLAG(int64_t, eval_every, 0, "evaluate every N steps (0: only at the end)");
+ABSL_FLAG(int64_t, max_eval, 0, "evaluate on the first N eval rows (0: all)");
+ABSL_FLAG(int64_t, train_limit, 0, "use a seeded random subset of N train rows per task (0: all)");
+ABSL_FLAG(int, max_length, 128, "max tokens per row");
+ABSL_FLAG(std::string, pooling, "cls", "cls|mean");
+ABSL_FLAG(int64_t, patience, 0, "early-stop after N evals without improvement (0: off)");
+ABSL_FLAG(std::string, rank_schedule, "", "DMRG schedule 'epoch:max_rank,...' e.g. '1:6,2:4'");
+ABSL_FLAG(double, rel_cutoff, 0.0, "truncation: relative discarded-weight cutoff");
+ABSL_FLAG(std::string, trainable, "all", "all|adapter|heads");
+ABSL_FLAG(int64_t, log_every, 1, "print a progress line every N steps");
+ABSL_FLAG(std::string, out, "", "output directory");
+
+namespace metatt {
+namespace {
+
+std::string GlueDir() {
+  std::string d = absl::GetFlag(FLAGS_glue_dir);
+  if (!d.empty()) return d;
+  const char* shared = std::getenv("METATT_SHARED_DIR");
+  return absl::StrCat(shared ? shared : "/work/shared", "/data/glue");
+}
+
+void Subsample(Dataset* ds, int64_t limit, uint64_t seed) {
+  if (limit <= 0 || static_cast<int64_t>(ds->size()) <= limit) return;
+  std::mt19937_64 rng(seed);
+  auto& ex = ds->examples;
+  for (size_t i = ex.size(); i > 1; --i) std::swap(ex[i - 1], ex[rng() % i]);
+  ex.resize(limit);
+}
+
+absl::StatusOr<std::vector<RankScheduleEntry>> ParseSchedule(const std::string& s) {
+  std::vector<RankScheduleEntry> out;
+  if (s.empty()) return out;
+  for (absl::string_view item : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    std::vector<std::string> kv = absl::StrSplit(item, ':');
+    RankScheduleEntry e;
+    if (kv.size() != 2 || !absl::SimpleAtod(kv[0], &e.epoch) ||
+        !absl::SimpleAtoi(kv[1], &e.max_rank)) {
+      return absl::InvalidArgumentError(absl::StrCat("--rank_schedule: bad entry '", item,
+                                                     "' (want epoch:max_rank)"));
+    }
+    out.push_back(e);
+  }
+  return out;
+}
+
+struct TaskData {
+  std::string name;
+  Dataset train, eval;
+  std::string metric;
+};
+
+absl::StatusOr<std::vector<TaskData>> LoadData() {
+  std::vector<TaskData> out;
+  const std::string task = absl::GetFlag(FLAGS_task);
+  if (!task.empty()) {
+    for (absl::string_view t : absl::StrSplit(task, ',', absl::SkipEmpty())) {
+      ASSIGN_OR_RETURN(std::string name, CanonicalGlueName(std::string(t)));
+      ASSIGN_OR_RETURN(DatasetSpec spec, GluePreset(name));
+      TaskData d;
+      d.name = name;
+      spec.origin = absl::StrCat(name, "/train.tsv");
+      ASSIGN_OR_RETURN(d.train, ReadDataset(absl::StrCat(GlueDir(), "/", name, "/train.tsv"), spec));
+      spec.origin = absl::StrCat(name, "/dev.tsv");
+      ASSIGN_OR_RETURN(d.eval, ReadDataset(absl::StrCat(GlueDir(), "/", name, "/dev.tsv"), spec));
+      ASSIGN_OR_RETURN(d.metric, GluePrimaryMetric(name));
+      out.push_back(std::move(d));
+    }
+  } else {
+    if (absl::GetFlag(FLAGS_train).empty()) {
+      return absl::InvalidArgumentError("give --task or --train");
+    }
+    DatasetSpec spec;
+    ASSIGN_OR_RETURN(spec.format, ParseDataFormat(absl::GetFlag(FLAGS_format)));
+    spec.has_header = absl::GetFlag(FLAGS_has_header);
+    spec.quoting = absl::GetFlag(FLAGS_quoting);
+    spec.text = ColumnRef::Parse(absl::GetFlag(FLAGS_text_col));
+    if (!absl::GetFlag(FLAGS_pair_col).empty()) {
+      spec.text_pair = ColumnRef::Parse(absl::GetFlag(FLAGS_pair_col));
+    }
+    spec.label = ColumnRef::Parse(absl::GetFlag(FLAGS_label_col));
+    ASSIGN_OR_RETURN(spec.label_kind, ParseLabelKind(absl::GetFlag(FLAGS_label_kind)));
+    TaskData d;
+    d.name = absl::GetFlag(FLAGS_task_name);
+    spec.origin = absl::GetFlag(FLAGS_train);
+    ASSIGN_OR_RETURN(d.train, ReadDataset(absl::GetFlag(FLAGS_train), spec));
+    if (!absl::GetFlag(FLAGS_eval).empty()) {
+      spec.label_vocab = d.train.label_vocab;
+      spec.origin = absl::GetFlag(FLAGS_eval);
+      ASSIGN_OR_RETURN(d.eval, ReadDataset(absl::GetFlag(FLAGS_eval), spec));
+    }
+    out.push_back(std::move(d));
+  }
+  for (TaskData& d : out) {
+    if (!absl::GetFlag(FLAGS_metric).empty()) d.metric = absl::GetFlag(FLAGS_metric);
+    Subsample(&d.train, absl::GetFlag(FLAGS_train_limit), absl::GetFlag(FLAGS_seed));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<Projection>> ParseProjections(const std::string& s) {
+  std::vector<Projection> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    ASSIGN_OR_RETURN(Projection proj, ParseProjection(std::string(p)));
+    out.push_back(proj);
+  }
+  return out;
+}
+
+nlohmann::json EvalJson(const EvalEvent& e) {
+  nlohmann::json j;
+  j["step"] = e.step;
+  j["score"] = e.score;
+  j["metrics"] = e.metrics;
+  return j;
+}
+
+absl::Status Main() {
+  ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
+  ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
+  ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData());
+
+  BertEncoder::Options eo;
+  eo.model_dir = model_dir;
+  eo.device = device;
+  ASSIGN_OR_RETURN(std::shared_ptr<BertEncoder> encoder, BertEncoder::Create(eo));
+  ASSIGN_OR_RETURN(WordPieceTokenizer tok, WordPieceTokenizer::Create(model_dir));
+  auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(tok));
+  const BertConfig& bc = encoder->config();
+
+  TrainerOptions o;
+  o.steps = absl::GetFlag(FLAGS_steps);
+  o.epochs = absl::GetFlag(FLAGS_epochs);
+  o.batch_size = absl::GetFlag(FLAGS_batch_size);
+  o.lr = absl::GetFlag(FLAGS_lr);
+  o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
+  o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
+  o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip);
+  o.seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_seed));
+  o.eval_every = absl::GetFlag(FLAGS_eval_every);
+  o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
+  o.max_length = absl::GetFlag(FLAGS_max_length);
+  ASSIGN_OR_RETURN(o.pooling, ParsePooling(absl::GetFlag(FLAGS_pooling)));
+  o.early_stop_patience = absl::GetFlag(FLAGS_patience);
+  ASSIGN_OR_RETURN(o.rank_schedule, ParseSchedule(absl::GetFlag(FLAGS_rank_schedule)));
+  o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
+  ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
+  torch::manual_seed(o.seed);
+
+  // Adapter.
+  std::unique_ptr<MetaTTAdapter> metatt;
+  std::unique_ptr<LoraAdapter> lora;
+  AdapterBinding binding;
+  std::vector<std::string> family_tasks;  // index = adapter task index
+  std::map<std::string, torch::Tensor> old_heads;
+  int64_t first_task_index = 0;
+  const std::string kind = absl::GetFlag(FLAGS_adapter);
+  ASSIGN_OR_RETURN(std::vector<Projection> projections,
+                   ParseProjections(absl::GetFlag(FLAGS_projections)));
+  if (!absl::GetFlag(FLAGS_base_family).empty()) {
+    ASSIGN_OR_RETURN(LoadedFamily fam, LoadFamily(absl::GetFlag(FLAGS_base_family),
+                                                  bc.Fingerprint(), device));
+    metatt = std::move(fam.adapter);
+    if (metatt->config().form != TTForm::k4Plus1D) {
+      return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
+    }
+    family_tasks = fam.task_names;
+    old_heads = fam.heads;
+    metatt->FreezeShared(true);
+    first_task_index = metatt->num_tasks();
+    for (size_t i = 0; i < data.size(); ++i) {
+      ASSIGN_OR_RETURN(int64_t idx, metatt->AddTask());
+      (void)idx;
+    }
+    binding = BindMetaTT(metatt.get());
+    std::cout << "add-task mode: " << data.size() << " new task slice(s) after "
+              << first_task_index << " existing; shared cores frozen ("
+              << metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
+  } else if (kind == "metatt") {
+    MetaTTConfig c;
+    ASSIGN_OR_RETURN(c.form, ParseTTForm(absl::GetFlag(FLAGS_form)));
+    c.ranks = {absl::GetFlag(FLAGS_rank)};
+    c.projections = projections;
+    if (absl::GetFlag(FLAGS_alpha) > 0) c.alpha = absl::GetFlag(FLAGS_alpha);
+    c.init = absl::GetFlag(FLAGS_init);
+    c.num_tasks = c.form == TTForm::k4Plus1D ? static_cast<int64_t>(data.size()) : 1;
+    if (c.form != TTForm::k4Plus1D && data.size() > 1) {
+      return absl::InvalidArgumentError("several tasks need --form=4+1d");
+    }
+    c.d_in = c.d_out = bc.hidden_size;
+    c.num_layers = bc.num_hidden_layers;
+    c.num_heads = bc.num_attention_heads;
+    MetaTTAdapter::Options ao;
+    ao.device = device;
+    ao.seed = o.seed;
+    ASSIGN_OR_RETURN(metatt, MetaTTAdapter::Create(c, ao));
+    binding = BindMetaTT(metatt.get());
+    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::GetFlag(FLAGS_rank)
+              << ": " << metatt->NumParameters() << " adapter parameters\n";
+  } else if (kind == "lora") {
+    if (data.size() > 1) return absl::InvalidArgumentError("LoRA trains one task");
+    LoraConfig c;
+    c.rank = absl::GetFlag(FLAGS_rank);
+    c.alpha = absl::GetFlag(FLAGS_alpha) > 0 ? absl::GetFlag(FLAGS_alpha) : 2.0 * c.rank;
+    c.projections = projections;
+    c.num_layers = bc.num_hidden_layers;
+    c.hidden_size = bc.hidden_size;
+    c.intermediate_size = bc.intermediate_size;
+    LoraAdapter::Options ao;
+    ao.device = device;
+    ao.seed = o.seed;
+    ASSIGN_OR_RETURN(lora, LoraAdapter::Create(c, ao));
+    binding = BindLora(lora.get());
+    std::cout << "LoRA r=" << c.rank << ": " << lora->NumParameters() << " adapter parameters\n";
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--adapter: unknown '", kind, "'"));
+  }
+
+  std::vector<TrainTask> tasks;
+  for (size_t i = 0; i < data.size(); ++i) {
+    TaskData& d = data[i];
+    TaskHead::Options ho;
+    ho.kind = d.train.label_kind;
+    ho.num_labels = d.train.num_labels();
+    ho.hidden_size = bc.hidden_size;
+    ho.seed = o.seed + 1000 + i;
+    ho.device = device;
+    TrainTask t;
+    t.name = d.name;
+    t.task_index = first_task_index + static_cast<int64_t>(i);
+    ASSIGN_OR_RETURN(t.head, TaskHead::Create(ho));
+    t.train = std::move(d.train);
+    t.eval = std::move(d.eval);
+    t.primary_metric = d.metric;
+    std::cout << "task " << t.name << " (index " << t.task_index << "): " << t.train.size()
+              << " train rows, " << t.eval.size() << " eval rows\n";
+    tasks.push_back(std::move(t));
+  }
+
+  TrainerCallbacks cb;
+  const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
+  cb.on_progress = [&](const ProgressEvent& p) {
+    if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
+    std::cout << absl::StrFormat(
+                     "step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g ex/s %.1f eta %.0fs",
+                     p.step, p.total_steps, p.epoch, p.loss, p.lr, p.grad_norm,
+                     p.examples_per_second, p.eta_seconds)
+              << std::endl;
+  };
+  cb.on_eval = [&](const EvalEvent& e) {
+    for (const auto& [task, m] : e.metrics) {
+      std::string line = absl::StrCat("eval step ", e.step, " ", task);
+      for (const auto& [k, v] : m) absl::StrAppend(&line, " ", k, "=", absl::StrFormat("%.4f", v));
+      std::cout << line << (e.is_best ? " (best)" : "") << std::endl;
+    }
+  };
+  cb.on_sweep = [&](const SweepEvent& s) {
+    std::cout << "sweep step " << s.step << " epoch " << s.epoch << " max_rank " << s.max_rank;
+    for (const auto& b : s.bonds) {
+      std::cout << absl::StrFormat(" | bond %d: %d -> %d discarded %.3g", b.bond, b.old_rank,
+                                   b.new_rank, b.discarded_weight);
+    }
+    std::cout << std::endl;
+  };
+
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
+                   Trainer::Create(o, encoder, MakeBatchTokenizer(tokenizer), binding,
+                                   std::move(tasks), cb));
+  std::cout << "training " << trainer->total_steps() << " steps (" << trainer->steps_per_epoch()
+            << " per epoch)" << std::endl;
+  const absl::Time t0 = absl::Now();
+  RETURN_IF_ERROR(trainer->Run());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+
+  nlohmann::json result;
+  result["steps"] = trainer->step();
+  result["seconds"] = seconds;
+  result["state"] = trainer->state() == Trainer::State::kFinished       ? "finished"
+                    : trainer->state() == Trainer::State::kEarlyStopped ? "early_stopped"
+                                                                        : "cancelled";
+  result["losses"] = trainer->losses();
+  if (trainer->last_eval()) result["final_eval"] = EvalJson(*trainer->last_eval());
+  if (trainer->best_eval()) result["best_eval"] = EvalJson(*trainer->best_eval());
+  nlohmann::json sweeps = nlohmann::json::array();
+  for (const auto& s : trainer->sweeps()) {
+    nlohmann::json js;
+    js["step"] = s.step;
+    js["max_rank"] = s.max_rank;
+    for (const auto& b : s.bonds) {
+      js["bonds"].push_back({{"bond", b.bond},
+                             {"old_rank", b.old_rank},
+                             {"new_rank", b.new_rank},
+                             {"discarded_weight", b.discarded_weight}});
+    }
+    sweeps.push_back(js);
+  }
+  result["sweeps"] = sweeps;
+  if (metatt) {
+    result["adapter_parameters"] = metatt->NumParameters();
+    result["trainable_adapter_parameters"] = metatt->NumTrainableParameters();
+    result["ranks"] = metatt->config().BondRanks();
+  } else if (lora) {
+    result["adapter_parameters"] = lora->NumParameters();
+  }
+
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) {
+    if (trainer->best_eval()) {
+      absl::Status st = trainer->RestoreBest();
+      if (!st.ok()) std::cout << "note: saving the final tensors (" << st.message() << ")\n";
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    std::map<std::string, torch::Tensor> heads = old_heads;
+    for (const auto& t : trainer->tasks()) {
+      heads[t.name + ".weight"] = t.head->weight.detach();
+      heads[t.name + ".bias"] = t.head->bias.detach();
+    }
+    if (metatt) {
+      for (const auto& t : trainer->tasks()) family_tasks.push_back(t.name);
+      RETURN_IF_ERROR(SaveFamily(out, *metatt, family_tasks, heads, model_dir, bc.Fingerprint()));
+    } else {
+      std::map<std::string, torch::Tensor> all;
+      for (const auto& [n, t] : lora->NamedParameters()) all["lora." + n] = t.detach();
+      for (const auto& [n, t] : heads) all["head." + n] = t;
+      RETURN_IF_ERROR(WriteSafetensors(out + "/lora.safetensors", all));
+    }
+    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
+  }
+  nlohmann::json summary = result;
+  summary.erase("losses");
+  std::cout << "result " << summary.dump() << std::endl;
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace metatt
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  absl::Status st = metatt::Main();
+  if (!st.ok()) {
+    std::cerr << "metatt-train: " << st << std::endl;
+    return st.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}

@@ -1,0 +1,469 @@
+#include "server/training/trainer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <set>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "adapters/util/status_macros.h"
+#include "server/training/metrics.h"
+
+namespace metatt {
+
+absl::StatusOr<TrainableSet> ParseTrainableSet(const std::string& name) {
+  std::string n = absl::AsciiStrToLower(name);
+  if (n == "all") return TrainableSet::kAll;
+  if (n == "adapter") return TrainableSet::kAdapterOnly;
+  if (n == "heads" || n == "head") return TrainableSet::kHeadsOnly;
+  return absl::InvalidArgumentError(absl::StrCat("unknown trainable set '", name,
+                                                 "' (all, adapter or heads)"));
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
+    const TrainerOptions& options, std::shared_ptr<const BertEncoder> encoder,
+    BatchTokenizer tokenizer, AdapterBinding adapter, std::vector<TrainTask> tasks,
+    TrainerCallbacks callbacks) {
+  std::unique_ptr<Trainer> t(new Trainer());
+  t->options_ = options;
+  t->encoder_ = std::move(encoder);
+  t->tokenizer_ = std::move(tokenizer);
+  t->adapter_ = std::move(adapter);
+  t->tasks_ = std::move(tasks);
+  t->callbacks_ = std::move(callbacks);
+  RETURN_IF_ERROR(t->Init());
+  return t;
+}
+
+absl::Status Trainer::Init() {
+  const TrainerOptions& o = options_;
+  if (encoder_ == nullptr) return absl::InvalidArgumentError("trainer: no encoder");
+  if (!tokenizer_) return absl::InvalidArgumentError("trainer: no tokenizer");
+  if (tasks_.empty()) return absl::InvalidArgumentError("trainer: no tasks");
+  if (o.batch_size <= 0) return absl::InvalidArgumentError("trainer: batch_size must be > 0");
+  if (o.steps <= 0 && !(o.epochs > 0)) {
+    return absl::InvalidArgumentError("trainer: set steps > 0 or epochs > 0");
+  }
+  if (!(o.lr > 0)) return absl::InvalidArgumentError("trainer: lr must be > 0");
+  if (o.weight_decay < 0) return absl::InvalidArgumentError("trainer: weight_decay must be >= 0");
+  if (o.max_length < 2) return absl::InvalidArgumentError("trainer: max_length must be >= 2");
+  if (o.trainable != TrainableSet::kHeadsOnly && !adapter_.trainable_parameters) {
+    return absl::InvalidArgumentError("trainer: adapter training needs trainable_parameters");
+  }
+  if (!o.rank_schedule.empty() && !adapter_.sweep) {
+    return absl::InvalidArgumentError("trainer: a rank schedule needs an adapter that sweeps");
+  }
+  std::set<std::string> names;
+  const int64_t hidden = encoder_->config().hidden_size;
+  for (size_t i = 0; i < tasks_.size(); ++i) {
+    TrainTask& task = tasks_[i];
+    const std::string who = absl::StrCat("task '", task.name, "'");
+    if (task.name.empty()) return absl::InvalidArgumentError(absl::StrCat("task ", i, ": no name"));
+    if (!names.insert(task.name).second) {
+      return absl::InvalidArgumentError(absl::StrCat(who, " given twice"));
+    }
+    if (task.head == nullptr) return absl::InvalidArgumentError(who + ": no head");
+    if (task.train.examples.empty()) return absl::InvalidArgumentError(who + ": empty train set");
+    if (task.head->kind != task.train.label_kind) {
+      return absl::InvalidArgumentError(who + ": head kind differs from the data's label kind");
+    }
+    if (task.head->weight.dim() != 2 || task.head->weight.size(1) != hidden) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(who, ": head input width must be the encoder's hidden size ", hidden));
+    }
+    const bool reg = task.head->kind == LabelKind::kRegression;
+    if (!reg && task.head->num_labels < task.train.num_labels()) {
+      return absl::InvalidArgumentError(absl::StrCat(who, ": head has ", task.head->num_labels,
+                                                     " labels, data has ",
+                                                     task.train.num_labels()));
+    }
+    if (!task.eval.examples.empty() && task.eval.label_kind != task.train.label_kind) {
+      return absl::InvalidArgumentError(who + ": eval and train label kinds differ");
+    }
+    if (task.primary_metric.empty()) task.primary_metric = DefaultPrimaryMetric(reg);
+    RETURN_IF_ERROR(ValidateMetricName(task.primary_metric, reg, task.head->num_labels));
+    if (task.task_index < 0) return absl::InvalidArgumentError(who + ": negative task index");
+    for (size_t e = 0; e < task.train.examples.size(); ++e) {
+      pool_.emplace_back(static_cast<int>(i), static_cast<int64_t>(e));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(pool_.size());
+  steps_per_epoch_ = (n + o.batch_size - 1) / o.batch_size;
+  total_steps_ = o.steps > 0 ? o.steps
+                             : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                                        o.epochs * steps_per_epoch_ - 1e-9)));
+  warmup_ = o.warmup_steps >= 0 ? o.warmup_steps
+                                : static_cast<int64_t>(std::llround(o.warmup_ratio * total_steps_));
+  warmup_ = std::min(warmup_, total_steps_);
+  std::stable_sort(options_.rank_schedule.begin(), options_.rank_schedule.end(),
+                   [](const RankScheduleEntry& a, const RankScheduleEntry& b) {
+                     return a.epoch < b.epoch;
+                   });
+  for (const auto& e : options_.rank_schedule) {
+    if (e.epoch < 0 || e.max_rank < 1) {
+      return absl::InvalidArgumentError("trainer: rank schedule entries need epoch >= 0, rank >= 1");
+    }
+  }
+  rng_.seed(o.seed);
+  order_.resize(pool_.size());
+  Reshuffle();
+  start_time_ = absl::Now();
+  return RebuildOptimizer(/*keep_state=*/false);
+}
+
+void Trainer::Reshuffle() {
+  std::iota(order_.begin(), order_.end(), 0);
+  // Fisher-Yates with our own draws: std::shuffle's algorithm is unspecified.
+  for (size_t i = order_.size(); i > 1; --i) {
+    size_t j = static_cast<size_t>(rng_() % i);
+    std::swap(order_[i - 1], order_[j]);
+  }
+  cursor_ = 0;
+}
+
+std::vector<torch::Tensor> Trainer::CollectParameters() const {
+  std::vector<torch::Tensor> out;
+  std::set<void*> seen;
+  auto add = [&](const torch::Tensor& p) {
+    if (p.defined() && p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
+      out.push_back(p);
+    }
+  };
+  if (options_.trainable != TrainableSet::kHeadsOnly) {
+    for (const auto& p : adapter_.trainable_parameters()) add(p);
+  }
+  if (options_.trainable != TrainableSet::kAdapterOnly) {
+    for (const auto& t : tasks_) {
+      add(t.head->weight);
+      add(t.head->bias);
+    }
+  }
+  return out;
+}
+
+absl::Status Trainer::RebuildOptimizer(bool keep_state) {
+  std::vector<torch::Tensor> params = CollectParameters();
+  if (params.empty()) return absl::InvalidArgumentError("trainer: nothing to train");
+  return TorchTry("optimizer", [&] {
+    if (!optimizer_ || !keep_state) {
+      optimizer_ = std::make_unique<torch::optim::AdamW>(
+          params, torch::optim::AdamWOptions(options_.lr).weight_decay(options_.weight_decay));
+    } else {
+      std::set<void*> keep;
+      for (const auto& p : params) keep.insert(p.unsafeGetTensorImpl());
+      auto& state = optimizer_->state();
+      for (auto it = state.begin(); it != state.end();) {
+        if (!keep.count(it->first)) {
+          it = state.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      optimizer_->param_groups()[0].params() = params;
+    }
+    params_ = params;
+  });
+}
+
+double Trainer::LearningRate(int64_t step) const {
+  const double lr = options_.lr;
+  if (step < warmup_) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup_);
+  if (!options_.linear_decay) return lr;
+  const double span = static_cast<double>(std::max<int64_t>(1, total_steps_ - warmup_));
+  return lr * std::max(0.0, static_cast<double>(total_steps_ - step) / span);
+}
+
+absl::Status Trainer::MaybeSweep() {
+  const auto& schedule = options_.rank_schedule;
+  while (next_schedule_ < schedule.size()) {
+    const RankScheduleEntry& e = schedule[next_schedule_];
+    const int64_t at = static_cast<int64_t>(std::llround(e.epoch * steps_per_epoch_));
+    if (step_ < at) break;
+    ++next_schedule_;
+    // Remember the parameters' values: state is kept only for unchanged ones.
+    std::vector<torch::Tensor> before;
+    std::vector<void*> before_keys;
+    for (const auto& p : params_) {
+      before.push_back(p.detach().clone());
+      before_keys.push_back(p.unsafeGetTensorImpl());
+    }
+    ASSIGN_OR_RETURN(std::vector<BondTruncation> bonds, adapter_.sweep(e.max_rank, options_.truncation));
+    RETURN_IF_ERROR(RebuildOptimizer(/*keep_state=*/true));
+    RETURN_IF_ERROR(TorchTry("sweep optimizer reset", [&] {
+      auto& state = optimizer_->state();
+      for (size_t i = 0; i < before.size(); ++i) {
+        auto it = state.find(before_keys[i]);
+        if (it == state.end()) continue;
+        bool same = false;
+        for (const auto& p : params_) {
+          if (p.unsafeGetTensorImpl() == before_keys[i]) {
+            same = p.sizes().equals(before[i].sizes()) && torch::equal(p.detach(), before[i]);
+            break;
+          }
+        }
+        if (!same) state.erase(it);
+      }
+    }));
+    // Earlier checkpoints have the old ranks: the best is chosen among
+    // evaluations after the latest sweep.
+    best_eval_.reset();
+    best_tensors_.clear();
+    evals_without_improvement_ = 0;
+    SweepEvent ev;
+    ev.step = step_;
+    ev.epoch = e.epoch;
+    ev.max_rank = e.max_rank;
+    ev.bonds = std::move(bonds);
+    sweeps_.push_back(ev);
+    if (callbacks_.on_sweep) callbacks_.on_sweep(ev);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EncoderInput> Trainer::Tokenize(const std::vector<TextPair>& rows) const {
+  ASSIGN_OR_RETURN(EncoderInput in, tokenizer_(rows, options_.max_length));
+  const torch::Device dev = encoder_->device();
+  RETURN_IF_ERROR(TorchTry("batch to device", [&] {
+    in.input_ids = in.input_ids.to(dev);
+    if (in.token_type_ids.defined()) in.token_type_ids = in.token_type_ids.to(dev);
+    if (in.attention_mask.defined()) in.attention_mask = in.attention_mask.to(dev);
+  }));
+  return in;
+}
+
+absl::StatusOr<double> Trainer::TrainStep() {
+  if (cursor_ >= order_.size()) Reshuffle();
+  const size_t end = std::min(order_.size(), cursor_ + static_cast<size_t>(options_.batch_size));
+  std::vector<TextPair> rows;
+  std::vector<int> row_task;
+  std::vector<const Example*> row_ex;
+  for (size_t k = cursor_; k < end; ++k) {
+    const auto& [t, e] = pool_[order_[k]];
+    const Example& ex = tasks_[t].train.examples[e];
+    rows.emplace_back(ex.text, ex.text_pair);
+    row_task.push_back(t);
+    row_ex.push_back(&ex);
+  }
+  cursor_ = end;
+  const int64_t B = static_cast<int64_t>(rows.size());
+  ASSIGN_OR_RETURN(EncoderInput in, Tokenize(rows));
+  const torch::Device dev = encoder_->device();
+
+  AdapterBatch ab;
+  torch::Tensor loss;
+  RETURN_IF_ERROR(TorchTry("task index", [&] {
+    std::vector<int64_t> ti(B);
+    for (int64_t i = 0; i < B; ++i) ti[i] = tasks_[row_task[i]].task_index;
+    ab.task_index = torch::tensor(ti, torch::kLong).to(dev);
+  }));
+  ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
+  double grad_norm = 0;
+  const double lr = LearningRate(step_);
+  RETURN_IF_ERROR(TorchTry("train step", [&] {
+    torch::Tensor mask = in.attention_mask.defined() ? in.attention_mask
+                                                     : torch::ones_like(in.input_ids);
+    torch::Tensor pooled = Pool(hidden, mask, options_.pooling);
+    torch::Tensor total;
+    for (size_t t = 0; t < tasks_.size(); ++t) {
+      std::vector<int64_t> idx;
+      std::vector<int64_t> lab_i;
+      std::vector<float> lab_f;
+      for (int64_t i = 0; i < B; ++i) {
+        if (row_task[i] != static_cast<int>(t)) continue;
+        idx.push_back(i);
+        lab_i.push_back(row_ex[i]->label_id);
+        lab_f.push_back(row_ex[i]->label_value);
+      }
+      if (idx.empty()) continue;
+      const TaskHead& head = *tasks_[t].head;
+      torch::Tensor sel = pooled.index_select(0, torch::tensor(idx, torch::kLong).to(dev));
+      torch::Tensor labels = head.kind == LabelKind::kRegression
+                                 ? torch::tensor(lab_f, torch::kFloat).to(dev)
+                                 : torch::tensor(lab_i, torch::kLong).to(dev);
+      torch::Tensor l = head.LossSum(head.Forward(sel), labels);
+      total = total.defined() ? total + l : l;
+    }
+    loss = total / static_cast<double>(B);
+    optimizer_->zero_grad();
+    loss.backward();
+    if (options_.grad_clip_norm > 0) {
+      grad_norm = torch::nn::utils::clip_grad_norm_(params_, options_.grad_clip_norm);
+    } else {
+      double sq = 0;
+      for (const auto& p : params_) {
+        if (p.grad().defined()) sq += p.grad().pow(2).sum().item<double>();
+      }
+      grad_norm = std::sqrt(sq);
+    }
+    for (auto& group : optimizer_->param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    }
+    optimizer_->step();
+    // Tensors not being optimised (frozen heads) must not accumulate grads.
+    for (const auto& task : tasks_) {
+      if (task.head->weight.grad().defined()) task.head->weight.mutable_grad().reset();
+      if (task.head->bias.grad().defined()) task.head->bias.mutable_grad().reset();
+    }
+  }));
+  if (adapter_.after_step) adapter_.after_step();
+  examples_seen_ += B;
+  last_grad_norm_ = grad_norm;
+  last_lr_ = lr;
+  return loss.item<double>();
+}
+
+absl::StatusOr<EvalEvent> Trainer::Evaluate() {
+  EvalEvent ev;
+  ev.step = step_;
+  torch::NoGradGuard no_grad;
+  const torch::Device dev = encoder_->device();
+  double score_sum = 0;
+  int scored = 0;
+  const int64_t eb = std::max<int64_t>(options_.batch_size, 32);
+  for (const TrainTask& task : tasks_) {
+    if (task.eval.examples.empty()) continue;
+    int64_t n = static_cast<int64_t>(task.eval.examples.size());
+    if (options_.max_eval_examples > 0) n = std::min(n, options_.max_eval_examples);
+    std::vector<int64_t> pred_i, lab_i;
+    std::vector<double> pred_f, lab_f;
+    for (int64_t s = 0; s < n; s += eb) {
+      const int64_t e = std::min(n, s + eb);
+      std::vector<TextPair> rows;
+      for (int64_t k = s; k < e; ++k) {
+        const Example& ex = task.eval.examples[k];
+        rows.emplace_back(ex.text, ex.text_pair);
+        lab_i.push_back(ex.label_id);
+        lab_f.push_back(ex.label_value);
+      }
+      ASSIGN_OR_RETURN(EncoderInput in, Tokenize(rows));
+      AdapterBatch ab;
+      RETURN_IF_ERROR(TorchTry("eval task index", [&] {
+        ab.task_index = torch::full({e - s}, task.task_index, torch::kLong).to(dev);
+      }));
+      ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
+      RETURN_IF_ERROR(TorchTry("eval", [&] {
+        torch::Tensor mask = in.attention_mask.defined() ? in.attention_mask
+                                                         : torch::ones_like(in.input_ids);
+        torch::Tensor p = task.head->Predict(task.head->Forward(Pool(hidden, mask, options_.pooling)));
+        if (task.head->kind == LabelKind::kRegression) {
+          auto a = p.accessor<double, 1>();
+          for (int64_t k = 0; k < a.size(0); ++k) pred_f.push_back(a[k]);
+        } else {
+          auto a = p.accessor<int64_t, 1>();
+          for (int64_t k = 0; k < a.size(0); ++k) pred_i.push_back(a[k]);
+        }
+      }));
+    }
+    std::map<std::string, double> m;
+    if (task.head->kind == LabelKind::kRegression) {
+      m = RegressionMetrics(pred_f, lab_f);
+    } else {
+      m = ClassificationMetrics(pred_i, lab_i, task.head->num_labels);
+    }
+    score_sum += m.at(task.primary_metric);
+    ++scored;
+    ev.metrics[task.name] = std::move(m);
+  }
+  ev.score = scored ? score_sum / scored : 0.0;
+  return ev;
+}
+
+absl::Status Trainer::EvaluateAndTrack() {
+  bool any_eval = false;
+  for (const auto& t : tasks_) any_eval |= !t.eval.examples.empty();
+  if (!any_eval) return absl::OkStatus();
+  ASSIGN_OR_RETURN(EvalEvent ev, Evaluate());
+  if (!best_eval_ || ev.score > best_eval_->score) {
+    ev.is_best = true;
+    evals_without_improvement_ = 0;
+    best_tensors_.clear();
+    if (adapter_.snapshot) {
+      for (auto& [k, v] : adapter_.snapshot()) best_tensors_["adapter." + k] = v;
+    }
+    for (const auto& t : tasks_) {
+      for (auto& [k, v] : t.head->Tensors("heads." + t.name + ".")) best_tensors_[k] = v;
+    }
+    best_eval_ = ev;
+  } else {
+    ++evals_without_improvement_;
+    if (options_.early_stop_patience > 0 &&
+        evals_without_improvement_ >= options_.early_stop_patience) {
+      state_ = State::kEarlyStopped;
+    }
+  }
+  last_eval_ = ev;
+  if (callbacks_.on_eval) callbacks_.on_eval(ev);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Trainer::Step() {
+  if (failed_) return absl::FailedPreconditionError("trainer failed earlier");
+  if (state_ != State::kRunning) return false;
+  if (cancel_requested_.load()) {
+    state_ = State::kCancelled;
+    return false;
+  }
+  auto run = [&]() -> absl::StatusOr<double> {
+    RETURN_IF_ERROR(MaybeSweep());
+    return TrainStep();
+  };
+  const absl::Time t0 = absl::Now();
+  absl::StatusOr<double> loss = run();
+  if (!loss.ok()) {
+    failed_ = true;
+    return loss.status();
+  }
+  train_time_ += absl::Now() - t0;
+  ++step_;
+  losses_.push_back(*loss);
+  if (callbacks_.on_progress) {
+    ProgressEvent p;
+    p.step = step_;
+    p.total_steps = total_steps_;
+    p.epoch = static_cast<double>(step_) / static_cast<double>(steps_per_epoch_);
+    p.loss = *loss;
+    p.lr = last_lr_;
+    p.grad_norm = last_grad_norm_;
+    const double secs = absl::ToDoubleSeconds(train_time_);
+    p.examples_per_second = secs > 0 ? static_cast<double>(examples_seen_) / secs : 0.0;
+    p.eta_seconds = secs / static_cast<double>(step_) * static_cast<double>(total_steps_ - step_);
+    callbacks_.on_progress(p);
+  }
+  const bool last = step_ >= total_steps_;
+  if (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0)) {
+    absl::Status st = EvaluateAndTrack();
+    if (!st.ok()) {
+      failed_ = true;
+      return st;
+    }
+  }
+  if (last && state_ == State::kRunning) state_ = State::kFinished;
+  return state_ == State::kRunning;
+}
+
+absl::Status Trainer::Run() {
+  while (true) {
+    ASSIGN_OR_RETURN(bool more, Step());
+    if (!more) return absl::OkStatus();
+  }
+}
+
+absl::Status Trainer::RestoreBest() {
+  if (best_tensors_.empty()) return absl::FailedPreconditionError("no best checkpoint yet");
+  if (adapter_.snapshot) {
+    if (!adapter_.restore) {
+      return absl::FailedPreconditionError("adapter binding cannot restore a snapshot");
+    }
+    std::map<std::string, torch::Tensor> a;
+    for (const auto& [k, v] : best_tensors_) {
+      if (k.rfind("adapter.", 0) == 0) a[k.substr(8)] = v;
+    }
+    RETURN_IF_ERROR(adapter_.restore(a));
+  }
+  for (auto& t : tasks_) RETURN_IF_ERROR(t.head->Load(best_tensors_, "heads." + t.name + "."));
+  return absl::OkStatus();
+}
+
+}  // namespace metatt
