@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/statusor.h"
+#include "adapters/util/file_io.h"
 
 namespace metatt {
 
@@ -36,8 +37,5 @@ absl::Status WriteSafetensors(const std::string& path,
                               const std::map<std::string, torch::Tensor>& tensors,
                               const std::map<std::string, std::string>& metadata = {});
 
-// Atomic write of arbitrary bytes (same protocol); used for JSON metadata.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
-absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 }  // namespace metatt

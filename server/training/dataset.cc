@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <fstream>
 #include <map>
 #include <set>
@@ -15,7 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "adapters/util/safetensors.h"
+#include "adapters/util/file_io.h"
 #include "adapters/util/status_macros.h"
 
 namespace metatt {
@@ -343,8 +344,10 @@ absl::StatusOr<Dataset> ParseDataset(const std::string& bytes_in, const DatasetS
         reasons.push_back("empty label");
       } else if (spec.label_kind == LabelKind::kRegression) {
         double v;
-        if (!absl::SimpleAtod(lab, &v) || !std::isfinite(v)) {
-          reasons.push_back(absl::StrCat("bad label '", lab, "': not a finite number"));
+        // Labels are stored as float: a double beyond float range would become inf.
+        if (!absl::SimpleAtod(lab, &v) || !std::isfinite(v) ||
+            std::fabs(v) > std::numeric_limits<float>::max()) {
+          reasons.push_back(absl::StrCat("bad label '", lab, "': not a finite float number"));
         }
       } else if (!spec.label_vocab.empty() &&
                  std::find(spec.label_vocab.begin(), spec.label_vocab.end(), lab) ==

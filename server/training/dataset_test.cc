@@ -87,6 +87,13 @@ TEST(DatasetTest, RegressionLabelsMustBeFiniteNumbers) {
   ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_FLOAT_EQ(good->examples[0].label_value, 1.5f);
   EXPECT_EQ(good->num_labels(), 1);
+  // Regression for the fuzzer's finding: finite as double, inf as float.
+  std::vector<BadLine> big;
+  auto inf = ParseDataset("sentence\tlabel\na\t1e39\nb\t-1e300\nc\t3e38\n", s, &big);
+  ASSERT_FALSE(inf.ok());
+  ASSERT_EQ(big.size(), 2u);
+  EXPECT_EQ(big[0].line, 2);
+  EXPECT_EQ(big[1].line, 3);
 }
 
 TEST(DatasetTest, StringLabelsSortedAndFixedVocabEnforced) {

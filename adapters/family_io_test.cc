@@ -1,0 +1,146 @@
+#include "adapters/family_io.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "adapters/util/safetensors.h"
+
+namespace metatt {
+namespace {
+
+std::string FreshDir(const std::string& name) {
+  std::string d = ::testing::TempDir() + "/family_io_" + std::to_string(::getpid()) + "_" + name;
+  std::string cmd = "rm -rf '" + d + "'";
+  EXPECT_EQ(std::system(cmd.c_str()), 0);
+  return d;
+}
+
+std::unique_ptr<MetaTTAdapter> MakeAdapter(TTForm form, torch::Dtype dtype, int64_t tasks) {
+  MetaTTConfig c;
+  c.form = form;
+  c.ranks = {3, 4, 2, 5};
+  if (form == TTForm::k4D) c.ranks = {3, 4, 2};
+  c.d_in = c.d_out = 12;
+  c.num_layers = 3;
+  c.num_heads = 3;
+  c.num_tasks = tasks;
+  c.projections = {Projection::kQuery, Projection::kValue};
+  c.init = "normal(0.3)";
+  c.alpha = 6;
+  MetaTTAdapter::Options o;
+  o.dtype = dtype;
+  o.seed = 17;
+  auto a = MetaTTAdapter::Create(c, o);
+  EXPECT_TRUE(a.ok()) << a.status();
+  return std::move(*a);
+}
+
+void ExpectSameAdapter(const MetaTTAdapter& a, const MetaTTAdapter& b) {
+  auto pa = a.NamedParameters(), pb = b.NamedParameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_EQ(pa[i].first, pb[i].first);
+    EXPECT_EQ(pa[i].second.scalar_type(), pb[i].second.scalar_type());
+    EXPECT_TRUE(torch::equal(pa[i].second, pb[i].second)) << pa[i].first;
+  }
+  EXPECT_EQ(a.scale(), b.scale());
+  EXPECT_EQ(a.config().ToJson(), b.config().ToJson());
+}
+
+TEST(FamilyIoTest, RoundTripIsBitExact) {
+  for (auto [form, dtype] :
+       std::vector<std::pair<TTForm, torch::Dtype>>{{TTForm::k4Plus1D, torch::kFloat32},
+                                                    {TTForm::k5D, torch::kFloat64},
+                                                    {TTForm::k4D, torch::kFloat32}}) {
+    const int64_t tasks = form == TTForm::k4Plus1D ? 3 : 1;
+    auto a = MakeAdapter(form, dtype, tasks);
+    std::vector<std::string> names = {"sst2"};
+    if (tasks == 3) names = {"sst2", "mrpc", "cola"};
+    std::map<std::string, torch::Tensor> heads = {{"sst2.weight", torch::randn({2, 12})},
+                                                  {"sst2.bias", torch::randn({2})}};
+    const std::string dir =
+        FreshDir(TTFormName(form) == std::string("4+1d") ? "41" : TTFormName(form));
+    ASSERT_TRUE(SaveFamily(dir, *a, names, heads, "all-MiniLM-L6-v2", "fp-123").ok());
+    auto loaded = LoadFamily(dir, "fp-123");
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    ExpectSameAdapter(*a, *loaded->adapter);
+    EXPECT_EQ(loaded->task_names, names);
+    EXPECT_EQ(loaded->base_model_id, "all-MiniLM-L6-v2");
+    ASSERT_EQ(loaded->heads.size(), 2u);
+    for (auto& [k, v] : heads) EXPECT_TRUE(torch::equal(v, loaded->heads[k])) << k;
+  }
+}
+
+TEST(FamilyIoTest, RoundTripAfterTruncationAndAddTask) {
+  auto a = MakeAdapter(TTForm::k4Plus1D, torch::kFloat64, 2);
+  TruncationParams p;
+  p.max_rank = 2;
+  ASSERT_TRUE(a->Truncate(p).ok());
+  ASSERT_TRUE(a->AddTask().ok());
+  const std::string dir = FreshDir("trunc");
+  ASSERT_TRUE(SaveFamily(dir, *a, {"a", "b", "c"}, {}, "m", "fp").ok());
+  auto loaded = LoadFamily(dir, "fp");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameAdapter(*a, *loaded->adapter);
+  // Same function after reload.
+  torch::Tensor x = torch::randn({3, 2, 12}, torch::kFloat64);
+  AdapterBatch batch{torch::tensor({2, 0, 1}, torch::kInt64)};
+  auto d1 = a->Deltas(1, x, {Projection::kValue}, batch);
+  auto d2 = loaded->adapter->Deltas(1, x, {Projection::kValue}, batch);
+  EXPECT_TRUE(torch::equal(d1[0], d2[0]));
+}
+
+TEST(FamilyIoTest, RefusesWrongFingerprintCorruptionAndShapeMismatch) {
+  auto a = MakeAdapter(TTForm::k4Plus1D, torch::kFloat32, 2);
+  const std::string dir = FreshDir("bad");
+  ASSERT_TRUE(SaveFamily(dir, *a, {"x", "y"}, {}, "m", "fp-good").ok());
+
+  auto wrong = LoadFamily(dir, "fp-other");
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(wrong.status().message()).find("fp-good"), std::string::npos);
+  EXPECT_NE(std::string(wrong.status().message()).find("fp-other"), std::string::npos);
+
+  auto json = ReadFileToString(dir + "/family.json");
+  auto cores = ReadFileToString(dir + "/cores.safetensors");
+  ASSERT_TRUE(json.ok() && cores.ok());
+
+  // Truncated safetensors.
+  ASSERT_TRUE(
+      WriteFileAtomically(dir + "/cores.safetensors", cores->substr(0, cores->size() / 2)).ok());
+  EXPECT_FALSE(LoadFamily(dir, "fp-good").ok());
+  // Flipped byte inside tensor data.
+  std::string flipped = *cores;
+  flipped[flipped.size() - 3] ^= 0x5a;
+  ASSERT_TRUE(WriteFileAtomically(dir + "/cores.safetensors", flipped).ok());
+  EXPECT_EQ(LoadFamily(dir, "fp-good").status().code(), absl::StatusCode::kDataLoss);
+  ASSERT_TRUE(WriteFileAtomically(dir + "/cores.safetensors", *cores).ok());
+  ASSERT_TRUE(LoadFamily(dir, "fp-good").ok());
+
+  // Corrupt JSON.
+  ASSERT_TRUE(WriteFileAtomically(dir + "/family.json", "{\"format_version\": 1, ").ok());
+  EXPECT_EQ(LoadFamily(dir, "fp-good").status().code(), absl::StatusCode::kInvalidArgument);
+
+  // Metadata whose ranks disagree with the stored tensors.
+  nlohmann::json j = nlohmann::json::parse(*json);
+  j["config"]["ranks"] = {7, 4, 2, 5};
+  ASSERT_TRUE(WriteFileAtomically(dir + "/family.json", j.dump()).ok());
+  auto mism = LoadFamily(dir, "fp-good");
+  EXPECT_EQ(mism.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(mism.status().message()).find("tensor 'in'"), std::string::npos)
+      << mism.status();
+
+  // Missing files.
+  EXPECT_FALSE(LoadFamily(dir + "/nope", "fp-good").ok());
+  ASSERT_TRUE(WriteFileAtomically(dir + "/family.json", *json).ok());
+  ASSERT_EQ(std::remove((dir + "/cores.safetensors").c_str()), 0);
+  EXPECT_FALSE(LoadFamily(dir, "fp-good").ok());
+
+  // Task names must match the slices.
+  EXPECT_EQ(SaveFamily(dir, *a, {"only-one"}, {}, "m", "fp").code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace metatt

@@ -1,0 +1,317 @@
+#include "adapters/metatt_adapter.h"
+
+#include <gtest/gtest.h>
+
+#include <tuple>
+
+namespace metatt {
+namespace {
+
+constexpr int64_t kD = 12;
+
+MetaTTConfig SmallConfig(TTForm form, std::vector<int64_t> ranks, int64_t tasks = 1) {
+  MetaTTConfig c;
+  c.form = form;
+  c.ranks = std::move(ranks);
+  c.projections = {Projection::kQuery, Projection::kValue, Projection::kAttnOutput};
+  c.layers = {0, 2};  // layer 1 of 3 is not adapted
+  c.d_in = kD;
+  c.d_out = kD;
+  c.num_layers = 3;
+  c.num_heads = 3;
+  c.num_tasks = form == TTForm::k4Plus1D ? tasks : 1;
+  c.init = "normal(0.5)";
+  c.alpha = 3.0;
+  return c;
+}
+
+MetaTTAdapter::Options F64(uint64_t seed = 1) {
+  MetaTTAdapter::Options o;
+  o.dtype = torch::kFloat64;
+  o.seed = seed;
+  return o;
+}
+
+std::unique_ptr<MetaTTAdapter> Make(const MetaTTConfig& c, uint64_t seed = 1) {
+  auto a = MetaTTAdapter::Create(c, F64(seed));
+  EXPECT_TRUE(a.ok()) << a.status();
+  return std::move(*a);
+}
+
+torch::Tensor Dense(const MetaTTAdapter& a, int layer, Projection p, int64_t t) {
+  auto d = a.DenseDelta(layer, p, t);
+  EXPECT_TRUE(d.ok()) << d.status();
+  return *d;
+}
+
+// Reference: row b of x times the dense update of its task.
+torch::Tensor DenseDeltas(const MetaTTAdapter& a, int layer, Projection p, const torch::Tensor& x,
+                          const torch::Tensor& tasks) {
+  std::vector<torch::Tensor> rows;
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    const int64_t t = tasks.defined() ? tasks[b].item<int64_t>() : 0;
+    rows.push_back(x[b].matmul(Dense(a, layer, p, t)));
+  }
+  return torch::stack(rows, 0);
+}
+
+const std::vector<Projection> kAsk = {Projection::kQuery, Projection::kKey, Projection::kValue};
+
+using FormRanks = std::tuple<TTForm, std::vector<int64_t>>;
+class FastPathTest : public ::testing::TestWithParam<FormRanks> {};
+
+TEST_P(FastPathTest, MatchesDenseUpdateWithAndWithoutGrad) {
+  auto [form, ranks] = GetParam();
+  auto a = Make(SmallConfig(form, ranks, /*tasks=*/3));
+  torch::manual_seed(7);
+  torch::Tensor x = torch::randn({4, 5, kD}, torch::kFloat64);
+  torch::Tensor tasks;
+  if (form == TTForm::k4Plus1D) tasks = torch::tensor({2, 0, 1, 2}, torch::kInt64);
+  for (bool grad : {true, false}) {
+    torch::AutoGradMode mode(grad);
+    for (int layer : {0, 1, 2}) {
+      AdapterBatch batch{tasks};
+      auto d = a->Deltas(layer, x, kAsk, batch);
+      ASSERT_EQ(d.size(), 3u);
+      EXPECT_FALSE(d[1].defined());  // K is not adapted
+      if (layer == 1) {
+        EXPECT_FALSE(d[0].defined());
+        EXPECT_FALSE(d[2].defined());
+        continue;
+      }
+      ASSERT_TRUE(d[0].defined());
+      ASSERT_TRUE(d[2].defined());
+      EXPECT_TRUE(torch::allclose(d[0], DenseDeltas(*a, layer, Projection::kQuery, x, tasks), 1e-10,
+                                  1e-12));
+      EXPECT_TRUE(torch::allclose(d[2], DenseDeltas(*a, layer, Projection::kValue, x, tasks), 1e-10,
+                                  1e-12));
+      auto o = a->Deltas(layer, x, {Projection::kAttnOutput}, batch);
+      EXPECT_TRUE(torch::allclose(o[0], DenseDeltas(*a, layer, Projection::kAttnOutput, x, tasks),
+                                  1e-10, 1e-12));
+    }
+  }
+}
+
+TEST_P(FastPathTest, GradientsMatchDensePath) {
+  auto [form, ranks] = GetParam();
+  auto a = Make(SmallConfig(form, ranks, /*tasks=*/3), 3);
+  torch::manual_seed(11);
+  torch::Tensor x = torch::randn({3, 4, kD}, torch::kFloat64);
+  torch::Tensor w = torch::randn({3, 4, kD}, torch::kFloat64);
+  torch::Tensor tasks;
+  if (form == TTForm::k4Plus1D) tasks = torch::tensor({1, 1, 2}, torch::kInt64);
+  auto params = a->TrainableParameters();
+  ASSERT_FALSE(params.empty());
+
+  auto d = a->Deltas(2, x, {Projection::kQuery, Projection::kValue}, AdapterBatch{tasks});
+  torch::Tensor fast = ((d[0] + 2 * d[1]) * w).sum();
+  torch::Tensor dense = ((DenseDeltas(*a, 2, Projection::kQuery, x, tasks) +
+                          2 * DenseDeltas(*a, 2, Projection::kValue, x, tasks)) *
+                         w)
+                            .sum();
+  EXPECT_NEAR(fast.item<double>(), dense.item<double>(), 1e-10);
+  auto gf = torch::autograd::grad({fast}, params, {}, false, false, /*allow_unused=*/true);
+  auto gd = torch::autograd::grad({dense}, params, {}, false, false, /*allow_unused=*/true);
+  ASSERT_EQ(gf.size(), gd.size());
+  for (size_t i = 0; i < gf.size(); ++i) {
+    torch::Tensor f = gf[i].defined() ? gf[i] : torch::zeros_like(params[i]);
+    torch::Tensor g = gd[i].defined() ? gd[i] : torch::zeros_like(params[i]);
+    EXPECT_TRUE(torch::allclose(f, g, 1e-9, 1e-11)) << "parameter " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Forms, FastPathTest,
+    ::testing::Values(FormRanks{TTForm::k4D, {4}}, FormRanks{TTForm::k4D, {2, 5, 3}},
+                      FormRanks{TTForm::k5D, {4}}, FormRanks{TTForm::k5D, {3, 2, 4, 5}},
+                      FormRanks{TTForm::k4Plus1D, {4}}, FormRanks{TTForm::k4Plus1D, {2, 3, 5, 4}}));
+
+TEST(MetaTTAdapterTest, FfnProjectionsUseTheirOwnBoundaryBlocks) {
+  for (TTForm form : {TTForm::k4D, TTForm::k4Plus1D}) {
+    MetaTTConfig c = SmallConfig(
+        form,
+        form == TTForm::k4D ? std::vector<int64_t>{2, 3, 4} : std::vector<int64_t>{2, 3, 4, 5}, 3);
+    c.projections = {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown};
+    c.d_ffn = 20;
+    auto a = Make(c);
+    EXPECT_EQ(a->NumParameters(), c.ParameterCount());
+    auto shapes = MetaTTAdapter::ExpectedShapes(c);
+    EXPECT_EQ(shapes["in"][0], kD + 20);
+    EXPECT_EQ(shapes["out"][1], kD + 20);
+    torch::Tensor tasks;
+    if (form == TTForm::k4Plus1D) tasks = torch::tensor({1, 2, 0}, torch::kInt64);
+    torch::Tensor x = torch::randn({3, 4, kD}, torch::kFloat64);
+    torch::Tensor u = torch::randn({3, 4, 20}, torch::kFloat64);
+    for (bool grad : {true, false}) {
+      torch::AutoGradMode mode(grad);
+      auto q = a->Deltas(2, x, {Projection::kQuery}, AdapterBatch{tasks});
+      auto up = a->Deltas(2, x, {Projection::kFfnUp}, AdapterBatch{tasks});
+      auto down = a->Deltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks});
+      EXPECT_EQ(up[0].size(2), 20);
+      EXPECT_EQ(down[0].size(2), kD);
+      EXPECT_TRUE(
+          torch::allclose(q[0], DenseDeltas(*a, 2, Projection::kQuery, x, tasks), 1e-10, 1e-12));
+      EXPECT_TRUE(
+          torch::allclose(up[0], DenseDeltas(*a, 2, Projection::kFfnUp, x, tasks), 1e-10, 1e-12));
+      EXPECT_TRUE(torch::allclose(down[0], DenseDeltas(*a, 2, Projection::kFfnDown, u, tasks),
+                                  1e-10, 1e-12));
+    }
+  }
+  MetaTTConfig bad = SmallConfig(TTForm::k5D, {2});
+  bad.projections = {Projection::kFfnUp};
+  bad.d_ffn = 20;
+  EXPECT_EQ(bad.Validate().code(), absl::StatusCode::kInvalidArgument);
+  MetaTTConfig no_ffn_dim = SmallConfig(TTForm::k4D, {2});
+  no_ffn_dim.projections = {Projection::kFfnDown};
+  EXPECT_EQ(no_ffn_dim.Validate().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(MetaTTAdapterTest, MixedTaskBatchEqualsPerTaskRuns) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {3, 4, 2, 5}, /*tasks=*/4));
+  torch::manual_seed(5);
+  torch::Tensor x = torch::randn({5, 6, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({3, 0, 3, 1, 2}, torch::kInt64);
+  for (bool grad : {true, false}) {
+    torch::AutoGradMode mode(grad);
+    auto mixed = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
+    for (int64_t b = 0; b < 5; ++b) {
+      auto single = a->Deltas(0, x.narrow(0, b, 1), kAsk, AdapterBatch{tasks.narrow(0, b, 1)});
+      EXPECT_TRUE(torch::allclose(mixed[0].narrow(0, b, 1), single[0], 1e-12, 1e-13));
+      EXPECT_TRUE(torch::allclose(mixed[2].narrow(0, b, 1), single[2], 1e-12, 1e-13));
+    }
+  }
+}
+
+TEST(MetaTTAdapterTest, BadTaskIndexThrowsForTheEncoderToCatch) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {2}, /*tasks=*/2));
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  EXPECT_THROW(a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({0, 5}, torch::kInt64)}),
+               c10::Error);
+}
+
+TEST(MetaTTAdapterTest, ZeIdInitGivesExactlyZeroDelta) {
+  for (TTForm form : {TTForm::k4D, TTForm::k5D, TTForm::k4Plus1D}) {
+    MetaTTConfig c = SmallConfig(form, {4}, 2);
+    c.init = "ze-id-id-id";
+    auto a = Make(c);
+    torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+    auto d = a->Deltas(0, x, kAsk, AdapterBatch{});
+    EXPECT_TRUE(torch::equal(d[0], torch::zeros_like(d[0])));
+  }
+}
+
+TEST(MetaTTAdapterTest, InferenceCacheFollowsInPlaceUpdates) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {3}, 2));
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
+  auto before = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "proj" || name == "task.1") t.add_(0.25);
+  auto after = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
+  EXPECT_FALSE(torch::allclose(before[0], after[0]));
+  EXPECT_TRUE(
+      torch::allclose(after[0], DenseDeltas(*a, 0, Projection::kQuery, x, tasks), 1e-10, 1e-12));
+}
+
+TEST(MetaTTAdapterTest, ParameterCountFormulasMatchLiveParameters) {
+  for (auto [form, ranks] : std::vector<FormRanks>{{TTForm::k4D, {4}},
+                                                   {TTForm::k4D, {2, 5, 3}},
+                                                   {TTForm::k5D, {3, 2, 4, 5}},
+                                                   {TTForm::k4Plus1D, {2, 3, 5, 4}}}) {
+    MetaTTConfig c = SmallConfig(form, ranks, 3);
+    auto a = Make(c);
+    EXPECT_EQ(c.ParameterCount(), a->NumParameters()) << TTFormName(form);
+    EXPECT_EQ(a->NumTrainableParameters(), a->NumParameters());
+  }
+  // METATT.md's worked example: RoBERTa-base, Q and V, r = 8.
+  MetaTTConfig c;
+  c.d_in = c.d_out = 768;
+  c.num_layers = 12;
+  c.num_heads = 12;
+  c.ranks = {8};
+  auto a = MetaTTAdapter::Create(c);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const int64_t r = 8, D = 768, L = 12, M = 2, H = 12, T = 5;
+  EXPECT_EQ((*a)->NumParameters(), D * r + L * r * r + M * r * r + r * D);
+  EXPECT_EQ((*a)->NumParameters(), 13184);
+  const int64_t lora = LoraParameterCount(L, M, D, D, r);
+  EXPECT_EQ(lora, 294912);
+  EXPECT_EQ(lora / (*a)->NumParameters(), 22);
+  c.form = TTForm::k5D;
+  auto a5 = MetaTTAdapter::Create(c);
+  ASSERT_TRUE(a5.ok());
+  EXPECT_EQ((*a5)->NumParameters(), D * r + (L + M + H) * r * r + r * D / H);
+  c.form = TTForm::k4Plus1D;
+  c.num_tasks = T;
+  auto a41 = MetaTTAdapter::Create(c);
+  ASSERT_TRUE(a41.ok());
+  EXPECT_EQ((*a41)->NumParameters(), 13184 + T * r * r);
+  EXPECT_EQ(c.ParameterCount(), (*a41)->NumParameters());
+}
+
+TEST(MetaTTAdapterTest, AddTaskWithFrozenSharedTrainsOnlyTheNewSlice) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {3}, 2));
+  a->FreezeShared(true);
+  EXPECT_TRUE(a->TrainableParameters().empty());
+  auto t = a->AddTask();
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(*t, 2);
+  EXPECT_EQ(a->num_tasks(), 3);
+  auto params = a->TrainableParameters();
+  ASSERT_EQ(params.size(), 1u);
+  EXPECT_EQ(params[0].numel(), 9);
+  EXPECT_TRUE(torch::equal(params[0], torch::eye(3, torch::kFloat64)));
+
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  torch::Tensor task0 = torch::zeros({2}, torch::kInt64);
+  torch::Tensor before0 = a->Deltas(0, x, kAsk, AdapterBatch{task0})[0].detach();
+  auto d = a->Deltas(0, x, kAsk, AdapterBatch{torch::full({2}, 2, torch::kInt64)});
+  torch::Tensor loss = (d[0] * d[0]).sum() + d[2].sum();
+  loss.backward();
+  for (auto& [name, p] : a->NamedParameters()) {
+    if (name == "task.2") {
+      ASSERT_TRUE(p.grad().defined());
+      EXPECT_GT(p.grad().abs().sum().item<double>(), 0.0);
+    } else {
+      EXPECT_TRUE(!p.grad().defined() || p.grad().abs().sum().item<double>() == 0.0) << name;
+    }
+  }
+  torch::optim::SGD opt(params, torch::optim::SGDOptions(0.1));
+  opt.step();
+  // Shared cores and the other tasks did not move.
+  torch::Tensor after0 = a->Deltas(0, x, kAsk, AdapterBatch{task0})[0].detach();
+  EXPECT_TRUE(torch::equal(before0, after0));
+  EXPECT_EQ(a->config().num_tasks, 3);
+
+  MetaTTConfig four = SmallConfig(TTForm::k4D, {3});
+  EXPECT_EQ(Make(four)->AddTask().status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(MetaTTAdapterTest, TruncateReplacesLeavesAndKeepsFastPathConsistent) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {6}, 3));
+  a->FreezeShared(true);
+  ASSERT_TRUE(a->SetTaskTrainable(1, true).ok());
+  TruncationParams p;
+  p.max_rank = 3;
+  auto res = a->Truncate(p);
+  ASSERT_TRUE(res.ok()) << res.status();
+  EXPECT_EQ(res->bonds.size(), 4u);
+  for (int64_t r : a->config().ranks) EXPECT_LE(r, 3);
+  EXPECT_FALSE(res->shape_changed.empty());
+  EXPECT_EQ(res->changed.size(), a->NamedParameters().size());
+  // requires_grad flags survive the swap.
+  auto params = a->TrainableParameters();
+  ASSERT_EQ(params.size(), 1u);
+  for (auto& [name, t] : a->NamedParameters()) EXPECT_EQ(t.requires_grad(), name == "task.1");
+  EXPECT_EQ(a->NumParameters(), a->config().ParameterCount());
+  torch::Tensor x = torch::randn({3, 2, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({0, 1, 2}, torch::kInt64);
+  torch::NoGradGuard no_grad;
+  auto d = a->Deltas(2, x, kAsk, AdapterBatch{tasks});
+  EXPECT_TRUE(
+      torch::allclose(d[0], DenseDeltas(*a, 2, Projection::kQuery, x, tasks), 1e-10, 1e-12));
+}
+
+}  // namespace
+}  // namespace metatt

@@ -1,0 +1,319 @@
+#include "adapters/metatt_config.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <set>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "adapters/tensor_train.h"
+#include "adapters/util/status_macros.h"
+
+namespace metatt {
+namespace {
+
+absl::Status Bad(const std::string& field, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat("metatt config: field '", field, "' ", why));
+}
+
+absl::StatusOr<CoreInit> ParseOneInit(const std::string& code) {
+  CoreInit c;
+  if (code == "ze" || code == "zeros") {
+    c.kind = CoreInit::Kind::kZeros;
+    return c;
+  }
+  if (code == "id" || code == "identity") {
+    c.kind = CoreInit::Kind::kIdentity;
+    return c;
+  }
+  if (code == "no") {
+    c.kind = CoreInit::Kind::kNormal;
+    c.std = 0.2;
+    return c;
+  }
+  absl::string_view s = code;
+  if (absl::ConsumePrefix(&s, "normal(") && absl::ConsumeSuffix(&s, ")")) {
+    double v = 0;
+    if (absl::SimpleAtod(s, &v) && v >= 0 && std::isfinite(v)) {
+      c.kind = CoreInit::Kind::kNormal;
+      c.std = v;
+      return c;
+    }
+  }
+  return Bad("init", absl::StrCat("has unknown core init '", code,
+                                  "' (use ze|zeros, id|identity, no, normal(STD))"));
+}
+
+}  // namespace
+
+const char* TTFormName(TTForm form) {
+  switch (form) {
+    case TTForm::k4D:
+      return "4d";
+    case TTForm::k5D:
+      return "5d";
+    case TTForm::k4Plus1D:
+      return "4+1d";
+  }
+  return "?";
+}
+
+absl::StatusOr<TTForm> ParseTTForm(const std::string& name) {
+  std::string n = name;
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char ch) { return std::tolower(ch); });
+  if (n == "4d") return TTForm::k4D;
+  if (n == "5d") return TTForm::k5D;
+  if (n == "4+1d" || n == "(4+1)d" || n == "4plus1d") return TTForm::k4Plus1D;
+  return Bad("form", absl::StrCat("'", name, "' is not one of 4d, 5d, 4+1d"));
+}
+
+absl::StatusOr<Projection> ParseProjection(const std::string& name) {
+  if (name == "q" || name == "query") return Projection::kQuery;
+  if (name == "k" || name == "key") return Projection::kKey;
+  if (name == "v" || name == "value") return Projection::kValue;
+  if (name == "o" || name == "attn_output") return Projection::kAttnOutput;
+  if (name == "ffn_up") return Projection::kFfnUp;
+  if (name == "ffn_down") return Projection::kFfnDown;
+  return Bad("projections",
+             absl::StrCat("'", name, "' is not one of q, k, v, o, ffn_up, ffn_down"));
+}
+
+std::string CoreInit::ToString() const {
+  switch (kind) {
+    case Kind::kZeros:
+      return "zeros";
+    case Kind::kIdentity:
+      return "identity";
+    case Kind::kNormal:
+      return absl::StrCat("normal(", std, ")");
+  }
+  return "?";
+}
+
+absl::StatusOr<std::vector<CoreInit>> ParseInitSpec(const std::string& spec, int num_cores) {
+  if (spec.empty()) return Bad("init", "is empty");
+  std::vector<std::string> codes = absl::StrSplit(spec, '-');
+  if (static_cast<int>(codes.size()) > num_cores)
+    return Bad("init", absl::StrCat("'", spec, "' names ", codes.size(), " cores but the form has ",
+                                    num_cores));
+  std::vector<CoreInit> out;
+  for (const auto& c : codes) {
+    ASSIGN_OR_RETURN(CoreInit ci, ParseOneInit(c));
+    out.push_back(ci);
+  }
+  while (static_cast<int>(out.size()) < num_cores) out.push_back(out.back());
+  return out;
+}
+
+MetaTTConfig::Layout MetaTTConfig::BoundaryLayout() const {
+  Layout lay;
+  bool model_in = false, ffn_in = false, model_out = false, ffn_out = false;
+  for (Projection p : projections) {
+    if (p == Projection::kFfnDown)
+      ffn_in = true;
+    else
+      model_in = true;
+    if (p == Projection::kFfnUp)
+      ffn_out = true;
+    else
+      model_out = true;
+  }
+  const int64_t ffn_in_off = model_in ? d_in : 0, ffn_out_off = model_out ? d_out : 0;
+  lay.in_rows = ffn_in_off + (ffn_in ? d_ffn : 0);
+  lay.out_cols = ffn_out_off + (ffn_out ? d_ffn : 0);
+  if (model_in) lay.in_blocks.push_back({0, d_in});
+  if (ffn_in) lay.in_blocks.push_back({ffn_in_off, d_ffn});
+  if (model_out) lay.out_blocks.push_back({0, d_out});
+  if (ffn_out) lay.out_blocks.push_back({ffn_out_off, d_ffn});
+  for (int i = 0; i < kNumProjections; ++i) {
+    const Projection p = static_cast<Projection>(i);
+    const bool down = p == Projection::kFfnDown, up = p == Projection::kFfnUp;
+    lay.in_offset[i] = down ? ffn_in_off : 0;
+    lay.in_width[i] = down ? d_ffn : d_in;
+    lay.out_offset[i] = up ? ffn_out_off : 0;
+    lay.out_width[i] = up ? d_ffn : d_out;
+  }
+  return lay;
+}
+
+int MetaTTConfig::NumCores() const { return form == TTForm::k4D ? 4 : 5; }
+
+std::vector<int64_t> MetaTTConfig::BondRanks() const {
+  if (ranks.size() == 1) return std::vector<int64_t>(NumBonds(), ranks[0]);
+  return ranks;
+}
+
+double MetaTTConfig::Alpha() const {
+  auto r = BondRanks();
+  return alpha.has_value() ? *alpha : static_cast<double>(r.empty() ? 1 : r[0]);
+}
+
+double MetaTTConfig::Scale() const {
+  auto r = BondRanks();
+  return Alpha() / static_cast<double>(r.empty() ? 1 : r[0]);
+}
+
+std::vector<int> MetaTTConfig::AdaptedLayers() const {
+  if (!layers.empty()) return layers;
+  std::vector<int> all(num_layers);
+  for (int i = 0; i < num_layers; ++i) all[i] = i;
+  return all;
+}
+
+int64_t MetaTTConfig::ParameterCount() const {
+  TTShape s;
+  s.form = form;
+  const Layout lay = BoundaryLayout();
+  s.d_in = lay.in_rows;
+  s.d_out = lay.out_cols;
+  s.num_layers = static_cast<int64_t>(AdaptedLayers().size());
+  s.num_projections = static_cast<int64_t>(projections.size());
+  s.num_heads = num_heads;
+  s.num_tasks = num_tasks;
+  s.ranks = BondRanks();
+  return MetaTTParameterCount(s);
+}
+
+absl::Status MetaTTConfig::Validate() const {
+  if (ranks.empty()) return Bad("ranks", "is empty");
+  if (ranks.size() != 1 && static_cast<int>(ranks.size()) != NumBonds())
+    return Bad("ranks", absl::StrCat("has ", ranks.size(), " entries; form ", TTFormName(form),
+                                     " has ", NumBonds(), " bonds (or give one rank)"));
+  for (int64_t r : ranks)
+    if (r < 1) return Bad("ranks", absl::StrCat("entry ", r, " must be >= 1"));
+  if (d_in <= 0) return Bad("d_in", "must be positive");
+  if (d_out <= 0) return Bad("d_out", "must be positive");
+  if (num_layers <= 0) return Bad("num_layers", "must be positive");
+  if (projections.empty()) return Bad("projections", "is empty");
+  std::set<Projection> seen;
+  for (Projection p : projections) {
+    if (p == Projection::kFfnUp || p == Projection::kFfnDown) {
+      if (form == TTForm::k5D)
+        return Bad("projections", "ffn projections are not supported with form 5d");
+      if (d_ffn <= 0) return Bad("d_ffn", "must be positive when ffn projections are adapted");
+      if (d_in != d_out) return Bad("d_out", "must equal d_in when ffn projections are adapted");
+    }
+    if (!seen.insert(p).second)
+      return Bad("projections", absl::StrCat("repeats '", ProjectionName(p), "'"));
+  }
+  std::set<int> seen_layers;
+  for (int l : layers) {
+    if (l < 0 || l >= num_layers)
+      return Bad("layers", absl::StrCat("index ", l, " outside [0, ", num_layers, ")"));
+    if (!seen_layers.insert(l).second) return Bad("layers", absl::StrCat("repeats ", l));
+  }
+  if (alpha.has_value() && !(*alpha > 0 && std::isfinite(*alpha)))
+    return Bad("alpha", "must be a positive finite number");
+  if (num_tasks < 1) return Bad("num_tasks", "must be >= 1");
+  if (form != TTForm::k4Plus1D && num_tasks != 1)
+    return Bad("num_tasks", absl::StrCat("must be 1 for form ", TTFormName(form),
+                                         " (use 4+1d for several tasks)"));
+  if (form == TTForm::k5D) {
+    if (num_heads <= 0) return Bad("num_heads", "must be positive for form 5d");
+    if (d_out % num_heads != 0)
+      return Bad("num_heads", absl::StrCat("(", num_heads, ") must divide d_out (", d_out, ")"));
+  }
+  auto init_or = ParseInitSpec(init, NumCores());
+  if (!init_or.ok()) return init_or.status();
+  return absl::OkStatus();
+}
+
+nlohmann::json MetaTTConfig::ToJson() const {
+  nlohmann::json j;
+  j["form"] = TTFormName(form);
+  j["ranks"] = BondRanks();
+  std::vector<std::string> p;
+  for (Projection x : projections) p.push_back(ProjectionName(x));
+  j["projections"] = p;
+  j["layers"] = layers;
+  if (alpha.has_value())
+    j["alpha"] = *alpha;
+  else
+    j["alpha"] = nullptr;
+  j["init"] = init;
+  j["num_tasks"] = num_tasks;
+  j["d_in"] = d_in;
+  j["d_out"] = d_out;
+  j["num_layers"] = num_layers;
+  j["num_heads"] = num_heads;
+  j["d_ffn"] = d_ffn;
+  return j;
+}
+
+absl::StatusOr<MetaTTConfig> MetaTTConfig::FromJson(const nlohmann::json& j) {
+  if (!j.is_object()) return Bad("<root>", "is not a JSON object");
+  MetaTTConfig c;
+  auto get_int = [&](const char* f, int64_t* out, bool required) -> absl::Status {
+    if (!j.contains(f)) return required ? Bad(f, "is missing") : absl::OkStatus();
+    if (!j[f].is_number_integer()) return Bad(f, "must be an integer");
+    *out = j[f].get<int64_t>();
+    return absl::OkStatus();
+  };
+  if (j.contains("form")) {
+    if (!j["form"].is_string()) return Bad("form", "must be a string");
+    ASSIGN_OR_RETURN(c.form, ParseTTForm(j["form"].get<std::string>()));
+  }
+  if (j.contains("ranks")) {
+    const auto& r = j["ranks"];
+    c.ranks.clear();
+    if (r.is_number_integer()) {
+      c.ranks.push_back(r.get<int64_t>());
+    } else if (r.is_array()) {
+      for (const auto& v : r) {
+        if (!v.is_number_integer()) return Bad("ranks", "entries must be integers");
+        c.ranks.push_back(v.get<int64_t>());
+      }
+    } else {
+      return Bad("ranks", "must be an integer or a list of integers");
+    }
+  }
+  if (j.contains("rank")) {
+    if (!j["rank"].is_number_integer()) return Bad("rank", "must be an integer");
+    c.ranks = {j["rank"].get<int64_t>()};
+  }
+  if (j.contains("projections")) {
+    if (!j["projections"].is_array()) return Bad("projections", "must be a list of names");
+    c.projections.clear();
+    for (const auto& v : j["projections"]) {
+      if (!v.is_string()) return Bad("projections", "entries must be strings");
+      ASSIGN_OR_RETURN(Projection p, ParseProjection(v.get<std::string>()));
+      c.projections.push_back(p);
+    }
+  }
+  if (j.contains("layers")) {
+    if (!j["layers"].is_array()) return Bad("layers", "must be a list of integers");
+    for (const auto& v : j["layers"]) {
+      if (!v.is_number_integer()) return Bad("layers", "entries must be integers");
+      c.layers.push_back(v.get<int>());
+    }
+  }
+  if (j.contains("alpha") && !j["alpha"].is_null()) {
+    if (!j["alpha"].is_number()) return Bad("alpha", "must be a number or null");
+    c.alpha = j["alpha"].get<double>();
+  }
+  if (j.contains("init")) {
+    if (!j["init"].is_string()) return Bad("init", "must be a string");
+    c.init = j["init"].get<std::string>();
+  }
+  RETURN_IF_ERROR(get_int("num_tasks", &c.num_tasks, false));
+  RETURN_IF_ERROR(get_int("d_in", &c.d_in, true));
+  RETURN_IF_ERROR(get_int("d_out", &c.d_out, true));
+  RETURN_IF_ERROR(get_int("num_layers", &c.num_layers, true));
+  RETURN_IF_ERROR(get_int("num_heads", &c.num_heads, false));
+  RETURN_IF_ERROR(get_int("d_ffn", &c.d_ffn, false));
+  RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+absl::StatusOr<MetaTTConfig> MetaTTConfig::FromJsonString(const std::string& text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Bad("<root>", "is not valid JSON");
+  return FromJson(j);
+}
+
+}  // namespace metatt

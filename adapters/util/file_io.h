@@ -1,0 +1,15 @@
+// Torch-free file helpers shared by every layer.
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace metatt {
+
+// Writes atomically: to `path.tmp.<pid>`, fsync, rename, fsync the directory.
+absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
+absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+
+}  // namespace metatt

@@ -1,0 +1,198 @@
+// Adapter inference throughput on the real base model (MiniLM by default).
+// Prints JSON to stdout and writes it to --out (default
+// bench/out/adapter_bench.json, relative to the working directory).
+//
+// Configurations, timed interleaved (round-robin) so that background load
+// hits them alike; the figure is the median over --iters rounds:
+//   base                    encoder alone
+//   metatt_4d               MetaTT 4D, r=8, Q,V
+//   metatt_4p1d_T{1,100,10000}  MetaTT (4+1)D, r=8, Q,V, every row a random task
+//   lora_r8                 our LoRA, unmerged, r=8, Q,V
+// Each adapter is also timed alone (its Deltas() calls for one forward on
+// fixed activations): adapter_only_median_ms.
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "adapters/lora_adapter.h"
+#include "adapters/metatt_adapter.h"
+#include "adapters/util/status_macros.h"
+#include "server/model/bert_encoder.h"
+#include "server/model/model_dir.h"
+
+ABSL_FLAG(std::string, model_dir, "", "base model dir (default: repo models/all-MiniLM-L6-v2)");
+ABSL_FLAG(int, batch, 32, "sequences per batch");
+ABSL_FLAG(int, seq, 128, "tokens per sequence");
+ABSL_FLAG(int, threads, 2, "torch intra-op threads");
+ABSL_FLAG(int, iters, 5, "timed rounds (median reported)");
+ABSL_FLAG(int, warmup, 1, "untimed rounds");
+ABSL_FLAG(int, adapter_iters, 20, "rounds of the adapter-only timing (median reported)");
+ABSL_FLAG(std::string, out, "bench/out/adapter_bench.json", "JSON output path ('' = none)");
+
+namespace metatt {
+namespace {
+
+struct Case {
+  std::string name;
+  EncoderAdapter* adapter = nullptr;
+  AdapterBatch batch;
+  int64_t adapter_params = 0;
+  std::vector<double> secs;
+  std::vector<double> adapter_secs;  // the adapter's Deltas() calls alone
+};
+
+absl::Status Run() {
+  torch::set_num_threads(absl::GetFlag(FLAGS_threads));
+  ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
+  BertEncoder::Options eo;
+  eo.model_dir = model_dir;
+  ASSIGN_OR_RETURN(auto enc, BertEncoder::Create(eo));
+  const auto& bc = enc->config();
+  const int64_t B = absl::GetFlag(FLAGS_batch), S = absl::GetFlag(FLAGS_seq);
+
+  torch::manual_seed(0);
+  EncoderInput in;
+  in.input_ids = torch::randint(1000, bc.vocab_size, {B, S}, torch::kInt64);
+  in.attention_mask = torch::ones({B, S}, torch::kInt64);
+
+  MetaTTConfig mc;
+  mc.d_in = mc.d_out = bc.hidden_size;
+  mc.num_layers = bc.num_hidden_layers;
+  mc.num_heads = bc.num_attention_heads;
+  mc.ranks = {8};
+  mc.projections = {Projection::kQuery, Projection::kValue};
+  mc.init = "normal(0.05)";
+  std::vector<std::unique_ptr<MetaTTAdapter>> keep;
+  std::vector<Case> cases;
+  cases.push_back({"base", nullptr, {}, 0, {}, {}});
+  {
+    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(mc));
+    cases.push_back({"metatt_4d_r8_qv", a.get(), {}, a->NumParameters(), {}, {}});
+    keep.push_back(std::move(a));
+  }
+  for (int64_t T : {1, 100, 10000}) {
+    MetaTTConfig c = mc;
+    c.form = TTForm::k4Plus1D;
+    c.num_tasks = T;
+    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(c));
+    AdapterBatch batch{torch::randint(0, T, {B}, torch::kInt64)};
+    cases.push_back({"metatt_4p1d_r8_qv_mixed_T" + std::to_string(T),
+                     a.get(),
+                     batch,
+                     a->NumParameters(),
+                     {},
+                     {}});
+    keep.push_back(std::move(a));
+  }
+  LoraConfig lc;
+  lc.rank = 8;
+  lc.alpha = 16;
+  lc.num_layers = bc.num_hidden_layers;
+  lc.hidden_size = bc.hidden_size;
+  lc.init = "random";
+  ASSIGN_OR_RETURN(auto lora, LoraAdapter::Create(lc, {}));
+  cases.push_back({"lora_r8_qv_unmerged", lora.get(), {}, lora->NumParameters(), {}, {}});
+
+  torch::NoGradGuard no_grad;
+  const int warmup = absl::GetFlag(FLAGS_warmup), iters = absl::GetFlag(FLAGS_iters);
+  for (int round = 0; round < warmup + iters; ++round) {
+    for (auto& c : cases) {
+      auto t0 = std::chrono::steady_clock::now();
+      ASSIGN_OR_RETURN(torch::Tensor h, enc->Forward(in, c.adapter, c.batch));
+      (void)h.sum().item<float>();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round >= warmup) c.secs.push_back(s);
+    }
+  }
+  // Adapter alone: the Deltas() calls one forward makes (QKV, O, FFN up,
+  // FFN down per layer) on fixed activations; isolates the adapter's cost
+  // from the encoder's (and from background load on the encoder's matmuls).
+  {
+    torch::Tensor x = torch::randn({B, S, bc.hidden_size});
+    torch::Tensor u = torch::randn({B, S, bc.intermediate_size});
+    static const std::vector<Projection> kQkv = {Projection::kQuery, Projection::kKey,
+                                                 Projection::kValue};
+    for (int round = 0; round < warmup + absl::GetFlag(FLAGS_adapter_iters); ++round) {
+      for (auto& c : cases) {
+        if (c.adapter == nullptr) continue;
+        auto t0 = std::chrono::steady_clock::now();
+        double sink = 0;
+        for (int l = 0; l < bc.num_hidden_layers; ++l) {
+          for (const auto& d : c.adapter->Deltas(l, x, kQkv, c.batch))
+            if (d.defined()) sink += d.data_ptr<float>()[0];
+          for (const auto& d : c.adapter->Deltas(l, x, {Projection::kAttnOutput}, c.batch))
+            if (d.defined()) sink += d.data_ptr<float>()[0];
+          for (const auto& d : c.adapter->Deltas(l, x, {Projection::kFfnUp}, c.batch))
+            if (d.defined()) sink += d.data_ptr<float>()[0];
+          for (const auto& d : c.adapter->Deltas(l, u, {Projection::kFfnDown}, c.batch))
+            if (d.defined()) sink += d.data_ptr<float>()[0];
+        }
+        (void)sink;
+        const double s =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (round >= warmup) c.adapter_secs.push_back(s);
+      }
+    }
+  }
+  auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+  };
+  const double base_s = median(cases[0].secs);
+  nlohmann::json j;
+  j["benchmark"] = "adapter_inference";
+  j["model_dir"] = model_dir;
+  j["batch"] = B;
+  j["seq"] = S;
+  j["threads"] = absl::GetFlag(FLAGS_threads);
+  j["iters"] = iters;
+  j["device"] = "cpu";
+  nlohmann::json rows = nlohmann::json::array();
+  for (auto& c : cases) {
+    const double m = median(c.secs);
+    rows.push_back({{"name", c.name},
+                    {"median_s", m},
+                    {"min_s", *std::min_element(c.secs.begin(), c.secs.end())},
+                    {"seq_per_s", B / m},
+                    {"throughput_vs_base", base_s / m},
+                    {"adapter_parameters", c.adapter_params},
+                    {"adapter_only_median_ms", 1e3 * median(c.adapter_secs)},
+                    {"adapter_only_share_of_base", median(c.adapter_secs) / base_s}});
+  }
+  j["results"] = rows;
+  const std::string text = j.dump(2);
+  std::cout << text << std::endl;
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) {
+    auto slash = out.rfind('/');
+    if (slash != std::string::npos) {
+      std::string dir = out.substr(0, slash);
+      std::string cmd = "mkdir -p '" + dir + "'";
+      if (std::system(cmd.c_str()) != 0) return absl::InternalError("cannot create " + dir);
+    }
+    std::ofstream f(out);
+    f << text << "\n";
+    if (!f) return absl::InternalError("cannot write " + out);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace metatt
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  absl::Status st = metatt::Run();
+  if (!st.ok()) {
+    std::cerr << "adapter_bench: " << st << "\n";
+    return 1;
+  }
+  return 0;
+}
