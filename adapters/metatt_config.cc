@@ -184,11 +184,22 @@ absl::Status MetaTTConfig::Validate() const {
   if (ranks.size() != 1 && static_cast<int>(ranks.size()) != NumBonds())
     return Bad("ranks", absl::StrCat("has ", ranks.size(), " entries; form ", TTFormName(form),
                                      " has ", NumBonds(), " bonds (or give one rank)"));
-  for (int64_t r : ranks)
+  // Upper bounds keep a crafted family.json from allocating without limit or
+  // overflowing the parameter count (fuzz finding metatt_config_unbounded).
+  constexpr int64_t kMaxRank = 4096, kMaxWidth = int64_t{1} << 20, kMaxLayers = 4096;
+  constexpr int64_t kMaxTasks = int64_t{1} << 24;
+  for (int64_t r : ranks) {
     if (r < 1) return Bad("ranks", absl::StrCat("entry ", r, " must be >= 1"));
-  if (d_in <= 0) return Bad("d_in", "must be positive");
-  if (d_out <= 0) return Bad("d_out", "must be positive");
-  if (num_layers <= 0) return Bad("num_layers", "must be positive");
+    if (r > kMaxRank) return Bad("ranks", absl::StrCat("entry ", r, " exceeds ", kMaxRank));
+  }
+  if (d_in <= 0 || d_in > kMaxWidth) return Bad("d_in", absl::StrCat("must be in [1, ", kMaxWidth, "]"));
+  if (d_out <= 0 || d_out > kMaxWidth)
+    return Bad("d_out", absl::StrCat("must be in [1, ", kMaxWidth, "]"));
+  if (d_ffn < 0 || d_ffn > kMaxWidth) return Bad("d_ffn", absl::StrCat("must be in [0, ", kMaxWidth, "]"));
+  if (num_layers <= 0 || num_layers > kMaxLayers)
+    return Bad("num_layers", absl::StrCat("must be in [1, ", kMaxLayers, "]"));
+  if (num_tasks > kMaxTasks) return Bad("num_tasks", absl::StrCat("exceeds ", kMaxTasks));
+  if (num_heads < 0 || num_heads > d_out) return Bad("num_heads", "must be in [0, d_out]");
   if (projections.empty()) return Bad("projections", "is empty");
   std::set<Projection> seen;
   for (Projection p : projections) {

@@ -69,6 +69,17 @@ TEST(MetaTTConfigTest, ValidateNamesTheBadField) {
   c = Base();
   c.d_in = 0;
   expect_bad(c, "d_in");
+  // Bounds (fuzz regressions: a crafted family.json must not allocate 12 GB
+  // or overflow the parameter count).
+  c = Base();
+  c.num_layers = 3000000000LL;
+  expect_bad(c, "num_layers");
+  c = Base();
+  c.d_in = int64_t{1} << 40;
+  expect_bad(c, "d_in");
+  c = Base();
+  c.ranks = {int64_t{1} << 31};
+  expect_bad(c, "ranks");
 }
 
 TEST(MetaTTConfigTest, InitSpecParsing) {

@@ -1,0 +1,681 @@
+// metattctl: command-line client of metatt-server.
+//
+//   metattctl upload FILE --name mrpc --format tsv --has_header
+//       --text_column sentence1 --text_pair_column sentence2 --label_column 0
+//   metattctl jobs create --family glue --task MRPC --dataset ds-... --steps 60 [--follow]
+//   metattctl jobs list [--state RUNNING] | get ID | cancel ID | follow ID
+//   metattctl families list | get NAME
+//   metattctl tasks list --family glue
+//   metattctl predict --family glue --task MRPC --text "..." [--text_pair "..."]
+//   metattctl datasets list | get ID | delete ID
+//
+// Tables by default, --json for scripts. `jobs follow` exits 1 when the job
+// FAILED and 2 when it was CANCELLED.
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "client/metattctl_format.h"
+#include "metatt/v1/adapters.grpc.pb.h"
+#include "metatt/v1/datasets.grpc.pb.h"
+#include "metatt/v1/inference.grpc.pb.h"
+#include "metatt/v1/jobs.grpc.pb.h"
+
+ABSL_FLAG(std::string, server, "127.0.0.1:50051", "metatt-server address");
+ABSL_FLAG(bool, json, false, "print JSON (one object per line) instead of tables");
+ABSL_FLAG(double, timeout, 0, "RPC deadline in seconds (0 = none)");
+// upload
+ABSL_FLAG(std::string, name, "", "upload: dataset name (default: the file name)");
+ABSL_FLAG(std::string, format, "", "upload: tsv | csv | jsonl (default: from the extension)");
+ABSL_FLAG(bool, has_header, true, "upload: the first line is a header (TSV/CSV)");
+ABSL_FLAG(std::string, text_column, "0", "upload: text column (header name or 0-based index)");
+ABSL_FLAG(std::string, text_pair_column, "", "upload: second text column (sentence pairs)");
+ABSL_FLAG(std::string, label_column, "1", "upload: label column");
+ABSL_FLAG(std::string, label_kind, "classification", "upload: classification | regression");
+ABSL_FLAG(bool, quoting, false, "upload: RFC 4180 double quotes (off for GLUE TSV)");
+ABSL_FLAG(std::string, glue, "",
+          "upload: column preset for a GLUE TSV file: MRPC | SST-2 | CoLA | STS-B | QNLI | RTE");
+// jobs
+ABSL_FLAG(std::string, kind, "train", "jobs create: train | add_task | multi_task");
+ABSL_FLAG(std::string, family, "", "family name");
+ABSL_FLAG(std::vector<std::string>, task, {}, "task name(s) (comma separated for multi_task)");
+ABSL_FLAG(std::vector<std::string>, dataset, {}, "dataset id(s), one per task");
+ABSL_FLAG(std::vector<std::string>, eval_dataset, {}, "eval dataset id(s), one per task");
+ABSL_FLAG(double, eval_fraction, 0, "held-out fraction when no eval dataset (0 = server default)");
+ABSL_FLAG(std::string, metric, "", "eval metric (accuracy | f1 | matthews | pearson | spearman)");
+ABSL_FLAG(std::string, form, "", "adapter form: 4d | 5d | 4+1d (default 4+1d)");
+ABSL_FLAG(std::vector<std::string>, ranks, {}, "TT ranks: one for all bonds or one per bond");
+ABSL_FLAG(std::vector<std::string>, projections, {}, "adapted projections (default q,k,v,o)");
+ABSL_FLAG(std::string, init, "", "core init, e.g. ze-id-id-id");
+ABSL_FLAG(double, alpha, 0, "adapter scale alpha (0 = default)");
+ABSL_FLAG(int64_t, steps, 0, "max training steps (0 = server default)");
+ABSL_FLAG(int64_t, batch_size, 0, "training batch size");
+ABSL_FLAG(double, lr, 0, "learning rate");
+ABSL_FLAG(int64_t, eval_every, 0, "evaluate every N steps");
+ABSL_FLAG(int64_t, max_length, 0, "max tokens per example");
+ABSL_FLAG(std::string, pooling, "", "mean | cls");
+ABSL_FLAG(uint64_t, seed, 0, "random seed");
+ABSL_FLAG(std::string, idempotency_key, "", "jobs create: retry-safe key");
+ABSL_FLAG(bool, follow, false, "jobs create: follow the job until it ends");
+ABSL_FLAG(std::string, state, "", "jobs list: filter by state (QUEUED, RUNNING, ...)");
+ABSL_FLAG(int32_t, page_size, 0, "jobs list: page size");
+// predict / tasks
+ABSL_FLAG(int64_t, version, 0, "family version (0 = latest)");
+ABSL_FLAG(std::string, text, "", "predict: input text");
+ABSL_FLAG(std::string, text_pair, "", "predict: second text of a sentence pair");
+ABSL_FLAG(int64_t, task_index, -1, "predict: task by index instead of name");
+
+namespace metatt::ctl {
+namespace {
+
+namespace v1 = metatt::v1;
+using grpc::ClientContext;
+
+int Fail(const std::string& what) {
+  std::fprintf(stderr, "metattctl: %s\n", what.c_str());
+  return 2;
+}
+
+int Fail(const std::string& what, const grpc::Status& st) {
+  static const char* kNames[] = {"OK",
+                                 "CANCELLED",
+                                 "UNKNOWN",
+                                 "INVALID_ARGUMENT",
+                                 "DEADLINE_EXCEEDED",
+                                 "NOT_FOUND",
+                                 "ALREADY_EXISTS",
+                                 "PERMISSION_DENIED",
+                                 "RESOURCE_EXHAUSTED",
+                                 "FAILED_PRECONDITION",
+                                 "ABORTED",
+                                 "OUT_OF_RANGE",
+                                 "UNIMPLEMENTED",
+                                 "INTERNAL",
+                                 "UNAVAILABLE",
+                                 "DATA_LOSS",
+                                 "UNAUTHENTICATED"};
+  int code = static_cast<int>(st.error_code());
+  std::fprintf(stderr, "metattctl: %s: %s: %s\n", what.c_str(),
+               code >= 0 && code <= 16 ? kNames[code] : "?", st.error_message().c_str());
+  return 1;
+}
+
+void SetDeadline(ClientContext* ctx) {
+  double t = absl::GetFlag(FLAGS_timeout);
+  if (t > 0) {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(static_cast<int64_t>(t * 1000)));
+  }
+}
+
+void PrintJson(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, o);
+  std::printf("%s\n", out.c_str());
+  std::fflush(stdout);
+}
+
+bool Json() { return absl::GetFlag(FLAGS_json); }
+
+std::string StateName(v1::JobState s) { return v1::JobState_Name(s); }
+
+struct Stubs {
+  std::unique_ptr<v1::JobService::Stub> jobs;
+  std::unique_ptr<v1::DatasetService::Stub> datasets;
+  std::unique_ptr<v1::AdapterService::Stub> adapters;
+  std::unique_ptr<v1::InferenceService::Stub> inference;
+};
+
+// ---- datasets -----------------------------------------------------------------
+
+void PrintDatasets(const std::vector<const v1::Dataset*>& ds) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto* d : ds) {
+    rows.push_back(
+        {d->id(), d->name(), absl::AsciiStrToLower(v1::DataFormat_Name(d->format())),
+         absl::StrCat(d->num_rows()), Bytes(d->size_bytes()),
+         d->label_kind() == v1::REGRESSION ? "regression" : absl::StrJoin(d->label_names(), ","),
+         d->sha256().substr(0, 12)});
+  }
+  PrintTable({"ID", "NAME", "FORMAT", "ROWS", "SIZE", "LABELS", "SHA256"}, rows);
+}
+
+bool ApplyGluePreset(const std::string& task, v1::DatasetHeader* h) {
+  std::string t = absl::AsciiStrToUpper(task);
+  h->set_format(v1::TSV);
+  h->set_has_header(true);
+  h->set_quoting(false);
+  if (t == "MRPC") {
+    h->set_text_column("3");
+    h->set_text_pair_column("4");
+    h->set_label_column("0");
+  } else if (t == "SST-2" || t == "SST2") {
+    h->set_text_column("sentence");
+    h->set_label_column("label");
+  } else if (t == "COLA") {
+    h->set_has_header(false);
+    h->set_text_column("3");
+    h->set_label_column("1");
+  } else if (t == "STS-B" || t == "STSB") {
+    h->set_text_column("sentence1");
+    h->set_text_pair_column("sentence2");
+    h->set_label_column("score");
+    h->set_label_kind(v1::REGRESSION);
+  } else if (t == "QNLI") {
+    h->set_text_column("question");
+    h->set_text_pair_column("sentence");
+    h->set_label_column("label");
+  } else if (t == "RTE") {
+    h->set_text_column("sentence1");
+    h->set_text_pair_column("sentence2");
+    h->set_label_column("label");
+  } else {
+    return false;
+  }
+  return true;
+}
+
+int Upload(Stubs& s, const std::vector<std::string>& args) {
+  if (args.size() != 1)
+    return Fail("usage: metattctl upload FILE [--name N] [--format tsv|csv|jsonl] ...");
+  const std::string& path = args[0];
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Fail(absl::StrCat("cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string bytes = ss.str();
+
+  v1::UploadDatasetRequest first;
+  v1::DatasetHeader* h = first.mutable_header();
+  std::string base = path.substr(path.find_last_of('/') + 1);
+  h->set_name(absl::GetFlag(FLAGS_name).empty() ? base : absl::GetFlag(FLAGS_name));
+  std::string format = absl::GetFlag(FLAGS_format);
+  if (format.empty()) {
+    std::string ext = base.substr(base.find_last_of('.') + 1);
+    format = ext == "csv" ? "csv" : ext == "jsonl" || ext == "json" ? "jsonl" : "tsv";
+  }
+  if (format == "tsv") {
+    h->set_format(v1::TSV);
+  } else if (format == "csv") {
+    h->set_format(v1::CSV);
+  } else if (format == "jsonl") {
+    h->set_format(v1::JSONL);
+  } else {
+    return Fail(absl::StrCat("--format: '", format, "' is not one of tsv, csv, jsonl"));
+  }
+  h->set_has_header(absl::GetFlag(FLAGS_has_header));
+  h->set_text_column(absl::GetFlag(FLAGS_text_column));
+  h->set_text_pair_column(absl::GetFlag(FLAGS_text_pair_column));
+  h->set_label_column(absl::GetFlag(FLAGS_label_column));
+  h->set_label_kind(absl::GetFlag(FLAGS_label_kind) == "regression" ? v1::REGRESSION
+                                                                    : v1::CLASSIFICATION);
+  h->set_quoting(absl::GetFlag(FLAGS_quoting));
+  if (!absl::GetFlag(FLAGS_glue).empty() && !ApplyGluePreset(absl::GetFlag(FLAGS_glue), h)) {
+    return Fail(absl::StrCat("--glue: unknown GLUE task '", absl::GetFlag(FLAGS_glue), "'"));
+  }
+
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::UploadDatasetResponse resp;
+  auto writer = s.datasets->UploadDataset(&ctx, &resp);
+  bool ok = writer->Write(first);
+  constexpr size_t kChunk = 256 << 10;
+  for (size_t off = 0; ok && off < bytes.size(); off += kChunk) {
+    v1::UploadDatasetRequest c;
+    c.set_chunk(bytes.substr(off, kChunk));
+    ok = writer->Write(c);
+    double done = static_cast<double>(std::min(off + kChunk, bytes.size()));
+    std::fprintf(stderr, "\rupload %s %s / %s",
+                 Bar(done, static_cast<double>(bytes.size())).c_str(),
+                 Bytes(static_cast<int64_t>(done)).c_str(),
+                 Bytes(static_cast<int64_t>(bytes.size())).c_str());
+  }
+  std::fprintf(stderr, "\n");
+  writer->WritesDone();
+  grpc::Status st = writer->Finish();
+  if (!st.ok()) return Fail(absl::StrCat("upload ", path), st);
+  if (Json()) {
+    PrintJson(resp.dataset());
+  } else {
+    PrintDatasets({&resp.dataset()});
+  }
+  return 0;
+}
+
+int Datasets(Stubs& s, const std::vector<std::string>& args) {
+  std::string sub = args.empty() ? "list" : args[0];
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  if (sub == "list") {
+    v1::ListDatasetsResponse resp;
+    auto st = s.datasets->ListDatasets(&ctx, {}, &resp);
+    if (!st.ok()) return Fail("datasets list", st);
+    if (Json()) {
+      for (const auto& d : resp.datasets()) PrintJson(d);
+      return 0;
+    }
+    std::vector<const v1::Dataset*> ds;
+    for (const auto& d : resp.datasets()) ds.push_back(&d);
+    PrintDatasets(ds);
+    return 0;
+  }
+  if (args.size() != 2) return Fail("usage: metattctl datasets list | get ID | delete ID");
+  if (sub == "get") {
+    v1::GetDatasetRequest req;
+    req.set_dataset_id(args[1]);
+    v1::GetDatasetResponse resp;
+    auto st = s.datasets->GetDataset(&ctx, req, &resp);
+    if (!st.ok()) return Fail("datasets get", st);
+    if (Json()) {
+      PrintJson(resp.dataset());
+    } else {
+      PrintDatasets({&resp.dataset()});
+    }
+    return 0;
+  }
+  if (sub == "delete") {
+    v1::DeleteDatasetRequest req;
+    req.set_dataset_id(args[1]);
+    v1::DeleteDatasetResponse resp;
+    auto st = s.datasets->DeleteDataset(&ctx, req, &resp);
+    if (!st.ok()) return Fail("datasets delete", st);
+    if (!Json()) std::printf("deleted %s\n", args[1].c_str());
+    return 0;
+  }
+  return Fail(absl::StrCat("datasets: unknown command '", sub, "'"));
+}
+
+// ---- jobs -----------------------------------------------------------------------
+
+void PrintJobs(const std::vector<const v1::Job*>& jobs) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto* j : jobs) {
+    std::vector<std::string> tasks;
+    for (const auto& t : j->spec().tasks()) tasks.push_back(t.task_name());
+    std::string result = j->result_family().empty()
+                             ? ""
+                             : absl::StrCat(j->result_family(), " v", j->result_version());
+    rows.push_back({j->id(), StateName(j->state()), j->spec().family(), absl::StrJoin(tasks, ","),
+                    absl::StrCat(j->step(), "/", j->total_steps()), Time(j->created_unix_ms()),
+                    result.empty() ? j->failure_reason() : result});
+  }
+  PrintTable({"ID", "STATE", "FAMILY", "TASKS", "STEP", "CREATED", "RESULT"}, rows);
+}
+
+int Follow(Stubs& s, const std::string& id) {
+  ClientContext ctx;
+  v1::StreamJobEventsRequest req;
+  req.set_job_id(id);
+  auto reader = s.jobs->StreamJobEvents(&ctx, req);
+  v1::JobEvent e;
+  v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
+  std::string reason;
+  bool bar_open = false;
+  auto end_bar = [&] {
+    if (bar_open) std::fprintf(stderr, "\n");
+    bar_open = false;
+  };
+  while (reader->Read(&e)) {
+    if (Json()) PrintJson(e);
+    if (e.has_state()) {
+      state = e.state().state();
+      reason = e.state().reason();
+      if (!Json()) {
+        end_bar();
+        std::fprintf(stderr, "%s %s%s\n", id.c_str(), StateName(state).c_str(),
+                     reason.empty() ? "" : (": " + reason).c_str());
+      }
+    } else if (Json()) {
+      continue;
+    } else if (e.has_progress()) {
+      const auto& p = e.progress();
+      std::fprintf(stderr, "\r%s step %lld/%lld  loss %s  %s ex/s  ETA %s   ",
+                   Bar(static_cast<double>(p.step()), static_cast<double>(p.total_steps())).c_str(),
+                   static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()),
+                   Num(p.loss()).c_str(), Num(p.examples_per_second(), 3).c_str(),
+                   Duration(p.eta_seconds()).c_str());
+      bar_open = true;
+    } else if (e.has_eval()) {
+      end_bar();
+      std::vector<std::string> parts;
+      std::map<std::string, double> sorted(e.eval().metrics().begin(), e.eval().metrics().end());
+      for (const auto& [k, v] : sorted) parts.push_back(absl::StrCat(k, "=", Num(v)));
+      std::fprintf(stderr, "eval @ step %lld: %s\n", static_cast<long long>(e.eval().step()),
+                   absl::StrJoin(parts, "  ").c_str());
+    } else if (e.has_sweep()) {
+      end_bar();
+      std::vector<std::string> parts;
+      for (const auto& b : e.sweep().bonds()) {
+        parts.push_back(absl::StrCat("bond ", b.bond(), ": ", b.old_rank(), "->", b.new_rank(),
+                                     " (discarded ", Num(b.discarded_weight(), 3), ")"));
+      }
+      std::fprintf(stderr, "DMRG sweep @ step %lld: %s\n", static_cast<long long>(e.sweep().step()),
+                   absl::StrJoin(parts, ", ").c_str());
+    } else if (e.has_checkpoint()) {
+      end_bar();
+      std::fprintf(stderr, "published %s version %lld\n", e.checkpoint().family().c_str(),
+                   static_cast<long long>(e.checkpoint().version()));
+    } else if (e.has_log()) {
+      end_bar();
+      std::fprintf(stderr, "%s\n", e.log().message().c_str());
+    }
+  }
+  end_bar();
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) return Fail(absl::StrCat("follow ", id), st);
+  if (state == v1::FAILED) return 1;
+  if (state == v1::CANCELLED) return 3;
+  return state == v1::SUCCEEDED ? 0 : 1;
+}
+
+int CreateJob(Stubs& s) {
+  v1::CreateJobRequest req;
+  v1::JobSpec* spec = req.mutable_spec();
+  const std::string kind = absl::GetFlag(FLAGS_kind);
+  if (kind == "train") {
+    spec->set_kind(v1::TRAIN_FAMILY);
+  } else if (kind == "add_task") {
+    spec->set_kind(v1::ADD_TASK);
+  } else if (kind == "multi_task") {
+    spec->set_kind(v1::MULTI_TASK);
+  } else {
+    return Fail(absl::StrCat("--kind: '", kind, "' is not one of train, add_task, multi_task"));
+  }
+  spec->set_family(absl::GetFlag(FLAGS_family));
+  auto tasks = absl::GetFlag(FLAGS_task);
+  auto datasets = absl::GetFlag(FLAGS_dataset);
+  auto evals = absl::GetFlag(FLAGS_eval_dataset);
+  if (tasks.empty() || tasks.size() != datasets.size()) {
+    return Fail("--task and --dataset: give one dataset per task (comma separated)");
+  }
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    auto* t = spec->add_tasks();
+    t->set_task_name(tasks[i]);
+    t->set_dataset_id(datasets[i]);
+    if (i < evals.size()) t->set_eval_dataset_id(evals[i]);
+    t->set_eval_fraction(absl::GetFlag(FLAGS_eval_fraction));
+    t->set_metric(absl::GetFlag(FLAGS_metric));
+  }
+  auto* a = spec->mutable_adapter();
+  a->set_form(absl::GetFlag(FLAGS_form));
+  for (const auto& r : absl::GetFlag(FLAGS_ranks)) {
+    int64_t v;
+    if (!absl::SimpleAtoi(r, &v)) return Fail(absl::StrCat("--ranks: '", r, "' is not an integer"));
+    a->add_ranks(v);
+  }
+  for (const auto& p : absl::GetFlag(FLAGS_projections)) a->add_projections(p);
+  a->set_init(absl::GetFlag(FLAGS_init));
+  a->set_alpha(absl::GetFlag(FLAGS_alpha));
+  auto* h = spec->mutable_hparams();
+  h->set_max_steps(absl::GetFlag(FLAGS_steps));
+  h->set_batch_size(absl::GetFlag(FLAGS_batch_size));
+  h->set_learning_rate(absl::GetFlag(FLAGS_lr));
+  h->set_eval_every(absl::GetFlag(FLAGS_eval_every));
+  h->set_max_length(absl::GetFlag(FLAGS_max_length));
+  h->set_pooling(absl::GetFlag(FLAGS_pooling));
+  h->set_seed(absl::GetFlag(FLAGS_seed));
+  req.set_idempotency_key(absl::GetFlag(FLAGS_idempotency_key));
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::CreateJobResponse resp;
+  auto st = s.jobs->CreateJob(&ctx, req, &resp);
+  if (!st.ok()) return Fail("jobs create", st);
+  if (Json()) {
+    PrintJson(resp.job());
+  } else {
+    PrintJobs({&resp.job()});
+  }
+  if (absl::GetFlag(FLAGS_follow)) return Follow(s, resp.job().id());
+  return 0;
+}
+
+int Jobs(Stubs& s, const std::vector<std::string>& args) {
+  std::string sub = args.empty() ? "list" : args[0];
+  if (sub == "create") return CreateJob(s);
+  if (sub == "list") {
+    v1::ListJobsRequest req;
+    std::string state = absl::AsciiStrToUpper(absl::GetFlag(FLAGS_state));
+    if (!state.empty()) {
+      v1::JobState js;
+      if (!v1::JobState_Parse(state, &js))
+        return Fail(absl::StrCat("--state: unknown state '", state, "'"));
+      req.set_state(js);
+    }
+    req.set_page_size(absl::GetFlag(FLAGS_page_size));
+    std::vector<v1::Job> all;
+    do {
+      ClientContext ctx;
+      SetDeadline(&ctx);
+      v1::ListJobsResponse resp;
+      auto st = s.jobs->ListJobs(&ctx, req, &resp);
+      if (!st.ok()) return Fail("jobs list", st);
+      for (const auto& j : resp.jobs()) all.push_back(j);
+      req.set_page_token(resp.next_page_token());
+    } while (!req.page_token().empty());
+    if (Json()) {
+      for (const auto& j : all) PrintJson(j);
+      return 0;
+    }
+    std::vector<const v1::Job*> ptrs;
+    for (const auto& j : all) ptrs.push_back(&j);
+    PrintJobs(ptrs);
+    return 0;
+  }
+  if (args.size() != 2) return Fail("usage: metattctl jobs create|list|get ID|cancel ID|follow ID");
+  if (sub == "follow") return Follow(s, args[1]);
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::Job job;
+  grpc::Status st;
+  if (sub == "get") {
+    v1::GetJobRequest req;
+    req.set_job_id(args[1]);
+    v1::GetJobResponse resp;
+    st = s.jobs->GetJob(&ctx, req, &resp);
+    job = resp.job();
+  } else if (sub == "cancel") {
+    v1::CancelJobRequest req;
+    req.set_job_id(args[1]);
+    v1::CancelJobResponse resp;
+    st = s.jobs->CancelJob(&ctx, req, &resp);
+    job = resp.job();
+  } else {
+    return Fail(absl::StrCat("jobs: unknown command '", sub, "'"));
+  }
+  if (!st.ok()) return Fail(absl::StrCat("jobs ", sub), st);
+  if (Json()) {
+    PrintJson(job);
+  } else {
+    PrintJobs({&job});
+  }
+  return 0;
+}
+
+// ---- families / tasks -------------------------------------------------------------
+
+std::string Metrics(const v1::Task& t) {
+  std::map<std::string, double> sorted(t.eval_metrics().begin(), t.eval_metrics().end());
+  std::vector<std::string> parts;
+  for (const auto& [k, v] : sorted) parts.push_back(absl::StrCat(k, "=", Num(v)));
+  return absl::StrJoin(parts, " ");
+}
+
+void PrintTasks(const google::protobuf::RepeatedPtrField<v1::Task>& tasks) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& t : tasks) {
+    rows.push_back({absl::StrCat(t.index()), t.name(),
+                    t.regression() ? "regression" : absl::StrJoin(t.label_names(), ","),
+                    Metrics(t)});
+  }
+  PrintTable({"INDEX", "TASK", "LABELS", "EVAL"}, rows);
+}
+
+int Families(Stubs& s, const std::vector<std::string>& args) {
+  std::string sub = args.empty() ? "list" : args[0];
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  if (sub == "list") {
+    v1::ListFamiliesResponse resp;
+    auto st = s.adapters->ListFamilies(&ctx, {}, &resp);
+    if (!st.ok()) return Fail("families list", st);
+    if (Json()) {
+      for (const auto& f : resp.families()) PrintJson(f);
+      return 0;
+    }
+    std::vector<std::vector<std::string>> rows;
+    for (const auto& f : resp.families()) {
+      if (f.versions_size() == 0) continue;
+      const auto& v = f.versions(f.versions_size() - 1);
+      std::vector<std::string> tasks;
+      for (const auto& t : v.tasks()) tasks.push_back(t.name());
+      rows.push_back({f.name(), absl::StrCat(f.latest_version()), v.form(),
+                      absl::StrJoin(v.ranks(), ","), absl::StrCat(v.adapter_parameters()),
+                      absl::StrJoin(tasks, ",")});
+    }
+    PrintTable({"FAMILY", "VERSION", "FORM", "RANKS", "PARAMETERS", "TASKS"}, rows);
+    return 0;
+  }
+  if (sub == "get" && args.size() == 2) {
+    v1::GetFamilyRequest req;
+    req.set_family(args[1]);
+    v1::GetFamilyResponse resp;
+    auto st = s.adapters->GetFamily(&ctx, req, &resp);
+    if (!st.ok()) return Fail("families get", st);
+    if (Json()) {
+      PrintJson(resp.family());
+      return 0;
+    }
+    for (const auto& v : resp.family().versions()) {
+      std::printf("%s version %lld  form %s  ranks [%s]  %lld parameters  created %s by %s\n",
+                  v.family().c_str(), static_cast<long long>(v.version()), v.form().c_str(),
+                  absl::StrJoin(v.ranks(), ",").c_str(),
+                  static_cast<long long>(v.adapter_parameters()), Time(v.created_unix_ms()).c_str(),
+                  v.created_by_job().c_str());
+      PrintTasks(v.tasks());
+      std::printf("\n");
+    }
+    return 0;
+  }
+  return Fail("usage: metattctl families list | get NAME");
+}
+
+int Tasks(Stubs& s, const std::vector<std::string>& args) {
+  if (!args.empty() && args[0] != "list") return Fail("usage: metattctl tasks list --family F");
+  v1::ListTasksRequest req;
+  req.set_family(absl::GetFlag(FLAGS_family));
+  req.set_version(absl::GetFlag(FLAGS_version));
+  v1::ListTasksResponse resp;
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  auto st = s.adapters->ListTasks(&ctx, req, &resp);
+  if (!st.ok()) return Fail("tasks list", st);
+  if (Json()) {
+    PrintJson(resp);
+    return 0;
+  }
+  std::printf("%s version %lld\n", resp.family().c_str(), static_cast<long long>(resp.version()));
+  PrintTasks(resp.tasks());
+  return 0;
+}
+
+// ---- predict ------------------------------------------------------------------------
+
+int Predict(Stubs& s) {
+  v1::PredictRequest req;
+  std::vector<std::string> texts = {absl::GetFlag(FLAGS_text)};
+  if (texts[0].empty()) return Fail("predict: --text is required");
+  std::vector<std::string> tasks = absl::GetFlag(FLAGS_task);
+  if (tasks.empty() && absl::GetFlag(FLAGS_task_index) < 0) {
+    return Fail("predict: --task or --task_index is required");
+  }
+  // Every --task gets every --text (handy to compare tasks on one input).
+  if (tasks.empty()) tasks.push_back("");
+  for (const auto& task : tasks) {
+    for (const auto& text : texts) {
+      auto* in = req.add_inputs();
+      in->set_family(absl::GetFlag(FLAGS_family));
+      in->set_version(absl::GetFlag(FLAGS_version));
+      if (!task.empty()) {
+        in->set_task(task);
+      } else {
+        in->set_task_index(absl::GetFlag(FLAGS_task_index));
+      }
+      in->set_text(text);
+      if (!absl::GetFlag(FLAGS_text_pair).empty())
+        in->set_text_pair(absl::GetFlag(FLAGS_text_pair));
+    }
+  }
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::PredictResponse resp;
+  auto st = s.inference->Predict(&ctx, req, &resp);
+  if (!st.ok()) return Fail("predict", st);
+  if (Json()) {
+    PrintJson(resp);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (int i = 0; i < resp.predictions_size(); ++i) {
+    const auto& p = resp.predictions(i);
+    std::vector<std::string> scores;
+    for (float f : p.scores()) scores.push_back(Num(f, 3));
+    std::string text = req.inputs(i).text();
+    if (text.size() > 50) text = text.substr(0, 47) + "...";
+    rows.push_back({p.task(), text,
+                    p.regression()
+                        ? Num(p.value())
+                        : (p.label_name().empty() ? absl::StrCat(p.label()) : p.label_name()),
+                    absl::StrJoin(scores, ","),
+                    absl::StrCat(Num((p.queue_seconds() + p.model_seconds()) * 1000, 3), " ms")});
+  }
+  PrintTable({"TASK", "TEXT", "PREDICTION", "SCORES", "LATENCY"}, rows);
+  return 0;
+}
+
+int Main(std::vector<std::string> args) {
+  if (args.empty()) {
+    return Fail("usage: metattctl upload|datasets|jobs|families|tasks|predict ... (--help)");
+  }
+  auto channel =
+      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  Stubs s{v1::JobService::NewStub(channel), v1::DatasetService::NewStub(channel),
+          v1::AdapterService::NewStub(channel), v1::InferenceService::NewStub(channel)};
+  std::string cmd = args[0];
+  args.erase(args.begin());
+  if (cmd == "upload") return Upload(s, args);
+  if (cmd == "datasets") return Datasets(s, args);
+  if (cmd == "jobs") return Jobs(s, args);
+  if (cmd == "families") return Families(s, args);
+  if (cmd == "tasks") return Tasks(s, args);
+  if (cmd == "predict") return Predict(s);
+  return Fail(absl::StrCat("unknown command '", cmd, "'"));
+}
+
+}  // namespace
+}  // namespace metatt::ctl
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "metattctl upload|datasets|jobs|families|tasks|predict ... [--server host:port] [--json]");
+  std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
+  std::vector<std::string> args(rest.begin() + 1, rest.end());
+  return metatt::ctl::Main(args);
+}

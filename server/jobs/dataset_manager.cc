@@ -1,0 +1,171 @@
+#include "server/jobs/dataset_manager.h"
+
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "adapters/util/status_macros.h"
+#include "server/jobs/ids.h"
+
+namespace metatt {
+namespace fs = std::filesystem;
+namespace {
+
+absl::Status WriteFileSynced(const fs::path& path, const std::string& bytes) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path.string()));
+  size_t off = 0;
+  while (off < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+    if (n < 0) {
+      ::close(fd);
+      return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    ::close(fd);
+    return absl::InternalError(absl::StrCat("cannot fsync ", path.string()));
+  }
+  ::close(fd);
+  return absl::OkStatus();
+}
+
+void SyncDir(const fs::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+}  // namespace
+
+std::string Sha256Hex(const std::string& bytes) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(len * 2);
+  for (unsigned int i = 0; i < len; ++i) {
+    out.push_back(hex[digest[i] >> 4]);
+    out.push_back(hex[digest[i] & 15]);
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<DatasetManager>> DatasetManager::Create(
+    DatasetManagerOptions options, Store* store) {
+  if (store == nullptr) return absl::InvalidArgumentError("DatasetManager: store is null");
+  if (!options.parse)
+    return absl::InvalidArgumentError("DatasetManager: parse function is required");
+  if (options.data_dir.empty()) return absl::InvalidArgumentError("data_dir: must not be empty");
+  if (options.max_upload_bytes <= 0) {
+    return absl::InvalidArgumentError("max_upload_bytes: must be > 0");
+  }
+  std::error_code ec;
+  fs::path dir = fs::path(options.data_dir) / "datasets";
+  fs::create_directories(dir, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("data_dir: cannot create ", dir.string(), ": ", ec.message()));
+  }
+  // Leftovers of uploads interrupted by a crash.
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    if (entry.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(entry.path(), ec);
+  }
+  return std::unique_ptr<DatasetManager>(new DatasetManager(std::move(options), store));
+}
+
+int64_t DatasetManager::Now() const {
+  if (options_.now_unix_ms) return options_.now_unix_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header,
+                                                     const std::string& bytes) {
+  if (header.name.empty() || header.name.size() > 128) {
+    return absl::InvalidArgumentError("header.name: must be 1-128 characters");
+  }
+  if (header.format != "tsv" && header.format != "csv" && header.format != "jsonl") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.format: '", header.format, "' is not one of tsv, csv, jsonl"));
+  }
+  if (static_cast<int64_t>(bytes.size()) > options_.max_upload_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("dataset '", header.name, "' is ", bytes.size(),
+                     " bytes; the limit is max_upload_bytes=", options_.max_upload_bytes));
+  }
+  if (bytes.empty())
+    return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' is empty"));
+  ASSIGN_OR_RETURN(ParsedDatasetInfo info, options_.parse(bytes, header.spec_json));
+  if (info.num_rows <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' has no rows"));
+  }
+
+  DatasetRecord d;
+  d.id = NewId("ds");
+  d.name = header.name;
+  d.format = header.format;
+  d.spec_json = header.spec_json;
+  d.sha256 = Sha256Hex(bytes);
+  d.num_rows = info.num_rows;
+  d.size_bytes = static_cast<int64_t>(bytes.size());
+  d.label_names = info.label_names;
+  d.regression = info.regression;
+  d.created_unix_ms = Now();
+
+  fs::path root = fs::path(options_.data_dir) / "datasets";
+  fs::path tmp = root / (".tmp-" + d.id);
+  fs::path final_dir = root / d.id;
+  std::error_code ec;
+  fs::create_directories(tmp, ec);
+  if (ec)
+    return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
+  const std::string file = "data." + d.format;
+  absl::Status st = WriteFileSynced(tmp / file, bytes);
+  if (st.ok()) {
+    fs::rename(tmp, final_dir, ec);
+    if (ec)
+      st = absl::InternalError(
+          absl::StrCat("cannot rename to ", final_dir.string(), ": ", ec.message()));
+  }
+  if (!st.ok()) {
+    fs::remove_all(tmp, ec);
+    return st;
+  }
+  SyncDir(root);
+  d.path = (final_dir / file).string();
+  st = store_->PutDataset(d);
+  if (!st.ok()) {
+    fs::remove_all(final_dir, ec);
+    return st;
+  }
+  return d;
+}
+
+absl::StatusOr<DatasetRecord> DatasetManager::Get(const std::string& id) {
+  return store_->GetDataset(id);
+}
+
+absl::StatusOr<std::vector<DatasetRecord>> DatasetManager::List() { return store_->ListDatasets(); }
+
+absl::Status DatasetManager::Delete(const std::string& id) {
+  ASSIGN_OR_RETURN(DatasetRecord d, store_->GetDataset(id));
+  RETURN_IF_ERROR(store_->DeleteDataset(id));
+  std::error_code ec;
+  fs::path dir = fs::path(d.path).parent_path();
+  if (dir.filename() == d.id) fs::remove_all(dir, ec);  // only what Upload wrote
+  return absl::OkStatus();
+}
+
+}  // namespace metatt

@@ -1,0 +1,69 @@
+// Dataset uploads: validates the bytes with an injected parser (all-or-nothing:
+// a malformed file is refused with every bad line and nothing is stored),
+// writes them atomically under <data_dir>/datasets/<id>/, records sha256, rows
+// and label vocabulary in the Store. Torch-free: the real parser
+// (server/training/dataset.h) is injected by main through DatasetParseFn.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/jobs/store.h"
+
+namespace metatt {
+
+// What validation learns about a dataset.
+struct ParsedDatasetInfo {
+  int64_t num_rows = 0;
+  std::vector<std::string> label_names;  // classification vocabulary
+  bool regression = false;
+};
+
+// Parses `bytes` under `spec_json` (see dataset_spec_json.h for the JSON form
+// of a DatasetSpec). INVALID_ARGUMENT naming every bad line on failure.
+using DatasetParseFn = std::function<absl::StatusOr<ParsedDatasetInfo>(
+    const std::string& bytes, const std::string& spec_json)>;
+
+struct DatasetManagerOptions {
+  std::string data_dir;                    // datasets go to <data_dir>/datasets/
+  int64_t max_upload_bytes = 256ll << 20;  // RESOURCE_EXHAUSTED above this
+  DatasetParseFn parse;                    // required
+  std::function<int64_t()> now_unix_ms;    // tests inject a clock
+};
+
+struct DatasetUpload {
+  std::string name;
+  std::string format;     // tsv | csv | jsonl
+  std::string spec_json;  // column mapping etc.
+};
+
+std::string Sha256Hex(const std::string& bytes);
+
+class DatasetManager {
+ public:
+  static absl::StatusOr<std::unique_ptr<DatasetManager>> Create(DatasetManagerOptions options,
+                                                                Store* store);
+
+  int64_t max_upload_bytes() const { return options_.max_upload_bytes; }
+
+  // Validates, stores and records one dataset.
+  absl::StatusOr<DatasetRecord> Upload(const DatasetUpload& header, const std::string& bytes);
+  absl::StatusOr<DatasetRecord> Get(const std::string& id);
+  absl::StatusOr<std::vector<DatasetRecord>> List();
+  // FAILED_PRECONDITION naming the job while a job references the dataset.
+  absl::Status Delete(const std::string& id);
+
+ private:
+  DatasetManager(DatasetManagerOptions options, Store* store)
+      : options_(std::move(options)), store_(store) {}
+  int64_t Now() const;
+
+  DatasetManagerOptions options_;
+  Store* store_;
+};
+
+}  // namespace metatt

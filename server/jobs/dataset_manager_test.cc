@@ -1,0 +1,116 @@
+#include "server/jobs/dataset_manager.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "server/jobs/sqlite_store.h"
+#include "server/jobs/test_util.h"
+
+namespace metatt {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+class DatasetManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("dataset_manager_test_" + std::to_string(std::random_device{}()));
+    fs::create_directories(dir_);
+    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+    DatasetManagerOptions o;
+    o.data_dir = (dir_ / "data").string();
+    o.max_upload_bytes = 1000;
+    o.parse = FakeDatasetParse;
+    auto m = DatasetManager::Create(o, store_.get());
+    ASSERT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  size_t FilesUnderDatasets() {
+    size_t n = 0;
+    for (const auto& e : fs::recursive_directory_iterator(dir_ / "data" / "datasets")) {
+      if (e.is_regular_file()) ++n;
+    }
+    return n;
+  }
+  static DatasetUpload Header() { return {"tiny", "tsv", R"({"format":"tsv"})"}; }
+
+  fs::path dir_;
+  std::unique_ptr<SqliteStore> store_;
+  std::unique_ptr<DatasetManager> manager_;
+};
+
+TEST_F(DatasetManagerTest, StoresBytesWithShaAndLabels) {
+  const std::string bytes = "good movie\tpos\nbad movie\tneg\nok\tpos\n";
+  auto d = manager_->Upload(Header(), bytes);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->num_rows, 3);
+  EXPECT_EQ(d->size_bytes, static_cast<int64_t>(bytes.size()));
+  EXPECT_THAT(d->label_names, ElementsAre("neg", "pos"));
+  EXPECT_EQ(d->sha256, Sha256Hex(bytes));
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  std::ifstream in(d->path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  EXPECT_EQ(ss.str(), bytes);
+  EXPECT_EQ(fs::path(d->path).parent_path().filename(), d->id);
+  auto got = manager_->Get(d->id);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->sha256, d->sha256);
+  EXPECT_EQ(manager_->List()->size(), 1u);
+}
+
+TEST_F(DatasetManagerTest, MalformedDatasetListsEveryBadLineAndStoresNothing) {
+  auto d = manager_->Upload(Header(), "a\t1\nno label here\nb\t0\nalso bad\n");
+  EXPECT_TRUE(absl::IsInvalidArgument(d.status())) << d.status();
+  EXPECT_THAT(d.status().message(), HasSubstr("line 2"));
+  EXPECT_THAT(d.status().message(), HasSubstr("line 4"));
+  EXPECT_EQ(FilesUnderDatasets(), 0u);
+  EXPECT_TRUE(store_->ListDatasets()->empty());
+}
+
+TEST_F(DatasetManagerTest, SizeLimitAndHeaderChecks) {
+  auto big = manager_->Upload(Header(), std::string(1001, 'x'));
+  EXPECT_TRUE(absl::IsResourceExhausted(big.status()));
+  EXPECT_THAT(big.status().message(), HasSubstr("max_upload_bytes=1000"));
+  DatasetUpload h = Header();
+  h.format = "xlsx";
+  EXPECT_THAT(manager_->Upload(h, "a\t1\n").status().message(), HasSubstr("header.format"));
+  h = Header();
+  h.name = "";
+  EXPECT_THAT(manager_->Upload(h, "a\t1\n").status().message(), HasSubstr("header.name"));
+  EXPECT_EQ(FilesUnderDatasets(), 0u);
+}
+
+TEST_F(DatasetManagerTest, DeleteRefusedWhileAJobReferencesIt) {
+  auto d = manager_->Upload(Header(), "a\t1\nb\t0\n");
+  ASSERT_TRUE(d.ok());
+  JobRecord j;
+  j.id = "job-1";
+  j.spec.family = "f";
+  j.spec.tasks.push_back({"t", d->id, "", 0.1, ""});
+  ASSERT_TRUE(store_->CreateJob(j).ok());
+  auto st = manager_->Delete(d->id);
+  EXPECT_TRUE(absl::IsFailedPrecondition(st));
+  EXPECT_THAT(st.message(), HasSubstr("job-1"));
+  EXPECT_TRUE(fs::exists(d->path));
+
+  auto e = manager_->Upload(Header(), "c\t1\n");
+  ASSERT_TRUE(e.ok());
+  ASSERT_TRUE(manager_->Delete(e->id).ok());
+  EXPECT_FALSE(fs::exists(e->path));
+  EXPECT_TRUE(absl::IsNotFound(manager_->Get(e->id).status()));
+}
+
+}  // namespace
+}  // namespace metatt

@@ -1,0 +1,504 @@
+#include "server/jobs/job_manager.h"
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "adapters/util/status_macros.h"
+#include "server/jobs/ids.h"
+#include "server/jobs/job_json.h"
+#include "server/metrics/server_metrics.h"
+
+namespace metatt {
+namespace {
+
+bool IsValidName(const std::string& s) {
+  if (s.empty() || s.size() > 64) return false;
+  for (char c : s) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
+      return false;
+    }
+  }
+  return s != "." && s != "..";
+}
+
+JobEvent StateEvent(JobState s, std::string message) {
+  JobEvent e;
+  e.type = JobEvent::Type::kState;
+  e.state = s;
+  e.message = std::move(message);
+  return e;
+}
+
+JobEvent LogEvent(std::string message) {
+  JobEvent e;
+  e.type = JobEvent::Type::kLog;
+  e.message = std::move(message);
+  return e;
+}
+
+std::string SpecForCompare(JobSpec s) {
+  s.idempotency_key.clear();
+  return JobSpecToJson(s);
+}
+
+}  // namespace
+
+// ---- Subscription -------------------------------------------------------------
+
+JobEventSubscription::~JobEventSubscription() { manager_->Unsubscribe(this); }
+
+void JobEventSubscription::Push(const JobEvent& e) {
+  absl::MutexLock lock(&mu_);
+  pending_.push_back(e);
+}
+
+void JobEventSubscription::Close() {
+  absl::MutexLock lock(&mu_);
+  closed_ = true;
+}
+
+JobEventSubscription::Result JobEventSubscription::Next(JobEvent* event, absl::Duration timeout) {
+  if (ended_) return Result::kEnd;
+  absl::MutexLock lock(&mu_);
+  auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !pending_.empty() || closed_; };
+  mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+  if (!pending_.empty()) {
+    *event = std::move(pending_.front());
+    pending_.pop_front();
+    ++sequence_;
+    if (event->type == JobEvent::Type::kState && IsTerminal(event->state)) ended_ = true;
+    return Result::kEvent;
+  }
+  if (closed_) {
+    ended_ = true;
+    return Result::kEnd;
+  }
+  return Result::kTimeout;
+}
+
+// ---- Manager ------------------------------------------------------------------
+
+JobManager::JobManager(JobManagerOptions options, Store* store, JobExecutor* executor)
+    : options_(std::move(options)), store_(store), executor_(executor) {}
+
+absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(JobManagerOptions options,
+                                                               Store* store,
+                                                               JobExecutor* executor) {
+  if (store == nullptr) return absl::InvalidArgumentError("JobManager: store is null");
+  if (executor == nullptr) return absl::InvalidArgumentError("JobManager: executor is null");
+  if (options.max_queued_jobs < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_queued_jobs: must be >= 1, got ", options.max_queued_jobs));
+  }
+  std::unique_ptr<JobManager> m(new JobManager(std::move(options), store, executor));
+  RETURN_IF_ERROR(m->Recover());
+  m->dispatcher_ = std::thread([p = m.get()] { p->DispatchLoop(); });
+  return m;
+}
+
+JobManager::~JobManager() { Shutdown(); }
+
+int64_t JobManager::Now() const {
+  if (options_.now_unix_ms) return options_.now_unix_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+absl::Status JobManager::Recover() {
+  absl::MutexLock lock(&mu_);
+  std::string token;
+  std::vector<JobRecord> all;
+  do {
+    std::string next;
+    ASSIGN_OR_RETURN(auto page, store_->ListJobs(std::nullopt, 500, token, &next));
+    for (auto& j : page) all.push_back(std::move(j));
+    token = next;
+  } while (!token.empty());
+  for (const JobRecord& j : all) state_counts_[j.state]++;
+  for (const JobRecord& j : all) {
+    if (j.state == JobState::kQueued) {
+      queue_.push_back(j.id);
+    } else if (j.state == JobState::kRunning || j.state == JobState::kValidating) {
+      if (executor_->CanResume(j)) {
+        OnEventLocked(j.id, StateEvent(JobState::kQueued, "re-queued after a server restart"));
+        queue_.push_back(j.id);
+      } else {
+        OnEventLocked(j.id, StateEvent(JobState::kFailed, kRestartFailureReason));
+      }
+    }
+  }
+  UpdateGaugesLocked();
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
+  if (!IsValidName(spec.family)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("spec.family: '", spec.family,
+                     "' must be 1-64 characters of letters, digits, '-', '_' or '.'"));
+  }
+  if (spec.tasks.empty())
+    return absl::InvalidArgumentError("spec.tasks: at least one task is required");
+  const std::string& form = spec.adapter.form;
+  if (form != "4d" && form != "5d" && form != "4+1d") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("spec.adapter.form: '", form, "' is not one of 4d, 5d, 4+1d"));
+  }
+  if (spec.kind == JobKind::kMultiTask && form != "4+1d") {
+    return absl::InvalidArgumentError("spec.adapter.form: a multi-task job needs form 4+1d");
+  }
+  if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && form != "4+1d") {
+    return absl::InvalidArgumentError(
+        "spec.tasks: several tasks in one family need form 4+1d (or one task)");
+  }
+  if (spec.kind == JobKind::kAddTask && spec.tasks.size() != 1) {
+    return absl::InvalidArgumentError("spec.tasks: an add-task job adds exactly one task");
+  }
+  if (spec.adapter.ranks.empty()) return absl::InvalidArgumentError("spec.adapter.ranks: empty");
+  for (size_t i = 0; i < spec.adapter.ranks.size(); ++i) {
+    int64_t r = spec.adapter.ranks[i];
+    if (r < 1 || r > 1024) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("spec.adapter.ranks[", i, "]: ", r, " is outside [1, 1024]"));
+    }
+  }
+  if (spec.adapter.projections.empty()) {
+    return absl::InvalidArgumentError("spec.adapter.projections: at least one projection");
+  }
+  for (size_t i = 0; i < spec.adapter.projections.size(); ++i) {
+    const auto& p = spec.adapter.projections;
+    if (std::find(p.begin(), p.begin() + i, p[i]) != p.begin() + i) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("spec.adapter.projections[", i, "]: duplicate '", p[i], "'"));
+    }
+  }
+  if (spec.adapter.alpha < 0) return absl::InvalidArgumentError("spec.adapter.alpha: must be >= 0");
+  const HyperParams& h = spec.hparams;
+  auto bad = [](const char* field, const std::string& why) {
+    return absl::InvalidArgumentError(absl::StrCat("spec.hparams.", field, ": ", why));
+  };
+  if (h.max_steps < 1) return bad("max_steps", absl::StrCat(h.max_steps, " must be >= 1"));
+  if (h.batch_size < 1 || h.batch_size > 4096) {
+    return bad("batch_size", absl::StrCat(h.batch_size, " is outside [1, 4096]"));
+  }
+  if (!(h.learning_rate > 0) || h.learning_rate > 10) {
+    return bad("learning_rate", absl::StrCat(h.learning_rate, " is outside (0, 10]"));
+  }
+  if (h.weight_decay < 0) return bad("weight_decay", "must be >= 0");
+  if (h.warmup_ratio < 0 || h.warmup_ratio > 1) return bad("warmup_ratio", "must be in [0, 1]");
+  if (h.grad_clip < 0) return bad("grad_clip", "must be >= 0 (0 = off)");
+  if (h.eval_every < 0) return bad("eval_every", "must be >= 0 (0 = at the end only)");
+  if (h.max_length < 8 || h.max_length > 4096) {
+    return bad("max_length", absl::StrCat(h.max_length, " is outside [8, 4096]"));
+  }
+  if (h.early_stop_patience < 0) return bad("early_stop_patience", "must be >= 0");
+  if (h.pooling != "mean" && h.pooling != "cls") {
+    return bad("pooling", absl::StrCat("'", h.pooling, "' is not one of mean, cls"));
+  }
+  for (size_t i = 0; i < h.rank_schedule.size(); ++i) {
+    if (h.rank_schedule[i].first < 0 || h.rank_schedule[i].second < 1) {
+      return bad(absl::StrCat("rank_schedule[", i, "]").c_str(),
+                 "epoch must be >= 0 and max rank >= 1");
+    }
+  }
+
+  ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersions(spec.family));
+  if (spec.kind == JobKind::kAddTask) {
+    if (versions.empty()) {
+      return absl::NotFoundError(absl::StrCat("spec.family: family '", spec.family,
+                                              "' not found (an add-task job extends an existing "
+                                              "family)"));
+    }
+    if (versions.back().form != "4+1d") {
+      return absl::FailedPreconditionError(absl::StrCat("spec.family: family '", spec.family,
+                                                        "' has form ", versions.back().form,
+                                                        "; only a 4+1d family can take new tasks"));
+    }
+  } else if (!versions.empty()) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("spec.family: family '", spec.family,
+                     "' already exists; use an ADD_TASK job or another name"));
+  }
+  for (size_t i = 0; i < spec.tasks.size(); ++i) {
+    const JobTaskSpec& t = spec.tasks[i];
+    std::string field = absl::StrCat("spec.tasks[", i, "]");
+    if (!IsValidName(t.task_name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".task_name: '", t.task_name,
+                       "' must be 1-64 characters of letters, digits, '-', '_' or '.'"));
+    }
+    for (size_t k = 0; k < i; ++k) {
+      if (spec.tasks[k].task_name == t.task_name) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, ".task_name: duplicate task '", t.task_name, "'"));
+      }
+    }
+    if (!versions.empty()) {
+      for (const TaskRecord& existing : versions.back().tasks) {
+        if (existing.name == t.task_name) {
+          return absl::AlreadyExistsError(absl::StrCat(field, ".task_name: family '", spec.family,
+                                                       "' already has task '", t.task_name, "'"));
+        }
+      }
+    }
+    if (t.dataset_id.empty())
+      return absl::InvalidArgumentError(absl::StrCat(field, ".dataset_id: required"));
+    auto ds = store_->GetDataset(t.dataset_id);
+    if (!ds.ok()) {
+      return absl::Status(ds.status().code(),
+                          absl::StrCat(field, ".dataset_id: ", ds.status().message()));
+    }
+    if (!t.eval_dataset_id.empty()) {
+      auto eds = store_->GetDataset(t.eval_dataset_id);
+      if (!eds.ok()) {
+        return absl::Status(eds.status().code(),
+                            absl::StrCat(field, ".eval_dataset_id: ", eds.status().message()));
+      }
+    } else if (t.eval_fraction < 0 || t.eval_fraction >= 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".eval_fraction: ", t.eval_fraction, " is outside [0, 1)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& spec) {
+  if (!spec.idempotency_key.empty()) {
+    auto existing = store_->FindJobByIdempotencyKey(spec.idempotency_key);
+    if (existing.ok()) {
+      if (SpecForCompare(existing->spec) != SpecForCompare(spec)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("idempotency_key: '", spec.idempotency_key, "' was used for job ",
+                         existing->id, " with a different spec"));
+      }
+      return *existing;
+    }
+    if (!absl::IsNotFound(existing.status()) && !absl::IsUnimplemented(existing.status())) {
+      return existing.status();
+    }
+  }
+  RETURN_IF_ERROR(ValidateSpec(spec));
+  absl::MutexLock lock(&mu_);
+  if (shutdown_) return absl::UnavailableError("the server is shutting down");
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_jobs) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("job queue is full: ", queue_.size(), " jobs queued (limit max_queued_jobs=",
+                     options_.max_queued_jobs, "); retry after a job finishes"));
+  }
+  JobRecord j;
+  j.id = NewId("job");
+  j.spec = spec;
+  j.state = JobState::kQueued;
+  j.created_unix_ms = j.updated_unix_ms = Now();
+  j.total_steps = spec.hparams.max_steps;
+  ASSIGN_OR_RETURN(JobRecord created, store_->CreateJob(j));
+  if (created.id != j.id) return created;  // a concurrent create with the same key won
+  state_counts_[JobState::kQueued]++;
+  JobEvent e = StateEvent(JobState::kQueued, "");
+  e.time_unix_ms = j.created_unix_ms;
+  e.total_steps = j.total_steps;
+  auto st = store_->AppendJobEvent(j.id, e);
+  if (!st.ok())
+    std::fprintf(stderr, "job %s: cannot persist event: %s\n", j.id.c_str(), st.ToString().c_str());
+  queue_.push_back(j.id);
+  UpdateGaugesLocked();
+  return created;
+}
+
+absl::StatusOr<JobRecord> JobManager::GetJob(const std::string& id) { return store_->GetJob(id); }
+
+absl::StatusOr<std::vector<JobRecord>> JobManager::ListJobs(std::optional<JobState> state,
+                                                            int64_t page_size,
+                                                            const std::string& page_token,
+                                                            std::string* next_page_token) {
+  if (page_size < 0) return absl::InvalidArgumentError("page_size: must be >= 0");
+  return store_->ListJobs(state, std::min<int64_t>(page_size == 0 ? 50 : page_size, 1000),
+                          page_token, next_page_token);
+}
+
+absl::StatusOr<JobRecord> JobManager::CancelJob(const std::string& id) {
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(JobRecord j, store_->GetJob(id));
+    if (j.state == JobState::kCancelled) return j;
+    if (IsTerminal(j.state)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", id, " already ", JobStateName(j.state), "; nothing to cancel"));
+    }
+    if (j.state == JobState::kQueued) {
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
+      OnEventLocked(id, StateEvent(JobState::kCancelled, "cancelled by the client while queued"));
+      UpdateGaugesLocked();
+      return store_->GetJob(id);
+    }
+    if (cancel_requested_.insert(id).second) {
+      OnEventLocked(id, LogEvent("cancellation requested; the job stops after its current step"));
+    }
+  }
+  executor_->Cancel(id);
+  return store_->GetJob(id);
+}
+
+absl::StatusOr<std::unique_ptr<JobEventSubscription>> JobManager::Subscribe(
+    const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(JobRecord j, store_->GetJob(job_id));
+  ASSIGN_OR_RETURN(std::vector<JobEvent> past, store_->ListJobEvents(job_id));
+  std::unique_ptr<JobEventSubscription> sub(new JobEventSubscription(this, job_id));
+  for (const JobEvent& e : past) sub->Push(e);
+  if (IsTerminal(j.state) || shutdown_) {
+    sub->Close();
+  } else {
+    subscribers_[job_id].push_back(sub.get());
+  }
+  return sub;
+}
+
+void JobManager::Unsubscribe(JobEventSubscription* sub) {
+  absl::MutexLock lock(&mu_);
+  auto it = subscribers_.find(sub->job_id_);
+  if (it == subscribers_.end()) return;
+  auto& v = it->second;
+  v.erase(std::remove(v.begin(), v.end(), sub), v.end());
+  if (v.empty()) subscribers_.erase(it);
+}
+
+int64_t JobManager::queued_count() {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int64_t>(queue_.size());
+}
+
+std::optional<std::string> JobManager::running_job() {
+  absl::MutexLock lock(&mu_);
+  return running_;
+}
+
+void JobManager::OnEvent(const std::string& job_id, JobEvent e) {
+  absl::MutexLock lock(&mu_);
+  OnEventLocked(job_id, std::move(e));
+  UpdateGaugesLocked();
+}
+
+void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
+  if (e.time_unix_ms == 0) e.time_unix_ms = Now();
+  auto rec = store_->GetJob(job_id);
+  if (!rec.ok()) {
+    std::fprintf(stderr, "event for unknown job %s dropped: %s\n", job_id.c_str(),
+                 rec.status().ToString().c_str());
+    return;
+  }
+  JobRecord& j = *rec;
+  if (IsTerminal(j.state)) return;  // late events after the end are dropped
+  ServerMetrics* m = options_.metrics;
+  switch (e.type) {
+    case JobEvent::Type::kState:
+      if (e.state == j.state) return;
+      state_counts_[j.state]--;
+      state_counts_[e.state]++;
+      j.state = e.state;
+      if (e.state == JobState::kFailed || e.state == JobState::kCancelled) {
+        j.failure_reason = e.message;
+      }
+      break;
+    case JobEvent::Type::kProgress:
+      if (m != nullptr) {
+        if (e.step > j.step) m->job_steps_total.Increment(static_cast<double>(e.step - j.step));
+        m->train_loss.Set(e.loss);
+        m->train_examples_per_second.Set(e.examples_per_second);
+      }
+      j.step = e.step;
+      if (e.total_steps > 0) j.total_steps = e.total_steps;
+      break;
+    case JobEvent::Type::kCheckpoint:
+      j.result_family = e.family;
+      j.result_version = e.version;
+      break;
+    default:
+      break;
+  }
+  j.updated_unix_ms = e.time_unix_ms;
+  auto st = store_->UpdateJob(j);
+  if (st.ok()) st = store_->AppendJobEvent(job_id, e);
+  if (!st.ok()) {
+    std::fprintf(stderr, "job %s: cannot persist event: %s\n", job_id.c_str(),
+                 st.ToString().c_str());
+  }
+  const bool terminal = e.type == JobEvent::Type::kState && IsTerminal(e.state);
+  auto it = subscribers_.find(job_id);
+  if (it != subscribers_.end()) {
+    for (JobEventSubscription* sub : it->second) {
+      sub->Push(e);
+      if (terminal) sub->Close();
+    }
+    if (terminal) subscribers_.erase(it);
+  }
+  if (terminal) {
+    cancel_requested_.erase(job_id);
+    if (running_ == job_id) running_.reset();
+    if (m != nullptr) m->train_examples_per_second.Set(0);
+  }
+}
+
+void JobManager::UpdateGaugesLocked() {
+  ServerMetrics* m = options_.metrics;
+  if (m == nullptr) return;
+  for (const auto& [state, n] : state_counts_) m->JobsIn(state).Set(static_cast<double>(n));
+}
+
+void JobManager::DispatchLoop() {
+  while (true) {
+    JobRecord job;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return shutdown_ || (!running_ && !queue_.empty());
+      };
+      mu_.Await(absl::Condition(&ready));
+      if (shutdown_) return;
+      std::string id = queue_.front();
+      queue_.pop_front();
+      auto rec = store_->GetJob(id);
+      if (!rec.ok() || rec->state != JobState::kQueued) continue;
+      running_ = id;
+      OnEventLocked(id, StateEvent(JobState::kValidating, ""));
+      UpdateGaugesLocked();
+      job = *rec;
+      job.state = JobState::kValidating;
+    }
+    const std::string id = job.id;
+    absl::Status st = executor_->Start(job, [this, id](const JobEvent& e) { OnEvent(id, e); });
+    bool cancel = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!st.ok()) {
+        if (running_ == id) {
+          OnEventLocked(id, StateEvent(JobState::kFailed, std::string(st.message())));
+          UpdateGaugesLocked();
+        }
+      } else {
+        cancel = running_ == id && cancel_requested_.count(id) > 0;
+      }
+    }
+    if (cancel) executor_->Cancel(id);
+  }
+}
+
+void JobManager::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    shutdown_ = true;
+    for (auto& [id, subs] : subscribers_) {
+      for (JobEventSubscription* s : subs) s->Close();
+    }
+    subscribers_.clear();
+  }
+  if (dispatcher_.joinable()) dispatcher_.join();
+}
+
+}  // namespace metatt

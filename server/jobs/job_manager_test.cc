@@ -1,0 +1,296 @@
+#include "server/jobs/job_manager.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "absl/time/clock.h"
+#include "server/jobs/sqlite_store.h"
+#include "server/jobs/test_util.h"
+
+namespace metatt {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+class JobManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("job_manager_test_" + std::to_string(std::random_device{}()));
+    std::filesystem::create_directories(dir_);
+    OpenStore();
+    DatasetRecord d;
+    d.id = "ds-1";
+    d.name = "train";
+    d.format = "tsv";
+    d.num_rows = 3;
+    ASSERT_TRUE(store_->PutDataset(d).ok());
+  }
+  void TearDown() override {
+    manager_.reset();
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  void OpenStore() {
+    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+  }
+  void StartManager(int64_t max_queued = 16) {
+    JobManagerOptions o;
+    o.max_queued_jobs = max_queued;
+    auto m = JobManager::Create(o, store_.get(), &executor_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+  }
+  static JobSpec Spec(const std::string& family = "glue", const std::string& key = "") {
+    JobSpec s;
+    s.family = family;
+    s.tasks.push_back({"MRPC", "ds-1", "", 0.1, ""});
+    s.hparams.max_steps = 10;
+    s.idempotency_key = key;
+    return s;
+  }
+  JobState WaitForState(const std::string& id, JobState want) {
+    JobState last = JobState::kQueued;
+    for (int i = 0; i < 500; ++i) {
+      auto j = manager_->GetJob(id);
+      if (j.ok()) {
+        last = j->state;
+        if (last == want) return last;
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return last;
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<SqliteStore> store_;
+  FakeExecutor executor_;
+  std::unique_ptr<JobManager> manager_;
+};
+
+TEST_F(JobManagerTest, RunsAJobToSuccessAndRecordsEvents) {
+  StartManager();
+  auto job = manager_->CreateJob(Spec());
+  ASSERT_TRUE(job.ok()) << job.status();
+  ASSERT_TRUE(executor_.WaitStarted(job->id));
+  EXPECT_EQ(WaitForState(job->id, JobState::kRunning), JobState::kRunning);
+  executor_.Progress(job->id, 5, 10, 0.7);
+  executor_.Succeed(job->id, "glue", 1);
+  auto done = manager_->GetJob(job->id);
+  ASSERT_TRUE(done.ok());
+  EXPECT_EQ(done->state, JobState::kSucceeded);
+  EXPECT_EQ(done->step, 5);
+  EXPECT_EQ(done->result_family, "glue");
+  EXPECT_EQ(done->result_version, 1);
+
+  auto sub = manager_->Subscribe(job->id);
+  ASSERT_TRUE(sub.ok());
+  std::vector<std::string> seen;
+  JobEvent e;
+  while ((*sub)->Next(&e, absl::Seconds(1)) == JobEventSubscription::Result::kEvent) {
+    if (e.type == JobEvent::Type::kState) {
+      seen.push_back(JobStateName(e.state));
+    } else if (e.type == JobEvent::Type::kProgress) {
+      seen.push_back("progress");
+    } else if (e.type == JobEvent::Type::kCheckpoint) {
+      seen.push_back("checkpoint");
+    }
+  }
+  EXPECT_THAT(
+      seen, ElementsAre("QUEUED", "VALIDATING", "RUNNING", "progress", "checkpoint", "SUCCEEDED"));
+  EXPECT_EQ((*sub)->Next(&e, absl::Milliseconds(1)), JobEventSubscription::Result::kEnd);
+}
+
+TEST_F(JobManagerTest, LiveSubscriberFollowsUntilTerminalState) {
+  StartManager();
+  auto job = manager_->CreateJob(Spec());
+  ASSERT_TRUE(job.ok());
+  ASSERT_TRUE(executor_.WaitStarted(job->id));
+  auto sub = manager_->Subscribe(job->id);
+  ASSERT_TRUE(sub.ok());
+  std::vector<int64_t> steps;
+  JobState final_state = JobState::kQueued;
+  std::thread follower([&] {
+    JobEvent e;
+    while (true) {
+      auto r = (*sub)->Next(&e, absl::Seconds(5));
+      if (r != JobEventSubscription::Result::kEvent) break;
+      if (e.type == JobEvent::Type::kProgress) steps.push_back(e.step);
+      if (e.type == JobEvent::Type::kState) final_state = e.state;
+    }
+  });
+  for (int s = 1; s <= 3; ++s) executor_.Progress(job->id, s, 3, 1.0 / s);
+  executor_.End(job->id, JobState::kFailed, "diverged");
+  follower.join();
+  EXPECT_THAT(steps, ElementsAre(1, 2, 3));
+  EXPECT_EQ(final_state, JobState::kFailed);
+  EXPECT_EQ(manager_->GetJob(job->id)->failure_reason, "diverged");
+}
+
+TEST_F(JobManagerTest, ValidationNamesTheField) {
+  StartManager();
+  JobSpec s = Spec();
+  s.tasks[0].dataset_id = "ds-missing";
+  auto r = manager_->CreateJob(s);
+  EXPECT_TRUE(absl::IsNotFound(r.status())) << r.status();
+  EXPECT_THAT(r.status().message(), HasSubstr("spec.tasks[0].dataset_id"));
+
+  s = Spec();
+  s.adapter.form = "3d";
+  r = manager_->CreateJob(s);
+  EXPECT_TRUE(absl::IsInvalidArgument(r.status()));
+  EXPECT_THAT(r.status().message(), HasSubstr("spec.adapter.form"));
+
+  s = Spec("bad name!");
+  EXPECT_THAT(manager_->CreateJob(s).status().message(), HasSubstr("spec.family"));
+
+  s = Spec();
+  s.hparams.learning_rate = 0;
+  EXPECT_THAT(manager_->CreateJob(s).status().message(), HasSubstr("spec.hparams.learning_rate"));
+
+  s = Spec();
+  s.kind = JobKind::kAddTask;
+  r = manager_->CreateJob(s);
+  EXPECT_TRUE(absl::IsNotFound(r.status()));
+  EXPECT_THAT(r.status().message(), HasSubstr("family 'glue' not found"));
+
+  FamilyVersionRecord f;
+  f.family = "glue";
+  f.version = 1;
+  f.form = "4+1d";
+  f.tasks.push_back({"MRPC", 0, 2, false, {"0", "1"}, {}});
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  EXPECT_TRUE(absl::IsAlreadyExists(manager_->CreateJob(Spec()).status()));
+  r = manager_->CreateJob(s);  // add MRPC again
+  EXPECT_TRUE(absl::IsAlreadyExists(r.status()));
+  EXPECT_THAT(r.status().message(), HasSubstr("already has task 'MRPC'"));
+  s.tasks[0].task_name = "SST-2";
+  EXPECT_TRUE(manager_->CreateJob(s).ok());
+}
+
+TEST_F(JobManagerTest, OneJobAtATimeInFifoOrder) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  auto b = manager_->CreateJob(Spec("b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  absl::SleepFor(absl::Milliseconds(50));
+  EXPECT_THAT(executor_.started(), ElementsAre(a->id));
+  EXPECT_EQ(manager_->GetJob(b->id)->state, JobState::kQueued);
+  executor_.Succeed(a->id, "a", 1);
+  ASSERT_TRUE(executor_.WaitStarted(b->id));
+  EXPECT_THAT(executor_.started(), ElementsAre(a->id, b->id));
+}
+
+TEST_F(JobManagerTest, QueueLimitIsResourceExhausted) {
+  StartManager(/*max_queued=*/2);
+  auto a = manager_->CreateJob(Spec("a"));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));  // running, no longer queued
+  ASSERT_TRUE(manager_->CreateJob(Spec("b")).ok());
+  ASSERT_TRUE(manager_->CreateJob(Spec("c")).ok());
+  auto d = manager_->CreateJob(Spec("d"));
+  EXPECT_TRUE(absl::IsResourceExhausted(d.status())) << d.status();
+  EXPECT_THAT(d.status().message(), HasSubstr("max_queued_jobs=2"));
+}
+
+TEST_F(JobManagerTest, IdempotencyKeyReturnsTheSameJob) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("glue", "k1"));
+  auto b = manager_->CreateJob(Spec("glue", "k1"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->id, b->id);
+  auto c = manager_->CreateJob(Spec("other", "k1"));
+  EXPECT_TRUE(absl::IsFailedPrecondition(c.status())) << c.status();
+  EXPECT_THAT(c.status().message(), HasSubstr("idempotency_key"));
+}
+
+TEST_F(JobManagerTest, CancelQueuedRunningAndFinished) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  auto b = manager_->CreateJob(Spec("b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+
+  auto cb = manager_->CancelJob(b->id);
+  ASSERT_TRUE(cb.ok());
+  EXPECT_EQ(cb->state, JobState::kCancelled);
+  EXPECT_THAT(cb->failure_reason, HasSubstr("queued"));
+
+  auto ca = manager_->CancelJob(a->id);
+  ASSERT_TRUE(ca.ok());
+  EXPECT_THAT(executor_.cancels(), ElementsAre(a->id));
+  EXPECT_EQ(WaitForState(a->id, JobState::kCancelled), JobState::kCancelled);
+  EXPECT_TRUE(manager_->CancelJob(a->id).ok());  // no-op
+
+  auto c = manager_->CreateJob(Spec("c"));
+  ASSERT_TRUE(executor_.WaitStarted(c->id));  // b was skipped
+  EXPECT_THAT(executor_.started(), ElementsAre(a->id, c->id));
+  executor_.Succeed(c->id, "c", 1);
+  auto cc = manager_->CancelJob(c->id);
+  EXPECT_TRUE(absl::IsFailedPrecondition(cc.status()));
+  EXPECT_TRUE(absl::IsNotFound(manager_->CancelJob("job-nope").status()));
+}
+
+TEST_F(JobManagerTest, StartFailureFailsTheJobWithTheReason) {
+  executor_.set_start_status(absl::FailedPreconditionError("spec.tasks[0]: dataset has 1 label"));
+  StartManager();
+  auto a = manager_->CreateJob(Spec());
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(WaitForState(a->id, JobState::kFailed), JobState::kFailed);
+  EXPECT_THAT(manager_->GetJob(a->id)->failure_reason, HasSubstr("dataset has 1 label"));
+}
+
+TEST_F(JobManagerTest, RestartFailsRunningJobsAndKeepsQueuedOnes) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  auto b = manager_->CreateJob(Spec("b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  manager_.reset();  // "crash": a stays RUNNING in the store
+  store_.reset();
+  OpenStore();
+  EXPECT_EQ(store_->GetJob(a->id)->state, JobState::kRunning);
+
+  FakeExecutor fresh;
+  auto m = JobManager::Create({}, store_.get(), &fresh);
+  ASSERT_TRUE(m.ok());
+  manager_ = std::move(*m);
+  auto ra = manager_->GetJob(a->id);
+  EXPECT_EQ(ra->state, JobState::kFailed);
+  EXPECT_EQ(ra->failure_reason, kRestartFailureReason);
+  ASSERT_TRUE(fresh.WaitStarted(b->id));
+  EXPECT_THAT(fresh.started(), ElementsAre(b->id));
+  manager_.reset();  // before `fresh` goes away
+}
+
+TEST_F(JobManagerTest, RestartRequeuesResumableJobs) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  manager_.reset();
+
+  FakeExecutor fresh;
+  fresh.set_can_resume(true);
+  auto m = JobManager::Create({}, store_.get(), &fresh);
+  ASSERT_TRUE(m.ok());
+  manager_ = std::move(*m);
+  ASSERT_TRUE(fresh.WaitStarted(a->id));
+  fresh.Succeed(a->id, "a", 1);
+  EXPECT_EQ(manager_->GetJob(a->id)->state, JobState::kSucceeded);
+  manager_.reset();
+}
+
+}  // namespace
+}  // namespace metatt

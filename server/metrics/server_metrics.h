@@ -1,0 +1,67 @@
+// Prometheus metrics of the server. One registry object, created in main and
+// injected (no global singleton); every layer updates the plain references in
+// ServerMetrics. Torch-free and protobuf-free: the runtime includes it too.
+//
+// Names end with their unit (see ARCHITECTURE.md "Metrics"). Labels are
+// bounded: no per-job or per-task label by default.
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/jobs/job_types.h"
+
+namespace prometheus {
+class Exposer;
+}
+
+namespace metatt {
+
+struct ServerMetrics {
+  prometheus::Family<prometheus::Gauge>& jobs;   // metatt_jobs{state}
+  prometheus::Counter& job_steps_total;          // metatt_job_steps_total
+  prometheus::Gauge& train_loss;                 // metatt_train_loss
+  prometheus::Gauge& train_examples_per_second;  // metatt_train_examples_per_second
+  prometheus::Family<prometheus::Counter>& predict_requests_total;  // {code}
+  prometheus::Histogram& predict_latency_seconds;
+  prometheus::Histogram& batch_size;   // metatt_batch_size (rows per device batch)
+  prometheus::Histogram& batch_tasks;  // metatt_batch_tasks (distinct tasks per batch)
+  prometheus::Gauge& queue_depth;      // metatt_queue_depth (predictions waiting for a batch)
+  prometheus::Gauge& tasks_resident;   // metatt_tasks_resident
+  prometheus::Family<prometheus::Gauge>& adapter_parameters;  // {family}
+  prometheus::Gauge& device_memory_bytes;
+
+  // Convenience: the gauge of one job state / one status code.
+  prometheus::Gauge& JobsIn(JobState s);
+  prometheus::Counter& PredictRequests(const std::string& code);
+};
+
+class MetricsRegistry {
+ public:
+  static std::unique_ptr<MetricsRegistry> Create();
+  ~MetricsRegistry();
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+  ServerMetrics& metrics() { return *metrics_; }
+
+  // Starts an HTTP exposer serving /metrics on `listen` ("host:port"; port 0
+  // picks a free port). Returns the bound port.
+  absl::StatusOr<int> Serve(const std::string& listen);
+  // Text exposition format of every metric (for tests and debugging).
+  std::string Render() const;
+
+ private:
+  MetricsRegistry() = default;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace metatt

@@ -1,0 +1,138 @@
+// Test helpers for the registry and the runtime: an in-memory Store and a
+// scratch directory.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "server/jobs/store.h"
+
+namespace metatt {
+namespace testing_util {
+
+class InMemoryStore : public Store {
+ public:
+  absl::Status PutDataset(const DatasetRecord& d) override {
+    std::lock_guard<std::mutex> l(mu_);
+    datasets_[d.id] = d;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<DatasetRecord> GetDataset(const std::string& id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = datasets_.find(id);
+    if (it == datasets_.end()) return absl::NotFoundError(absl::StrCat("dataset ", id));
+    return it->second;
+  }
+  absl::StatusOr<std::vector<DatasetRecord>> ListDatasets() override {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<DatasetRecord> out;
+    for (const auto& [k, v] : datasets_) out.push_back(v);
+    return out;
+  }
+  absl::Status DeleteDataset(const std::string& id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    datasets_.erase(id);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<JobRecord> CreateJob(const JobRecord& j) override {
+    std::lock_guard<std::mutex> l(mu_);
+    jobs_[j.id] = j;
+    return j;
+  }
+  absl::Status UpdateJob(const JobRecord& j) override {
+    std::lock_guard<std::mutex> l(mu_);
+    jobs_[j.id] = j;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<JobRecord> GetJob(const std::string& id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job ", id));
+    return it->second;
+  }
+  absl::StatusOr<std::vector<JobRecord>> ListJobs(std::optional<JobState> state, int64_t,
+                                                  const std::string&,
+                                                  std::string* next) override {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<JobRecord> out;
+    for (const auto& [k, v] : jobs_) {
+      if (!state || v.state == *state) out.push_back(v);
+    }
+    if (next) next->clear();
+    return out;
+  }
+  absl::Status AppendJobEvent(const std::string& job_id, const JobEvent& e) override {
+    std::lock_guard<std::mutex> l(mu_);
+    events_[job_id].push_back(e);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<JobEvent>> ListJobEvents(const std::string& job_id) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return events_[job_id];
+  }
+  absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) override {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& v : families_) {
+      if (v.family == f.family && v.version == f.version) {
+        return absl::AlreadyExistsError(absl::StrCat(f.family, " v", f.version));
+      }
+    }
+    families_.push_back(f);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
+      const std::string& family) override {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<FamilyVersionRecord> out;
+    for (const auto& v : families_) {
+      if (family.empty() || v.family == family) out.push_back(v);
+    }
+    return out;
+  }
+  absl::Status DeleteFamily(const std::string& family) override {
+    std::lock_guard<std::mutex> l(mu_);
+    families_.erase(std::remove_if(families_.begin(), families_.end(),
+                                   [&](const FamilyVersionRecord& v) { return v.family == family; }),
+                    families_.end());
+    return absl::OkStatus();
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<std::string, DatasetRecord> datasets_;
+  std::map<std::string, JobRecord> jobs_;
+  std::map<std::string, std::vector<JobEvent>> events_;
+  std::vector<FamilyVersionRecord> families_;
+};
+
+// A fresh directory under $TMPDIR, removed by the destructor.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    static std::atomic<int> counter{0};
+    const char* tmp = std::getenv("TMPDIR");
+    path_ = absl::StrCat(tmp ? tmp : "/tmp", "/metatt_test_", getpid(), "_", counter++);
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace testing_util
+}  // namespace metatt

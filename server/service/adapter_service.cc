@@ -1,0 +1,198 @@
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "server/service/grpc_status.h"
+#include "server/service/proto_convert.h"
+#include "server/service/services.h"
+
+namespace metatt {
+namespace {
+
+constexpr size_t kChunkBytes = 64 << 10;
+
+// version 0 = latest; NOT_FOUND naming the family / version.
+absl::StatusOr<FamilyVersionRecord> FindVersion(Store* store, const std::string& family,
+                                                int64_t version) {
+  if (family.empty()) return absl::InvalidArgumentError("family: required");
+  if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
+  auto versions = store->ListFamilyVersions(family);
+  if (!versions.ok()) return versions.status();
+  if (versions->empty())
+    return absl::NotFoundError(absl::StrCat("family '", family, "' not found"));
+  if (version == 0) return versions->back();
+  for (const auto& v : *versions) {
+    if (v.version == version) return v;
+  }
+  return absl::NotFoundError(absl::StrCat("family '", family, "' has no version ", version,
+                                          " (latest is ", versions->back().version, ")"));
+}
+
+// The files of a published version, read from its directory.
+absl::StatusOr<std::vector<FamilyFile>> ReadVersionFiles(const FamilyVersionRecord& v) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<FamilyFile> files;
+  if (v.path.empty() || !fs::is_directory(v.path, ec)) {
+    return absl::DataLossError(absl::StrCat("family '", v.family, "' version ", v.version,
+                                            ": directory '", v.path, "' is missing"));
+  }
+  for (const auto& entry : fs::directory_iterator(v.path, ec)) {
+    if (!entry.is_regular_file()) continue;
+    std::ifstream in(entry.path(), std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    files.push_back({entry.path().filename().string(), ss.str()});
+  }
+  std::sort(files.begin(), files.end(),
+            [](const FamilyFile& a, const FamilyFile& b) { return a.name < b.name; });
+  return files;
+}
+
+}  // namespace
+
+grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext*, const v1::ListFamiliesRequest*,
+                                              v1::ListFamiliesResponse* resp) {
+  auto all = options_.store->ListFamilyVersions("");
+  if (!all.ok()) return ToGrpcStatus(all.status());
+  // Ordered by (family, version): the last record of each family is its latest.
+  std::map<std::string, const FamilyVersionRecord*> latest;
+  for (const auto& v : *all) latest[v.family] = &v;
+  for (const auto& [name, v] : latest) {
+    auto* f = resp->add_families();
+    f->set_name(name);
+    f->set_latest_version(v->version);
+    ToProto(*v, f->add_versions());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext*, const v1::GetFamilyRequest* req,
+                                           v1::GetFamilyResponse* resp) {
+  if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
+  auto versions = options_.store->ListFamilyVersions(req->family());
+  if (!versions.ok()) return ToGrpcStatus(versions.status());
+  if (versions->empty()) {
+    return ToGrpcStatus(
+        absl::NotFoundError(absl::StrCat("family '", req->family(), "' not found")));
+  }
+  auto* f = resp->mutable_family();
+  f->set_name(req->family());
+  f->set_latest_version(versions->back().version);
+  for (const auto& v : *versions) ToProto(v, f->add_versions());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext*, const v1::ListTasksRequest* req,
+                                           v1::ListTasksResponse* resp) {
+  auto v = FindVersion(options_.store, req->family(), req->version());
+  if (!v.ok()) return ToGrpcStatus(v.status());
+  resp->set_family(v->family);
+  resp->set_version(v->version);
+  for (const auto& t : v->tasks) ToProto(t, resp->add_tasks());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext*, const v1::DeleteTaskRequest* req,
+                                            v1::DeleteTaskResponse* resp) {
+  if (req->task().empty()) return ToGrpcStatus(absl::InvalidArgumentError("task: required"));
+  auto v = FindVersion(options_.store, req->family(), 0);
+  if (!v.ok()) return ToGrpcStatus(v.status());
+  bool found = std::any_of(v->tasks.begin(), v->tasks.end(),
+                           [&](const TaskRecord& t) { return t.name == req->task(); });
+  if (!found) {
+    return ToGrpcStatus(absl::NotFoundError(
+        absl::StrCat("family '", req->family(), "' has no task '", req->task(), "'")));
+  }
+  if (options_.catalog == nullptr) {
+    return ToGrpcStatus(absl::UnimplementedError("DeleteTask: this server has no adapter catalog"));
+  }
+  auto nv = options_.catalog->DeleteTask(req->family(), req->task());
+  if (!nv.ok()) return ToGrpcStatus(nv.status());
+  if (options_.on_family_changed) options_.on_family_changed(req->family());
+  ToProto(*nv, resp->mutable_version());
+  return grpc::Status::OK;
+}
+
+grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
+                                              const v1::ExportFamilyRequest* req,
+                                              grpc::ServerWriter<v1::FamilyChunk>* writer) {
+  absl::StatusOr<std::vector<FamilyFile>> files;
+  if (options_.catalog != nullptr) {
+    files = options_.catalog->ExportFamily(req->family(), req->version());
+  } else {
+    auto v = FindVersion(options_.store, req->family(), req->version());
+    if (!v.ok()) return ToGrpcStatus(v.status());
+    files = ReadVersionFiles(*v);
+  }
+  if (!files.ok()) return ToGrpcStatus(files.status());
+  for (const FamilyFile& f : *files) {
+    size_t off = 0;
+    do {
+      if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      v1::FamilyChunk c;
+      if (off == 0) {
+        c.set_file_name(f.name);
+        c.set_file_size(static_cast<int64_t>(f.bytes.size()));
+      }
+      size_t n = std::min(kChunkBytes, f.bytes.size() - off);
+      c.set_data(f.bytes.substr(off, n));
+      off += n;
+      if (!writer->Write(c)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    } while (off < f.bytes.size());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext*,
+                                              grpc::ServerReader<v1::ImportFamilyRequest>* reader,
+                                              v1::ImportFamilyResponse* resp) {
+  v1::ImportFamilyRequest msg;
+  std::string family;
+  std::vector<FamilyFile> files;
+  int64_t total = 0;
+  bool first = true;
+  while (reader->Read(&msg)) {
+    if (msg.part_case() == v1::ImportFamilyRequest::kFamily) {
+      if (!first) {
+        return ToGrpcStatus(
+            absl::InvalidArgumentError("family: only the first message may name the family"));
+      }
+      family = msg.family();
+    } else if (msg.part_case() == v1::ImportFamilyRequest::kChunk) {
+      const auto& c = msg.chunk();
+      if (!c.file_name().empty()) {
+        if (c.file_name().find('/') != std::string::npos || c.file_name() == "..") {
+          return ToGrpcStatus(absl::InvalidArgumentError(
+              absl::StrCat("chunk.file_name: '", c.file_name(), "' must be a plain file name")));
+        }
+        files.push_back({c.file_name(), ""});
+      } else if (files.empty()) {
+        return ToGrpcStatus(
+            absl::InvalidArgumentError("chunk.file_name: the first chunk of a file names it"));
+      }
+      total += static_cast<int64_t>(c.data().size());
+      if (total > options_.max_import_bytes) {
+        return ToGrpcStatus(absl::ResourceExhaustedError(
+            absl::StrCat("import exceeds ", options_.max_import_bytes, " bytes")));
+      }
+      files.back().bytes += c.data();
+    }
+    first = false;
+  }
+  if (files.empty()) return ToGrpcStatus(absl::InvalidArgumentError("chunk: no files were sent"));
+  if (options_.catalog == nullptr) {
+    return ToGrpcStatus(
+        absl::UnimplementedError("ImportFamily: this server has no adapter catalog"));
+  }
+  auto v = options_.catalog->ImportFamily(family, files);
+  if (!v.ok()) return ToGrpcStatus(v.status());
+  if (options_.on_family_changed) options_.on_family_changed(v->family);
+  ToProto(*v, resp->mutable_version());
+  return grpc::Status::OK;
+}
+
+}  // namespace metatt

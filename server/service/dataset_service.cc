@@ -1,0 +1,67 @@
+#include "absl/strings/str_cat.h"
+#include "server/service/grpc_status.h"
+#include "server/service/proto_convert.h"
+#include "server/service/services.h"
+
+namespace metatt {
+
+grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext*,
+                                               grpc::ServerReader<v1::UploadDatasetRequest>* reader,
+                                               v1::UploadDatasetResponse* resp) {
+  v1::UploadDatasetRequest msg;
+  if (!reader->Read(&msg) || !msg.has_header()) {
+    return ToGrpcStatus(
+        absl::InvalidArgumentError("header: the first message of an upload must be the header"));
+  }
+  auto header = FromProto(msg.header());
+  if (!header.ok()) return ToGrpcStatus(header.status());
+  std::string bytes;
+  const int64_t limit = datasets_->max_upload_bytes();
+  int64_t index = 1;
+  while (reader->Read(&msg)) {
+    if (msg.has_header()) {
+      return ToGrpcStatus(absl::InvalidArgumentError(
+          absl::StrCat("message ", index, ": a second header; send chunks after the header")));
+    }
+    if (static_cast<int64_t>(bytes.size() + msg.chunk().size()) > limit) {
+      return ToGrpcStatus(absl::ResourceExhaustedError(
+          absl::StrCat("dataset '", header->name, "' exceeds max_upload_bytes=", limit)));
+    }
+    bytes += msg.chunk();
+    ++index;
+  }
+  auto d = datasets_->Upload(*header, bytes);
+  if (!d.ok()) return ToGrpcStatus(d.status());
+  ToProto(*d, resp->mutable_dataset());
+  return grpc::Status::OK;
+}
+
+grpc::Status DatasetServiceImpl::GetDataset(grpc::ServerContext*, const v1::GetDatasetRequest* req,
+                                            v1::GetDatasetResponse* resp) {
+  if (req->dataset_id().empty()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));
+  }
+  auto d = datasets_->Get(req->dataset_id());
+  if (!d.ok()) return ToGrpcStatus(d.status());
+  ToProto(*d, resp->mutable_dataset());
+  return grpc::Status::OK;
+}
+
+grpc::Status DatasetServiceImpl::ListDatasets(grpc::ServerContext*, const v1::ListDatasetsRequest*,
+                                              v1::ListDatasetsResponse* resp) {
+  auto all = datasets_->List();
+  if (!all.ok()) return ToGrpcStatus(all.status());
+  for (const auto& d : *all) ToProto(d, resp->add_datasets());
+  return grpc::Status::OK;
+}
+
+grpc::Status DatasetServiceImpl::DeleteDataset(grpc::ServerContext*,
+                                               const v1::DeleteDatasetRequest* req,
+                                               v1::DeleteDatasetResponse*) {
+  if (req->dataset_id().empty()) {
+    return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));
+  }
+  return ToGrpcStatus(datasets_->Delete(req->dataset_id()));
+}
+
+}  // namespace metatt

@@ -1,0 +1,66 @@
+#include "server/service/grpc_status.h"
+#include "server/service/proto_convert.h"
+#include "server/service/services.h"
+
+namespace metatt {
+
+grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext*, const v1::CreateJobRequest* req,
+                                       v1::CreateJobResponse* resp) {
+  auto spec = FromProto(req->spec());
+  if (!spec.ok()) return ToGrpcStatus(spec.status());
+  spec->idempotency_key = req->idempotency_key();
+  auto job = jobs_->CreateJob(*spec);
+  if (!job.ok()) return ToGrpcStatus(job.status());
+  ToProto(*job, resp->mutable_job());
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequest* req,
+                                    v1::GetJobResponse* resp) {
+  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
+  auto job = jobs_->GetJob(req->job_id());
+  if (!job.ok()) return ToGrpcStatus(job.status());
+  ToProto(*job, resp->mutable_job());
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req,
+                                      v1::ListJobsResponse* resp) {
+  auto state = FromProto(req->state());
+  if (!state.ok()) return ToGrpcStatus(state.status());
+  std::string next;
+  auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next);
+  if (!jobs.ok()) return ToGrpcStatus(jobs.status());
+  for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+  resp->set_next_page_token(next);
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req,
+                                       v1::CancelJobResponse* resp) {
+  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
+  auto job = jobs_->CancelJob(req->job_id());
+  if (!job.ok()) return ToGrpcStatus(job.status());
+  ToProto(*job, resp->mutable_job());
+  return grpc::Status::OK;
+}
+
+grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
+                                             const v1::StreamJobEventsRequest* req,
+                                             grpc::ServerWriter<v1::JobEvent>* writer) {
+  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
+  auto sub = jobs_->Subscribe(req->job_id());
+  if (!sub.ok()) return ToGrpcStatus(sub.status());
+  JobEvent e;
+  while (!ctx->IsCancelled()) {
+    auto r = (*sub)->Next(&e, absl::Milliseconds(200));
+    if (r == JobEventSubscription::Result::kEnd) return grpc::Status::OK;
+    if (r == JobEventSubscription::Result::kTimeout) continue;
+    v1::JobEvent msg;
+    ToProto(req->job_id(), (*sub)->sequence(), e, &msg);
+    if (!writer->Write(msg)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the stream");
+}
+
+}  // namespace metatt

@@ -1,0 +1,346 @@
+#include "server/service/proto_convert.h"
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+
+namespace metatt {
+
+v1::JobState ToProto(JobState s) {
+  switch (s) {
+    case JobState::kQueued:
+      return v1::QUEUED;
+    case JobState::kValidating:
+      return v1::VALIDATING;
+    case JobState::kRunning:
+      return v1::RUNNING;
+    case JobState::kSucceeded:
+      return v1::SUCCEEDED;
+    case JobState::kFailed:
+      return v1::FAILED;
+    case JobState::kCancelled:
+      return v1::CANCELLED;
+  }
+  return v1::JOB_STATE_UNSPECIFIED;
+}
+
+absl::StatusOr<std::optional<JobState>> FromProto(v1::JobState s) {
+  switch (s) {
+    case v1::JOB_STATE_UNSPECIFIED:
+      return std::optional<JobState>();
+    case v1::QUEUED:
+      return std::optional<JobState>(JobState::kQueued);
+    case v1::VALIDATING:
+      return std::optional<JobState>(JobState::kValidating);
+    case v1::RUNNING:
+      return std::optional<JobState>(JobState::kRunning);
+    case v1::SUCCEEDED:
+      return std::optional<JobState>(JobState::kSucceeded);
+    case v1::FAILED:
+      return std::optional<JobState>(JobState::kFailed);
+    case v1::CANCELLED:
+      return std::optional<JobState>(JobState::kCancelled);
+    default:
+      break;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("state: unknown value ", static_cast<int>(s)));
+}
+
+absl::StatusOr<JobSpec> FromProto(const v1::JobSpec& p) {
+  JobSpec s;
+  switch (p.kind()) {
+    case v1::JOB_KIND_UNSPECIFIED:
+    case v1::TRAIN_FAMILY:
+      s.kind = JobKind::kTrainFamily;
+      break;
+    case v1::ADD_TASK:
+      s.kind = JobKind::kAddTask;
+      break;
+    case v1::MULTI_TASK:
+      s.kind = JobKind::kMultiTask;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("spec.kind: unknown value ", p.kind()));
+  }
+  s.family = p.family();
+  for (const auto& t : p.tasks()) {
+    JobTaskSpec ts;
+    ts.task_name = t.task_name();
+    ts.dataset_id = t.dataset_id();
+    ts.eval_dataset_id = t.eval_dataset_id();
+    if (t.eval_fraction() != 0) ts.eval_fraction = t.eval_fraction();
+    ts.metric = t.metric();
+    s.tasks.push_back(std::move(ts));
+  }
+  const auto& a = p.adapter();
+  if (!a.form().empty()) s.adapter.form = a.form();
+  if (a.ranks_size() > 0) s.adapter.ranks.assign(a.ranks().begin(), a.ranks().end());
+  if (a.projections_size() > 0) {
+    s.adapter.projections.assign(a.projections().begin(), a.projections().end());
+  }
+  if (!a.init().empty()) s.adapter.init = a.init();
+  s.adapter.alpha = a.alpha();
+  const auto& h = p.hparams();
+  HyperParams& o = s.hparams;
+  if (h.max_steps() != 0) o.max_steps = h.max_steps();
+  if (h.batch_size() != 0) o.batch_size = h.batch_size();
+  if (h.learning_rate() != 0) o.learning_rate = h.learning_rate();
+  o.weight_decay = h.weight_decay();
+  if (h.warmup_ratio() != 0) o.warmup_ratio = h.warmup_ratio();
+  if (h.grad_clip() != 0) o.grad_clip = h.grad_clip();
+  if (h.eval_every() != 0) o.eval_every = h.eval_every();
+  if (h.max_length() != 0) o.max_length = h.max_length();
+  o.early_stop_patience = h.early_stop_patience();
+  if (!h.pooling().empty()) o.pooling = h.pooling();
+  if (h.seed() != 0) o.seed = h.seed();
+  for (const auto& e : h.rank_schedule()) o.rank_schedule.emplace_back(e.epoch(), e.max_rank());
+  return s;
+}
+
+void ToProto(const JobSpec& s, v1::JobSpec* p) {
+  switch (s.kind) {
+    case JobKind::kTrainFamily:
+      p->set_kind(v1::TRAIN_FAMILY);
+      break;
+    case JobKind::kAddTask:
+      p->set_kind(v1::ADD_TASK);
+      break;
+    case JobKind::kMultiTask:
+      p->set_kind(v1::MULTI_TASK);
+      break;
+  }
+  p->set_family(s.family);
+  for (const auto& t : s.tasks) {
+    auto* pt = p->add_tasks();
+    pt->set_task_name(t.task_name);
+    pt->set_dataset_id(t.dataset_id);
+    pt->set_eval_dataset_id(t.eval_dataset_id);
+    pt->set_eval_fraction(t.eval_fraction);
+    pt->set_metric(t.metric);
+  }
+  auto* a = p->mutable_adapter();
+  a->set_form(s.adapter.form);
+  for (int64_t r : s.adapter.ranks) a->add_ranks(r);
+  for (const auto& pr : s.adapter.projections) a->add_projections(pr);
+  a->set_init(s.adapter.init);
+  a->set_alpha(s.adapter.alpha);
+  auto* h = p->mutable_hparams();
+  const HyperParams& o = s.hparams;
+  h->set_max_steps(o.max_steps);
+  h->set_batch_size(o.batch_size);
+  h->set_learning_rate(o.learning_rate);
+  h->set_weight_decay(o.weight_decay);
+  h->set_warmup_ratio(o.warmup_ratio);
+  h->set_grad_clip(o.grad_clip);
+  h->set_eval_every(o.eval_every);
+  h->set_max_length(o.max_length);
+  h->set_early_stop_patience(o.early_stop_patience);
+  h->set_pooling(o.pooling);
+  h->set_seed(o.seed);
+  for (const auto& [epoch, rank] : o.rank_schedule) {
+    auto* e = h->add_rank_schedule();
+    e->set_epoch(epoch);
+    e->set_max_rank(rank);
+  }
+}
+
+void ToProto(const JobRecord& j, v1::Job* p) {
+  p->set_id(j.id);
+  ToProto(j.spec, p->mutable_spec());
+  p->set_state(ToProto(j.state));
+  p->set_failure_reason(j.failure_reason);
+  p->set_created_unix_ms(j.created_unix_ms);
+  p->set_updated_unix_ms(j.updated_unix_ms);
+  p->set_step(j.step);
+  p->set_total_steps(j.total_steps);
+  p->set_result_family(j.result_family);
+  p->set_result_version(j.result_version);
+  p->set_idempotency_key(j.spec.idempotency_key);
+}
+
+void ToProto(const std::string& job_id, int64_t sequence, const JobEvent& e, v1::JobEvent* p) {
+  p->set_job_id(job_id);
+  p->set_sequence(sequence);
+  p->set_time_unix_ms(e.time_unix_ms);
+  switch (e.type) {
+    case JobEvent::Type::kState: {
+      auto* s = p->mutable_state();
+      s->set_state(ToProto(e.state));
+      s->set_reason(e.message);
+      break;
+    }
+    case JobEvent::Type::kProgress: {
+      auto* g = p->mutable_progress();
+      g->set_step(e.step);
+      g->set_total_steps(e.total_steps);
+      g->set_epoch(e.epoch);
+      g->set_loss(e.loss);
+      g->set_examples_per_second(e.examples_per_second);
+      g->set_eta_seconds(e.eta_seconds);
+      break;
+    }
+    case JobEvent::Type::kEval: {
+      auto* v = p->mutable_eval();
+      v->set_step(e.step);
+      for (const auto& [k, val] : e.metrics) (*v->mutable_metrics())[k] = val;
+      break;
+    }
+    case JobEvent::Type::kSweep: {
+      auto* s = p->mutable_sweep();
+      s->set_step(e.step);
+      s->set_epoch(e.epoch);
+      for (const auto& b : e.bonds) {
+        auto* pb = s->add_bonds();
+        pb->set_bond(b.bond);
+        pb->set_old_rank(b.old_rank);
+        pb->set_new_rank(b.new_rank);
+        pb->set_discarded_weight(b.discarded_weight);
+      }
+      break;
+    }
+    case JobEvent::Type::kCheckpoint: {
+      auto* c = p->mutable_checkpoint();
+      c->set_family(e.family);
+      c->set_version(e.version);
+      break;
+    }
+    case JobEvent::Type::kLog:
+      p->mutable_log()->set_message(e.message);
+      break;
+  }
+}
+
+absl::StatusOr<DatasetUpload> FromProto(const v1::DatasetHeader& h) {
+  DatasetUpload u;
+  u.name = h.name();
+  switch (h.format()) {
+    case v1::DATA_FORMAT_UNSPECIFIED:
+    case v1::TSV:
+      u.format = "tsv";
+      break;
+    case v1::CSV:
+      u.format = "csv";
+      break;
+    case v1::JSONL:
+      u.format = "jsonl";
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("header.format: unknown value ", h.format()));
+  }
+  std::string kind;
+  switch (h.label_kind()) {
+    case v1::LABEL_KIND_UNSPECIFIED:
+    case v1::CLASSIFICATION:
+      kind = "classification";
+      break;
+    case v1::REGRESSION:
+      kind = "regression";
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.label_kind: unknown value ", h.label_kind()));
+  }
+  if (h.text_column().empty()) return absl::InvalidArgumentError("header.text_column: required");
+  if (h.label_column().empty()) return absl::InvalidArgumentError("header.label_column: required");
+  nlohmann::json j;
+  j["format"] = u.format;
+  j["has_header"] = h.has_header();
+  j["text_column"] = h.text_column();
+  if (!h.text_pair_column().empty()) j["text_pair_column"] = h.text_pair_column();
+  j["label_column"] = h.label_column();
+  j["label_kind"] = kind;
+  j["quoting"] = h.quoting();
+  if (h.label_vocab_size() > 0) {
+    j["label_vocab"] = std::vector<std::string>(h.label_vocab().begin(), h.label_vocab().end());
+  }
+  u.spec_json = j.dump();
+  return u;
+}
+
+void ToProto(const DatasetRecord& d, v1::Dataset* p) {
+  p->set_id(d.id);
+  p->set_name(d.name);
+  p->set_format(d.format == "csv" ? v1::CSV : d.format == "jsonl" ? v1::JSONL : v1::TSV);
+  p->set_sha256(d.sha256);
+  p->set_num_rows(d.num_rows);
+  p->set_size_bytes(d.size_bytes);
+  for (const auto& l : d.label_names) p->add_label_names(l);
+  p->set_label_kind(d.regression ? v1::REGRESSION : v1::CLASSIFICATION);
+  p->set_created_unix_ms(d.created_unix_ms);
+  p->set_spec_json(d.spec_json);
+}
+
+void ToProto(const TaskRecord& t, v1::Task* p) {
+  p->set_name(t.name);
+  p->set_index(t.index);
+  p->set_num_labels(t.num_labels);
+  p->set_regression(t.regression);
+  for (const auto& l : t.label_names) p->add_label_names(l);
+  for (const auto& [k, v] : t.eval_metrics) (*p->mutable_eval_metrics())[k] = v;
+}
+
+void ToProto(const FamilyVersionRecord& f, v1::FamilyVersion* p) {
+  p->set_family(f.family);
+  p->set_version(f.version);
+  p->set_form(f.form);
+  p->set_adapter_parameters(f.adapter_parameters);
+  for (const auto& t : f.tasks) ToProto(t, p->add_tasks());
+  p->set_created_by_job(f.created_by_job);
+  p->set_created_unix_ms(f.created_unix_ms);
+  p->set_config_json(f.config_json);
+  p->set_base_model_fingerprint(f.base_model_fingerprint);
+  // Ranks from the MetaTT config, when it names them.
+  auto j = nlohmann::json::parse(f.config_json, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object()) {
+    for (const char* key : {"ranks", "bond_ranks"}) {
+      auto it = j.find(key);
+      if (it != j.end() && it->is_array()) {
+        for (const auto& r : *it) {
+          if (r.is_number_integer()) p->add_ranks(r.get<int64_t>());
+        }
+        break;
+      }
+    }
+  }
+}
+
+absl::StatusOr<PredictInput> FromProto(const v1::PredictInput& in, int index) {
+  PredictInput p;
+  p.family = in.family();
+  p.version = in.version();
+  switch (in.task_ref_case()) {
+    case v1::PredictInput::kTask:
+      p.task = in.task();
+      break;
+    case v1::PredictInput::kTaskIndex:
+      if (in.task_index() < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("inputs[", index, "].task_index: must be >= 0"));
+      }
+      p.task_index = in.task_index();
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("inputs[", index, "]: set task or task_index"));
+  }
+  if (in.version() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("inputs[", index, "].version: must be >= 0"));
+  }
+  p.text = in.text();
+  if (in.has_text_pair()) p.text_pair = in.text_pair();
+  return p;
+}
+
+void ToProto(const PredictOutput& o, v1::Prediction* p) {
+  p->set_task(o.task);
+  p->set_task_index(o.task_index);
+  p->set_label(o.label);
+  p->set_label_name(o.label_name);
+  for (float s : o.scores) p->add_scores(s);
+  p->set_regression(o.regression);
+  if (o.regression && !o.scores.empty()) p->set_value(o.scores[0]);
+  p->set_queue_seconds(o.queue_seconds);
+  p->set_model_seconds(o.model_seconds);
+}
+
+}  // namespace metatt

@@ -1,0 +1,300 @@
+// The services over an in-process gRPC channel with the real SQLite store,
+// job and dataset managers, a FakeExecutor and a fake Predictor.
+#include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "server/jobs/sqlite_store.h"
+#include "server/jobs/test_util.h"
+#include "server/metrics/server_metrics.h"
+#include "server/service/grpc_status.h"
+#include "server/service/services.h"
+
+namespace metatt {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+class FakePredictor : public Predictor {
+ public:
+  absl::StatusOr<std::vector<PredictOutput>> Predict(const std::vector<PredictInput>& inputs,
+                                                     int64_t) override {
+    std::vector<PredictOutput> out;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (inputs[i].task != "MRPC") {
+        return absl::NotFoundError(
+            absl::StrCat("inputs[", i, "].task: no task '", inputs[i].task, "' in family 'glue'"));
+      }
+      PredictOutput o;
+      o.task = "MRPC";
+      o.label = 1;
+      o.label_name = "1";
+      o.scores = {0.25f, 0.75f};
+      out.push_back(o);
+    }
+    return out;
+  }
+};
+
+class ServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("service_test_" + std::to_string(std::random_device{}()));
+    fs::create_directories(dir_);
+    store_ = std::move(*SqliteStore::Create((dir_ / "metatt.db").string()));
+    DatasetManagerOptions dopt;
+    dopt.data_dir = (dir_ / "data").string();
+    dopt.parse = FakeDatasetParse;
+    datasets_ = std::move(*DatasetManager::Create(dopt, store_.get()));
+    jobs_ = std::move(*JobManager::Create({}, store_.get(), &executor_));
+    metrics_ = MetricsRegistry::Create();
+    job_service_ = std::make_unique<JobServiceImpl>(jobs_.get());
+    dataset_service_ = std::make_unique<DatasetServiceImpl>(datasets_.get());
+    AdapterServiceOptions aopt;
+    aopt.store = store_.get();
+    adapter_service_ = std::make_unique<AdapterServiceImpl>(aopt);
+    InferenceServiceOptions iopt;
+    iopt.predictor = &predictor_;
+    iopt.metrics = &metrics_->metrics();
+    inference_service_ = std::make_unique<InferenceServiceImpl>(iopt);
+    grpc::ServerBuilder b;
+    b.RegisterService(job_service_.get());
+    b.RegisterService(dataset_service_.get());
+    b.RegisterService(adapter_service_.get());
+    b.RegisterService(inference_service_.get());
+    server_ = b.BuildAndStart();
+    auto channel = server_->InProcessChannel(grpc::ChannelArguments());
+    job_stub_ = v1::JobService::NewStub(channel);
+    dataset_stub_ = v1::DatasetService::NewStub(channel);
+    adapter_stub_ = v1::AdapterService::NewStub(channel);
+    inference_stub_ = v1::InferenceService::NewStub(channel);
+  }
+  void TearDown() override {
+    jobs_->Shutdown();
+    server_->Shutdown();
+    jobs_.reset();
+    fs::remove_all(dir_);
+  }
+  grpc::Status Upload(const std::string& bytes, v1::UploadDatasetResponse* resp) {
+    grpc::ClientContext ctx;
+    auto w = dataset_stub_->UploadDataset(&ctx, resp);
+    v1::UploadDatasetRequest h;
+    h.mutable_header()->set_name("tiny");
+    h.mutable_header()->set_text_column("0");
+    h.mutable_header()->set_label_column("1");
+    w->Write(h);
+    for (size_t off = 0; off < bytes.size(); off += 7) {
+      v1::UploadDatasetRequest c;
+      c.set_chunk(bytes.substr(off, 7));
+      w->Write(c);
+    }
+    w->WritesDone();
+    return w->Finish();
+  }
+
+  fs::path dir_;
+  std::unique_ptr<SqliteStore> store_;
+  std::unique_ptr<DatasetManager> datasets_;
+  FakeExecutor executor_;
+  FakePredictor predictor_;
+  std::unique_ptr<JobManager> jobs_;
+  std::unique_ptr<MetricsRegistry> metrics_;
+  std::unique_ptr<JobServiceImpl> job_service_;
+  std::unique_ptr<DatasetServiceImpl> dataset_service_;
+  std::unique_ptr<AdapterServiceImpl> adapter_service_;
+  std::unique_ptr<InferenceServiceImpl> inference_service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<v1::JobService::Stub> job_stub_;
+  std::unique_ptr<v1::DatasetService::Stub> dataset_stub_;
+  std::unique_ptr<v1::AdapterService::Stub> adapter_stub_;
+  std::unique_ptr<v1::InferenceService::Stub> inference_stub_;
+};
+
+TEST(GrpcStatusTest, MapsCodesAndKeepsMessages) {
+  auto s = ToGrpcStatus(absl::ResourceExhaustedError("queue full"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(s.error_message(), "queue full");
+  EXPECT_EQ(ToGrpcStatus(absl::NotFoundError("x")).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(ToGrpcStatus(absl::FailedPreconditionError("x")).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(ToGrpcStatus(absl::UnauthenticatedError("x")).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_TRUE(ToGrpcStatus(absl::OkStatus()).ok());
+  EXPECT_TRUE(absl::IsPermissionDenied(
+      FromGrpcStatus(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "no"))));
+}
+
+TEST_F(ServiceTest, UploadCreateStreamToSuccess) {
+  v1::UploadDatasetResponse up;
+  auto st = Upload("good\t1\nbad\t0\nfine\t1\n", &up);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(up.dataset().num_rows(), 3);
+  EXPECT_EQ(up.dataset().label_names_size(), 2);
+
+  v1::CreateJobRequest req;
+  req.mutable_spec()->set_family("glue");
+  auto* t = req.mutable_spec()->add_tasks();
+  t->set_task_name("MRPC");
+  t->set_dataset_id(up.dataset().id());
+  req.mutable_spec()->mutable_hparams()->set_max_steps(4);
+  req.set_idempotency_key("k");
+  v1::CreateJobResponse created;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(job_stub_->CreateJob(&ctx, req, &created).ok());
+  }
+  EXPECT_EQ(created.job().state(), v1::QUEUED);
+  EXPECT_EQ(created.job().spec().adapter().form(), "4+1d");  // server default
+  EXPECT_EQ(created.job().total_steps(), 4);
+  {
+    v1::CreateJobResponse again;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(job_stub_->CreateJob(&ctx, req, &again).ok());
+    EXPECT_EQ(again.job().id(), created.job().id());
+  }
+  const std::string id = created.job().id();
+  ASSERT_TRUE(executor_.WaitStarted(id));
+  grpc::ClientContext sctx;
+  v1::StreamJobEventsRequest sreq;
+  sreq.set_job_id(id);
+  auto reader = job_stub_->StreamJobEvents(&sctx, sreq);
+  std::thread driver([&] {
+    for (int s = 1; s <= 4; ++s) executor_.Progress(id, s, 4, 1.0 / s);
+    executor_.Succeed(id, "glue", 1);
+  });
+  v1::JobEvent ev;
+  int progress = 0;
+  int64_t last_seq = -1;
+  v1::JobState last_state = v1::JOB_STATE_UNSPECIFIED;
+  while (reader->Read(&ev)) {
+    EXPECT_EQ(ev.sequence(), last_seq + 1);
+    last_seq = ev.sequence();
+    if (ev.has_progress()) ++progress;
+    if (ev.has_state()) last_state = ev.state().state();
+  }
+  driver.join();
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(progress, 4);
+  EXPECT_EQ(last_state, v1::SUCCEEDED);
+
+  v1::ListJobsRequest lreq;
+  lreq.set_state(v1::SUCCEEDED);
+  v1::ListJobsResponse list;
+  grpc::ClientContext lctx;
+  ASSERT_TRUE(job_stub_->ListJobs(&lctx, lreq, &list).ok());
+  ASSERT_EQ(list.jobs_size(), 1);
+  EXPECT_EQ(list.jobs(0).result_family(), "glue");
+}
+
+TEST_F(ServiceTest, MalformedUploadNamesLinesAndStoresNothing) {
+  v1::UploadDatasetResponse up;
+  auto st = Upload("ok\t1\nbroken\nok\t0\nbroken too\n", &up);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("line 2"));
+  EXPECT_THAT(st.error_message(), HasSubstr("line 4"));
+  v1::ListDatasetsResponse list;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(dataset_stub_->ListDatasets(&ctx, {}, &list).ok());
+  EXPECT_EQ(list.datasets_size(), 0);
+}
+
+TEST_F(ServiceTest, ErrorsMapToCodes) {
+  {
+    v1::GetJobRequest req;
+    req.set_job_id("job-nope");
+    v1::GetJobResponse resp;
+    grpc::ClientContext ctx;
+    EXPECT_EQ(job_stub_->GetJob(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    v1::CreateJobRequest req;
+    req.mutable_spec()->set_family("glue");
+    v1::CreateJobResponse resp;
+    grpc::ClientContext ctx;
+    auto st = job_stub_->CreateJob(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(st.error_message(), HasSubstr("spec.tasks"));
+  }
+  {
+    v1::ListTasksRequest req;
+    req.set_family("nope");
+    v1::ListTasksResponse resp;
+    grpc::ClientContext ctx;
+    EXPECT_EQ(adapter_stub_->ListTasks(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  {
+    v1::PredictRequest req;
+    auto* in = req.add_inputs();
+    in->set_family("glue");
+    in->set_task("CoLA");
+    in->set_text("hello");
+    v1::PredictResponse resp;
+    grpc::ClientContext ctx;
+    auto st = inference_stub_->Predict(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_THAT(st.error_message(), HasSubstr("CoLA"));
+    EXPECT_THAT(metrics_->Render(),
+                HasSubstr("metatt_predict_requests_total{code=\"NOT_FOUND\"} 1"));
+  }
+  {
+    v1::PredictRequest req;
+    req.add_inputs()->set_text("no task");
+    v1::PredictResponse resp;
+    grpc::ClientContext ctx;
+    auto st = inference_stub_->Predict(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(st.error_message(), HasSubstr("inputs[0]"));
+  }
+}
+
+TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
+  fs::path vdir = dir_ / "families" / "glue" / "1";
+  fs::create_directories(vdir);
+  { std::ofstream(vdir / "family.json") << R"({"name":"glue"})"; }
+  { std::ofstream(vdir / "cores.safetensors") << std::string(100000, 'x'); }
+  FamilyVersionRecord f;
+  f.family = "glue";
+  f.version = 1;
+  f.form = "4+1d";
+  f.path = vdir.string();
+  f.config_json = R"({"ranks":[8,8,8]})";
+  f.adapter_parameters = 777;
+  f.tasks.push_back({"MRPC", 0, 2, false, {"0", "1"}, {{"f1", 0.8}}});
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+
+  v1::ListFamiliesResponse fams;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(adapter_stub_->ListFamilies(&ctx, {}, &fams).ok());
+  }
+  ASSERT_EQ(fams.families_size(), 1);
+  EXPECT_EQ(fams.families(0).versions(0).adapter_parameters(), 777);
+  EXPECT_EQ(fams.families(0).versions(0).ranks_size(), 3);
+  EXPECT_EQ(fams.families(0).versions(0).tasks(0).eval_metrics().at("f1"), 0.8);
+
+  v1::ExportFamilyRequest req;
+  req.set_family("glue");
+  grpc::ClientContext ctx;
+  auto reader = adapter_stub_->ExportFamily(&ctx, req);
+  std::map<std::string, std::string> files;
+  std::string current;
+  v1::FamilyChunk c;
+  while (reader->Read(&c)) {
+    if (!c.file_name().empty()) current = c.file_name();
+    files[current] += c.data();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  ASSERT_EQ(files.size(), 2u);
+  EXPECT_EQ(files["cores.safetensors"].size(), 100000u);
+  EXPECT_EQ(files["family.json"], R"({"name":"glue"})");
+}
+
+}  // namespace
+}  // namespace metatt

@@ -1,0 +1,152 @@
+"""Helpers of the black-box server tests (tests/integration): the real
+metatt-server binary on 127.0.0.1:0, datasets, a typed client. Fixtures are in
+conftest.py."""
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+WORDS = ("good great fine nice happy bad awful poor sad ugly movie film plot actor "
+         "story scene the a was is very not really quite").split()
+POSITIVE = {"good", "great", "fine", "nice", "happy"}
+
+
+def build_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("METATT_BUILD_DIR", ROOT / "build"))
+
+
+def server_binary() -> pathlib.Path:
+    p = build_dir() / "server" / "metatt-server"
+    if not p.exists():
+        pytest.fail(f"binary {p} not built: cmake --build <build> --target metatt-server")
+    return p
+
+
+def make_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        pool = sorted(POSITIVE) if label else ["bad", "awful", "poor", "sad", "ugly"]
+        words = [rng.choice(pool)] + [rng.choice(["the", "movie", "was", "very", "film", "plot"])
+                                      for _ in range(rng.randint(2, 6))]
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def tsv_bytes(rows) -> bytes:
+    return ("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows)).encode()
+
+
+class Server:
+    """One metatt-server process on 127.0.0.1:0."""
+
+    def __init__(self, data_dir, model_dir, extra=()):
+        self.data_dir = pathlib.Path(data_dir)
+        self.model_dir = pathlib.Path(model_dir)
+        self.extra = list(extra)
+        self.proc = None
+        self.port = None
+        self.metrics_port = None
+        self.stderr_lines = []
+
+    def start(self, timeout=120):
+        cmd = [str(server_binary()), "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+               f"--data_dir={self.data_dir}", f"--model_dir={self.model_dir}", "--device=cpu",
+               *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.port is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("LISTENING "):
+                self.port = int(line.split()[1])
+            elif line.startswith("METRICS "):
+                self.metrics_port = int(line.split()[1])
+        if self.port is None:
+            self.stop()
+            pytest.fail("metatt-server did not start:\n" + "\n".join(self.stderr_lines[-30:]))
+        return self
+
+    def _drain_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def channel(self):
+        import grpc
+
+        ch = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        grpc.channel_ready_future(ch).result(timeout=30)
+        return ch
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Client:
+    def __init__(self, pb, channel):
+        self.pb = pb
+        self.jobs = pb.jobs_pb2_grpc.JobServiceStub(channel)
+        self.datasets = pb.datasets_pb2_grpc.DatasetServiceStub(channel)
+        self.adapters = pb.adapters_pb2_grpc.AdapterServiceStub(channel)
+        self.inference = pb.inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def upload(self, name, data: bytes, chunk=100, **header):
+        d = self.pb.datasets_pb2
+        h = d.DatasetHeader(name=name, format=d.TSV, has_header=True, text_column="sentence",
+                            label_column="label", **header)
+
+        def gen():
+            yield d.UploadDatasetRequest(header=h)
+            for off in range(0, len(data), chunk):
+                yield d.UploadDatasetRequest(chunk=data[off:off + chunk])
+
+        return self.datasets.UploadDataset(gen(), timeout=60).dataset
+
+    def create_job(self, family, task, dataset_id, steps=30, kind=None, key="", **hp):
+        j = self.pb.jobs_pb2
+        spec = j.JobSpec(family=family, kind=kind or j.TRAIN_FAMILY,
+                         tasks=[j.JobTask(task_name=task, dataset_id=dataset_id, eval_fraction=0.25)],
+                         adapter=j.AdapterConfig(form="4+1d", ranks=[4]),
+                         hparams=j.HyperParams(max_steps=steps, batch_size=8, learning_rate=5e-3,
+                                               eval_every=10, max_length=32, **hp))
+        return self.jobs.CreateJob(j.CreateJobRequest(spec=spec, idempotency_key=key), timeout=30).job
+
+    def events(self, job_id, timeout=600):
+        j = self.pb.jobs_pb2
+        return list(self.jobs.StreamJobEvents(j.StreamJobEventsRequest(job_id=job_id), timeout=timeout))
+
+    def wait_state(self, job_id, states, timeout=300):
+        j = self.pb.jobs_pb2
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.jobs.GetJob(j.GetJobRequest(job_id=job_id), timeout=10).job
+            if job.state in states:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} never reached {states}; last {job}")
+
+
