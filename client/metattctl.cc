@@ -13,8 +13,10 @@
 // FAILED and 2 when it was CANCELLED.
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/generic/generic_stub.h>
 
 #include <cstdio>
+#include <future>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -650,12 +652,37 @@ int Predict(Stubs& s) {
   return 0;
 }
 
+// grpc.health.v1.Health/Check through the generic stub (Debian ships no
+// generated health stubs): exit 0 when the server answers SERVING. Used by the
+// Docker HEALTHCHECK.
+int Health(const std::shared_ptr<grpc::Channel>& channel) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice empty("");  // HealthCheckRequest{service: ""}: the whole server
+  grpc::ByteBuffer request(&empty, 1), response;
+  std::promise<grpc::Status> done;
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&done](grpc::Status st) { done.set_value(std::move(st)); });
+  grpc::Status st = done.get_future().get();
+  if (!st.ok()) return Fail(absl::StrCat("health: ", st.error_message()));
+  std::vector<grpc::Slice> slices;
+  std::string bytes;
+  if (response.Dump(&slices).ok())
+    for (const auto& sl : slices) bytes.append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+  // HealthCheckResponse{status: SERVING (1)} encodes as field 1 varint 1.
+  const bool serving = bytes == std::string("\x08\x01", 2);
+  std::cout << (serving ? "SERVING" : "NOT_SERVING") << "\n";
+  return serving ? 0 : 1;
+}
+
 int Main(std::vector<std::string> args) {
   if (args.empty()) {
-    return Fail("usage: metattctl upload|datasets|jobs|families|tasks|predict ... (--help)");
+    return Fail("usage: metattctl upload|datasets|jobs|families|tasks|predict|health ... (--help)");
   }
   auto channel =
       grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  if (args[0] == "health") return Health(channel);
   Stubs s{v1::JobService::NewStub(channel), v1::DatasetService::NewStub(channel),
           v1::AdapterService::NewStub(channel), v1::InferenceService::NewStub(channel)};
   std::string cmd = args[0];
@@ -674,7 +701,7 @@ int Main(std::vector<std::string> args) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "metattctl upload|datasets|jobs|families|tasks|predict ... [--server host:port] [--json]");
+      "metattctl upload|datasets|jobs|families|tasks|predict|health ... [--server host:port] [--json]");
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   std::vector<std::string> args(rest.begin() + 1, rest.end());
   return metatt::ctl::Main(args);

@@ -13,6 +13,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Same idempotent set-up as the test command: packages, venv, model, build.
+"$REPO/scripts/setup.sh"
 SHARED="${METATT_SHARED_DIR:-$(dirname "$REPO")/shared}"
 BUILD="${METATT_BUILD_DIR:-$REPO/build}"
 SERVER="$BUILD/server/metatt-server"

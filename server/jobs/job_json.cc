@@ -1,5 +1,8 @@
 #include "server/jobs/job_json.h"
 
+#include <stdexcept>
+#include <type_traits>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -39,7 +42,20 @@ template <typename T>
 T Get(const json& j, const char* key, T def) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return def;
+  // nlohmann converts a JSON float to an integer with a plain cast: 1e300
+  // would be undefined behaviour and 1.5 silently truncated (fuzz finding
+  // jobspec_float_to_int), so integers must be written as integers.
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    if (!it->is_number_integer())
+      throw std::invalid_argument(std::string("field '") + key + "' must be an integer");
+  }
   return it->get<T>();
+}
+
+int64_t AsInt(const json& v, const char* field) {
+  if (!v.is_number_integer())
+    throw std::invalid_argument(std::string("field '") + field + "' entries must be integers");
+  return v.get<int64_t>();
 }
 
 }  // namespace
@@ -150,7 +166,7 @@ absl::StatusOr<JobSpec> JobSpecFromJson(const std::string& text) {
       p.pooling = Get<std::string>(h, "pooling", p.pooling);
       p.seed = Get<uint64_t>(h, "seed", p.seed);
       for (const auto& e : h.value("rank_schedule", json::array())) {
-        p.rank_schedule.emplace_back(e.at(0).get<int64_t>(), e.at(1).get<int64_t>());
+        p.rank_schedule.emplace_back(AsInt(e.at(0), "rank_schedule"), AsInt(e.at(1), "rank_schedule"));
       }
     }
     return s;
@@ -225,8 +241,8 @@ absl::StatusOr<JobEvent> JobEventFromJson(const std::string& text) {
     e.eta_seconds = Get<double>(j, "eta_seconds", 0);
     e.metrics = Get<std::map<std::string, double>>(j, "metrics", {});
     for (const auto& b : j.value("bonds", json::array())) {
-      e.bonds.push_back({b.at("bond").get<int64_t>(), b.at("old_rank").get<int64_t>(),
-                         b.at("new_rank").get<int64_t>(), b.at("discarded_weight").get<double>()});
+      e.bonds.push_back({AsInt(b.at("bond"), "bond"), AsInt(b.at("old_rank"), "old_rank"),
+                         AsInt(b.at("new_rank"), "new_rank"), b.at("discarded_weight").get<double>()});
     }
     e.family = Get<std::string>(j, "family", "");
     e.version = Get<int64_t>(j, "version", 0);

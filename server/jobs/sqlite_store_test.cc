@@ -1,4 +1,5 @@
 #include "server/jobs/sqlite_store.h"
+#include "server/jobs/job_json.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -230,6 +231,21 @@ TEST_F(SqliteStoreTest, FamilyVersionsAreImmutable) {
   ASSERT_TRUE(store_->DeleteFamily("glue").ok());
   EXPECT_TRUE(store_->ListFamilyVersions("glue")->empty());
   EXPECT_TRUE(absl::IsNotFound(store_->DeleteFamily("glue")));
+}
+
+// Fuzz regression (jobspec_float_to_int): a float where an integer belongs is
+// refused naming the field, never cast (1e300 was undefined behaviour).
+TEST(JobJson, FloatsWhereIntegersBelongAreRefused) {
+  for (const char* text : {R"({"hparams":{"max_steps":1e300}})", R"({"hparams":{"max_steps":1.5}})",
+                           R"({"hparams":{"rank_schedule":[[1e300,1]]}})"}) {
+    auto spec = JobSpecFromJson(text);
+    ASSERT_FALSE(spec.ok()) << text;
+    EXPECT_NE(std::string(spec.status().message()).find("integer"), std::string::npos)
+        << spec.status();
+  }
+  auto ok = JobSpecFromJson(R"({"hparams":{"max_steps":7,"rank_schedule":[[1,4]]}})");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->hparams.max_steps, 7);
 }
 
 }  // namespace
