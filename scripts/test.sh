@@ -14,6 +14,9 @@ rc=0
 echo "== ctest"
 (cd build && ctest --output-on-failure -j2 --timeout 900) || rc=1
 echo "== pytest"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/python $( [ -d tests/integration ] && echo tests/integration ) || rc=1
+# Two runs: each directory has its own conftest.py helpers.
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python || rc=1
+echo "== pytest (black-box server tests)"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/integration || rc=1
 echo "== tests finished in $(( $(date +%s) - start ))s, rc=$rc"
 exit $rc
