@@ -4,6 +4,7 @@
 #include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
 #include "server/model/bert_encoder.h"
+#include "server/model/test_util.h"
 
 namespace metatt {
 namespace {
@@ -20,29 +21,7 @@ std::shared_ptr<BertEncoder> TinyEncoder() {
   c.max_position_embeddings = 16;
   c.type_vocab_size = 2;
   torch::manual_seed(0);
-  std::map<std::string, torch::Tensor> t;
-  auto r = [](std::vector<int64_t> s) { return torch::randn(s) * 0.2; };
-  t["embeddings.word_embeddings.weight"] = r({kVocab, kD});
-  t["embeddings.position_embeddings.weight"] = r({16, kD});
-  t["embeddings.token_type_embeddings.weight"] = r({2, kD});
-  t["embeddings.LayerNorm.weight"] = torch::ones({kD});
-  t["embeddings.LayerNorm.bias"] = torch::zeros({kD});
-  for (int l = 0; l < kLayers; ++l) {
-    const std::string p = "encoder.layer." + std::to_string(l) + ".";
-    for (const char* m : {"attention.self.query", "attention.self.key", "attention.self.value",
-                          "attention.output.dense"}) {
-      t[p + m + ".weight"] = r({kD, kD});
-      t[p + m + ".bias"] = r({kD});
-    }
-    t[p + "attention.output.LayerNorm.weight"] = torch::ones({kD});
-    t[p + "attention.output.LayerNorm.bias"] = torch::zeros({kD});
-    t[p + "intermediate.dense.weight"] = r({kInter, kD});
-    t[p + "intermediate.dense.bias"] = r({kInter});
-    t[p + "output.dense.weight"] = r({kD, kInter});
-    t[p + "output.dense.bias"] = r({kD});
-    t[p + "output.LayerNorm.weight"] = torch::ones({kD});
-    t[p + "output.LayerNorm.bias"] = torch::zeros({kD});
-  }
+  const auto t = RandomBertWeights(c, {/*embedding_std=*/0.2, /*weight_std=*/0.2, /*bias_std=*/0.2});
   auto e = BertEncoder::FromTensors(c, t, torch::kCPU);
   EXPECT_TRUE(e.ok()) << e.status();
   return *e;

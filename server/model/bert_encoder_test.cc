@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/model/test_util.h"
 
 namespace metatt {
 namespace {
@@ -20,30 +21,7 @@ BertConfig TinyConfig() {
 
 std::map<std::string, torch::Tensor> RandomWeights(const BertConfig& c) {
   torch::manual_seed(0);
-  const int64_t D = c.hidden_size, I = c.intermediate_size;
-  std::map<std::string, torch::Tensor> t = {
-      {"embeddings.word_embeddings.weight", torch::randn({c.vocab_size, D})},
-      {"embeddings.position_embeddings.weight", torch::randn({c.max_position_embeddings, D})},
-      {"embeddings.token_type_embeddings.weight", torch::randn({c.type_vocab_size, D})},
-      {"embeddings.LayerNorm.weight", torch::ones({D})},
-      {"embeddings.LayerNorm.bias", torch::zeros({D})}};
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    std::string p = absl::StrCat("encoder.layer.", l, ".");
-    for (const char* n : {"attention.self.query", "attention.self.key", "attention.self.value",
-                          "attention.output.dense"}) {
-      t[p + n + ".weight"] = torch::randn({D, D}) * 0.1;
-      t[p + n + ".bias"] = torch::randn({D}) * 0.1;
-    }
-    t[p + "intermediate.dense.weight"] = torch::randn({I, D}) * 0.1;
-    t[p + "intermediate.dense.bias"] = torch::zeros({I});
-    t[p + "output.dense.weight"] = torch::randn({D, I}) * 0.1;
-    t[p + "output.dense.bias"] = torch::zeros({D});
-    for (const char* n : {"attention.output.LayerNorm", "output.LayerNorm"}) {
-      t[p + n + ".weight"] = torch::ones({D});
-      t[p + n + ".bias"] = torch::zeros({D});
-    }
-  }
-  return t;
+  return RandomBertWeights(c, {/*embedding_std=*/1.0, /*weight_std=*/0.1, /*bias_std=*/0.1});
 }
 
 TEST(BertConfig, ParsesAndNamesBadFields) {

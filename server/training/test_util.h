@@ -15,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "adapters/adapter.h"
 #include "server/model/bert_encoder.h"
+#include "server/model/test_util.h"
 #include "server/training/dataset.h"
 #include "server/training/trainer.h"
 
@@ -36,30 +37,7 @@ inline BertConfig TinyConfig() {
 inline std::shared_ptr<BertEncoder> TinyEncoder(uint64_t seed = 1) {
   torch::manual_seed(seed);
   const BertConfig c = TinyConfig();
-  const int64_t D = c.hidden_size, I = c.intermediate_size;
-  std::map<std::string, torch::Tensor> t;
-  auto r = [](std::vector<int64_t> s) { return torch::randn(s) * 0.2; };
-  t["embeddings.word_embeddings.weight"] = r({c.vocab_size, D});
-  t["embeddings.position_embeddings.weight"] = r({c.max_position_embeddings, D});
-  t["embeddings.token_type_embeddings.weight"] = r({c.type_vocab_size, D});
-  t["embeddings.LayerNorm.weight"] = torch::ones({D});
-  t["embeddings.LayerNorm.bias"] = torch::zeros({D});
-  for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = absl::StrCat("encoder.layer.", l, ".");
-    for (const char* n : {"attention.self.query", "attention.self.key", "attention.self.value",
-                          "attention.output.dense"}) {
-      t[p + n + ".weight"] = r({D, D});
-      t[p + n + ".bias"] = torch::zeros({D});
-    }
-    t[p + "attention.output.LayerNorm.weight"] = torch::ones({D});
-    t[p + "attention.output.LayerNorm.bias"] = torch::zeros({D});
-    t[p + "intermediate.dense.weight"] = r({I, D});
-    t[p + "intermediate.dense.bias"] = torch::zeros({I});
-    t[p + "output.dense.weight"] = r({D, I});
-    t[p + "output.dense.bias"] = torch::zeros({D});
-    t[p + "output.LayerNorm.weight"] = torch::ones({D});
-    t[p + "output.LayerNorm.bias"] = torch::zeros({D});
-  }
+  const auto t = RandomBertWeights(c);
   auto e = BertEncoder::FromTensors(c, t, torch::kCPU);
   return e.ok() ? *e : nullptr;
 }
