@@ -17,6 +17,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,6 +31,7 @@ ABSL_FLAG(std::string, model_dir, "", "base model dir (default: repo models/all-
 ABSL_FLAG(int, batch, 32, "sequences per batch");
 ABSL_FLAG(int, seq, 128, "tokens per sequence");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
+ABSL_FLAG(std::string, device, "cpu", "cpu|cuda|cuda:N|auto");
 ABSL_FLAG(int, iters, 5, "timed rounds (median reported)");
 ABSL_FLAG(int, warmup, 1, "untimed rounds");
 ABSL_FLAG(int, adapter_iters, 20, "rounds of the adapter-only timing (median reported)");
@@ -50,16 +52,24 @@ struct Case {
 absl::Status Run() {
   torch::set_num_threads(absl::GetFlag(FLAGS_threads));
   ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
+  ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
+  // Waits for the device's queued work (timings end there).
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? -1 : device.index());
+  };
   BertEncoder::Options eo;
   eo.model_dir = model_dir;
+  eo.device = device;
   ASSIGN_OR_RETURN(auto enc, BertEncoder::Create(eo));
   const auto& bc = enc->config();
   const int64_t B = absl::GetFlag(FLAGS_batch), S = absl::GetFlag(FLAGS_seq);
 
   torch::manual_seed(0);
   EncoderInput in;
-  in.input_ids = torch::randint(1000, bc.vocab_size, {B, S}, torch::kInt64);
-  in.attention_mask = torch::ones({B, S}, torch::kInt64);
+  in.input_ids = torch::randint(1000, bc.vocab_size, {B, S}, torch::kInt64).to(device);
+  in.attention_mask = torch::ones({B, S}, torch::kInt64).to(device);
+  MetaTTAdapter::Options ao;
+  ao.device = device;
 
   MetaTTConfig mc;
   mc.d_in = mc.d_out = bc.hidden_size;
@@ -72,7 +82,7 @@ absl::Status Run() {
   std::vector<Case> cases;
   cases.push_back({"base", nullptr, {}, 0, {}, {}});
   {
-    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(mc));
+    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(mc, ao));
     cases.push_back({"metatt_4d_r8_qv", a.get(), {}, a->NumParameters(), {}, {}});
     keep.push_back(std::move(a));
   }
@@ -80,8 +90,8 @@ absl::Status Run() {
     MetaTTConfig c = mc;
     c.form = TTForm::k4Plus1D;
     c.num_tasks = T;
-    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(c));
-    AdapterBatch batch{torch::randint(0, T, {B}, torch::kInt64)};
+    ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(c, ao));
+    AdapterBatch batch{torch::randint(0, T, {B}, torch::kInt64).to(device)};
     cases.push_back({"metatt_4p1d_r8_qv_mixed_T" + std::to_string(T),
                      a.get(),
                      batch,
@@ -96,7 +106,9 @@ absl::Status Run() {
   lc.num_layers = bc.num_hidden_layers;
   lc.hidden_size = bc.hidden_size;
   lc.init = "random";
-  ASSIGN_OR_RETURN(auto lora, LoraAdapter::Create(lc, {}));
+  LoraAdapter::Options lo;
+  lo.device = device;
+  ASSIGN_OR_RETURN(auto lora, LoraAdapter::Create(lc, lo));
   cases.push_back({"lora_r8_qv_unmerged", lora.get(), {}, lora->NumParameters(), {}, {}});
 
   torch::NoGradGuard no_grad;
@@ -114,26 +126,39 @@ absl::Status Run() {
   // FFN down per layer) on fixed activations; isolates the adapter's cost
   // from the encoder's (and from background load on the encoder's matmuls).
   {
-    torch::Tensor x = torch::randn({B, S, bc.hidden_size});
-    torch::Tensor u = torch::randn({B, S, bc.intermediate_size});
+    torch::Tensor x = torch::randn({B, S, bc.hidden_size}).to(device);
+    torch::Tensor u = torch::randn({B, S, bc.intermediate_size}).to(device);
+    // Keeps each delta alive until the round ends (a CPU read would force a
+    // device sync per call on CUDA; the sync at the end of the round does).
+    std::vector<torch::Tensor> held;
     static const std::vector<Projection> kQkv = {Projection::kQuery, Projection::kKey,
                                                  Projection::kValue};
     for (int round = 0; round < warmup + absl::GetFlag(FLAGS_adapter_iters); ++round) {
       for (auto& c : cases) {
         if (c.adapter == nullptr) continue;
+        sync();
         auto t0 = std::chrono::steady_clock::now();
         double sink = 0;
+        held.clear();
+        auto touch = [&](const torch::Tensor& d) {
+          if (!d.defined()) return;
+          if (device.is_cuda())
+            held.push_back(d);
+          else
+            sink += d.data_ptr<float>()[0];
+        };
         for (int l = 0; l < bc.num_hidden_layers; ++l) {
           for (const auto& d : c.adapter->Deltas(l, x, kQkv, c.batch))
-            if (d.defined()) sink += d.data_ptr<float>()[0];
+            touch(d);
           for (const auto& d : c.adapter->Deltas(l, x, {Projection::kAttnOutput}, c.batch))
-            if (d.defined()) sink += d.data_ptr<float>()[0];
+            touch(d);
           for (const auto& d : c.adapter->Deltas(l, x, {Projection::kFfnUp}, c.batch))
-            if (d.defined()) sink += d.data_ptr<float>()[0];
+            touch(d);
           for (const auto& d : c.adapter->Deltas(l, u, {Projection::kFfnDown}, c.batch))
-            if (d.defined()) sink += d.data_ptr<float>()[0];
+            touch(d);
         }
         (void)sink;
+        sync();
         const double s =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (round >= warmup) c.adapter_secs.push_back(s);
@@ -153,7 +178,7 @@ absl::Status Run() {
   j["seq"] = S;
   j["threads"] = absl::GetFlag(FLAGS_threads);
   j["iters"] = iters;
-  j["device"] = "cpu";
+  j["device"] = device.str();
   nlohmann::json rows = nlohmann::json::array();
   for (auto& c : cases) {
     const double m = median(c.secs);

@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/out/adapter_bench_peft.json")
     args = ap.parse_args()
 
@@ -31,12 +32,14 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = transformers.AutoModel.from_pretrained(args.model_dir).eval()
+    dev = torch.device(args.device)
+    # fp32 whatever dtype the weights were saved in (as our encoder runs).
+    base = transformers.AutoModel.from_pretrained(args.model_dir).float().to(dev).eval()
     vocab = base.config.vocab_size
-    ids = torch.randint(1000, vocab, (args.batch, args.seq))
+    ids = torch.randint(1000, vocab, (args.batch, args.seq)).to(dev)
     mask = torch.ones_like(ids)
     lora = peft.get_peft_model(
-        transformers.AutoModel.from_pretrained(args.model_dir).eval(),
+        transformers.AutoModel.from_pretrained(args.model_dir).float().to(dev).eval(),
         peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                         lora_dropout=0.0, init_lora_weights=False)).eval()
     cases = {"hf_base": base, "peft_lora_r8_qv_unmerged": lora}
@@ -53,7 +56,7 @@ def main():
     res = {
         "benchmark": "adapter_inference_peft", "model_dir": args.model_dir,
         "batch": args.batch, "seq": args.seq, "threads": args.threads, "iters": args.iters,
-        "device": "cpu", "torch": torch.__version__, "peft": peft.__version__,
+        "device": args.device, "torch": torch.__version__, "peft": peft.__version__,
         "results": [{"name": k, "median_s": statistics.median(v), "min_s": min(v),
                      "seq_per_s": args.batch / statistics.median(v),
                      "throughput_vs_base": base_s / statistics.median(v)}

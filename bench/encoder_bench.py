@@ -34,7 +34,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    hf = AutoModel.from_pretrained(model).to(dev).eval()
+    hf = AutoModel.from_pretrained(model).float().to(dev).eval()  # fp32, as ours
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (args.batch, args.seq), generator=g).to(dev)
     mask = torch.ones_like(ids)

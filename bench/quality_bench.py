@@ -43,8 +43,9 @@ def parse_args():
     p.add_argument("--glue_dir", default=os.path.join(
         os.environ.get("METATT_SHARED_DIR", "/work/shared"), "data", "glue"))
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--rows", default="metatt4d_r8,metatt5d_r8,dmrg_10_to_4,multitask_4p1d,"
-                                     "new_task_frozen,lora_r8,peft_lora_r8")
+    p.add_argument("--rows", default="metatt4d_r8,lora_r8,peft_lora_r8,metatt5d_r8,dmrg_10_to_4,"
+                                     "multitask_4p1d,new_task_frozen",
+                   help="comma-separated; ROW@LR overrides the learning rate of that row")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=300, help="0: use --epochs")
     p.add_argument("--epochs", type=float, default=3.0)
@@ -57,6 +58,15 @@ def parse_args():
     p.add_argument("--pooling", default="mean")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO, "bench", "out"))
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(row, task) runs at a time; > 1 shares the device, so the table's "
+                        "examples/s then come from the separate --throughput_steps runs")
+    p.add_argument("--deadline_s", type=float, default=0,
+                   help="start no new run after this many seconds (0: none); finished runs are kept")
+    p.add_argument("--throughput_steps", type=int, default=0,
+                   help="before the table: ours (MetaTT-4D, LoRA) vs PEFT on MRPC for N steps, one at a time")
+    p.add_argument("--peft_task", default="", help=argparse.SUPPRESS)  # internal: one PEFT run
+    p.add_argument("--peft_out", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -130,12 +140,14 @@ def peft_row(args, task, out_dir):
     if args.max_eval > 0:
         dev = dev[: args.max_eval]
     reg = task == "STS-B"
+    dev_name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(dev_name)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    base = AutoModel.from_pretrained(args.model_dir)
+    base = AutoModel.from_pretrained(args.model_dir).float().to(device)  # fp32, as ours
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                             lora_dropout=0.0, bias="none"))
     hidden = base.config.hidden_size
-    head = torch.nn.Linear(hidden, 1 if reg else 2)
+    head = torch.nn.Linear(hidden, 1 if reg else 2).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     steps = args.steps if args.steps > 0 else math.ceil(args.epochs * math.ceil(len(train) / args.batch_size))
     opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
@@ -144,7 +156,8 @@ def peft_row(args, task, out_dir):
     def encode(batch):
         a = [r[0] for r in batch]
         b = [r[1] for r in batch] if batch[0][1] is not None else None
-        return tok(a, b, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+        return tok(a, b, padding=True, truncation=True, max_length=args.max_length,
+                   return_tensors="pt").to(device)
 
     def pooled(enc):
         h = model(**enc).last_hidden_state
@@ -162,7 +175,7 @@ def peft_row(args, task, out_dir):
         batch = [train[i] for i in order[cur: cur + args.batch_size]]
         cur += args.batch_size
         out = head(pooled(encode(batch)))
-        y = torch.tensor([r[2] for r in batch])
+        y = torch.tensor([r[2] for r in batch], device=device)
         loss = (torch.nn.functional.mse_loss(out.squeeze(-1), y) if reg
                 else torch.nn.functional.cross_entropy(out, y.long()))
         opt.zero_grad()
@@ -171,6 +184,7 @@ def peft_row(args, task, out_dir):
         opt.step()
         sched.step()
         losses.append(loss.item())
+    train_seconds = time.time() - t0
     preds = []
     with torch.no_grad():
         for s in range(0, len(dev), 64):
@@ -186,78 +200,173 @@ def peft_row(args, task, out_dir):
         m = {"accuracy": acc, "f1": f1, "f1_acc": (acc + f1) / 2, "mcc": skm.matthews_corrcoef(yi, preds)}
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res = {"steps": steps, "losses": losses, "final_eval": {"metrics": {task: m}},
-           "adapter_parameters": n_params, "wall_seconds": time.time() - t0}
+           "adapter_parameters": n_params, "wall_seconds": time.time() - t0,
+           "train_examples_per_second": steps * args.batch_size / train_seconds, "device": dev_name}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(res, f, indent=2)
     return res
 
 
+def run_peft(args, task, out_dir):
+    """The PEFT row in its own process (runs may go side by side)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--peft_task={task}", f"--peft_out={out_dir}",
+           f"--model_dir={args.model_dir}", f"--glue_dir={args.glue_dir}", f"--device={args.device}",
+           f"--steps={args.steps}", f"--epochs={args.epochs}", f"--batch_size={args.batch_size}",
+           f"--lora_lr={args.lora_lr}", f"--max_length={args.max_length}",
+           f"--train_limit={args.train_limit}", f"--max_eval={args.max_eval}",
+           f"--pooling={args.pooling}", f"--seed={args.seed}"]
+    print("+", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PEFT run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out_dir, "result.json")) as f:
+        return json.load(f)
+
+
+def row_units(args, row, tasks, runs):
+    """(name, [tasks recorded], thunk) for one row: the runs it needs.
+    'row@LR' runs the row with learning rate LR (e.g. metatt4d_r8@5e-4)."""
+    units = []
+    full_row = row
+    row, _, lr_s = row.partition("@")
+    if lr_s:
+        args = argparse.Namespace(**vars(args))
+        args.lr = args.lora_lr = float(lr_s)
+    runs = os.path.join(runs, full_row) if lr_s else runs
+    if row == "multitask_4p1d":
+        units.append((full_row, tasks, lambda: run_train(
+            args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8", f"--lr={args.lr}"],
+            os.path.join(runs, row))))
+        return units
+    for t in tasks:
+        out_dir = os.path.join(runs, row, t)
+        if row == "metatt4d_r8":
+            f = [f"--task={t}", "--form=4d", "--rank=8", f"--lr={args.lr}"]
+        elif row == "metatt5d_r8":
+            f = [f"--task={t}", "--form=5d", "--rank=8", f"--lr={args.lr}"]
+        elif row == "dmrg_10_to_4":
+            spe = math.ceil(train_rows(args, t) / args.batch_size)
+            total = args.steps if args.steps > 0 else args.epochs * spe
+            e1, e2 = total / 3 / spe, 2 * total / 3 / spe  # thirds of the run, in epochs
+            f = [f"--task={t}", "--form=4d", "--rank=10", f"--lr={args.lr}",
+                 f"--rank_schedule={e1:.4f}:6,{e2:.4f}:4"]
+        elif row == "lora_r8":
+            f = [f"--task={t}", "--adapter=lora", "--rank=8", f"--lr={args.lora_lr}"]
+        elif row == "new_task_frozen":
+            def thunk(t=t, out_dir=out_dir):
+                others = [o for o in tasks if o != t]
+                base_dir = os.path.join(runs, row, f"base_without_{t}")
+                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8",
+                                 f"--lr={args.lr}"], base_dir)
+                return run_train(args, [f"--task={t}", f"--base_family={base_dir}", f"--lr={args.lr}"],
+                                 out_dir)
+            units.append((full_row, [t], thunk))
+            continue
+        elif row == "peft_lora_r8":
+            units.append((full_row, [t], lambda t=t, out_dir=out_dir: run_peft(args, t, out_dir)))
+            continue
+        else:
+            raise SystemExit(f"unknown row {row}")
+        units.append((full_row, [t], lambda f=f, out_dir=out_dir: run_train(args, f, out_dir)))
+    return units
+
+
+def throughput(args, runs):
+    """Training examples/s, one run at a time on an otherwise idle device."""
+    out = {}
+    a = argparse.Namespace(**vars(args))
+    a.steps, a.max_eval = args.throughput_steps, 64
+    for name, thunk in [
+        ("metatt4d_r8", lambda d: run_train(a, ["--task=MRPC", "--form=4d", "--rank=8"], d)),
+        ("lora_r8", lambda d: run_train(a, ["--task=MRPC", "--adapter=lora", "--rank=8"], d)),
+        ("peft_lora_r8", lambda d: run_peft(a, "MRPC", d)),
+    ]:
+        res = thunk(os.path.join(runs, "throughput", name))
+        out[name] = res.get("train_examples_per_second")
+    return out
+
+
 def main():
     args = parse_args()
+    if args.peft_task:
+        peft_row(args, args.peft_task, args.peft_out)
+        return
+    import concurrent.futures
+    import threading
+
+    t_start = time.time()
     tasks = [t for t in args.tasks.split(",") if t]
     rows = [r for r in args.rows.split(",") if r]
     os.makedirs(args.out, exist_ok=True)
     runs = os.path.join(args.out, "runs")
     table = {}  # row -> task -> {primary, metrics, params, seconds}
+    errors, skipped = [], []
+    lock = threading.Lock()
+    tput = throughput(args, runs) if args.throughput_steps > 0 else {}
+
+    def save():
+        with open(os.path.join(args.out, "quality.json"), "w") as f:
+            json.dump({"settings": vars(args), "training_examples_per_second": tput, "rows": table,
+                       "errors": errors, "skipped": skipped}, f, indent=2)
 
     def record(row, task, res):
         m = metrics_of(res).get(task, {})
         table.setdefault(row, {})[task] = {
             "primary_metric": PRIMARY[task], "score": m.get(PRIMARY[task]), "metrics": m,
             "adapter_parameters": res.get("adapter_parameters"), "seconds": res.get("wall_seconds"),
+            "train_examples_per_second": res.get("train_examples_per_second"),
             "ranks": res.get("ranks"), "sweeps": res.get("sweeps")}
 
-    for row in rows:
-        if row == "multitask_4p1d":
-            res = run_train(args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8",
-                                   f"--lr={args.lr}"], os.path.join(runs, row))
-            for t in tasks:
+    def go(unit):
+        row, recorded, thunk = unit
+        if args.deadline_s > 0 and time.time() - t_start > args.deadline_s:
+            with lock:
+                skipped.extend(f"{row}/{t}" for t in recorded)
+                save()
+            return
+        try:
+            res = thunk()
+        except Exception as e:  # keep the other rows; the error is in quality.json
+            with lock:
+                errors.append(f"{row}/{','.join(recorded)}: {e}")
+                save()
+            return
+        with lock:
+            for t in recorded:
                 record(row, t, res)
-            continue
-        for t in tasks:
-            out_dir = os.path.join(runs, row, t)
-            if row == "metatt4d_r8":
-                res = run_train(args, [f"--task={t}", "--form=4d", "--rank=8", f"--lr={args.lr}"], out_dir)
-            elif row == "metatt5d_r8":
-                res = run_train(args, [f"--task={t}", "--form=5d", "--rank=8", f"--lr={args.lr}"], out_dir)
-            elif row == "dmrg_10_to_4":
-                spe = math.ceil(train_rows(args, t) / args.batch_size)
-                total = args.steps if args.steps > 0 else args.epochs * spe
-                e1, e2 = total / 3 / spe, 2 * total / 3 / spe  # thirds of the run, in epochs
-                res = run_train(args, [f"--task={t}", "--form=4d", "--rank=10", f"--lr={args.lr}",
-                                       f"--rank_schedule={e1:.4f}:6,{e2:.4f}:4"], out_dir)
-            elif row == "new_task_frozen":
-                others = [o for o in tasks if o != t]
-                base_dir = os.path.join(runs, row, f"base_without_{t}")
-                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8",
-                                 f"--lr={args.lr}"], base_dir)
-                res = run_train(args, [f"--task={t}", f"--base_family={base_dir}", f"--lr={args.lr}"],
-                                out_dir)
-            elif row == "lora_r8":
-                res = run_train(args, [f"--task={t}", "--adapter=lora", "--rank=8",
-                                       f"--lr={args.lora_lr}"], out_dir)
-            elif row == "peft_lora_r8":
-                res = peft_row(args, t, out_dir)
-            else:
-                raise SystemExit(f"unknown row {row}")
-            record(row, t, res)
-        with open(os.path.join(args.out, "quality.json"), "w") as f:
-            json.dump({"settings": vars(args), "rows": table}, f, indent=2)
+            save()
 
-    with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump({"settings": vars(args), "rows": table}, f, indent=2)
+    units = [u for row in rows for u in row_units(args, row, tasks, runs)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(go, units))
+    save()
+
     lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
-             f"train_limit={args.train_limit}, max_eval={args.max_eval}, batch={args.batch_size})", "",
-             "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) + " | adapter params |",
-             "|---|" + "---|" * (len(tasks) + 1)]
-    for row, per in table.items():
+             f"train_limit={args.train_limit}, max_eval={args.max_eval}, batch={args.batch_size}, "
+             f"device={args.device}, runs side by side={args.jobs})", "",
+             "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) +
+             " | adapter params | train ex/s | wall s |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for row in rows:
+        per = table.get(row, {})
         cells = []
         for t in tasks:
-            s = per.get(t, {}).get("score")
-            cells.append("n/a" if s is None else f"{100 * s:.1f}")
+            s_ = per.get(t, {}).get("score")
+            cells.append("n/a" if s_ is None else f"{100 * s_:.1f}")
         params = next((v.get("adapter_parameters") for v in per.values() if v.get("adapter_parameters")), "")
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} |")
+        eps = [v["train_examples_per_second"] for v in per.values() if v.get("train_examples_per_second")]
+        eps_s = f"{sorted(eps)[len(eps) // 2]:.0f}" if eps else ""
+        wall = sum(v.get("seconds") or 0 for v in per.values())
+        if row == "multitask_4p1d" and per:
+            wall = next(iter(per.values())).get("seconds") or 0
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} | {eps_s} | {wall:.0f} |")
+    if tput:
+        lines += ["", "Training examples/s, one run at a time (MRPC, "
+                  f"{args.throughput_steps} steps): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in tput.items() if v)]
+    if errors or skipped:
+        lines += ["", f"errors: {errors}", f"skipped (deadline): {skipped}"]
     with open(os.path.join(args.out, "quality.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

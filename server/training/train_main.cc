@@ -306,7 +306,9 @@ absl::Status Main() {
 
   TrainerCallbacks cb;
   const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
+  double train_examples_per_second = 0;  // the trainer's own figure at the last step
   cb.on_progress = [&](const ProgressEvent& p) {
+    train_examples_per_second = p.examples_per_second;
     if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
     std::cout << absl::StrFormat(
                      "step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g ex/s %.1f eta %.0fs",
@@ -342,6 +344,7 @@ absl::Status Main() {
   nlohmann::json result;
   result["steps"] = trainer->step();
   result["seconds"] = seconds;
+  result["train_examples_per_second"] = train_examples_per_second;
   result["state"] = trainer->state() == Trainer::State::kFinished       ? "finished"
                     : trainer->state() == Trainer::State::kEarlyStopped ? "early_stopped"
                                                                         : "cancelled";

@@ -18,6 +18,13 @@ def model_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("METATT_MODEL_DIR", ROOT / "models" / "all-MiniLM-L6-v2"))
 
 
+def device() -> str:
+    """Where our binaries run in the parity tests: cpu by default;
+    scripts/device_check.sh sets METATT_TEST_DEVICE=cuda on a GPU machine
+    (the Hugging Face reference always runs on the CPU)."""
+    return os.environ.get("METATT_TEST_DEVICE", "cpu")
+
+
 def binary(rel: str) -> pathlib.Path:
     """A built binary; a missing one fails the test (never a silent skip)."""
     p = build_dir() / rel

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, BertConfig, BertModel, RobertaConfig, RobertaModel
 
-from conftest import binary, model_dir
+from conftest import binary, device, model_dir
 
 TOL = 1e-4
 
@@ -17,7 +17,7 @@ def run_ours(model_path, inputs, tmp_path):
     inp, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(inp))
     subprocess.run([str(binary("server/model/metatt-encode")), f"--model_dir={model_path}",
-                    "--device=cpu", f"--inputs={inp}", f"--out={out}"], check=True)
+                    f"--device={device()}", f"--inputs={inp}", f"--out={out}"], check=True)
     return load_file(str(out))
 
 
@@ -52,7 +52,7 @@ def compare(hf_model, model_path, inputs, tmp_path):
 
 def test_minilm_real_weights(tmp_path):
     path = model_dir()
-    hf = AutoModel.from_pretrained(str(path), attn_implementation="eager")
+    hf = AutoModel.from_pretrained(str(path), attn_implementation="eager").float()
     inputs = padded_batch(hf.config.vocab_size, first_id=101)
     diff = compare(hf, path, inputs, tmp_path)
     print(f"MiniLM max abs diff {diff:.2e}")
@@ -91,7 +91,7 @@ def test_bad_model_dir_names_the_problem(tmp_path):
     inputs = padded_batch(50)
     save_file(inputs, str(tmp_path / "in.safetensors"))
     r = subprocess.run([str(binary("server/model/metatt-encode")), f"--model_dir={tmp_path / 'm'}",
-                        "--device=cpu", f"--inputs={tmp_path / 'in.safetensors'}",
+                        f"--device={device()}", f"--inputs={tmp_path / 'in.safetensors'}",
                         f"--out={tmp_path / 'o.safetensors'}"], capture_output=True, text=True)
     assert r.returncode != 0
     assert "encoder.layer.1.attention.self.query.weight" in r.stderr
