@@ -14,4 +14,16 @@ const char* ProjectionName(Projection p) {
   return "?";
 }
 
+AdapterBatch AdapterBatch::FromHost(const torch::Tensor& host_index, torch::Device device) {
+  AdapterBatch b;
+  b.task_index_host = host_index.to(torch::kCPU, torch::kInt64).contiguous();
+  b.task_index = b.task_index_host.to(device);
+  return b;
+}
+
+torch::Tensor AdapterBatch::HostTaskIndex() const {
+  if (task_index_host.defined()) return task_index_host;
+  return task_index.defined() ? task_index.to(torch::kCPU, torch::kInt64) : torch::Tensor();
+}
+
 }  // namespace metatt

@@ -31,6 +31,15 @@ struct AdapterBatch {
   // int64 [B] on the model's device: task index of each row (sequence).
   // Undefined means every row is task 0 (single-task forms ignore it).
   torch::Tensor task_index;
+  // Optional: the same indices on the CPU (int64 [B]). Adapters read task ids
+  // on the host (validation, grouping); with this set a CUDA forward makes no
+  // device-to-host copy per adapted layer. HostTaskIndex() falls back to a
+  // copy of task_index.
+  torch::Tensor task_index_host;
+
+  // Both tensors from host-side indices: the host copy and one upload.
+  static AdapterBatch FromHost(const torch::Tensor& host_index, torch::Device device);
+  torch::Tensor HostTaskIndex() const;
 };
 
 class EncoderAdapter {

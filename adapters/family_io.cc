@@ -16,8 +16,8 @@
 namespace metatt {
 namespace {
 
-constexpr char kCoresFile[] = "cores.safetensors";
-constexpr char kMetaFile[] = "family.json";
+constexpr const char* kCoresFile = kFamilyCoresFile;
+constexpr const char* kMetaFile = kFamilyMetaFile;
 
 std::string Fnv1a64(const std::string& bytes) {
   uint64_t h = 1469598103934665603ull;
@@ -45,7 +45,10 @@ absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
                         const std::vector<std::string>& task_names,
                         const std::map<std::string, torch::Tensor>& heads,
                         const std::string& base_model_id,
-                        const std::string& base_config_fingerprint) {
+                        const std::string& base_config_fingerprint,
+                        const nlohmann::json& extra) {
+  if (!extra.is_null() && !extra.is_object())
+    return absl::InvalidArgumentError("save family: extra must be a JSON object");
   if (static_cast<int64_t>(task_names.size()) != adapter.num_tasks())
     return absl::InvalidArgumentError(absl::StrCat("save family: ", task_names.size(),
                                                    " task names for ", adapter.num_tasks(),
@@ -83,6 +86,7 @@ absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
   j["cores_bytes"] = bytes.size();
   j["cores_fnv1a64"] = Fnv1a64(bytes);
   j["dtype"] = c10::toString(adapter.dtype());
+  if (!extra.is_null()) j["extra"] = extra;
 
   RETURN_IF_ERROR(EnsureDir(dir));
   RETURN_IF_ERROR(WriteFileAtomically(dir + "/" + kCoresFile, bytes));
@@ -113,7 +117,9 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
     return bad("cores_bytes", "must be a non-negative integer");
   if (!j.contains("scale") || !j["scale"].is_number()) return bad("scale", "must be a number");
   if (!j.contains("config")) return bad("config", "is missing");
+  if (j.contains("extra") && !j["extra"].is_object()) return bad("extra", "must be an object");
   LoadedFamily out;
+  if (j.contains("extra")) out.extra = j["extra"];
   out.base_model_id = j["base_model_id"].get<std::string>();
   out.base_config_fingerprint = j["base_config_fingerprint"].get<std::string>();
   if (!expected_fingerprint.empty() && out.base_config_fingerprint != expected_fingerprint)
@@ -181,7 +187,47 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
     return absl::InvalidArgumentError(
         absl::StrCat(cores_path, ": ", adapter_or.status().message()));
   out.adapter = std::move(*adapter_or);
+  // Stacked heads must agree with each other and with the task list.
+  auto sw = out.heads.find("stacked.weight");
+  auto sb = out.heads.find("stacked.bias");
+  auto sn = out.heads.find("stacked.num_labels");
+  const int present = (sw != out.heads.end()) + (sb != out.heads.end()) + (sn != out.heads.end());
+  if (present != 0) {
+    if (present != 3)
+      return absl::InvalidArgumentError(absl::StrCat(
+          cores_path, ": stacked heads need head.stacked.{weight,bias,num_labels} together"));
+    const torch::Tensor &w = sw->second, &b = sb->second, &n = sn->second;
+    if (w.dim() != 3 || b.dim() != 2 || n.dim() != 1 || n.scalar_type() != torch::kInt64 ||
+        b.size(0) != w.size(0) || b.size(1) != w.size(1) || n.size(0) != w.size(0) ||
+        w.size(0) > static_cast<int64_t>(out.task_names.size()))
+      return absl::InvalidArgumentError(
+          absl::StrCat(cores_path, ": stacked heads have inconsistent shapes"));
+    torch::Tensor nc = n.cpu();
+    if (nc.numel() > 0 && (nc.min().item<int64_t>() < 1 || nc.max().item<int64_t>() > w.size(1)))
+      return absl::InvalidArgumentError(
+          absl::StrCat(cores_path, ": head.stacked.num_labels outside [1, ", w.size(1), "]"));
+  }
   return out;
+}
+
+absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> FamilyTaskHead(const LoadedFamily& family,
+                                                                       int64_t t) {
+  if (t < 0 || t >= static_cast<int64_t>(family.task_names.size()))
+    return absl::OutOfRangeError(absl::StrCat("task ", t, " outside [0, ",
+                                              family.task_names.size(), ")"));
+  const std::string& name = family.task_names[t];
+  auto w = family.heads.find(name + ".weight");
+  auto b = family.heads.find(name + ".bias");
+  if (w != family.heads.end() && b != family.heads.end()) return std::make_pair(w->second, b->second);
+  auto sw = family.heads.find("stacked.weight");
+  auto sb = family.heads.find("stacked.bias");
+  auto sn = family.heads.find("stacked.num_labels");
+  if (sw != family.heads.end() && sb != family.heads.end() && sn != family.heads.end() &&
+      t < sw->second.size(0)) {
+    const int64_t n = sn->second[t].item<int64_t>();
+    return std::make_pair(sw->second[t].narrow(0, 0, n), sb->second[t].narrow(0, 0, n));
+  }
+  return absl::NotFoundError(absl::StrCat("family has no head for task '", name, "'"));
 }
 
 }  // namespace metatt

@@ -5,7 +5,16 @@
 //                      ranks, projections, layers, alpha, init, dims), the
 //                      fixed scale s, tasks (name + index), base model id,
 //                      base config fingerprint, and the size + FNV-1a-64 hash
-//                      of cores.safetensors.
+//                      of cores.safetensors; optionally an "extra" object
+//                      that the library keeps verbatim (the server's registry
+//                      records pooling, max_length and task records there).
+// Heads: a family holds either layout, or both (a stacked family extended by
+// metatt-train --base_family):
+//   per task  "<task>.weight" [n, D], "<task>.bias" [n]       (metatt-train)
+//   stacked   "stacked.weight" [T, max_n, D], "stacked.bias" [T, max_n],
+//             "stacked.num_labels" int64 [T]                (the registry;
+//             a million tasks are three tensors, not two million)
+// FamilyTaskHead() reads task t's head from either.
 // Both files are written atomically (temp + fsync + rename); family.json is
 // written last and is the commit point. Loading checks the fingerprint, the
 // file hash and every tensor's shape against the metadata; the round trip is
@@ -16,7 +25,9 @@
 
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -26,12 +37,16 @@
 namespace metatt {
 
 inline constexpr int kFamilyFormatVersion = 1;
+inline constexpr char kFamilyCoresFile[] = "cores.safetensors";
+inline constexpr char kFamilyMetaFile[] = "family.json";
 
+// `extra`: null or a JSON object stored as family.json "extra".
 absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
                         const std::vector<std::string>& task_names,
                         const std::map<std::string, torch::Tensor>& heads,
                         const std::string& base_model_id,
-                        const std::string& base_config_fingerprint);
+                        const std::string& base_config_fingerprint,
+                        const nlohmann::json& extra = nlohmann::json());
 
 struct LoadedFamily {
   std::unique_ptr<MetaTTAdapter> adapter;
@@ -39,7 +54,13 @@ struct LoadedFamily {
   std::map<std::string, torch::Tensor> heads;
   std::string base_model_id;
   std::string base_config_fingerprint;
+  nlohmann::json extra;  // null when the family has none
 };
+
+// Head of task `t` (weight [n, D], bias [n]) in either layout; per-task
+// tensors win over the stacked ones. NOT_FOUND when the family has none.
+absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> FamilyTaskHead(const LoadedFamily& family,
+                                                                       int64_t t);
 
 // `expected_fingerprint` is the fingerprint of the base model the caller will
 // run the family on; a different recorded fingerprint is FAILED_PRECONDITION

@@ -142,5 +142,49 @@ TEST(FamilyIoTest, RefusesWrongFingerprintCorruptionAndShapeMismatch) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(FamilyIoTest, ExtraAndStackedHeadsRoundTrip) {
+  auto a = MakeAdapter(TTForm::k4Plus1D, torch::kFloat32, 3);
+  const std::vector<std::string> names = {"sst2", "mrpc", "new"};
+  torch::Tensor w = torch::randn({2, 4, 12}), b = torch::randn({2, 4});
+  std::map<std::string, torch::Tensor> heads = {
+      {"stacked.weight", w},
+      {"stacked.bias", b},
+      {"stacked.num_labels", torch::tensor({3, 1}, torch::kInt64)},
+      {"new.weight", torch::randn({2, 12})},
+      {"new.bias", torch::randn({2})}};
+  const nlohmann::json extra = {{"pooling", "cls"}, {"max_length", 64}};
+  const std::string dir = FreshDir("stacked");
+  ASSERT_TRUE(SaveFamily(dir, *a, names, heads, "m", "fp", extra).ok());
+  auto f = LoadFamily(dir, "fp");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->extra, extra);
+  auto h0 = FamilyTaskHead(*f, 0), h1 = FamilyTaskHead(*f, 1), h2 = FamilyTaskHead(*f, 2);
+  ASSERT_TRUE(h0.ok() && h1.ok() && h2.ok());
+  EXPECT_TRUE(torch::equal(h0->first, w[0].narrow(0, 0, 3)));
+  EXPECT_TRUE(torch::equal(h1->second, b[1].narrow(0, 0, 1)));
+  EXPECT_TRUE(torch::equal(h2->first, heads["new.weight"]));
+  EXPECT_EQ(FamilyTaskHead(*f, 3).status().code(), absl::StatusCode::kOutOfRange);
+  // A family without extra loads with a null extra.
+  const std::string plain = FreshDir("plain");
+  ASSERT_TRUE(SaveFamily(plain, *a, names, {}, "m", "fp").ok());
+  auto p = LoadFamily(plain, "fp");
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_TRUE(p->extra.is_null());
+  EXPECT_EQ(FamilyTaskHead(*p, 0).status().code(), absl::StatusCode::kNotFound);
+  // Inconsistent stacked heads are refused at load, naming the file.
+  heads["stacked.num_labels"] = torch::tensor({5, 1}, torch::kInt64);  // > max 4
+  const std::string bad = FreshDir("bad_stacked");
+  ASSERT_TRUE(SaveFamily(bad, *a, names, heads, "m", "fp").ok());
+  auto r = LoadFamily(bad, "fp");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().message().find("cores.safetensors"), std::string::npos);
+  heads.erase("stacked.num_labels");
+  const std::string partial = FreshDir("partial_stacked");
+  ASSERT_TRUE(SaveFamily(partial, *a, names, heads, "m", "fp").ok());
+  EXPECT_EQ(LoadFamily(partial, "fp").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(SaveFamily(partial, *a, names, heads, "m", "fp", nlohmann::json::array()).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace metatt

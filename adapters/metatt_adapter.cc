@@ -91,6 +91,7 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::Create(const MetaT
   a->config_ = config;
   a->config_.ranks = config.BondRanks();
   a->scale_ = config.Scale();
+  a->fold_cache_bytes_ = options.fold_cache_bytes;
   a->BuildIndexMaps();
   auto shapes = ExpectedShapes(a->config_);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
@@ -238,26 +239,144 @@ absl::StatusOr<torch::Tensor> MetaTTAdapter::DenseDelta(int layer, Projection pr
          scale_;
 }
 
-int64_t MetaTTAdapter::LeafVersionSum() const {
+int64_t MetaTTAdapter::SharedVersionSum() const {
   int64_t v = in_._version() + layer_._version() + proj_._version() + out_._version();
   if (head_width_.defined()) v += head_width_._version();
-  for (const auto& t : tasks_) v += t._version();
   return v;
 }
 
-torch::Tensor MetaTTAdapter::StackedTasks() const { return torch::stack(tasks_, 0); }
-
 void MetaTTAdapter::RefreshCache() {
-  const int64_t leaves = LeafVersionSum();
+  const int64_t leaves = SharedVersionSum();
   if (cache_chain_.defined() && cache_key_version_ == version_ && cache_key_leaves_ == leaves &&
       cache_key_tasks_ == tasks_.size())
     return;
   torch::NoGradGuard no_grad;
   cache_chain_ = torch::einsum("alb,bmc->lmac", {layer_, proj_}).mul(scale_).contiguous();
-  if (!tasks_.empty()) cache_tasks_ = StackedTasks().contiguous();
+  cache_g1t_ = in_.t().contiguous();
+  task_folds_.clear();
+  fold_stats_.cached_tasks = fold_stats_.cached_bytes = 0;
+  cache_fold_ = config_.form == TTForm::k4Plus1D ? torch::Tensor() : FoldOne(torch::Tensor());
+  if (cache_fold_.defined()) ++fold_stats_.folds;
   cache_key_version_ = version_;
   cache_key_leaves_ = leaves;
   cache_key_tasks_ = tasks_.size();
+}
+
+torch::Tensor MetaTTAdapter::FoldOne(const torch::Tensor& task_slice) const {
+  torch::NoGradGuard no_grad;
+  torch::Tensor c = cache_chain_;                   // [L, M, r1, r3]
+  if (task_slice.defined()) c = c.matmul(task_slice);  // [L, M, r1, r4]
+  if (config_.form != TTForm::k5D) return c.matmul(out_).contiguous();  // [L, M, r1, out_cols]
+  // 5D: column block of head h is C . G4[:, h, :] . G5 (head-major columns,
+  // as the unfolded path's view [B, S, H, r4] . G5).
+  const int64_t r3 = out_.size(0), H = out_.size(1), r4 = out_.size(2);
+  const int64_t L = c.size(0), M = c.size(1), r1 = c.size(2);
+  torch::Tensor y = c.matmul(out_.reshape({r3, H * r4})).view({L, M, r1, H, r4});
+  return y.matmul(head_width_).reshape({L, M, r1, config_.d_out}).contiguous();
+}
+
+torch::Tensor MetaTTAdapter::FoldFor(int64_t task) {
+  if (config_.form != TTForm::k4Plus1D) return cache_fold_;
+  const int64_t tv = tasks_[task]._version();
+  auto it = task_folds_.find(task);
+  if (it != task_folds_.end() && it->second.task_version == tv) {
+    ++fold_stats_.hits;
+    it->second.last_used = fold_clock_;
+    return it->second.fold;
+  }
+  torch::Tensor fold = FoldOne(tasks_[task]);
+  ++fold_stats_.folds;
+  const int64_t bytes = fold.numel() * static_cast<int64_t>(fold.element_size());
+  if (it == task_folds_.end()) {
+    ++fold_stats_.cached_tasks;
+    fold_stats_.cached_bytes += bytes;
+  }
+  task_folds_[task] = TaskFold{fold, tv, fold_clock_};
+  EvictFolds();
+  return fold;
+}
+
+void MetaTTAdapter::EvictFolds() {
+  // Least recently used first; folds used by the current call stay (a batch
+  // may need more than the bound holds: they go at the next call).
+  while (fold_stats_.cached_bytes > fold_cache_bytes_) {
+    auto victim = task_folds_.end();
+    for (auto j = task_folds_.begin(); j != task_folds_.end(); ++j)
+      if (j->second.last_used < fold_clock_ &&
+          (victim == task_folds_.end() || j->second.last_used < victim->second.last_used))
+        victim = j;
+    if (victim == task_folds_.end()) break;
+    --fold_stats_.cached_tasks;
+    fold_stats_.cached_bytes -= victim->second.fold.numel() *
+                                static_cast<int64_t>(victim->second.fold.element_size());
+    task_folds_.erase(victim);
+  }
+}
+
+std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tensor& x,
+                                                       const std::vector<Projection>& projections,
+                                                       const AdapterBatch& batch) {
+  RefreshCache();
+  ++fold_clock_;
+  EvictFolds();
+  std::vector<torch::Tensor> out(projections.size());
+  int first = -1;
+  for (Projection p : projections)
+    if (first < 0 && proj_index_[static_cast<int>(p)] >= 0) first = static_cast<int>(p);
+  const torch::Tensor g1t =
+      layout_.in_rows == layout_.in_width[first]
+          ? cache_g1t_
+          : cache_g1t_.narrow(1, layout_.in_offset[first], layout_.in_width[first]);
+  // x . G1 with G1 given transposed: the faster BLAS layout for a narrow r1.
+  const torch::Tensor z = x.matmul(g1t.t());  // [B, S, r1]
+  const int64_t B = x.size(0);
+  // W[l, m] of one fold, restricted to the projection's output columns.
+  auto cols = [&](const torch::Tensor& fold, int m, int pi) {
+    torch::Tensor w = fold.select(0, l).select(0, m);  // [r1, out_cols]
+    return layout_.out_cols == layout_.out_width[pi]
+               ? w
+               : w.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]);
+  };
+
+  std::vector<torch::Tensor> folds;  // one per distinct task of the batch
+  torch::Tensor inverse;             // row -> index into folds
+  if (config_.form == TTForm::k4Plus1D && batch.task_index.defined()) {
+    torch::Tensor ti = batch.HostTaskIndex();
+    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == B, "task_index must be [", B, "]");
+    auto [uniq, inv] = at::_unique(ti, /*sorted=*/true, /*return_inverse=*/true);
+    auto acc = uniq.accessor<int64_t, 1>();
+    const int64_t lo = acc[0], hi = acc[uniq.size(0) - 1];
+    TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
+                " outside [0, ", num_tasks(), ")");
+    for (int64_t i = 0; i < uniq.size(0); ++i) folds.push_back(FoldFor(acc[i]));
+    if (folds.size() > 1) inverse = inv.to(x.device());
+  } else {
+    folds.push_back(FoldFor(0));
+  }
+
+  for (size_t i = 0; i < projections.size(); ++i) {
+    const int pi = static_cast<int>(projections[i]);
+    const int m = proj_index_[pi];
+    if (m < 0) continue;
+    if (folds.size() == 1) {
+      // One [S, r1] x [r1, D_out] product per sequence (bmm over a broadcast
+      // W) measured faster on CPU than one [B*S, r1] x [r1, D_out] mm.
+      torch::Tensor w = cols(folds[0], m, pi);
+      out[i] = torch::bmm(z, w.unsqueeze(0).expand({B, w.size(0), w.size(1)}));
+    } else if (mixed_kernel_ == MixedKernel::kBmm) {
+      std::vector<torch::Tensor> ws;
+      for (const auto& f : folds) ws.push_back(cols(f, m, pi));
+      out[i] = torch::bmm(z, torch::stack(ws, 0).index_select(0, inverse));  // [B, S, D_out]
+    } else {  // kGrouped: rows of one task at a time
+      torch::Tensor y = torch::empty({B, x.size(1), layout_.out_width[pi]}, z.options());
+      for (size_t j = 0; j < folds.size(); ++j) {
+        torch::Tensor rows = inverse.eq(static_cast<int64_t>(j)).nonzero().squeeze(1);
+        y.index_copy_(0, rows, z.index_select(0, rows).matmul(cols(folds[j], m, pi)));
+      }
+      out[i] = y;
+    }
+  }
+  return out;
 }
 
 std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor& x,
@@ -272,8 +391,11 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
     if (first < 0 && proj_index_[static_cast<int>(p)] >= 0) first = static_cast<int>(p);
   if (first < 0) return out;
 
-  const bool use_cache = !torch::GradMode::is_enabled();
-  if (use_cache) RefreshCache();
+  // Inference: the folded path (never with grad: no cached tensor ever
+  // enters an autograd graph).
+  const bool no_grad = !torch::GradMode::is_enabled();
+  if (no_grad && fold_enabled_) return FoldedDeltas(l, x, projections, batch);
+  if (no_grad) RefreshCache();  // the chain cache only
   const int64_t B = x.size(0), S = x.size(1);
   const torch::Tensor g1 = layout_.in_rows == layout_.in_width[first]
                                ? in_
@@ -284,19 +406,17 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
   torch::Tensor row_tasks, one_task;
   if (config_.form == TTForm::k4Plus1D) {
     if (!batch.task_index.defined()) {
-      one_task = use_cache ? cache_tasks_[0] : tasks_[0];
+      one_task = tasks_[0];
     } else {
-      torch::Tensor ti = batch.task_index.to(torch::kInt64);
+      torch::Tensor ti = batch.HostTaskIndex();  // host: no device sync per layer
       TORCH_CHECK(ti.dim() == 1 && ti.size(0) == B, "task_index must be [", B, "]");
       const int64_t lo = ti.min().item<int64_t>(), hi = ti.max().item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
                   " outside [0, ", num_tasks(), ")");
       if (lo == hi) {
-        one_task = use_cache ? cache_tasks_[lo] : tasks_[lo];
-      } else if (use_cache) {
-        row_tasks = cache_tasks_.index_select(0, ti.to(in_.device()));
+        one_task = tasks_[lo];
       } else {
-        auto uniq_inv = at::_unique(ti.cpu(), /*sorted=*/true, /*return_inverse=*/true);
+        auto uniq_inv = at::_unique(ti, /*sorted=*/true, /*return_inverse=*/true);
         torch::Tensor uniq = std::get<0>(uniq_inv);
         std::vector<torch::Tensor> sel;
         auto acc = uniq.accessor<int64_t, 1>();
@@ -310,7 +430,7 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
     const int m = proj_index_[static_cast<int>(projections[i])];
     if (m < 0) continue;
     torch::Tensor chain =
-        use_cache ? cache_chain_[l][m] : layer_.select(1, l).matmul(proj_.select(1, m)).mul(scale_);
+        no_grad ? cache_chain_[l][m] : layer_.select(1, l).matmul(proj_.select(1, m)).mul(scale_);
     torch::Tensor zc;  // [B, S, r_last_before_out]
     if (one_task.defined()) {
       zc = z.matmul(chain.matmul(one_task));

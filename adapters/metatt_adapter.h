@@ -5,12 +5,21 @@
 //   Z = X . G1                       once, shared by Q, K, V
 //   C = s . G2[l] . G3[m] (. GT[t])  r x r; per row task via one batched matmul
 //   Y = (Z . C) . G4                 (5D: . G4 [r3, H, r4] then . G5 per head)
-// Chain caching: with grad enabled (training) C is rebuilt per call from the
-// live leaves (a handful of r x r products). Without grad (inference) the
-// products G2[l] . G3[m] for all (l, m) and the stacked task slices are cached
-// and reused until a core changes; the cache key is MarkCoresChanged()'s
-// counter plus the autograd version counters of every leaf, so in-place
-// optimizer updates invalidate it automatically too.
+// Training (GradMode on): C is rebuilt per call from the live leaves (a
+// handful of r x r products) and the path above is differentiable.
+// Inference (GradMode off) folds the chain into the output core:
+//   W[l, m(, t)] = C . G4   [r1, D_out]   (5D: column block h = C . G4[h] . G5)
+//   Y = Z . W               one [N, r1] x [r1, D_out] per projection
+// so a delta costs the same as LoRA's B step while Z is shared by Q, K, V.
+// 4D/5D fold every (l, m) at once; 4+1D folds lazily, per task present in a
+// batch (all (l, m) of that task together), keeping an LRU cache bounded by
+// fold_cache_bytes. Rows of different tasks use one bmm over the gathered
+// [B, r1, D_out] folds. Invalidation: the cache key is MarkCoresChanged()'s
+// counter (bumped by AddTask, Truncate, ...) plus the autograd version
+// counters of the shared leaves; each cached task fold also records its task
+// slice's version, so in-place edits of a leaf (add_, copy_) invalidate it
+// too. libtorch optimizers write through .data(), which bumps no version:
+// call MarkCoresChanged() after optimizer steps (AdapterBinding does).
 //
 // Tasks (4+1D): the task core GT [r3, T, r4] is kept as T leaf slices
 // [r3, r4]. AddTask() appends an identity slice (trainable). FreezeShared(true)
@@ -44,6 +53,16 @@ class MetaTTAdapter : public EncoderAdapter {
     torch::Dtype dtype = torch::kFloat32;
     torch::Device device = torch::kCPU;
     uint64_t seed = 0;  // for normal(std) inits
+    // Bound on the inference fold cache (4+1D: per-task folds, LRU).
+    int64_t fold_cache_bytes = int64_t{64} << 20;
+  };
+  // How rows of different tasks are combined at inference (bench knob).
+  enum class MixedKernel { kBmm, kGrouped };
+  struct FoldStats {
+    int64_t folds = 0;         // (re)computed fold tensors (all (l, m) of a task)
+    int64_t hits = 0;          // task folds served from the cache
+    int64_t cached_tasks = 0;  // task folds held now
+    int64_t cached_bytes = 0;
   };
 
   static absl::StatusOr<std::unique_ptr<MetaTTAdapter>> Create(const MetaTTConfig& config,
@@ -96,6 +115,13 @@ class MetaTTAdapter : public EncoderAdapter {
   // Invalidates the inference cache (call after replacing cores by hand).
   void MarkCoresChanged() { ++version_; }
 
+  // Inference (GradMode off) path: folded (default) or the unfolded chain
+  // (Z . C) . G4 that training uses; for tests and the bench.
+  void SetInferenceFold(bool on) { fold_enabled_ = on; }
+  void SetMixedKernel(MixedKernel k) { mixed_kernel_ = k; }
+  void SetFoldCacheBytes(int64_t bytes) { fold_cache_bytes_ = bytes; }
+  const FoldStats& fold_stats() const { return fold_stats_; }
+
   struct SweepResult {
     std::vector<BondReport> bonds;
     // Every leaf whose tensor was replaced (all of them: the gauge moves even
@@ -112,9 +138,15 @@ class MetaTTAdapter : public EncoderAdapter {
   MetaTTAdapter() = default;
   void BuildIndexMaps();
   absl::Status SetFromTensorTrain(const TensorTrain& tt);
-  int64_t LeafVersionSum() const;
+  int64_t SharedVersionSum() const;
   void RefreshCache();
-  torch::Tensor StackedTasks() const;
+  // Folded W for every (l, m) of `task` (4+1D) or of the adapter: [L, M, r1, out_cols].
+  torch::Tensor FoldFor(int64_t task);
+  torch::Tensor FoldOne(const torch::Tensor& task_slice) const;
+  void EvictFolds();
+  std::vector<torch::Tensor> FoldedDeltas(int l, const torch::Tensor& x,
+                                          const std::vector<Projection>& projections,
+                                          const AdapterBatch& batch);
 
   MetaTTConfig config_;
   double scale_ = 1.0;
@@ -130,13 +162,25 @@ class MetaTTAdapter : public EncoderAdapter {
   torch::Tensor head_width_;          // 5D: [r4, D_out / H]
   std::vector<torch::Tensor> tasks_;  // 4+1D: T x [r3, r4]
 
-  // Inference cache.
+  // Inference cache (GradMode off only).
   int64_t version_ = 0;
   int64_t cache_key_version_ = -1;
   int64_t cache_key_leaves_ = -1;
   size_t cache_key_tasks_ = 0;
   torch::Tensor cache_chain_;  // [L, M, r1, r3], scaled
-  torch::Tensor cache_tasks_;  // [T, r3, r4]
+  torch::Tensor cache_g1t_;    // G1^T [r1, in_rows], contiguous
+  torch::Tensor cache_fold_;   // 4D/5D: [L, M, r1, out_cols]
+  struct TaskFold {
+    torch::Tensor fold;  // [L, M, r1, out_cols]
+    int64_t task_version = 0;
+    int64_t last_used = 0;
+  };
+  std::map<int64_t, TaskFold> task_folds_;
+  int64_t fold_clock_ = 0;
+  bool fold_enabled_ = true;
+  MixedKernel mixed_kernel_ = MixedKernel::kBmm;
+  int64_t fold_cache_bytes_ = int64_t{64} << 20;
+  FoldStats fold_stats_;
 };
 
 }  // namespace metatt

@@ -313,5 +313,147 @@ TEST(MetaTTAdapterTest, TruncateReplacesLeavesAndKeepsFastPathConsistent) {
       torch::allclose(d[0], DenseDeltas(*a, 2, Projection::kQuery, x, tasks), 1e-10, 1e-12));
 }
 
+// --- Inference fold: W = C . G4 cached per (layer, projection, task) ---------
+
+torch::Tensor Unfolded(MetaTTAdapter& a, int layer, const std::vector<Projection>& ps,
+                       const torch::Tensor& x, const torch::Tensor& tasks, size_t i) {
+  a.SetInferenceFold(false);
+  auto d = a.Deltas(layer, x, ps, AdapterBatch{tasks});
+  a.SetInferenceFold(true);
+  return d[i];
+}
+
+TEST_P(FastPathTest, FoldedEqualsUnfoldedForBothMixedKernels) {
+  auto [form, ranks] = GetParam();
+  auto a = Make(SmallConfig(form, ranks, /*tasks=*/3), 5);
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({4, 5, kD}, torch::kFloat64);
+  std::vector<torch::Tensor> task_sets = {torch::Tensor()};
+  if (form == TTForm::k4Plus1D) {
+    task_sets.push_back(torch::tensor({2, 0, 1, 2}, torch::kInt64));
+    task_sets.push_back(torch::tensor({1, 1, 1, 1}, torch::kInt64));
+  }
+  for (const auto& tasks : task_sets) {
+    for (auto kernel : {MetaTTAdapter::MixedKernel::kBmm, MetaTTAdapter::MixedKernel::kGrouped}) {
+      a->SetMixedKernel(kernel);
+      for (int layer : {0, 2}) {
+        auto d = a->Deltas(layer, x, kAsk, AdapterBatch{tasks});
+        for (size_t i : {0u, 2u})
+          EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, kAsk, x, tasks, i), 1e-12, 1e-13))
+              << "layer " << layer << " projection " << i;
+      }
+    }
+  }
+  EXPECT_GT(a->fold_stats().folds, 0);
+}
+
+TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
+  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 3);
+  c.projections = {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown};
+  c.d_ffn = 20;
+  auto a = Make(c);
+  torch::NoGradGuard no_grad;
+  torch::Tensor tasks = torch::tensor({1, 2, 0}, torch::kInt64);
+  torch::Tensor x = torch::randn({3, 4, kD}, torch::kFloat64);
+  torch::Tensor u = torch::randn({3, 4, 20}, torch::kFloat64);
+  EXPECT_TRUE(torch::allclose(a->Deltas(2, x, {Projection::kFfnUp}, AdapterBatch{tasks})[0],
+                              Unfolded(*a, 2, {Projection::kFfnUp}, x, tasks, 0), 1e-12, 1e-13));
+  EXPECT_TRUE(torch::allclose(a->Deltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks})[0],
+                              Unfolded(*a, 2, {Projection::kFfnDown}, u, tasks, 0), 1e-12,
+                              1e-13));
+}
+
+TEST(MetaTTAdapterTest, FoldCacheFollowsCoreUpdatesAddTaskAndTruncation) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {5}, 3));
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
+  auto check = [&](const torch::Tensor& t) {
+    auto d = a->Deltas(0, x, kAsk, AdapterBatch{t});
+    EXPECT_TRUE(torch::allclose(d[0], DenseDeltas(*a, 0, Projection::kQuery, x, t), 1e-10, 1e-12));
+  };
+  check(tasks);
+  EXPECT_EQ(a->fold_stats().folds, 2);  // tasks 0 and 1
+  check(tasks);
+  EXPECT_EQ(a->fold_stats().folds, 2);
+  EXPECT_EQ(a->fold_stats().hits, 2);
+  // In-place update of one task slice: only that task refolds.
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "task.1") t.mul_(1.5);
+  check(tasks);
+  EXPECT_EQ(a->fold_stats().folds, 3);
+  // In-place update of a shared core: every task refolds.
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "out") t.add_(0.1);
+  check(tasks);
+  EXPECT_EQ(a->fold_stats().folds, 5);
+  // AddTask invalidates; the new (identity) slice is served right away.
+  ASSERT_TRUE(a->AddTask().ok());
+  check(torch::tensor({3, 1}, torch::kInt64));
+  EXPECT_EQ(a->fold_stats().folds, 7);
+  // Truncation swaps every leaf (new shapes): folds are rebuilt at the new rank.
+  TruncationParams p;
+  p.max_rank = 2;
+  ASSERT_TRUE(a->Truncate(p).ok());
+  check(tasks);
+  EXPECT_EQ(a->fold_stats().folds, 9);
+  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
+}
+
+TEST(MetaTTAdapterTest, FoldCacheIsBoundedLeastRecentlyUsedFirst) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {4}, 5));
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  // One task fold: L=2, M=3, r1=4, out_cols=kD doubles.
+  const int64_t per_task = 2 * 3 * 4 * kD * 8;
+  a->SetFoldCacheBytes(2 * per_task);
+  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({0, 1}, torch::kInt64)});
+  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
+  EXPECT_EQ(a->fold_stats().cached_bytes, 2 * per_task);
+  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({1, 1}, torch::kInt64)});  // 1 is fresher
+  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({2, 2}, torch::kInt64)});  // evicts 0
+  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
+  const int64_t folds = a->fold_stats().folds;
+  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({1, 2}, torch::kInt64)});
+  EXPECT_EQ(a->fold_stats().folds, folds);  // both still cached
+  // A batch needing more tasks than the bound holds still gets all of them.
+  torch::Tensor many = torch::tensor({4, 3, 0, 2, 1}, torch::kInt64);
+  torch::Tensor x5 = torch::randn({5, 3, kD}, torch::kFloat64);
+  auto d = a->Deltas(0, x5, kAsk, AdapterBatch{many});
+  EXPECT_TRUE(
+      torch::allclose(d[0], DenseDeltas(*a, 0, Projection::kQuery, x5, many), 1e-10, 1e-12));
+  EXPECT_EQ(a->fold_stats().cached_tasks, 5);
+  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({3, 3}, torch::kInt64)});  // shrinks back
+  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
+  EXPECT_LE(a->fold_stats().cached_bytes, 2 * per_task);
+}
+
+TEST(MetaTTAdapterTest, FoldIsNeverUsedWhenGradIsNeeded) {
+  auto a = Make(SmallConfig(TTForm::k4Plus1D, {3}, 2));
+  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
+  {
+    torch::NoGradGuard no_grad;
+    a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // fills the cache
+  }
+  const int64_t folds = a->fold_stats().folds, hits = a->fold_stats().hits;
+  ASSERT_GT(folds, 0);
+  auto d = a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // grad mode (default)
+  EXPECT_TRUE(d[0].requires_grad());
+  EXPECT_EQ(a->fold_stats().folds, folds);
+  EXPECT_EQ(a->fold_stats().hits, hits);
+  d[0].sum().backward();
+  torch::optim::SGD opt(a->TrainableParameters(), torch::optim::SGDOptions(0.5));
+  opt.step();
+  // libtorch optimizers write through .data() (no version bump): the trainer
+  // calls MarkCoresChanged() after each step (AdapterBinding::after_step).
+  a->MarkCoresChanged();
+  torch::NoGradGuard no_grad;
+  auto after = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
+  EXPECT_TRUE(
+      torch::allclose(after[0], DenseDeltas(*a, 0, Projection::kQuery, x, tasks), 1e-10, 1e-12));
+  EXPECT_GT(a->fold_stats().folds, folds);
+}
+
 }  // namespace
 }  // namespace metatt

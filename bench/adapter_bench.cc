@@ -5,11 +5,16 @@
 // Configurations, timed interleaved (round-robin) so that background load
 // hits them alike; the figure is the median over --iters rounds:
 //   base                    encoder alone
-//   metatt_4d               MetaTT 4D, r=8, Q,V
-//   metatt_4p1d_T{1,100,10000}  MetaTT (4+1)D, r=8, Q,V, every row a random task
+//   metatt_4d               MetaTT 4D, r=8, Q,V (inference fold W = C . G4)
+//   metatt_4p1d_T{1,100,10000}  MetaTT (4+1)D, r=8, Q,V, every row a random
+//                           task, drawn afresh every round (T=10000: most
+//                           batches fold their tasks anew; cache bound 64 MiB)
 //   lora_r8                 our LoRA, unmerged, r=8, Q,V
 // Each adapter is also timed alone (its Deltas() calls for one forward on
-// fixed activations): adapter_only_median_ms.
+// fixed activations): adapter_only_median_ms. Adapter-only extras (no whole
+// forward): metatt_4d_unfolded ((Z . C) . G4, the training path without grad)
+// and the T=10000 mix with rows grouped per task instead of one bmm.
+// /proc/loadavg is recorded before and after (the machine may be shared).
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -47,7 +52,17 @@ struct Case {
   int64_t adapter_params = 0;
   std::vector<double> secs;
   std::vector<double> adapter_secs;  // the adapter's Deltas() calls alone
+  int64_t num_tasks = 0;             // > 0: fresh random tasks every round
+  bool whole_forward = true;         // false: adapter-only timing
+  MetaTTAdapter* metatt = nullptr;   // for fold statistics
 };
+
+std::string LoadAvg() {
+  std::ifstream f("/proc/loadavg");
+  std::string a, b, c;
+  f >> a >> b >> c;
+  return a + " " + b + " " + c;
+}
 
 absl::Status Run() {
   torch::set_num_threads(absl::GetFlag(FLAGS_threads));
@@ -80,24 +95,36 @@ absl::Status Run() {
   mc.init = "normal(0.05)";
   std::vector<std::unique_ptr<MetaTTAdapter>> keep;
   std::vector<Case> cases;
-  cases.push_back({"base", nullptr, {}, 0, {}, {}});
-  {
+  auto add = [&](const std::string& name, EncoderAdapter* a, int64_t params) -> Case& {
+    Case c;
+    c.name = name;
+    c.adapter = a;
+    c.adapter_params = params;
+    cases.push_back(c);
+    return cases.back();
+  };
+  add("base", nullptr, 0);
+  for (bool fold : {true, false}) {
     ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(mc, ao));
-    cases.push_back({"metatt_4d_r8_qv", a.get(), {}, a->NumParameters(), {}, {}});
+    a->SetInferenceFold(fold);
+    Case& c = add(fold ? "metatt_4d_r8_qv" : "metatt_4d_r8_qv_unfolded", a.get(),
+                  a->NumParameters());
+    c.whole_forward = fold;
+    c.metatt = a.get();
     keep.push_back(std::move(a));
   }
-  for (int64_t T : {1, 100, 10000}) {
+  for (int64_t T : {1, 100, 10000, -10000}) {
     MetaTTConfig c = mc;
     c.form = TTForm::k4Plus1D;
-    c.num_tasks = T;
+    c.num_tasks = T < 0 ? -T : T;
     ASSIGN_OR_RETURN(auto a, MetaTTAdapter::Create(c, ao));
-    AdapterBatch batch{torch::randint(0, T, {B}, torch::kInt64).to(device)};
-    cases.push_back({"metatt_4p1d_r8_qv_mixed_T" + std::to_string(T),
-                     a.get(),
-                     batch,
-                     a->NumParameters(),
-                     {},
-                     {}});
+    if (T < 0) a->SetMixedKernel(MetaTTAdapter::MixedKernel::kGrouped);
+    Case& k = add("metatt_4p1d_r8_qv_mixed_T" + std::to_string(c.num_tasks) +
+                      (T < 0 ? "_grouped" : ""),
+                  a.get(), a->NumParameters());
+    k.num_tasks = c.num_tasks;
+    k.whole_forward = T > 0;
+    k.metatt = a.get();
     keep.push_back(std::move(a));
   }
   LoraConfig lc;
@@ -109,12 +136,20 @@ absl::Status Run() {
   LoraAdapter::Options lo;
   lo.device = device;
   ASSIGN_OR_RETURN(auto lora, LoraAdapter::Create(lc, lo));
-  cases.push_back({"lora_r8_qv_unmerged", lora.get(), {}, lora->NumParameters(), {}, {}});
+  add("lora_r8_qv_unmerged", lora.get(), lora->NumParameters());
+  // Fresh random tasks for every round (drawn outside the timed region).
+  auto draw_tasks = [&](Case& c) {
+    if (c.num_tasks > 0)
+      c.batch = AdapterBatch::FromHost(torch::randint(0, c.num_tasks, {B}, torch::kInt64), device);
+  };
+  const std::string load_before = LoadAvg();
 
   torch::NoGradGuard no_grad;
   const int warmup = absl::GetFlag(FLAGS_warmup), iters = absl::GetFlag(FLAGS_iters);
   for (int round = 0; round < warmup + iters; ++round) {
     for (auto& c : cases) {
+      if (!c.whole_forward) continue;
+      draw_tasks(c);
       auto t0 = std::chrono::steady_clock::now();
       ASSIGN_OR_RETURN(torch::Tensor h, enc->Forward(in, c.adapter, c.batch));
       (void)h.sum().item<float>();
@@ -136,6 +171,7 @@ absl::Status Run() {
     for (int round = 0; round < warmup + absl::GetFlag(FLAGS_adapter_iters); ++round) {
       for (auto& c : cases) {
         if (c.adapter == nullptr) continue;
+        draw_tasks(c);
         sync();
         auto t0 = std::chrono::steady_clock::now();
         double sink = 0;
@@ -171,6 +207,7 @@ absl::Status Run() {
     return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
   };
   const double base_s = median(cases[0].secs);
+  const std::string load_after = LoadAvg();
   nlohmann::json j;
   j["benchmark"] = "adapter_inference";
   j["model_dir"] = model_dir;
@@ -179,17 +216,30 @@ absl::Status Run() {
   j["threads"] = absl::GetFlag(FLAGS_threads);
   j["iters"] = iters;
   j["device"] = device.str();
+  j["loadavg_before"] = load_before;
+  j["loadavg_after"] = load_after;
   nlohmann::json rows = nlohmann::json::array();
   for (auto& c : cases) {
-    const double m = median(c.secs);
-    rows.push_back({{"name", c.name},
-                    {"median_s", m},
-                    {"min_s", *std::min_element(c.secs.begin(), c.secs.end())},
-                    {"seq_per_s", B / m},
-                    {"throughput_vs_base", base_s / m},
-                    {"adapter_parameters", c.adapter_params},
-                    {"adapter_only_median_ms", 1e3 * median(c.adapter_secs)},
-                    {"adapter_only_share_of_base", median(c.adapter_secs) / base_s}});
+    nlohmann::json row = {{"name", c.name},
+                          {"adapter_parameters", c.adapter_params},
+                          {"adapter_only_median_ms", 1e3 * median(c.adapter_secs)},
+                          {"adapter_only_share_of_base", median(c.adapter_secs) / base_s}};
+    if (!c.adapter_secs.empty())
+      row["adapter_only_min_ms"] =
+          1e3 * *std::min_element(c.adapter_secs.begin(), c.adapter_secs.end());
+    if (c.whole_forward) {
+      const double m = median(c.secs);
+      row["median_s"] = m;
+      row["min_s"] = *std::min_element(c.secs.begin(), c.secs.end());
+      row["seq_per_s"] = B / m;
+      row["throughput_vs_base"] = base_s / m;
+    }
+    if (c.metatt != nullptr) {
+      row["folds_computed"] = c.metatt->fold_stats().folds;
+      row["fold_cache_hits"] = c.metatt->fold_stats().hits;
+      row["fold_cache_tasks"] = c.metatt->fold_stats().cached_tasks;
+    }
+    rows.push_back(row);
   }
   j["results"] = rows;
   const std::string text = j.dump(2);

@@ -14,8 +14,10 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <openssl/evp.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <future>
 #include <fstream>
 #include <iostream>
@@ -42,6 +44,12 @@
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "metatt-server address");
 ABSL_FLAG(bool, json, false, "print JSON (one object per line) instead of tables");
 ABSL_FLAG(double, timeout, 0, "RPC deadline in seconds (0 = none)");
+ABSL_FLAG(std::string, token, "",
+          "bearer token for a server with --auth_tokens (default: $METATT_TOKEN)");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA that signed the server's certificate: connect with TLS (empty = plaintext)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for a mutual-TLS server");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 // upload
 ABSL_FLAG(std::string, name, "", "upload: dataset name (default: the file name)");
 ABSL_FLAG(std::string, format, "", "upload: tsv | csv | jsonl (default: from the extension)");
@@ -118,7 +126,19 @@ int Fail(const std::string& what, const grpc::Status& st) {
   return 1;
 }
 
+std::string Token() {
+  std::string t = absl::GetFlag(FLAGS_token);
+  if (t.empty()) {
+    const char* env = std::getenv("METATT_TOKEN");
+    if (env != nullptr) t = env;
+  }
+  return t;
+}
+
+// Every RPC's context: the deadline and, when a token is set, the bearer token.
 void SetDeadline(ClientContext* ctx) {
+  const std::string token = Token();
+  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
   double t = absl::GetFlag(FLAGS_timeout);
   if (t > 0) {
     ctx->set_deadline(std::chrono::system_clock::now() +
@@ -324,6 +344,8 @@ void PrintJobs(const std::vector<const v1::Job*>& jobs) {
 
 int Follow(Stubs& s, const std::string& id) {
   ClientContext ctx;
+  const std::string token = Token();
+  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
   v1::StreamJobEventsRequest req;
   req.set_job_id(id);
   auto reader = s.jobs->StreamJobEvents(&ctx, req);
@@ -676,12 +698,63 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
   return serving ? 0 : 1;
 }
 
+// The line of a tokens file for a token read from stdin (or the argument):
+// only its SHA-256 is stored on the server.
+int HashToken(const std::vector<std::string>& args) {
+  std::string token;
+  if (args.size() == 2) {
+    token = args[1];
+  } else if (args.size() == 1) {
+    std::getline(std::cin, token);
+  } else {
+    return Fail("usage: metattctl hash-token [TOKEN]   (reads the token from stdin without one)");
+  }
+  token = std::string(absl::StripAsciiWhitespace(token));
+  if (token.size() < 16) return Fail("hash-token: use a token of at least 16 characters");
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(token.data(), token.size(), digest, &len, EVP_sha256(), nullptr);
+  std::string hex;
+  for (unsigned int i = 0; i < len; ++i) {
+    absl::StrAppend(&hex, absl::Hex(digest[i], absl::kZeroPad2));
+  }
+  std::cout << hex << "\n";
+  return 0;
+}
+
+int ReadFile(const std::string& flag, const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Fail(absl::StrCat("--", flag, ": cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  *out = ss.str();
+  return 0;
+}
+
 int Main(std::vector<std::string> args) {
   if (args.empty()) {
-    return Fail("usage: metattctl upload|datasets|jobs|families|tasks|predict|health ... (--help)");
+    return Fail(
+        "usage: metattctl upload|datasets|jobs|families|tasks|predict|health|hash-token ... "
+        "(--help)");
   }
-  auto channel =
-      grpc::CreateChannel(absl::GetFlag(FLAGS_server), grpc::InsecureChannelCredentials());
+  if (args[0] == "hash-token") return HashToken(args);
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  if (!absl::GetFlag(FLAGS_tls_ca).empty()) {
+    grpc::SslCredentialsOptions o;
+    if (int rc = ReadFile("tls_ca", absl::GetFlag(FLAGS_tls_ca), &o.pem_root_certs)) return rc;
+    if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
+      if (int rc = ReadFile("tls_cert", absl::GetFlag(FLAGS_tls_cert), &o.pem_cert_chain)) {
+        return rc;
+      }
+      if (int rc = ReadFile("tls_key", absl::GetFlag(FLAGS_tls_key), &o.pem_private_key)) {
+        return rc;
+      }
+    }
+    creds = grpc::SslCredentials(o);
+  } else if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
+    return Fail("--tls_cert: needs --tls_ca (the CA of the server's certificate)");
+  }
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_server), creds);
   if (args[0] == "health") return Health(channel);
   Stubs s{v1::JobService::NewStub(channel), v1::DatasetService::NewStub(channel),
           v1::AdapterService::NewStub(channel), v1::InferenceService::NewStub(channel)};

@@ -5,7 +5,11 @@
 #
 #   scripts/sanitize.sh            build (idempotent) + run
 #
-# Two builds, both with clang (CXX overrides) and -j${SANITIZE_JOBS:-2}:
+# scripts/test.sh runs it after ctest (METATT_SKIP_SANITIZE=1 skips it there).
+# METATT_SANITIZE_BUILD_DIR overrides the build directory (default build-asan/,
+# never build/). A warm run only re-checks the ninja graphs and reruns the tests.
+#
+# Two builds, both with clang++ (else g++; CXX overrides) and -j${SANITIZE_JOBS:-2}:
 #   build-asan/             the top-level project configured with
 #                           -DMETATT_SANITIZE=ON; only the NO_PCH (torch-free)
 #                           test targets listed in TOPLEVEL_TESTS are built.
@@ -19,7 +23,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 JOBS="${SANITIZE_JOBS:-2}"
 CXX_BIN="${CXX:-clang++}"
-BUILD="$ROOT/build-asan"
+# setup.sh installs GCC only; GCC's -fsanitize=address,undefined does the same job.
+command -v "$CXX_BIN" >/dev/null 2>&1 || CXX_BIN=g++
+BUILD="${METATT_SANITIZE_BUILD_DIR:-$ROOT/build-asan}"
 log() { printf '\033[1m[sanitize]\033[0m %s\n' "$*"; }
 
 # Torch-free (NO_PCH) unit tests of the main build; those not defined (yet) are

@@ -13,6 +13,10 @@ start=$(date +%s)
 rc=0
 echo "== ctest"
 (cd build && ctest --output-on-failure -j2 --timeout 900) || rc=1
+if [ "${METATT_SKIP_SANITIZE:-0}" != 1 ]; then
+  echo "== sanitizers (ASan+UBSan build of the torch-free unit tests, own dir build-asan/)"
+  ./scripts/sanitize.sh || rc=1
+fi
 echo "== pytest"
 # Two runs: each directory has its own conftest.py helpers.
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python || rc=1

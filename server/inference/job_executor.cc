@@ -17,6 +17,7 @@
 #include "adapters/metatt_config.h"
 #include "adapters/util/safetensors.h"
 #include "adapters/util/status_macros.h"
+#include "server/jobs/dataset_spec_json.h"
 #include "server/training/heads.h"
 #include "server/training/metrics.h"
 
@@ -412,7 +413,8 @@ class TrainingJob : public TrainingTask {
 }  // namespace
 
 absl::StatusOr<DatasetSpec> DatasetSpecFromRecord(const DatasetRecord& record) {
-  DatasetSpec spec;
+  // The one JSON reader is server/jobs (DatasetSpecFromJson); the record's own
+  // fields fill what an older or hand-written spec_json leaves out.
   json j = json::object();
   if (!record.spec_json.empty()) {
     j = json::parse(record.spec_json, nullptr, /*allow_exceptions=*/false);
@@ -421,40 +423,20 @@ absl::StatusOr<DatasetSpec> DatasetSpecFromRecord(const DatasetRecord& record) {
           absl::StrCat("dataset ", record.id, ": spec_json is not a JSON object"));
     }
   }
-  auto str = [&](std::initializer_list<const char*> keys) -> std::string {
-    for (const char* k : keys) {
-      if (j.contains(k) && j[k].is_string()) return j[k].get<std::string>();
-      if (j.contains(k) && j[k].is_number_integer()) return std::to_string(j[k].get<int64_t>());
-    }
-    return "";
-  };
-  std::string format = str({"format"});
-  if (format.empty()) format = record.format.empty() ? "tsv" : record.format;
-  std::transform(format.begin(), format.end(), format.begin(), ::tolower);
-  ASSIGN_OR_RETURN(spec.format, ParseDataFormat(format));
-  if (j.contains("has_header") && j["has_header"].is_boolean()) {
-    spec.has_header = j["has_header"].get<bool>();
+  if (!j.contains("format") && !record.format.empty()) {
+    std::string format = record.format;
+    std::transform(format.begin(), format.end(), format.begin(), ::tolower);
+    j["format"] = format;
   }
-  if (j.contains("quoting") && j["quoting"].is_boolean()) spec.quoting = j["quoting"].get<bool>();
-  const std::string text = str({"text_column", "text"});
-  if (!text.empty()) spec.text = ColumnRef::Parse(text);
-  const std::string pair = str({"text_pair_column", "text_pair"});
-  if (!pair.empty()) spec.text_pair = ColumnRef::Parse(pair);
-  const std::string label = str({"label_column", "label"});
-  if (!label.empty()) spec.label = ColumnRef::Parse(label);
-  std::string kind = str({"label_kind"});
-  std::transform(kind.begin(), kind.end(), kind.begin(), ::tolower);
-  if (kind.empty()) kind = record.regression ? "regression" : "classification";
-  ASSIGN_OR_RETURN(spec.label_kind, ParseLabelKind(kind));
-  if (j.contains("label_vocab") && j["label_vocab"].is_array()) {
-    for (const auto& v : j["label_vocab"]) {
-      if (v.is_string()) spec.label_vocab.push_back(v.get<std::string>());
-    }
+  if (!j.contains("label_kind")) {
+    j["label_kind"] = record.regression ? "regression" : "classification";
   }
-  if (spec.label_vocab.empty() && spec.label_kind == LabelKind::kClassification) {
-    spec.label_vocab = record.label_names;
+  auto spec = DatasetSpecFromJson(j.dump());
+  if (!spec.ok()) return Prefixed(spec.status(), absl::StrCat("dataset ", record.id));
+  if (spec->label_vocab.empty() && spec->label_kind == LabelKind::kClassification) {
+    spec->label_vocab = record.label_names;
   }
-  spec.origin = absl::StrCat("dataset ", record.id);
+  spec->origin = absl::StrCat("dataset ", record.id);
   return spec;
 }
 

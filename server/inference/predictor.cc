@@ -1,5 +1,6 @@
 #include "server/inference/predictor.h"
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
 #include <utility>
@@ -17,7 +18,8 @@ absl::Status WithInput(const absl::Status& st, size_t i) {
 }  // namespace
 
 absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
-    const std::vector<PredictInput>& inputs, int64_t deadline_unix_ms) {
+    const std::vector<PredictInput>& inputs, int64_t deadline_unix_ms,
+    const std::function<bool()>& cancelled) {
   if (inputs.empty()) return absl::InvalidArgumentError("inputs: at least one input is required");
   if (static_cast<int64_t>(inputs.size()) > options_.max_inputs) {
     return absl::InvalidArgumentError(absl::StrCat("inputs: ", inputs.size(),
@@ -60,11 +62,25 @@ absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
   }
   absl::Status st = scheduler_->Submit(request);
   if (!st.ok()) return st;
-  if (!request->done.WaitForNotificationWithDeadline(request->deadline)) {
-    scheduler_->Withdraw(request);  // if still queued; else the batch drops it
-    return absl::DeadlineExceededError(
-        absl::StrCat("deadline exceeded after ",
-                     absl::FormatDuration(absl::Now() - request->enqueued), " in the queue"));
+  // Wait for the batch; poll the caller's cancellation meanwhile. A request
+  // the caller abandoned is withdrawn while still queued (it never runs);
+  // one already taken into a batch completes and is dropped here.
+  bool finished = false;
+  while (!finished) {
+    absl::Time until = request->deadline;
+    if (cancelled) until = std::min(until, absl::Now() + kCancelPoll);
+    finished = request->done.WaitForNotificationWithDeadline(until);
+    if (finished) break;
+    if (cancelled && cancelled()) {
+      scheduler_->Withdraw(request);  // if still queued; else the batch drops it
+      return absl::CancelledError("the caller cancelled the request");
+    }
+    if (absl::Now() >= request->deadline) {
+      scheduler_->Withdraw(request);  // if still queued; else the batch drops it
+      return absl::DeadlineExceededError(
+          absl::StrCat("deadline exceeded after ",
+                       absl::FormatDuration(absl::Now() - request->enqueued), " in the queue"));
+    }
   }
   if (!request->status.ok()) return request->status;
   std::vector<PredictOutput> outputs(inputs.size());

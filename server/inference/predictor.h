@@ -3,6 +3,7 @@
 // queues one request and waits for it (with the caller's deadline).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -25,9 +26,16 @@ class ScheduledPredictor : public Predictor {
                      std::shared_ptr<const WordPieceTokenizer> tokenizer)
       : options_(options), registry_(registry), scheduler_(scheduler),
         tokenizer_(std::move(tokenizer)) {}
+  // How often a waiting call polls its `cancelled` callback.
+  static constexpr absl::Duration kCancelPoll = absl::Milliseconds(5);
 
   absl::StatusOr<std::vector<PredictOutput>> Predict(const std::vector<PredictInput>& inputs,
-                                                     int64_t deadline_unix_ms) override;
+                                                     int64_t deadline_unix_ms) override {
+    return Predict(inputs, deadline_unix_ms, nullptr);
+  }
+  absl::StatusOr<std::vector<PredictOutput>> Predict(
+      const std::vector<PredictInput>& inputs, int64_t deadline_unix_ms,
+      const std::function<bool()>& cancelled) override;
 
  private:
   Options options_;

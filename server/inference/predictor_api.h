@@ -41,6 +41,15 @@ class Predictor {
   // DEADLINE_EXCEEDED after `deadline_unix_ms` (0 = none).
   virtual absl::StatusOr<std::vector<PredictOutput>> Predict(
       const std::vector<PredictInput>& inputs, int64_t deadline_unix_ms) = 0;
+  // Same, and `cancelled` (polled while waiting; may be empty) reports that
+  // the caller went away (cancelled RPC, dropped connection): a request
+  // still queued is withdrawn and never runs; the call returns CANCELLED.
+  virtual absl::StatusOr<std::vector<PredictOutput>> Predict(
+      const std::vector<PredictInput>& inputs, int64_t deadline_unix_ms,
+      const std::function<bool()>& cancelled) {
+    (void)cancelled;
+    return Predict(inputs, deadline_unix_ms);
+  }
 };
 
 }  // namespace metatt

@@ -56,6 +56,7 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     so.batch_timeout_ms = options.batch_timeout_ms;
     so.max_queue = options.max_queue;
     so.train_share = options.train_share;
+    so.base_only = options.base_only_inference;
     ASSIGN_OR_RETURN(scheduler_, DeviceScheduler::Create(so, encoder));
 
     ScheduledPredictor::Options po;
@@ -92,13 +93,14 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     for (auto& [name, bytes] : files) out.push_back({name, std::move(bytes)});
     return out;
   }
-  absl::StatusOr<FamilyVersionRecord> ImportFamily(
-      const std::string& family, const std::vector<FamilyFile>& files) override {
+  absl::StatusOr<FamilyVersionRecord> ImportFamily(const std::string& family,
+                                                   const std::vector<FamilyFile>& files,
+                                                   const std::string& tenant) override {
     std::map<std::string, std::string> by_name;
     for (const auto& f : files) by_name[f.name] = f.bytes;
     absl::StatusOr<std::shared_ptr<const PublishedFamily>> r =
         absl::InternalError("device thread did not run");
-    RETURN_IF_ERROR(scheduler_->RunOnDevice([&] { r = registry_->Import(family, by_name); }));
+    RETURN_IF_ERROR(scheduler_->RunOnDevice([&] { r = registry_->Import(family, by_name, tenant); }));
     if (!r.ok()) return r.status();
     return (*r)->record;
   }
@@ -113,6 +115,11 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     return ToInfo(*f);
   }
   void ForgetFamily(const std::string& family) override { registry_->Remove(family); }
+  absl::StatusOr<std::vector<std::string>> RefreshFamilies() override {
+    absl::StatusOr<std::vector<std::string>> r = absl::InternalError("device thread did not run");
+    RETURN_IF_ERROR(scheduler_->RunOnDevice([&] { r = registry_->Refresh(); }));
+    return r;
+  }
 
   void SetBatchObserver(BatchObserver observer) override {
     scheduler_->SetBatchObserver(std::move(observer));

@@ -34,6 +34,7 @@ struct RuntimeOptions {
   int64_t max_predict_inputs = 1024;  // inputs per Predict call
   int64_t max_eval_examples = 2000;   // per evaluation during training
   int64_t num_threads = 0;       // torch intra-op threads (0 = torch default)
+  bool base_only_inference = false;  // benchmark baseline: Predict skips the adapter
 };
 
 // One loaded family version, for AdapterService (no tensors).
@@ -66,6 +67,11 @@ class Runtime {
   virtual absl::StatusOr<FamilyInfo> GetFamily(const std::string& family, int64_t version) = 0;
   // Drops a family from memory (call after Store::DeleteFamily).
   virtual void ForgetFamily(const std::string& family) = 0;
+  // Several replicas on one store: loads families other replicas published
+  // (or drops deleted ones); returns what changed (AdapterRegistry::Refresh).
+  virtual absl::StatusOr<std::vector<std::string>> RefreshFamilies() {
+    return std::vector<std::string>{};
+  }
 
   // Metrics hooks.
   virtual void SetBatchObserver(BatchObserver observer) = 0;

@@ -17,7 +17,7 @@ namespace {
 // Runs rows[begin, end) of one family in one forward; fills `out` (same
 // order). Rows may belong to different tasks of the family.
 absl::Status ForwardFamilyRows(const BertEncoder& encoder, const PublishedFamily& fam,
-                               const std::vector<const InferenceRow*>& rows,
+                               const std::vector<const InferenceRow*>& rows, bool base_only,
                                std::vector<RowResult>* out) {
   const int64_t B = static_cast<int64_t>(rows.size());
   int64_t S = 1;
@@ -52,7 +52,9 @@ absl::Status ForwardFamilyRows(const BertEncoder& encoder, const PublishedFamily
   }));
   AdapterBatch ab;
   ab.task_index = task_dev;
-  ASSIGN_OR_RETURN(torch::Tensor hidden, encoder.Forward(in, fam.adapter.get(), ab));
+  ab.task_index_host = task;  // host copy: the adapter groups rows without a device sync
+  ASSIGN_OR_RETURN(torch::Tensor hidden,
+                   encoder.Forward(in, base_only ? nullptr : fam.adapter.get(), ab));
   torch::Tensor logits;
   RETURN_IF_ERROR(TorchTry("heads", [&] {
     torch::Tensor pooled = Pool(hidden, in.attention_mask, fam.pooling).to(torch::kFloat32);
@@ -243,7 +245,7 @@ void DeviceScheduler::RunBatch(const std::vector<std::shared_ptr<InferenceReques
       std::vector<RowResult> out;
       absl::Status st;
       try {
-        st = ForwardFamilyRows(*encoder_, *fam, rows, &out);
+        st = ForwardFamilyRows(*encoder_, *fam, rows, options_.base_only, &out);
       } catch (const std::exception& e) {
         std::string msg = e.what();
         msg.resize(std::min(msg.size(), msg.find('\n')));
@@ -293,17 +295,27 @@ void DeviceScheduler::Loop() {
         return stop_ || !queue_.empty() || !jobs_.empty() || !device_calls_.empty();
       });
       if (stop_) break;
-      if (!queue_.empty() && jobs_.empty() && device_calls_.empty() &&
-          queued_rows_ < options_.max_batch_size && options_.batch_timeout_ms > 0) {
+      bool window = !queue_.empty() && jobs_.empty() && device_calls_.empty() &&
+                    queued_rows_ < options_.max_batch_size && options_.batch_timeout_ms > 0;
+      // Adaptive: once a window gathered nothing (one closed-loop client,
+      // say), waiting only adds latency; skip it, probing again every
+      // kWindowProbeEvery batches, until a window gathers rows again.
+      if (window && window_misses_ > 0 && ++windows_skipped_ % kWindowProbeEvery != 0) {
+        window = false;
+      }
+      if (window) {
         // Batching window: wait for more rows, at most until the oldest
         // request has waited batch_timeout_ms.
         const absl::Time until =
             queue_.front()->enqueued + absl::Milliseconds(options_.batch_timeout_ms);
+        const bool waits = absl::Now() < until;
+        const size_t before = queue_.size();
         cv_.wait_until(l, absl::ToChronoTime(until), [&] {
           return stop_ || queue_.empty() || queued_rows_ >= options_.max_batch_size ||
                  !jobs_.empty() || !device_calls_.empty();
         });
         if (stop_) break;
+        if (waits) window_misses_ = queue_.size() > before ? 0 : window_misses_ + 1;
       }
       batch = TakeBatchLocked();
       calls.swap(device_calls_);

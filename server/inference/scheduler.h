@@ -3,9 +3,10 @@
 // Inference requests arrive already tokenised (on the RPC threads) in a
 // bounded queue. The loop gathers them into a batch of at most
 // `max_batch_size` rows, waiting at most `batch_timeout_ms` after the oldest
-// request when nothing else is to be done, groups the rows by family version
-// (rows of different tasks of one family run in ONE forward through the
-// adapter's mixed-task path), runs them without grad and notifies every
+// request when nothing else is to be done (adaptively: after a window that
+// gathered nothing, the next ones are skipped, probing every 16th batch),
+// groups the rows by family version (rows of different tasks of one family
+// run in ONE forward through the adapter's mixed-task path), runs them without grad and notifies every
 // request. Between batches it runs training steps of the active job (at least
 // one step per loop turn, up to `train_share` while no inference waits), so
 // training never stops predictions and predictions never starve training.
@@ -74,6 +75,10 @@ class DeviceScheduler {
     int64_t batch_timeout_ms = 2;  // batching window after the oldest request
     int64_t max_queue = 1024;      // queued rows; beyond: RESOURCE_EXHAUSTED
     int64_t train_share = 4;       // max training steps in a row while nothing waits
+    // Benchmark baseline: run the encoder WITHOUT the adapter (each row still
+    // goes through its task's head), so the same binary measures what the
+    // adapter costs. Never set in production.
+    bool base_only = false;
   };
   static absl::StatusOr<std::unique_ptr<DeviceScheduler>> Create(
       const Options& options, std::shared_ptr<const BertEncoder> encoder);
@@ -120,6 +125,9 @@ class DeviceScheduler {
   std::deque<std::function<void()>> device_calls_;
   bool stop_ = false;
   BatchObserver observer_;
+  // Adaptive batching window (device thread only).
+  static constexpr int64_t kWindowProbeEvery = 16;
+  int64_t window_misses_ = 0, windows_skipped_ = 0;
   std::atomic<int64_t> batches_run_{0}, training_steps_run_{0};
   std::thread thread_;
 };

@@ -28,10 +28,11 @@ class AdapterCatalog {
   virtual absl::StatusOr<std::vector<FamilyFile>> ExportFamily(const std::string& family,
                                                                int64_t version) = 0;
   // Validates the files against the loaded base model and publishes them as
-  // a new family (`family` "" = the name in family.json). ALREADY_EXISTS when
-  // the family exists.
-  virtual absl::StatusOr<FamilyVersionRecord> ImportFamily(
-      const std::string& family, const std::vector<FamilyFile>& files) = 0;
+  // a new family (`family` "" = the name in family.json) owned by `tenant`.
+  // ALREADY_EXISTS when the family exists.
+  virtual absl::StatusOr<FamilyVersionRecord> ImportFamily(const std::string& family,
+                                                           const std::vector<FamilyFile>& files,
+                                                           const std::string& tenant) = 0;
 };
 
 }  // namespace metatt

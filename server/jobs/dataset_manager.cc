@@ -92,7 +92,8 @@ int64_t DatasetManager::Now() const {
 }
 
 absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header,
-                                                     const std::string& bytes) {
+                                                     const std::string& bytes,
+                                                     const Caller& caller) {
   if (header.name.empty() || header.name.size() > 128) {
     return absl::InvalidArgumentError("header.name: must be 1-128 characters");
   }
@@ -107,6 +108,20 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   }
   if (bytes.empty())
     return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' is empty"));
+  if (options_.quotas) {
+    const int64_t quota = options_.quotas(caller.tenant).max_dataset_bytes;
+    if (quota > 0) {
+      ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
+      int64_t used = 0;
+      for (const auto& d : all) used += d.tenant == caller.tenant ? d.size_bytes : 0;
+      if (used + static_cast<int64_t>(bytes.size()) > quota) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "dataset '", header.name, "' (", bytes.size(), " bytes) would bring tenant '",
+            caller.tenant, "' to ", used + static_cast<int64_t>(bytes.size()),
+            " bytes; quota max_dataset_bytes=", quota));
+      }
+    }
+  }
   ASSIGN_OR_RETURN(ParsedDatasetInfo info, options_.parse(bytes, header.spec_json));
   if (info.num_rows <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' has no rows"));
@@ -123,6 +138,7 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   d.label_names = info.label_names;
   d.regression = info.regression;
   d.created_unix_ms = Now();
+  d.tenant = caller.tenant;
 
   fs::path root = fs::path(options_.data_dir) / "datasets";
   fs::path tmp = root / (".tmp-" + d.id);
@@ -153,14 +169,26 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   return d;
 }
 
-absl::StatusOr<DatasetRecord> DatasetManager::Get(const std::string& id) {
-  return store_->GetDataset(id);
+absl::StatusOr<DatasetRecord> DatasetManager::Get(const std::string& id, const Caller& caller) {
+  auto d = store_->GetDataset(id);
+  if (absl::IsNotFound(d.status()) || (d.ok() && !caller.CanSee(d->tenant))) {
+    return NotFoundFor("dataset", id);
+  }
+  return d;
 }
 
-absl::StatusOr<std::vector<DatasetRecord>> DatasetManager::List() { return store_->ListDatasets(); }
+absl::StatusOr<std::vector<DatasetRecord>> DatasetManager::List(const Caller& caller) {
+  ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
+  if (caller.admin) return all;
+  std::vector<DatasetRecord> mine;
+  for (auto& d : all) {
+    if (d.tenant == caller.tenant) mine.push_back(std::move(d));
+  }
+  return mine;
+}
 
-absl::Status DatasetManager::Delete(const std::string& id) {
-  ASSIGN_OR_RETURN(DatasetRecord d, store_->GetDataset(id));
+absl::Status DatasetManager::Delete(const std::string& id, const Caller& caller) {
+  ASSIGN_OR_RETURN(DatasetRecord d, Get(id, caller));
   RETURN_IF_ERROR(store_->DeleteDataset(id));
   std::error_code ec;
   fs::path dir = fs::path(d.path).parent_path();

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/jobs/store.h"
+#include "server/jobs/tenants.h"
 
 namespace metatt {
 
@@ -33,6 +34,7 @@ struct DatasetManagerOptions {
   int64_t max_upload_bytes = 256ll << 20;  // RESOURCE_EXHAUSTED above this
   DatasetParseFn parse;                    // required
   std::function<int64_t()> now_unix_ms;    // tests inject a clock
+  QuotaFn quotas;                          // per-tenant max_dataset_bytes; null = none
 };
 
 struct DatasetUpload {
@@ -50,12 +52,16 @@ class DatasetManager {
 
   int64_t max_upload_bytes() const { return options_.max_upload_bytes; }
 
-  // Validates, stores and records one dataset.
-  absl::StatusOr<DatasetRecord> Upload(const DatasetUpload& header, const std::string& bytes);
-  absl::StatusOr<DatasetRecord> Get(const std::string& id);
-  absl::StatusOr<std::vector<DatasetRecord>> List();
+  // Validates, stores and records one dataset, owned by the caller's tenant
+  // (RESOURCE_EXHAUSTED naming max_dataset_bytes past the tenant's quota).
+  // Another tenant's dataset is NOT_FOUND like a missing one; List shows the
+  // caller's datasets (an admin's: all).
+  absl::StatusOr<DatasetRecord> Upload(const DatasetUpload& header, const std::string& bytes,
+                                       const Caller& caller = Caller::Local());
+  absl::StatusOr<DatasetRecord> Get(const std::string& id, const Caller& caller = Caller::Local());
+  absl::StatusOr<std::vector<DatasetRecord>> List(const Caller& caller = Caller::Local());
   // FAILED_PRECONDITION naming the job while a job references the dataset.
-  absl::Status Delete(const std::string& id);
+  absl::Status Delete(const std::string& id, const Caller& caller = Caller::Local());
 
  private:
   DatasetManager(DatasetManagerOptions options, Store* store)

@@ -46,6 +46,29 @@ std::string SpecForCompare(JobSpec s) {
   return JobSpecToJson(s);
 }
 
+// Idempotency keys are per tenant: the stored key of a tenant other than
+// "default" (the tenant of rows written before tenants) carries its name.
+constexpr char kKeySeparator = '\x1f';
+
+std::string ScopedKey(const std::string& tenant, const std::string& key) {
+  if (key.empty() || tenant == kDefaultTenant) return key;
+  return absl::StrCat(tenant, std::string(1, kKeySeparator), key);
+}
+
+// A record as callers see it: the key the client sent.
+JobRecord Outgoing(JobRecord j) {
+  const std::string prefix = absl::StrCat(j.tenant, std::string(1, kKeySeparator));
+  if (j.tenant != kDefaultTenant && j.spec.idempotency_key.rfind(prefix, 0) == 0) {
+    j.spec.idempotency_key = j.spec.idempotency_key.substr(prefix.size());
+  }
+  return j;
+}
+
+absl::StatusOr<JobRecord> Outgoing(absl::StatusOr<JobRecord> j) {
+  if (!j.ok()) return j;
+  return Outgoing(*std::move(j));
+}
+
 }  // namespace
 
 // ---- Subscription -------------------------------------------------------------
@@ -95,6 +118,18 @@ absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(JobManagerOptions
     return absl::InvalidArgumentError(
         absl::StrCat("max_queued_jobs: must be >= 1, got ", options.max_queued_jobs));
   }
+  if (!options.replica_id.empty()) {
+    if (!store->SupportsClaims()) {
+      return absl::InvalidArgumentError(
+          "replica_id: several replicas need a shared store (PostgreSQL); this one serves one "
+          "process");
+    }
+    if (options.lease_ms < 100 || options.poll_ms < 1 || options.poll_ms * 2 > options.lease_ms) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "lease_ms: ", options.lease_ms, " must be >= 100 and at least twice poll_ms (",
+          options.poll_ms, ")"));
+    }
+  }
   std::unique_ptr<JobManager> m(new JobManager(std::move(options), store, executor));
   RETURN_IF_ERROR(m->Recover());
   m->dispatcher_ = std::thread([p = m.get()] { p->DispatchLoop(); });
@@ -121,11 +156,27 @@ absl::Status JobManager::Recover() {
     token = next;
   } while (!token.empty());
   for (const JobRecord& j : all) state_counts_[j.state]++;
+  if (shared()) {
+    // Queued jobs wait in the store; running ones belong to their replica
+    // (an expired lease is taken over by the dispatcher, job_claims.cc).
+    UpdateGaugesLocked();
+    return absl::OkStatus();
+  }
+  std::vector<FamilyVersionRecord> versions;
+  for (const JobRecord& j : all) {
+    if (j.state == JobState::kRunning || j.state == JobState::kValidating) {
+      ASSIGN_OR_RETURN(versions, store_->ListFamilyVersions(""));
+      break;
+    }
+  }
   for (const JobRecord& j : all) {
     if (j.state == JobState::kQueued) {
       queue_.push_back(j.id);
+      unfinished_tenant_[j.id] = j.tenant;
     } else if (j.state == JobState::kRunning || j.state == JobState::kValidating) {
+      if (SucceedIfPublishedLocked(j, versions)) continue;
       if (executor_->CanResume(j)) {
+        unfinished_tenant_[j.id] = j.tenant;
         OnEventLocked(j.id, StateEvent(JobState::kQueued, "re-queued after a server restart"));
         queue_.push_back(j.id);
       } else {
@@ -137,7 +188,38 @@ absl::Status JobManager::Recover() {
   return absl::OkStatus();
 }
 
-absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
+absl::StatusOr<JobRecord> JobManager::GetVisible(const std::string& id, const Caller& caller) {
+  auto j = store_->GetJob(id);
+  if (absl::IsNotFound(j.status()) || (j.ok() && !caller.CanSee(j->tenant))) {
+    return NotFoundFor("job", id);
+  }
+  return j;
+}
+
+absl::Status JobManager::CheckJobQuotasLocked(const std::string& tenant) {
+  if (!options_.quotas) return absl::OkStatus();
+  const TenantQuotas q = options_.quotas(tenant);
+  int64_t unfinished = 0, queued = 0;
+  for (const auto& [id, t] : unfinished_tenant_) unfinished += t == tenant;
+  for (const std::string& id : queue_) {
+    auto it = unfinished_tenant_.find(id);
+    queued += it != unfinished_tenant_.end() && it->second == tenant;
+  }
+  if (q.max_queued_jobs > 0 && queued >= q.max_queued_jobs) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant '", tenant, "' has ", queued, " jobs queued; quota max_queued_jobs=",
+                     q.max_queued_jobs, "; retry after one starts"));
+  }
+  if (q.max_concurrent_jobs > 0 && unfinished >= q.max_concurrent_jobs) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tenant '", tenant, "' has ", unfinished,
+        " unfinished jobs; quota max_concurrent_jobs=", q.max_concurrent_jobs,
+        "; retry after one finishes"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller) {
   if (!IsValidName(spec.family)) {
     return absl::InvalidArgumentError(
         absl::StrCat("spec.family: '", spec.family,
@@ -187,6 +269,11 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
   if (h.batch_size < 1 || h.batch_size > 4096) {
     return bad("batch_size", absl::StrCat(h.batch_size, " is outside [1, 4096]"));
   }
+  if (h.batch_size > options_.max_batch_size) {
+    return bad("batch_size", absl::StrCat(h.batch_size,
+                                          " exceeds the server limit max_job_batch_size=",
+                                          options_.max_batch_size));
+  }
   if (!(h.learning_rate > 0) || h.learning_rate > 10) {
     return bad("learning_rate", absl::StrCat(h.learning_rate, " is outside (0, 10]"));
   }
@@ -196,6 +283,11 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
   if (h.eval_every < 0) return bad("eval_every", "must be >= 0 (0 = at the end only)");
   if (h.max_length < 8 || h.max_length > 4096) {
     return bad("max_length", absl::StrCat(h.max_length, " is outside [8, 4096]"));
+  }
+  if (h.max_length > options_.max_sequence_length) {
+    return bad("max_length",
+               absl::StrCat(h.max_length, " exceeds the server limit max_sequence_length=",
+                            options_.max_sequence_length));
   }
   if (h.early_stop_patience < 0) return bad("early_stop_patience", "must be >= 0");
   if (h.pooling != "mean" && h.pooling != "cls") {
@@ -209,8 +301,11 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
   }
 
   ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersions(spec.family));
+  // Another tenant's family is "not found" to an add-task job; its name stays
+  // taken for a new family (family names are one namespace per server).
+  const bool visible = !versions.empty() && caller.CanSee(versions.back().tenant);
   if (spec.kind == JobKind::kAddTask) {
-    if (versions.empty()) {
+    if (!visible) {
       return absl::NotFoundError(absl::StrCat("spec.family: family '", spec.family,
                                               "' not found (an add-task job extends an existing "
                                               "family)"));
@@ -239,7 +334,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
             absl::StrCat(field, ".task_name: duplicate task '", t.task_name, "'"));
       }
     }
-    if (!versions.empty()) {
+    if (visible) {
       for (const TaskRecord& existing : versions.back().tasks) {
         if (existing.name == t.task_name) {
           return absl::AlreadyExistsError(absl::StrCat(field, ".task_name: family '", spec.family,
@@ -250,12 +345,18 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
     if (t.dataset_id.empty())
       return absl::InvalidArgumentError(absl::StrCat(field, ".dataset_id: required"));
     auto ds = store_->GetDataset(t.dataset_id);
+    if (absl::IsNotFound(ds.status()) || (ds.ok() && !caller.CanSee(ds->tenant))) {
+      ds = NotFoundFor("dataset", t.dataset_id);
+    }
     if (!ds.ok()) {
       return absl::Status(ds.status().code(),
                           absl::StrCat(field, ".dataset_id: ", ds.status().message()));
     }
     if (!t.eval_dataset_id.empty()) {
       auto eds = store_->GetDataset(t.eval_dataset_id);
+      if (absl::IsNotFound(eds.status()) || (eds.ok() && !caller.CanSee(eds->tenant))) {
+        eds = NotFoundFor("dataset", t.eval_dataset_id);
+      }
       if (!eds.ok()) {
         return absl::Status(eds.status().code(),
                             absl::StrCat(field, ".eval_dataset_id: ", eds.status().message()));
@@ -268,37 +369,47 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& spec) {
+absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& request, const Caller& caller) {
+  JobSpec spec = request;
+  spec.idempotency_key = ScopedKey(caller.tenant, request.idempotency_key);
   if (!spec.idempotency_key.empty()) {
     auto existing = store_->FindJobByIdempotencyKey(spec.idempotency_key);
     if (existing.ok()) {
       if (SpecForCompare(existing->spec) != SpecForCompare(spec)) {
         return absl::FailedPreconditionError(
-            absl::StrCat("idempotency_key: '", spec.idempotency_key, "' was used for job ",
+            absl::StrCat("idempotency_key: '", request.idempotency_key, "' was used for job ",
                          existing->id, " with a different spec"));
       }
-      return *existing;
+      return Outgoing(*existing);
     }
     if (!absl::IsNotFound(existing.status()) && !absl::IsUnimplemented(existing.status())) {
       return existing.status();
     }
   }
-  RETURN_IF_ERROR(ValidateSpec(spec));
+  RETURN_IF_ERROR(ValidateSpec(spec, caller));
+  if (options_.quotas) {
+    RETURN_IF_ERROR(CheckTaskQuota(store_, caller.tenant, options_.quotas(caller.tenant),
+                                   static_cast<int64_t>(spec.tasks.size())));
+  }
   absl::MutexLock lock(&mu_);
   if (shutdown_) return absl::UnavailableError("the server is shutting down");
-  if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_jobs) {
+  const int64_t queued = shared() ? QueuedInStoreLocked() : static_cast<int64_t>(queue_.size());
+  if (queued >= options_.max_queued_jobs) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("job queue is full: ", queue_.size(), " jobs queued (limit max_queued_jobs=",
+        absl::StrCat("job queue is full: ", queued, " jobs queued (limit max_queued_jobs=",
                      options_.max_queued_jobs, "); retry after a job finishes"));
   }
+  RETURN_IF_ERROR(CheckJobQuotasLocked(caller.tenant));
   JobRecord j;
+  j.tenant = caller.tenant;
   j.id = NewId("job");
   j.spec = spec;
   j.state = JobState::kQueued;
   j.created_unix_ms = j.updated_unix_ms = Now();
   j.total_steps = spec.hparams.max_steps;
   ASSIGN_OR_RETURN(JobRecord created, store_->CreateJob(j));
-  if (created.id != j.id) return created;  // a concurrent create with the same key won
+  if (created.id != j.id) return Outgoing(created);  // a concurrent create with the same key won
+  unfinished_tenant_[j.id] = j.tenant;
   state_counts_[JobState::kQueued]++;
   JobEvent e = StateEvent(JobState::kQueued, "");
   e.time_unix_ms = j.created_unix_ms;
@@ -306,27 +417,49 @@ absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& spec) {
   auto st = store_->AppendJobEvent(j.id, e);
   if (!st.ok())
     std::fprintf(stderr, "job %s: cannot persist event: %s\n", j.id.c_str(), st.ToString().c_str());
-  queue_.push_back(j.id);
+  if (shared()) {
+    wake_ = true;  // any replica may claim it; this one looks now
+  } else {
+    queue_.push_back(j.id);
+  }
   UpdateGaugesLocked();
-  return created;
+  return Outgoing(created);
 }
 
-absl::StatusOr<JobRecord> JobManager::GetJob(const std::string& id) { return store_->GetJob(id); }
+absl::StatusOr<JobRecord> JobManager::GetJob(const std::string& id, const Caller& caller) {
+  return Outgoing(GetVisible(id, caller));
+}
 
 absl::StatusOr<std::vector<JobRecord>> JobManager::ListJobs(std::optional<JobState> state,
                                                             int64_t page_size,
                                                             const std::string& page_token,
-                                                            std::string* next_page_token) {
+                                                            std::string* next_page_token,
+                                                            const Caller& caller) {
   if (page_size < 0) return absl::InvalidArgumentError("page_size: must be >= 0");
-  return store_->ListJobs(state, std::min<int64_t>(page_size == 0 ? 50 : page_size, 1000),
-                          page_token, next_page_token);
+  page_size = std::min<int64_t>(page_size == 0 ? 50 : page_size, 1000);
+  std::string token = page_token;
+  std::string next;
+  std::vector<JobRecord> out;
+  // Pages of the store, asking each time for no more rows than are still
+  // missing: the store's token after a page then resumes exactly after it.
+  do {
+    ASSIGN_OR_RETURN(std::vector<JobRecord> page,
+                     store_->ListJobs(state, page_size - static_cast<int64_t>(out.size()), token,
+                                      &next));
+    for (JobRecord& j : page) {
+      if (caller.CanSee(j.tenant)) out.push_back(Outgoing(std::move(j)));
+    }
+    token = next;
+  } while (!next.empty() && static_cast<int64_t>(out.size()) < page_size);
+  if (next_page_token) *next_page_token = next;
+  return out;
 }
 
-absl::StatusOr<JobRecord> JobManager::CancelJob(const std::string& id) {
+absl::StatusOr<JobRecord> JobManager::CancelJob(const std::string& id, const Caller& caller) {
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(JobRecord j, store_->GetJob(id));
-    if (j.state == JobState::kCancelled) return j;
+    ASSIGN_OR_RETURN(JobRecord j, GetVisible(id, caller));
+    if (j.state == JobState::kCancelled) return Outgoing(j);
     if (IsTerminal(j.state)) {
       return absl::FailedPreconditionError(
           absl::StrCat("job ", id, " already ", JobStateName(j.state), "; nothing to cancel"));
@@ -335,23 +468,29 @@ absl::StatusOr<JobRecord> JobManager::CancelJob(const std::string& id) {
       queue_.erase(std::remove(queue_.begin(), queue_.end(), id), queue_.end());
       OnEventLocked(id, StateEvent(JobState::kCancelled, "cancelled by the client while queued"));
       UpdateGaugesLocked();
-      return store_->GetJob(id);
+      return Outgoing(store_->GetJob(id));
     }
     if (cancel_requested_.insert(id).second) {
       OnEventLocked(id, LogEvent("cancellation requested; the job stops after its current step"));
     }
+    if (shared() && running_ != id) {
+      // Held by another replica: it sees the request when it renews its lease.
+      RETURN_IF_ERROR(store_->RequestCancel(id));
+      return Outgoing(store_->GetJob(id));
+    }
   }
   executor_->Cancel(id);
-  return store_->GetJob(id);
+  return Outgoing(store_->GetJob(id));
 }
 
 absl::StatusOr<std::unique_ptr<JobEventSubscription>> JobManager::Subscribe(
-    const std::string& job_id) {
+    const std::string& job_id, const Caller& caller) {
   absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(JobRecord j, store_->GetJob(job_id));
+  ASSIGN_OR_RETURN(JobRecord j, GetVisible(job_id, caller));
   ASSIGN_OR_RETURN(std::vector<JobEvent> past, store_->ListJobEvents(job_id));
   std::unique_ptr<JobEventSubscription> sub(new JobEventSubscription(this, job_id));
   for (const JobEvent& e : past) sub->Push(e);
+  sub->delivered_ = static_cast<int64_t>(past.size());
   if (IsTerminal(j.state) || shutdown_) {
     sub->Close();
   } else {
@@ -379,6 +518,36 @@ std::optional<std::string> JobManager::running_job() {
   return running_;
 }
 
+bool JobManager::SucceedIfPublishedLocked(const JobRecord& j,
+                                          const std::vector<FamilyVersionRecord>& versions) {
+  const FamilyVersionRecord* found = nullptr;
+  for (const auto& v : versions) {
+    if (v.created_by_job == j.id && (found == nullptr || v.version > found->version)) found = &v;
+  }
+  if (found == nullptr) return false;
+  JobEvent cp;
+  cp.type = JobEvent::Type::kCheckpoint;
+  cp.family = found->family;
+  cp.version = found->version;
+  cp.message = absl::StrCat("published ", found->family, " v", found->version,
+                            " before the server restarted");
+  OnEventLocked(j.id, cp);
+  JobEvent done = StateEvent(JobState::kSucceeded, cp.message);
+  done.family = cp.family;
+  done.version = cp.version;
+  OnEventLocked(j.id, done);
+  return true;
+}
+
+std::optional<std::string> JobManager::FailRunning(const std::string& reason) {
+  absl::MutexLock lock(&mu_);
+  std::optional<std::string> id = running_;
+  if (!id) return std::nullopt;
+  OnEventLocked(*id, StateEvent(JobState::kFailed, reason));  // resets running_
+  UpdateGaugesLocked();
+  return id;
+}
+
 void JobManager::OnEvent(const std::string& job_id, JobEvent e) {
   absl::MutexLock lock(&mu_);
   OnEventLocked(job_id, std::move(e));
@@ -387,6 +556,15 @@ void JobManager::OnEvent(const std::string& job_id, JobEvent e) {
 
 void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
   if (e.time_unix_ms == 0) e.time_unix_ms = Now();
+  if (lost_.count(job_id) > 0) {
+    // Shared mode: another replica took this job over; our copy's events
+    // are not the job's any more. Its end frees this replica.
+    if (e.type == JobEvent::Type::kState && IsTerminal(e.state)) {
+      lost_.erase(job_id);
+      if (running_ == job_id) running_.reset();
+    }
+    return;
+  }
   auto rec = store_->GetJob(job_id);
   if (!rec.ok()) {
     std::fprintf(stderr, "event for unknown job %s dropped: %s\n", job_id.c_str(),
@@ -430,7 +608,9 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
                  st.ToString().c_str());
   }
   const bool terminal = e.type == JobEvent::Type::kState && IsTerminal(e.state);
-  auto it = subscribers_.find(job_id);
+  // Shared mode: subscribers read the store (DeliverStoredEventsLocked), which
+  // also holds the events of other replicas.
+  auto it = shared() ? subscribers_.end() : subscribers_.find(job_id);
   if (it != subscribers_.end()) {
     for (JobEventSubscription* sub : it->second) {
       sub->Push(e);
@@ -439,6 +619,7 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
     if (terminal) subscribers_.erase(it);
   }
   if (terminal) {
+    unfinished_tenant_.erase(job_id);
     cancel_requested_.erase(job_id);
     if (running_ == job_id) running_.reset();
     if (m != nullptr) m->train_examples_per_second.Set(0);
@@ -452,6 +633,10 @@ void JobManager::UpdateGaugesLocked() {
 }
 
 void JobManager::DispatchLoop() {
+  if (shared()) {
+    SharedDispatchLoop();
+    return;
+  }
   while (true) {
     JobRecord job;
     {

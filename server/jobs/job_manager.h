@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "server/jobs/job_types.h"
 #include "server/jobs/store.h"
+#include "server/jobs/tenants.h"
 
 namespace metatt {
 
@@ -36,6 +37,20 @@ struct JobManagerOptions {
   std::function<int64_t()> now_unix_ms;
   // Optional metrics (metatt_jobs{state}, steps, loss, throughput, queue depth).
   ServerMetrics* metrics = nullptr;
+  // Per-tenant quotas (max_concurrent_jobs, max_queued_jobs, max_tasks); null = none.
+  QuotaFn quotas;
+  // Global limits on a job's hparams (INVALID_ARGUMENT naming the limit).
+  int64_t max_batch_size = 4096;
+  int64_t max_sequence_length = 4096;
+  // Several replicas on one store (Store::SupportsClaims, i.e. PostgreSQL):
+  // non-empty = shared mode (job_claims.cc). Jobs are claimed from the store
+  // instead of an in-memory queue; the holder renews a lease every poll;
+  // an expired lease (dead replica) is taken over by a live one, which fails
+  // the job with the reason (or re-queues it when the executor can resume);
+  // event streams of jobs held elsewhere are read from the store every poll.
+  std::string replica_id;
+  int64_t lease_ms = 10000;
+  int64_t poll_ms = 250;
 };
 
 // The reason a job that was RUNNING when the server stopped gets on restart.
@@ -69,6 +84,7 @@ class JobEventSubscription {
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
   bool ended_ = false;  // consumer side only
   int64_t sequence_ = -1;
+  int64_t delivered_ = 0;  // shared mode: stored events pushed so far (manager's lock)
 };
 
 class JobManager {
@@ -83,19 +99,27 @@ class JobManager {
   // Validates `spec` (INVALID_ARGUMENT naming the field, NOT_FOUND for unknown
   // datasets / families, ALREADY_EXISTS for an existing family or task) and
   // queues it. The same non-empty idempotency key returns the first job.
-  absl::StatusOr<JobRecord> CreateJob(const JobSpec& spec);
-  absl::StatusOr<JobRecord> GetJob(const std::string& id);
+  //
+  // Every method takes the caller: a job belongs to its creator's tenant;
+  // another tenant's job (or dataset, or family) is NOT_FOUND like a missing
+  // one; lists show only the caller's jobs (an admin's: all). Idempotency
+  // keys are per tenant. Quotas (RESOURCE_EXHAUSTED naming the limit) apply
+  // to the caller's tenant.
+  absl::StatusOr<JobRecord> CreateJob(const JobSpec& spec, const Caller& caller = Caller::Local());
+  absl::StatusOr<JobRecord> GetJob(const std::string& id, const Caller& caller = Caller::Local());
   absl::StatusOr<std::vector<JobRecord>> ListJobs(std::optional<JobState> state, int64_t page_size,
                                                   const std::string& page_token,
-                                                  std::string* next_page_token);
+                                                  std::string* next_page_token,
+                                                  const Caller& caller = Caller::Local());
   // QUEUED -> CANCELLED at once; VALIDATING/RUNNING -> the executor is asked
   // to stop (the job ends CANCELLED after its current step). Cancelling a
   // cancelled job is a no-op; a finished one is FAILED_PRECONDITION.
-  absl::StatusOr<JobRecord> CancelJob(const std::string& id);
-  absl::StatusOr<std::unique_ptr<JobEventSubscription>> Subscribe(const std::string& job_id);
+  absl::StatusOr<JobRecord> CancelJob(const std::string& id, const Caller& caller = Caller::Local());
+  absl::StatusOr<std::unique_ptr<JobEventSubscription>> Subscribe(
+      const std::string& job_id, const Caller& caller = Caller::Local());
 
   // Validates a spec without creating anything (also used by CreateJob).
-  absl::Status ValidateSpec(const JobSpec& spec);
+  absl::Status ValidateSpec(const JobSpec& spec, const Caller& caller = Caller::Local());
 
   int64_t queued_count();
   std::optional<std::string> running_job();
@@ -103,6 +127,10 @@ class JobManager {
   // Stops the dispatcher and ends every subscription. Jobs keep their state in
   // the store (a running one is recovered at the next start).
   void Shutdown();
+  // Graceful shutdown, after the executor has stopped (so no step or
+  // publication of the job can follow): the job still VALIDATING/RUNNING ends
+  // FAILED with `reason`. Returns its id, if there was one.
+  std::optional<std::string> FailRunning(const std::string& reason);
 
  private:
   friend class JobEventSubscription;
@@ -113,7 +141,26 @@ class JobManager {
   void OnEventLocked(const std::string& job_id, JobEvent e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unsubscribe(JobEventSubscription* sub);
   void UpdateGaugesLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A job stopped (crash) between publishing its family version and its
+  // SUCCEEDED event: records the version and SUCCEEDED instead of failing a
+  // job whose output serves. False if `versions` has none by this job.
+  bool SucceedIfPublishedLocked(const JobRecord& j,
+                                const std::vector<FamilyVersionRecord>& versions)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t Now() const;
+  // Shared mode (job_claims.cc).
+  bool shared() const { return !options_.replica_id.empty(); }
+  void SharedDispatchLoop();
+  // Renews the running job's lease; returns a job to cancel locally (a cancel
+  // was requested on another replica, or the lease was lost), if any.
+  std::optional<std::string> RenewLeaseLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReapExpiredLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DeliverStoredEventsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t QueuedInStoreLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The job if the caller may see it, else NOT_FOUND "job '<id>' not found".
+  absl::StatusOr<JobRecord> GetVisible(const std::string& id, const Caller& caller);
+  // Quotas of the caller's tenant on creating one more job.
+  absl::Status CheckJobQuotasLocked(const std::string& tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   JobManagerOptions options_;
   Store* store_;
@@ -123,9 +170,13 @@ class JobManager {
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   std::optional<std::string> running_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> cancel_requested_ ABSL_GUARDED_BY(mu_);
+  // Tenant of every unfinished (queued / validating / running) job.
+  std::map<std::string, std::string> unfinished_tenant_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::vector<JobEventSubscription*>> subscribers_ ABSL_GUARDED_BY(mu_);
   std::map<JobState, int64_t> state_counts_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;           // shared mode: a job was created here
+  std::set<std::string> lost_ ABSL_GUARDED_BY(mu_);  // shared mode: leases taken from us
   std::thread dispatcher_;
 };
 

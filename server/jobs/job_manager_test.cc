@@ -273,6 +273,50 @@ TEST_F(JobManagerTest, RestartFailsRunningJobsAndKeepsQueuedOnes) {
   manager_.reset();  // before `fresh` goes away
 }
 
+TEST_F(JobManagerTest, GracefulShutdownFailsTheRunningJobWithTheReason) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  auto b = manager_->CreateJob(Spec("b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  manager_->Shutdown();
+  EXPECT_EQ(manager_->FailRunning("server shut down"), std::optional<std::string>(a->id));
+  EXPECT_EQ(manager_->FailRunning("again"), std::nullopt);
+  executor_.Succeed(a->id, "a", 1);  // a late event of the stopped executor is dropped
+  auto ra = manager_->GetJob(a->id);
+  EXPECT_EQ(ra->state, JobState::kFailed);
+  EXPECT_EQ(ra->failure_reason, "server shut down");
+  EXPECT_EQ(manager_->GetJob(b->id)->state, JobState::kQueued);  // runs after the restart
+  manager_.reset();
+}
+
+TEST_F(JobManagerTest, RestartSucceedsARunningJobWhoseVersionWasPublished) {
+  StartManager();
+  auto a = manager_->CreateJob(Spec("a"));
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(executor_.WaitStarted(a->id));
+  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  manager_.reset();  // "crash" after the publication, before the SUCCEEDED event
+  FamilyVersionRecord v;
+  v.family = "a";
+  v.version = 1;
+  v.form = "4+1d";
+  v.created_by_job = a->id;
+  ASSERT_TRUE(store_->PublishFamilyVersion(v).ok());
+
+  FakeExecutor fresh;
+  auto m = JobManager::Create({}, store_.get(), &fresh);
+  ASSERT_TRUE(m.ok());
+  manager_ = std::move(*m);
+  auto ra = manager_->GetJob(a->id);
+  EXPECT_EQ(ra->state, JobState::kSucceeded);
+  EXPECT_EQ(ra->result_family, "a");
+  EXPECT_EQ(ra->result_version, 1);
+  EXPECT_TRUE(fresh.started().empty());
+  manager_.reset();
+}
+
 TEST_F(JobManagerTest, RestartRequeuesResumableJobs) {
   StartManager();
   auto a = manager_->CreateJob(Spec("a"));

@@ -92,6 +92,7 @@ struct JobRecord {
   int64_t step = 0, total_steps = 0;
   std::string result_family;  // set when SUCCEEDED
   int64_t result_version = 0;
+  std::string tenant = "default";  // owner (server/jobs/tenants.h)
 };
 
 // The runtime side of a job (implemented in server/inference on the device

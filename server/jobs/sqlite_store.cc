@@ -71,6 +71,12 @@ CREATE TABLE family_versions (
   PRIMARY KEY (family, version)
 );
 )sql",
+    // 2: owner tenant of every record (rows written before tenants belong to "default").
+    R"sql(
+ALTER TABLE datasets ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE family_versions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+)sql",
 };
 
 // RAII prepared statement with typed binders / readers.
@@ -172,7 +178,7 @@ std::vector<std::string> StringsFromJson(const std::string& s) {
 
 constexpr const char* kDatasetCols =
     "id, name, format, spec_json, sha256, path, num_rows, size_bytes, label_names_json, "
-    "regression, created_unix_ms";
+    "regression, created_unix_ms, tenant";
 
 DatasetRecord ReadDataset(const Stmt& s) {
   DatasetRecord d;
@@ -187,12 +193,13 @@ DatasetRecord ReadDataset(const Stmt& s) {
   d.label_names = StringsFromJson(s.Text(8));
   d.regression = s.Int(9) != 0;
   d.created_unix_ms = s.Int(10);
+  d.tenant = s.Text(11);
   return d;
 }
 
 constexpr const char* kJobCols =
     "seq, id, idempotency_key, spec_json, state, failure_reason, created_unix_ms, "
-    "updated_unix_ms, step, total_steps, result_family, result_version";
+    "updated_unix_ms, step, total_steps, result_family, result_version, tenant";
 
 absl::StatusOr<JobRecord> ReadJob(const Stmt& s) {
   JobRecord j;
@@ -209,12 +216,13 @@ absl::StatusOr<JobRecord> ReadJob(const Stmt& s) {
   j.total_steps = s.Int(9);
   j.result_family = s.Text(10);
   j.result_version = s.Int(11);
+  j.tenant = s.Text(12);
   return j;
 }
 
 constexpr const char* kFamilyCols =
     "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms";
+    "tasks_json, created_by_job, created_unix_ms, tenant";
 
 absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s) {
   FamilyVersionRecord f;
@@ -228,6 +236,7 @@ absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s) {
   ASSIGN_OR_RETURN(f.tasks, TasksFromJson(s.Text(7)));
   f.created_by_job = s.Text(8);
   f.created_unix_ms = s.Int(9);
+  f.tenant = s.Text(10);
   return f;
 }
 
@@ -300,12 +309,12 @@ absl::StatusOr<int> SqliteStore::SchemaVersion() {
 absl::Status SqliteStore::PutDataset(const DatasetRecord& d) {
   absl::MutexLock lock(&mu_);
   Stmt s(db_,
-         absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+         absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
              .c_str());
   s.Bind(1, d.id).Bind(2, d.name).Bind(3, d.format).Bind(4, d.spec_json).Bind(5, d.sha256);
   s.Bind(6, d.path).Bind(7, d.num_rows).Bind(8, d.size_bytes);
   s.Bind(9, StringsToJson(d.label_names)).Bind(10, int64_t{d.regression ? 1 : 0});
-  s.Bind(11, d.created_unix_ms);
+  s.Bind(11, d.created_unix_ms).Bind(12, d.tenant);
   auto st = s.Run();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("dataset ", d.id, " already exists"));
@@ -381,11 +390,11 @@ absl::StatusOr<JobRecord> SqliteStore::CreateJob(const JobRecord& j) {
   Stmt s(db_,
          "INSERT INTO jobs(id, idempotency_key, spec_json, state, failure_reason, "
          "created_unix_ms, updated_unix_ms, step, total_steps, result_family, "
-         "result_version) VALUES (?,?,?,?,?,?,?,?,?,?,?)");
+         "result_version, tenant) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)");
   s.Bind(1, j.id).BindNullableText(2, j.spec.idempotency_key).Bind(3, JobSpecToJson(j.spec));
   s.Bind(4, std::string(JobStateName(j.state))).Bind(5, j.failure_reason);
   s.Bind(6, j.created_unix_ms).Bind(7, j.updated_unix_ms).Bind(8, j.step).Bind(9, j.total_steps);
-  s.Bind(10, j.result_family).Bind(11, j.result_version);
+  s.Bind(10, j.result_family).Bind(11, j.result_version).Bind(12, j.tenant);
   auto st = s.Run();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("job ", j.id, " already exists"));
@@ -497,11 +506,12 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
   absl::MutexLock lock(&mu_);
   Stmt s(db_,
-         absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (?,?,?,?,?,?,?,?,?,?)")
+         absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (?,?,?,?,?,?,?,?,?,?,?)")
              .c_str());
   s.Bind(1, f.family).Bind(2, f.version).Bind(3, f.form).Bind(4, f.config_json);
   s.Bind(5, f.base_model_fingerprint).Bind(6, f.path).Bind(7, f.adapter_parameters);
   s.Bind(8, TasksToJson(f.tasks)).Bind(9, f.created_by_job).Bind(10, f.created_unix_ms);
+  s.Bind(11, f.tenant);
   auto st = s.Run();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,

@@ -62,17 +62,40 @@ class SqliteStoreTest : public ::testing::Test {
 TEST_F(SqliteStoreTest, UsesWalAndRecordsMigrations) {
   auto v = store_->SchemaVersion();
   ASSERT_TRUE(v.ok());
-  EXPECT_EQ(*v, 1);
+  EXPECT_EQ(*v, 2);
   EXPECT_TRUE(std::filesystem::exists(path_ + "-wal"));
   // Reopening applies nothing new and keeps the data.
   ASSERT_TRUE(store_->PutDataset(Dataset("ds-1")).ok());
   store_.reset();
   auto again = SqliteStore::Create(path_);
   ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(*(*again)->SchemaVersion(), 1);
+  EXPECT_EQ(*(*again)->SchemaVersion(), 2);
   auto d = (*again)->GetDataset("ds-1");
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_THAT(d->label_names, ElementsAre("0", "1"));
+}
+
+TEST_F(SqliteStoreTest, RecordsKeepTheirTenant) {
+  DatasetRecord d = Dataset("ds-t");
+  d.tenant = "acme";
+  ASSERT_TRUE(store_->PutDataset(d).ok());
+  EXPECT_EQ(store_->GetDataset("ds-t")->tenant, "acme");
+  EXPECT_EQ((*store_->ListDatasets())[0].tenant, "acme");
+  JobRecord j;
+  j.id = "job-t";
+  j.spec.family = "fam";
+  j.tenant = "acme";
+  ASSERT_TRUE(store_->CreateJob(j).ok());
+  EXPECT_EQ(store_->GetJob("job-t")->tenant, "acme");
+  FamilyVersionRecord f;
+  f.family = "fam";
+  f.version = 1;
+  f.tenant = "acme";
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  EXPECT_EQ((*store_->ListFamilyVersions("fam"))[0].tenant, "acme");
+  // Records written without a tenant belong to "default".
+  ASSERT_TRUE(store_->PutDataset(Dataset("ds-d")).ok());
+  EXPECT_EQ(store_->GetDataset("ds-d")->tenant, "default");
 }
 
 TEST_F(SqliteStoreTest, DatasetRoundTripAndNotFound) {

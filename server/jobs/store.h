@@ -1,6 +1,6 @@
 // Persistence interface for datasets, jobs, job events and adapter families.
-// SQLite (WAL) is the embedded default (sqlite_store.h); PostgreSQL can
-// implement the same interface for several replicas. Torch-free.
+// SQLite (WAL) is the embedded default (sqlite_store.h); PostgreSQL
+// (postgres_store.h) implements it for several replicas. Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +27,7 @@ struct DatasetRecord {
   std::vector<std::string> label_names;  // classification label vocabulary
   bool regression = false;
   int64_t created_unix_ms = 0;
+  std::string tenant = "default";  // owner (server/jobs/tenants.h)
 };
 
 struct TaskRecord {
@@ -49,6 +50,7 @@ struct FamilyVersionRecord {
   std::vector<TaskRecord> tasks;
   std::string created_by_job;
   int64_t created_unix_ms = 0;
+  std::string tenant = "default";  // owner; every version of a family has the same one
 };
 
 class Store {
@@ -82,6 +84,46 @@ class Store {
   virtual absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family /* "" = all */) = 0;
   virtual absl::Status DeleteFamily(const std::string& family) = 0;
+
+  // ---- Several replicas on one database (PostgreSQL, postgres_store.h) ----
+  // A replica claims the oldest queued job and holds a lease on it (database
+  // clock) that it renews while the job runs; a replica that finds a lease
+  // expired takes the job over (JobManager then fails or re-queues it).
+  // The embedded SQLite store runs one process and keeps the defaults: the
+  // job manager then uses its in-memory FIFO queue.
+  virtual bool SupportsClaims() const { return false; }
+  // The oldest QUEUED unclaimed job, now held by `replica` for `lease_ms`
+  // (state unchanged); NOT_FOUND when none waits. No job is claimed twice.
+  virtual absl::StatusOr<JobRecord> ClaimNextJob(const std::string& replica, int64_t lease_ms) {
+    (void)replica, (void)lease_ms;
+    return absl::UnimplementedError("ClaimNextJob");
+  }
+  // Extends the lease iff `replica` still holds the job (FAILED_PRECONDITION
+  // naming the holder otherwise). Returns whether a cancel was requested.
+  virtual absl::StatusOr<bool> RenewLease(const std::string& job_id, const std::string& replica,
+                                          int64_t lease_ms) {
+    (void)job_id, (void)replica, (void)lease_ms;
+    return absl::UnimplementedError("RenewLease");
+  }
+  // Marks a claimed job for cancellation by whichever replica holds it.
+  virtual absl::Status RequestCancel(const std::string& job_id) {
+    (void)job_id;
+    return absl::UnimplementedError("RequestCancel");
+  }
+  // Drops `replica`'s claim so any replica may claim the job again.
+  virtual absl::Status ReleaseClaim(const std::string& job_id, const std::string& replica) {
+    (void)job_id, (void)replica;
+    return absl::UnimplementedError("ReleaseClaim");
+  }
+  // A QUEUED/VALIDATING/RUNNING job whose lease ran out (its replica died),
+  // now held by `replica`; `*previous_holder` names the dead one. NOT_FOUND
+  // when there is none. Two replicas never take over the same job.
+  virtual absl::StatusOr<JobRecord> TakeOverExpiredJob(const std::string& replica,
+                                                       int64_t lease_ms,
+                                                       std::string* previous_holder) {
+    (void)replica, (void)lease_ms, (void)previous_holder;
+    return absl::UnimplementedError("TakeOverExpiredJob");
+  }
 };
 
 }  // namespace metatt

@@ -17,9 +17,35 @@ prometheus::Counter& ServerMetrics::PredictRequests(const std::string& code) {
   return predict_requests_total.Add({{"code", code}});
 }
 
+void TaskLabels::SetLimit(int64_t k) {
+  std::lock_guard<std::mutex> l(mu_);
+  limit_ = k < 0 ? 0 : k;
+}
+
+std::string TaskLabels::Label(const std::string& task) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (labelled_.count(task) != 0) return task;
+  if (static_cast<int64_t>(labelled_.size()) < limit_) {
+    labelled_.insert(task);
+    return task;
+  }
+  return "other";
+}
+
+void ServerMetrics::SetTaskLabelLimit(int64_t k) { task_labels->SetLimit(k); }
+
+std::string ServerMetrics::TaskLabel(const std::string& task) {
+  return task_labels->Label(task);
+}
+
+void ServerMetrics::CountPredictInput(const std::string& task, const std::string& code) {
+  predict_inputs_total.Add({{"task", TaskLabel(task)}, {"code", code}}).Increment();
+}
+
 std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
   std::unique_ptr<MetricsRegistry> m(new MetricsRegistry());
   m->registry_ = std::make_shared<prometheus::Registry>();
+  m->task_labels_ = std::make_unique<TaskLabels>();
   prometheus::Registry& r = *m->registry_;
   using prometheus::BuildCounter;
   using prometheus::BuildGauge;
@@ -77,8 +103,19 @@ std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
                   .Help("Device memory allocated by the server")
                   .Register(r)
                   .Add({});
+  auto& inputs = BuildCounter()
+                     .Name("metatt_predict_inputs_total")
+                     .Help("Predict inputs by task (first K tasks by name, the rest \"other\") "
+                           "and status code")
+                     .Register(r);
+  auto& in_flight = BuildGauge()
+                        .Name("metatt_predict_in_flight")
+                        .Help("Predict RPCs being served right now")
+                        .Register(r)
+                        .Add({});
   m->metrics_.reset(new ServerMetrics{jobs, steps, loss, eps, predict, latency, batch, batch_tasks,
-                                      queue, resident, params, mem});
+                                      queue, resident, params, mem, inputs, in_flight,
+                                      m->task_labels_.get()});
   for (auto s : {JobState::kQueued, JobState::kValidating, JobState::kRunning, JobState::kSucceeded,
                  JobState::kFailed, JobState::kCancelled}) {
     m->metrics_->JobsIn(s).Set(0);

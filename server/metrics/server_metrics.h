@@ -3,7 +3,11 @@
 // ServerMetrics. Torch-free and protobuf-free: the runtime includes it too.
 //
 // Names end with their unit (see ARCHITECTURE.md "Metrics"). Labels are
-// bounded: no per-job or per-task label by default.
+// bounded: no per-job label; per-task labels only on
+// metatt_predict_inputs_total{task,code}, where the first `task_label_limit`
+// distinct tasks requested get their own value ("family/task") and every
+// later one counts under "other" (so ten thousand tasks make at most K+1
+// series per code).
 #pragma once
 
 #include <prometheus/counter.h>
@@ -13,7 +17,9 @@
 #include <prometheus/registry.h>
 
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 
 #include "absl/status/statusor.h"
 #include "server/jobs/job_types.h"
@@ -23,6 +29,8 @@ class Exposer;
 }
 
 namespace metatt {
+
+class TaskLabels;
 
 struct ServerMetrics {
   prometheus::Family<prometheus::Gauge>& jobs;   // metatt_jobs{state}
@@ -37,10 +45,32 @@ struct ServerMetrics {
   prometheus::Gauge& tasks_resident;   // metatt_tasks_resident
   prometheus::Family<prometheus::Gauge>& adapter_parameters;  // {family}
   prometheus::Gauge& device_memory_bytes;
+  prometheus::Family<prometheus::Counter>& predict_inputs_total;  // {task, code}
+  prometheus::Gauge& predict_in_flight;  // metatt_predict_in_flight (Predict RPCs being served)
 
   // Convenience: the gauge of one job state / one status code.
   prometheus::Gauge& JobsIn(JobState s);
   prometheus::Counter& PredictRequests(const std::string& code);
+  // One Predict input of `task` ("family/task") ended with `code`; the task
+  // label is bounded (see above). Thread-safe.
+  void CountPredictInput(const std::string& task, const std::string& code);
+  // Distinct tasks that get their own label value (default 16; 0 = all "other").
+  void SetTaskLabelLimit(int64_t k);
+  std::string TaskLabel(const std::string& task);
+
+  TaskLabels* task_labels;  // owned by the MetricsRegistry
+};
+
+// The bounded set of task label values (first K distinct tasks). Thread-safe.
+class TaskLabels {
+ public:
+  void SetLimit(int64_t k);
+  std::string Label(const std::string& task);
+
+ private:
+  std::mutex mu_;
+  std::unordered_set<std::string> labelled_;
+  int64_t limit_ = 16;
 };
 
 class MetricsRegistry {
@@ -61,6 +91,7 @@ class MetricsRegistry {
   MetricsRegistry() = default;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<TaskLabels> task_labels_;
   std::unique_ptr<prometheus::Exposer> exposer_;
 };
 

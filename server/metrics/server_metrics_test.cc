@@ -7,6 +7,7 @@ namespace metatt {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 TEST(ServerMetricsTest, RendersEveryMetricName) {
   auto reg = MetricsRegistry::Create();
@@ -27,6 +28,26 @@ TEST(ServerMetricsTest, RendersEveryMetricName) {
         "metatt_adapter_parameters{family=\"glue\"} 1234", "metatt_device_memory_bytes"}) {
     EXPECT_THAT(text, HasSubstr(name));
   }
+}
+
+TEST(ServerMetricsTest, TaskLabelsAreBoundedToTheFirstK) {
+  auto reg = MetricsRegistry::Create();
+  ServerMetrics& m = reg->metrics();
+  m.SetTaskLabelLimit(2);
+  for (int i = 0; i < 100; ++i) m.CountPredictInput("f/t" + std::to_string(i % 10), "OK");
+  m.CountPredictInput("f/t0", "NOT_FOUND");
+  const std::string text = reg->Render();
+  EXPECT_THAT(text, HasSubstr("metatt_predict_inputs_total{code=\"OK\",task=\"f/t0\"} 10"));
+  EXPECT_THAT(text, HasSubstr("metatt_predict_inputs_total{code=\"OK\",task=\"f/t1\"} 10"));
+  EXPECT_THAT(text, HasSubstr("metatt_predict_inputs_total{code=\"OK\",task=\"other\"} 80"));
+  EXPECT_THAT(text,
+              HasSubstr("metatt_predict_inputs_total{code=\"NOT_FOUND\",task=\"f/t0\"} 1"));
+  EXPECT_THAT(text, Not(HasSubstr("task=\"f/t2\"")));
+  // Limit 0: every task is "other".
+  auto reg0 = MetricsRegistry::Create();
+  reg0->metrics().SetTaskLabelLimit(0);
+  reg0->metrics().CountPredictInput("f/t0", "OK");
+  EXPECT_THAT(reg0->Render(), HasSubstr("metatt_predict_inputs_total{code=\"OK\",task=\"other\"} 1"));
 }
 
 TEST(ServerMetricsTest, ServesOnAFreePort) {

@@ -2,8 +2,14 @@
 
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <system_error>
@@ -13,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "adapters/family_io.h"
 #include "adapters/util/safetensors.h"
 #include "adapters/util/status_macros.h"
 
@@ -22,8 +29,10 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-constexpr char kTensorsFile[] = "adapter.safetensors";
-constexpr char kMetaFile[] = "family.json";
+// One on-disk format with metatt-train: adapters/family_io (registry metadata
+// in family.json "extra", heads stacked as head.stacked.*).
+constexpr const char* kTensorsFile = kFamilyCoresFile;
+constexpr const char* kMetaFile = kFamilyMetaFile;
 
 absl::Status ValidateFamilyName(const std::string& name) {
   if (name.empty() || name.size() > 128) {
@@ -60,6 +69,86 @@ TaskRecord TaskFromJson(const json& j) {
 }
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+// Stacks per-task heads: weight [T, max_labels, D], bias [T, max_labels] (CPU).
+absl::Status StackHeads(const std::vector<torch::Tensor>& weights,
+                        const std::vector<torch::Tensor>& biases, torch::Tensor* weight,
+                        torch::Tensor* bias) {
+  return TorchTry("stacking heads", [&] {
+    const int64_t T = static_cast<int64_t>(weights.size());
+    int64_t max_labels = 1;
+    for (const auto& w : weights) max_labels = std::max(max_labels, w.size(0));
+    const int64_t D = weights[0].size(1);
+    *weight = torch::zeros({T, max_labels, D}, torch::kFloat32);
+    *bias = torch::zeros({T, max_labels}, torch::kFloat32);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = weights[t].size(0);
+      (*weight)[t].slice(0, 0, n).copy_(weights[t].detach().to(torch::kCPU));
+      (*bias)[t].slice(0, 0, n).copy_(biases[t].detach().to(torch::kCPU).reshape({n}));
+    }
+  });
+}
+
+// Task records of a family in the library's format: the registry's records
+// from extra.tasks where present; a family written by metatt-train has none
+// (num_labels from its head, regression = a single output).
+absl::StatusOr<std::vector<TaskRecord>> TaskRecordsOf(const LoadedFamily& lf,
+                                                      const std::string& where) {
+  std::map<int64_t, TaskRecord> by_index;
+  try {
+    if (lf.extra.is_object() && lf.extra.contains("tasks") && lf.extra["tasks"].is_array()) {
+      for (const auto& t : lf.extra["tasks"]) {
+        TaskRecord r = TaskFromJson(t);
+        by_index[r.index] = r;
+      }
+    }
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra.tasks: ", e.what()));
+  }
+  auto sn = lf.heads.find("stacked.num_labels");
+  std::vector<TaskRecord> out;
+  for (int64_t t = 0; t < static_cast<int64_t>(lf.task_names.size()); ++t) {
+    auto it = by_index.find(t);
+    TaskRecord r = it != by_index.end() ? it->second : TaskRecord();
+    r.name = lf.task_names[t];
+    r.index = t;
+    if (sn != lf.heads.end() && t < sn->second.size(0) && !lf.heads.count(r.name + ".weight")) {
+      r.num_labels = sn->second[t].item<int64_t>();
+    } else {
+      auto head = FamilyTaskHead(lf, t);
+      if (!head.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", head.status().message()));
+      r.num_labels = head->first.size(0);
+    }
+    if (it == by_index.end()) r.regression = r.num_labels == 1;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+// A family in the library's format -> a publish request (tensors on the CPU).
+absl::StatusOr<PublishRequest> RequestFromLoaded(const LoadedFamily& lf, const std::string& where) {
+  PublishRequest req;
+  req.config = lf.adapter->config();
+  req.scale = lf.adapter->scale();
+  for (const auto& [k, v] : lf.adapter->NamedParameters()) req.adapter_tensors[k] = v.detach();
+  try {
+    if (lf.extra.is_object()) {
+      req.family = lf.extra.value("family", std::string());
+      req.pooling = lf.extra.value("pooling", std::string("mean"));
+      req.max_length = lf.extra.value("max_length", int64_t{128});
+    }
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra: ", e.what()));
+  }
+  ASSIGN_OR_RETURN(req.tasks, TaskRecordsOf(lf, where));
+  for (int64_t t = 0; t < static_cast<int64_t>(req.tasks.size()); ++t) {
+    auto head = FamilyTaskHead(lf, t);
+    if (!head.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", head.status().message()));
+    req.head_weights.push_back(head->first);
+    req.head_biases.push_back(head->second);
+  }
+  return req;
+}
 
 // Builds the in-memory family from tensors (any device).
 absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
@@ -110,6 +199,62 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
   return fam;
 }
 
+// "<host>-<pid>": names this process's scratch directories, so a restart can
+// tell its own crash leftovers from another replica's publication in progress
+// (several replicas may share --data_dir).
+std::string ScratchOwner() {
+  char host[256] = {0};
+  if (::gethostname(host, sizeof(host) - 1) != 0) host[0] = 0;
+  return absl::StrCat(host, "-", ::getpid());
+}
+
+// Scratch directories (".tmp-v<N>-<host>-<pid>" in a family directory,
+// ".import-<host>-<pid>-<seq>" in families/) left by a process that died:
+// same host and the pid is gone, or (another host, or an older name) not
+// touched for an hour. Removed at start-up; never listed or loaded.
+void RemoveCrashLeftovers(const fs::path& families) {
+  std::error_code ec;
+  char host[256] = {0};
+  if (::gethostname(host, sizeof(host) - 1) != 0) host[0] = 0;
+  const std::string prefix = absl::StrCat(host, "-");
+  // rest = "<host>-<pid>" (with_seq: "<host>-<pid>-<seq>").
+  auto stale = [&](const fs::path& p, const std::string& rest, bool with_seq) {
+    if (host[0] != 0 && rest.rfind(prefix, 0) == 0 && rest.size() > prefix.size() &&
+        std::isdigit(static_cast<unsigned char>(rest[prefix.size()]))) {
+      char* end = nullptr;
+      const long pid = std::strtol(rest.c_str() + prefix.size(), &end, 10);
+      bool mine = *end == 0 && !with_seq;
+      if (with_seq && *end == '-' && end[1] != 0) {
+        const char* seq = end + 1;
+        mine = std::all_of(seq, rest.c_str() + rest.size(),
+                           [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
+      }
+      if (mine) {
+        return pid == ::getpid() ||
+               (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH);
+      }
+    }
+    auto t = fs::last_write_time(p, ec);
+    return !ec && fs::file_time_type::clock::now() - t > std::chrono::hours(1);
+  };
+  for (const auto& fam : fs::directory_iterator(families, ec)) {
+    const std::string name = fam.path().filename().string();
+    if (name.rfind(".import-", 0) == 0) {
+      if (stale(fam.path(), name.substr(8), true)) fs::remove_all(fam.path(), ec);
+      continue;
+    }
+    if (!fam.is_directory(ec)) continue;
+    for (const auto& e : fs::directory_iterator(fam.path(), ec)) {
+      const std::string n = e.path().filename().string();
+      if (n.rfind(".tmp-v", 0) != 0) continue;
+      const size_t dash = n.find('-', 6);  // after ".tmp-v<N>"
+      if (dash != std::string::npos && stale(e.path(), n.substr(dash + 1), false)) {
+        fs::remove_all(e.path(), ec);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::pair<torch::Tensor, torch::Tensor> PublishedFamily::TaskHeadTensors(int64_t t) const {
@@ -151,45 +296,53 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const O
     return absl::InternalError(
         absl::StrCat("cannot create ", options.data_dir, "/families: ", ec.message()));
   }
+  RemoveCrashLeftovers(fs::path(options.data_dir) / "families");
   return std::unique_ptr<AdapterRegistry>(new AdapterRegistry(options, store));
 }
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
     const FamilyVersionRecord& record) {
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
-  ASSIGN_OR_RETURN(std::string meta_text,
-                   ReadFileToString((fs::path(record.path) / kMetaFile).string()));
-  json meta = json::parse(meta_text, nullptr, /*allow_exceptions=*/false);
-  if (meta.is_discarded() || !meta.is_object() || !meta.contains("config")) {
-    return absl::DataLossError(absl::StrCat(where, ": malformed ", kMetaFile));
+  auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU);
+  if (!loaded.ok()) {
+    const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat(where, other_base ? ": trained on another base model: " : ": ",
+                                     loaded.status().message()));
   }
-  const std::string fp = meta.value("base_model_fingerprint", "");
-  if (!options_.base_model_fingerprint.empty() && fp != options_.base_model_fingerprint) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        where, ": trained on another base model (fingerprint ", fp, ", loaded model ",
-        options_.base_model_fingerprint, ")"));
-  }
-  ASSIGN_OR_RETURN(MetaTTConfig config, MetaTTConfig::FromJson(meta["config"]));
-  ASSIGN_OR_RETURN(SafetensorsFile file,
-                   ReadSafetensors((fs::path(record.path) / kTensorsFile).string()));
-  std::map<std::string, torch::Tensor> adapter;
-  for (auto& [k, v] : file.tensors) {
-    if (k.rfind("adapter.", 0) == 0) adapter[k.substr(8)] = v;
-  }
-  auto w = file.tensors.find("heads.weight");
-  auto b = file.tensors.find("heads.bias");
-  if (w == file.tensors.end() || b == file.tensors.end()) {
-    return absl::DataLossError(absl::StrCat(where, ": heads missing from ", kTensorsFile));
+  const LoadedFamily& lf = *loaded;
+  const int64_t T = static_cast<int64_t>(lf.task_names.size());
+  torch::Tensor weight, bias;
+  PublishRequest req;
+  auto sw = lf.heads.find("stacked.weight");
+  if (sw != lf.heads.end() && sw->second.size(0) == T) {  // as Publish writes it
+    weight = sw->second;
+    bias = lf.heads.at("stacked.bias");
+    req.config = lf.adapter->config();
+    req.scale = lf.adapter->scale();
+    for (const auto& [k, v] : lf.adapter->NamedParameters()) req.adapter_tensors[k] = v.detach();
+    try {
+      if (lf.extra.is_object()) {
+        req.pooling = lf.extra.value("pooling", std::string("mean"));
+        req.max_length = lf.extra.value("max_length", int64_t{128});
+      }
+    } catch (const json::exception& e) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra: ", e.what()));
+    }
+    if (record.tasks.empty()) {
+      ASSIGN_OR_RETURN(req.tasks, TaskRecordsOf(lf, where));
+    }
+  } else {  // per-task heads (metatt-train), possibly after stacked ones
+    ASSIGN_OR_RETURN(req, RequestFromLoaded(lf, where));
+    if (T == 0) return absl::InvalidArgumentError(absl::StrCat(where, ": no task"));
+    RETURN_IF_ERROR(StackHeads(req.head_weights, req.head_biases, &weight, &bias));
   }
   FamilyVersionRecord rec = record;
-  if (rec.tasks.empty() && meta.contains("tasks")) {
-    for (const auto& t : meta["tasks"]) rec.tasks.push_back(TaskFromJson(t));
-  }
+  if (rec.tasks.empty()) rec.tasks = req.tasks;
   std::sort(rec.tasks.begin(), rec.tasks.end(),
             [](const TaskRecord& a, const TaskRecord& c) { return a.index < c.index; });
-  return BuildFamily(std::move(rec), config, meta.value("scale", config.Scale()), adapter,
-                     w->second, b->second, meta.value("pooling", std::string("mean")),
-                     meta.value("max_length", int64_t{128}), options_.device);
+  return BuildFamily(std::move(rec), req.config, req.scale, req.adapter_tensors, weight, bias,
+                     req.pooling, req.max_length, options_.device);
 }
 
 absl::StatusOr<std::vector<std::string>> AdapterRegistry::LoadAll() {
@@ -235,18 +388,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
 
   // Stack the heads: [T, max_labels, D] / [T, max_labels].
   torch::Tensor weight, bias;
-  RETURN_IF_ERROR(TorchTry("stacking heads", [&] {
-    int64_t max_labels = 1;
-    for (const auto& w : req.head_weights) max_labels = std::max(max_labels, w.size(0));
-    const int64_t D = req.head_weights[0].size(1);
-    weight = torch::zeros({static_cast<int64_t>(T), max_labels, D}, torch::kFloat32);
-    bias = torch::zeros({static_cast<int64_t>(T), max_labels}, torch::kFloat32);
-    for (size_t t = 0; t < T; ++t) {
-      const int64_t n = req.head_weights[t].size(0);
-      weight[t].slice(0, 0, n).copy_(req.head_weights[t].detach().to(torch::kCPU));
-      bias[t].slice(0, 0, n).copy_(req.head_biases[t].detach().to(torch::kCPU).reshape({n}));
-    }
-  }));
+  RETURN_IF_ERROR(StackHeads(req.head_weights, req.head_biases, &weight, &bias));
 
   FamilyVersionRecord record;
   record.family = req.family;
@@ -262,10 +404,18 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   }
   record.created_by_job = req.created_by_job;
   record.created_unix_ms = NowMs();
+  if (!existing.empty()) {
+    record.tenant = existing.back().tenant;  // a family never changes hands
+  } else if (!req.tenant.empty()) {
+    record.tenant = req.tenant;
+  } else if (!req.created_by_job.empty()) {
+    auto job = store_->GetJob(req.created_by_job);
+    if (job.ok()) record.tenant = job->tenant;
+  }
 
   const fs::path family_dir = fs::path(options_.data_dir) / "families" / req.family;
   const fs::path final_dir = family_dir / absl::StrCat("v", version);
-  const fs::path tmp_dir = family_dir / absl::StrCat(".tmp-v", version, "-", getpid());
+  const fs::path tmp_dir = family_dir / absl::StrCat(".tmp-v", version, "-", ScratchOwner());
   record.path = final_dir.string();
 
   // Build first: a family that cannot be served is never written.
@@ -277,33 +427,49 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   fs::remove_all(tmp_dir, ec);
   fs::create_directories(tmp_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp_dir.string()));
-  std::map<std::string, torch::Tensor> tensors;
-  for (const auto& [k, v] : req.adapter_tensors) tensors["adapter." + k] = v.detach();
-  tensors["heads.weight"] = weight;
-  tensors["heads.bias"] = bias;
-  json meta = {{"family", req.family},
-               {"version", version},
-               {"config", req.config.ToJson()},
-               {"scale", req.scale},
-               {"pooling", req.pooling},
-               {"max_length", req.max_length},
-               {"base_model_fingerprint", options_.base_model_fingerprint},
-               {"created_by_job", req.created_by_job},
-               {"tasks", json::array()}};
-  for (const auto& t : record.tasks) meta["tasks"].push_back(TaskToJson(t));
-  absl::Status st = WriteSafetensors((tmp_dir / kTensorsFile).string(), tensors,
-                                     {{"family", req.family}, {"version", std::to_string(version)}});
-  if (st.ok()) st = WriteFileAtomically((tmp_dir / kMetaFile).string(), meta.dump(2));
+  // adapters/family_io format: cores + stacked heads, registry metadata in "extra".
+  std::vector<std::string> task_names;
+  std::vector<int64_t> num_labels;
+  for (const auto& t : record.tasks) {
+    task_names.push_back(t.name);
+    num_labels.push_back(t.num_labels);
+  }
+  std::map<std::string, torch::Tensor> heads = {
+      {"stacked.weight", weight},
+      {"stacked.bias", bias},
+      {"stacked.num_labels", torch::tensor(num_labels, torch::kInt64)}};
+  json extra = {{"family", req.family},
+                {"version", version},
+                {"pooling", req.pooling},
+                {"max_length", req.max_length},
+                {"created_by_job", req.created_by_job},
+                {"tasks", json::array()}};
+  for (const auto& t : record.tasks) extra["tasks"].push_back(TaskToJson(t));
+  absl::Status st = SaveFamily(tmp_dir.string(), *fam->adapter, task_names, heads,
+                               /*base_model_id=*/"", options_.base_model_fingerprint, extra);
+  bool renamed = false;
+  if (st.ok()) {
+    // Several replicas share data_dir: if another one published this version
+    // meanwhile, its directory is not ours to replace.
+    auto known = store_->ListFamilyVersions(req.family);
+    if (known.ok() && std::any_of(known->begin(), known->end(), [&](const FamilyVersionRecord& r) {
+          return r.version == version;
+        })) {
+      st = absl::AlreadyExistsError(absl::StrCat("family ", req.family, " version ", version,
+                                                 " was published concurrently by another replica"));
+    }
+  }
   if (st.ok()) {
     fs::remove_all(final_dir, ec);  // a leftover of a crash before the Store knew it
     fs::rename(tmp_dir, final_dir, ec);
     if (ec) st = absl::InternalError(absl::StrCat("rename to ", final_dir.string(), ": ",
                                                   ec.message()));
+    renamed = st.ok();
   }
   if (st.ok()) st = store_->PublishFamilyVersion(record);
   if (!st.ok()) {
     fs::remove_all(tmp_dir, ec);
-    fs::remove_all(final_dir, ec);
+    if (renamed) fs::remove_all(final_dir, ec);
     return st;
   }
   std::shared_ptr<const PublishedFamily> published = std::move(fam);
@@ -439,7 +605,8 @@ absl::StatusOr<std::map<std::string, std::string>> AdapterRegistry::ExportFiles(
 }
 
 absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
-    const std::string& family, const std::map<std::string, std::string>& files) {
+    const std::string& family, const std::map<std::string, std::string>& files,
+    const std::string& tenant) {
   auto meta_it = files.find(kMetaFile);
   auto tensors_it = files.find(kTensorsFile);
   if (meta_it == files.end() || tensors_it == files.end()) {
@@ -447,49 +614,106 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
         absl::StrCat("files: ", kMetaFile, " and ", kTensorsFile, " are required"));
   }
   json meta = json::parse(meta_it->second, nullptr, /*allow_exceptions=*/false);
-  if (meta.is_discarded() || !meta.is_object() || !meta.contains("config") ||
-      !meta.contains("tasks") || !meta["tasks"].is_array()) {
+  if (meta.is_discarded() || !meta.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat("files: malformed ", kMetaFile));
   }
-  const std::string fp = meta.value("base_model_fingerprint", "");
+  const json fp_field = meta.value("base_config_fingerprint", json());
+  const std::string fp = fp_field.is_string() ? fp_field.get<std::string>() : "";
   if (!options_.base_model_fingerprint.empty() && fp != options_.base_model_fingerprint) {
     return absl::FailedPreconditionError(absl::StrCat(
         "files: the family was trained on another base model (fingerprint ", fp, ")"));
   }
-  PublishRequest req;
-  req.family = family.empty() ? meta.value("family", "") : family;
-  RETURN_IF_ERROR(ValidateFamilyName(req.family));
-  if (Get(req.family, 0).ok()) {
-    return absl::AlreadyExistsError(absl::StrCat("family: '", req.family, "' already exists"));
+  std::string name = family;
+  if (name.empty() && meta.contains("extra") && meta["extra"].is_object() &&
+      meta["extra"].contains("family") && meta["extra"]["family"].is_string()) {
+    name = meta["extra"]["family"].get<std::string>();
   }
-  ASSIGN_OR_RETURN(req.config, MetaTTConfig::FromJson(meta["config"]));
-  req.scale = meta.value("scale", req.config.Scale());
-  req.pooling = meta.value("pooling", std::string("mean"));
-  req.max_length = meta.value("max_length", int64_t{128});
+  RETURN_IF_ERROR(ValidateFamilyName(name));
+  if (Get(name, 0).ok()) {
+    return absl::AlreadyExistsError(absl::StrCat("family: '", name, "' already exists"));
+  }
+  // The library validates (hash, shapes, fingerprint) from a scratch directory.
+  static std::atomic<int64_t> import_seq{0};
+  const fs::path scratch = fs::path(options_.data_dir) / "families" /
+                           absl::StrCat(".import-", ScratchOwner(), "-", import_seq++);
+  std::error_code ec;
+  fs::remove_all(scratch, ec);
+  fs::create_directories(scratch, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", scratch.string()));
+  absl::Status st = WriteFileAtomically((scratch / kMetaFile).string(), meta_it->second);
+  if (st.ok()) st = WriteFileAtomically((scratch / kTensorsFile).string(), tensors_it->second);
+  absl::StatusOr<LoadedFamily> loaded = absl::InternalError("unset");
+  if (st.ok()) {
+    loaded = LoadFamily(scratch.string(), options_.base_model_fingerprint, torch::kCPU);
+  } else {
+    loaded = st;
+  }
+  fs::remove_all(scratch, ec);
+  if (!loaded.ok()) {
+    const auto code = loaded.status().code() == absl::StatusCode::kFailedPrecondition
+                          ? absl::StatusCode::kFailedPrecondition
+                          : absl::StatusCode::kInvalidArgument;
+    return absl::Status(code, absl::StrCat("files: ", loaded.status().message()));
+  }
+  ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, "files"));
+  req.family = name;
   req.created_by_job = "import";
-  ASSIGN_OR_RETURN(SafetensorsFile file, ParseSafetensors(tensors_it->second, kTensorsFile));
-  for (auto& [k, v] : file.tensors) {
-    if (k.rfind("adapter.", 0) == 0) req.adapter_tensors[k.substr(8)] = v;
-  }
-  auto w = file.tensors.find("heads.weight");
-  auto b = file.tensors.find("heads.bias");
-  if (w == file.tensors.end() || b == file.tensors.end() || w->second.dim() != 3 ||
-      b->second.dim() != 2) {
-    return absl::InvalidArgumentError(absl::StrCat("files: heads missing from ", kTensorsFile));
-  }
-  for (const auto& t : meta["tasks"]) req.tasks.push_back(TaskFromJson(t));
-  std::sort(req.tasks.begin(), req.tasks.end(),
-            [](const TaskRecord& a, const TaskRecord& c) { return a.index < c.index; });
-  for (const TaskRecord& t : req.tasks) {
-    if (t.index < 0 || t.index >= w->second.size(0) || t.num_labels < 1 ||
-        t.num_labels > w->second.size(1)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("files: task ", t.name, " does not match the stacked heads"));
-    }
-    req.head_weights.push_back(w->second[t.index].slice(0, 0, t.num_labels));
-    req.head_biases.push_back(b->second[t.index].slice(0, 0, t.num_labels));
-  }
+  req.tenant = tenant;
   return Publish(req);
+}
+
+absl::StatusOr<std::vector<std::string>> AdapterRegistry::Refresh() {
+  // Serialised with Publish: a family published here between our listing
+  // and our swap must not look deleted.
+  absl::MutexLock publish_lock(&publish_mu_);
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersions(""));
+  std::map<std::string, const FamilyVersionRecord*> newest;
+  for (const auto& r : all) {
+    auto& slot = newest[r.family];
+    if (slot == nullptr || r.version > slot->version) slot = &r;
+  }
+  std::vector<const FamilyVersionRecord*> to_load;
+  std::vector<std::string> changed;
+  {
+    absl::MutexLock l(&mu_);
+    for (const auto& [name, rec] : newest) {
+      auto it = latest_.find(name);
+      if (it != latest_.end() && it->second->version() >= rec->version) continue;
+      auto failed = refresh_failed_.find(name);
+      if (failed != refresh_failed_.end() && failed->second >= rec->version) continue;
+      to_load.push_back(rec);
+    }
+    for (auto it = latest_.begin(); it != latest_.end();) {
+      if (newest.count(it->first) > 0) {
+        ++it;
+        continue;
+      }
+      changed.push_back("-" + it->first);
+      for (auto o = older_.begin(); o != older_.end();) {
+        o = o->first.first == it->first ? older_.erase(o) : std::next(o);
+      }
+      it = latest_.erase(it);
+    }
+  }
+  // Load outside the lock: serving goes on with the old versions meanwhile.
+  for (const FamilyVersionRecord* rec : to_load) {
+    auto fam = LoadVersion(*rec);
+    absl::MutexLock l(&mu_);
+    if (!fam.ok()) {
+      refresh_failed_[rec->family] = rec->version;
+      std::cerr << "metatt registry: cannot load " << rec->family << " v" << rec->version << ": "
+                << fam.status() << "\n";
+      continue;
+    }
+    auto it = latest_.find(rec->family);
+    if (it != latest_.end()) {
+      if (it->second->version() >= rec->version) continue;  // published here meanwhile
+      older_[{rec->family, it->second->version()}] = it->second;
+    }
+    latest_[rec->family] = std::move(*fam);
+    changed.push_back(absl::StrCat(rec->family, " v", rec->version));
+  }
+  return changed;
 }
 
 void AdapterRegistry::Remove(const std::string& family) {

@@ -4,8 +4,10 @@
 // holds the adapter, every task head stacked compactly (weight
 // [T, max_labels, D], bias [T, max_labels]: a million tasks are two tensors,
 // not two million), the task name -> index map and the label vocabularies.
-// Publish() writes the tensors under <data_dir>/families/<family>/v<N>/
-// (a temporary directory renamed into place), records the version in the
+// Publish() writes the version with adapters/family_io (SaveFamily: heads
+// stacked, registry metadata in family.json "extra") under
+// <data_dir>/families/<family>/v<N>/ (a temporary directory renamed into
+// place), records the version in the
 // Store and swaps the family's shared_ptr, so the next Resolve() sees it.
 // In-flight requests keep the version they resolved alive.
 //
@@ -65,6 +67,9 @@ struct PublishRequest {
   std::string pooling = "mean";
   int64_t max_length = 128;
   std::string created_by_job;
+  // Owner tenant of a new family; "" = the tenant of the job `created_by_job`
+  // (else "default"). A new version keeps its family's tenant.
+  std::string tenant;
 };
 
 class AdapterRegistry {
@@ -82,6 +87,14 @@ class AdapterRegistry {
   // and reported in the returned list of warnings.
   absl::StatusOr<std::vector<std::string>> LoadAll();
 
+  // Several replicas on one store: loads the versions other replicas
+  // published since (newer than the loaded one) and drops families deleted
+  // from the Store, swapping each family's shared_ptr atomically (in-flight
+  // requests keep the version they resolved). Returns what changed, e.g.
+  // "glue v3", "-old" (removed). A version that fails to load is reported
+  // once and retried only when a newer one appears.
+  absl::StatusOr<std::vector<std::string>> Refresh();
+
   // Writes, records and activates version latest+1 of the family.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> Publish(const PublishRequest& request);
 
@@ -95,15 +108,18 @@ class AdapterRegistry {
   // (task t > removed becomes t - 1); FAILED_PRECONDITION for the last task.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> DeleteTask(const std::string& family,
                                                                  const std::string& task);
-  // The files of a published version: "adapter.safetensors" and
-  // "family.json" (name -> bytes).
+  // The files of a published version: "cores.safetensors" and
+  // "family.json" (name -> bytes), the adapters/family_io format that
+  // metatt-train writes and LoadFamily reads.
   absl::StatusOr<std::map<std::string, std::string>> ExportFiles(const std::string& family,
                                                                  int64_t version);
-  // Publishes exported files as version 1 of a new family (`family` "" = the
-  // name in family.json). ALREADY_EXISTS when the family exists,
+  // Publishes exported files (or a metatt-train output directory's files) as
+  // version 1 of a new family (`family` "" = the name in family.json extra).
+  // ALREADY_EXISTS when the family exists,
   // FAILED_PRECONDITION when it was trained on another base model.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> Import(
-      const std::string& family, const std::map<std::string, std::string>& files);
+      const std::string& family, const std::map<std::string, std::string>& files,
+      const std::string& tenant = "");
 
   // Drops a family from memory (after the Store deleted it).
   void Remove(const std::string& family);
@@ -123,6 +139,7 @@ class AdapterRegistry {
   std::map<std::string, std::shared_ptr<const PublishedFamily>> latest_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<std::string, int64_t>, std::weak_ptr<const PublishedFamily>> older_
       ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> refresh_failed_ ABSL_GUARDED_BY(mu_);  // family -> version
 };
 
 // Ranks of the cores in `tensors` (MetaTTAdapter names) for `form`.

@@ -1,10 +1,14 @@
 #include "server/registry/adapter_registry.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "adapters/family_io.h"
+#include "adapters/util/file_io.h"
 #include "server/registry/test_family.h"
 #include "server/registry/test_util.h"
 
@@ -46,7 +50,7 @@ TEST(AdapterRegistryTest, PublishWritesVersionAndResolves) {
   EXPECT_EQ((*v1)->num_tasks(), 6);
   // Heads are stacked: one tensor for every task, padded to the widest head.
   EXPECT_EQ((*v1)->head_weight.sizes().vec(), (std::vector<int64_t>{6, 4, 16}));
-  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/fam/v1/adapter.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/fam/v1/cores.safetensors"));
   EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/fam/v1/family.json"));
   auto recs = store.ListFamilyVersions("fam");
   ASSERT_TRUE(recs.ok());
@@ -127,6 +131,35 @@ TEST(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
   EXPECT_EQ((*v3)->version(), 3);
 }
 
+// Two replicas on one store and one data directory: what one publishes the
+// other serves after Refresh(); a family deleted from the store is dropped.
+TEST(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto a = MakeRegistry(dir.path(), &store);
+  auto b = MakeRegistry(dir.path(), &store);
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 2, Base(), 1)).ok());
+  EXPECT_EQ(b->Resolve("fam", 0, "task1", -1).status().code(), absl::StatusCode::kNotFound);
+  auto changed = b->Refresh();
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_THAT(*changed, ::testing::ElementsAre("fam v1"));
+  auto r = b->Resolve("fam", 0, "task1", -1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::shared_ptr<const PublishedFamily> held = r->family;  // an in-flight request
+  EXPECT_TRUE(b->Refresh()->empty());                      // nothing new: no reload
+
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, Base(), 2)).ok());
+  EXPECT_THAT(*b->Refresh(), ::testing::ElementsAre("fam v2"));
+  r = b->Resolve("fam", 0, "task2", -1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->family->version(), 2);
+  EXPECT_EQ(held->version(), 1);  // the swapped-out version stays valid for its holders
+
+  ASSERT_TRUE(store.DeleteFamily("fam").ok());
+  EXPECT_THAT(*b->Refresh(), ::testing::ElementsAre("-fam"));
+  EXPECT_EQ(b->Resolve("fam", 0, "task0", -1).status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
   ScratchDir dir;
   InMemoryStore store;
@@ -140,6 +173,32 @@ TEST(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
   ASSERT_EQ(warnings->size(), 1u);
   EXPECT_THAT((*warnings)[0], HasSubstr("another base model"));
   EXPECT_TRUE(reg->Latest().empty());
+}
+
+TEST(AdapterRegistryTest, StartRemovesScratchDirsOfDeadProcessesOnly) {
+  ScratchDir dir;
+  InMemoryStore store;
+  char host[256] = {0};
+  ASSERT_EQ(::gethostname(host, sizeof(host) - 1), 0);
+  namespace fs = std::filesystem;
+  const fs::path fam = fs::path(dir.path()) / "families" / "f";
+  // A publication of this host's process that died (pid beyond pid_max), an
+  // import scratch dir of it, a live process's publication, and a fresh one
+  // of another replica (another host): only the first two are leftovers.
+  const fs::path dead = fam / (std::string(".tmp-v2-") + host + "-999999999");
+  const fs::path dead_import =
+      fs::path(dir.path()) / "families" / (std::string(".import-") + host + "-999999999-0");
+  const fs::path live = fam / (std::string(".tmp-v3-") + host + "-" + std::to_string(getppid()));
+  const fs::path other = fam / ".tmp-v4-another-host-1";
+  for (const auto& p : {dead, dead_import, live, other}) {
+    fs::create_directories(p);
+    ASSERT_TRUE(WriteFileAtomically((p / "family.json").string(), "{").ok());
+  }
+  auto reg = MakeRegistry(dir.path(), &store);
+  EXPECT_FALSE(fs::exists(dead));
+  EXPECT_FALSE(fs::exists(dead_import));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(other));
 }
 
 TEST(AdapterRegistryTest, RejectsBadRequests) {
@@ -212,6 +271,104 @@ TEST(AdapterRegistryTest, ExportImportRoundTrip) {
   EXPECT_EQ(other->Import("x", *files).status().code(), absl::StatusCode::kFailedPrecondition);
   (*files)["family.json"] = "{";
   EXPECT_EQ(reg->Import("y", *files).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// One on-disk format: adapters/family_io. A family written by the library
+// (as metatt-train writes it: per-task heads) imports into the registry, and
+// a published version loads with LoadFamily.
+std::map<std::string, std::string> ReadFamilyFiles(const std::string& dir) {
+  std::map<std::string, std::string> files;
+  for (const char* n : {kFamilyCoresFile, kFamilyMetaFile}) {
+    auto b = ReadFileToString(dir + "/" + n);
+    EXPECT_TRUE(b.ok()) << b.status();
+    files[n] = *b;
+  }
+  return files;
+}
+
+void ExpectSameCores(const MetaTTAdapter& a, const MetaTTAdapter& b) {
+  auto pa = a.NamedParameters(), pb = b.NamedParameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_EQ(pa[i].first, pb[i].first);
+    EXPECT_TRUE(torch::equal(pa[i].second.cpu(), pb[i].second.cpu())) << pa[i].first;
+  }
+}
+
+TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFamily) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto reg = MakeRegistry(dir.path(), &store);
+  const BertConfig base = Base();
+  PublishRequest spec = RandomFamily("unused", 2, base, 4);
+  auto lib = MetaTTAdapter::FromTensors(spec.config, spec.scale, spec.adapter_tensors);
+  ASSERT_TRUE(lib.ok()) << lib.status();
+  std::map<std::string, torch::Tensor> heads = {
+      {"sst2.weight", torch::randn({3, base.hidden_size})}, {"sst2.bias", torch::randn({3})},
+      {"stsb.weight", torch::randn({1, base.hidden_size})}, {"stsb.bias", torch::randn({1})}};
+  ScratchDir lib_dir;
+  ASSERT_TRUE(
+      SaveFamily(lib_dir.path(), **lib, {"sst2", "stsb"}, heads, "models/tiny", "fp-1").ok());
+
+  auto imported = reg->Import("lib", ReadFamilyFiles(lib_dir.path()));
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  const auto& fam = **imported;
+  EXPECT_EQ(fam.num_tasks(), 2);
+  EXPECT_EQ(fam.task_by_name.at("stsb"), 1);
+  EXPECT_EQ(fam.record.tasks[0].num_labels, 3);
+  EXPECT_FALSE(fam.record.tasks[0].regression);
+  EXPECT_TRUE(fam.record.tasks[1].regression);  // one output, no registry record
+  EXPECT_TRUE(torch::equal(fam.TaskHeadTensors(0).first, heads["sst2.weight"]));
+  EXPECT_TRUE(torch::equal(fam.TaskHeadTensors(1).second, heads["stsb.bias"]));
+  ExpectSameCores(*fam.adapter, **lib);
+  // Another base model is refused by the library's fingerprint check.
+  ScratchDir other_dir;
+  auto other = MakeRegistry(other_dir.path(), &store, "fp-other");
+  EXPECT_EQ(other->Import("lib", ReadFamilyFiles(lib_dir.path())).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // Registry -> library: the published directory is a family_io family.
+  auto pub = reg->Publish(RandomFamily("fam", 4, base, 6));
+  ASSERT_TRUE(pub.ok()) << pub.status();
+  auto loaded = LoadFamily((*pub)->record.path, "fp-1");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_EQ(loaded->task_names.size(), 4u);
+  EXPECT_EQ(loaded->task_names[3], "task3");
+  EXPECT_EQ(loaded->extra.value("pooling", ""), "mean");
+  for (int64_t t = 0; t < 4; ++t) {
+    auto h = FamilyTaskHead(*loaded, t);
+    ASSERT_TRUE(h.ok()) << h.status();
+    EXPECT_TRUE(torch::equal(h->first, (*pub)->TaskHeadTensors(t).first));
+    EXPECT_TRUE(torch::equal(h->second, (*pub)->TaskHeadTensors(t).second));
+  }
+  ExpectSameCores(*loaded->adapter, *(*pub)->adapter);
+  EXPECT_EQ(LoadFamily((*pub)->record.path, "fp-other").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+
+  // metatt-train --base_family on a published family: stacked heads for the
+  // old tasks plus per-task heads for the new one; imports with all heads.
+  ASSERT_TRUE(loaded->adapter->AddTask().ok());
+  auto names = loaded->task_names;
+  names.push_back("new");
+  auto ext_heads = loaded->heads;
+  ext_heads["new.weight"] = torch::randn({2, base.hidden_size});
+  ext_heads["new.bias"] = torch::randn({2});
+  ScratchDir ext_dir;
+  ASSERT_TRUE(SaveFamily(ext_dir.path(), *loaded->adapter, names, ext_heads, "m", "fp-1").ok());
+  auto ext = reg->Import("extended", ReadFamilyFiles(ext_dir.path()));
+  ASSERT_TRUE(ext.ok()) << ext.status();
+  EXPECT_EQ((*ext)->num_tasks(), 5);
+  EXPECT_TRUE(torch::equal((*ext)->TaskHeadTensors(4).first, ext_heads["new.weight"]));
+  EXPECT_TRUE(torch::equal((*ext)->TaskHeadTensors(2).first, (*pub)->TaskHeadTensors(2).first));
+
+  // A fresh registry on the same store reloads every version from disk.
+  auto again = MakeRegistry(dir.path(), &store);
+  auto warnings = again->LoadAll();
+  ASSERT_TRUE(warnings.ok());
+  EXPECT_TRUE(warnings->empty());
+  auto reloaded = again->Get("extended", 0);
+  ASSERT_TRUE(reloaded.ok()) << reloaded.status();
+  EXPECT_TRUE(torch::equal((*reloaded)->head_weight, (*ext)->head_weight));
 }
 
 }  // namespace

@@ -14,15 +14,14 @@ namespace {
 
 constexpr size_t kChunkBytes = 64 << 10;
 
-// version 0 = latest; NOT_FOUND naming the family / version.
-absl::StatusOr<FamilyVersionRecord> FindVersion(Store* store, const std::string& family,
-                                                int64_t version) {
+// version 0 = latest; NOT_FOUND naming the family / version (another
+// tenant's family is NOT_FOUND like a missing one: FamilyAccess).
+absl::StatusOr<FamilyVersionRecord> FindVersion(FamilyAccess* families, const Caller& caller,
+                                                const std::string& family, int64_t version) {
   if (family.empty()) return absl::InvalidArgumentError("family: required");
   if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
-  auto versions = store->ListFamilyVersions(family);
+  auto versions = families->Versions(caller, family);
   if (!versions.ok()) return versions.status();
-  if (versions->empty())
-    return absl::NotFoundError(absl::StrCat("family '", family, "' not found"));
   if (version == 0) return versions->back();
   for (const auto& v : *versions) {
     if (v.version == version) return v;
@@ -54,9 +53,12 @@ absl::StatusOr<std::vector<FamilyFile>> ReadVersionFiles(const FamilyVersionReco
 
 }  // namespace
 
-grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext*, const v1::ListFamiliesRequest*,
+grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
+                                              const v1::ListFamiliesRequest*,
                                               v1::ListFamiliesResponse* resp) {
-  auto all = options_.store->ListFamilyVersions("");
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto all = options_.families->ListAll(*caller);
   if (!all.ok()) return ToGrpcStatus(all.status());
   // Ordered by (family, version): the last record of each family is its latest.
   std::map<std::string, const FamilyVersionRecord*> latest;
@@ -70,15 +72,14 @@ grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext*, const v1::Li
   return grpc::Status::OK;
 }
 
-grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext*, const v1::GetFamilyRequest* req,
+grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
+                                           const v1::GetFamilyRequest* req,
                                            v1::GetFamilyResponse* resp) {
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
-  auto versions = options_.store->ListFamilyVersions(req->family());
+  auto versions = options_.families->Versions(*caller, req->family());
   if (!versions.ok()) return ToGrpcStatus(versions.status());
-  if (versions->empty()) {
-    return ToGrpcStatus(
-        absl::NotFoundError(absl::StrCat("family '", req->family(), "' not found")));
-  }
   auto* f = resp->mutable_family();
   f->set_name(req->family());
   f->set_latest_version(versions->back().version);
@@ -86,9 +87,12 @@ grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext*, const v1::GetFa
   return grpc::Status::OK;
 }
 
-grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext*, const v1::ListTasksRequest* req,
+grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
+                                           const v1::ListTasksRequest* req,
                                            v1::ListTasksResponse* resp) {
-  auto v = FindVersion(options_.store, req->family(), req->version());
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto v = FindVersion(options_.families, *caller, req->family(), req->version());
   if (!v.ok()) return ToGrpcStatus(v.status());
   resp->set_family(v->family);
   resp->set_version(v->version);
@@ -96,10 +100,13 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext*, const v1::ListT
   return grpc::Status::OK;
 }
 
-grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext*, const v1::DeleteTaskRequest* req,
+grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
+                                            const v1::DeleteTaskRequest* req,
                                             v1::DeleteTaskResponse* resp) {
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->task().empty()) return ToGrpcStatus(absl::InvalidArgumentError("task: required"));
-  auto v = FindVersion(options_.store, req->family(), 0);
+  auto v = FindVersion(options_.families, *caller, req->family(), 0);
   if (!v.ok()) return ToGrpcStatus(v.status());
   bool found = std::any_of(v->tasks.begin(), v->tasks.end(),
                            [&](const TaskRecord& t) { return t.name == req->task(); });
@@ -120,12 +127,14 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext*, const v1::Dele
 grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
                                               const v1::ExportFamilyRequest* req,
                                               grpc::ServerWriter<v1::FamilyChunk>* writer) {
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto v = FindVersion(options_.families, *caller, req->family(), req->version());
+  if (!v.ok()) return ToGrpcStatus(v.status());
   absl::StatusOr<std::vector<FamilyFile>> files;
   if (options_.catalog != nullptr) {
     files = options_.catalog->ExportFamily(req->family(), req->version());
   } else {
-    auto v = FindVersion(options_.store, req->family(), req->version());
-    if (!v.ok()) return ToGrpcStatus(v.status());
     files = ReadVersionFiles(*v);
   }
   if (!files.ok()) return ToGrpcStatus(files.status());
@@ -147,9 +156,12 @@ grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
   return grpc::Status::OK;
 }
 
-grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext*,
+grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
                                               grpc::ServerReader<v1::ImportFamilyRequest>* reader,
                                               v1::ImportFamilyResponse* resp) {
+  auto caller = CallerOf(options_.auth, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  if (auto q = options_.families->CheckImportQuota(*caller); !q.ok()) return ToGrpcStatus(q);
   v1::ImportFamilyRequest msg;
   std::string family;
   std::vector<FamilyFile> files;
@@ -188,7 +200,7 @@ grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext*,
     return ToGrpcStatus(
         absl::UnimplementedError("ImportFamily: this server has no adapter catalog"));
   }
-  auto v = options_.catalog->ImportFamily(family, files);
+  auto v = options_.catalog->ImportFamily(family, files, caller->tenant);
   if (!v.ok()) return ToGrpcStatus(v.status());
   if (options_.on_family_changed) options_.on_family_changed(v->family);
   ToProto(*v, resp->mutable_version());

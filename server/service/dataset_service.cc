@@ -5,9 +5,11 @@
 
 namespace metatt {
 
-grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext*,
+grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext* ctx,
                                                grpc::ServerReader<v1::UploadDatasetRequest>* reader,
                                                v1::UploadDatasetResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   v1::UploadDatasetRequest msg;
   if (!reader->Read(&msg) || !msg.has_header()) {
     return ToGrpcStatus(
@@ -30,38 +32,46 @@ grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext*,
     bytes += msg.chunk();
     ++index;
   }
-  auto d = datasets_->Upload(*header, bytes);
+  auto d = datasets_->Upload(*header, bytes, *caller);
   if (!d.ok()) return ToGrpcStatus(d.status());
   ToProto(*d, resp->mutable_dataset());
   return grpc::Status::OK;
 }
 
-grpc::Status DatasetServiceImpl::GetDataset(grpc::ServerContext*, const v1::GetDatasetRequest* req,
+grpc::Status DatasetServiceImpl::GetDataset(grpc::ServerContext* ctx,
+                                            const v1::GetDatasetRequest* req,
                                             v1::GetDatasetResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->dataset_id().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));
   }
-  auto d = datasets_->Get(req->dataset_id());
+  auto d = datasets_->Get(req->dataset_id(), *caller);
   if (!d.ok()) return ToGrpcStatus(d.status());
   ToProto(*d, resp->mutable_dataset());
   return grpc::Status::OK;
 }
 
-grpc::Status DatasetServiceImpl::ListDatasets(grpc::ServerContext*, const v1::ListDatasetsRequest*,
+grpc::Status DatasetServiceImpl::ListDatasets(grpc::ServerContext* ctx,
+                                              const v1::ListDatasetsRequest*,
                                               v1::ListDatasetsResponse* resp) {
-  auto all = datasets_->List();
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  auto all = datasets_->List(*caller);
   if (!all.ok()) return ToGrpcStatus(all.status());
   for (const auto& d : *all) ToProto(d, resp->add_datasets());
   return grpc::Status::OK;
 }
 
-grpc::Status DatasetServiceImpl::DeleteDataset(grpc::ServerContext*,
+grpc::Status DatasetServiceImpl::DeleteDataset(grpc::ServerContext* ctx,
                                                const v1::DeleteDatasetRequest* req,
                                                v1::DeleteDatasetResponse*) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->dataset_id().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));
   }
-  return ToGrpcStatus(datasets_->Delete(req->dataset_id()));
+  return ToGrpcStatus(datasets_->Delete(req->dataset_id(), *caller));
 }
 
 }  // namespace metatt

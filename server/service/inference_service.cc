@@ -1,4 +1,5 @@
 #include <chrono>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "server/metrics/server_metrics.h"
@@ -17,13 +18,29 @@ absl::Status DoPredict(const InferenceServiceOptions& o, grpc::ServerContext* ct
   if (req->inputs_size() == 0) return absl::InvalidArgumentError("inputs: at least one input");
   if (req->inputs_size() > o.max_inputs) {
     return absl::InvalidArgumentError(
-        absl::StrCat("inputs: ", req->inputs_size(), " inputs; the limit is ", o.max_inputs));
+        absl::StrCat("inputs: ", req->inputs_size(),
+                     " inputs; the limit is max_predict_inputs=", o.max_inputs));
   }
+  auto caller = CallerOf(o.auth, ctx);
+  if (!caller.ok()) return caller.status();
   std::vector<PredictInput> inputs;
   inputs.reserve(req->inputs_size());
+  std::map<std::string, std::string> resolved;  // family as named -> as owned by the caller
   for (int i = 0; i < req->inputs_size(); ++i) {
     auto in = FromProto(req->inputs(i), i);
     if (!in.ok()) return in.status();
+    if (o.families != nullptr) {
+      auto it = resolved.find(in->family);
+      if (it == resolved.end()) {
+        auto f = o.families->ResolveForPredict(*caller, in->family);
+        if (!f.ok()) {
+          return absl::Status(f.status().code(),
+                              absl::StrCat("inputs[", i, "]: ", f.status().message()));
+        }
+        it = resolved.emplace(in->family, *f).first;
+      }
+      in->family = it->second;
+    }
     inputs.push_back(std::move(*in));
   }
   int64_t deadline_ms = 0;
@@ -32,7 +49,9 @@ absl::Status DoPredict(const InferenceServiceOptions& o, grpc::ServerContext* ct
     deadline_ms =
         std::chrono::duration_cast<std::chrono::milliseconds>(deadline.time_since_epoch()).count();
   }
-  auto out = o.predictor->Predict(inputs, deadline_ms);
+  // A client that cancels or disconnects stops waiting at once; a request of
+  // its still in the queue is withdrawn and never runs.
+  auto out = o.predictor->Predict(inputs, deadline_ms, [ctx] { return ctx->IsCancelled(); });
   if (!out.ok()) return out.status();
   for (const auto& p : *out) ToProto(p, resp->add_predictions());
   return absl::OkStatus();
@@ -43,12 +62,28 @@ absl::Status DoPredict(const InferenceServiceOptions& o, grpc::ServerContext* ct
 grpc::Status InferenceServiceImpl::Predict(grpc::ServerContext* ctx, const v1::PredictRequest* req,
                                            v1::PredictResponse* resp) {
   auto start = std::chrono::steady_clock::now();
+  if (options_.metrics != nullptr) options_.metrics->predict_in_flight.Increment();
   absl::Status st = DoPredict(options_, ctx, req, resp);
+  if (options_.metrics != nullptr) options_.metrics->predict_in_flight.Decrement();
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   resp->set_server_seconds(seconds);
   if (options_.metrics != nullptr) {
     options_.metrics->PredictRequests(absl::StatusCodeToString(st.code())).Increment();
     options_.metrics->predict_latency_seconds.Observe(seconds);
+    // Per input, under a bounded task label ("family/task").
+    const std::string code = absl::StatusCodeToString(st.code());
+    for (int i = 0; i < req->inputs_size(); ++i) {
+      const v1::PredictInput& in = req->inputs(i);
+      std::string task;
+      if (st.ok() && i < resp->predictions_size()) {
+        task = resp->predictions(i).task();
+      } else if (in.task_ref_case() == v1::PredictInput::kTask) {
+        task = in.task();
+      } else {
+        task = absl::StrCat("#", in.task_index());
+      }
+      options_.metrics->CountPredictInput(absl::StrCat(in.family(), "/", task), code);
+    }
   }
   return ToGrpcStatus(st);
 }

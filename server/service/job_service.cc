@@ -4,42 +4,50 @@
 
 namespace metatt {
 
-grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext*, const v1::CreateJobRequest* req,
+grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                                        v1::CreateJobResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto spec = FromProto(req->spec());
   if (!spec.ok()) return ToGrpcStatus(spec.status());
   spec->idempotency_key = req->idempotency_key();
-  auto job = jobs_->CreateJob(*spec);
+  auto job = jobs_->CreateJob(*spec, *caller);
   if (!job.ok()) return ToGrpcStatus(job.status());
   ToProto(*job, resp->mutable_job());
   return grpc::Status::OK;
 }
 
-grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*, const v1::GetJobRequest* req,
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
                                     v1::GetJobResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto job = jobs_->GetJob(req->job_id());
+  auto job = jobs_->GetJob(req->job_id(), *caller);
   if (!job.ok()) return ToGrpcStatus(job.status());
   ToProto(*job, resp->mutable_job());
   return grpc::Status::OK;
 }
 
-grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req,
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                       v1::ListJobsResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto state = FromProto(req->state());
   if (!state.ok()) return ToGrpcStatus(state.status());
   std::string next;
-  auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next);
+  auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next, *caller);
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
   for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
   resp->set_next_page_token(next);
   return grpc::Status::OK;
 }
 
-grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req,
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                                        v1::CancelJobResponse* resp) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto job = jobs_->CancelJob(req->job_id());
+  auto job = jobs_->CancelJob(req->job_id(), *caller);
   if (!job.ok()) return ToGrpcStatus(job.status());
   ToProto(*job, resp->mutable_job());
   return grpc::Status::OK;
@@ -48,8 +56,10 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const v1::CancelJob
 grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
                                              const v1::StreamJobEventsRequest* req,
                                              grpc::ServerWriter<v1::JobEvent>* writer) {
+  auto caller = CallerOf(auth_, ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto sub = jobs_->Subscribe(req->job_id());
+  auto sub = jobs_->Subscribe(req->job_id(), *caller);
   if (!sub.ok()) return ToGrpcStatus(sub.status());
   JobEvent e;
   while (!ctx->IsCancelled()) {

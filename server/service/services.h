@@ -1,9 +1,12 @@
 // Thin gRPC services: parse/validate the request, call the core
 // (JobManager, DatasetManager, Store, AdapterCatalog, Predictor), map the
 // status with ToGrpcStatus. No rule lives here that a core class could own.
+// Every RPC first maps its metadata to a Caller (auth.h; `auth` null =
+// authentication off) and hands it to the core, which filters by tenant.
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "metatt/v1/adapters.grpc.pb.h"
@@ -15,6 +18,8 @@
 #include "server/jobs/dataset_manager.h"
 #include "server/jobs/job_manager.h"
 #include "server/jobs/store.h"
+#include "server/jobs/tenants.h"
+#include "server/service/auth.h"
 
 namespace metatt {
 
@@ -22,7 +27,8 @@ struct ServerMetrics;
 
 class JobServiceImpl final : public v1::JobService::Service {
  public:
-  explicit JobServiceImpl(JobManager* jobs) : jobs_(jobs) {}
+  explicit JobServiceImpl(JobManager* jobs, const Authenticator* auth = nullptr)
+      : jobs_(jobs), auth_(auth) {}
   grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                          v1::CreateJobResponse* resp) override;
   grpc::Status GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
@@ -36,11 +42,13 @@ class JobServiceImpl final : public v1::JobService::Service {
 
  private:
   JobManager* jobs_;
+  const Authenticator* auth_;
 };
 
 class DatasetServiceImpl final : public v1::DatasetService::Service {
  public:
-  explicit DatasetServiceImpl(DatasetManager* datasets) : datasets_(datasets) {}
+  explicit DatasetServiceImpl(DatasetManager* datasets, const Authenticator* auth = nullptr)
+      : datasets_(datasets), auth_(auth) {}
   grpc::Status UploadDataset(grpc::ServerContext* ctx,
                              grpc::ServerReader<v1::UploadDatasetRequest>* reader,
                              v1::UploadDatasetResponse* resp) override;
@@ -53,6 +61,7 @@ class DatasetServiceImpl final : public v1::DatasetService::Service {
 
  private:
   DatasetManager* datasets_;
+  const Authenticator* auth_;
 };
 
 struct AdapterServiceOptions {
@@ -61,11 +70,18 @@ struct AdapterServiceOptions {
   int64_t max_import_bytes = 1ll << 30;
   // Called after a family changed (import, task deleted), e.g. to reload it.
   std::function<void(const std::string& family)> on_family_changed;
+  const Authenticator* auth = nullptr;  // null = authentication off
+  FamilyAccess* families = nullptr;     // ownership rules; null = one over `store`
 };
 
 class AdapterServiceImpl final : public v1::AdapterService::Service {
  public:
-  explicit AdapterServiceImpl(AdapterServiceOptions options) : options_(std::move(options)) {}
+  explicit AdapterServiceImpl(AdapterServiceOptions options) : options_(std::move(options)) {
+    if (options_.families == nullptr) {
+      own_families_ = std::make_unique<FamilyAccess>(options_.store);
+      options_.families = own_families_.get();
+    }
+  }
   grpc::Status ListFamilies(grpc::ServerContext* ctx, const v1::ListFamiliesRequest* req,
                             v1::ListFamiliesResponse* resp) override;
   grpc::Status GetFamily(grpc::ServerContext* ctx, const v1::GetFamilyRequest* req,
@@ -82,12 +98,15 @@ class AdapterServiceImpl final : public v1::AdapterService::Service {
 
  private:
   AdapterServiceOptions options_;
+  std::unique_ptr<FamilyAccess> own_families_;
 };
 
 struct InferenceServiceOptions {
   Predictor* predictor = nullptr;  // null = UNAVAILABLE (no runtime)
   ServerMetrics* metrics = nullptr;
   int64_t max_inputs = 1024;
+  const Authenticator* auth = nullptr;  // null = authentication off
+  FamilyAccess* families = nullptr;     // ownership of the families inputs name; null = no check
 };
 
 class InferenceServiceImpl final : public v1::InferenceService::Service {

@@ -256,7 +256,7 @@ absl::StatusOr<double> Trainer::TrainStep() {
   RETURN_IF_ERROR(TorchTry("task index", [&] {
     std::vector<int64_t> ti(B);
     for (int64_t i = 0; i < B; ++i) ti[i] = tasks_[row_task[i]].task_index;
-    ab.task_index = torch::tensor(ti, torch::kLong).to(dev);
+    ab = AdapterBatch::FromHost(torch::tensor(ti, torch::kLong), dev);
   }));
   ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
   double grad_norm = 0;
@@ -340,7 +340,7 @@ absl::StatusOr<EvalEvent> Trainer::Evaluate() {
       ASSIGN_OR_RETURN(EncoderInput in, Tokenize(rows));
       AdapterBatch ab;
       RETURN_IF_ERROR(TorchTry("eval task index", [&] {
-        ab.task_index = torch::full({e - s}, task.task_index, torch::kLong).to(dev);
+        ab = AdapterBatch::FromHost(torch::full({e - s}, task.task_index, torch::kLong), dev);
       }));
       ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
       RETURN_IF_ERROR(TorchTry("eval", [&] {

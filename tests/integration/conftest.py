@@ -54,6 +54,16 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture
+def postgres():
+    """A throw-away PostgreSQL on a free loopback port (pg_fixture.py); fails, never skips."""
+    from pg_fixture import PostgresServer
+
+    pg = PostgresServer().start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture
 def server(tmp_path, tiny_model):
     s = Server(tmp_path / "data", tiny_model).start()
     yield s

@@ -1,6 +1,7 @@
 """Helpers of the black-box server tests (tests/integration): the real
 metatt-server binary on 127.0.0.1:0, datasets, a typed client. Fixtures are in
 conftest.py."""
+import collections
 import os
 import pathlib
 import random
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -150,3 +152,34 @@ class Client:
         raise AssertionError(f"job {job_id} never reached {states}; last {job}")
 
 
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, token):
+        self.md = ("authorization", f"Bearer {token}")
+
+    def _d(self, d):
+        return _CallDetails(d.method, d.timeout, list(d.metadata or []) + [self.md], d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._d(d), req)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._d(d), it)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def with_token(channel, token):
+    """`channel` sending 'authorization: Bearer <token>' on every call."""
+    return grpc.intercept_channel(channel, _Bearer(token))

@@ -1,4 +1,5 @@
 """A small, blocking client: upload, submit, follow, predict (+ list/get/cancel)."""
+import collections
 import os
 import sys
 import time
@@ -55,12 +56,65 @@ class _Progress:
             sys.stderr.flush()
 
 
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                         "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str):
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self._md]
+        return _CallDetails(d.method, d.timeout, md, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._details(d), it)
+
+    def intercept_stream_stream(self, cont, d, it):
+        return cont(self._details(d), it)
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class Client:
+    """``token`` (default ``$METATT_TOKEN``) is sent as a bearer token on every
+    call; ``root_certificates`` (PEM path) switches to TLS, ``client_cert`` /
+    ``client_key`` (PEM paths) add a client certificate for mutual TLS."""
+
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 60.0,
-                 channel: Optional[grpc.Channel] = None):
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", 64 << 20),
-                             ("grpc.max_receive_message_length", 64 << 20)])
+                 channel: Optional[grpc.Channel] = None, token: Optional[str] = None,
+                 root_certificates: Optional[str] = None, client_cert: Optional[str] = None,
+                 client_key: Optional[str] = None):
+        options = [("grpc.max_send_message_length", 64 << 20),
+                   ("grpc.max_receive_message_length", 64 << 20)]
+        if channel is None:
+            if root_certificates:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=_read(root_certificates),
+                    private_key=_read(client_key) if client_key else None,
+                    certificate_chain=_read(client_cert) if client_cert else None)
+                channel = grpc.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        token = token if token is not None else os.environ.get("METATT_TOKEN", "")
+        self._raw_channel = channel
+        self.channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self.timeout = timeout
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.datasets = datasets_pb2_grpc.DatasetServiceStub(self.channel)
@@ -68,7 +122,7 @@ class Client:
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     def close(self):
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self

@@ -1,0 +1,166 @@
+// metatt-bench-resident: does having 10^6 tasks resident slow Predict?
+//
+// In one process (no network): the base model, the registry and the device
+// scheduler + predictor the server uses. Measures the latency of a batch of
+// `batch` one-input requests (one Predict call with `batch` inputs, tasks
+// drawn at random) for
+//   small:            a family of 1 task, nothing else resident
+//   big:              a family of --tasks tasks (default 10^6), random tasks
+//   small_with_big:   the 1-task family again, with the big one resident
+// and the resident memory the big family added. Writes
+// bench/out/resident_bench.json and prints it.
+//
+//   metatt-bench-resident [--tasks=1000000] [--model_dir=...] [--iters=30]
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/inference/large_family.h"
+#include "server/inference/predictor.h"
+#include "server/inference/scheduler.h"
+#include "server/model/model_dir.h"
+#include "server/model/tokenizer.h"
+#include "server/registry/test_util.h"
+
+ABSL_FLAG(int64_t, tasks, 1000000, "tasks of the big family");
+ABSL_FLAG(std::string, model_dir, "", "base model (default: the usual resolution)");
+ABSL_FLAG(int64_t, batch, 32, "inputs per Predict call");
+ABSL_FLAG(int64_t, iters, 30, "measured calls per case");
+ABSL_FLAG(int64_t, num_threads, 0, "torch threads (0 = default)");
+ABSL_FLAG(std::string, out, "bench/out/resident_bench.json", "JSON output");
+
+namespace metatt {
+namespace {
+
+const char* kWords[] = {"the", "movie", "was", "a", "great", "film", "plot", "good",
+                        "bad", "actor", "story", "very", "scene", "funny", "dull"};
+
+nlohmann::json Measure(ScheduledPredictor& p, const std::string& family, int64_t tasks,
+                       int64_t batch, int64_t iters) {
+  std::mt19937_64 rng(7);
+  std::vector<double> ms;
+  for (int64_t it = -3; it < iters; ++it) {  // 3 warm-up calls
+    std::vector<PredictInput> in(batch);
+    for (auto& x : in) {
+      x.family = family;
+      x.task_index = static_cast<int64_t>(rng() % static_cast<uint64_t>(tasks));
+      for (int w = 0; w < 8; ++w) {
+        x.text += (w ? " " : "");
+        x.text += kWords[rng() % (sizeof(kWords) / sizeof(kWords[0]))];
+      }
+    }
+    const absl::Time t0 = absl::Now();
+    auto out = p.Predict(in, 0);
+    const double dt = absl::ToDoubleMilliseconds(absl::Now() - t0);
+    if (!out.ok()) {
+      std::fprintf(stderr, "Predict: %s\n", out.status().ToString().c_str());
+      std::exit(1);
+    }
+    if (it >= 0) ms.push_back(dt);
+  }
+  std::sort(ms.begin(), ms.end());
+  return {{"family", family},
+          {"tasks", tasks},
+          {"p50_ms", ms[ms.size() / 2]},
+          {"p90_ms", ms[ms.size() * 9 / 10]},
+          {"mean_ms", std::accumulate(ms.begin(), ms.end(), 0.0) / ms.size()}};
+}
+
+int Run() {
+  if (absl::GetFlag(FLAGS_num_threads) > 0) {
+    torch::set_num_threads(static_cast<int>(absl::GetFlag(FLAGS_num_threads)));
+  }
+  auto model_dir = ResolveModelDir(absl::GetFlag(FLAGS_model_dir));
+  if (!model_dir.ok()) {
+    std::fprintf(stderr, "%s\n", model_dir.status().ToString().c_str());
+    return 1;
+  }
+  BertEncoder::Options eo;
+  eo.model_dir = *model_dir;
+  auto encoder = BertEncoder::Create(eo);
+  auto tok = WordPieceTokenizer::Create(*model_dir);
+  if (!encoder.ok() || !tok.ok()) {
+    std::fprintf(stderr, "cannot load %s\n", model_dir->c_str());
+    return 1;
+  }
+  auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(*tok));
+  testing_util::ScratchDir dir;
+  testing_util::InMemoryStore store;
+  AdapterRegistry::Options ro;
+  ro.data_dir = dir.path();
+  auto registry = AdapterRegistry::Create(ro, &store);
+  if (!registry.ok()) return 1;
+  auto sched = DeviceScheduler::Create(DeviceScheduler::Options(), *encoder);
+  if (!sched.ok()) return 1;
+  ScheduledPredictor predictor(ScheduledPredictor::Options(), registry->get(), sched->get(),
+                               tokenizer);
+  const int64_t batch = absl::GetFlag(FLAGS_batch), iters = absl::GetFlag(FLAGS_iters);
+  const BertConfig& cfg = (*encoder)->config();
+
+  auto small = testing_util::LargeFamily("small", 1, cfg, 1);
+  if (!small.ok() || !(*registry)->Publish(*small).ok()) return 1;
+  nlohmann::json r;
+  r["model"] = cfg.Fingerprint();
+  r["model_dir"] = *model_dir;
+  r["batch"] = batch;
+  r["iters"] = iters;
+  r["small"] = Measure(predictor, "small", 1, batch, iters);
+  std::printf("small: p50 %.2f ms\n", r["small"]["p50_ms"].get<double>());
+  std::fflush(stdout);
+
+  const int64_t n = absl::GetFlag(FLAGS_tasks);
+  const int64_t rss0 = testing_util::ResidentBytes();
+  const absl::Time t0 = absl::Now();
+  {
+    auto big = testing_util::LargeFamily("big", n, cfg, 2);
+    if (!big.ok()) return 1;
+    auto pub = (*registry)->Publish(*big);
+    if (!pub.ok()) {
+      std::fprintf(stderr, "%s\n", pub.status().ToString().c_str());
+      return 1;
+    }
+  }
+  r["big_build_publish_seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
+  const int64_t rss1 = testing_util::ResidentBytes();
+  r["big_resident_growth_mib"] = static_cast<double>(rss1 - rss0) / (1 << 20);
+  r["big_resident_bytes_per_task"] = static_cast<double>(rss1 - rss0) / static_cast<double>(n);
+  r["resident_tasks"] = (*registry)->ResidentTasks();
+  std::printf("big (%lld tasks): published in %.1f s, resident +%.0f MiB\n",
+              static_cast<long long>(n), r["big_build_publish_seconds"].get<double>(),
+              r["big_resident_growth_mib"].get<double>());
+  std::fflush(stdout);
+  r["big"] = Measure(predictor, "big", n, batch, iters);
+  r["small_with_big"] = Measure(predictor, "small", 1, batch, iters);
+  r["ratio_big_over_small"] =
+      r["big"]["p50_ms"].get<double>() / r["small"]["p50_ms"].get<double>();
+  r["ratio_small_with_big_over_small"] =
+      r["small_with_big"]["p50_ms"].get<double>() / r["small"]["p50_ms"].get<double>();
+  (*sched)->Shutdown();
+  const std::string text = r.dump(2);
+  std::printf("%s\n", text.c_str());
+  const std::string out = absl::GetFlag(FLAGS_out);
+  std::ofstream f(out);
+  if (f) {
+    f << text << "\n";
+    std::printf("wrote %s\n", out.c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace metatt
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return metatt::Run();
+}

@@ -1,0 +1,121 @@
+// Tenants: who is calling (Caller), the tokens file that maps bearer tokens
+// to tenants (TenantConfig, tokens stored as SHA-256), per-tenant quotas, and
+// the ownership rules of adapter families (FamilyAccess). Torch-free and
+// gRPC-free: the service layer turns call metadata into a Caller
+// (server/service/auth.h) and every manager takes it.
+//
+// Ownership: every dataset, job and family record carries its tenant; a task
+// belongs to its family's tenant. A caller sees only its own tenant's objects
+// (another tenant's object is NOT_FOUND with the same message as a missing
+// one); an admin sees every tenant's. With authentication off every call is
+// Caller::Local(): tenant "default", admin.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "server/jobs/store.h"
+
+namespace metatt {
+
+inline constexpr char kDefaultTenant[] = "default";
+
+struct Caller {
+  std::string tenant = kDefaultTenant;
+  bool admin = false;
+  // The caller when authentication is off, and of internal calls.
+  static Caller Local() { return Caller{kDefaultTenant, true}; }
+  // Whether this caller may see an object owned by `owner`.
+  bool CanSee(const std::string& owner) const { return admin || owner == tenant; }
+};
+
+// Per-tenant quotas; 0 = no limit.
+struct TenantQuotas {
+  int64_t max_concurrent_jobs = 0;  // unfinished jobs (queued + validating + running)
+  int64_t max_queued_jobs = 0;      // jobs waiting in the queue
+  int64_t max_dataset_bytes = 0;    // sum of the tenant's dataset sizes
+  int64_t max_tasks = 0;            // tasks in the latest versions of the tenant's families
+};
+using QuotaFn = std::function<TenantQuotas(const std::string& tenant)>;
+
+// Lowercase hex SHA-256 of a token: what the tokens file stores.
+std::string HashToken(std::string_view token);
+// 1-64 characters of letters, digits, '-', '_', '.'.
+bool IsValidTenantName(const std::string& name);
+
+// The tokens file (JSON):
+//   {"tokens":  [{"tenant": "acme", "role": "user", "token_sha256": "<64 hex>"}, ...],
+//    "tenants": {"acme": {"max_concurrent_jobs": 2, "max_queued_jobs": 4,
+//                         "max_dataset_bytes": 104857600, "max_tasks": 100}}}
+// role: user | admin. "tenants" is optional; a missing quota takes `defaults`.
+class TenantConfig {
+ public:
+  static absl::StatusOr<TenantConfig> Parse(const std::string& json_text,
+                                            const TenantQuotas& defaults);
+  static absl::StatusOr<TenantConfig> Load(const std::string& path, const TenantQuotas& defaults);
+
+  // The caller a bearer token stands for; UNAUTHENTICATED for an unknown one.
+  // Compares the token's hash against every entry in constant time.
+  absl::StatusOr<Caller> Authenticate(std::string_view token) const;
+  TenantQuotas QuotasFor(const std::string& tenant) const;
+  size_t num_tokens() const { return tokens_.size(); }
+
+ private:
+  struct Token {
+    std::array<unsigned char, 32> sha256;
+    Caller caller;
+  };
+  std::vector<Token> tokens_;
+  std::map<std::string, TenantQuotas> quotas_;
+  TenantQuotas defaults_;
+};
+
+// "<what> '<id>' not found": one message for a missing object and for another
+// tenant's, so an error never tells that an object exists.
+absl::Status NotFoundFor(const std::string& what, const std::string& id);
+
+// Tasks in the latest versions of `tenant`'s families.
+absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant);
+// RESOURCE_EXHAUSTED naming max_tasks when `adding` more tasks would pass it.
+absl::Status CheckTaskQuota(Store* store, const std::string& tenant, const TenantQuotas& quotas,
+                            int64_t adding);
+
+// Ownership of adapter families, read from the Store (family records carry
+// their tenant). Owners are cached: a family's tenant never changes.
+class FamilyAccess {
+ public:
+  explicit FamilyAccess(Store* store, QuotaFn quotas = nullptr)
+      : store_(store), quotas_(std::move(quotas)) {}
+
+  // Versions of `family` (oldest first); NOT_FOUND "family '<name>' not found"
+  // when it is missing or the caller may not see it.
+  absl::StatusOr<std::vector<FamilyVersionRecord>> Versions(const Caller& caller,
+                                                            const std::string& family);
+  // Every version of every family the caller sees, ordered by (family, version).
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListAll(const Caller& caller);
+  // OK when the caller may use `family`, else the NOT_FOUND above.
+  absl::Status Check(const Caller& caller, const std::string& family);
+  // The family a Predict input names: "" = the caller's only family (an
+  // admin's "" is passed on unchanged: the predictor picks the only one).
+  absl::StatusOr<std::string> ResolveForPredict(const Caller& caller, const std::string& family);
+  // Before an import: RESOURCE_EXHAUSTED when the caller's tenant is at max_tasks.
+  absl::Status CheckImportQuota(const Caller& caller);
+
+ private:
+  absl::StatusOr<std::string> Owner(const std::string& family);  // NOT_FOUND when missing
+
+  Store* store_;
+  QuotaFn quotas_;
+  absl::Mutex mu_;
+  std::map<std::string, std::string> owner_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace metatt

@@ -1,0 +1,359 @@
+// Tenants: the tokens file, token hashing and authentication, and the
+// ownership and quota rules of the job and dataset managers and FamilyAccess.
+#include "server/jobs/tenants.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+
+#include "absl/time/clock.h"
+#include "server/jobs/dataset_manager.h"
+#include "server/jobs/job_manager.h"
+#include "server/jobs/sqlite_store.h"
+#include "server/jobs/test_util.h"
+
+namespace metatt {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(HashTokenTest, IsHexSha256) {
+  // FIPS 180-2 test vector.
+  EXPECT_EQ(HashToken("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+}
+
+std::string ConfigJson() {
+  return R"({"tokens": [
+    {"tenant": "acme", "role": "user", "token_sha256": ")" + HashToken("acme-secret") + R"("},
+    {"tenant": "acme", "token_sha256": ")" + HashToken("acme-second") + R"("},
+    {"tenant": "ops", "role": "admin", "token_sha256": ")" + HashToken("ops-secret") + R"("}],
+   "tenants": {"acme": {"max_queued_jobs": 3, "max_tasks": 7}}})";
+}
+
+TEST(TenantConfigTest, AuthenticatesKnownTokensOnly) {
+  TenantQuotas defaults;
+  defaults.max_queued_jobs = 10;
+  defaults.max_dataset_bytes = 100;
+  auto cfg = TenantConfig::Parse(ConfigJson(), defaults);
+  ASSERT_TRUE(cfg.ok()) << cfg.status();
+  EXPECT_EQ(cfg->num_tokens(), 3u);
+  auto acme = cfg->Authenticate("acme-secret");
+  ASSERT_TRUE(acme.ok());
+  EXPECT_EQ(acme->tenant, "acme");
+  EXPECT_FALSE(acme->admin);
+  EXPECT_EQ(cfg->Authenticate("acme-second")->tenant, "acme");
+  auto ops = cfg->Authenticate("ops-secret");
+  ASSERT_TRUE(ops.ok());
+  EXPECT_TRUE(ops->admin);
+  EXPECT_TRUE(absl::IsUnauthenticated(cfg->Authenticate("wrong").status()));
+  EXPECT_TRUE(absl::IsUnauthenticated(cfg->Authenticate("").status()));
+  // The hash itself is not a token.
+  EXPECT_TRUE(absl::IsUnauthenticated(cfg->Authenticate(HashToken("acme-secret")).status()));
+
+  // Quotas: the tenant's entry over the defaults.
+  TenantQuotas q = cfg->QuotasFor("acme");
+  EXPECT_EQ(q.max_queued_jobs, 3);
+  EXPECT_EQ(q.max_tasks, 7);
+  EXPECT_EQ(q.max_dataset_bytes, 100);
+  EXPECT_EQ(cfg->QuotasFor("ops").max_queued_jobs, 10);
+}
+
+TEST(TenantConfigTest, BadFilesNameTheField) {
+  TenantQuotas d;
+  const std::string h = HashToken("x");
+  struct Case {
+    std::string json, field;
+  } cases[] = {
+      {"[]", "not a JSON object"},
+      {"{}", "tokens:"},
+      {R"({"tokens": [{"role": "user", "token_sha256": ")" + h + R"("}]})", "tokens[0].tenant"},
+      {R"({"tokens": [{"tenant": "a/b", "token_sha256": ")" + h + R"("}]})", "tokens[0].tenant"},
+      {R"({"tokens": [{"tenant": "a", "role": "root", "token_sha256": ")" + h + R"("}]})",
+       "tokens[0].role"},
+      {R"({"tokens": [{"tenant": "a", "token_sha256": "abc"}]})", "tokens[0].token_sha256"},
+      {R"({"tokens": [{"tenant": "a", "token_sha256": ")" + std::string(64, 'z') + R"("}]})",
+       "tokens[0].token_sha256"},
+      {R"({"tokens": [{"tenant": "a", "token": "plain"}]})", "tokens[0].token: unknown field"},
+      {R"({"tokens": [{"tenant": "a", "token_sha256": ")" + h + R"("},
+                      {"tenant": "b", "token_sha256": ")" + h + R"("}]})",
+       "tokens[1].token_sha256: the same token"},
+      {R"({"tokens": [{"tenant": "a", "token_sha256": ")" + h + R"("}],
+           "tenants": {"a": {"max_tasks": -1}}})",
+       "tenants.a.max_tasks"},
+      {R"({"tokens": [{"tenant": "a", "token_sha256": ")" + h + R"("}],
+           "tenants": {"a": {"max_jobs": 1}}})",
+       "tenants.a.max_jobs: unknown field"},
+  };
+  for (const auto& c : cases) {
+    auto cfg = TenantConfig::Parse(c.json, d);
+    ASSERT_FALSE(cfg.ok()) << c.json;
+    EXPECT_TRUE(absl::IsInvalidArgument(cfg.status())) << cfg.status();
+    EXPECT_THAT(std::string(cfg.status().message()), HasSubstr(c.field)) << c.json;
+  }
+  EXPECT_TRUE(absl::IsNotFound(TenantConfig::Load("/nonexistent/tokens.json", d).status()));
+}
+
+// ---- Ownership and quotas in the managers -------------------------------------
+
+class TenantRulesTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("tenants_test_" + std::to_string(std::random_device{}()));
+    std::filesystem::create_directories(dir_);
+    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+    DatasetManagerOptions o;
+    o.data_dir = dir_.string();
+    o.parse = FakeDatasetParse;
+    o.quotas = [this](const std::string& t) { return Quotas(t); };
+    auto dm = DatasetManager::Create(o, store_.get());
+    ASSERT_TRUE(dm.ok()) << dm.status();
+    datasets_ = std::move(*dm);
+  }
+  void TearDown() override {
+    jobs_.reset();
+    datasets_.reset();
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  TenantQuotas Quotas(const std::string& tenant) {
+    auto it = quotas_.find(tenant);
+    return it == quotas_.end() ? TenantQuotas{} : it->second;
+  }
+  void StartJobs(int64_t max_batch = 4096, int64_t max_len = 4096) {
+    JobManagerOptions o;
+    o.quotas = [this](const std::string& t) { return Quotas(t); };
+    o.max_batch_size = max_batch;
+    o.max_sequence_length = max_len;
+    auto m = JobManager::Create(o, store_.get(), &executor_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    jobs_ = std::move(*m);
+  }
+  std::string Upload(const Caller& c, const std::string& bytes = "a\t0\nb\t1\n") {
+    auto d = datasets_->Upload({"train", "tsv", "{}"}, bytes, c);
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? d->id : "";
+  }
+  static JobSpec Spec(const std::string& family, const std::string& ds,
+                      JobKind kind = JobKind::kTrainFamily, const std::string& task = "t1") {
+    JobSpec s;
+    s.kind = kind;
+    s.family = family;
+    s.tasks.push_back({task, ds, "", 0.1, ""});
+    s.hparams.max_steps = 10;
+    s.hparams.max_length = 32;
+    return s;
+  }
+  void Publish(const std::string& family, const std::string& tenant, int tasks = 1) {
+    FamilyVersionRecord f;
+    f.family = family;
+    f.version = 1;
+    f.form = "4+1d";
+    f.tenant = tenant;
+    for (int i = 0; i < tasks; ++i) {
+      TaskRecord t;
+      t.name = "task" + std::to_string(i);
+      t.index = i;
+      t.num_labels = 2;
+      f.tasks.push_back(t);
+    }
+    ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  }
+
+  const Caller a_{"acme", false};
+  const Caller b_{"beta", false};
+  const Caller admin_{"ops", true};
+  std::map<std::string, TenantQuotas> quotas_;
+  std::filesystem::path dir_;
+  std::unique_ptr<SqliteStore> store_;
+  std::unique_ptr<DatasetManager> datasets_;
+  FakeExecutor executor_;
+  std::unique_ptr<JobManager> jobs_;
+};
+
+TEST_F(TenantRulesTest, DatasetsAreInvisibleToOtherTenants) {
+  const std::string id = Upload(a_);
+  EXPECT_EQ(datasets_->Get(id, a_)->tenant, "acme");
+  auto missing = datasets_->Get("ds-missing", b_);
+  auto foreign = datasets_->Get(id, b_);
+  ASSERT_TRUE(absl::IsNotFound(foreign.status()));
+  // Same message shape as a missing one: nothing tells that it exists.
+  EXPECT_EQ(foreign.status().message(), absl::StrCat("dataset '", id, "' not found"));
+  EXPECT_EQ(missing.status().message(), "dataset 'ds-missing' not found");
+  EXPECT_TRUE(datasets_->List(b_)->empty());
+  EXPECT_EQ(datasets_->List(a_)->size(), 1u);
+  EXPECT_EQ(datasets_->List(admin_)->size(), 1u);
+  EXPECT_TRUE(absl::IsNotFound(datasets_->Delete(id, b_)));
+  EXPECT_TRUE(datasets_->Get(id, a_).ok());  // B's delete did nothing
+  EXPECT_TRUE(datasets_->Delete(id, a_).ok());
+  EXPECT_TRUE(absl::IsNotFound(datasets_->Get(id, a_).status()));
+}
+
+TEST_F(TenantRulesTest, DatasetBytesQuota) {
+  quotas_["acme"].max_dataset_bytes = 20;
+  Upload(a_, "abc\t0\nabd\t1\n");  // 12 bytes
+  auto over = datasets_->Upload({"more", "tsv", "{}"}, "abc\t0\nabd\t1\n", a_);
+  ASSERT_TRUE(absl::IsResourceExhausted(over.status())) << over.status();
+  EXPECT_THAT(std::string(over.status().message()), HasSubstr("max_dataset_bytes=20"));
+  // Another tenant's usage is its own.
+  Upload(b_, "abc\t0\nabd\t1\n");
+}
+
+TEST_F(TenantRulesTest, JobsAreInvisibleToOtherTenants) {
+  StartJobs();
+  const std::string ds_a = Upload(a_);
+  auto job = jobs_->CreateJob(Spec("fam-a", ds_a), a_);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_EQ(job->tenant, "acme");
+  const std::string id = job->id;
+
+  auto foreign = jobs_->GetJob(id, b_);
+  ASSERT_TRUE(absl::IsNotFound(foreign.status()));
+  EXPECT_EQ(foreign.status().message(), absl::StrCat("job '", id, "' not found"));
+  EXPECT_EQ(jobs_->GetJob("job-missing", b_).status().message(), "job 'job-missing' not found");
+  EXPECT_TRUE(absl::IsNotFound(jobs_->CancelJob(id, b_).status()));
+  EXPECT_TRUE(absl::IsNotFound(jobs_->Subscribe(id, b_).status()));
+  EXPECT_TRUE(jobs_->GetJob(id, a_).ok());
+  EXPECT_TRUE(jobs_->GetJob(id, admin_).ok());
+
+  std::string next;
+  EXPECT_TRUE(jobs_->ListJobs(std::nullopt, 0, "", &next, b_)->empty());
+  EXPECT_EQ(jobs_->ListJobs(std::nullopt, 0, "", &next, a_)->size(), 1u);
+  EXPECT_EQ(jobs_->ListJobs(std::nullopt, 0, "", &next, admin_)->size(), 1u);
+
+  // B cannot train on A's dataset: NOT_FOUND like a missing dataset.
+  auto use = jobs_->CreateJob(Spec("fam-b", ds_a), b_);
+  ASSERT_TRUE(absl::IsNotFound(use.status())) << use.status();
+  EXPECT_THAT(std::string(use.status().message()), HasSubstr("dataset '" + ds_a + "' not found"));
+  // Nor add a task to A's family.
+  Publish("fam-a", "acme");
+  const std::string ds_b = Upload(b_);
+  auto add = jobs_->CreateJob(Spec("fam-a", ds_b, JobKind::kAddTask, "t2"), b_);
+  ASSERT_TRUE(absl::IsNotFound(add.status())) << add.status();
+  auto add_own = jobs_->CreateJob(Spec("fam-a", ds_a, JobKind::kAddTask, "t2"), a_);
+  EXPECT_TRUE(add_own.ok()) << add_own.status();
+  // B cancelling A's job left it alone.
+  EXPECT_TRUE(executor_.cancels().empty());
+}
+
+TEST_F(TenantRulesTest, ListJobsPagesOverOtherTenantsJobs) {
+  StartJobs();
+  const std::string ds_a = Upload(a_), ds_b = Upload(b_);
+  std::vector<std::string> mine;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(jobs_->CreateJob(Spec("fb" + std::to_string(i), ds_b), b_).ok());
+    auto j = jobs_->CreateJob(Spec("fa" + std::to_string(i), ds_a), a_);
+    ASSERT_TRUE(j.ok()) << j.status();
+    mine.push_back(j->id);
+  }
+  std::vector<std::string> seen;
+  std::string token, next;
+  do {
+    auto page = jobs_->ListJobs(std::nullopt, 2, token, &next, a_);
+    ASSERT_TRUE(page.ok()) << page.status();
+    EXPECT_LE(page->size(), 2u);
+    for (const auto& j : *page) {
+      EXPECT_EQ(j.tenant, "acme");
+      seen.push_back(j.id);
+    }
+    token = next;
+  } while (!token.empty());
+  EXPECT_EQ(seen, mine);
+}
+
+TEST_F(TenantRulesTest, IdempotencyKeysArePerTenant) {
+  StartJobs();
+  const std::string ds_a = Upload(a_), ds_b = Upload(b_);
+  JobSpec sa = Spec("fam-a", ds_a);
+  sa.idempotency_key = "k1";
+  JobSpec sb = Spec("fam-b", ds_b);
+  sb.idempotency_key = "k1";
+  auto ja = jobs_->CreateJob(sa, a_);
+  auto jb = jobs_->CreateJob(sb, b_);
+  ASSERT_TRUE(ja.ok() && jb.ok()) << ja.status() << jb.status();
+  EXPECT_NE(ja->id, jb->id);
+  EXPECT_EQ(jb->tenant, "beta");
+  EXPECT_EQ(ja->spec.idempotency_key, "k1");  // as the client sent it
+  EXPECT_EQ(jobs_->GetJob(jb->id, b_)->spec.idempotency_key, "k1");
+  EXPECT_EQ(jobs_->CreateJob(sa, a_)->id, ja->id);  // a retry finds A's job
+}
+
+TEST_F(TenantRulesTest, JobQuotasNameTheLimit) {
+  quotas_["acme"].max_queued_jobs = 1;
+  quotas_["beta"].max_concurrent_jobs = 1;
+  StartJobs();
+  const std::string ds_a = Upload(a_), ds_b = Upload(b_);
+  auto first = jobs_->CreateJob(Spec("f1", ds_a), a_);  // starts running
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(executor_.WaitStarted(first->id));
+  ASSERT_TRUE(jobs_->CreateJob(Spec("f2", ds_a), a_).ok());  // queued
+  auto third = jobs_->CreateJob(Spec("f3", ds_a), a_);
+  ASSERT_TRUE(absl::IsResourceExhausted(third.status())) << third.status();
+  EXPECT_THAT(std::string(third.status().message()), HasSubstr("max_queued_jobs=1"));
+
+  ASSERT_TRUE(jobs_->CreateJob(Spec("g1", ds_b), b_).ok());  // queued behind A's
+  auto second_b = jobs_->CreateJob(Spec("g2", ds_b), b_);
+  ASSERT_TRUE(absl::IsResourceExhausted(second_b.status())) << second_b.status();
+  EXPECT_THAT(std::string(second_b.status().message()), HasSubstr("max_concurrent_jobs=1"));
+
+  // A's running job finishing frees A's slot... and its queued job starts.
+  executor_.End(first->id, JobState::kSucceeded, "");
+  for (int i = 0; i < 500 && jobs_->queued_count() == 2; ++i) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_TRUE(jobs_->CreateJob(Spec("f4", ds_a), a_).ok());
+}
+
+TEST_F(TenantRulesTest, TaskQuotaAndGlobalLimits) {
+  quotas_["acme"].max_tasks = 2;
+  StartJobs(/*max_batch=*/32, /*max_len=*/64);
+  Publish("fam-a", "acme", 2);
+  Publish("fam-b", "beta", 5);  // another tenant's tasks do not count
+  const std::string ds_a = Upload(a_);
+  auto over = jobs_->CreateJob(Spec("new-a", ds_a), a_);
+  ASSERT_TRUE(absl::IsResourceExhausted(over.status())) << over.status();
+  EXPECT_THAT(std::string(over.status().message()), HasSubstr("max_tasks=2"));
+  FamilyAccess fa(store_.get(), [this](const std::string& t) { return Quotas(t); });
+  EXPECT_TRUE(absl::IsResourceExhausted(fa.CheckImportQuota(a_)));
+  EXPECT_TRUE(fa.CheckImportQuota(b_).ok());
+
+  JobSpec big = Spec("x", Upload(b_));
+  big.hparams.batch_size = 64;
+  auto st = jobs_->CreateJob(big, b_).status();
+  ASSERT_TRUE(absl::IsInvalidArgument(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("max_job_batch_size=32"));
+  big.hparams.batch_size = 8;
+  big.hparams.max_length = 128;
+  st = jobs_->CreateJob(big, b_).status();
+  ASSERT_TRUE(absl::IsInvalidArgument(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("max_sequence_length=64"));
+}
+
+TEST_F(TenantRulesTest, FamilyAccess) {
+  Publish("fam-a", "acme");
+  Publish("fam-b", "beta");
+  FamilyAccess fa(store_.get());
+  EXPECT_TRUE(fa.Versions(a_, "fam-a").ok());
+  auto foreign = fa.Versions(a_, "fam-b");
+  ASSERT_TRUE(absl::IsNotFound(foreign.status()));
+  EXPECT_EQ(foreign.status().message(), "family 'fam-b' not found");
+  EXPECT_EQ(fa.Versions(a_, "nope").status().message(), "family 'nope' not found");
+  EXPECT_EQ(fa.Check(a_, "fam-b").message(), "family 'fam-b' not found");
+  EXPECT_EQ(fa.Check(a_, "nope").message(), "family 'nope' not found");
+  EXPECT_TRUE(fa.Check(a_, "fam-a").ok());
+  EXPECT_TRUE(fa.Check(admin_, "fam-b").ok());
+  ASSERT_EQ(fa.ListAll(a_)->size(), 1u);
+  EXPECT_EQ((*fa.ListAll(a_))[0].family, "fam-a");
+  EXPECT_EQ(fa.ListAll(admin_)->size(), 2u);
+  // "" = the caller's only family, never another tenant's.
+  EXPECT_EQ(*fa.ResolveForPredict(a_, ""), "fam-a");
+  EXPECT_EQ(*fa.ResolveForPredict(b_, ""), "fam-b");
+  EXPECT_TRUE(absl::IsNotFound(fa.ResolveForPredict(Caller{"gamma", false}, "").status()));
+  EXPECT_TRUE(absl::IsNotFound(fa.ResolveForPredict(b_, "fam-a").status()));
+  EXPECT_EQ(*fa.ResolveForPredict(admin_, ""), "");
+}
+
+}  // namespace
+}  // namespace metatt
