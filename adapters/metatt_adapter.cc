@@ -8,6 +8,15 @@
 namespace metatt {
 namespace {
 
+// A small host tensor (row -> task group) to the device without stalling the
+// host: a copy from pageable memory waits for the stream's queued kernels (a
+// sync per adapted layer on CUDA); from pinned memory it is asynchronous.
+torch::Tensor ToDeviceAsync(const torch::Tensor& host, torch::Device device) {
+  if (!device.is_cuda()) return host.to(device);
+  return host.pin_memory().to(device, /*non_blocking=*/true);
+}
+
+
 torch::Tensor InitCore(const CoreInit& init, const std::vector<int64_t>& shape, at::Generator& gen,
                        const torch::TensorOptions& opts) {
   switch (init.kind) {
@@ -349,7 +358,7 @@ std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tenso
     TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
                 " outside [0, ", num_tasks(), ")");
     for (int64_t i = 0; i < uniq.size(0); ++i) folds.push_back(FoldFor(acc[i]));
-    if (folds.size() > 1) inverse = inv.to(x.device());
+    if (folds.size() > 1) inverse = ToDeviceAsync(inv, x.device());
   } else {
     folds.push_back(FoldFor(0));
   }
@@ -421,7 +430,8 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
         std::vector<torch::Tensor> sel;
         auto acc = uniq.accessor<int64_t, 1>();
         for (int64_t i = 0; i < uniq.size(0); ++i) sel.push_back(tasks_[acc[i]]);
-        row_tasks = torch::stack(sel, 0).index_select(0, std::get<1>(uniq_inv).to(in_.device()));
+        row_tasks = torch::stack(sel, 0).index_select(
+            0, ToDeviceAsync(std::get<1>(uniq_inv), in_.device()));
       }
     }
   }
