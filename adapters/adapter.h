@@ -28,6 +28,9 @@ const char* ProjectionName(Projection p);  // "q", "k", "v", "o", "ffn_up", "ffn
 
 // Per-forward information the adapter needs about the rows of the batch.
 struct AdapterBatch {
+  AdapterBatch() = default;
+  AdapterBatch(torch::Tensor index) : task_index(std::move(index)) {}  // NOLINT: implicit on purpose
+
   // int64 [B] on the model's device: task index of each row (sequence).
   // Undefined means every row is task 0 (single-task forms ignore it).
   torch::Tensor task_index;

@@ -269,6 +269,8 @@ void MetaTTAdapter::RefreshCache() {
   cache_key_version_ = version_;
   cache_key_leaves_ = leaves;
   cache_key_tasks_ = tasks_.size();
+  ++cache_rebuilds_;
+  gathered_ = gathered_key_ = torch::Tensor();
 }
 
 torch::Tensor MetaTTAdapter::FoldOne(const torch::Tensor& task_slice) const {
@@ -349,6 +351,7 @@ std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tenso
 
   std::vector<torch::Tensor> folds;  // one per distinct task of the batch
   torch::Tensor inverse;             // row -> index into folds
+  bool use_gathered = false;         // gathered_ holds this batch's rows
   if (config_.form == TTForm::k4Plus1D && batch.task_index.defined()) {
     torch::Tensor ti = batch.HostTaskIndex();
     TORCH_CHECK(ti.dim() == 1 && ti.size(0) == B, "task_index must be [", B, "]");
@@ -357,8 +360,37 @@ std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tenso
     const int64_t lo = acc[0], hi = acc[uniq.size(0) - 1];
     TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
                 " outside [0, ", num_tasks(), ")");
-    for (int64_t i = 0; i < uniq.size(0); ++i) folds.push_back(FoldFor(acc[i]));
-    if (folds.size() > 1) inverse = ToDeviceAsync(inv, x.device());
+    if (uniq.size(0) > 1 && mixed_kernel_ == MixedKernel::kBmm &&
+        batch.task_index_host.defined()) {
+      int64_t task_versions = 0;
+      for (int64_t i = 0; i < uniq.size(0); ++i) task_versions += tasks_[acc[i]]._version();
+      const torch::Tensor& key = batch.task_index_host;
+      use_gathered = gathered_.defined() && gathered_key_.defined() &&
+                     gathered_key_.unsafeGetTensorImpl() == key.unsafeGetTensorImpl() &&
+                     gathered_key_version_ == key._version() &&
+                     gathered_rebuilds_ == cache_rebuilds_ &&
+                     gathered_task_versions_ == task_versions;
+      if (!use_gathered) {
+        std::vector<torch::Tensor> fs;
+        for (int64_t i = 0; i < uniq.size(0); ++i) fs.push_back(FoldFor(acc[i]));
+        torch::NoGradGuard no_grad;
+        // [k, L, M, r1, C] -> rows [B, L, M, r1, C] -> [L, M, B, r1, C]
+        gathered_ = torch::stack(fs, 0)
+                        .index_select(0, ToDeviceAsync(inv, x.device()))
+                        .permute({1, 2, 0, 3, 4})
+                        .contiguous();
+        gathered_key_ = key;
+        gathered_key_version_ = key._version();
+        gathered_rebuilds_ = cache_rebuilds_;
+        gathered_task_versions_ = task_versions;
+        use_gathered = true;
+      } else {
+        ++fold_stats_.hits;
+      }
+    } else {
+      for (int64_t i = 0; i < uniq.size(0); ++i) folds.push_back(FoldFor(acc[i]));
+      if (folds.size() > 1) inverse = ToDeviceAsync(inv, x.device());
+    }
   } else {
     folds.push_back(FoldFor(0));
   }
@@ -367,7 +399,12 @@ std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tenso
     const int pi = static_cast<int>(projections[i]);
     const int m = proj_index_[pi];
     if (m < 0) continue;
-    if (folds.size() == 1) {
+    if (use_gathered) {
+      torch::Tensor w = gathered_.select(0, l).select(0, m);  // [B, r1, out_cols]
+      if (layout_.out_cols != layout_.out_width[pi])
+        w = w.narrow(2, layout_.out_offset[pi], layout_.out_width[pi]);
+      out[i] = torch::bmm(z, w);  // [B, S, D_out]
+    } else if (folds.size() == 1) {
       // One [S, r1] x [r1, D_out] product per sequence (bmm over a broadcast
       // W) measured faster on CPU than one [B*S, r1] x [r1, D_out] mm.
       torch::Tensor w = cols(folds[0], m, pi);

@@ -181,6 +181,18 @@ class MetaTTAdapter : public EncoderAdapter {
   MixedKernel mixed_kernel_ = MixedKernel::kBmm;
   int64_t fold_cache_bytes_ = int64_t{64} << 20;
   FoldStats fold_stats_;
+  int64_t cache_rebuilds_ = 0;  // RefreshCache rebuilds (fold contents may change)
+  // Mixed-task batch: its rows' folds gathered once, [L, M, B, r1, out_cols],
+  // and reused by every adapted layer of the same forward (one gather per
+  // forward instead of a stack + index_select per projection: on a GPU the
+  // kernel count is the cost). Keyed by the batch's host index tensor (held,
+  // so its identity cannot be reused while cached), its version, the cache
+  // rebuild count and the versions of the batch's task slices.
+  torch::Tensor gathered_key_;
+  int64_t gathered_key_version_ = -1;
+  int64_t gathered_rebuilds_ = -1;
+  int64_t gathered_task_versions_ = -1;
+  torch::Tensor gathered_;
 };
 
 }  // namespace metatt

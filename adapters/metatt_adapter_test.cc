@@ -347,6 +347,54 @@ TEST_P(FastPathTest, FoldedEqualsUnfoldedForBothMixedKernels) {
   EXPECT_GT(a->fold_stats().folds, 0);
 }
 
+TEST(MetaTTAdapterTest, GatheredMixedBatchIsReusedAcrossLayersAndFollowsUpdates) {
+  // A batch built from host indices gathers its rows' folds once and reuses
+  // them for every layer of the forward; updates must still show.
+  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4);
+  c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnUp};
+  c.d_ffn = 20;
+  auto a = Make(c);
+  torch::NoGradGuard no_grad;
+  torch::Tensor x = torch::randn({4, 5, kD}, torch::kFloat64);
+  const std::vector<Projection> ps = {Projection::kQuery, Projection::kValue};
+  AdapterBatch batch = AdapterBatch::FromHost(torch::tensor({3, 0, 3, 1}, torch::kInt64),
+                                              torch::kCPU);
+  auto check_all_layers = [&](const AdapterBatch& b) {
+    for (int layer : {0, 2}) {  // the adapted layers of SmallConfig
+      auto d = a->Deltas(layer, x, ps, b);
+      for (size_t i = 0; i < ps.size(); ++i)
+        EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, ps, x, b.task_index, i), 1e-12,
+                                    1e-13))
+            << "layer " << layer << " projection " << i;
+      auto f = a->Deltas(layer, x, {Projection::kFfnUp}, b);  // column block of the fold
+      EXPECT_TRUE(torch::allclose(f[0], Unfolded(*a, layer, {Projection::kFfnUp}, x,
+                                                 b.task_index, 0),
+                                  1e-12, 1e-13));
+    }
+  };
+  check_all_layers(batch);
+  const int64_t folds = a->fold_stats().folds;
+  const int64_t hits = a->fold_stats().hits;
+  EXPECT_EQ(folds, 3);  // tasks 0, 1, 3: folded once for the whole forward
+  check_all_layers(batch);
+  EXPECT_EQ(a->fold_stats().folds, folds);
+  EXPECT_GT(a->fold_stats().hits, hits);
+  // An in-place update of one of the batch's task slices is seen.
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "task.3") t.mul_(-2.0);
+  check_all_layers(batch);
+  // So is a shared core update, and a new batch with other tasks.
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "out") t.add_(0.05);
+  check_all_layers(batch);
+  check_all_layers(AdapterBatch::FromHost(torch::tensor({2, 2, 0, 1}, torch::kInt64),
+                                          torch::kCPU));
+  // Same indices, different task list (AddTask) are seen too.
+  ASSERT_TRUE(a->AddTask().ok());
+  check_all_layers(AdapterBatch::FromHost(torch::tensor({4, 2, 4, 0}, torch::kInt64),
+                                          torch::kCPU));
+}
+
 TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
   MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 3);
   c.projections = {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown};

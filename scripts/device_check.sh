@@ -59,7 +59,7 @@ say "quality table on CUDA (deadline ${QUALITY_SECONDS}s for new runs)"
 export OMP_NUM_THREADS=2
 timeout -s INT $((QUALITY_SECONDS + 120)) python3 bench/quality_bench.py \
   --build_dir="$PACK/build" --model_dir="$PACK/model" --glue_dir="$PACK/shared/data/glue" \
-  --device=$DEVICE $QUALITY_FLAGS --lr=2e-3 --lora_lr=5e-4 --deadline_s="$QUALITY_SECONDS" \
+  --device=$DEVICE $QUALITY_FLAGS --lr=${METATT_LR:-5e-3} --lora_lr=${LORA_LR:-1e-3} --deadline_s="$QUALITY_SECONDS" \
   --rows="${QUALITY_ROWS:-metatt4d_r8,lora_r8,peft_lora_r8,metatt4d_r8@5e-4,metatt5d_r8,dmrg_10_to_4,multitask_4p1d,new_task_frozen}" \
   --out=/tmp/quality 2>&1 | grep -v "^+ " | tail -40
 cp /tmp/quality/quality.json /tmp/quality/quality.md "$OUTDIR/" 2>/dev/null
