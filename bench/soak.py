@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import random
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "client" / "python"))
+from load_bench import cpu_model, start_server  # noqa: E402 (same folder: one server start-up for both benches)
 
 
 def percentile(xs, q):
@@ -55,21 +55,6 @@ def slope_per_minute(points):
     return 60 * sum((t - mt) * (v - mv) for t, v in points) / den if den else 0.0
 
 
-def start_server(binary, data_dir, model_dir, device):
-    cmd = [str(binary), "--listen=127.0.0.1:0", "--metrics_listen=", f"--data_dir={data_dir}",
-           f"--model_dir={model_dir}", f"--device={device}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("LISTENING "):
-            return proc, int(line.split()[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    sys.exit(f"metatt-server did not start: {' '.join(cmd)}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=120)
@@ -96,7 +81,8 @@ def main():
 
     tmp = tempfile.TemporaryDirectory(prefix="metatt-soak-")
     proc, port = start_server(pathlib.Path(args.build) / "server" / "metatt-server",
-                              pathlib.Path(tmp.name) / "data", args.model_dir, args.device)
+                              pathlib.Path(tmp.name) / "data", args.model_dir,
+                              [f"--device={args.device}"])
     result = {"bench": "soak", "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                            "device": args.device},
               "clients": args.clients, "seconds": args.seconds, "model_dir": args.model_dir}
@@ -219,16 +205,6 @@ def main():
 
 def ms(x):
     return None if x is None else round(x * 1000, 2)
-
-
-def cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
