@@ -21,6 +21,39 @@ AdapterBatch AdapterBatch::FromHost(const torch::Tensor& host_index, torch::Devi
   return b;
 }
 
+const std::vector<std::vector<Projection>>& ProjectionGroups() {
+  static const std::vector<std::vector<Projection>> kGroups = {
+      {Projection::kQuery, Projection::kKey, Projection::kValue},
+      {Projection::kAttnOutput},
+      {Projection::kFfnUp},
+      {Projection::kFfnDown}};
+  return kGroups;
+}
+
+int ProjectionGroupOf(const std::vector<Projection>& projections) {
+  const auto& groups = ProjectionGroups();
+  for (size_t g = 0; g < groups.size(); ++g)
+    if (groups[g] == projections) return static_cast<int>(g);
+  return -1;
+}
+
+void EncoderAdapter::AddDeltas(int layer, const torch::Tensor& x,
+                               const std::vector<Projection>& projections,
+                               const AdapterBatch& batch, torch::Tensor& out) {
+  std::vector<torch::Tensor> d = Deltas(layer, x, projections, batch);
+  const int64_t n = static_cast<int64_t>(projections.size());
+  TORCH_CHECK(n > 0 && out.size(-1) % n == 0, "AddDeltas: output width ", out.size(-1),
+              " is not a multiple of ", n, " projections");
+  const int64_t w = out.size(-1) / n;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!d[i].defined()) continue;
+    if (n == 1)
+      out.add_(d[i]);
+    else
+      out.narrow(-1, i * w, w).add_(d[i]);
+  }
+}
+
 torch::Tensor AdapterBatch::HostTaskIndex() const {
   if (task_index_host.defined()) return task_index_host;
   return task_index.defined() ? task_index.to(torch::kCPU, torch::kInt64) : torch::Tensor();

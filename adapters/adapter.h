@@ -56,6 +56,23 @@ class EncoderAdapter {
   virtual std::vector<torch::Tensor> Deltas(int layer, const torch::Tensor& x,
                                             const std::vector<Projection>& projections,
                                             const AdapterBatch& batch) = 0;
+
+  // What the encoder calls: adds the deltas of `projections` into `out` in
+  // place. `out` [B, S, n * W] holds the n projections' base outputs side by
+  // side (the encoder's fused Q|K|V output, or one projection's output), all
+  // of width W. The default adds Deltas() block by block (differentiable);
+  // adapters override it to fuse the add into their last matmul at inference
+  // (one baddbmm_ per call instead of a matmul and an add per projection: on
+  // a GPU the kernel count is the cost).
+  virtual void AddDeltas(int layer, const torch::Tensor& x,
+                         const std::vector<Projection>& projections, const AdapterBatch& batch,
+                         torch::Tensor& out);
 };
+
+// The groups of projections the encoder asks for together (they read the
+// same input), in its order; adapters may lay out fused weights by group.
+const std::vector<std::vector<Projection>>& ProjectionGroups();
+// Group index of `projections` in ProjectionGroups(), or -1.
+int ProjectionGroupOf(const std::vector<Projection>& projections);
 
 }  // namespace metatt

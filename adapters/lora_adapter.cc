@@ -156,6 +156,43 @@ std::vector<torch::Tensor> LoraAdapter::Deltas(int layer, const torch::Tensor& x
   return out;
 }
 
+void LoraAdapter::AddDeltas(int layer, const torch::Tensor& x,
+                            const std::vector<Projection>& projections, const AdapterBatch& batch,
+                            torch::Tensor& out) {
+  const int g = ProjectionGroupOf(projections);
+  if (torch::GradMode::is_enabled() || g < 0) {
+    EncoderAdapter::AddDeltas(layer, x, projections, batch, out);
+    return;
+  }
+  const int64_t n = static_cast<int64_t>(projections.size()), w = out.size(-1) / n;
+  std::vector<std::pair<int64_t, const Factors*>> fs;  // (block, factors)
+  int64_t version = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    auto it = factors_.find({layer, projections[i]});
+    if (it == factors_.end()) continue;
+    fs.emplace_back(i, &it->second);
+    version += it->second.a._version() + it->second.b._version();
+  }
+  if (fs.empty()) return;
+  Fused& f = fused_[{layer, g}];
+  if (f.version != version || !f.b.defined() || f.b.size(1) != out.size(-1)) {
+    std::vector<torch::Tensor> as;
+    for (const auto& [i, fac] : fs) as.push_back(fac->a);
+    f.a_t = torch::cat(as, 0).t().mul(scale_).contiguous();
+    f.b = torch::zeros({f.a_t.size(1), n * w}, f.a_t.options());
+    int64_t row = 0;
+    for (const auto& [i, fac] : fs) {
+      const int64_t r = fac->a.size(0);
+      f.b.narrow(0, row, r).narrow(1, i * w, w).copy_(fac->b.t());
+      row += r;
+    }
+    f.version = version;
+  }
+  const int64_t B = x.size(0), S = x.size(1);
+  torch::Tensor u = x.reshape({B * S, x.size(2)}).matmul(f.a_t);  // [B*S, sum r]
+  out.view({B * S, out.size(-1)}).addmm_(u, f.b);
+}
+
 std::vector<std::pair<std::string, torch::Tensor>> LoraAdapter::NamedParameters() const {
   std::vector<std::pair<std::string, torch::Tensor>> p;
   for (const auto& [k, f] : factors_) {

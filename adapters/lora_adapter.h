@@ -63,6 +63,11 @@ class LoraAdapter : public EncoderAdapter {
   std::vector<torch::Tensor> Deltas(int layer, const torch::Tensor& x,
                                     const std::vector<Projection>& projections,
                                     const AdapterBatch& batch) override;
+  // Inference (GradMode off): one x . [A_1; A_2; ...]^T and one addmm_ into
+  // the fused output per call (B factors placed at their projections' column
+  // blocks, cached until a factor changes); training: the default.
+  void AddDeltas(int layer, const torch::Tensor& x, const std::vector<Projection>& projections,
+                 const AdapterBatch& batch, torch::Tensor& out) override;
 
   const LoraConfig& config() const { return config_; }
   double scale() const { return scale_; }
@@ -78,6 +83,12 @@ class LoraAdapter : public EncoderAdapter {
   LoraConfig config_;
   double scale_ = 1.0;
   std::map<Key, Factors> factors_;
+  struct Fused {
+    torch::Tensor a_t;  // s . [A_1; ...]^T  [D_in, sum r]
+    torch::Tensor b;    // [sum r, n * W], B_j^T at projection j's column block
+    int64_t version = -1;
+  };
+  std::map<std::pair<int, int>, Fused> fused_;  // (layer, projection group)
 };
 
 struct LoadPeftOptions {

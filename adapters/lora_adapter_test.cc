@@ -41,6 +41,41 @@ TEST(LoraAdapterTest, DeltasMatchDenseUpdate) {
   EXPECT_EQ((*a)->NumParameters(), Small().ParameterCount());
 }
 
+TEST(LoraAdapterTest, FusedAddDeltasEqualsBasePlusDeltasAndFollowsUpdates) {
+  LoraAdapter::Options o;
+  o.dtype = torch::kFloat64;
+  auto made = LoraAdapter::Create(Small(), o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  LoraAdapter& a = **made;
+  torch::Tensor x = torch::randn({2, 4, 8}, torch::kFloat64);
+  const std::vector<Projection> qkv = {Projection::kQuery, Projection::kKey, Projection::kValue};
+  auto check = [&] {
+    torch::Tensor base = torch::randn({2, 4, 24}, torch::kFloat64);
+    torch::Tensor want = base.clone();
+    want.narrow(-1, 0, 8).add_(x.matmul(*a.DenseDelta(1, Projection::kQuery)));
+    want.narrow(-1, 16, 8).add_(x.matmul(*a.DenseDelta(1, Projection::kValue)));
+    for (bool grad : {false, true}) {
+      torch::AutoGradMode mode(grad);
+      torch::Tensor out = base.clone();
+      a.AddDeltas(1, x, qkv, {}, out);  // inference: fused addmm_; training: default
+      EXPECT_TRUE(torch::allclose(out, want, 1e-12, 1e-12)) << "grad " << grad;
+    }
+    torch::NoGradGuard no_grad;
+    torch::Tensor up = torch::randn({2, 4, 16}, torch::kFloat64);
+    torch::Tensor up_want = up + x.matmul(*a.DenseDelta(0, Projection::kFfnUp));
+    a.AddDeltas(0, x, {Projection::kFfnUp}, {}, up);
+    EXPECT_TRUE(torch::allclose(up, up_want, 1e-12, 1e-12));
+  };
+  check();
+  // An in-place factor update reaches the cached fused factors.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : a.NamedParameters())
+      if (name == "layer.1.v.lora_B") t.mul_(-3.0);
+  }
+  check();
+}
+
 TEST(LoraAdapterTest, PeftInitIsZeroDelta) {
   LoraConfig c = Small();
   c.init = "peft";

@@ -2,6 +2,8 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "adapters/util/status_macros.h"
 
@@ -88,6 +90,23 @@ void MetaTTAdapter::BuildIndexMaps() {
   for (size_t i = 0; i < config_.projections.size(); ++i)
     proj_index_[static_cast<int>(config_.projections[i])] = static_cast<int>(i);
   layout_ = config_.BoundaryLayout();
+  // Fold-table columns: one block per projection of every encoder call group
+  // that adapts at least one of its projections, in the encoder's order.
+  for (int64_t& c : table_col_) c = -1;
+  group_cols_.clear();
+  table_cols_ = 0;
+  for (const auto& group : ProjectionGroups()) {
+    bool adapted = false;
+    for (Projection p : group) adapted = adapted || proj_index_[static_cast<int>(p)] >= 0;
+    int64_t width = 0;
+    for (Projection p : group) {
+      const int pi = static_cast<int>(p);
+      if (adapted && proj_index_[pi] >= 0) table_col_[pi] = table_cols_ + width;
+      if (adapted) width += layout_.out_width[pi];
+    }
+    group_cols_.emplace_back(table_cols_, width);
+    table_cols_ += width;
+  }
 }
 
 absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::Create(const MetaTTConfig& config,
@@ -100,7 +119,6 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::Create(const MetaT
   a->config_ = config;
   a->config_.ranks = config.BondRanks();
   a->scale_ = config.Scale();
-  a->fold_cache_bytes_ = options.fold_cache_bytes;
   a->BuildIndexMaps();
   auto shapes = ExpectedShapes(a->config_);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
@@ -115,12 +133,16 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::Create(const MetaT
       case TTForm::k4D:
         a->out_ = leaf(InitBoundary(inits[3], shapes["out"], 1, lay.out_blocks, gen, opts));
         break;
-      case TTForm::k4Plus1D:
+      case TTForm::k4Plus1D: {
+        std::vector<torch::Tensor> slices;
         for (int64_t t = 0; t < config.num_tasks; ++t)
-          a->tasks_.push_back(
-              leaf(InitCore(inits[3], shapes[absl::StrCat("task.", t)], gen, opts)));
+          slices.push_back(InitCore(inits[3], shapes[absl::StrCat("task.", t)], gen, opts));
+        a->task_core_ = torch::stack(slices, 0);
+        for (int64_t t = 0; t < config.num_tasks; ++t)
+          a->task_leaves_[t] = a->task_core_[t].clone().set_requires_grad(true);
         a->out_ = leaf(InitBoundary(inits[4], shapes["out"], 1, lay.out_blocks, gen, opts));
         break;
+      }
       case TTForm::k5D:
         a->out_ = leaf(InitCore(inits[3], shapes["head"], gen, opts));
         a->head_width_ = leaf(InitCore(inits[4], shapes["head_width"], gen, opts));
@@ -132,7 +154,7 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::Create(const MetaT
 
 absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::FromTensors(
     const MetaTTConfig& config, double scale, const std::map<std::string, torch::Tensor>& tensors,
-    torch::Device device) {
+    torch::Device device, Leaves leaves) {
   RETURN_IF_ERROR(config.Validate());
   if (!(scale > 0) || !std::isfinite(scale))
     return absl::InvalidArgumentError("metatt adapter: scale must be positive and finite");
@@ -143,8 +165,11 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::FromTensors(
   a->BuildIndexMaps();
   torch::Dtype dtype = torch::kFloat32;
   bool first = true;
+  const bool trainable = leaves == Leaves::kTrainable;
   std::map<std::string, torch::Tensor> got;
-  for (const auto& [name, shape] : ExpectedShapes(a->config_)) {
+  std::vector<torch::Tensor> slices;  // 4+1D task slices by index (stacked once)
+  const auto check = [&](const std::string& name,
+                         const std::vector<int64_t>& shape) -> absl::StatusOr<torch::Tensor> {
     auto it = tensors.find(name);
     if (it == tensors.end())
       return absl::InvalidArgumentError(
@@ -162,7 +187,24 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::FromTensors(
       return absl::InvalidArgumentError(
           absl::StrCat("metatt adapter: tensor '", name, "' has a different dtype"));
     first = false;
-    got[name] = t.detach().to(device).clone().contiguous().set_requires_grad(true);
+    return t.detach();
+  };
+  const auto shapes = ExpectedShapes(a->config_);
+  for (const auto& [name, shape] : shapes) {
+    if (name.rfind("task.", 0) == 0) continue;
+    ASSIGN_OR_RETURN(torch::Tensor t, check(name, shape));
+    got[name] = t.to(device).clone().contiguous().set_requires_grad(trainable);
+  }
+  if (config.form == TTForm::k4Plus1D) {
+    const auto& shape = shapes.at("task.0");
+    for (int64_t t = 0; t < config.num_tasks; ++t) {
+      ASSIGN_OR_RETURN(torch::Tensor slice, check(absl::StrCat("task.", t), shape));
+      slices.push_back(std::move(slice));
+    }
+    a->task_core_ = torch::stack(slices, 0).to(device).contiguous();
+    if (trainable)
+      for (int64_t t = 0; t < config.num_tasks; ++t)
+        a->task_leaves_[t] = a->task_core_[t].clone().set_requires_grad(true);
   }
   a->in_ = got["in"];
   a->layer_ = got["layer"];
@@ -173,15 +215,26 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::FromTensors(
   } else {
     a->out_ = got["out"];
   }
-  for (int64_t t = 0; config.form == TTForm::k4Plus1D && t < config.num_tasks; ++t)
-    a->tasks_.push_back(got[absl::StrCat("task.", t)]);
   return a;
+}
+
+torch::Tensor MetaTTAdapter::TaskSlice(int64_t t) const {
+  auto it = task_leaves_.find(t);
+  return it != task_leaves_.end() ? it->second : task_core_[t];
+}
+
+int64_t MetaTTAdapter::TaskStorageBytes() const {
+  if (!task_core_.defined()) return 0;
+  int64_t n = task_core_.numel();
+  for (const auto& [t, leaf] : task_leaves_) n += leaf.numel();
+  return n * static_cast<int64_t>(task_core_.element_size());
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> MetaTTAdapter::NamedParameters() const {
   std::vector<std::pair<std::string, torch::Tensor>> p = {
       {"in", in_}, {"layer", layer_}, {"proj", proj_}};
-  for (size_t t = 0; t < tasks_.size(); ++t) p.emplace_back(absl::StrCat("task.", t), tasks_[t]);
+  for (int64_t t = 0; config_.form == TTForm::k4Plus1D && t < num_tasks(); ++t)
+    p.emplace_back(absl::StrCat("task.", t), TaskSlice(t));
   if (config_.form == TTForm::k5D) {
     p.emplace_back("head", out_);
     p.emplace_back("head_width", head_width_);
@@ -219,7 +272,13 @@ TensorTrain MetaTTAdapter::ToTensorTrain() const {
       tt.cores.push_back(out_.unsqueeze(2));
       break;
     case TTForm::k4Plus1D:
-      tt.cores.push_back(torch::stack(tasks_, 1));
+      if (task_leaves_.empty()) {
+        tt.cores.push_back(task_core_.permute({1, 0, 2}));
+      } else {  // differentiable in the trainable slices
+        std::vector<torch::Tensor> slices;
+        for (int64_t t = 0; t < num_tasks(); ++t) slices.push_back(TaskSlice(t));
+        tt.cores.push_back(torch::stack(slices, 1));
+      }
       tt.cores.push_back(out_.unsqueeze(2));
       break;
     case TTForm::k5D:
@@ -254,175 +313,144 @@ int64_t MetaTTAdapter::SharedVersionSum() const {
   return v;
 }
 
+int64_t MetaTTAdapter::LeafVersionSum() const {
+  int64_t v = 0;
+  for (const auto& [t, leaf] : task_leaves_) v += leaf._version();
+  return v;
+}
+
 void MetaTTAdapter::RefreshCache() {
-  const int64_t leaves = SharedVersionSum();
+  const int64_t leaves = SharedVersionSum() + LeafVersionSum();
+  const int64_t core = task_core_.defined() ? task_core_._version() : 0;
   if (cache_chain_.defined() && cache_key_version_ == version_ && cache_key_leaves_ == leaves &&
-      cache_key_tasks_ == tasks_.size())
+      cache_key_core_ == core && cache_key_tasks_ == num_tasks())
     return;
   torch::NoGradGuard no_grad;
+  // Trainable slices are the truth for their tasks: copy them into the core.
+  for (const auto& [t, leaf] : task_leaves_) task_core_[t].copy_(leaf);
   cache_chain_ = torch::einsum("alb,bmc->lmac", {layer_, proj_}).mul(scale_).contiguous();
   cache_g1t_ = in_.t().contiguous();
-  task_folds_.clear();
-  fold_stats_.cached_tasks = fold_stats_.cached_bytes = 0;
-  cache_fold_ = config_.form == TTForm::k4Plus1D ? torch::Tensor() : FoldOne(torch::Tensor());
-  if (cache_fold_.defined()) ++fold_stats_.folds;
+  // The output map of each projection, [r_last, out_cols] (5D: column block
+  // h of G4[:, h, :] . G5, head-major as the unfolded path's view).
+  torch::Tensor om = out_;
+  if (config_.form == TTForm::k5D)
+    om = torch::matmul(out_, head_width_).reshape({out_.size(0), config_.d_out});
+  const int64_t M = proj_.size(1), R = om.size(0);
+  torch::Tensor place = torch::zeros({M, R, table_cols_}, om.options());
+  for (int pi = 0; pi < kNumProjections; ++pi) {
+    const int m = proj_index_[pi];
+    if (m < 0) continue;
+    place[m]
+        .narrow(1, table_col_[pi], layout_.out_width[pi])
+        .copy_(om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]));
+  }
+  cache_place_ = place.reshape({M * R, table_cols_});
+  cache_table_ = torch::Tensor();
+  if (config_.form != TTForm::k4Plus1D) {
+    // T[l] = sum_m C[l, m] . E[m]: [L, r1, M * r3] x [M * r3, Ctot].
+    const int64_t L = cache_chain_.size(0), r1 = cache_chain_.size(2);
+    cache_table_ = cache_chain_.permute({0, 2, 1, 3})
+                       .reshape({L, r1, M * R})
+                       .matmul(cache_place_)
+                       .unsqueeze(1)
+                       .contiguous();  // [L, 1, r1, Ctot]
+    ++fold_stats_.tables;
+  }
   cache_key_version_ = version_;
   cache_key_leaves_ = leaves;
-  cache_key_tasks_ = tasks_.size();
-  ++cache_rebuilds_;
-  gathered_ = gathered_key_ = torch::Tensor();
+  cache_key_core_ = task_core_.defined() ? task_core_._version() : 0;
+  cache_key_tasks_ = num_tasks();
+  ++fold_stats_.rebuilds;
+  rows_table_ = rows_key_ = torch::Tensor();
 }
 
-torch::Tensor MetaTTAdapter::FoldOne(const torch::Tensor& task_slice) const {
-  torch::NoGradGuard no_grad;
-  torch::Tensor c = cache_chain_;                   // [L, M, r1, r3]
-  if (task_slice.defined()) c = c.matmul(task_slice);  // [L, M, r1, r4]
-  if (config_.form != TTForm::k5D) return c.matmul(out_).contiguous();  // [L, M, r1, out_cols]
-  // 5D: column block of head h is C . G4[:, h, :] . G5 (head-major columns,
-  // as the unfolded path's view [B, S, H, r4] . G5).
-  const int64_t r3 = out_.size(0), H = out_.size(1), r4 = out_.size(2);
-  const int64_t L = c.size(0), M = c.size(1), r1 = c.size(2);
-  torch::Tensor y = c.matmul(out_.reshape({r3, H * r4})).view({L, M, r1, H, r4});
-  return y.matmul(head_width_).reshape({L, M, r1, config_.d_out}).contiguous();
+torch::Tensor MetaTTAdapter::FoldRows(const torch::Tensor& slices) const {
+  // C[l, m] . GT[row] for every row: [L, M, 1, r1, r3] x [R, r3, r4] ->
+  // [L, M, R, r1, r4]; then sum over (m, r4) against E in one matmul.
+  const int64_t L = cache_chain_.size(0), M = cache_chain_.size(1), r1 = cache_chain_.size(2);
+  const int64_t R = slices.size(0), r4 = slices.size(2);
+  torch::Tensor cs = cache_chain_.unsqueeze(2).matmul(slices);
+  return cs.permute({0, 2, 3, 1, 4})
+      .reshape({L, R, r1, M * r4})
+      .matmul(cache_place_);  // [L, R, r1, Ctot]
 }
 
-torch::Tensor MetaTTAdapter::FoldFor(int64_t task) {
-  if (config_.form != TTForm::k4Plus1D) return cache_fold_;
-  const int64_t tv = tasks_[task]._version();
-  auto it = task_folds_.find(task);
-  if (it != task_folds_.end() && it->second.task_version == tv) {
+torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
+                                      torch::Device device) {
+  if (config_.form != TTForm::k4Plus1D) {
     ++fold_stats_.hits;
-    it->second.last_used = fold_clock_;
-    return it->second.fold;
+    return cache_table_;
   }
-  torch::Tensor fold = FoldOne(tasks_[task]);
-  ++fold_stats_.folds;
-  const int64_t bytes = fold.numel() * static_cast<int64_t>(fold.element_size());
-  if (it == task_folds_.end()) {
-    ++fold_stats_.cached_tasks;
-    fold_stats_.cached_bytes += bytes;
+  const bool indexed = batch.task_index.defined() || batch.task_index_host.defined();
+  torch::Tensor host = indexed ? batch.HostTaskIndex() : torch::Tensor();
+  if (rows_table_.defined() && rows_rebuilds_ == fold_stats_.rebuilds &&
+      rows_key_.defined() == host.defined() &&
+      (!host.defined() || (rows_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
+                           rows_key_version_ == host._version()))) {
+    ++fold_stats_.hits;
+    return rows_table_;
   }
-  task_folds_[task] = TaskFold{fold, tv, fold_clock_};
-  EvictFolds();
-  return fold;
+  torch::NoGradGuard no_grad;
+  int64_t uniform = 0;  // the task of every row, or -1 when they differ
+  if (host.defined()) {
+    TORCH_CHECK(host.dim() == 1 && host.size(0) == B, "task_index must be [", B, "]");
+    auto acc = host.accessor<int64_t, 1>();
+    int64_t lo = acc[0], hi = acc[0];
+    for (int64_t i = 1; i < B; ++i) {
+      lo = std::min(lo, acc[i]);
+      hi = std::max(hi, acc[i]);
+    }
+    TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
+                " outside [0, ", num_tasks(), ")");
+    uniform = lo == hi ? lo : -1;
+  }
+  if (uniform >= 0) {
+    rows_table_ = FoldRows(task_core_.narrow(0, uniform, 1));  // [L, 1, r1, Ctot]
+  } else {
+    torch::Tensor index = batch.task_index.defined() && batch.task_index.device() == device
+                              ? batch.task_index
+                              : ToDeviceAsync(host, device);
+    rows_table_ = FoldRows(task_core_.index_select(0, index));  // [L, B, r1, Ctot]
+  }
+  rows_key_ = host;
+  rows_key_version_ = host.defined() ? host._version() : -1;
+  rows_rebuilds_ = fold_stats_.rebuilds;
+  ++fold_stats_.tables;
+  return rows_table_;
 }
 
-void MetaTTAdapter::EvictFolds() {
-  // Least recently used first; folds used by the current call stay (a batch
-  // may need more than the bound holds: they go at the next call).
-  while (fold_stats_.cached_bytes > fold_cache_bytes_) {
-    auto victim = task_folds_.end();
-    for (auto j = task_folds_.begin(); j != task_folds_.end(); ++j)
-      if (j->second.last_used < fold_clock_ &&
-          (victim == task_folds_.end() || j->second.last_used < victim->second.last_used))
-        victim = j;
-    if (victim == task_folds_.end()) break;
-    --fold_stats_.cached_tasks;
-    fold_stats_.cached_bytes -= victim->second.fold.numel() *
-                                static_cast<int64_t>(victim->second.fold.element_size());
-    task_folds_.erase(victim);
-  }
-}
-
-std::vector<torch::Tensor> MetaTTAdapter::FoldedDeltas(int l, const torch::Tensor& x,
-                                                       const std::vector<Projection>& projections,
-                                                       const AdapterBatch& batch) {
-  RefreshCache();
-  ++fold_clock_;
-  EvictFolds();
-  std::vector<torch::Tensor> out(projections.size());
-  int first = -1;
-  for (Projection p : projections)
-    if (first < 0 && proj_index_[static_cast<int>(p)] >= 0) first = static_cast<int>(p);
+torch::Tensor MetaTTAdapter::ProjectIn(const torch::Tensor& x, int first) const {
   const torch::Tensor g1t =
       layout_.in_rows == layout_.in_width[first]
           ? cache_g1t_
           : cache_g1t_.narrow(1, layout_.in_offset[first], layout_.in_width[first]);
   // x . G1 with G1 given transposed: the faster BLAS layout for a narrow r1.
-  const torch::Tensor z = x.matmul(g1t.t());  // [B, S, r1]
+  return x.matmul(g1t.t());  // [B, S, r1]
+}
+
+void MetaTTAdapter::AddDeltas(int layer, const torch::Tensor& x,
+                              const std::vector<Projection>& projections,
+                              const AdapterBatch& batch, torch::Tensor& out) {
+  const int g = ProjectionGroupOf(projections);
+  if (torch::GradMode::is_enabled() || !fold_enabled_ || g < 0) {
+    EncoderAdapter::AddDeltas(layer, x, projections, batch, out);
+    return;
+  }
+  if (layer < 0 || layer >= static_cast<int>(layer_index_.size())) return;
+  const int l = layer_index_[layer];
+  const auto [offset, width] = group_cols_[g];
+  if (l < 0 || width == 0) return;
+  int first = -1;
+  for (Projection p : projections)
+    if (first < 0 && proj_index_[static_cast<int>(p)] >= 0) first = static_cast<int>(p);
+  TORCH_CHECK(out.size(-1) == width, "AddDeltas: output width ", out.size(-1), ", expected ",
+              width);
+  RefreshCache();
   const int64_t B = x.size(0);
-  // W[l, m] of one fold, restricted to the projection's output columns.
-  auto cols = [&](const torch::Tensor& fold, int m, int pi) {
-    torch::Tensor w = fold.select(0, l).select(0, m);  // [r1, out_cols]
-    return layout_.out_cols == layout_.out_width[pi]
-               ? w
-               : w.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]);
-  };
-
-  std::vector<torch::Tensor> folds;  // one per distinct task of the batch
-  torch::Tensor inverse;             // row -> index into folds
-  bool use_gathered = false;         // gathered_ holds this batch's rows
-  if (config_.form == TTForm::k4Plus1D && batch.task_index.defined()) {
-    torch::Tensor ti = batch.HostTaskIndex();
-    TORCH_CHECK(ti.dim() == 1 && ti.size(0) == B, "task_index must be [", B, "]");
-    auto [uniq, inv] = at::_unique(ti, /*sorted=*/true, /*return_inverse=*/true);
-    auto acc = uniq.accessor<int64_t, 1>();
-    const int64_t lo = acc[0], hi = acc[uniq.size(0) - 1];
-    TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
-                " outside [0, ", num_tasks(), ")");
-    if (uniq.size(0) > 1 && mixed_kernel_ == MixedKernel::kBmm &&
-        batch.task_index_host.defined()) {
-      int64_t task_versions = 0;
-      for (int64_t i = 0; i < uniq.size(0); ++i) task_versions += tasks_[acc[i]]._version();
-      const torch::Tensor& key = batch.task_index_host;
-      use_gathered = gathered_.defined() && gathered_key_.defined() &&
-                     gathered_key_.unsafeGetTensorImpl() == key.unsafeGetTensorImpl() &&
-                     gathered_key_version_ == key._version() &&
-                     gathered_rebuilds_ == cache_rebuilds_ &&
-                     gathered_task_versions_ == task_versions;
-      if (!use_gathered) {
-        std::vector<torch::Tensor> fs;
-        for (int64_t i = 0; i < uniq.size(0); ++i) fs.push_back(FoldFor(acc[i]));
-        torch::NoGradGuard no_grad;
-        // [k, L, M, r1, C] -> rows [B, L, M, r1, C] -> [L, M, B, r1, C]
-        gathered_ = torch::stack(fs, 0)
-                        .index_select(0, ToDeviceAsync(inv, x.device()))
-                        .permute({1, 2, 0, 3, 4})
-                        .contiguous();
-        gathered_key_ = key;
-        gathered_key_version_ = key._version();
-        gathered_rebuilds_ = cache_rebuilds_;
-        gathered_task_versions_ = task_versions;
-        use_gathered = true;
-      } else {
-        ++fold_stats_.hits;
-      }
-    } else {
-      for (int64_t i = 0; i < uniq.size(0); ++i) folds.push_back(FoldFor(acc[i]));
-      if (folds.size() > 1) inverse = ToDeviceAsync(inv, x.device());
-    }
-  } else {
-    folds.push_back(FoldFor(0));
-  }
-
-  for (size_t i = 0; i < projections.size(); ++i) {
-    const int pi = static_cast<int>(projections[i]);
-    const int m = proj_index_[pi];
-    if (m < 0) continue;
-    if (use_gathered) {
-      torch::Tensor w = gathered_.select(0, l).select(0, m);  // [B, r1, out_cols]
-      if (layout_.out_cols != layout_.out_width[pi])
-        w = w.narrow(2, layout_.out_offset[pi], layout_.out_width[pi]);
-      out[i] = torch::bmm(z, w);  // [B, S, D_out]
-    } else if (folds.size() == 1) {
-      // One [S, r1] x [r1, D_out] product per sequence (bmm over a broadcast
-      // W) measured faster on CPU than one [B*S, r1] x [r1, D_out] mm.
-      torch::Tensor w = cols(folds[0], m, pi);
-      out[i] = torch::bmm(z, w.unsqueeze(0).expand({B, w.size(0), w.size(1)}));
-    } else if (mixed_kernel_ == MixedKernel::kBmm) {
-      std::vector<torch::Tensor> ws;
-      for (const auto& f : folds) ws.push_back(cols(f, m, pi));
-      out[i] = torch::bmm(z, torch::stack(ws, 0).index_select(0, inverse));  // [B, S, D_out]
-    } else {  // kGrouped: rows of one task at a time
-      torch::Tensor y = torch::empty({B, x.size(1), layout_.out_width[pi]}, z.options());
-      for (size_t j = 0; j < folds.size(); ++j) {
-        torch::Tensor rows = inverse.eq(static_cast<int64_t>(j)).nonzero().squeeze(1);
-        y.index_copy_(0, rows, z.index_select(0, rows).matmul(cols(folds[j], m, pi)));
-      }
-      out[i] = y;
-    }
-  }
-  return out;
+  const torch::Tensor z = ProjectIn(x, first);
+  torch::Tensor w = TableFor(batch, B, x.device()).select(0, l).narrow(-1, offset, width);
+  if (w.size(0) != B) w = w.expand({B, w.size(1), w.size(2)});
+  out.baddbmm_(z, w);  // one kernel: the matmul and the add
 }
 
 std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor& x,
@@ -436,13 +464,25 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
   for (Projection p : projections)
     if (first < 0 && proj_index_[static_cast<int>(p)] >= 0) first = static_cast<int>(p);
   if (first < 0) return out;
+  const int64_t B = x.size(0), S = x.size(1);
 
-  // Inference: the folded path (never with grad: no cached tensor ever
+  // Inference: the folded table (never with grad: no cached tensor ever
   // enters an autograd graph).
   const bool no_grad = !torch::GradMode::is_enabled();
-  if (no_grad && fold_enabled_) return FoldedDeltas(l, x, projections, batch);
+  if (no_grad && fold_enabled_) {
+    RefreshCache();
+    const torch::Tensor z = ProjectIn(x, first);
+    const torch::Tensor table = TableFor(batch, B, x.device()).select(0, l);  // [R, r1, Ctot]
+    for (size_t i = 0; i < projections.size(); ++i) {
+      const int pi = static_cast<int>(projections[i]);
+      if (proj_index_[pi] < 0) continue;
+      torch::Tensor w = table.narrow(-1, table_col_[pi], layout_.out_width[pi]);
+      if (w.size(0) != B) w = w.expand({B, w.size(1), w.size(2)});
+      out[i] = torch::bmm(z, w);  // [B, S, D_out]
+    }
+    return out;
+  }
   if (no_grad) RefreshCache();  // the chain cache only
-  const int64_t B = x.size(0), S = x.size(1);
   const torch::Tensor g1 = layout_.in_rows == layout_.in_width[first]
                                ? in_
                                : in_.narrow(0, layout_.in_offset[first], layout_.in_width[first]);
@@ -451,8 +491,8 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
   // Per-row task slices [B, r3, r4], or one slice [r3, r4] for the whole batch.
   torch::Tensor row_tasks, one_task;
   if (config_.form == TTForm::k4Plus1D) {
-    if (!batch.task_index.defined()) {
-      one_task = tasks_[0];
+    if (!batch.task_index.defined() && !batch.task_index_host.defined()) {
+      one_task = TaskSlice(0);
     } else {
       torch::Tensor ti = batch.HostTaskIndex();  // host: no device sync per layer
       TORCH_CHECK(ti.dim() == 1 && ti.size(0) == B, "task_index must be [", B, "]");
@@ -460,13 +500,13 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
       TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
                   " outside [0, ", num_tasks(), ")");
       if (lo == hi) {
-        one_task = tasks_[lo];
+        one_task = TaskSlice(lo);
       } else {
         auto uniq_inv = at::_unique(ti, /*sorted=*/true, /*return_inverse=*/true);
         torch::Tensor uniq = std::get<0>(uniq_inv);
         std::vector<torch::Tensor> sel;
         auto acc = uniq.accessor<int64_t, 1>();
-        for (int64_t i = 0; i < uniq.size(0); ++i) sel.push_back(tasks_[acc[i]]);
+        for (int64_t i = 0; i < uniq.size(0); ++i) sel.push_back(TaskSlice(acc[i]));
         row_tasks = torch::stack(sel, 0).index_select(
             0, ToDeviceAsync(std::get<1>(uniq_inv), in_.device()));
       }
@@ -504,25 +544,38 @@ absl::StatusOr<int64_t> MetaTTAdapter::AddTask() {
   if (config_.form != TTForm::k4Plus1D)
     return absl::FailedPreconditionError(
         absl::StrCat("AddTask: form ", TTFormName(config_.form), " has no task core (use 4+1d)"));
-  const torch::Tensor& ref = tasks_.front();
-  torch::Tensor slice = torch::eye(ref.size(0), ref.size(1), ref.options().requires_grad(false))
-                            .set_requires_grad(true);
-  tasks_.push_back(slice);
+  const int64_t t = num_tasks();
+  {
+    torch::NoGradGuard no_grad;
+    torch::Tensor eye = torch::eye(task_core_.size(1), task_core_.size(2), task_core_.options());
+    task_core_ = torch::cat({task_core_, eye.unsqueeze(0)}, 0);
+    task_leaves_[t] = eye.set_requires_grad(true);
+  }
   config_.num_tasks = num_tasks();
   MarkCoresChanged();
-  return num_tasks() - 1;
+  return t;
 }
 
 void MetaTTAdapter::FreezeShared(bool frozen) {
   for (torch::Tensor* t : {&in_, &layer_, &proj_, &out_, &head_width_})
     if (t->defined()) t->requires_grad_(!frozen);
-  for (auto& t : tasks_) t.requires_grad_(!frozen);
+  for (int64_t t = 0; t < num_tasks() && config_.form == TTForm::k4Plus1D; ++t)
+    (void)SetTaskTrainable(t, !frozen);
 }
 
 absl::Status MetaTTAdapter::SetTaskTrainable(int64_t task, bool trainable) {
   if (task < 0 || task >= num_tasks())
     return absl::OutOfRangeError(absl::StrCat("task ", task, " outside [0, ", num_tasks(), ")"));
-  tasks_[task].requires_grad_(trainable);
+  if (config_.form != TTForm::k4Plus1D) return absl::OkStatus();
+  torch::NoGradGuard no_grad;
+  auto it = task_leaves_.find(task);
+  if (trainable && it == task_leaves_.end()) {
+    task_leaves_[task] = task_core_[task].clone().set_requires_grad(true);
+  } else if (!trainable && it != task_leaves_.end()) {
+    task_core_[task].copy_(it->second);  // keep what it learned
+    task_leaves_.erase(it);
+    MarkCoresChanged();
+  }
   return absl::OkStatus();
 }
 
@@ -532,8 +585,6 @@ absl::Status MetaTTAdapter::SetFromTensorTrain(const TensorTrain& tt) {
     return t.detach().clone().contiguous().set_requires_grad(rg);
   };
   const bool shared_rg = in_.requires_grad();
-  std::vector<bool> task_rg;
-  for (const auto& t : tasks_) task_rg.push_back(t.requires_grad());
   in_ = leaf(tt.cores[0].squeeze(0), shared_rg);
   layer_ = leaf(tt.cores[1], layer_.requires_grad());
   proj_ = leaf(tt.cores[2], proj_.requires_grad());
@@ -542,8 +593,8 @@ absl::Status MetaTTAdapter::SetFromTensorTrain(const TensorTrain& tt) {
       out_ = leaf(tt.cores[3].squeeze(2), out_.requires_grad());
       break;
     case TTForm::k4Plus1D: {
-      auto slices = tt.cores[3].unbind(1);
-      for (size_t t = 0; t < tasks_.size(); ++t) tasks_[t] = leaf(slices[t], task_rg[t]);
+      task_core_ = tt.cores[3].detach().permute({1, 0, 2}).contiguous();
+      for (auto& [t, slice] : task_leaves_) slice = leaf(task_core_[t], true);
       out_ = leaf(tt.cores[4].squeeze(2), out_.requires_grad());
       break;
     }

@@ -9,22 +9,31 @@
 // handful of r x r products) and the path above is differentiable.
 // Inference (GradMode off) folds the chain into the output core:
 //   W[l, m(, t)] = C . G4   [r1, D_out]   (5D: column block h = C . G4[h] . G5)
-//   Y = Z . W               one [N, r1] x [r1, D_out] per projection
-// so a delta costs the same as LoRA's B step while Z is shared by Q, K, V.
-// 4D/5D fold every (l, m) at once; 4+1D folds lazily, per task present in a
-// batch (all (l, m) of that task together), keeping an LRU cache bounded by
-// fold_cache_bytes. Rows of different tasks use one bmm over the gathered
-// [B, r1, D_out] folds. Invalidation: the cache key is MarkCoresChanged()'s
-// counter (bumped by AddTask, Truncate, ...) plus the autograd version
-// counters of the shared leaves; each cached task fold also records its task
-// slice's version, so in-place edits of a leaf (add_, copy_) invalidate it
-// too. libtorch optimizers write through .data(), which bumps no version:
-// call MarkCoresChanged() after optimizer steps (AdapterBinding does).
+// laid out per encoder call group (ProjectionGroups(): Q|K|V, O, up, down)
+// as one table T[l] [r1, Ctot] whose column block of a group matches the
+// encoder's fused output (zeros for a projection of the group that is not
+// adapted), so a call costs Z = X . G1 and one out.baddbmm_(Z, T[l][group]).
+// 4D/5D build T once per core change. 4+1D builds it per forward for the
+// batch's rows in one batched product,
+//   T[l, b] = sum_m C[l, m] . GT[task(b)] . E[m]   ([L, B, r1, Ctot])
+// (E: the output core's columns placed at each projection's block), reused
+// by every adapted layer of that forward: a handful of kernels per forward
+// whatever the number of distinct tasks, and no per-task state at all.
+// Invalidation: a rebuild counter bumped when MarkCoresChanged()'s counter
+// (AddTask, Truncate, ...) or any leaf's autograd version changes; the
+// per-forward table is keyed by the batch's host index tensor (held) and its
+// version. libtorch optimizers write through .data(), which bumps no
+// version: call MarkCoresChanged() after optimizer steps (AdapterBinding
+// does).
 //
-// Tasks (4+1D): the task core GT [r3, T, r4] is kept as T leaf slices
-// [r3, r4]. AddTask() appends an identity slice (trainable). FreezeShared(true)
-// stops gradients on every shared core and every existing task slice, so only
-// slices added afterwards (or re-enabled with SetTaskTrainable) train.
+// Tasks (4+1D): the task core GT is stored as ONE tensor [T, r3, r4] (a
+// million tasks are 256 MB at r = 8, not a million tensors). A task that
+// trains gets a leaf slice [r3, r4] (requires_grad) that the forward uses
+// instead of its row and that is copied back into the stored core before
+// the next inference. AddTask() appends an identity slice (trainable).
+// FreezeShared(true) stops gradients on every shared core and every existing
+// task slice, so only slices added afterwards (or re-enabled with
+// SetTaskTrainable) train.
 //
 // Not thread-safe: one thread (the scheduler loop) drives an adapter.
 #pragma once
@@ -53,16 +62,14 @@ class MetaTTAdapter : public EncoderAdapter {
     torch::Dtype dtype = torch::kFloat32;
     torch::Device device = torch::kCPU;
     uint64_t seed = 0;  // for normal(std) inits
-    // Bound on the inference fold cache (4+1D: per-task folds, LRU).
-    int64_t fold_cache_bytes = int64_t{64} << 20;
   };
-  // How rows of different tasks are combined at inference (bench knob).
-  enum class MixedKernel { kBmm, kGrouped };
+  // FromTensors: whether the leaves come back trainable (requires_grad) or
+  // frozen (a served family: no per-task leaf is created at all).
+  enum class Leaves { kTrainable, kFrozen };
   struct FoldStats {
-    int64_t folds = 0;         // (re)computed fold tensors (all (l, m) of a task)
-    int64_t hits = 0;          // task folds served from the cache
-    int64_t cached_tasks = 0;  // task folds held now
-    int64_t cached_bytes = 0;
+    int64_t rebuilds = 0;  // chain/out caches rebuilt (cores changed)
+    int64_t tables = 0;    // fold tables built (4D/5D: per rebuild; 4+1D: per forward)
+    int64_t hits = 0;      // adapted-layer calls served by an existing table
   };
 
   static absl::StatusOr<std::unique_ptr<MetaTTAdapter>> Create(const MetaTTConfig& config,
@@ -76,20 +83,22 @@ class MetaTTAdapter : public EncoderAdapter {
   // recorded s (it is not recomputed from alpha after truncations).
   static absl::StatusOr<std::unique_ptr<MetaTTAdapter>> FromTensors(
       const MetaTTConfig& config, double scale, const std::map<std::string, torch::Tensor>& tensors,
-      torch::Device device = torch::kCPU);
+      torch::Device device = torch::kCPU, Leaves leaves = Leaves::kTrainable);
   // Leaf name -> shape implied by the config.
   static std::map<std::string, std::vector<int64_t>> ExpectedShapes(const MetaTTConfig& config);
 
   std::vector<torch::Tensor> Deltas(int layer, const torch::Tensor& x,
                                     const std::vector<Projection>& projections,
                                     const AdapterBatch& batch) override;
+  void AddDeltas(int layer, const torch::Tensor& x, const std::vector<Projection>& projections,
+                 const AdapterBatch& batch, torch::Tensor& out) override;
 
   // The config with ranks and num_tasks reflecting the current cores.
   const MetaTTConfig& config() const { return config_; }
   double scale() const { return scale_; }
   // Task slices (4+1D); 1 for the single-task forms.
   int64_t num_tasks() const {
-    return config_.form == TTForm::k4Plus1D ? static_cast<int64_t>(tasks_.size()) : 1;
+    return config_.form == TTForm::k4Plus1D ? task_core_.size(0) : 1;
   }
   torch::Dtype dtype() const { return in_.scalar_type(); }
   torch::Device device() const { return in_.device(); }
@@ -102,7 +111,7 @@ class MetaTTAdapter : public EncoderAdapter {
                                            int64_t task = 0) const;
 
   // Names: "in", "layer", "proj", "out" (4D/4+1D), "head", "head_width" (5D),
-  // "task.<t>" (4+1D).
+  // "task.<t>" (4+1D: the trainable leaf, or a view of the stored core).
   std::vector<std::pair<std::string, torch::Tensor>> NamedParameters() const;
   std::vector<torch::Tensor> TrainableParameters() const;
   int64_t NumParameters() const;           // all leaves
@@ -118,9 +127,9 @@ class MetaTTAdapter : public EncoderAdapter {
   // Inference (GradMode off) path: folded (default) or the unfolded chain
   // (Z . C) . G4 that training uses; for tests and the bench.
   void SetInferenceFold(bool on) { fold_enabled_ = on; }
-  void SetMixedKernel(MixedKernel k) { mixed_kernel_ = k; }
-  void SetFoldCacheBytes(int64_t bytes) { fold_cache_bytes_ = bytes; }
   const FoldStats& fold_stats() const { return fold_stats_; }
+  // Bytes held by the stored task core and the trainable task leaves.
+  int64_t TaskStorageBytes() const;
 
   struct SweepResult {
     std::vector<BondReport> bonds;
@@ -138,21 +147,28 @@ class MetaTTAdapter : public EncoderAdapter {
   MetaTTAdapter() = default;
   void BuildIndexMaps();
   absl::Status SetFromTensorTrain(const TensorTrain& tt);
+  // Task t's slice: its trainable leaf, or a view of the stored core.
+  torch::Tensor TaskSlice(int64_t t) const;
   int64_t SharedVersionSum() const;
+  int64_t LeafVersionSum() const;
   void RefreshCache();
-  // Folded W for every (l, m) of `task` (4+1D) or of the adapter: [L, M, r1, out_cols].
-  torch::Tensor FoldFor(int64_t task);
-  torch::Tensor FoldOne(const torch::Tensor& task_slice) const;
-  void EvictFolds();
-  std::vector<torch::Tensor> FoldedDeltas(int l, const torch::Tensor& x,
-                                          const std::vector<Projection>& projections,
-                                          const AdapterBatch& batch);
+  // Fold table for this batch, [L, R, r1, Ctot] with R = 1 (every row alike)
+  // or B (one block per row).
+  torch::Tensor TableFor(const AdapterBatch& batch, int64_t B, torch::Device device);
+  torch::Tensor FoldRows(const torch::Tensor& slices) const;  // [R, r3, r4] -> table
+  // Z = X . G1 for a call whose first adapted projection is `first`.
+  torch::Tensor ProjectIn(const torch::Tensor& x, int first) const;
 
   MetaTTConfig config_;
   double scale_ = 1.0;
   std::vector<int> layer_index_;  // base layer -> L index or -1
   int proj_index_[kNumProjections] = {-1, -1, -1, -1, -1, -1};
   MetaTTConfig::Layout layout_;
+  // Column offset of each adapted projection in the fold table (-1: none),
+  // and each group's (offset, width) there (width 0: group not adapted).
+  int64_t table_col_[kNumProjections] = {-1, -1, -1, -1, -1, -1};
+  std::vector<std::pair<int64_t, int64_t>> group_cols_;
+  int64_t table_cols_ = 0;
 
   // Leaves in the paper's layout.
   torch::Tensor in_;                  // [in_rows, r1] (D_in, plus d_ffn rows for ffn_down)
@@ -160,39 +176,29 @@ class MetaTTAdapter : public EncoderAdapter {
   torch::Tensor proj_;                // [r2, M, r3]
   torch::Tensor out_;                 // 4D/4+1D: [r_last, D_out]; 5D: head_ [r3, H, r4]
   torch::Tensor head_width_;          // 5D: [r4, D_out / H]
-  std::vector<torch::Tensor> tasks_;  // 4+1D: T x [r3, r4]
+  torch::Tensor task_core_;           // 4+1D: [T, r3, r4], never requires grad
+  std::map<int64_t, torch::Tensor> task_leaves_;  // trainable slices [r3, r4]
 
-  // Inference cache (GradMode off only).
+  // Inference caches (GradMode off only).
   int64_t version_ = 0;
   int64_t cache_key_version_ = -1;
   int64_t cache_key_leaves_ = -1;
-  size_t cache_key_tasks_ = 0;
+  int64_t cache_key_core_ = -1;
+  int64_t cache_key_tasks_ = -1;
   torch::Tensor cache_chain_;  // [L, M, r1, r3], scaled
   torch::Tensor cache_g1t_;    // G1^T [r1, in_rows], contiguous
-  torch::Tensor cache_fold_;   // 4D/5D: [L, M, r1, out_cols]
-  struct TaskFold {
-    torch::Tensor fold;  // [L, M, r1, out_cols]
-    int64_t task_version = 0;
-    int64_t last_used = 0;
-  };
-  std::map<int64_t, TaskFold> task_folds_;
-  int64_t fold_clock_ = 0;
+  torch::Tensor cache_place_;  // E: [M * r_last, Ctot], output core per projection block
+  torch::Tensor cache_table_;  // 4D/5D: [L, 1, r1, Ctot]
   bool fold_enabled_ = true;
-  MixedKernel mixed_kernel_ = MixedKernel::kBmm;
-  int64_t fold_cache_bytes_ = int64_t{64} << 20;
   FoldStats fold_stats_;
-  int64_t cache_rebuilds_ = 0;  // RefreshCache rebuilds (fold contents may change)
-  // Mixed-task batch: its rows' folds gathered once, [L, M, B, r1, out_cols],
-  // and reused by every adapted layer of the same forward (one gather per
-  // forward instead of a stack + index_select per projection: on a GPU the
-  // kernel count is the cost). Keyed by the batch's host index tensor (held,
-  // so its identity cannot be reused while cached), its version, the cache
-  // rebuild count and the versions of the batch's task slices.
-  torch::Tensor gathered_key_;
-  int64_t gathered_key_version_ = -1;
-  int64_t gathered_rebuilds_ = -1;
-  int64_t gathered_task_versions_ = -1;
-  torch::Tensor gathered_;
+  // 4+1D: the current forward's table, keyed by the batch's host index
+  // tensor (held, so its identity cannot be reused while cached) and its
+  // version, or by the single task of a uniform batch, and the rebuild count.
+  torch::Tensor rows_key_;
+  int64_t rows_key_version_ = -1;
+  int64_t rows_key_task_ = -1;
+  int64_t rows_rebuilds_ = -1;
+  torch::Tensor rows_table_;
 };
 
 }  // namespace metatt

@@ -313,7 +313,7 @@ TEST(MetaTTAdapterTest, TruncateReplacesLeavesAndKeepsFastPathConsistent) {
       torch::allclose(d[0], DenseDeltas(*a, 2, Projection::kQuery, x, tasks), 1e-10, 1e-12));
 }
 
-// --- Inference fold: W = C . G4 cached per (layer, projection, task) ---------
+// --- Inference fold: table T[l] = sum_m C[l, m] (. GT[t]) . E[m] ----------
 
 torch::Tensor Unfolded(MetaTTAdapter& a, int layer, const std::vector<Projection>& ps,
                        const torch::Tensor& x, const torch::Tensor& tasks, size_t i) {
@@ -323,7 +323,7 @@ torch::Tensor Unfolded(MetaTTAdapter& a, int layer, const std::vector<Projection
   return d[i];
 }
 
-TEST_P(FastPathTest, FoldedEqualsUnfoldedForBothMixedKernels) {
+TEST_P(FastPathTest, FoldedEqualsUnfolded) {
   auto [form, ranks] = GetParam();
   auto a = Make(SmallConfig(form, ranks, /*tasks=*/3), 5);
   torch::NoGradGuard no_grad;
@@ -334,22 +334,63 @@ TEST_P(FastPathTest, FoldedEqualsUnfoldedForBothMixedKernels) {
     task_sets.push_back(torch::tensor({1, 1, 1, 1}, torch::kInt64));
   }
   for (const auto& tasks : task_sets) {
-    for (auto kernel : {MetaTTAdapter::MixedKernel::kBmm, MetaTTAdapter::MixedKernel::kGrouped}) {
-      a->SetMixedKernel(kernel);
-      for (int layer : {0, 2}) {
-        auto d = a->Deltas(layer, x, kAsk, AdapterBatch{tasks});
-        for (size_t i : {0u, 2u})
-          EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, kAsk, x, tasks, i), 1e-12, 1e-13))
-              << "layer " << layer << " projection " << i;
+    for (int layer : {0, 2}) {
+      auto d = a->Deltas(layer, x, kAsk, AdapterBatch{tasks});
+      for (size_t i : {0u, 2u})
+        EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, kAsk, x, tasks, i), 1e-12, 1e-13))
+            << "layer " << layer << " projection " << i;
+    }
+  }
+  EXPECT_GT(a->fold_stats().tables, 0);
+}
+
+// The encoder's call: AddDeltas into the fused output of a projection group
+// (Q|K|V side by side; K not adapted) equals base + the unfolded deltas, in
+// inference (one fused baddbmm_) and in training (the default, autograd).
+TEST_P(FastPathTest, AddDeltasIntoFusedOutputEqualsBasePlusDeltas) {
+  auto [form, ranks] = GetParam();
+  auto a = Make(SmallConfig(form, ranks, /*tasks=*/3), 9);
+  torch::Tensor x = torch::randn({4, 5, kD}, torch::kFloat64);
+  torch::Tensor base = torch::randn({4, 5, 3 * kD}, torch::kFloat64);
+  std::vector<AdapterBatch> batches = {AdapterBatch()};
+  if (form == TTForm::k4Plus1D) {
+    batches.push_back(AdapterBatch::FromHost(torch::tensor({2, 0, 1, 2}, torch::kInt64),
+                                             torch::kCPU));
+    batches.push_back(AdapterBatch::FromHost(torch::tensor({1, 1, 1, 1}, torch::kInt64),
+                                             torch::kCPU));
+  }
+  const std::vector<Projection> qo = {Projection::kAttnOutput};
+  for (const auto& batch : batches) {
+    for (int layer : {0, 1, 2}) {
+      torch::Tensor want, want_o;
+      {
+        torch::NoGradGuard no_grad;
+        want = base.clone();
+        if (layer != 1) {
+          want.narrow(-1, 0, kD).add_(Unfolded(*a, layer, kAsk, x, batch.task_index, 0));
+          want.narrow(-1, 2 * kD, kD).add_(Unfolded(*a, layer, kAsk, x, batch.task_index, 2));
+        }
+        want_o = base.narrow(-1, 0, kD).clone();
+        if (layer != 1) want_o.add_(Unfolded(*a, layer, qo, x, batch.task_index, 0));
+      }
+      for (bool grad : {false, true}) {
+        torch::AutoGradMode mode(grad);
+        torch::Tensor out = base.clone();
+        a->AddDeltas(layer, x, kAsk, batch, out);
+        EXPECT_TRUE(torch::allclose(out, want, 1e-12, 1e-12)) << "layer " << layer << " grad "
+                                                              << grad;
+        EXPECT_EQ(out.requires_grad(), grad && layer != 1);
+        torch::Tensor o = base.narrow(-1, 0, kD).clone();
+        a->AddDeltas(layer, x, qo, batch, o);
+        EXPECT_TRUE(torch::allclose(o, want_o, 1e-12, 1e-12)) << "layer " << layer;
       }
     }
   }
-  EXPECT_GT(a->fold_stats().folds, 0);
 }
 
-TEST(MetaTTAdapterTest, GatheredMixedBatchIsReusedAcrossLayersAndFollowsUpdates) {
-  // A batch built from host indices gathers its rows' folds once and reuses
-  // them for every layer of the forward; updates must still show.
+TEST(MetaTTAdapterTest, MixedBatchTableIsBuiltOncePerForwardAndFollowsUpdates) {
+  // A batch built from host indices gets one fold table for the whole
+  // forward, reused by every layer; updates must still show.
   MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4);
   c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnUp};
   c.d_ffn = 20;
@@ -366,23 +407,25 @@ TEST(MetaTTAdapterTest, GatheredMixedBatchIsReusedAcrossLayersAndFollowsUpdates)
         EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, ps, x, b.task_index, i), 1e-12,
                                     1e-13))
             << "layer " << layer << " projection " << i;
-      auto f = a->Deltas(layer, x, {Projection::kFfnUp}, b);  // column block of the fold
+      auto f = a->Deltas(layer, x, {Projection::kFfnUp}, b);  // column block of the table
       EXPECT_TRUE(torch::allclose(f[0], Unfolded(*a, layer, {Projection::kFfnUp}, x,
                                                  b.task_index, 0),
                                   1e-12, 1e-13));
     }
   };
   check_all_layers(batch);
-  const int64_t folds = a->fold_stats().folds;
+  const int64_t tables = a->fold_stats().tables;
   const int64_t hits = a->fold_stats().hits;
-  EXPECT_EQ(folds, 3);  // tasks 0, 1, 3: folded once for the whole forward
+  EXPECT_EQ(tables, 1);  // one table for the whole forward (4 calls)
+  EXPECT_EQ(hits, 3);
   check_all_layers(batch);
-  EXPECT_EQ(a->fold_stats().folds, folds);
-  EXPECT_GT(a->fold_stats().hits, hits);
+  EXPECT_EQ(a->fold_stats().tables, tables);
+  EXPECT_EQ(a->fold_stats().hits, hits + 4);
   // An in-place update of one of the batch's task slices is seen.
   for (auto& [name, t] : a->NamedParameters())
     if (name == "task.3") t.mul_(-2.0);
   check_all_layers(batch);
+  EXPECT_EQ(a->fold_stats().tables, tables + 1);
   // So is a shared core update, and a new batch with other tasks.
   for (auto& [name, t] : a->NamedParameters())
     if (name == "out") t.add_(0.05);
@@ -393,6 +436,13 @@ TEST(MetaTTAdapterTest, GatheredMixedBatchIsReusedAcrossLayersAndFollowsUpdates)
   ASSERT_TRUE(a->AddTask().ok());
   check_all_layers(AdapterBatch::FromHost(torch::tensor({4, 2, 4, 0}, torch::kInt64),
                                           torch::kCPU));
+  // An index edited in place (same tensor, new version) is not served stale.
+  torch::Tensor host = torch::tensor({0, 1, 2, 3}, torch::kInt64);
+  AdapterBatch edited = AdapterBatch::FromHost(host, torch::kCPU);
+  check_all_layers(edited);
+  edited.task_index_host.fill_(4);
+  edited.task_index.fill_(4);
+  check_all_layers(edited);
 }
 
 TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
@@ -409,71 +459,93 @@ TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
   EXPECT_TRUE(torch::allclose(a->Deltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks})[0],
                               Unfolded(*a, 2, {Projection::kFfnDown}, u, tasks, 0), 1e-12,
                               1e-13));
+  // The encoder's fused calls for the FFN groups.
+  torch::Tensor up = torch::randn({3, 4, 20}, torch::kFloat64), down = torch::randn({3, 4, kD},
+                                                                                  torch::kFloat64);
+  torch::Tensor up_want = up + Unfolded(*a, 2, {Projection::kFfnUp}, x, tasks, 0);
+  torch::Tensor down_want = down + Unfolded(*a, 2, {Projection::kFfnDown}, u, tasks, 0);
+  a->AddDeltas(2, x, {Projection::kFfnUp}, AdapterBatch{tasks}, up);
+  a->AddDeltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks}, down);
+  EXPECT_TRUE(torch::allclose(up, up_want, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(down, down_want, 1e-12, 1e-12));
 }
 
-TEST(MetaTTAdapterTest, FoldCacheFollowsCoreUpdatesAddTaskAndTruncation) {
+TEST(MetaTTAdapterTest, FoldFollowsCoreUpdatesAddTaskAndTruncation) {
   auto a = Make(SmallConfig(TTForm::k4Plus1D, {5}, 3));
   torch::NoGradGuard no_grad;
   torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
-  torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
   auto check = [&](const torch::Tensor& t) {
-    auto d = a->Deltas(0, x, kAsk, AdapterBatch{t});
+    AdapterBatch batch = AdapterBatch::FromHost(t, torch::kCPU);
+    auto d = a->Deltas(0, x, kAsk, batch);
     EXPECT_TRUE(torch::allclose(d[0], DenseDeltas(*a, 0, Projection::kQuery, x, t), 1e-10, 1e-12));
   };
+  torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
   check(tasks);
-  EXPECT_EQ(a->fold_stats().folds, 2);  // tasks 0 and 1
+  const int64_t rebuilds = a->fold_stats().rebuilds;
   check(tasks);
-  EXPECT_EQ(a->fold_stats().folds, 2);
-  EXPECT_EQ(a->fold_stats().hits, 2);
-  // In-place update of one task slice: only that task refolds.
+  EXPECT_EQ(a->fold_stats().rebuilds, rebuilds);  // nothing changed
+  // In-place update of one task slice.
   for (auto& [name, t] : a->NamedParameters())
     if (name == "task.1") t.mul_(1.5);
   check(tasks);
-  EXPECT_EQ(a->fold_stats().folds, 3);
-  // In-place update of a shared core: every task refolds.
+  EXPECT_EQ(a->fold_stats().rebuilds, rebuilds + 1);
+  // In-place update of a shared core.
   for (auto& [name, t] : a->NamedParameters())
     if (name == "out") t.add_(0.1);
   check(tasks);
-  EXPECT_EQ(a->fold_stats().folds, 5);
   // AddTask invalidates; the new (identity) slice is served right away.
   ASSERT_TRUE(a->AddTask().ok());
   check(torch::tensor({3, 1}, torch::kInt64));
-  EXPECT_EQ(a->fold_stats().folds, 7);
-  // Truncation swaps every leaf (new shapes): folds are rebuilt at the new rank.
+  // Truncation swaps every leaf (new shapes): the table is rebuilt at the new rank.
   TruncationParams p;
   p.max_rank = 2;
   ASSERT_TRUE(a->Truncate(p).ok());
   check(tasks);
-  EXPECT_EQ(a->fold_stats().folds, 9);
-  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
+  check(torch::tensor({3, 3}, torch::kInt64));
 }
 
-TEST(MetaTTAdapterTest, FoldCacheIsBoundedLeastRecentlyUsedFirst) {
-  auto a = Make(SmallConfig(TTForm::k4Plus1D, {4}, 5));
+TEST(MetaTTAdapterTest, ServedFamilyStoresTaskSlicesAsOneTensor) {
+  // A frozen adapter of many tasks holds one [T, r3, r4] tensor and no
+  // per-task leaf; a task made trainable gets a leaf whose training shows
+  // in inference and is kept when it is frozen again.
+  const int64_t T = 2000;
+  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {3}, T);
+  auto src = Make(c, 3);
+  std::map<std::string, torch::Tensor> tensors;
+  for (auto& [n, t] : src->NamedParameters()) tensors[n] = t.detach();
+  auto made = MetaTTAdapter::FromTensors(src->config(), src->scale(), tensors, torch::kCPU,
+                                         MetaTTAdapter::Leaves::kFrozen);
+  ASSERT_TRUE(made.ok()) << made.status();
+  MetaTTAdapter& a = **made;
+  EXPECT_EQ(a.num_tasks(), T);
+  EXPECT_EQ(a.TaskStorageBytes(), T * 3 * 3 * 8);
+  EXPECT_TRUE(a.TrainableParameters().empty());
+  torch::Tensor x = torch::randn({4, 3, kD}, torch::kFloat64);
+  torch::Tensor tasks = torch::tensor({1999, 7, 0, 1234}, torch::kInt64);
+  {
+    torch::NoGradGuard no_grad;
+    auto d = a.Deltas(0, x, kAsk, AdapterBatch::FromHost(tasks, torch::kCPU));
+    EXPECT_TRUE(
+        torch::allclose(d[0], DenseDeltas(*src, 0, Projection::kQuery, x, tasks), 1e-10, 1e-12));
+  }
+  ASSERT_TRUE(a.SetTaskTrainable(7, true).ok());
+  ASSERT_EQ(a.TrainableParameters().size(), 1u);
+  EXPECT_EQ(a.TaskStorageBytes(), (T + 1) * 3 * 3 * 8);
+  auto d = a.Deltas(0, x, kAsk, AdapterBatch{tasks});
+  d[0].pow(2).sum().backward();
+  torch::optim::SGD opt(a.TrainableParameters(), torch::optim::SGDOptions(0.1));
+  opt.step();
+  a.MarkCoresChanged();
   torch::NoGradGuard no_grad;
-  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
-  // One task fold: L=2, M=3, r1=4, out_cols=kD doubles.
-  const int64_t per_task = 2 * 3 * 4 * kD * 8;
-  a->SetFoldCacheBytes(2 * per_task);
-  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({0, 1}, torch::kInt64)});
-  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
-  EXPECT_EQ(a->fold_stats().cached_bytes, 2 * per_task);
-  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({1, 1}, torch::kInt64)});  // 1 is fresher
-  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({2, 2}, torch::kInt64)});  // evicts 0
-  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
-  const int64_t folds = a->fold_stats().folds;
-  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({1, 2}, torch::kInt64)});
-  EXPECT_EQ(a->fold_stats().folds, folds);  // both still cached
-  // A batch needing more tasks than the bound holds still gets all of them.
-  torch::Tensor many = torch::tensor({4, 3, 0, 2, 1}, torch::kInt64);
-  torch::Tensor x5 = torch::randn({5, 3, kD}, torch::kFloat64);
-  auto d = a->Deltas(0, x5, kAsk, AdapterBatch{many});
-  EXPECT_TRUE(
-      torch::allclose(d[0], DenseDeltas(*a, 0, Projection::kQuery, x5, many), 1e-10, 1e-12));
-  EXPECT_EQ(a->fold_stats().cached_tasks, 5);
-  a->Deltas(0, x, kAsk, AdapterBatch{torch::tensor({3, 3}, torch::kInt64)});  // shrinks back
-  EXPECT_EQ(a->fold_stats().cached_tasks, 2);
-  EXPECT_LE(a->fold_stats().cached_bytes, 2 * per_task);
+  auto after = a.Deltas(0, x, kAsk, AdapterBatch::FromHost(tasks, torch::kCPU));
+  EXPECT_TRUE(torch::allclose(after[0], DenseDeltas(a, 0, Projection::kQuery, x, tasks), 1e-10,
+                              1e-12));
+  EXPECT_FALSE(torch::allclose(after[0].select(0, 1), d[0].select(0, 1).detach()));  // task 7 moved
+  EXPECT_TRUE(torch::allclose(after[0].select(0, 0), d[0].select(0, 0).detach()));   // 1999 did not
+  ASSERT_TRUE(a.SetTaskTrainable(7, false).ok());
+  EXPECT_TRUE(a.TrainableParameters().empty());
+  auto frozen = a.Deltas(0, x, kAsk, AdapterBatch::FromHost(tasks, torch::kCPU));
+  EXPECT_TRUE(torch::allclose(frozen[0], after[0], 1e-12, 1e-12));
 }
 
 TEST(MetaTTAdapterTest, FoldIsNeverUsedWhenGradIsNeeded) {
@@ -482,13 +554,13 @@ TEST(MetaTTAdapterTest, FoldIsNeverUsedWhenGradIsNeeded) {
   torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
   {
     torch::NoGradGuard no_grad;
-    a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // fills the cache
+    a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // builds a table
   }
-  const int64_t folds = a->fold_stats().folds, hits = a->fold_stats().hits;
-  ASSERT_GT(folds, 0);
+  const int64_t tables = a->fold_stats().tables, hits = a->fold_stats().hits;
+  ASSERT_GT(tables, 0);
   auto d = a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // grad mode (default)
   EXPECT_TRUE(d[0].requires_grad());
-  EXPECT_EQ(a->fold_stats().folds, folds);
+  EXPECT_EQ(a->fold_stats().tables, tables);
   EXPECT_EQ(a->fold_stats().hits, hits);
   d[0].sum().backward();
   torch::optim::SGD opt(a->TrainableParameters(), torch::optim::SGDOptions(0.5));
@@ -500,7 +572,7 @@ TEST(MetaTTAdapterTest, FoldIsNeverUsedWhenGradIsNeeded) {
   auto after = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
   EXPECT_TRUE(
       torch::allclose(after[0], DenseDeltas(*a, 0, Projection::kQuery, x, tasks), 1e-10, 1e-12));
-  EXPECT_GT(a->fold_stats().folds, folds);
+  EXPECT_GT(a->fold_stats().tables, tables);
 }
 
 }  // namespace

@@ -208,43 +208,25 @@ torch::Tensor BertEncoder::ForwardUnchecked(const EncoderInput& in, EncoderAdapt
 
   // Boolean mask broadcast over heads and queries: true = attend.
   torch::Tensor attn_mask = mask.to(torch::kBool).view({B, 1, 1, S});
-  static const std::vector<Projection> kQkv = {Projection::kQuery, Projection::kKey,
-                                               Projection::kValue};
-  static const std::vector<Projection> kO = {Projection::kAttnOutput};
-  static const std::vector<Projection> kUp = {Projection::kFfnUp};
-  static const std::vector<Projection> kDown = {Projection::kFfnDown};
-
+  const auto& groups = ProjectionGroups();  // {Q, K, V}, {O}, {FFN up}, {FFN down}
   for (int64_t l = 0; l < static_cast<int64_t>(layers_.size()); ++l) {
     const Layer& L = layers_[l];
+    const int li = static_cast<int>(l);
     torch::Tensor qkv = torch::linear(x, L.qkv_w, L.qkv_b);  // [B, S, 3D]
+    if (adapter != nullptr) adapter->AddDeltas(li, x, groups[0], batch, qkv);
     auto parts = qkv.split(D, -1);
-    torch::Tensor q = parts[0], k = parts[1], v = parts[2];
-    if (adapter != nullptr) {
-      auto d = adapter->Deltas(static_cast<int>(l), x, kQkv, batch);
-      if (d[0].defined()) q = q + d[0];
-      if (d[1].defined()) k = k + d[1];
-      if (d[2].defined()) v = v + d[2];
-    }
     auto heads = [&](const torch::Tensor& t) { return t.view({B, S, H, Dh}).transpose(1, 2); };
-    torch::Tensor ctx = at::scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask);
+    torch::Tensor ctx =
+        at::scaled_dot_product_attention(heads(parts[0]), heads(parts[1]), heads(parts[2]), attn_mask);
     ctx = ctx.transpose(1, 2).reshape({B, S, D});
     torch::Tensor o = torch::linear(ctx, L.o_w, L.o_b);
-    if (adapter != nullptr) {
-      auto d = adapter->Deltas(static_cast<int>(l), ctx, kO, batch);
-      if (d[0].defined()) o = o + d[0];
-    }
+    if (adapter != nullptr) adapter->AddDeltas(li, ctx, groups[1], batch, o);
     torch::Tensor x1 = torch::layer_norm(o + x, {D}, L.ln1_w, L.ln1_b, c.layer_norm_eps);
     torch::Tensor u = torch::linear(x1, L.up_w, L.up_b);
-    if (adapter != nullptr) {
-      auto d = adapter->Deltas(static_cast<int>(l), x1, kUp, batch);
-      if (d[0].defined()) u = u + d[0];
-    }
+    if (adapter != nullptr) adapter->AddDeltas(li, x1, groups[2], batch, u);
     u = Activate(u, c.hidden_act);
     torch::Tensor dn = torch::linear(u, L.down_w, L.down_b);
-    if (adapter != nullptr) {
-      auto d = adapter->Deltas(static_cast<int>(l), u, kDown, batch);
-      if (d[0].defined()) dn = dn + d[0];
-    }
+    if (adapter != nullptr) adapter->AddDeltas(li, u, groups[3], batch, dn);
     x = torch::layer_norm(dn + x1, {D}, L.ln2_w, L.ln2_b, c.layer_norm_eps);
   }
   return x;
