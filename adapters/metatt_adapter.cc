@@ -383,14 +383,14 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
   }
   const bool indexed = batch.task_index.defined() || batch.task_index_host.defined();
   torch::Tensor host = indexed ? batch.HostTaskIndex() : torch::Tensor();
-  if (rows_table_.defined() && rows_rebuilds_ == fold_stats_.rebuilds &&
-      rows_key_.defined() == host.defined() &&
-      (!host.defined() || (rows_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
-                           rows_key_version_ == host._version()))) {
+  const bool fresh = rows_table_.defined() && rows_rebuilds_ == fold_stats_.rebuilds;
+  // The other layers of the same forward: the same index tensor.
+  if (fresh && host.defined() && rows_key_.defined() &&
+      rows_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
+      rows_key_version_ == host._version()) {
     ++fold_stats_.hits;
     return rows_table_;
   }
-  torch::NoGradGuard no_grad;
   int64_t uniform = 0;  // the task of every row, or -1 when they differ
   if (host.defined()) {
     TORCH_CHECK(host.dim() == 1 && host.size(0) == B, "task_index must be [", B, "]");
@@ -404,6 +404,14 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
                 " outside [0, ", num_tasks(), ")");
     uniform = lo == hi ? lo : -1;
   }
+  rows_key_ = host;
+  rows_key_version_ = host.defined() ? host._version() : -1;
+  // A batch of one task reuses that task's table across forwards.
+  if (fresh && uniform >= 0 && rows_key_task_ == uniform) {
+    ++fold_stats_.hits;
+    return rows_table_;
+  }
+  torch::NoGradGuard no_grad;
   if (uniform >= 0) {
     rows_table_ = FoldRows(task_core_.narrow(0, uniform, 1));  // [L, 1, r1, Ctot]
   } else {
@@ -412,8 +420,7 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
                               : ToDeviceAsync(host, device);
     rows_table_ = FoldRows(task_core_.index_select(0, index));  // [L, B, r1, Ctot]
   }
-  rows_key_ = host;
-  rows_key_version_ = host.defined() ? host._version() : -1;
+  rows_key_task_ = uniform;
   rows_rebuilds_ = fold_stats_.rebuilds;
   ++fold_stats_.tables;
   return rows_table_;

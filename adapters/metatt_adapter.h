@@ -193,7 +193,8 @@ class MetaTTAdapter : public EncoderAdapter {
   FoldStats fold_stats_;
   // 4+1D: the current forward's table, keyed by the batch's host index
   // tensor (held, so its identity cannot be reused while cached) and its
-  // version, or by the single task of a uniform batch, and the rebuild count.
+  // version; a batch of one task also by that task (kept across forwards);
+  // both with the rebuild count.
   torch::Tensor rows_key_;
   int64_t rows_key_version_ = -1;
   int64_t rows_key_task_ = -1;

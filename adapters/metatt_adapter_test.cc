@@ -436,6 +436,13 @@ TEST(MetaTTAdapterTest, MixedBatchTableIsBuiltOncePerForwardAndFollowsUpdates) {
   ASSERT_TRUE(a->AddTask().ok());
   check_all_layers(AdapterBatch::FromHost(torch::tensor({4, 2, 4, 0}, torch::kInt64),
                                           torch::kCPU));
+  // Batches of one task reuse that task's table across forwards.
+  const int64_t before = a->fold_stats().tables;
+  check_all_layers(AdapterBatch::FromHost(torch::tensor({1, 1, 1, 1}, torch::kInt64),
+                                          torch::kCPU));
+  check_all_layers(AdapterBatch::FromHost(torch::tensor({1, 1, 1, 1}, torch::kInt64),
+                                          torch::kCPU));
+  EXPECT_EQ(a->fold_stats().tables, before + 1);
   // An index edited in place (same tensor, new version) is not served stale.
   torch::Tensor host = torch::tensor({0, 1, 2, 3}, torch::kInt64);
   AdapterBatch edited = AdapterBatch::FromHost(host, torch::kCPU);

@@ -11,7 +11,8 @@
 # on the GPU machine. Usage (repo root):
 #   scripts/device_check.sh [PACK_DIR=.devcheck] [OUT_DIR=$OUT or /tmp/devout] [QUALITY_SECONDS=380]
 # Knobs (for a dry run on a CPU machine): DEVICE=cuda, ITERS=40,
-# QUALITY_FLAGS (the table's size), QUALITY_ROWS.
+# QUALITY_FLAGS (the table's size), QUALITY_ROWS; QUALITY_SECONDS=0 skips the
+# table; SMALL_BATCH="8 64" adds an adapter bench at that batch and length.
 set -uo pipefail
 DEVICE="${DEVICE:-cuda}"
 ITERS="${ITERS:-40}"
@@ -46,7 +47,8 @@ say "adapter inference benchmark on CUDA (base, MetaTT 1/100/10k tasks, LoRA)"
 import json, sys
 j = json.load(open(sys.argv[1]))
 for r in j["results"]:
-    print(f'{r["name"]:32s} {1e3*r["median_s"]:8.2f} ms  vs base {r["throughput_vs_base"]:.3f}  adapter-only {r["adapter_only_median_ms"]:.2f} ms ({100*r["adapter_only_share_of_base"]:.1f} % of base)')
+    fwd = f'{1e3*r["median_s"]:8.2f} ms  vs base {r["throughput_vs_base"]:.3f}' if "median_s" in r else f'{"(adapter only)":>30s}'
+    print(f'{r["name"]:32s} {fwd}  adapter-only {r["adapter_only_median_ms"]:.2f} ms ({100*r["adapter_only_share_of_base"]:.1f} % of base)')
 EOF
 python3 bench/adapter_bench_peft.py --device=$DEVICE --iters=$ITERS --warmup=5 \
   --out="$OUTDIR/adapter_bench_peft_$DEVICE.json" | python3 -c 'import json,sys; j=json.load(sys.stdin); [print(r["name"], round(1e3*r["median_s"],2), "ms vs base", round(r["throughput_vs_base"],3)) for r in j["results"]]'
@@ -55,6 +57,19 @@ say "encoder benchmark on CUDA: ours vs transformers"
 python3 bench/encoder_bench.py --device=$DEVICE --iters=$ITERS >/dev/null && cp bench/out/encoder_bench.json "$OUTDIR/encoder_bench_$DEVICE.json" \
   && python3 -c 'import json; j=json.load(open("'"$OUTDIR"'/encoder_bench_'"$DEVICE"'.json")); print("ours", round(j["ours"]["sequences_per_second"]), "seq/s; transformers", round(j["transformers"]["sequences_per_second"]), "seq/s; ratio", round(j["ratio_ours_over_transformers"],3))'
 
+if [ -n "${SMALL_BATCH:-}" ]; then
+  say "adapter inference benchmark on CUDA, small batch ($SMALL_BATCH)"
+  read -r SB SS <<<"$SMALL_BATCH"
+  "$PACK/build/bench/adapter_bench" --device=$DEVICE --iters=$ITERS --warmup=5 --adapter_iters=$ITERS \
+    --batch="$SB" --seq="$SS" --out="$OUTDIR/adapter_bench_${DEVICE}_b${SB}_s${SS}.json" >/dev/null && python3 - "$OUTDIR/adapter_bench_${DEVICE}_b${SB}_s${SS}.json" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+for r in j["results"]:
+    fwd = f'{1e3*r["median_s"]:8.2f} ms  vs base {r["throughput_vs_base"]:.3f}' if "median_s" in r else f'{"(adapter only)":>30s}'
+    print(f'{r["name"]:32s} {fwd}  adapter-only {r["adapter_only_median_ms"]:.2f} ms')
+EOF
+fi
+if [ "$QUALITY_SECONDS" = 0 ]; then say "done (quality table skipped)"; exit 0; fi
 say "quality table on CUDA (deadline ${QUALITY_SECONDS}s for new runs)"
 export OMP_NUM_THREADS=2
 timeout -s INT $((QUALITY_SECONDS + 120)) python3 bench/quality_bench.py \
