@@ -10,7 +10,16 @@
 // and the resident memory the big family added. Writes
 // bench/out/resident_bench.json and prints it.
 //
+// With --head_dtype=float16|bfloat16 the registry keeps the stacked heads
+// in 16 bits; "resident_components_mib" splits what the registry itself
+// accounts for (heads, task records, name index; AdapterRegistry::
+// ResidentBytes()) from the rest of the growth (adapter task slices, the
+// test store's copy of the records, allocator slack).
+//
 //   metatt-bench-resident [--tasks=1000000] [--model_dir=...] [--iters=30]
+//                         [--head_dtype=float32]
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -38,6 +47,8 @@ ABSL_FLAG(int64_t, batch, 32, "inputs per Predict call");
 ABSL_FLAG(int64_t, iters, 30, "measured calls per case");
 ABSL_FLAG(int64_t, num_threads, 0, "torch threads (0 = default)");
 ABSL_FLAG(std::string, out, "bench/out/resident_bench.json", "JSON output");
+ABSL_FLAG(std::string, head_dtype, "float32",
+          "float32 | float16 | bfloat16: the registry's resident head dtype");
 
 namespace metatt {
 namespace {
@@ -98,8 +109,12 @@ int Run() {
   testing_util::InMemoryStore store;
   AdapterRegistry::Options ro;
   ro.data_dir = dir.path();
+  ro.head_dtype = absl::GetFlag(FLAGS_head_dtype);
   auto registry = AdapterRegistry::Create(ro, &store);
-  if (!registry.ok()) return 1;
+  if (!registry.ok()) {
+    std::fprintf(stderr, "%s\n", registry.status().ToString().c_str());
+    return 1;
+  }
   auto sched = DeviceScheduler::Create(DeviceScheduler::Options(), *encoder);
   if (!sched.ok()) return 1;
   ScheduledPredictor predictor(ScheduledPredictor::Options(), registry->get(), sched->get(),
@@ -114,12 +129,17 @@ int Run() {
   r["model_dir"] = *model_dir;
   r["batch"] = batch;
   r["iters"] = iters;
+  r["head_dtype"] = ro.head_dtype;
   r["small"] = Measure(predictor, "small", 1, batch, iters);
   std::printf("small: p50 %.2f ms\n", r["small"]["p50_ms"].get<double>());
   std::fflush(stdout);
 
   const int64_t n = absl::GetFlag(FLAGS_tasks);
+  // glibc keeps freed heap pages mapped: trim before each RSS reading so the
+  // growth is what the big family holds, not publishing's transient garbage.
+  malloc_trim(0);
   const int64_t rss0 = testing_util::ResidentBytes();
+  const ResidentStats reg0 = (*registry)->ResidentBytes();
   const absl::Time t0 = absl::Now();
   {
     auto big = testing_util::LargeFamily("big", n, cfg, 2);
@@ -131,10 +151,31 @@ int Run() {
     }
   }
   r["big_build_publish_seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
+  r["big_resident_growth_untrimmed_mib"] =
+      static_cast<double>(testing_util::ResidentBytes() - rss0) / (1 << 20);
+  malloc_trim(0);
   const int64_t rss1 = testing_util::ResidentBytes();
   r["big_resident_growth_mib"] = static_cast<double>(rss1 - rss0) / (1 << 20);
   r["big_resident_bytes_per_task"] = static_cast<double>(rss1 - rss0) / static_cast<double>(n);
   r["resident_tasks"] = (*registry)->ResidentTasks();
+  {
+    const ResidentStats reg1 = (*registry)->ResidentBytes();
+    const double mib = 1 << 20;
+    const int64_t heads = reg1.heads - reg0.heads;
+    const int64_t records = reg1.task_records - reg0.task_records;
+    const int64_t index = reg1.name_index - reg0.name_index;
+    r["resident_components_mib"] = {
+        {"heads", heads / mib},
+        {"task_records", records / mib},
+        {"name_index", index / mib},
+        {"other", (rss1 - rss0 - heads - records - index) / mib}};
+    r["resident_components_bytes_per_task"] = {
+        {"heads", static_cast<double>(heads) / n},
+        {"task_records", static_cast<double>(records) / n},
+        {"name_index", static_cast<double>(index) / n}};
+    std::printf("  registry: heads %.1f MiB (%s), task records %.1f MiB, name index %.1f MiB\n",
+                heads / mib, ro.head_dtype.c_str(), records / mib, index / mib);
+  }
   std::printf("big (%lld tasks): published in %.1f s, resident +%.0f MiB\n",
               static_cast<long long>(n), r["big_build_publish_seconds"].get<double>(),
               r["big_resident_growth_mib"].get<double>());

@@ -76,6 +76,9 @@ ABSL_FLAG(int64_t, max_queue, 1024,
 ABSL_FLAG(bool, inference_base_only, false,
           "benchmark baseline only: Predict runs the base encoder and the task heads WITHOUT "
           "the adapter (answers are not the trained model's)");
+ABSL_FLAG(std::string, head_dtype, "float32",
+          "float32 | float16 | bfloat16: dtype of the resident task heads (half the memory in "
+          "16 bits; a batch's rows are upcast to float32; published files stay float32)");
 ABSL_FLAG(int64_t, metrics_task_labels, 16,
           "distinct tasks that get their own label in metatt_predict_inputs_total (the first "
           "ones requested); later tasks count under task=\"other\"");
@@ -219,6 +222,7 @@ int Run() {
   ro.num_threads = absl::GetFlag(FLAGS_num_threads);
   ro.max_queue = absl::GetFlag(FLAGS_max_queue);
   ro.base_only_inference = absl::GetFlag(FLAGS_inference_base_only);
+  ro.head_dtype = absl::GetFlag(FLAGS_head_dtype);
   if (ro.base_only_inference) {
     Log("warning: --inference_base_only: predictions skip the adapter (benchmark baseline)");
   }

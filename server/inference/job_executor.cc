@@ -338,11 +338,12 @@ class TrainingJob : public TrainingTask {
       req.config.num_tasks = n;
     }
     if (base_ != nullptr) {
+      // The float32 heads as published (the resident copy may be float16).
+      ASSIGN_OR_RETURN(auto exact, base_->ExactHeads());
       for (const TaskRecord& t : base_->record.tasks) {
-        auto [w, bias] = base_->TaskHeadTensors(t.index);
         req.tasks.push_back(t);
-        req.head_weights.push_back(w.to(torch::kCPU));
-        req.head_biases.push_back(bias.to(torch::kCPU));
+        req.head_weights.push_back(exact.first[t.index].slice(0, 0, t.num_labels));
+        req.head_biases.push_back(exact.second[t.index].slice(0, 0, t.num_labels));
       }
     }
     const auto& best_eval = trainer_->best_eval();

@@ -48,6 +48,7 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     ro.data_dir = options.data_dir;
     ro.device = device;
     ro.base_model_fingerprint = fingerprint_;
+    ro.head_dtype = options.head_dtype;
     ASSIGN_OR_RETURN(registry_, AdapterRegistry::Create(ro, store));
     ASSIGN_OR_RETURN(warnings_, registry_->LoadAll());
 

@@ -35,6 +35,9 @@ struct RuntimeOptions {
   int64_t max_eval_examples = 2000;   // per evaluation during training
   int64_t num_threads = 0;       // torch intra-op threads (0 = torch default)
   bool base_only_inference = false;  // benchmark baseline: Predict skips the adapter
+  // Resident stacked task heads: float32 | float16 | bfloat16 (files on disk
+  // stay float32; AdapterRegistry::Options::head_dtype).
+  std::string head_dtype = "float32";
 };
 
 // One loaded family version, for AdapterService (no tensors).

@@ -43,23 +43,22 @@ absl::Status ForwardFamilyRows(const BertEncoder& encoder, const PublishedFamily
   }
   const torch::Device dev = encoder.device();
   EncoderInput in;
-  torch::Tensor task_dev;
+  AdapterBatch ab;  // with the host copy: the adapter reads task ids without a device sync
   RETURN_IF_ERROR(TorchTry("moving the batch to the device", [&] {
     in.input_ids = ids.to(dev);
     in.token_type_ids = types.to(dev);
     in.attention_mask = mask.to(dev);
-    task_dev = task.to(dev);
+    ab = AdapterBatch::FromHost(task, dev);
   }));
-  AdapterBatch ab;
-  ab.task_index = task_dev;
-  ab.task_index_host = task;  // host copy: the adapter groups rows without a device sync
+  const torch::Tensor& task_dev = ab.task_index;
   ASSIGN_OR_RETURN(torch::Tensor hidden,
                    encoder.Forward(in, base_only ? nullptr : fam.adapter.get(), ab));
   torch::Tensor logits;
   RETURN_IF_ERROR(TorchTry("heads", [&] {
     torch::Tensor pooled = Pool(hidden, in.attention_mask, fam.pooling).to(torch::kFloat32);
-    torch::Tensor w = fam.head_weight.index_select(0, task_dev);  // [B, Lmax, D]
-    torch::Tensor bias = fam.head_bias.index_select(0, task_dev);  // [B, Lmax]
+    // [B, Lmax, D] / [B, Lmax]: only the gathered rows are upcast from the
+    // registry's (maybe compact) head_dtype.
+    auto [w, bias] = fam.GatherHeads(task_dev, torch::kFloat32);
     logits = (torch::bmm(w, pooled.unsqueeze(2)).squeeze(2) + bias).to(torch::kCPU).contiguous();
   }));
   auto la = logits.accessor<float, 2>();

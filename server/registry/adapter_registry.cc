@@ -1,6 +1,9 @@
 #include "server/registry/adapter_registry.h"
 
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <signal.h>
 
@@ -12,11 +15,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
+#include <limits>
+#include <stdexcept>
 #include <system_error>
 #include <utility>
 
 #include <nlohmann/json.hpp>
 
+#include "absl/cleanup/cleanup.h"
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "adapters/family_io.h"
@@ -155,13 +162,16 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
     FamilyVersionRecord record, const MetaTTConfig& config, double scale,
     const std::map<std::string, torch::Tensor>& adapter_tensors, const torch::Tensor& weight,
     const torch::Tensor& bias, const std::string& pooling, int64_t max_length,
-    torch::Device device) {
+    torch::Device device, torch::ScalarType head_dtype) {
   auto fam = std::make_shared<PublishedFamily>();
   ASSIGN_OR_RETURN(fam->adapter,
-                   MetaTTAdapter::FromTensors(config, scale, adapter_tensors, device));
-  fam->adapter->FreezeShared(true);  // published versions never train
+                   MetaTTAdapter::FromTensors(config, scale, adapter_tensors, device,
+                                              MetaTTAdapter::Leaves::kFrozen));  // never trains
   const int64_t T = static_cast<int64_t>(record.tasks.size());
   if (T == 0) return absl::InvalidArgumentError("family has no task");
+  if (T > int64_t{std::numeric_limits<uint32_t>::max()}) {
+    return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": ", T, " tasks"));
+  }
   const int64_t adapter_tasks = config.form == TTForm::k4Plus1D ? fam->adapter->num_tasks() : 1;
   if (T != adapter_tasks) {
     return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": ", T,
@@ -183,19 +193,23 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
       return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": task ",
                                                      tr.name, " has bad num_labels"));
     }
-    if (!fam->task_by_name.emplace(tr.name, t).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("family ", record.family, ": duplicate task name ", tr.name));
-    }
   }
   ASSIGN_OR_RETURN(fam->pooling, ParsePooling(pooling));
   fam->pooling_name = pooling;
   fam->max_length = max_length;
+  // Resident copy in head_dtype (from float32: rounding to nearest); the
+  // caller writes the float32 `weight` / `bias` to disk, never this copy.
   RETURN_IF_ERROR(TorchTry("moving heads to the device", [&] {
-    fam->head_weight = weight.detach().to(device, torch::kFloat32).contiguous();
-    fam->head_bias = bias.detach().to(device, torch::kFloat32).contiguous();
+    fam->head_weight = weight.detach().to(device, head_dtype).contiguous();
+    fam->head_bias = bias.detach().to(device, head_dtype).contiguous();
   }));
   fam->record = std::move(record);
+  fam->record.tasks.shrink_to_fit();
+  absl::Status named = fam->task_by_name.Build(&fam->record.tasks);
+  if (!named.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("family ", fam->record.family, ": ", named.message()));
+  }
   return fam;
 }
 
@@ -257,9 +271,109 @@ void RemoveCrashLeftovers(const fs::path& families) {
 
 }  // namespace
 
+absl::StatusOr<torch::ScalarType> ParseHeadDtype(const std::string& name) {
+  if (name == "float32") return torch::kFloat32;
+  if (name == "float16") return torch::kFloat16;
+  if (name == "bfloat16") return torch::kBFloat16;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "head_dtype: '", name, "' is not one of float32, float16, bfloat16"));
+}
+
+absl::Status TaskNameIndex::Build(const std::vector<TaskRecord>* tasks) {
+  set_ = absl::flat_hash_set<uint32_t, Hash, Eq>(tasks->size(), Hash{tasks}, Eq{tasks});
+  for (size_t i = 0; i < tasks->size(); ++i) {
+    if (!set_.insert(static_cast<uint32_t>(i)).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("duplicate task name ", (*tasks)[i].name));
+    }
+  }
+  return absl::OkStatus();
+}
+
+size_t TaskNameIndex::Hash::operator()(uint32_t i) const {
+  return absl::Hash<std::string_view>()((*tasks)[i].name);
+}
+
+size_t TaskNameIndex::Hash::operator()(std::string_view name) const {
+  return absl::Hash<std::string_view>()(name);
+}
+
+int64_t TaskNameIndex::Find(std::string_view name) const {
+  auto it = set_.find(name);
+  return it == set_.end() ? -1 : static_cast<int64_t>(*it);
+}
+
+int64_t TaskNameIndex::at(std::string_view name) const {
+  const int64_t i = Find(name);
+  if (i < 0) throw std::out_of_range(absl::StrCat("task '", std::string(name), "' not found"));
+  return i;
+}
+
+int64_t TaskNameIndex::MemoryBytes() const {
+  return static_cast<int64_t>(set_.capacity() * (sizeof(uint32_t) + 1));
+}
+
 std::pair<torch::Tensor, torch::Tensor> PublishedFamily::TaskHeadTensors(int64_t t) const {
   const int64_t n = record.tasks[t].num_labels;
-  return {head_weight[t].slice(0, 0, n), head_bias[t].slice(0, 0, n)};
+  return {head_weight[t].slice(0, 0, n).to(torch::kFloat32),
+          head_bias[t].slice(0, 0, n).to(torch::kFloat32)};
+}
+
+std::pair<torch::Tensor, torch::Tensor> PublishedFamily::GatherHeads(
+    const torch::Tensor& tasks, torch::ScalarType dtype) const {
+  return {head_weight.index_select(0, tasks).to(dtype),
+          head_bias.index_select(0, tasks).to(dtype)};
+}
+
+absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHeads() const {
+  if (head_weight.scalar_type() == torch::kFloat32) {
+    return std::make_pair(head_weight.to(torch::kCPU), head_bias.to(torch::kCPU));
+  }
+  // Compact resident heads: read the float32 ones back the way LoadVersion does.
+  const std::string where = absl::StrCat("family ", family(), " v", version());
+  auto loaded = LoadFamily(record.path, record.base_model_fingerprint, torch::kCPU);
+  if (!loaded.ok()) {
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat(where, ": reading float32 heads: ", loaded.status().message()));
+  }
+  torch::Tensor weight, bias;
+  auto sw = loaded->heads.find("stacked.weight");
+  if (sw != loaded->heads.end() && sw->second.size(0) == num_tasks()) {
+    weight = sw->second;
+    bias = loaded->heads.at("stacked.bias");
+  } else {
+    ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, where));
+    RETURN_IF_ERROR(StackHeads(req.head_weights, req.head_biases, &weight, &bias));
+  }
+  if (weight.sizes() != head_weight.sizes() || bias.sizes() != head_bias.sizes()) {
+    return absl::DataLossError(absl::StrCat(where, ": the heads in ", record.path,
+                                            " do not match the resident ones"));
+  }
+  return std::make_pair(weight.to(torch::kFloat32), bias.to(torch::kFloat32));
+}
+
+ResidentStats PublishedFamily::Resident() const {
+  ResidentStats r;
+  for (const torch::Tensor* t : {&head_weight, &head_bias}) {
+    if (t->defined()) r.heads += t->numel() * static_cast<int64_t>(t->element_size());
+  }
+  // libstdc++: a std::string holds up to 15 chars inline; a std::map node
+  // is 32 bytes of links plus the value.
+  auto heap = [](const std::string& s) -> int64_t {
+    return s.capacity() > 15 ? static_cast<int64_t>(s.capacity() + 1) : 0;
+  };
+  int64_t bytes = static_cast<int64_t>(record.tasks.capacity() * sizeof(TaskRecord));
+  for (const TaskRecord& t : record.tasks) {
+    bytes += heap(t.name);
+    bytes += static_cast<int64_t>(t.label_names.capacity() * sizeof(std::string));
+    for (const auto& l : t.label_names) bytes += heap(l);
+    for (const auto& [k, v] : t.eval_metrics) {
+      bytes += static_cast<int64_t>(32 + sizeof(std::pair<const std::string, double>)) + heap(k);
+    }
+  }
+  r.task_records = bytes;
+  r.name_index = task_by_name.MemoryBytes();
+  return r;
 }
 
 absl::StatusOr<std::vector<int64_t>> RanksFromTensors(
@@ -289,6 +403,7 @@ absl::StatusOr<std::vector<int64_t>> RanksFromTensors(
 absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const Options& options,
                                                                          Store* store) {
   if (store == nullptr) return absl::InvalidArgumentError("registry: store is null");
+  ASSIGN_OR_RETURN(const torch::ScalarType head_dtype, ParseHeadDtype(options.head_dtype));
   if (options.data_dir.empty()) return absl::InvalidArgumentError("registry: data_dir is empty");
   std::error_code ec;
   fs::create_directories(fs::path(options.data_dir) / "families", ec);
@@ -297,7 +412,7 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const O
         absl::StrCat("cannot create ", options.data_dir, "/families: ", ec.message()));
   }
   RemoveCrashLeftovers(fs::path(options.data_dir) / "families");
-  return std::unique_ptr<AdapterRegistry>(new AdapterRegistry(options, store));
+  return std::unique_ptr<AdapterRegistry>(new AdapterRegistry(options, store, head_dtype));
 }
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
@@ -342,10 +457,20 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
   std::sort(rec.tasks.begin(), rec.tasks.end(),
             [](const TaskRecord& a, const TaskRecord& c) { return a.index < c.index; });
   return BuildFamily(std::move(rec), req.config, req.scale, req.adapter_tensors, weight, bias,
-                     req.pooling, req.max_length, options_.device);
+                     req.pooling, req.max_length, options_.device, head_dtype_);
+}
+
+// Loading or publishing a big family frees gigabytes of transient buffers
+// (tensor maps, file bytes, JSON); glibc keeps freed arenas mapped, so the
+// process would hold them for good. Hand them back to the OS.
+static void ReleaseFreedHeap() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
 }
 
 absl::StatusOr<std::vector<std::string>> AdapterRegistry::LoadAll() {
+  absl::Cleanup trim = [] { ReleaseFreedHeap(); };
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersions(""));
   std::map<std::string, const FamilyVersionRecord*> newest;
   for (const auto& r : all) {
@@ -368,6 +493,7 @@ absl::StatusOr<std::vector<std::string>> AdapterRegistry::LoadAll() {
 
 absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
     const PublishRequest& req) {
+  absl::Cleanup trim = [] { ReleaseFreedHeap(); };
   RETURN_IF_ERROR(ValidateFamilyName(req.family));
   const size_t T = req.tasks.size();
   if (T == 0 || req.head_weights.size() != T || req.head_biases.size() != T) {
@@ -421,7 +547,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   // Build first: a family that cannot be served is never written.
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(record, req.config, req.scale, req.adapter_tensors, weight, bias,
-                               req.pooling, req.max_length, options_.device));
+                               req.pooling, req.max_length, options_.device, head_dtype_));
 
   std::error_code ec;
   fs::remove_all(tmp_dir, ec);
@@ -532,12 +658,12 @@ absl::StatusOr<ResolvedTask> AdapterRegistry::Resolve(const std::string& family,
   std::shared_ptr<const PublishedFamily> fam = std::move(*got);
   ResolvedTask r;
   if (!task_name.empty()) {
-    auto it = fam->task_by_name.find(task_name);
-    if (it == fam->task_by_name.end()) {
+    const int64_t index = fam->task_by_name.Find(task_name);
+    if (index < 0) {
       return absl::NotFoundError(absl::StrCat("task: '", task_name, "' not found in family '",
                                               name, "' v", fam->version()));
     }
-    r.task = it->second;
+    r.task = index;
   } else {
     if (task_index < 0) {
       return absl::InvalidArgumentError("task: a task name or a task_index >= 0 is required");
@@ -556,8 +682,8 @@ absl::StatusOr<ResolvedTask> AdapterRegistry::Resolve(const std::string& family,
 absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTask(
     const std::string& family, const std::string& task) {
   ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam, Get(family, 0));
-  auto it = fam->task_by_name.find(task);
-  if (it == fam->task_by_name.end()) {
+  const int64_t removed = fam->task_by_name.Find(task);
+  if (removed < 0) {
     return absl::NotFoundError(
         absl::StrCat("task '", task, "' not found in family '", family, "'"));
   }
@@ -565,7 +691,8 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
     return absl::FailedPreconditionError(absl::StrCat(
         "task '", task, "' is the last task of family '", family, "'; delete the family"));
   }
-  const int64_t removed = it->second;
+  // The float32 heads as published, not the (maybe compact) resident copy.
+  ASSIGN_OR_RETURN(auto exact, fam->ExactHeads());
   PublishRequest req;
   req.family = family;
   req.config = fam->adapter->config();
@@ -585,10 +712,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
   }
   for (const TaskRecord& t : fam->record.tasks) {
     if (t.index == removed) continue;
-    auto [w, b] = fam->TaskHeadTensors(t.index);
     req.tasks.push_back(t);
-    req.head_weights.push_back(w);
-    req.head_biases.push_back(b);
+    req.head_weights.push_back(exact.first[t.index].slice(0, 0, t.num_labels));
+    req.head_biases.push_back(exact.second[t.index].slice(0, 0, t.num_labels));
   }
   return Publish(req);
 }
@@ -729,6 +855,12 @@ std::vector<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Latest() co
   std::vector<std::shared_ptr<const PublishedFamily>> out;
   for (const auto& [k, v] : latest_) out.push_back(v);
   return out;
+}
+
+ResidentStats AdapterRegistry::ResidentBytes() const {
+  ResidentStats r;
+  for (const auto& f : Latest()) r += f->Resident();  // walks the records outside mu_
+  return r;
 }
 
 int64_t AdapterRegistry::ResidentTasks() const {

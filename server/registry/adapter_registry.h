@@ -3,7 +3,8 @@
 // Every (family, version) is immutable once published: a `PublishedFamily`
 // holds the adapter, every task head stacked compactly (weight
 // [T, max_labels, D], bias [T, max_labels]: a million tasks are two tensors,
-// not two million), the task name -> index map and the label vocabularies.
+// not two million; resident in Options::head_dtype), the task name -> index
+// map (TaskNameIndex: no second copy of the names) and the label vocabularies.
 // Publish() writes the version with adapters/family_io (SaveFamily: heads
 // stacked, registry metadata in family.json "extra") under
 // <data_dir>/families/<family>/v<N>/ (a temporary directory renamed into
@@ -19,11 +20,13 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include <torch/torch.h>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "adapters/metatt_adapter.h"
@@ -33,12 +36,67 @@
 
 namespace metatt {
 
+// Task name -> index without a second copy of the names: a hash set of task
+// indices (uint32) whose hash and equality read the names from the family's
+// task records. One slot costs 5 bytes (index + control byte), where a
+// flat_hash_map<std::string, int64_t> costs 41 plus any heap name.
+// Neither copyable nor movable: it points at the records it indexes.
+class TaskNameIndex {
+ public:
+  TaskNameIndex() = default;
+  TaskNameIndex(const TaskNameIndex&) = delete;
+  TaskNameIndex& operator=(const TaskNameIndex&) = delete;
+
+  // Indexes tasks[i].name -> i; `tasks` must outlive the index unchanged.
+  // INVALID_ARGUMENT naming a duplicate name.
+  absl::Status Build(const std::vector<TaskRecord>* tasks);
+  int64_t Find(std::string_view name) const;  // -1 when absent
+  size_t count(std::string_view name) const { return Find(name) >= 0 ? 1 : 0; }
+  int64_t at(std::string_view name) const;    // std::out_of_range when absent
+  size_t size() const { return set_.size(); }
+  int64_t MemoryBytes() const;  // the hash table's slots and control bytes
+
+ private:
+  struct Hash {
+    using is_transparent = void;
+    const std::vector<TaskRecord>* tasks = nullptr;
+    size_t operator()(uint32_t i) const;
+    size_t operator()(std::string_view name) const;
+  };
+  struct Eq {
+    using is_transparent = void;
+    const std::vector<TaskRecord>* tasks = nullptr;
+    std::string_view Name(uint32_t i) const { return (*tasks)[i].name; }
+    bool operator()(uint32_t a, uint32_t b) const { return Name(a) == Name(b); }
+    bool operator()(uint32_t a, std::string_view b) const { return Name(a) == b; }
+    bool operator()(std::string_view a, uint32_t b) const { return a == Name(b); }
+  };
+  absl::flat_hash_set<uint32_t, Hash, Eq> set_;
+};
+
+// What a family keeps resident, in bytes (AdapterRegistry::ResidentBytes()).
+struct ResidentStats {
+  int64_t heads = 0;         // stacked head weights + biases (head_dtype)
+  int64_t task_records = 0;  // record.tasks: structs + heap strings (estimate)
+  int64_t name_index = 0;    // task_by_name
+  int64_t total() const { return heads + task_records + name_index; }
+  ResidentStats& operator+=(const ResidentStats& o) {
+    heads += o.heads;
+    task_records += o.task_records;
+    name_index += o.name_index;
+    return *this;
+  }
+};
+
 struct PublishedFamily {
   FamilyVersionRecord record;  // record.tasks[i].index == i
   std::unique_ptr<MetaTTAdapter> adapter;
-  torch::Tensor head_weight;  // [T, max_labels, D] on the device
-  torch::Tensor head_bias;    // [T, max_labels]
-  absl::flat_hash_map<std::string, int64_t> task_by_name;
+  // Resident stacked heads in the registry's head_dtype (float32, float16 or
+  // bfloat16) on the device: weight [T, max_labels, D], bias [T, max_labels].
+  // The files on disk always hold them in float32 (ExactHeads()).
+  torch::Tensor head_weight;
+  torch::Tensor head_bias;
+  TaskNameIndex task_by_name;  // over record.tasks
   Pooling pooling = Pooling::kMean;
   std::string pooling_name = "mean";
   int64_t max_length = 128;
@@ -46,8 +104,20 @@ struct PublishedFamily {
   const std::string& family() const { return record.family; }
   int64_t version() const { return record.version; }
   int64_t num_tasks() const { return static_cast<int64_t>(record.tasks.size()); }
-  // Head of task `t`: weight [num_labels, D], bias [num_labels] (views).
+  // Head of task `t` from the resident copy, as float32: weight
+  // [num_labels, D], bias [num_labels] (views when head_dtype is float32;
+  // values rounded to head_dtype otherwise: use ExactHeads() to republish).
   std::pair<torch::Tensor, torch::Tensor> TaskHeadTensors(int64_t t) const;
+  // The heads of the batch rows' tasks (`tasks` [B] int64 on the heads'
+  // device), only those rows upcast to `dtype`: weight [B, max_labels, D],
+  // bias [B, max_labels].
+  std::pair<torch::Tensor, torch::Tensor> GatherHeads(
+      const torch::Tensor& tasks, torch::ScalarType dtype = torch::kFloat32) const;
+  // The float32 stacked heads exactly as published (CPU): the resident ones
+  // when head_dtype is float32, else read back from the version's
+  // cores.safetensors.
+  absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> ExactHeads() const;
+  ResidentStats Resident() const;
 };
 
 struct ResolvedTask {
@@ -78,6 +148,10 @@ class AdapterRegistry {
     std::string data_dir;  // families live under <data_dir>/families
     torch::Device device = torch::kCPU;
     std::string base_model_fingerprint;
+    // Dtype of the resident stacked heads: float32 | float16 | bfloat16
+    // (server flag --head_dtype). Only the rows a batch gathers are upcast
+    // to float32; published files always hold float32 heads.
+    std::string head_dtype = "float32";
   };
   static absl::StatusOr<std::unique_ptr<AdapterRegistry>> Create(const Options& options,
                                                                  Store* store);
@@ -126,14 +200,19 @@ class AdapterRegistry {
 
   std::vector<std::shared_ptr<const PublishedFamily>> Latest() const;
   int64_t ResidentTasks() const;
+  // Resident bytes of the latest versions (heads, task records, name index).
+  ResidentStats ResidentBytes() const;
+  torch::ScalarType head_dtype() const { return head_dtype_; }
   const Options& options() const { return options_; }
 
  private:
-  AdapterRegistry(const Options& options, Store* store) : options_(options), store_(store) {}
+  AdapterRegistry(const Options& options, Store* store, torch::ScalarType head_dtype)
+      : options_(options), store_(store), head_dtype_(head_dtype) {}
   absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadVersion(const FamilyVersionRecord& record);
 
   Options options_;
   Store* store_;
+  torch::ScalarType head_dtype_ = torch::kFloat32;
   absl::Mutex publish_mu_;  // serialises Publish (version numbers)
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<const PublishedFamily>> latest_ ABSL_GUARDED_BY(mu_);
@@ -141,6 +220,10 @@ class AdapterRegistry {
       ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> refresh_failed_ ABSL_GUARDED_BY(mu_);  // family -> version
 };
+
+// "float32" | "float16" | "bfloat16" -> dtype; INVALID_ARGUMENT naming
+// head_dtype and the value otherwise.
+absl::StatusOr<torch::ScalarType> ParseHeadDtype(const std::string& name);
 
 // Ranks of the cores in `tensors` (MetaTTAdapter names) for `form`.
 absl::StatusOr<std::vector<int64_t>> RanksFromTensors(

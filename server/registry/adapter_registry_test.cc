@@ -2,15 +2,22 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <random>
+#include <stdexcept>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include "adapters/family_io.h"
 #include "adapters/util/file_io.h"
+#include "server/inference/predictor.h"
+#include "server/inference/scheduler.h"
 #include "server/registry/test_family.h"
 #include "server/registry/test_util.h"
+#include "server/training/test_util.h"
 
 namespace metatt {
 namespace {
@@ -212,7 +219,7 @@ TEST(AdapterRegistryTest, RejectsBadRequests) {
   EXPECT_EQ(reg->Publish(req).status().code(), absl::StatusCode::kInvalidArgument);
   req = RandomFamily("ok", 2, Base(), 1);
   req.tasks[1].name = "task0";  // duplicate
-  EXPECT_FALSE(reg->Publish(req).ok());
+  EXPECT_THAT(reg->Publish(req).status().message(), HasSubstr("duplicate task name task0"));
   auto recs = store.ListFamilyVersions("");
   ASSERT_TRUE(recs.ok());
   EXPECT_TRUE(recs->empty());
@@ -369,6 +376,179 @@ TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFa
   auto reloaded = again->Get("extended", 0);
   ASSERT_TRUE(reloaded.ok()) << reloaded.status();
   EXPECT_TRUE(torch::equal((*reloaded)->head_weight, (*ext)->head_weight));
+}
+
+std::unique_ptr<AdapterRegistry> MakeRegistryWithHeads(const std::string& dir, Store* store,
+                                                       const std::string& head_dtype) {
+  AdapterRegistry::Options o;
+  o.data_dir = dir;
+  o.base_model_fingerprint = "fp-1";
+  o.head_dtype = head_dtype;
+  auto r = AdapterRegistry::Create(o, store);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? std::move(*r) : nullptr;
+}
+
+TEST(AdapterRegistryTest, InvalidHeadDtypeIsRefusedNamingIt) {
+  ScratchDir dir;
+  InMemoryStore store;
+  for (const std::string bad : {"float8", "fp16", ""}) {
+    AdapterRegistry::Options o;
+    o.data_dir = dir.path();
+    o.head_dtype = bad;
+    auto r = AdapterRegistry::Create(o, &store);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(r.status().message(), HasSubstr("head_dtype"));
+    EXPECT_THAT(r.status().message(), HasSubstr("'" + bad + "'"));
+  }
+  for (const std::string good : {"float32", "float16", "bfloat16"}) {
+    EXPECT_TRUE(ParseHeadDtype(good).ok()) << good;
+  }
+}
+
+// float16 heads: half the resident head bytes, the same predictions (within
+// float16 rounding) through the scheduler the server uses, and float32 files.
+TEST(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
+  auto encoder = testing_util::TinyEncoder(5);
+  ASSERT_NE(encoder, nullptr);
+  ScratchDir dir32, dir16;
+  InMemoryStore store32, store16;
+  auto reg32 = MakeRegistryWithHeads(dir32.path(), &store32, "float32");
+  auto reg16 = MakeRegistryWithHeads(dir16.path(), &store16, "float16");
+  ASSERT_NE(reg32, nullptr);
+  ASSERT_NE(reg16, nullptr);
+  constexpr int64_t kTasks = 12;
+  const PublishRequest req = RandomFamily("fam", kTasks, encoder->config(), 9);
+  auto f32 = reg32->Publish(req);
+  auto f16 = reg16->Publish(req);
+  ASSERT_TRUE(f32.ok()) << f32.status();
+  ASSERT_TRUE(f16.ok()) << f16.status();
+  EXPECT_EQ((*f32)->head_weight.scalar_type(), torch::kFloat32);
+  EXPECT_EQ((*f16)->head_weight.scalar_type(), torch::kFloat16);
+  EXPECT_EQ((*f16)->head_bias.scalar_type(), torch::kFloat16);
+  const ResidentStats b32 = reg32->ResidentBytes(), b16 = reg16->ResidentBytes();
+  EXPECT_EQ(b32.heads, (*f32)->head_weight.numel() * 4 + (*f32)->head_bias.numel() * 4);
+  EXPECT_EQ(b16.heads * 2, b32.heads);
+  EXPECT_EQ(b16.task_records, b32.task_records);
+  EXPECT_GT(b32.task_records, 0);
+  // The compact name index: a few bytes per task, not a string per task.
+  EXPECT_GT(b32.name_index, 0);
+  EXPECT_LE(b32.name_index, 16 * kTasks);
+
+  // Published files hold the float32 heads exactly, whatever head_dtype.
+  for (const auto* fam : {&*f32, &*f16}) {
+    auto loaded = LoadFamily((*fam)->record.path, "fp-1");
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    for (int64_t t = 0; t < kTasks; ++t) {
+      auto h = FamilyTaskHead(*loaded, t);
+      ASSERT_TRUE(h.ok()) << h.status();
+      EXPECT_TRUE(torch::equal(h->first, req.head_weights[t])) << t;
+      EXPECT_TRUE(torch::equal(h->second, req.head_biases[t])) << t;
+    }
+    auto exact = (*fam)->ExactHeads();
+    ASSERT_TRUE(exact.ok()) << exact.status();
+    EXPECT_TRUE(torch::equal(exact->first, (*f32)->head_weight));
+    EXPECT_TRUE(torch::equal(exact->second, (*f32)->head_bias));
+  }
+  // The resident float16 copy is rounded (the test would pass vacuously if
+  // the heads were exactly representable).
+  EXPECT_FALSE(torch::equal((*f16)->TaskHeadTensors(0).first, req.head_weights[0]));
+
+  // Same fixed inputs through the server's scheduler + predictor.
+  std::vector<PredictInput> inputs;
+  std::mt19937_64 rng(11);
+  for (int i = 0; i < 48; ++i) {
+    PredictInput in;
+    in.family = "fam";
+    in.task_index = i % kTasks;
+    in.text = testing_util::RandomSentence(rng);
+    inputs.push_back(in);
+  }
+  std::vector<std::vector<PredictOutput>> outs;
+  for (AdapterRegistry* reg : {reg32.get(), reg16.get()}) {
+    auto sched = DeviceScheduler::Create(DeviceScheduler::Options(), encoder);
+    ASSERT_TRUE(sched.ok()) << sched.status();
+    ScheduledPredictor p(ScheduledPredictor::Options(), reg, sched->get(),
+                         testing_util::TinyTokenizer());
+    auto out = p.Predict(inputs, 0);
+    ASSERT_TRUE(out.ok()) << out.status();
+    outs.push_back(std::move(*out));
+    (*sched)->Shutdown();
+  }
+  ASSERT_EQ(outs[0].size(), inputs.size());
+  ASSERT_EQ(outs[1].size(), inputs.size());
+  double max_rel = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const PredictOutput &a = outs[0][i], &b = outs[1][i];
+    EXPECT_EQ(a.label, b.label) << i;
+    EXPECT_EQ(a.label_name, b.label_name) << i;
+    ASSERT_EQ(a.scores.size(), b.scores.size()) << i;
+    for (size_t j = 0; j < a.scores.size(); ++j) {
+      // Relative to the float32 score (regression outputs near 0: to 0.1).
+      const double denom = std::max(0.1, std::abs(static_cast<double>(a.scores[j])));
+      const double rel = std::abs(static_cast<double>(a.scores[j]) - b.scores[j]) / denom;
+      max_rel = std::max(max_rel, rel);
+      EXPECT_LE(rel, 1e-2) << "input " << i << " score " << j;
+    }
+  }
+  EXPECT_GT(max_rel, 0.0);  // the float16 heads were really used
+}
+
+// Republishing from a float16 registry (DeleteTask; reload with LoadAll)
+// starts from the float32 heads on disk, not the rounded resident copy.
+TEST(AdapterRegistryTest, Float16RegistryRepublishesExactFloat32Heads) {
+  ScratchDir dir;
+  InMemoryStore store;
+  const PublishRequest req = RandomFamily("fam", 5, Base(), 4);
+  {
+    auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
+    ASSERT_NE(reg, nullptr);
+    ASSERT_TRUE(reg->Publish(req).ok());
+  }
+  auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
+  ASSERT_NE(reg, nullptr);
+  auto warnings = reg->LoadAll();
+  ASSERT_TRUE(warnings.ok()) << warnings.status();
+  auto v1 = reg->Get("fam");
+  ASSERT_TRUE(v1.ok()) << v1.status();
+  EXPECT_EQ((*v1)->head_weight.scalar_type(), torch::kFloat16);
+  auto v2 = reg->DeleteTask("fam", "task1");
+  ASSERT_TRUE(v2.ok()) << v2.status();
+  auto loaded = LoadFamily((*v2)->record.path, "fp-1");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const std::vector<int64_t> kept = {0, 2, 3, 4};
+  for (size_t t = 0; t < kept.size(); ++t) {
+    auto h = FamilyTaskHead(*loaded, static_cast<int64_t>(t));
+    ASSERT_TRUE(h.ok()) << h.status();
+    EXPECT_TRUE(torch::equal(h->first, req.head_weights[kept[t]])) << t;
+    EXPECT_TRUE(torch::equal(h->second, req.head_biases[kept[t]])) << t;
+  }
+  EXPECT_EQ((*v2)->task_by_name.at("task2"), 1);
+  EXPECT_EQ((*v2)->task_by_name.count("task1"), 0u);
+}
+
+TEST(TaskNameIndexTest, FindsEveryNameAndRejectsDuplicates) {
+  std::vector<TaskRecord> tasks(1000);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    // Long names live on the heap: the index must read them, not copy them.
+    tasks[i].name = absl::StrCat(i % 2 ? "a-rather-long-task-name-" : "t", i);
+  }
+  TaskNameIndex index;
+  ASSERT_TRUE(index.Build(&tasks).ok());
+  EXPECT_EQ(index.size(), tasks.size());
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    EXPECT_EQ(index.Find(tasks[i].name), static_cast<int64_t>(i));
+  }
+  EXPECT_EQ(index.Find("t1"), -1);
+  EXPECT_EQ(index.Find(""), -1);
+  EXPECT_THROW(index.at("nope"), std::out_of_range);
+  EXPECT_LE(index.MemoryBytes(), static_cast<int64_t>(5 * 2 * 1024 + 64));
+  tasks[7].name = tasks[3].name;
+  TaskNameIndex dup;
+  absl::Status st = dup.Build(&tasks);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("duplicate task name a-rather-long-task-name-3"));
 }
 
 }  // namespace
