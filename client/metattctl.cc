@@ -5,7 +5,7 @@
 //   metattctl jobs create --family glue --task MRPC --dataset ds-... --steps 60 [--follow]
 //   metattctl jobs list [--state RUNNING] | get ID | cancel ID | follow ID
 //   metattctl families list | get NAME
-//   metattctl tasks list --family glue
+//   metattctl tasks list --family glue   (pages through every task)
 //   metattctl predict --family glue --task MRPC --text "..." [--text_pair "..."]
 //   metattctl datasets list | get ID | delete ID
 //
@@ -16,6 +16,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <future>
@@ -84,7 +85,7 @@ ABSL_FLAG(uint64_t, seed, 0, "random seed");
 ABSL_FLAG(std::string, idempotency_key, "", "jobs create: retry-safe key");
 ABSL_FLAG(bool, follow, false, "jobs create: follow the job until it ends");
 ABSL_FLAG(std::string, state, "", "jobs list: filter by state (QUEUED, RUNNING, ...)");
-ABSL_FLAG(int32_t, page_size, 0, "jobs list: page size");
+ABSL_FLAG(int32_t, page_size, 0, "jobs list, tasks list: page size (0 = server default)");
 // predict / tasks
 ABSL_FLAG(int64_t, version, 0, "family version (0 = latest)");
 ABSL_FLAG(std::string, text, "", "predict: input text");
@@ -552,6 +553,23 @@ void PrintTasks(const google::protobuf::RepeatedPtrField<v1::Task>& tasks) {
   PrintTable({"INDEX", "TASK", "LABELS", "EVAL"}, rows);
 }
 
+// All tasks of a version (older servers leave task_count 0: then `tasks` is all).
+int64_t TaskCount(const v1::FamilyVersion& v) {
+  return std::max<int64_t>(v.task_count(), v.tasks_size());
+}
+
+// The names of the tasks a FamilyVersion carries (the first 100 of a large
+// family); the rest are counted, `tasks list` pages through them.
+std::string TaskNames(const v1::FamilyVersion& v) {
+  std::vector<std::string> names;
+  const int64_t total = TaskCount(v);
+  const int shown = total > v.tasks_size() ? std::min(v.tasks_size(), 5) : v.tasks_size();
+  for (int i = 0; i < shown; ++i) names.push_back(v.tasks(i).name());
+  std::string out = absl::StrJoin(names, ",");
+  if (shown < total) absl::StrAppend(&out, ",... (", total - shown, " more)");
+  return out;
+}
+
 int Families(Stubs& s, const std::vector<std::string>& args) {
   std::string sub = args.empty() ? "list" : args[0];
   ClientContext ctx;
@@ -568,13 +586,11 @@ int Families(Stubs& s, const std::vector<std::string>& args) {
     for (const auto& f : resp.families()) {
       if (f.versions_size() == 0) continue;
       const auto& v = f.versions(f.versions_size() - 1);
-      std::vector<std::string> tasks;
-      for (const auto& t : v.tasks()) tasks.push_back(t.name());
       rows.push_back({f.name(), absl::StrCat(f.latest_version()), v.form(),
                       absl::StrJoin(v.ranks(), ","), absl::StrCat(v.adapter_parameters()),
-                      absl::StrJoin(tasks, ",")});
+                      absl::StrCat(TaskCount(v)), TaskNames(v)});
     }
-    PrintTable({"FAMILY", "VERSION", "FORM", "RANKS", "PARAMETERS", "TASKS"}, rows);
+    PrintTable({"FAMILY", "VERSION", "FORM", "RANKS", "PARAMETERS", "NTASKS", "TASKS"}, rows);
     return 0;
   }
   if (sub == "get" && args.size() == 2) {
@@ -588,12 +604,18 @@ int Families(Stubs& s, const std::vector<std::string>& args) {
       return 0;
     }
     for (const auto& v : resp.family().versions()) {
-      std::printf("%s version %lld  form %s  ranks [%s]  %lld parameters  created %s by %s\n",
-                  v.family().c_str(), static_cast<long long>(v.version()), v.form().c_str(),
-                  absl::StrJoin(v.ranks(), ",").c_str(),
-                  static_cast<long long>(v.adapter_parameters()), Time(v.created_unix_ms()).c_str(),
-                  v.created_by_job().c_str());
+      std::printf(
+          "%s version %lld  form %s  ranks [%s]  %lld parameters  %lld tasks  created %s by %s\n",
+          v.family().c_str(), static_cast<long long>(v.version()), v.form().c_str(),
+          absl::StrJoin(v.ranks(), ",").c_str(), static_cast<long long>(v.adapter_parameters()),
+          static_cast<long long>(TaskCount(v)), Time(v.created_unix_ms()).c_str(),
+          v.created_by_job().c_str());
       PrintTasks(v.tasks());
+      if (TaskCount(v) > v.tasks_size()) {
+        std::printf("(first %d of %lld tasks: metattctl tasks list --family %s --version %lld)\n",
+                    v.tasks_size(), static_cast<long long>(TaskCount(v)), v.family().c_str(),
+                    static_cast<long long>(v.version()));
+      }
       std::printf("\n");
     }
     return 0;
@@ -606,11 +628,25 @@ int Tasks(Stubs& s, const std::vector<std::string>& args) {
   v1::ListTasksRequest req;
   req.set_family(absl::GetFlag(FLAGS_family));
   req.set_version(absl::GetFlag(FLAGS_version));
+  req.set_page_size(absl::GetFlag(FLAGS_page_size));
+  // Every page, merged into one response (a family can hold 10^6 tasks, one
+  // page at most 10000); the first page's version is pinned by the tokens.
   v1::ListTasksResponse resp;
-  ClientContext ctx;
-  SetDeadline(&ctx);
-  auto st = s.adapters->ListTasks(&ctx, req, &resp);
-  if (!st.ok()) return Fail("tasks list", st);
+  do {
+    v1::ListTasksResponse page;
+    ClientContext ctx;
+    SetDeadline(&ctx);
+    auto st = s.adapters->ListTasks(&ctx, req, &page);
+    if (!st.ok()) return Fail("tasks list", st);
+    req.set_page_token(page.next_page_token());
+    if (resp.family().empty()) {
+      resp.set_family(page.family());
+      resp.set_version(page.version());
+      resp.set_task_count(page.task_count());
+      resp.mutable_tasks()->Reserve(static_cast<int>(page.task_count()));
+    }
+    for (auto& t : *page.mutable_tasks()) resp.add_tasks()->Swap(&t);
+  } while (!req.page_token().empty());
   if (Json()) {
     PrintJson(resp);
     return 0;

@@ -19,12 +19,13 @@
 namespace metatt {
 namespace {
 
-FamilyInfo ToInfo(const PublishedFamily& f) {
+FamilyInfo ToInfo(const std::shared_ptr<const PublishedFamily>& f) {
   FamilyInfo info;
-  info.record = f.record;
-  info.resident_tasks = f.num_tasks();
-  info.pooling = f.pooling_name;
-  info.max_length = f.max_length;
+  // Aliases the family: the record stays in place while `info` lives.
+  info.record = std::shared_ptr<const FamilyVersionRecord>(f, &f->record);
+  info.resident_tasks = f->num_tasks();
+  info.pooling = f->pooling_name;
+  info.max_length = f->max_length;
   return info;
 }
 
@@ -108,12 +109,12 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
 
   std::vector<FamilyInfo> ListFamilies() override {
     std::vector<FamilyInfo> out;
-    for (const auto& f : registry_->Latest()) out.push_back(ToInfo(*f));
+    for (const auto& f : registry_->Latest()) out.push_back(ToInfo(f));
     return out;
   }
   absl::StatusOr<FamilyInfo> GetFamily(const std::string& family, int64_t version) override {
     ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> f, registry_->Get(family, version));
-    return ToInfo(*f);
+    return ToInfo(f);
   }
   void ForgetFamily(const std::string& family) override { registry_->Remove(family); }
   absl::StatusOr<std::vector<std::string>> RefreshFamilies() override {

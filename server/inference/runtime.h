@@ -42,7 +42,9 @@ struct RuntimeOptions {
 
 // One loaded family version, for AdapterService (no tensors).
 struct FamilyInfo {
-  FamilyVersionRecord record;  // tasks, ranks (config_json), parameter count
+  // tasks, ranks (config_json), parameter count: the resident family's own
+  // record, shared (never copied: it can hold 10^6 tasks; task_pages.h pages it).
+  std::shared_ptr<const FamilyVersionRecord> record;
   int64_t resident_tasks = 0;
   std::string pooling;
   int64_t max_length = 0;

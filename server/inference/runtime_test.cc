@@ -87,7 +87,9 @@ TEST(RuntimeTest, TrainPredictAndReload) {
   EXPECT_EQ((*out)[0].scores.size(), 2u);
   EXPECT_EQ((*rt)->ResidentTasks(), 1);
   ASSERT_EQ((*rt)->ListFamilies().size(), 1u);
-  EXPECT_EQ((*rt)->ListFamilies()[0].record.version, 1);
+  EXPECT_EQ((*rt)->ListFamilies()[0].record->version, 1);
+  // The resident record itself, not a copy (it can hold 10^6 tasks).
+  EXPECT_EQ((*rt)->ListFamilies()[0].record.get(), (*rt)->GetFamily("glue", 0)->record.get());
   rt->reset();
 
   // Restart: the published family is reloaded and answers the same.

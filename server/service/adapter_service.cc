@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "server/jobs/task_pages.h"
 #include "server/service/grpc_status.h"
 #include "server/service/proto_convert.h"
 #include "server/service/services.h"
@@ -22,9 +23,10 @@ absl::StatusOr<FamilyVersionRecord> FindVersion(FamilyAccess* families, const Ca
   if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
   auto versions = families->Versions(caller, family);
   if (!versions.ok()) return versions.status();
-  if (version == 0) return versions->back();
-  for (const auto& v : *versions) {
-    if (v.version == version) return v;
+  // Moved out, not copied: a version can hold 10^6 task records.
+  if (version == 0) return std::move(versions->back());
+  for (auto& v : *versions) {
+    if (v.version == version) return std::move(v);
   }
   return absl::NotFoundError(absl::StrCat("family '", family, "' has no version ", version,
                                           " (latest is ", versions->back().version, ")"));
@@ -92,11 +94,18 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
                                            v1::ListTasksResponse* resp) {
   auto caller = CallerOf(options_.auth, ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto v = FindVersion(options_.families, *caller, req->family(), req->version());
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  resp->set_family(v->family);
-  resp->set_version(v->version);
-  for (const auto& t : v->tasks) ToProto(t, resp->add_tasks());
+  if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
+  auto versions = options_.families->Versions(*caller, req->family());
+  if (!versions.ok()) return ToGrpcStatus(versions.status());
+  auto page = PageTasks(*std::move(versions), req->version(), req->page_size(), req->page_token());
+  if (!page.ok()) return ToGrpcStatus(page.status());
+  resp->set_family(page->version.family);
+  resp->set_version(page->version.version);
+  resp->set_task_count(static_cast<int64_t>(page->version.tasks.size()));
+  for (int64_t i = page->begin; i < page->end; ++i) {
+    ToProto(page->version.tasks[i], resp->add_tasks());
+  }
+  resp->set_next_page_token(page->next_page_token);
   return grpc::Status::OK;
 }
 

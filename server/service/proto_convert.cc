@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "server/jobs/task_pages.h"
 
 namespace metatt {
 
@@ -284,7 +285,10 @@ void ToProto(const FamilyVersionRecord& f, v1::FamilyVersion* p) {
   p->set_version(f.version);
   p->set_form(f.form);
   p->set_adapter_parameters(f.adapter_parameters);
-  for (const auto& t : f.tasks) ToProto(t, p->add_tasks());
+  // The first tasks only (task_pages.h); ListTasks pages through all.
+  const int64_t inline_tasks = InlineTaskCount(f);
+  for (int64_t i = 0; i < inline_tasks; ++i) ToProto(f.tasks[i], p->add_tasks());
+  p->set_task_count(static_cast<int64_t>(f.tasks.size()));
   p->set_created_by_job(f.created_by_job);
   p->set_created_unix_ms(f.created_unix_ms);
   p->set_config_json(f.config_json);

@@ -9,6 +9,7 @@
 #include <map>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "server/jobs/sqlite_store.h"
 #include "server/jobs/test_util.h"
@@ -278,6 +279,7 @@ TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
   EXPECT_EQ(fams.families(0).versions(0).adapter_parameters(), 777);
   EXPECT_EQ(fams.families(0).versions(0).ranks_size(), 3);
   EXPECT_EQ(fams.families(0).versions(0).tasks(0).eval_metrics().at("f1"), 0.8);
+  EXPECT_EQ(fams.families(0).versions(0).task_count(), 1);
 
   v1::ExportFamilyRequest req;
   req.set_family("glue");
@@ -294,6 +296,73 @@ TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
   ASSERT_EQ(files.size(), 2u);
   EXPECT_EQ(files["cores.safetensors"].size(), 100000u);
   EXPECT_EQ(files["family.json"], R"({"name":"glue"})");
+}
+
+// Large families: FamilyVersion inlines the first 100 tasks and task_count;
+// ListTasks pages through every task (server/jobs/task_pages.h).
+TEST_F(ServiceTest, LargeFamilyInlinesFirstTasksAndListTasksPages) {
+  FamilyVersionRecord f;
+  f.family = "big";
+  f.version = 1;
+  f.form = "4+1d";
+  for (int64_t i = 0; i < 250; ++i) {
+    TaskRecord t;
+    t.name = absl::StrCat("task", i);
+    t.index = i;
+    t.num_labels = 2;
+    f.tasks.push_back(std::move(t));
+  }
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  {
+    grpc::ClientContext ctx;
+    v1::ListFamiliesResponse resp;
+    ASSERT_TRUE(adapter_stub_->ListFamilies(&ctx, {}, &resp).ok());
+    ASSERT_EQ(resp.families_size(), 1);
+    EXPECT_EQ(resp.families(0).versions(0).task_count(), 250);
+    ASSERT_EQ(resp.families(0).versions(0).tasks_size(), 100);
+    EXPECT_EQ(resp.families(0).versions(0).tasks(99).name(), "task99");
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::GetFamilyRequest req;
+    req.set_family("big");
+    v1::GetFamilyResponse resp;
+    ASSERT_TRUE(adapter_stub_->GetFamily(&ctx, req, &resp).ok());
+    EXPECT_EQ(resp.family().versions(0).task_count(), 250);
+    EXPECT_EQ(resp.family().versions(0).tasks_size(), 100);
+  }
+  v1::ListTasksRequest req;
+  req.set_family("big");
+  req.set_page_size(100);
+  std::vector<int64_t> seen;
+  int pages = 0;
+  do {
+    grpc::ClientContext ctx;
+    v1::ListTasksResponse resp;
+    auto st = adapter_stub_->ListTasks(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(resp.task_count(), 250);
+    EXPECT_EQ(resp.version(), 1);
+    for (const auto& t : resp.tasks()) seen.push_back(t.index());
+    req.set_page_token(resp.next_page_token());
+    ++pages;
+  } while (!req.page_token().empty());
+  EXPECT_EQ(pages, 3);
+  ASSERT_EQ(seen.size(), 250u);
+  for (int64_t i = 0; i < 250; ++i) ASSERT_EQ(seen[i], i);
+
+  for (auto [size, token, field] :
+       {std::tuple<int, const char*, const char*>{100, "bogus", "page_token"},
+        {100, "1:250", "page_token"},
+        {-5, "", "page_size"}}) {
+    grpc::ClientContext ctx;
+    v1::ListTasksResponse resp;
+    req.set_page_size(size);
+    req.set_page_token(token);
+    auto st = adapter_stub_->ListTasks(&ctx, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
+    EXPECT_THAT(st.error_message(), HasSubstr(field));
+  }
 }
 
 }  // namespace

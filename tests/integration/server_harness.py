@@ -32,6 +32,19 @@ def server_binary() -> pathlib.Path:
     return p
 
 
+def publish_bench_family(data_dir, model_dir, family, tasks, seed=1):
+    """Publishes a random (4+1)D family with `tasks` task slices (task0, task1, ...)
+    into `data_dir` with build/bench/metatt-bench-family, without training (as
+    bench/load_bench.py does); a server started on `data_dir` loads it."""
+    exe = build_dir() / "bench" / "metatt-bench-family"
+    if not exe.exists():
+        pytest.fail(f"binary {exe} not built: cmake --build <build> --target metatt-bench-family")
+    r = subprocess.run([str(exe), f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                        f"--family={family}", f"--tasks={tasks}", f"--seed={seed}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"metatt-bench-family failed: {r.stderr[-2000:]}"
+
+
 def make_rows(n, seed=0):
     rng = random.Random(seed)
     rows = []

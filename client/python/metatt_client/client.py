@@ -9,7 +9,7 @@ import grpc
 
 from . import codegen
 
-if not (codegen.GEN / "metatt" / "v1" / "jobs_pb2.py").exists():
+if codegen.stale():
     codegen.generate()
 if str(codegen.GEN) not in sys.path:
     sys.path.insert(0, str(codegen.GEN))
@@ -235,5 +235,25 @@ class Client:
 
     # -- adapters ---------------------------------------------------------------
     def list_families(self):
+        """Latest version of every family; each FamilyVersion carries `task_count` and
+        at most its first 100 tasks (list_tasks yields all)."""
         return _call(self.adapters.ListFamilies, adapters_pb2.ListFamiliesRequest(),
                      timeout=self.timeout)
+
+    def get_family(self, family: str):
+        """Every version of `family` (oldest first), each with `task_count` and at most
+        its first 100 tasks."""
+        return _call(self.adapters.GetFamily, adapters_pb2.GetFamilyRequest(family=family),
+                     timeout=self.timeout).family
+
+    def list_tasks(self, family: str, version: int = 0, page_size: int = 0) -> Iterator:
+        """Yields every Task of `family` (version 0 = latest) in index order, one
+        ListTasks page at a time (page_size 0 = the server's 1000, at most 10000).
+        All pages come from the version the first page named."""
+        req = adapters_pb2.ListTasksRequest(family=family, version=version, page_size=page_size)
+        while True:
+            resp = _call(self.adapters.ListTasks, req, timeout=self.timeout)
+            yield from resp.tasks
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token

@@ -17,6 +17,20 @@ def find_proto_root() -> pathlib.Path:
     raise FileNotFoundError("proto/metatt/v1 not found above " + str(PKG))
 
 
+def stale() -> bool:
+    """True when the stubs are missing or older than a .proto next to the package
+    (an installed package without proto/ keeps the stubs it has)."""
+    marker = GEN / "metatt" / "v1" / "jobs_pb2.py"
+    if not marker.exists():
+        return True
+    try:
+        root = find_proto_root()
+    except FileNotFoundError:
+        return False
+    built = marker.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in (root / "metatt" / "v1").glob("*.proto"))
+
+
 def generate(proto_root: pathlib.Path = None) -> pathlib.Path:
     proto_root = proto_root or find_proto_root()
     GEN.mkdir(exist_ok=True)
