@@ -96,7 +96,7 @@ absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
 
 absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
                                         const std::string& expected_fingerprint,
-                                        torch::Device device) {
+                                        torch::Device device, MetaTTAdapter::Leaves leaves) {
   const std::string meta_path = dir + "/" + kMetaFile;
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(meta_path));
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
@@ -182,7 +182,8 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
     if (!expected.count(name))
       return absl::InvalidArgumentError(
           absl::StrCat(cores_path, ": unexpected tensor 'core.", name, "'"));
-  auto adapter_or = MetaTTAdapter::FromTensors(config, j["scale"].get<double>(), cores, device);
+  auto adapter_or =
+      MetaTTAdapter::FromTensors(config, j["scale"].get<double>(), cores, device, leaves);
   if (!adapter_or.ok())
     return absl::InvalidArgumentError(
         absl::StrCat(cores_path, ": ", adapter_or.status().message()));

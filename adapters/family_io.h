@@ -66,8 +66,11 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> FamilyTaskHead(const Loa
 // run the family on; a different recorded fingerprint is FAILED_PRECONDITION
 // naming both. Missing/corrupt files or tensors that disagree with the
 // metadata are errors naming the file or tensor.
-absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
-                                        const std::string& expected_fingerprint,
-                                        torch::Device device = torch::kCPU);
+// `leaves`: kFrozen for a family that will only be served or copied (no
+// per-task leaf tensor: a family may hold 10^6 tasks).
+absl::StatusOr<LoadedFamily> LoadFamily(
+    const std::string& dir, const std::string& expected_fingerprint,
+    torch::Device device = torch::kCPU,
+    MetaTTAdapter::Leaves leaves = MetaTTAdapter::Leaves::kTrainable);
 
 }  // namespace metatt

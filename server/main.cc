@@ -380,7 +380,7 @@ int Run() {
     ServerMetrics& m = metrics->metrics();
     std::unique_lock<std::mutex> lock(poll_mu);
     while (!stop_poll) {
-      auto all = store->ListFamilyVersions("");
+      auto all = store->ListFamilyVersionSummaries("");
       if (all.ok()) {
         std::map<std::string, int64_t> latest;
         for (const auto& v : *all) latest[v.family] = v.adapter_parameters;

@@ -183,10 +183,13 @@ class TrainingJob : public TrainingTask {
     std::vector<int64_t> task_index;
     if (spec.kind == JobKind::kAddTask) {
       ASSIGN_OR_RETURN(base_, registry_->Get(spec.family, 0));
+      // FromTensors copies (the task core in one stack); frozen: no leaf per
+      // existing task (a family may hold 10^6), only the new tasks train.
       std::map<std::string, torch::Tensor> tensors;
-      for (const auto& [k, v] : base_->adapter->NamedParameters()) tensors[k] = v.detach().clone();
-      ASSIGN_OR_RETURN(adapter_, MetaTTAdapter::FromTensors(base_->adapter->config(),
-                                                            base_->adapter->scale(), tensors, dev));
+      for (const auto& [k, v] : base_->adapter->NamedParameters()) tensors[k] = v.detach();
+      ASSIGN_OR_RETURN(adapter_, MetaTTAdapter::FromTensors(
+                                     base_->adapter->config(), base_->adapter->scale(), tensors,
+                                     dev, MetaTTAdapter::Leaves::kFrozen));
       for (const auto& t : p_.tasks) {
         if (base_->task_by_name.count(t.spec.task_name)) {
           return absl::FailedPreconditionError(absl::StrCat(

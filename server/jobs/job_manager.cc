@@ -165,7 +165,7 @@ absl::Status JobManager::Recover() {
   std::vector<FamilyVersionRecord> versions;
   for (const JobRecord& j : all) {
     if (j.state == JobState::kRunning || j.state == JobState::kValidating) {
-      ASSIGN_OR_RETURN(versions, store_->ListFamilyVersions(""));
+      ASSIGN_OR_RETURN(versions, store_->ListFamilyVersionSummaries(""));
       break;
     }
   }
@@ -300,7 +300,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
     }
   }
 
-  ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersions(spec.family));
+  ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersionSummaries(spec.family));
   // Another tenant's family is "not found" to an add-task job; its name stays
   // taken for a new family (family names are one namespace per server).
   const bool visible = !versions.empty() && caller.CanSee(versions.back().tenant);
@@ -320,6 +320,13 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
         absl::StrCat("spec.family: family '", spec.family,
                      "' already exists; use an ADD_TASK job or another name"));
   }
+  // The latest version's task names, read only for an add-task job.
+  std::vector<TaskRecord> existing_tasks;
+  if (visible && spec.kind == JobKind::kAddTask) {
+    ASSIGN_OR_RETURN(FamilyVersionRecord latest,
+                     store_->GetFamilyVersion(spec.family, versions.back().version));
+    existing_tasks = std::move(latest.tasks);
+  }
   for (size_t i = 0; i < spec.tasks.size(); ++i) {
     const JobTaskSpec& t = spec.tasks[i];
     std::string field = absl::StrCat("spec.tasks[", i, "]");
@@ -335,7 +342,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
       }
     }
     if (visible) {
-      for (const TaskRecord& existing : versions.back().tasks) {
+      for (const TaskRecord& existing : existing_tasks) {
         if (existing.name == t.task_name) {
           return absl::AlreadyExistsError(absl::StrCat(field, ".task_name: family '", spec.family,
                                                        "' already has task '", t.task_name, "'"));

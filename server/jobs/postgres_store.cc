@@ -2,6 +2,7 @@
 
 #include <libpq-fe.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
@@ -12,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "adapters/util/status_macros.h"
 #include "server/jobs/job_json.h"
+#include "server/jobs/json_slice.h"
 
 namespace metatt {
 namespace {
@@ -80,6 +82,12 @@ CREATE TABLE family_versions (
   tenant TEXT NOT NULL DEFAULT 'default',
   PRIMARY KEY (family, version)
 );
+)sql",
+    // 2: task counts, so listings read no task list (existing rows: counted once
+    // here, under the migration lock). Same as SQLite migration 3.
+    R"sql(
+ALTER TABLE family_versions ADD COLUMN task_count BIGINT NOT NULL DEFAULT 0;
+UPDATE family_versions SET task_count = json_array_length(tasks_json::json);
 )sql",
 };
 
@@ -237,9 +245,15 @@ absl::StatusOr<JobRecord> ReadJob(const Result& r, int row) {
 
 constexpr const char* kFamilyCols =
     "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms, tenant";
+    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
+// The same columns with '[]' for tasks_json: a summary reads no task list.
+constexpr const char* kFamilySummaryCols =
+    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
+    "'[]', created_by_job, created_unix_ms, tenant, task_count";
 
-absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row) {
+// with_tasks: tasks [first_task, first_task + max_tasks) (max_tasks < 0 = all).
+absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row, bool with_tasks,
+                                               int64_t first_task = 0, int64_t max_tasks = -1) {
   FamilyVersionRecord f;
   f.family = r.Text(row, 0);
   f.version = r.Int(row, 1);
@@ -248,10 +262,17 @@ absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row) {
   f.base_model_fingerprint = r.Text(row, 4);
   f.path = r.Text(row, 5);
   f.adapter_parameters = r.Int(row, 6);
-  ASSIGN_OR_RETURN(f.tasks, TasksFromJson(r.Text(row, 7)));
+  const bool whole = first_task == 0 && max_tasks < 0;
+  if (with_tasks && whole) {
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(r.Text(row, 7)));
+  } else if (with_tasks) {
+    ASSIGN_OR_RETURN(std::string slice, JsonArraySlice(r.Text(row, 7), first_task, max_tasks));
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(slice));
+  }
   f.created_by_job = r.Text(row, 8);
   f.created_unix_ms = r.Int(row, 9);
   f.tenant = r.Text(row, 10);
+  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : r.Int(row, 11);
   return f;
 }
 
@@ -557,10 +578,11 @@ absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   RETURN_IF_ERROR(EnsureConnected());
   auto r = Exec(conn_,
                 absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
-                             Placeholders(11), ")"),
+                             Placeholders(12), ")"),
                 {P(f.family), P(f.version), P(f.form), P(f.config_json),
                  P(f.base_model_fingerprint), P(f.path), P(f.adapter_parameters),
-                 P(TasksToJson(f.tasks)), P(f.created_by_job), P(f.created_unix_ms), P(f.tenant)});
+                 P(TasksToJson(f.tasks)), P(f.created_by_job), P(f.created_unix_ms), P(f.tenant),
+                 P(static_cast<int64_t>(f.tasks.size()))});
   if (absl::IsAlreadyExists(r.status())) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
                                                  " is already published (versions are immutable)"));
@@ -570,21 +592,53 @@ absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
 
 absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersions(
     const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/true);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersionSummaries(
+    const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/false);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilies(
+    const std::string& family, bool with_tasks) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(EnsureConnected());
   std::vector<Param> params;
   if (!family.empty()) params.push_back(P(family));
   ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ", kFamilyCols, " FROM family_versions",
+                                  absl::StrCat("SELECT ",
+                                               with_tasks ? kFamilyCols : kFamilySummaryCols,
+                                               " FROM family_versions",
                                                family.empty() ? "" : " WHERE family = $1",
                                                " ORDER BY family, version"),
                                   params));
   std::vector<FamilyVersionRecord> out;
   for (int i = 0; i < r.rows(); ++i) {
-    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(r, i));
+    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(r, i, with_tasks));
     out.push_back(std::move(f));
   }
   return out;
+}
+
+absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersion(const std::string& family,
+                                                                    int64_t version) {
+  return GetFamilyVersionTasks(family, version, 0, -1);
+}
+
+absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersionTasks(const std::string& family,
+                                                                         int64_t version,
+                                                                         int64_t first_task,
+                                                                         int64_t max_tasks) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ", kFamilyCols,
+                                               " FROM family_versions WHERE family = $1 AND "
+                                               "version = $2"),
+                                  {P(family), P(version)}));
+  if (r.rows() == 0) return FamilyVersionNotFound(family, version);
+  return ReadFamily(r, 0, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
 }
 
 absl::Status PostgresStore::DeleteFamily(const std::string& family) {

@@ -53,6 +53,13 @@ class PostgresStore : public Store {
   absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) override;
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family) override;
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
+      const std::string& family) override;
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
+                                                       int64_t version) override;
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersionTasks(const std::string& family,
+                                                            int64_t version, int64_t first_task,
+                                                            int64_t max_tasks) override;
   absl::Status DeleteFamily(const std::string& family) override;
 
   bool SupportsClaims() const override { return true; }
@@ -67,6 +74,8 @@ class PostgresStore : public Store {
  private:
   PostgresStore(std::string uri, pg_conn* conn) : uri_(std::move(uri)), conn_(conn) {}
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilies(const std::string& family,
+                                                                bool with_tasks);
   absl::Status EnsureConnected() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string uri_;

@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 #include <utility>
 
@@ -9,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "adapters/util/status_macros.h"
 #include "server/jobs/job_json.h"
+#include "server/jobs/json_slice.h"
 
 namespace metatt {
 namespace {
@@ -76,6 +78,33 @@ CREATE TABLE family_versions (
 ALTER TABLE datasets ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
 ALTER TABLE jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
 ALTER TABLE family_versions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+)sql",
+    // 3: task counts, so listings read no task list (existing rows: counted once
+    // here). The table is rebuilt with tasks_json last: a row's columns are
+    // stored in order, and a column stored after a large task list is reached
+    // only by walking its overflow pages.
+    R"sql(
+CREATE TABLE family_versions_v3 (
+  family TEXT NOT NULL,
+  version INTEGER NOT NULL,
+  form TEXT NOT NULL,
+  config_json TEXT NOT NULL,
+  base_model_fingerprint TEXT NOT NULL,
+  path TEXT NOT NULL,
+  adapter_parameters INTEGER NOT NULL,
+  created_by_job TEXT NOT NULL,
+  created_unix_ms INTEGER NOT NULL,
+  tenant TEXT NOT NULL DEFAULT 'default',
+  task_count INTEGER NOT NULL,
+  tasks_json TEXT NOT NULL,
+  PRIMARY KEY (family, version)
+);
+INSERT INTO family_versions_v3
+  SELECT family, version, form, config_json, base_model_fingerprint, path, adapter_parameters,
+         created_by_job, created_unix_ms, tenant, json_array_length(tasks_json), tasks_json
+  FROM family_versions;
+DROP TABLE family_versions;
+ALTER TABLE family_versions_v3 RENAME TO family_versions;
 )sql",
 };
 
@@ -222,9 +251,15 @@ absl::StatusOr<JobRecord> ReadJob(const Stmt& s) {
 
 constexpr const char* kFamilyCols =
     "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms, tenant";
+    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
+// The same columns with '[]' for tasks_json: a summary reads no task list.
+constexpr const char* kFamilySummaryCols =
+    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
+    "'[]', created_by_job, created_unix_ms, tenant, task_count";
 
-absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s) {
+// with_tasks: tasks [first_task, first_task + max_tasks) (max_tasks < 0 = all).
+absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s, bool with_tasks,
+                                               int64_t first_task = 0, int64_t max_tasks = -1) {
   FamilyVersionRecord f;
   f.family = s.Text(0);
   f.version = s.Int(1);
@@ -233,10 +268,17 @@ absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s) {
   f.base_model_fingerprint = s.Text(4);
   f.path = s.Text(5);
   f.adapter_parameters = s.Int(6);
-  ASSIGN_OR_RETURN(f.tasks, TasksFromJson(s.Text(7)));
+  const bool whole = first_task == 0 && max_tasks < 0;
+  if (with_tasks && whole) {
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(s.Text(7)));
+  } else if (with_tasks) {
+    ASSIGN_OR_RETURN(std::string slice, JsonArraySlice(s.Text(7), first_task, max_tasks));
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(slice));
+  }
   f.created_by_job = s.Text(8);
   f.created_unix_ms = s.Int(9);
   f.tenant = s.Text(10);
+  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : s.Int(11);
   return f;
 }
 
@@ -506,12 +548,13 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
   absl::MutexLock lock(&mu_);
   Stmt s(db_,
-         absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+         absl::StrCat("INSERT INTO family_versions(", kFamilyCols,
+                      ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
              .c_str());
   s.Bind(1, f.family).Bind(2, f.version).Bind(3, f.form).Bind(4, f.config_json);
   s.Bind(5, f.base_model_fingerprint).Bind(6, f.path).Bind(7, f.adapter_parameters);
   s.Bind(8, TasksToJson(f.tasks)).Bind(9, f.created_by_job).Bind(10, f.created_unix_ms);
-  s.Bind(11, f.tenant);
+  s.Bind(11, f.tenant).Bind(12, static_cast<int64_t>(f.tasks.size()));
   auto st = s.Run();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
@@ -522,20 +565,49 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
 
 absl::StatusOr<std::vector<FamilyVersionRecord>> SqliteStore::ListFamilyVersions(
     const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/true);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> SqliteStore::ListFamilyVersionSummaries(
+    const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/false);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> SqliteStore::ListFamilies(
+    const std::string& family, bool with_tasks) {
   absl::MutexLock lock(&mu_);
-  std::string sql =
-      absl::StrCat("SELECT ", kFamilyCols, " FROM family_versions",
-                   family.empty() ? "" : " WHERE family = ?", " ORDER BY family, version");
+  std::string sql = absl::StrCat("SELECT ", with_tasks ? kFamilyCols : kFamilySummaryCols,
+                                 " FROM family_versions", family.empty() ? "" : " WHERE family = ?",
+                                 " ORDER BY family, version");
   Stmt s(db_, sql.c_str());
   if (!family.empty()) s.Bind(1, family);
   std::vector<FamilyVersionRecord> out;
   while (true) {
     ASSIGN_OR_RETURN(bool row, s.Step());
     if (!row) break;
-    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(s));
+    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(s, with_tasks));
     out.push_back(std::move(f));
   }
   return out;
+}
+
+absl::StatusOr<FamilyVersionRecord> SqliteStore::GetFamilyVersion(const std::string& family,
+                                                                  int64_t version) {
+  return GetFamilyVersionTasks(family, version, 0, -1);
+}
+
+absl::StatusOr<FamilyVersionRecord> SqliteStore::GetFamilyVersionTasks(const std::string& family,
+                                                                       int64_t version,
+                                                                       int64_t first_task,
+                                                                       int64_t max_tasks) {
+  absl::MutexLock lock(&mu_);
+  Stmt s(db_, absl::StrCat("SELECT ", kFamilyCols,
+                           " FROM family_versions WHERE family = ? AND version = ?")
+                  .c_str());
+  s.Bind(1, family).Bind(2, version);
+  ASSIGN_OR_RETURN(bool row, s.Step());
+  if (!row) return FamilyVersionNotFound(family, version);
+  return ReadFamily(s, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
 }
 
 absl::Status SqliteStore::DeleteFamily(const std::string& family) {

@@ -43,12 +43,21 @@ class SqliteStore : public Store {
   absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) override;
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family) override;
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
+      const std::string& family) override;
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
+                                                       int64_t version) override;
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersionTasks(const std::string& family,
+                                                            int64_t version, int64_t first_task,
+                                                            int64_t max_tasks) override;
   absl::Status DeleteFamily(const std::string& family) override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<JobRecord> GetJobLocked(const std::string& id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilies(const std::string& family,
+                                                                bool with_tasks);
 
   absl::Mutex mu_;
   sqlite3* db_ ABSL_GUARDED_BY(mu_);

@@ -3,11 +3,14 @@
 // (postgres_store.h) implements it for several replicas. Torch-free.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -47,11 +50,17 @@ struct FamilyVersionRecord {
   std::string base_model_fingerprint;
   std::string path;           // directory holding cores.safetensors + family.json
   int64_t adapter_parameters = 0;
-  std::vector<TaskRecord> tasks;
+  std::vector<TaskRecord> tasks;  // empty in a summary (ListFamilyVersionSummaries)
+  int64_t task_count = 0;          // number of tasks; set by the stores on every read
   std::string created_by_job;
   int64_t created_unix_ms = 0;
   std::string tenant = "default";  // owner; every version of a family has the same one
 };
+
+// "family '<family>' has no version <version>" (NOT_FOUND).
+inline absl::Status FamilyVersionNotFound(const std::string& family, int64_t version) {
+  return absl::NotFoundError("family '" + family + "' has no version " + std::to_string(version));
+}
 
 class Store {
  public:
@@ -83,6 +92,21 @@ class Store {
   virtual absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) = 0;
   virtual absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family /* "" = all */) = 0;
+  // Like ListFamilyVersions, but every record's `tasks` is empty and only its
+  // task_count is set: reads no task list (a version can hold 10^6 tasks).
+  // The defaults below serve stores that do not override them.
+  virtual absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
+      const std::string& family /* "" = all */);
+  // One full record; NOT_FOUND naming the family and version when missing.
+  virtual absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
+                                                               int64_t version);
+  // The same with only tasks [first_task, first_task + max_tasks) (fewer at
+  // the end; max_tasks < 0 = to the end); task_count counts them all. Parses
+  // only the tasks it returns (e.g. the first 100 a listing shows).
+  virtual absl::StatusOr<FamilyVersionRecord> GetFamilyVersionTasks(const std::string& family,
+                                                                    int64_t version,
+                                                                    int64_t first_task,
+                                                                    int64_t max_tasks);
   virtual absl::Status DeleteFamily(const std::string& family) = 0;
 
   // ---- Several replicas on one database (PostgreSQL, postgres_store.h) ----
@@ -125,5 +149,44 @@ class Store {
     return absl::UnimplementedError("TakeOverExpiredJob");
   }
 };
+
+inline absl::StatusOr<std::vector<FamilyVersionRecord>> Store::ListFamilyVersionSummaries(
+    const std::string& family) {
+  absl::StatusOr<std::vector<FamilyVersionRecord>> all = ListFamilyVersions(family);
+  if (!all.ok()) return all.status();
+  for (FamilyVersionRecord& v : *all) {
+    v.task_count = static_cast<int64_t>(v.tasks.size());
+    v.tasks = {};
+  }
+  return all;
+}
+
+inline absl::StatusOr<FamilyVersionRecord> Store::GetFamilyVersion(const std::string& family,
+                                                                   int64_t version) {
+  absl::StatusOr<std::vector<FamilyVersionRecord>> all = ListFamilyVersions(family);
+  if (!all.ok()) return all.status();
+  for (FamilyVersionRecord& v : *all) {
+    if (v.version == version) {
+      v.task_count = static_cast<int64_t>(v.tasks.size());
+      return std::move(v);
+    }
+  }
+  return FamilyVersionNotFound(family, version);
+}
+
+inline absl::StatusOr<FamilyVersionRecord> Store::GetFamilyVersionTasks(const std::string& family,
+                                                                        int64_t version,
+                                                                        int64_t first_task,
+                                                                        int64_t max_tasks) {
+  absl::StatusOr<FamilyVersionRecord> v = GetFamilyVersion(family, version);
+  if (!v.ok()) return v;
+  v->task_count = static_cast<int64_t>(v->tasks.size());
+  const auto first = std::min<int64_t>(std::max<int64_t>(first_task, 0), v->task_count);
+  const int64_t last =
+      max_tasks < 0 ? v->task_count : std::min<int64_t>(v->task_count, first + max_tasks);
+  v->tasks = std::vector<TaskRecord>(std::make_move_iterator(v->tasks.begin() + first),
+                                     std::make_move_iterator(v->tasks.begin() + last));
+  return v;
+}
 
 }  // namespace metatt

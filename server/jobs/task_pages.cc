@@ -6,6 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "adapters/util/status_macros.h"
 
 namespace metatt {
 namespace {
@@ -30,24 +31,44 @@ absl::StatusOr<Token> ParseToken(const std::string& token) {
 
 }  // namespace
 
+absl::StatusOr<int64_t> TaskPageVersion(int64_t version, const std::string& page_token) {
+  if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
+  if (page_token.empty()) return version;
+  ASSIGN_OR_RETURN(Token token, ParseToken(page_token));
+  if (version != 0 && version != token.version) {
+    return absl::InvalidArgumentError(absl::StrCat("page_token: issued for version ",
+                                                   token.version, ", the request names version ",
+                                                   version));
+  }
+  return token.version;
+}
+
+absl::StatusOr<TaskRange> PageTaskRange(const FamilyVersionRecord& version, int64_t page_size,
+                                        const std::string& page_token) {
+  if (page_size < 0) return absl::InvalidArgumentError("page_size: must be >= 0 (0 = 1000)");
+  page_size = page_size == 0 ? kDefaultTaskPageSize : std::min(page_size, kMaxTaskPageSize);
+  Token token;
+  if (!page_token.empty()) {
+    ASSIGN_OR_RETURN(token, ParseToken(page_token));
+  }
+  const auto count = static_cast<int64_t>(version.tasks.size());
+  if (token.offset >= count && token.offset > 0) {
+    return absl::InvalidArgumentError(absl::StrCat("page_token: '", page_token, "' is past the ",
+                                                   count, " tasks of version ", version.version));
+  }
+  TaskRange r;
+  r.begin = token.offset;
+  r.end = std::min(count, r.begin + page_size);
+  if (r.end < count) r.next_page_token = absl::StrCat(version.version, ":", r.end);
+  return r;
+}
+
 absl::StatusOr<TaskPage> PageTasks(std::vector<FamilyVersionRecord> versions, int64_t version,
                                    int64_t page_size, const std::string& page_token) {
   if (versions.empty()) return absl::NotFoundError("family: no versions");
   if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
   if (page_size < 0) return absl::InvalidArgumentError("page_size: must be >= 0 (0 = 1000)");
-  page_size = page_size == 0 ? kDefaultTaskPageSize : std::min(page_size, kMaxTaskPageSize);
-  Token token;
-  if (!page_token.empty()) {
-    auto t = ParseToken(page_token);
-    if (!t.ok()) return t.status();
-    token = *t;
-    if (version != 0 && version != token.version) {
-      return absl::InvalidArgumentError(absl::StrCat("page_token: issued for version ",
-                                                     token.version, ", the request names version ",
-                                                     version));
-    }
-    version = token.version;
-  }
+  ASSIGN_OR_RETURN(version, TaskPageVersion(version, page_token));
   const std::string& family = versions.back().family;
   auto it = versions.end() - 1;
   if (version != 0) {
@@ -60,15 +81,10 @@ absl::StatusOr<TaskPage> PageTasks(std::vector<FamilyVersionRecord> versions, in
   }
   TaskPage page;
   page.version = std::move(*it);
-  const auto count = static_cast<int64_t>(page.version.tasks.size());
-  if (token.offset >= count && token.offset > 0) {
-    return absl::InvalidArgumentError(absl::StrCat("page_token: '", page_token, "' is past the ",
-                                                   count, " tasks of version ",
-                                                   page.version.version));
-  }
-  page.begin = token.offset;
-  page.end = std::min(count, page.begin + page_size);
-  if (page.end < count) page.next_page_token = absl::StrCat(page.version.version, ":", page.end);
+  ASSIGN_OR_RETURN(TaskRange r, PageTaskRange(page.version, page_size, page_token));
+  page.begin = r.begin;
+  page.end = r.end;
+  page.next_page_token = std::move(r.next_page_token);
   return page;
 }
 

@@ -44,4 +44,18 @@ struct TaskPage {
 absl::StatusOr<TaskPage> PageTasks(std::vector<FamilyVersionRecord> versions, int64_t version,
                                    int64_t page_size, const std::string& page_token);
 
+// The same in two steps, for a caller that reads the one version itself
+// (FamilyAccess::Version) instead of every version's tasks:
+// 1. the version a request names: `version` (0 = latest) or the one its
+//    page_token pins; INVALID_ARGUMENT as above.
+absl::StatusOr<int64_t> TaskPageVersion(int64_t version, const std::string& page_token);
+// 2. the page of that version's record (read in full).
+struct TaskRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  std::string next_page_token;  // "" on the last page
+};
+absl::StatusOr<TaskRange> PageTaskRange(const FamilyVersionRecord& version, int64_t page_size,
+                                        const std::string& page_token);
+
 }  // namespace metatt

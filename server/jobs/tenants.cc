@@ -3,6 +3,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <cctype>
 #include <fstream>
 #include <map>
@@ -188,13 +189,13 @@ absl::Status NotFoundFor(const std::string& what, const std::string& id) {
 }
 
 absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant) {
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store->ListFamilyVersions(""));
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store->ListFamilyVersionSummaries(""));
   std::map<std::string, const FamilyVersionRecord*> latest;
   for (const auto& v : all) {
     if (v.tenant == tenant) latest[v.family] = &v;
   }
   int64_t n = 0;
-  for (const auto& [name, v] : latest) n += static_cast<int64_t>(v->tasks.size());
+  for (const auto& [name, v] : latest) n += v->task_count;
   return n;
 }
 
@@ -216,7 +217,8 @@ absl::StatusOr<std::string> FamilyAccess::Owner(const std::string& family) {
     auto it = owner_.find(family);
     if (it != owner_.end()) return it->second;
   }
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions, store_->ListFamilyVersions(family));
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions,
+                   store_->ListFamilyVersionSummaries(family));
   if (versions.empty()) return NotFoundFor("family", family);
   absl::MutexLock l(&mu_);
   owner_[family] = versions.back().tenant;
@@ -225,15 +227,58 @@ absl::StatusOr<std::string> FamilyAccess::Owner(const std::string& family) {
 
 absl::StatusOr<std::vector<FamilyVersionRecord>> FamilyAccess::Versions(
     const Caller& caller, const std::string& family) {
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions, store_->ListFamilyVersions(family));
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions,
+                   store_->ListFamilyVersionSummaries(family));
   if (versions.empty() || !caller.CanSee(versions.back().tenant)) {
     return NotFoundFor("family", family);
   }
   return versions;
 }
 
+absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version(
+    const Caller& caller, const std::string& family, int64_t version, int64_t max_tasks) {
+  if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
+  // Summaries are cheap: they check visibility and name the latest version.
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions, Versions(caller, family));
+  const int64_t latest = versions.back().version;
+  if (version == 0) version = latest;
+  auto summary = std::find_if(versions.begin(), versions.end(),
+                              [&](const FamilyVersionRecord& v) { return v.version == version; });
+  if (summary == versions.end()) {
+    return absl::NotFoundError(absl::StrCat("family '", family, "' has no version ", version,
+                                            " (latest is ", latest, ")"));
+  }
+  // A family deleted and published again reuses its version numbers: a cached
+  // record counts only while it is the same publication.
+  auto same = [&](const FamilyVersionRecord& c) {
+    return c.family == family && c.version == version &&
+           c.created_unix_ms == summary->created_unix_ms &&
+           c.created_by_job == summary->created_by_job && c.task_count == summary->task_count &&
+           c.tenant == summary->tenant;
+  };
+  if (max_tasks >= 0) {  // a few tasks: read alone (scans the rest, parses only these)
+    ASSIGN_OR_RETURN(FamilyVersionRecord head,
+                     store_->GetFamilyVersionTasks(family, version, 0, max_tasks));
+    return std::make_shared<const FamilyVersionRecord>(std::move(head));
+  }
+  {
+    absl::MutexLock l(&mu_);
+    for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+      if (!same(**it)) continue;
+      cache_.splice(cache_.begin(), cache_, it);
+      return cache_.front();
+    }
+  }
+  ASSIGN_OR_RETURN(FamilyVersionRecord full, store_->GetFamilyVersion(family, version));
+  auto record = std::make_shared<const FamilyVersionRecord>(std::move(full));
+  absl::MutexLock l(&mu_);
+  cache_.push_front(record);
+  while (cache_.size() > kCachedVersions) cache_.pop_back();
+  return record;
+}
+
 absl::StatusOr<std::vector<FamilyVersionRecord>> FamilyAccess::ListAll(const Caller& caller) {
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersions(""));
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersionSummaries(""));
   if (caller.admin) return all;
   std::vector<FamilyVersionRecord> mine;
   for (auto& v : all) {

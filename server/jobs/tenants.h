@@ -14,7 +14,9 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <list>
 #include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -95,12 +97,26 @@ class FamilyAccess {
   explicit FamilyAccess(Store* store, QuotaFn quotas = nullptr)
       : store_(store), quotas_(std::move(quotas)) {}
 
-  // Versions of `family` (oldest first); NOT_FOUND "family '<name>' not found"
-  // when it is missing or the caller may not see it.
+  // Versions of `family` (oldest first) as summaries: `tasks` is empty, and
+  // task_count says how many there are (Store::ListFamilyVersionSummaries).
+  // NOT_FOUND "family '<name>' not found" when it is missing or the caller
+  // may not see it.
   absl::StatusOr<std::vector<FamilyVersionRecord>> Versions(const Caller& caller,
                                                             const std::string& family);
-  // Every version of every family the caller sees, ordered by (family, version).
+  // Every version of every family the caller sees, ordered by (family,
+  // version), as summaries (no tasks, task_count set).
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListAll(const Caller& caller);
+  // One version (0 = latest) with all its tasks. Versions are immutable, so
+  // the last kCachedVersions records read stay cached: paging through a
+  // version's tasks parses its task list once. NOT_FOUND as Versions, or
+  // "family '<name>' has no version <v> (latest is <n>)".
+  // max_tasks >= 0: only the first max_tasks tasks (task_count counts all),
+  // parsed alone and not cached (what a listing inlines).
+  static constexpr size_t kCachedVersions = 2;
+  absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> Version(const Caller& caller,
+                                                                     const std::string& family,
+                                                                     int64_t version,
+                                                                     int64_t max_tasks = -1);
   // OK when the caller may use `family`, else the NOT_FOUND above.
   absl::Status Check(const Caller& caller, const std::string& family);
   // The family a Predict input names: "" = the caller's only family (an
@@ -116,6 +132,8 @@ class FamilyAccess {
   QuotaFn quotas_;
   absl::Mutex mu_;
   std::map<std::string, std::string> owner_ ABSL_GUARDED_BY(mu_);
+  // Full records, most recently used first (at most kCachedVersions).
+  std::list<std::shared_ptr<const FamilyVersionRecord>> cache_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace metatt

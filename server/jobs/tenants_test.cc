@@ -331,6 +331,46 @@ TEST_F(TenantRulesTest, TaskQuotaAndGlobalLimits) {
   EXPECT_THAT(std::string(st.message()), HasSubstr("max_sequence_length=64"));
 }
 
+TEST_F(TenantRulesTest, FamilyAccessListsSummariesAndReadsOneVersionInFull) {
+  Publish("fam-a", "acme", 3);
+  Publish("fam-b", "beta", 2);
+  FamilyAccess fa(store_.get());
+  auto versions = fa.Versions(a_, "fam-a");
+  ASSERT_TRUE(versions.ok()) << versions.status();
+  EXPECT_TRUE((*versions)[0].tasks.empty());
+  EXPECT_EQ((*versions)[0].task_count, 3);
+  EXPECT_TRUE((*fa.ListAll(admin_))[1].tasks.empty());
+  EXPECT_EQ((*fa.ListAll(admin_))[1].task_count, 2);
+
+  auto full = fa.Version(a_, "fam-a", 0);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_EQ((*full)->tasks.size(), 3u);
+  EXPECT_EQ((*full)->tasks[2].name, "task2");
+  // Versions are immutable: a second read is the cached record.
+  EXPECT_EQ(fa.Version(a_, "fam-a", 1)->get(), full->get());
+  // Another tenant's family and a missing version are NOT_FOUND.
+  EXPECT_EQ(fa.Version(a_, "fam-b", 0).status().message(), "family 'fam-b' not found");
+  EXPECT_EQ(fa.Version(a_, "fam-a", 4).status().message(),
+            "family 'fam-a' has no version 4 (latest is 1)");
+  EXPECT_TRUE(absl::IsInvalidArgument(fa.Version(a_, "fam-a", -1).status()));
+  // Bounded: reading other versions evicts the oldest entry.
+  Publish("fam-c", "acme", 1);
+  Publish("fam-d", "acme", 1);
+  ASSERT_TRUE(fa.Version(a_, "fam-c", 1).ok());
+  ASSERT_TRUE(fa.Version(a_, "fam-d", 1).ok());
+  auto again = fa.Version(a_, "fam-a", 1);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_NE(again->get(), full->get());
+  EXPECT_EQ((*again)->tasks.size(), 3u);
+  // A family deleted and published again under the same version number is
+  // read afresh, not served from the cache.
+  ASSERT_TRUE(store_->DeleteFamily("fam-a").ok());
+  Publish("fam-a", "acme", 5);
+  auto republished = fa.Version(a_, "fam-a", 1);
+  ASSERT_TRUE(republished.ok()) << republished.status();
+  EXPECT_EQ((*republished)->tasks.size(), 5u);
+}
+
 TEST_F(TenantRulesTest, FamilyAccess) {
   Publish("fam-a", "acme");
   Publish("fam-b", "beta");

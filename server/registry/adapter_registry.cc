@@ -331,7 +331,8 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHe
   }
   // Compact resident heads: read the float32 ones back the way LoadVersion does.
   const std::string where = absl::StrCat("family ", family(), " v", version());
-  auto loaded = LoadFamily(record.path, record.base_model_fingerprint, torch::kCPU);
+  auto loaded = LoadFamily(record.path, record.base_model_fingerprint, torch::kCPU,
+                           MetaTTAdapter::Leaves::kFrozen);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(),
                         absl::StrCat(where, ": reading float32 heads: ", loaded.status().message()));
@@ -418,7 +419,8 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const O
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
     const FamilyVersionRecord& record) {
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
-  auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU);
+  auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU,
+                           MetaTTAdapter::Leaves::kFrozen);
   if (!loaded.ok()) {
     const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
     return absl::Status(loaded.status().code(),
@@ -471,15 +473,17 @@ static void ReleaseFreedHeap() {
 
 absl::StatusOr<std::vector<std::string>> AdapterRegistry::LoadAll() {
   absl::Cleanup trim = [] { ReleaseFreedHeap(); };
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersions(""));
+  // Summaries find the newest versions; only those are read in full.
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersionSummaries(""));
   std::map<std::string, const FamilyVersionRecord*> newest;
   for (const auto& r : all) {
     auto& slot = newest[r.family];
     if (slot == nullptr || r.version > slot->version) slot = &r;
   }
   std::vector<std::string> warnings;
-  for (const auto& [name, rec] : newest) {
-    auto fam = LoadVersion(*rec);
+  for (const auto& [name, summary] : newest) {
+    auto rec = store_->GetFamilyVersion(name, summary->version);
+    auto fam = rec.ok() ? LoadVersion(*rec) : rec.status();
     if (!fam.ok()) {
       warnings.push_back(std::string(fam.status().message()));
       std::cerr << "metatt registry: skipping " << name << ": " << fam.status() << "\n";
@@ -508,7 +512,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
     if (it != latest_.end()) version = it->second->version();
   }
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> existing,
-                   store_->ListFamilyVersions(req.family));
+                   store_->ListFamilyVersionSummaries(req.family));
   for (const auto& r : existing) version = std::max(version, r.version);
   ++version;
 
@@ -524,6 +528,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   record.base_model_fingerprint = options_.base_model_fingerprint;
   for (const auto& [k, v] : req.adapter_tensors) record.adapter_parameters += v.numel();
   record.tasks = req.tasks;
+  record.task_count = static_cast<int64_t>(T);
   for (size_t t = 0; t < T; ++t) {
     record.tasks[t].index = static_cast<int64_t>(t);
     record.tasks[t].num_labels = req.head_weights[t].size(0);
@@ -577,7 +582,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   if (st.ok()) {
     // Several replicas share data_dir: if another one published this version
     // meanwhile, its directory is not ours to replace.
-    auto known = store_->ListFamilyVersions(req.family);
+    auto known = store_->ListFamilyVersionSummaries(req.family);
     if (known.ok() && std::any_of(known->begin(), known->end(), [&](const FamilyVersionRecord& r) {
           return r.version == version;
         })) {
@@ -624,17 +629,17 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Get(
       if (auto p = old->second.lock()) return p;
     }
   }
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> recs, store_->ListFamilyVersions(family));
-  for (const auto& r : recs) {
-    if (r.version != version) continue;
-    ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam, LoadVersion(r));
-    std::shared_ptr<const PublishedFamily> result = std::move(fam);
-    absl::MutexLock l(&mu_);
-    older_[{family, version}] = result;
-    return result;
+  auto rec = store_->GetFamilyVersion(family, version);
+  if (absl::IsNotFound(rec.status())) {
+    return absl::NotFoundError(
+        absl::StrCat("adapter family '", family, "' has no version ", version));
   }
-  return absl::NotFoundError(
-      absl::StrCat("adapter family '", family, "' has no version ", version));
+  if (!rec.ok()) return rec.status();
+  ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam, LoadVersion(*rec));
+  std::shared_ptr<const PublishedFamily> result = std::move(fam);
+  absl::MutexLock l(&mu_);
+  older_[{family, version}] = result;
+  return result;
 }
 
 absl::StatusOr<ResolvedTask> AdapterRegistry::Resolve(const std::string& family,
@@ -770,7 +775,8 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
   if (st.ok()) st = WriteFileAtomically((scratch / kTensorsFile).string(), tensors_it->second);
   absl::StatusOr<LoadedFamily> loaded = absl::InternalError("unset");
   if (st.ok()) {
-    loaded = LoadFamily(scratch.string(), options_.base_model_fingerprint, torch::kCPU);
+    loaded = LoadFamily(scratch.string(), options_.base_model_fingerprint, torch::kCPU,
+                        MetaTTAdapter::Leaves::kFrozen);
   } else {
     loaded = st;
   }
@@ -792,7 +798,8 @@ absl::StatusOr<std::vector<std::string>> AdapterRegistry::Refresh() {
   // Serialised with Publish: a family published here between our listing
   // and our swap must not look deleted.
   absl::MutexLock publish_lock(&publish_mu_);
-  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersions(""));
+  // Summaries (no task lists): a poll reads in full only the versions it loads.
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersionSummaries(""));
   std::map<std::string, const FamilyVersionRecord*> newest;
   for (const auto& r : all) {
     auto& slot = newest[r.family];
@@ -823,7 +830,13 @@ absl::StatusOr<std::vector<std::string>> AdapterRegistry::Refresh() {
   }
   // Load outside the lock: serving goes on with the old versions meanwhile.
   for (const FamilyVersionRecord* rec : to_load) {
-    auto fam = LoadVersion(*rec);
+    auto full = store_->GetFamilyVersion(rec->family, rec->version);
+    if (!full.ok()) {  // deleted meanwhile, or the store is away: the next poll retries
+      std::cerr << "metatt registry: cannot read " << rec->family << " v" << rec->version << ": "
+                << full.status() << "\n";
+      continue;
+    }
+    auto fam = LoadVersion(*full);
     absl::MutexLock l(&mu_);
     if (!fam.ok()) {
       refresh_failed_[rec->family] = rec->version;

@@ -87,7 +87,28 @@ class InMemoryStore : public Store {
       }
     }
     families_.push_back(f);
+    families_.back().task_count = static_cast<int64_t>(f.tasks.size());
     return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
+      const std::string& family) override {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<FamilyVersionRecord> out;
+    for (const auto& v : families_) {
+      if (!family.empty() && v.family != family) continue;
+      FamilyVersionRecord s = v;  // no task list, as the real stores
+      s.tasks.clear();
+      out.push_back(std::move(s));
+    }
+    return out;
+  }
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
+                                                       int64_t version) override {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& v : families_) {
+      if (v.family == family && v.version == version) return v;
+    }
+    return FamilyVersionNotFound(family, version);
   }
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family) override {

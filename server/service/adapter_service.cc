@@ -2,6 +2,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -15,21 +16,22 @@ namespace {
 
 constexpr size_t kChunkBytes = 64 << 10;
 
-// version 0 = latest; NOT_FOUND naming the family / version (another
+// version 0 = latest, with all its tasks (shared, not copied: a version can
+// hold 10^6 task records); NOT_FOUND naming the family / version (another
 // tenant's family is NOT_FOUND like a missing one: FamilyAccess).
-absl::StatusOr<FamilyVersionRecord> FindVersion(FamilyAccess* families, const Caller& caller,
-                                                const std::string& family, int64_t version) {
+absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FindVersion(FamilyAccess* families,
+                                                                       const Caller& caller,
+                                                                       const std::string& family,
+                                                                       int64_t version) {
   if (family.empty()) return absl::InvalidArgumentError("family: required");
-  if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
-  auto versions = families->Versions(caller, family);
-  if (!versions.ok()) return versions.status();
-  // Moved out, not copied: a version can hold 10^6 task records.
-  if (version == 0) return std::move(versions->back());
-  for (auto& v : *versions) {
-    if (v.version == version) return std::move(v);
-  }
-  return absl::NotFoundError(absl::StrCat("family '", family, "' has no version ", version,
-                                          " (latest is ", versions->back().version, ")"));
+  return families->Version(caller, family, version);
+}
+
+// A version holding only its first tasks (FamilyAccess::Version with
+// max_tasks): ToProto counts the tasks it holds, the record knows them all.
+void ToProtoWithCount(const FamilyVersionRecord& head, v1::FamilyVersion* out) {
+  ToProto(head, out);
+  out->set_task_count(head.task_count);
 }
 
 // The files of a published version, read from its directory.
@@ -60,16 +62,19 @@ grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
                                               v1::ListFamiliesResponse* resp) {
   auto caller = CallerOf(options_.auth, ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto all = options_.families->ListAll(*caller);
+  auto all = options_.families->ListAll(*caller);  // summaries: no task lists
   if (!all.ok()) return ToGrpcStatus(all.status());
   // Ordered by (family, version): the last record of each family is its latest.
   std::map<std::string, const FamilyVersionRecord*> latest;
   for (const auto& v : *all) latest[v.family] = &v;
   for (const auto& [name, v] : latest) {
+    // Its first tasks are inlined: only those are read.
+    auto head = options_.families->Version(*caller, name, v->version, kInlineFamilyTasks);
+    if (!head.ok()) return ToGrpcStatus(head.status());
     auto* f = resp->add_families();
     f->set_name(name);
     f->set_latest_version(v->version);
-    ToProto(*v, f->add_versions());
+    ToProtoWithCount(**head, f->add_versions());
   }
   return grpc::Status::OK;
 }
@@ -80,12 +85,17 @@ grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
   auto caller = CallerOf(options_.auth, ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
-  auto versions = options_.families->Versions(*caller, req->family());
+  auto versions = options_.families->Versions(*caller, req->family());  // summaries
   if (!versions.ok()) return ToGrpcStatus(versions.status());
   auto* f = resp->mutable_family();
   f->set_name(req->family());
   f->set_latest_version(versions->back().version);
-  for (const auto& v : *versions) ToProto(v, f->add_versions());
+  for (const auto& v : *versions) {
+    // Every version inlines its first tasks: only those are read.
+    auto head = options_.families->Version(*caller, req->family(), v.version, kInlineFamilyTasks);
+    if (!head.ok()) return ToGrpcStatus(head.status());
+    ToProtoWithCount(**head, f->add_versions());
+  }
   return grpc::Status::OK;
 }
 
@@ -95,16 +105,18 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
   auto caller = CallerOf(options_.auth, ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
-  auto versions = options_.families->Versions(*caller, req->family());
-  if (!versions.ok()) return ToGrpcStatus(versions.status());
-  auto page = PageTasks(*std::move(versions), req->version(), req->page_size(), req->page_token());
+  auto version = TaskPageVersion(req->version(), req->page_token());
+  if (!version.ok()) return ToGrpcStatus(version.status());
+  // The one version (cached by FamilyAccess while pages are read), not all.
+  auto v = options_.families->Version(*caller, req->family(), *version);
+  if (!v.ok()) return ToGrpcStatus(v.status());
+  const FamilyVersionRecord& rec = **v;
+  auto page = PageTaskRange(rec, req->page_size(), req->page_token());
   if (!page.ok()) return ToGrpcStatus(page.status());
-  resp->set_family(page->version.family);
-  resp->set_version(page->version.version);
-  resp->set_task_count(static_cast<int64_t>(page->version.tasks.size()));
-  for (int64_t i = page->begin; i < page->end; ++i) {
-    ToProto(page->version.tasks[i], resp->add_tasks());
-  }
+  resp->set_family(rec.family);
+  resp->set_version(rec.version);
+  resp->set_task_count(static_cast<int64_t>(rec.tasks.size()));
+  for (int64_t i = page->begin; i < page->end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
   resp->set_next_page_token(page->next_page_token);
   return grpc::Status::OK;
 }
@@ -117,7 +129,7 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
   if (req->task().empty()) return ToGrpcStatus(absl::InvalidArgumentError("task: required"));
   auto v = FindVersion(options_.families, *caller, req->family(), 0);
   if (!v.ok()) return ToGrpcStatus(v.status());
-  bool found = std::any_of(v->tasks.begin(), v->tasks.end(),
+  bool found = std::any_of((*v)->tasks.begin(), (*v)->tasks.end(),
                            [&](const TaskRecord& t) { return t.name == req->task(); });
   if (!found) {
     return ToGrpcStatus(absl::NotFoundError(
@@ -144,7 +156,7 @@ grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
   if (options_.catalog != nullptr) {
     files = options_.catalog->ExportFamily(req->family(), req->version());
   } else {
-    files = ReadVersionFiles(*v);
+    files = ReadVersionFiles(**v);
   }
   if (!files.ok()) return ToGrpcStatus(files.status());
   for (const FamilyFile& f : *files) {

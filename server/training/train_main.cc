@@ -225,8 +225,10 @@ absl::Status Main() {
   ASSIGN_OR_RETURN(std::vector<Projection> projections,
                    ParseProjections(absl::GetFlag(FLAGS_projections)));
   if (!absl::GetFlag(FLAGS_base_family).empty()) {
-    ASSIGN_OR_RETURN(LoadedFamily fam, LoadFamily(absl::GetFlag(FLAGS_base_family),
-                                                  bc.Fingerprint(), device));
+    // Frozen: existing tasks and shared cores never train here (no leaf per task).
+    ASSIGN_OR_RETURN(LoadedFamily fam,
+                     LoadFamily(absl::GetFlag(FLAGS_base_family), bc.Fingerprint(), device,
+                                MetaTTAdapter::Leaves::kFrozen));
     metatt = std::move(fam.adapter);
     if (metatt->config().form != TTForm::k4Plus1D) {
       return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
