@@ -1,7 +1,6 @@
 """Helpers of the black-box server tests (tests/integration): the real
 metatt-server binary on 127.0.0.1:0, datasets, a typed client. Fixtures are in
 conftest.py."""
-import collections
 import os
 import pathlib
 import random
@@ -165,34 +164,10 @@ class Client:
         raise AssertionError(f"job {job_id} never reached {states}; last {job}")
 
 
-
-
-class _CallDetails(collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
-                         "compression")), grpc.ClientCallDetails):
-    pass
-
-
-class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def __init__(self, token):
-        self.md = ("authorization", f"Bearer {token}")
-
-    def _d(self, d):
-        return _CallDetails(d.method, d.timeout, list(d.metadata or []) + [self.md], d.credentials,
-                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
-
-    def intercept_unary_unary(self, cont, d, req):
-        return cont(self._d(d), req)
-
-    intercept_unary_stream = intercept_unary_unary
-
-    def intercept_stream_unary(self, cont, d, it):
-        return cont(self._d(d), it)
-
-    intercept_stream_stream = intercept_stream_unary
-
-
 def with_token(channel, token):
-    """`channel` sending 'authorization: Bearer <token>' on every call."""
-    return grpc.intercept_channel(channel, _Bearer(token))
+    """`channel` sending 'authorization: Bearer <token>' on every call (the
+    Python client's interceptor)."""
+    if str(ROOT / "client" / "python") not in sys.path:
+        sys.path.insert(0, str(ROOT / "client" / "python"))
+    from metatt_client.client import bearer_channel
+    return bearer_channel(channel, token)

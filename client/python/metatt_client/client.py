@@ -87,6 +87,12 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return cont(self._details(d), it)
 
 
+def bearer_channel(channel: grpc.Channel, token: str) -> grpc.Channel:
+    """`channel` sending ``authorization: Bearer <token>`` on every call (for
+    callers that use the generated stubs directly)."""
+    return grpc.intercept_channel(channel, _BearerToken(token))
+
+
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
@@ -114,7 +120,7 @@ class Client:
                 channel = grpc.insecure_channel(target, options=options)
         token = token if token is not None else os.environ.get("METATT_TOKEN", "")
         self._raw_channel = channel
-        self.channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+        self.channel = bearer_channel(channel, token) if token else channel
         self.timeout = timeout
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.datasets = datasets_pb2_grpc.DatasetServiceStub(self.channel)
