@@ -16,6 +16,7 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends python3
 COPY CMakeLists.txt ./
 COPY cmake/ cmake/
 COPY proto/ proto/
+COPY base/ base/
 COPY adapters/ adapters/
 COPY server/ server/
 COPY client/ client/

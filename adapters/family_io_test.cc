@@ -5,7 +5,7 @@
 
 #include <fstream>
 
-#include "adapters/util/safetensors.h"
+#include "base/safetensors.h"
 
 namespace metatt {
 namespace {

@@ -10,8 +10,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "adapters/util/safetensors.h"
-#include "adapters/util/status_macros.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 namespace {

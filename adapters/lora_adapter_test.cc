@@ -7,7 +7,7 @@
 
 #include "adapters/metatt_config.h"
 #include "adapters/tensor_train.h"
-#include "adapters/util/safetensors.h"
+#include "base/safetensors.h"
 
 namespace metatt {
 namespace {

@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 namespace {

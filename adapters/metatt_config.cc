@@ -12,7 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "adapters/tensor_train.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 namespace {

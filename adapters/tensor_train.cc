@@ -1,7 +1,7 @@
 #include "adapters/tensor_train.h"
 
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 

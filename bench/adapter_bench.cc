@@ -28,7 +28,7 @@
 #include "absl/flags/parse.h"
 #include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 #include "server/model/bert_encoder.h"
 #include "server/model/model_dir.h"
 

@@ -15,7 +15,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "server/jobs/sqlite_store.h"
+#include "server/store/sqlite_store.h"
 #include "server/model/bert_config.h"
 #include "server/model/model_dir.h"
 #include "server/registry/adapter_registry.h"

@@ -14,7 +14,7 @@
 #                           -DMETATT_SANITIZE=ON; only the NO_PCH (torch-free)
 #                           test targets listed in TOPLEVEL_TESTS are built.
 #   build-asan/standalone/  tests/fuzz configured with METATT_ASAN_TESTS=ON:
-#                           dataset_test and metrics_test, whose sources are
+#                           dataset_test and eval_scores_test, whose sources are
 #                           torch-free but whose main-build library
 #                           (metatt_training) links LibTorch.
 # Exit status is non-zero if a build fails, a test fails or a sanitizer reports.
@@ -28,11 +28,11 @@ command -v "$CXX_BIN" >/dev/null 2>&1 || CXX_BIN=g++
 BUILD="${METATT_SANITIZE_BUILD_DIR:-$ROOT/build-asan}"
 log() { printf '\033[1m[sanitize]\033[0m %s\n' "$*"; }
 
-# Torch-free (NO_PCH) unit tests of the main build; those not defined (yet) are
-# skipped.
+# Torch-free (NO_PCH) unit tests of the main build; a name that is not a target
+# fails the run (a renamed test must be renamed here too).
 TOPLEVEL_TESTS=(tokenizer_test metattctl_format_test server_metrics_test
-                sqlite_store_test store_conformance_test job_manager_test
-                dataset_manager_test tenants_test)
+                sqlite_store_test json_slice_test store_conformance_test job_manager_test
+                dataset_manager_test tenants_test task_pages_test)
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
@@ -64,7 +64,7 @@ if ((top_ok)); then
   if ((top_ok)); then
     all="$(ninja -C "$BUILD" -t targets all 2>/dev/null)"
     for t in "${TOPLEVEL_TESTS[@]}"; do
-      if grep -q "^$t: " <<<"$all"; then targets+=("$t"); else log "skip $t (no such target)"; fi
+      if grep -q "^$t: " <<<"$all"; then targets+=("$t"); else log "no such target: $t"; rc=1; fi
     done
   fi
 fi
@@ -79,7 +79,7 @@ if ((top_ok)) && ((${#targets[@]})); then
   fi
 fi
 
-# ---- 2. standalone: dataset_test, metrics_test ---------------------------------
+# ---- 2. standalone: dataset_test, eval_scores_test -----------------------------
 t0=$(date +%s)
 SA="$BUILD/standalone"
 if [ ! -f "$SA/build.ninja" ]; then

@@ -29,20 +29,15 @@
 #include "absl/strings/str_cat.h"
 #include "server/jobs/adapter_catalog.h"
 #include "server/jobs/dataset_manager.h"
+#include "server/jobs/dataset_spec_json.h"
 #include "server/jobs/job_manager.h"
-#include "server/jobs/postgres_store.h"
-#include "server/jobs/sqlite_store.h"
-#include "server/metrics/server_metrics.h"
 #include "server/jobs/tenants.h"
+#include "server/monitoring/server_metrics.h"
+#include "server/runtime/runtime.h"
 #include "server/service/auth.h"
 #include "server/service/services.h"
-
-#ifdef METATT_HAVE_RUNTIME
-#include "server/inference/runtime.h"
-#endif
-#ifdef METATT_HAVE_DATASET_PARSE
-#include "server/jobs/dataset_spec_json.h"
-#endif
+#include "server/store/postgres_store.h"
+#include "server/store/sqlite_store.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
           "gRPC address host:port (port 0 picks a free port). Plaintext without tokens unless "
@@ -131,23 +126,6 @@ class RefreshingExecutor : public JobExecutor {
   std::function<void()> refresh_;
 };
 
-class NoRuntimeExecutor : public JobExecutor {
- public:
-  absl::Status Start(const JobRecord&, EmitFn) override {
-    return absl::UnavailableError("this server was built without the training runtime");
-  }
-  void Cancel(const std::string&) override {}
-};
-
-DatasetParseFn MakeParseFn() {
-#ifdef METATT_HAVE_DATASET_PARSE
-  return ParseUploadedDataset;
-#else
-  return [](const std::string&, const std::string&) -> absl::StatusOr<ParsedDatasetInfo> {
-    return absl::UnimplementedError("this server was built without the dataset parser");
-  };
-#endif
-}
 
 int Run() {
   // Signals are taken by sigwait() on the main thread: block them before any
@@ -208,11 +186,6 @@ int Run() {
     }
   }
 
-  JobExecutor* executor = nullptr;
-  Predictor* predictor = nullptr;
-  AdapterCatalog* catalog = nullptr;
-  NoRuntimeExecutor no_runtime;
-#ifdef METATT_HAVE_RUNTIME
   RuntimeOptions ro;
   ro.model_dir = absl::GetFlag(FLAGS_model_dir);
   ro.device = absl::GetFlag(FLAGS_device);
@@ -235,7 +208,7 @@ int Run() {
   for (const auto& w : runtime->load_warnings()) Log(absl::StrCat("warning: ", w));
   Log(absl::StrCat("device ", runtime->device(), ", base model ",
                    runtime->base_model_fingerprint()));
-  executor = runtime->job_executor();
+  JobExecutor* executor = runtime->job_executor();
   std::unique_ptr<RefreshingExecutor> refreshing;
   if (shared_store) {
     Runtime* rt = runtime.get();
@@ -245,20 +218,14 @@ int Run() {
     });
     executor = refreshing.get();
   }
-  predictor = runtime->predictor();
-  catalog = dynamic_cast<AdapterCatalog*>(runtime.get());
+  Predictor* predictor = runtime->predictor();
+  AdapterCatalog* catalog = dynamic_cast<AdapterCatalog*>(runtime.get());
   ServerMetrics* sm = &metrics->metrics();
   runtime->SetBatchObserver([sm](const BatchStats& b) {
     sm->batch_size.Observe(static_cast<double>(b.batch_size));
     sm->batch_tasks.Observe(static_cast<double>(b.distinct_tasks));
     sm->queue_depth.Set(static_cast<double>(b.queue_depth));
   });
-#else
-  // TODO(lead): this build has no server/inference runtime (metatt_runtime);
-  // jobs fail and Predict answers UNAVAILABLE.
-  Log("warning: built without the device runtime: training and inference are unavailable");
-#endif
-  if (executor == nullptr) executor = &no_runtime;
 
   // Tenants: tokens file -> callers and quotas; without one every call is
   // the local "default" tenant (flag quotas still apply to it).
@@ -292,7 +259,7 @@ int Run() {
   dopt.quotas = quotas;
   dopt.data_dir = data_dir;
   dopt.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
-  dopt.parse = MakeParseFn();
+  dopt.parse = ParseUploadedDataset;
   auto datasets_or = DatasetManager::Create(dopt, store.get());
   if (!datasets_or.ok()) {
     Log(datasets_or.status().ToString());
@@ -302,7 +269,8 @@ int Run() {
 
   JobManagerOptions jopt;
   jopt.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
-  jopt.metrics = &metrics->metrics();
+  JobMetrics job_metrics(&metrics->metrics());
+  jopt.observer = &job_metrics;
   jopt.quotas = quotas;
   jopt.max_batch_size = absl::GetFlag(FLAGS_max_job_batch_size);
   jopt.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
@@ -388,11 +356,9 @@ int Run() {
           m.adapter_parameters.Add({{"family", family}}).Set(static_cast<double>(params));
         }
       }
-#ifdef METATT_HAVE_RUNTIME
       m.tasks_resident.Set(static_cast<double>(runtime->ResidentTasks()));
       m.device_memory_bytes.Set(static_cast<double>(runtime->DeviceMemoryBytes()));
       m.queue_depth.Set(static_cast<double>(runtime->QueueDepth()));
-#endif
       poll_cv.wait_for(lock, std::chrono::seconds(2), [&] { return stop_poll; });
     }
   });
@@ -400,7 +366,6 @@ int Run() {
   int64_t registry_poll_ms = absl::GetFlag(FLAGS_registry_poll_ms);
   if (registry_poll_ms < 0) registry_poll_ms = shared_store ? 1000 : 0;
   std::thread refresher([&] {
-#ifdef METATT_HAVE_RUNTIME
     std::unique_lock<std::mutex> lock(poll_mu);
     while (registry_poll_ms > 0 && !stop_poll) {
       poll_cv.wait_for(lock, std::chrono::milliseconds(registry_poll_ms),
@@ -415,7 +380,6 @@ int Run() {
       }
       lock.lock();
     }
-#endif
   });
 
   int sig = 0;
@@ -436,18 +400,14 @@ int Run() {
   poll_cv.notify_all();
   poller.join();
   refresher.join();
-#ifdef METATT_HAVE_RUNTIME
   runtime->Shutdown();
-#endif
   if (auto id = jobs->FailRunning(absl::StrCat(
           "server shut down (signal ", sig,
           ") while the job was running; no resumable checkpoint: submit it again"))) {
     Log(absl::StrCat("job ", *id, " stopped by the shutdown: FAILED"));
   }
   jobs.reset();
-#ifdef METATT_HAVE_RUNTIME
   runtime.reset();
-#endif
   Log("stopped");
   return 0;
 }

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 
 namespace metatt {
 

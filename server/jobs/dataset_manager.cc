@@ -10,8 +10,9 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 #include "server/jobs/ids.h"
+#include "server/jobs/job_validation.h"
 
 namespace metatt {
 namespace fs = std::filesystem;
@@ -94,9 +95,7 @@ int64_t DatasetManager::Now() const {
 absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header,
                                                      const std::string& bytes,
                                                      const Caller& caller) {
-  if (header.name.empty() || header.name.size() > 128) {
-    return absl::InvalidArgumentError("header.name: must be 1-128 characters");
-  }
+  RETURN_IF_ERROR(ValidateDatasetName(header.name, "header.name"));
   if (header.format != "tsv" && header.format != "csv" && header.format != "jsonl") {
     return absl::InvalidArgumentError(
         absl::StrCat("header.format: '", header.format, "' is not one of tsv, csv, jsonl"));

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 #include "server/jobs/tenants.h"
 
 namespace metatt {

@@ -8,23 +8,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 #include "server/jobs/ids.h"
-#include "server/jobs/job_json.h"
-#include "server/metrics/server_metrics.h"
+#include "server/jobs/job_validation.h"
+#include "server/store/job_json.h"
 
 namespace metatt {
 namespace {
-
-bool IsValidName(const std::string& s) {
-  if (s.empty() || s.size() > 64) return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
-      return false;
-    }
-  }
-  return s != "." && s != "..";
-}
 
 JobEvent StateEvent(JobState s, std::string message) {
   JobEvent e;
@@ -220,85 +210,12 @@ absl::Status JobManager::CheckJobQuotasLocked(const std::string& tenant) {
 }
 
 absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller) {
-  if (!IsValidName(spec.family)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("spec.family: '", spec.family,
-                     "' must be 1-64 characters of letters, digits, '-', '_' or '.'"));
-  }
-  if (spec.tasks.empty())
-    return absl::InvalidArgumentError("spec.tasks: at least one task is required");
-  const std::string& form = spec.adapter.form;
-  if (form != "4d" && form != "5d" && form != "4+1d") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("spec.adapter.form: '", form, "' is not one of 4d, 5d, 4+1d"));
-  }
-  if (spec.kind == JobKind::kMultiTask && form != "4+1d") {
-    return absl::InvalidArgumentError("spec.adapter.form: a multi-task job needs form 4+1d");
-  }
-  if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && form != "4+1d") {
-    return absl::InvalidArgumentError(
-        "spec.tasks: several tasks in one family need form 4+1d (or one task)");
-  }
-  if (spec.kind == JobKind::kAddTask && spec.tasks.size() != 1) {
-    return absl::InvalidArgumentError("spec.tasks: an add-task job adds exactly one task");
-  }
-  if (spec.adapter.ranks.empty()) return absl::InvalidArgumentError("spec.adapter.ranks: empty");
-  for (size_t i = 0; i < spec.adapter.ranks.size(); ++i) {
-    int64_t r = spec.adapter.ranks[i];
-    if (r < 1 || r > 1024) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("spec.adapter.ranks[", i, "]: ", r, " is outside [1, 1024]"));
-    }
-  }
-  if (spec.adapter.projections.empty()) {
-    return absl::InvalidArgumentError("spec.adapter.projections: at least one projection");
-  }
-  for (size_t i = 0; i < spec.adapter.projections.size(); ++i) {
-    const auto& p = spec.adapter.projections;
-    if (std::find(p.begin(), p.begin() + i, p[i]) != p.begin() + i) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("spec.adapter.projections[", i, "]: duplicate '", p[i], "'"));
-    }
-  }
-  if (spec.adapter.alpha < 0) return absl::InvalidArgumentError("spec.adapter.alpha: must be >= 0");
-  const HyperParams& h = spec.hparams;
-  auto bad = [](const char* field, const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat("spec.hparams.", field, ": ", why));
-  };
-  if (h.max_steps < 1) return bad("max_steps", absl::StrCat(h.max_steps, " must be >= 1"));
-  if (h.batch_size < 1 || h.batch_size > 4096) {
-    return bad("batch_size", absl::StrCat(h.batch_size, " is outside [1, 4096]"));
-  }
-  if (h.batch_size > options_.max_batch_size) {
-    return bad("batch_size", absl::StrCat(h.batch_size,
-                                          " exceeds the server limit max_job_batch_size=",
-                                          options_.max_batch_size));
-  }
-  if (!(h.learning_rate > 0) || h.learning_rate > 10) {
-    return bad("learning_rate", absl::StrCat(h.learning_rate, " is outside (0, 10]"));
-  }
-  if (h.weight_decay < 0) return bad("weight_decay", "must be >= 0");
-  if (h.warmup_ratio < 0 || h.warmup_ratio > 1) return bad("warmup_ratio", "must be in [0, 1]");
-  if (h.grad_clip < 0) return bad("grad_clip", "must be >= 0 (0 = off)");
-  if (h.eval_every < 0) return bad("eval_every", "must be >= 0 (0 = at the end only)");
-  if (h.max_length < 8 || h.max_length > 4096) {
-    return bad("max_length", absl::StrCat(h.max_length, " is outside [8, 4096]"));
-  }
-  if (h.max_length > options_.max_sequence_length) {
-    return bad("max_length",
-               absl::StrCat(h.max_length, " exceeds the server limit max_sequence_length=",
-                            options_.max_sequence_length));
-  }
-  if (h.early_stop_patience < 0) return bad("early_stop_patience", "must be >= 0");
-  if (h.pooling != "mean" && h.pooling != "cls") {
-    return bad("pooling", absl::StrCat("'", h.pooling, "' is not one of mean, cls"));
-  }
-  for (size_t i = 0; i < h.rank_schedule.size(); ++i) {
-    if (h.rank_schedule[i].first < 0 || h.rank_schedule[i].second < 1) {
-      return bad(absl::StrCat("rank_schedule[", i, "]").c_str(),
-                 "epoch must be >= 0 and max rank >= 1");
-    }
-  }
+  // The rules on the spec itself (job_validation.h), with the server's limits;
+  // below, what needs the store: families, tasks and datasets the caller sees.
+  JobLimits limits;
+  limits.max_batch_size = options_.max_batch_size;
+  limits.max_sequence_length = options_.max_sequence_length;
+  RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
 
   ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersionSummaries(spec.family));
   // Another tenant's family is "not found" to an add-task job; its name stays
@@ -330,17 +247,6 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
   for (size_t i = 0; i < spec.tasks.size(); ++i) {
     const JobTaskSpec& t = spec.tasks[i];
     std::string field = absl::StrCat("spec.tasks[", i, "]");
-    if (!IsValidName(t.task_name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ".task_name: '", t.task_name,
-                       "' must be 1-64 characters of letters, digits, '-', '_' or '.'"));
-    }
-    for (size_t k = 0; k < i; ++k) {
-      if (spec.tasks[k].task_name == t.task_name) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(field, ".task_name: duplicate task '", t.task_name, "'"));
-      }
-    }
     if (visible) {
       for (const TaskRecord& existing : existing_tasks) {
         if (existing.name == t.task_name) {
@@ -349,8 +255,6 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
         }
       }
     }
-    if (t.dataset_id.empty())
-      return absl::InvalidArgumentError(absl::StrCat(field, ".dataset_id: required"));
     auto ds = store_->GetDataset(t.dataset_id);
     if (absl::IsNotFound(ds.status()) || (ds.ok() && !caller.CanSee(ds->tenant))) {
       ds = NotFoundFor("dataset", t.dataset_id);
@@ -368,9 +272,6 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
         return absl::Status(eds.status().code(),
                             absl::StrCat(field, ".eval_dataset_id: ", eds.status().message()));
       }
-    } else if (t.eval_fraction < 0 || t.eval_fraction >= 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ".eval_fraction: ", t.eval_fraction, " is outside [0, 1)"));
     }
   }
   return absl::OkStatus();
@@ -580,7 +481,7 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
   }
   JobRecord& j = *rec;
   if (IsTerminal(j.state)) return;  // late events after the end are dropped
-  ServerMetrics* m = options_.metrics;
+  JobObserver* m = options_.observer;
   switch (e.type) {
     case JobEvent::Type::kState:
       if (e.state == j.state) return;
@@ -593,9 +494,8 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
       break;
     case JobEvent::Type::kProgress:
       if (m != nullptr) {
-        if (e.step > j.step) m->job_steps_total.Increment(static_cast<double>(e.step - j.step));
-        m->train_loss.Set(e.loss);
-        m->train_examples_per_second.Set(e.examples_per_second);
+        m->OnTrainingProgress(e.step > j.step ? e.step - j.step : 0, e.loss,
+                              e.examples_per_second);
       }
       j.step = e.step;
       if (e.total_steps > 0) j.total_steps = e.total_steps;
@@ -629,14 +529,14 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
     unfinished_tenant_.erase(job_id);
     cancel_requested_.erase(job_id);
     if (running_ == job_id) running_.reset();
-    if (m != nullptr) m->train_examples_per_second.Set(0);
+    if (m != nullptr) m->OnJobEnded();
   }
 }
 
 void JobManager::UpdateGaugesLocked() {
-  ServerMetrics* m = options_.metrics;
+  JobObserver* m = options_.observer;
   if (m == nullptr) return;
-  for (const auto& [state, n] : state_counts_) m->JobsIn(state).Set(static_cast<double>(n));
+  for (const auto& [state, n] : state_counts_) m->OnJobCount(state, n);
 }
 
 void JobManager::DispatchLoop() {

@@ -22,21 +22,35 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "server/jobs/job_types.h"
-#include "server/jobs/store.h"
+#include "server/store/job_types.h"
+#include "server/store/store.h"
 #include "server/jobs/tenants.h"
 
 namespace metatt {
 
-struct ServerMetrics;
+// What the job manager reports as jobs move (the monitoring layer implements
+// it with Prometheus gauges; server/monitoring/server_metrics.h). Called with
+// the manager's lock held: implementations must be quick and must not call
+// back into the JobManager.
+class JobObserver {
+ public:
+  virtual ~JobObserver() = default;
+  // `n` jobs are now in state `s` (after every change of the counts).
+  virtual void OnJobCount(JobState s, int64_t n) = 0;
+  // The running job made `steps` more optimizer steps; its latest loss and
+  // throughput.
+  virtual void OnTrainingProgress(int64_t steps, double loss, double examples_per_second) = 0;
+  // The running job ended (throughput back to 0).
+  virtual void OnJobEnded() = 0;
+};
 
 struct JobManagerOptions {
   // CreateJob fails with RESOURCE_EXHAUSTED once this many jobs are queued.
   int64_t max_queued_jobs = 16;
   // Clock (tests inject a fake one).
   std::function<int64_t()> now_unix_ms;
-  // Optional metrics (metatt_jobs{state}, steps, loss, throughput, queue depth).
-  ServerMetrics* metrics = nullptr;
+  // Optional observer of job counts, steps, loss and throughput (metrics).
+  JobObserver* observer = nullptr;
   // Per-tenant quotas (max_concurrent_jobs, max_queued_jobs, max_tasks); null = none.
   QuotaFn quotas;
   // Global limits on a job's hparams (INVALID_ARGUMENT naming the limit).

@@ -8,7 +8,7 @@
 #include <thread>
 
 #include "absl/time/clock.h"
-#include "server/jobs/sqlite_store.h"
+#include "server/store/sqlite_store.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {

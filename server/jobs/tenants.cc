@@ -12,7 +12,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
+#include "server/jobs/job_validation.h"
 
 namespace metatt {
 namespace {
@@ -67,15 +68,7 @@ std::string HashToken(std::string_view token) {
   return out;
 }
 
-bool IsValidTenantName(const std::string& s) {
-  if (s.empty() || s.size() > 64 || s == "." || s == "..") return false;
-  for (char c : s) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
-      return false;
-    }
-  }
-  return true;
-}
+bool IsValidTenantName(const std::string& s) { return IsValidName(s); }
 
 absl::StatusOr<TenantConfig> TenantConfig::Parse(const std::string& text,
                                                  const TenantQuotas& defaults) {

@@ -24,7 +24,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 
 namespace metatt {
 
@@ -50,7 +50,7 @@ using QuotaFn = std::function<TenantQuotas(const std::string& tenant)>;
 
 // Lowercase hex SHA-256 of a token: what the tokens file stores.
 std::string HashToken(std::string_view token);
-// 1-64 characters of letters, digits, '-', '_', '.'.
+// The one name rule (job_validation.h: IsValidName).
 bool IsValidTenantName(const std::string& name);
 
 // The tokens file (JSON):

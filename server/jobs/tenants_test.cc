@@ -11,7 +11,7 @@
 #include "absl/time/clock.h"
 #include "server/jobs/dataset_manager.h"
 #include "server/jobs/job_manager.h"
-#include "server/jobs/sqlite_store.h"
+#include "server/store/sqlite_store.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {

@@ -13,7 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/jobs/dataset_manager.h"
-#include "server/jobs/job_types.h"
+#include "server/store/job_types.h"
 
 namespace metatt {
 

@@ -3,8 +3,8 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
-#include "adapters/util/safetensors.h"
-#include "adapters/util/status_macros.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 namespace {

@@ -5,7 +5,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "adapters/util/safetensors.h"
+#include "base/safetensors.h"
 #include "server/model/bert_encoder.h"
 #include "server/model/model_dir.h"
 

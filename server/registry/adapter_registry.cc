@@ -27,8 +27,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "adapters/family_io.h"
-#include "adapters/util/safetensors.h"
-#include "adapters/util/status_macros.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
+#include "server/jobs/job_validation.h"
 
 namespace metatt {
 namespace {
@@ -42,17 +43,7 @@ constexpr const char* kTensorsFile = kFamilyCoresFile;
 constexpr const char* kMetaFile = kFamilyMetaFile;
 
 absl::Status ValidateFamilyName(const std::string& name) {
-  if (name.empty() || name.size() > 128) {
-    return absl::InvalidArgumentError("family: name must have 1 to 128 characters");
-  }
-  for (char c : name) {
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.')) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("family: '", name, "' may only use letters, digits, '_', '-', '.'"));
-    }
-  }
-  if (name[0] == '.') return absl::InvalidArgumentError("family: must not start with '.'");
-  return absl::OkStatus();
+  return ValidateName(name, "family");  // the one name rule (server/jobs/job_validation.h)
 }
 
 json TaskToJson(const TaskRecord& t) {

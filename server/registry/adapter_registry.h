@@ -31,7 +31,7 @@
 #include "absl/synchronization/mutex.h"
 #include "adapters/metatt_adapter.h"
 #include "adapters/metatt_config.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 #include "server/model/bert_encoder.h"
 
 namespace metatt {

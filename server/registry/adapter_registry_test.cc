@@ -12,9 +12,9 @@
 #include <gtest/gtest.h>
 
 #include "adapters/family_io.h"
-#include "adapters/util/file_io.h"
-#include "server/inference/predictor.h"
-#include "server/inference/scheduler.h"
+#include "base/file_io.h"
+#include "server/runtime/predictor.h"
+#include "server/runtime/scheduler.h"
 #include "server/registry/test_family.h"
 #include "server/registry/test_util.h"
 #include "server/training/test_util.h"

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 
 namespace metatt {
 namespace testing_util {

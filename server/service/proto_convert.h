@@ -1,5 +1,5 @@
 // Conversions between the wire messages (metatt.v1) and the plain structs of
-// server/jobs and server/inference. Zero / empty proto fields take the
+// server/jobs and server/runtime. Zero / empty proto fields take the
 // defaults of the plain structs.
 #pragma once
 
@@ -10,10 +10,10 @@
 #include "metatt/v1/datasets.pb.h"
 #include "metatt/v1/inference.pb.h"
 #include "metatt/v1/jobs.pb.h"
-#include "server/inference/predictor_api.h"
+#include "server/runtime/predictor_api.h"
 #include "server/jobs/dataset_manager.h"
-#include "server/jobs/job_types.h"
-#include "server/jobs/store.h"
+#include "server/store/job_types.h"
+#include "server/store/store.h"
 
 namespace metatt {
 

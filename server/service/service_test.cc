@@ -11,9 +11,9 @@
 #include <thread>
 #include <tuple>
 
-#include "server/jobs/sqlite_store.h"
+#include "server/store/sqlite_store.h"
 #include "server/jobs/test_util.h"
-#include "server/metrics/server_metrics.h"
+#include "server/monitoring/server_metrics.h"
 #include "server/service/grpc_status.h"
 #include "server/service/services.h"
 

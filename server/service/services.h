@@ -13,11 +13,11 @@
 #include "metatt/v1/datasets.grpc.pb.h"
 #include "metatt/v1/inference.grpc.pb.h"
 #include "metatt/v1/jobs.grpc.pb.h"
-#include "server/inference/predictor_api.h"
+#include "server/runtime/predictor_api.h"
 #include "server/jobs/adapter_catalog.h"
 #include "server/jobs/dataset_manager.h"
 #include "server/jobs/job_manager.h"
-#include "server/jobs/store.h"
+#include "server/store/store.h"
 #include "server/jobs/tenants.h"
 #include "server/service/auth.h"
 

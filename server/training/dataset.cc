@@ -16,8 +16,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "adapters/util/file_io.h"
-#include "adapters/util/status_macros.h"
+#include "base/file_io.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 namespace {

@@ -4,7 +4,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 

@@ -3,7 +3,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
-#include "adapters/util/status_macros.h"
+#include "base/status_macros.h"
 
 namespace metatt {
 

@@ -28,11 +28,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "adapters/family_io.h"
-#include "adapters/util/safetensors.h"
-#include "adapters/util/status_macros.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
 #include "server/model/model_dir.h"
 #include "server/training/adapter_binding.h"
-#include "server/training/metrics.h"
+#include "server/training/eval_scores.h"
 #include "server/training/text_batch.h"
 
 ABSL_FLAG(std::string, model_dir, "", "base model directory (default: ResolveModelDir)");

@@ -8,8 +8,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "adapters/util/status_macros.h"
-#include "server/training/metrics.h"
+#include "base/status_macros.h"
+#include "server/training/eval_scores.h"
 
 namespace metatt {
 

@@ -1,4 +1,4 @@
-// libFuzzer target: server/jobs/json_slice.h JsonArraySlice() on arbitrary
+// libFuzzer target: server/store/json_slice.h JsonArraySlice() on arbitrary
 // text (the hand-written scanner that serves the first tasks of a family
 // without parsing its whole task list).
 //
@@ -12,7 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "server/jobs/json_slice.h"
+#include "server/store/json_slice.h"
 #include "tests/fuzz/fuzz_check.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -1,4 +1,4 @@
-// libFuzzer target: adapters/util/safetensors.h ParseSafetensors() on
+// libFuzzer target: base/safetensors.h ParseSafetensors() on
 // arbitrary bytes. On success the parsed tensors must be CPU + contiguous,
 // and serialising them and parsing the result must give bit-identical tensors
 // and the same metadata (a lossless round trip). Links LibTorch.
@@ -9,7 +9,7 @@
 #include <string>
 
 #include "tests/fuzz/fuzz_check.h"
-#include "adapters/util/safetensors.h"
+#include "base/safetensors.h"
 
 namespace {
 

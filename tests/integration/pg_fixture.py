@@ -6,7 +6,7 @@ directory, trust authentication for the `postgres` user.
 PostgreSQL refuses to run as root: under root (CI, containers) the directory
 is handed to `nobody` and initdb/pg_ctl run through `runuser -u nobody`.
 Anything that keeps the server from starting FAILS the test with the reason;
-nothing is skipped. The C++ twin is server/jobs/pg_test_server.h."""
+nothing is skipped. The C++ twin is server/store/pg_test_server.h."""
 import glob
 import os
 import pwd

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 BUILD_DIR = os.environ.get("METATT_BUILD_DIR", "/work/main/build")
-TOOL = os.path.join(BUILD_DIR, "adapters", "metatt-lora-forward")
+TOOL = os.path.join(BUILD_DIR, "server", "model", "metatt-lora-forward")
 
 
 def _tiny_model(seed):

@@ -1,0 +1,141 @@
+#include "server/jobs/job_validation.h"
+
+#include <algorithm>
+#include <cctype>
+
+#include "absl/strings/str_cat.h"
+
+namespace metatt {
+namespace {
+
+absl::Status Bad(absl::string_view field, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", why));
+}
+
+}  // namespace
+
+bool IsValidName(absl::string_view name) {
+  if (name.empty() || name.size() > kMaxNameLength || name[0] == '.') return false;
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+absl::Status ValidateName(absl::string_view name, absl::string_view field) {
+  if (IsValidName(name)) return absl::OkStatus();
+  return Bad(field, absl::StrCat("'", name, "' must be 1-", kMaxNameLength,
+                                 " characters of letters, digits, '-', '_' or '.', not "
+                                 "starting with '.'"));
+}
+
+absl::Status ValidateDatasetName(absl::string_view name, absl::string_view field) {
+  if (name.empty() || name.size() > kMaxDatasetNameLength) {
+    return Bad(field, absl::StrCat("must be 1-", kMaxDatasetNameLength, " characters"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateAdapterForm(absl::string_view form, absl::string_view field) {
+  if (form == "4d" || form == "5d" || form == "4+1d") return absl::OkStatus();
+  return Bad(field, absl::StrCat("'", form, "' is not one of 4d, 5d, 4+1d"));
+}
+
+absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
+  if (auto st = ValidateName(spec.family, "spec.family"); !st.ok()) return st;
+  if (spec.tasks.empty()) return Bad("spec.tasks", "at least one task is required");
+
+  // Adapter: form vs kind vs number of tasks, ranks, projections, alpha.
+  const AdapterSpec& a = spec.adapter;
+  if (auto st = ValidateAdapterForm(a.form, "spec.adapter.form"); !st.ok()) return st;
+  if (spec.kind == JobKind::kMultiTask && a.form != "4+1d") {
+    return Bad("spec.adapter.form", "a multi-task job needs form 4+1d");
+  }
+  if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && a.form != "4+1d") {
+    return Bad("spec.tasks", "several tasks in one family need form 4+1d (or one task)");
+  }
+  if (spec.kind == JobKind::kAddTask && spec.tasks.size() != 1) {
+    return Bad("spec.tasks", "an add-task job adds exactly one task");
+  }
+  if (a.ranks.empty()) return Bad("spec.adapter.ranks", "empty");
+  for (size_t i = 0; i < a.ranks.size(); ++i) {
+    if (a.ranks[i] < 1 || a.ranks[i] > kMaxRank) {
+      return Bad(absl::StrCat("spec.adapter.ranks[", i, "]"),
+                 absl::StrCat(a.ranks[i], " is outside [1, ", kMaxRank, "]"));
+    }
+  }
+  if (a.projections.empty()) return Bad("spec.adapter.projections", "at least one projection");
+  for (size_t i = 0; i < a.projections.size(); ++i) {
+    const auto& p = a.projections;
+    if (std::find(p.begin(), p.begin() + i, p[i]) != p.begin() + i) {
+      return Bad(absl::StrCat("spec.adapter.projections[", i, "]"),
+                 absl::StrCat("duplicate '", p[i], "'"));
+    }
+  }
+  if (a.alpha < 0) return Bad("spec.adapter.alpha", "must be >= 0");
+
+  // Tasks: names unique within the job, datasets named, eval fraction.
+  for (size_t i = 0; i < spec.tasks.size(); ++i) {
+    const JobTaskSpec& t = spec.tasks[i];
+    const std::string field = absl::StrCat("spec.tasks[", i, "]");
+    if (auto st = ValidateName(t.task_name, field + ".task_name"); !st.ok()) return st;
+    for (size_t k = 0; k < i; ++k) {
+      if (spec.tasks[k].task_name == t.task_name) {
+        return Bad(field + ".task_name", absl::StrCat("duplicate task '", t.task_name, "'"));
+      }
+    }
+    if (t.dataset_id.empty()) return Bad(field + ".dataset_id", "required");
+    if (t.eval_dataset_id.empty() && (t.eval_fraction < 0 || t.eval_fraction >= 1)) {
+      return Bad(field + ".eval_fraction", absl::StrCat(t.eval_fraction, " is outside [0, 1)"));
+    }
+  }
+
+  // Hyper-parameters.
+  const HyperParams& h = spec.hparams;
+  auto bad = [](absl::string_view name, absl::string_view why) {
+    return Bad(absl::StrCat("spec.hparams.", name), why);
+  };
+  if (h.max_steps < 1) return bad("max_steps", absl::StrCat(h.max_steps, " must be >= 1"));
+  if (h.batch_size < 1 || h.batch_size > kMaxBatchSize) {
+    return bad("batch_size", absl::StrCat(h.batch_size, " is outside [1, ", kMaxBatchSize, "]"));
+  }
+  if (h.batch_size > limits.max_batch_size) {
+    return bad("batch_size", absl::StrCat(h.batch_size, " exceeds the server limit ",
+                                          limits.batch_size_limit_name, "=",
+                                          limits.max_batch_size));
+  }
+  if (!(h.learning_rate > 0) || h.learning_rate > kMaxLearningRate) {
+    return bad("learning_rate",
+               absl::StrCat(h.learning_rate, " is outside (0, ", kMaxLearningRate, "]"));
+  }
+  if (h.weight_decay < 0) return bad("weight_decay", "must be >= 0");
+  if (h.warmup_ratio < 0 || h.warmup_ratio > 1) return bad("warmup_ratio", "must be in [0, 1]");
+  if (h.grad_clip < 0) return bad("grad_clip", "must be >= 0 (0 = off)");
+  if (h.eval_every < 0) return bad("eval_every", "must be >= 0 (0 = at the end only)");
+  if (h.max_length < kMinSequenceLength || h.max_length > kMaxSequenceLength) {
+    return bad("max_length", absl::StrCat(h.max_length, " is outside [", kMinSequenceLength, ", ",
+                                          kMaxSequenceLength, "]"));
+  }
+  if (h.max_length > limits.max_sequence_length) {
+    return bad("max_length", absl::StrCat(h.max_length, " exceeds the server limit ",
+                                          limits.sequence_limit_name, "=",
+                                          limits.max_sequence_length));
+  }
+  if (h.early_stop_patience < 0) return bad("early_stop_patience", "must be >= 0");
+  if (h.pooling != "mean" && h.pooling != "cls") {
+    return bad("pooling", absl::StrCat("'", h.pooling, "' is not one of mean, cls"));
+  }
+  for (size_t i = 0; i < h.rank_schedule.size(); ++i) {
+    if (h.rank_schedule[i].first < 0 || h.rank_schedule[i].second < 1) {
+      return bad(absl::StrCat("rank_schedule[", i, "]"), "epoch must be >= 0 and max rank >= 1");
+    }
+  }
+  if (spec.kind == JobKind::kAddTask && !h.rank_schedule.empty()) {
+    return bad("rank_schedule", "not allowed when adding a task (shared cores are frozen)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace metatt

@@ -1,0 +1,151 @@
+#include "server/jobs/job_validation.h"
+
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace metatt {
+namespace {
+
+using ::testing::HasSubstr;
+
+JobSpec Valid() {
+  JobSpec s;
+  s.family = "glue";
+  JobTaskSpec t;
+  t.task_name = "MRPC";
+  t.dataset_id = "ds1";
+  s.tasks.push_back(t);
+  return s;
+}
+
+std::string Message(const JobSpec& s, const JobLimits& l = {}) {
+  absl::Status st = ValidateJobSpec(s, l);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  return std::string(st.message());
+}
+
+TEST(JobValidationTest, DefaultsAreValid) {
+  EXPECT_TRUE(ValidateJobSpec(Valid()).ok());
+}
+
+TEST(JobValidationTest, Names) {
+  EXPECT_TRUE(IsValidName("SST-2"));
+  EXPECT_TRUE(IsValidName("a.b_c-9"));
+  EXPECT_TRUE(IsValidName(std::string(kMaxNameLength, 'x')));
+  EXPECT_FALSE(IsValidName(""));
+  EXPECT_FALSE(IsValidName(std::string(kMaxNameLength + 1, 'x')));
+  EXPECT_FALSE(IsValidName("."));
+  EXPECT_FALSE(IsValidName(".."));
+  EXPECT_FALSE(IsValidName(".hidden"));
+  EXPECT_FALSE(IsValidName("a/b"));
+  EXPECT_FALSE(IsValidName("a b"));
+  EXPECT_THAT(std::string(ValidateName("a/b", "family").message()), HasSubstr("family: 'a/b'"));
+
+  EXPECT_TRUE(ValidateDatasetName("my data (v2)", "header.name").ok());
+  EXPECT_FALSE(ValidateDatasetName("", "header.name").ok());
+  EXPECT_FALSE(ValidateDatasetName(std::string(kMaxDatasetNameLength + 1, 'x'), "n").ok());
+
+  JobSpec s = Valid();
+  s.family = "../x";
+  EXPECT_THAT(Message(s), HasSubstr("spec.family"));
+  s = Valid();
+  s.tasks[0].task_name = "";
+  EXPECT_THAT(Message(s), HasSubstr("spec.tasks[0].task_name"));
+}
+
+TEST(JobValidationTest, FormKindAndTasks) {
+  JobSpec s = Valid();
+  s.adapter.form = "7d";
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.form"));
+  s = Valid();
+  s.kind = JobKind::kMultiTask;
+  s.adapter.form = "4d";
+  EXPECT_THAT(Message(s), HasSubstr("multi-task job needs form 4+1d"));
+  s = Valid();
+  s.adapter.form = "5d";
+  s.tasks.push_back(s.tasks[0]);
+  s.tasks[1].task_name = "B";
+  EXPECT_THAT(Message(s), HasSubstr("several tasks"));
+  s = Valid();
+  s.tasks.push_back(s.tasks[0]);
+  EXPECT_THAT(Message(s), HasSubstr("spec.tasks[1].task_name: duplicate"));
+  s.kind = JobKind::kAddTask;
+  s.tasks[1].task_name = "B";
+  EXPECT_THAT(Message(s), HasSubstr("exactly one task"));
+  s = Valid();
+  s.tasks.clear();
+  EXPECT_THAT(Message(s), HasSubstr("spec.tasks"));
+  s = Valid();
+  s.tasks[0].dataset_id.clear();
+  EXPECT_THAT(Message(s), HasSubstr("spec.tasks[0].dataset_id"));
+  s = Valid();
+  s.tasks[0].eval_fraction = 1;
+  EXPECT_THAT(Message(s), HasSubstr("spec.tasks[0].eval_fraction"));
+  s.tasks[0].eval_dataset_id = "ds2";  // the fraction is unused then
+  EXPECT_TRUE(ValidateJobSpec(s).ok());
+}
+
+TEST(JobValidationTest, Adapter) {
+  JobSpec s = Valid();
+  s.adapter.ranks = {8, 0};
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.ranks[1]"));
+  s.adapter.ranks = {kMaxRank + 1};
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.ranks[0]"));
+  s.adapter.ranks.clear();
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.ranks"));
+  s = Valid();
+  s.adapter.projections = {"q", "v", "q"};
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.projections[2]: duplicate"));
+  s.adapter.projections.clear();
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.projections"));
+  s = Valid();
+  s.adapter.alpha = -1;
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.alpha"));
+}
+
+TEST(JobValidationTest, HyperParamsAndLimits) {
+  JobSpec s = Valid();
+  s.hparams.max_steps = 0;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.max_steps"));
+  s = Valid();
+  s.hparams.batch_size = kMaxBatchSize + 1;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.batch_size"));
+  s.hparams.batch_size = 64;
+  JobLimits l;
+  l.max_batch_size = 32;
+  EXPECT_THAT(Message(s, l), HasSubstr("max_job_batch_size=32"));
+  s = Valid();
+  s.hparams.learning_rate = 0;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.learning_rate"));
+  s.hparams.learning_rate = kMaxLearningRate * 2;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.learning_rate"));
+  // One max_length rule for the job manager and the executor.
+  s = Valid();
+  s.hparams.max_length = kMinSequenceLength - 1;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.max_length"));
+  s.hparams.max_length = kMinSequenceLength;
+  EXPECT_TRUE(ValidateJobSpec(s).ok());
+  s.hparams.max_length = 600;
+  l = JobLimits();
+  l.max_sequence_length = 512;
+  l.sequence_limit_name = "max_position_embeddings";
+  EXPECT_THAT(Message(s, l), HasSubstr("max_position_embeddings=512"));
+  s = Valid();
+  s.hparams.pooling = "max";
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.pooling"));
+  s = Valid();
+  s.hparams.warmup_ratio = 2;
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.warmup_ratio"));
+  s = Valid();
+  s.hparams.rank_schedule = {{0, 0}};
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.rank_schedule[0]"));
+  s.hparams.rank_schedule = {{1, 4}};
+  EXPECT_TRUE(ValidateJobSpec(s).ok());
+  s.kind = JobKind::kAddTask;
+  EXPECT_THAT(Message(s), HasSubstr("not allowed when adding a task"));
+}
+
+}  // namespace
+}  // namespace metatt

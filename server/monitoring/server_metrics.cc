@@ -1,0 +1,159 @@
+#include "server/monitoring/server_metrics.h"
+
+#include <prometheus/exposer.h>
+#include <prometheus/text_serializer.h>
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+
+namespace metatt {
+
+prometheus::Gauge& ServerMetrics::JobsIn(JobState s) {
+  return jobs.Add({{"state", JobStateName(s)}});
+}
+
+prometheus::Counter& ServerMetrics::PredictRequests(const std::string& code) {
+  return predict_requests_total.Add({{"code", code}});
+}
+
+void TaskLabels::SetLimit(int64_t k) {
+  std::lock_guard<std::mutex> l(mu_);
+  limit_ = k < 0 ? 0 : k;
+}
+
+std::string TaskLabels::Label(const std::string& task) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (labelled_.count(task) != 0) return task;
+  if (static_cast<int64_t>(labelled_.size()) < limit_) {
+    labelled_.insert(task);
+    return task;
+  }
+  return "other";
+}
+
+void ServerMetrics::SetTaskLabelLimit(int64_t k) { task_labels->SetLimit(k); }
+
+std::string ServerMetrics::TaskLabel(const std::string& task) {
+  return task_labels->Label(task);
+}
+
+void ServerMetrics::CountPredictInput(const std::string& task, const std::string& code) {
+  predict_inputs_total.Add({{"task", TaskLabel(task)}, {"code", code}}).Increment();
+}
+
+std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
+  std::unique_ptr<MetricsRegistry> m(new MetricsRegistry());
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  m->task_labels_ = std::make_unique<TaskLabels>();
+  prometheus::Registry& r = *m->registry_;
+  using prometheus::BuildCounter;
+  using prometheus::BuildGauge;
+  using prometheus::BuildHistogram;
+  using prometheus::Histogram;
+  auto& jobs = BuildGauge().Name("metatt_jobs").Help("Jobs by state").Register(r);
+  auto& steps = BuildCounter()
+                    .Name("metatt_job_steps_total")
+                    .Help("Training steps run by all jobs")
+                    .Register(r)
+                    .Add({});
+  auto& loss =
+      BuildGauge().Name("metatt_train_loss").Help("Latest training loss").Register(r).Add({});
+  auto& eps = BuildGauge()
+                  .Name("metatt_train_examples_per_second")
+                  .Help("Training throughput of the running job")
+                  .Register(r)
+                  .Add({});
+  auto& predict = BuildCounter()
+                      .Name("metatt_predict_requests_total")
+                      .Help("Predict RPCs by status code")
+                      .Register(r);
+  auto& latency = BuildHistogram()
+                      .Name("metatt_predict_latency_seconds")
+                      .Help("Predict RPC latency")
+                      .Register(r)
+                      .Add({}, Histogram::BucketBoundaries{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                           0.1, 0.25, 0.5, 1, 2.5, 5});
+  auto& batch = BuildHistogram()
+                    .Name("metatt_batch_size")
+                    .Help("Rows per device inference batch")
+                    .Register(r)
+                    .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256});
+  auto& batch_tasks = BuildHistogram()
+                          .Name("metatt_batch_tasks")
+                          .Help("Distinct tasks per device inference batch")
+                          .Register(r)
+                          .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64});
+  auto& queue = BuildGauge()
+                    .Name("metatt_queue_depth")
+                    .Help("Predictions waiting for a device batch")
+                    .Register(r)
+                    .Add({});
+  auto& resident = BuildGauge()
+                       .Name("metatt_tasks_resident")
+                       .Help("Tasks whose adapter is resident on the device")
+                       .Register(r)
+                       .Add({});
+  auto& params = BuildGauge()
+                     .Name("metatt_adapter_parameters")
+                     .Help("Trainable adapter parameters of the latest version of a family")
+                     .Register(r);
+  auto& mem = BuildGauge()
+                  .Name("metatt_device_memory_bytes")
+                  .Help("Device memory allocated by the server")
+                  .Register(r)
+                  .Add({});
+  auto& inputs = BuildCounter()
+                     .Name("metatt_predict_inputs_total")
+                     .Help("Predict inputs by task (first K tasks by name, the rest \"other\") "
+                           "and status code")
+                     .Register(r);
+  auto& in_flight = BuildGauge()
+                        .Name("metatt_predict_in_flight")
+                        .Help("Predict RPCs being served right now")
+                        .Register(r)
+                        .Add({});
+  m->metrics_.reset(new ServerMetrics{jobs, steps, loss, eps, predict, latency, batch, batch_tasks,
+                                      queue, resident, params, mem, inputs, in_flight,
+                                      m->task_labels_.get()});
+  for (auto s : {JobState::kQueued, JobState::kValidating, JobState::kRunning, JobState::kSucceeded,
+                 JobState::kFailed, JobState::kCancelled}) {
+    m->metrics_->JobsIn(s).Set(0);
+  }
+  return m;
+}
+
+MetricsRegistry::~MetricsRegistry() = default;
+
+absl::StatusOr<int> MetricsRegistry::Serve(const std::string& listen) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(listen);
+    exposer_->RegisterCollectable(registry_);
+    auto ports = exposer_->GetListeningPorts();
+    if (ports.empty())
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", listen));
+    return static_cast<int>(ports.front());
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics_listen: cannot listen on ", listen, ": ", e.what()));
+  }
+}
+
+std::string MetricsRegistry::Render() const {
+  prometheus::TextSerializer s;
+  return s.Serialize(registry_->Collect());
+}
+
+void JobMetrics::OnJobCount(JobState s, int64_t n) {
+  m_->JobsIn(s).Set(static_cast<double>(n));
+}
+
+void JobMetrics::OnTrainingProgress(int64_t steps, double loss, double examples_per_second) {
+  if (steps > 0) m_->job_steps_total.Increment(static_cast<double>(steps));
+  m_->train_loss.Set(loss);
+  m_->train_examples_per_second.Set(examples_per_second);
+}
+
+void JobMetrics::OnJobEnded() { m_->train_examples_per_second.Set(0); }
+
+}  // namespace metatt

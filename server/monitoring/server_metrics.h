@@ -1,0 +1,112 @@
+// Prometheus metrics of the server. One registry object, created in main and
+// injected (no global singleton); every layer updates the plain references in
+// ServerMetrics. Torch-free and protobuf-free: the runtime includes it too.
+//
+// Names end with their unit (see ARCHITECTURE.md "Metrics"). Labels are
+// bounded: no per-job label; per-task labels only on
+// metatt_predict_inputs_total{task,code}, where the first `task_label_limit`
+// distinct tasks requested get their own value ("family/task") and every
+// later one counts under "other" (so ten thousand tasks make at most K+1
+// series per code).
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_set>
+
+#include "absl/status/statusor.h"
+#include "server/jobs/job_manager.h"
+#include "server/store/job_types.h"
+
+namespace prometheus {
+class Exposer;
+}
+
+namespace metatt {
+
+class TaskLabels;
+
+struct ServerMetrics {
+  prometheus::Family<prometheus::Gauge>& jobs;   // metatt_jobs{state}
+  prometheus::Counter& job_steps_total;          // metatt_job_steps_total
+  prometheus::Gauge& train_loss;                 // metatt_train_loss
+  prometheus::Gauge& train_examples_per_second;  // metatt_train_examples_per_second
+  prometheus::Family<prometheus::Counter>& predict_requests_total;  // {code}
+  prometheus::Histogram& predict_latency_seconds;
+  prometheus::Histogram& batch_size;   // metatt_batch_size (rows per device batch)
+  prometheus::Histogram& batch_tasks;  // metatt_batch_tasks (distinct tasks per batch)
+  prometheus::Gauge& queue_depth;      // metatt_queue_depth (predictions waiting for a batch)
+  prometheus::Gauge& tasks_resident;   // metatt_tasks_resident
+  prometheus::Family<prometheus::Gauge>& adapter_parameters;  // {family}
+  prometheus::Gauge& device_memory_bytes;
+  prometheus::Family<prometheus::Counter>& predict_inputs_total;  // {task, code}
+  prometheus::Gauge& predict_in_flight;  // metatt_predict_in_flight (Predict RPCs being served)
+
+  // Convenience: the gauge of one job state / one status code.
+  prometheus::Gauge& JobsIn(JobState s);
+  prometheus::Counter& PredictRequests(const std::string& code);
+  // One Predict input of `task` ("family/task") ended with `code`; the task
+  // label is bounded (see above). Thread-safe.
+  void CountPredictInput(const std::string& task, const std::string& code);
+  // Distinct tasks that get their own label value (default 16; 0 = all "other").
+  void SetTaskLabelLimit(int64_t k);
+  std::string TaskLabel(const std::string& task);
+
+  TaskLabels* task_labels;  // owned by the MetricsRegistry
+};
+
+// The job manager's observer (JobManagerOptions::observer): metatt_jobs{state},
+// metatt_job_steps_total, metatt_train_loss, metatt_train_examples_per_second.
+class JobMetrics : public JobObserver {
+ public:
+  explicit JobMetrics(ServerMetrics* m) : m_(m) {}
+  void OnJobCount(JobState s, int64_t n) override;
+  void OnTrainingProgress(int64_t steps, double loss, double examples_per_second) override;
+  void OnJobEnded() override;
+
+ private:
+  ServerMetrics* m_;
+};
+
+// The bounded set of task label values (first K distinct tasks). Thread-safe.
+class TaskLabels {
+ public:
+  void SetLimit(int64_t k);
+  std::string Label(const std::string& task);
+
+ private:
+  std::mutex mu_;
+  std::unordered_set<std::string> labelled_;
+  int64_t limit_ = 16;
+};
+
+class MetricsRegistry {
+ public:
+  static std::unique_ptr<MetricsRegistry> Create();
+  ~MetricsRegistry();
+
+  std::shared_ptr<prometheus::Registry> registry() const { return registry_; }
+  ServerMetrics& metrics() { return *metrics_; }
+
+  // Starts an HTTP exposer serving /metrics on `listen` ("host:port"; port 0
+  // picks a free port). Returns the bound port.
+  absl::StatusOr<int> Serve(const std::string& listen);
+  // Text exposition format of every metric (for tests and debugging).
+  std::string Render() const;
+
+ private:
+  MetricsRegistry() = default;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<ServerMetrics> metrics_;
+  std::unique_ptr<TaskLabels> task_labels_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace metatt

@@ -1,0 +1,568 @@
+#include "server/runtime/job_executor.h"
+
+#include <algorithm>
+#include <cctype>
+#include <atomic>
+#include <numeric>
+#include <random>
+#include <set>
+#include <initializer_list>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "adapters/metatt_adapter.h"
+#include "adapters/metatt_config.h"
+#include "base/safetensors.h"
+#include "base/status_macros.h"
+#include "server/jobs/dataset_spec_json.h"
+#include "server/jobs/job_validation.h"
+#include "server/training/heads.h"
+#include "server/training/eval_scores.h"
+
+namespace metatt {
+namespace {
+
+using json = nlohmann::json;
+
+absl::Status Prefixed(const absl::Status& st, const std::string& field) {
+  if (st.ok()) return st;
+  return absl::Status(st.code(), absl::StrCat(field, ": ", st.message()));
+}
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
+
+struct PreparedTask {
+  JobTaskSpec spec;
+  Dataset train, eval;
+};
+
+// Everything validated on the caller's thread.
+struct PreparedJob {
+  JobRecord job;
+  MetaTTConfig config;  // new families
+  Pooling pooling = Pooling::kMean;
+  std::vector<PreparedTask> tasks;
+};
+
+absl::StatusOr<MetaTTConfig> ConfigFromSpec(const AdapterSpec& a, const BertConfig& base,
+                                            int64_t num_tasks) {
+  MetaTTConfig c;
+  auto form = ParseTTForm(a.form);
+  if (!form.ok()) return Prefixed(form.status(), "adapter.form");
+  c.form = *form;
+  if (a.ranks.empty()) return absl::InvalidArgumentError("adapter.ranks: at least one rank");
+  for (size_t i = 0; i < a.ranks.size(); ++i) {
+    if (a.ranks[i] < 1 || a.ranks[i] > 1024) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter.ranks[", i, "]: ", a.ranks[i], " is not in [1, 1024]"));
+    }
+  }
+  c.ranks = a.ranks;
+  if (a.projections.empty()) {
+    return absl::InvalidArgumentError("adapter.projections: at least one projection");
+  }
+  c.projections.clear();
+  for (size_t i = 0; i < a.projections.size(); ++i) {
+    auto p = ParseProjection(a.projections[i]);
+    if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
+    c.projections.push_back(*p);
+  }
+  c.init = a.init.empty() ? "ze-id-id-id" : a.init;
+  if (a.alpha < 0) return absl::InvalidArgumentError("adapter.alpha: must be >= 0");
+  if (a.alpha > 0) c.alpha = a.alpha;
+  c.num_tasks = c.form == TTForm::k4Plus1D ? num_tasks : 1;
+  c.d_in = c.d_out = base.hidden_size;
+  c.num_layers = base.num_hidden_layers;
+  c.num_heads = base.num_attention_heads;
+  RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
+  return c;
+}
+
+absl::StatusOr<Dataset> LoadDataset(Store* store, const std::string& id,
+                                    const std::vector<std::string>& vocab,
+                                    const std::string& field) {
+  auto rec = store->GetDataset(id);
+  if (!rec.ok()) return Prefixed(rec.status(), field);
+  auto spec = DatasetSpecFromRecord(*rec);
+  if (!spec.ok()) return Prefixed(spec.status(), field);
+  if (!vocab.empty()) spec->label_vocab = vocab;
+  spec->origin = absl::StrCat("dataset ", id);
+  auto bytes = ReadFileToString(rec->path);
+  if (!bytes.ok()) return Prefixed(bytes.status(), field);
+  auto data = ParseDataset(*bytes, *spec);
+  if (!data.ok()) return Prefixed(data.status(), field);
+  if (data->examples.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(field, ": dataset ", id, " is empty"));
+  }
+  return data;
+}
+
+class TrainingJob : public TrainingTask {
+ public:
+  TrainingJob(PreparedJob prepared, JobExecutor::EmitFn emit,
+              std::shared_ptr<std::atomic<bool>> cancel, AdapterRegistry* registry,
+              std::shared_ptr<const BertEncoder> encoder, BatchTokenizer tokenizer,
+              RuntimeJobExecutor::Options options)
+      : p_(std::move(prepared)), emit_(std::move(emit)), cancel_(std::move(cancel)),
+        registry_(registry), encoder_(std::move(encoder)), tokenizer_(std::move(tokenizer)),
+        options_(options) {}
+
+  const std::string& id() const override { return p_.job.id; }
+
+  bool Step() override {
+    if (!started_) {
+      started_ = true;
+      if (cancel_->load()) return Cancelled();
+      EmitState(JobState::kRunning, "");
+      absl::Status st;
+      try {
+        st = Setup();
+      } catch (const std::exception& e) {
+        st = absl::InternalError(absl::StrCat("job setup: ", e.what()));
+      }
+      if (!st.ok()) return Fail(st);
+      return true;
+    }
+    if (cancel_->load()) trainer_->Cancel();
+    absl::StatusOr<bool> more;
+    try {
+      more = trainer_->Step();
+    } catch (const std::exception& e) {
+      more = absl::InternalError(absl::StrCat("training step: ", e.what()));
+    }
+    if (!more.ok()) return Fail(more.status());
+    if (*more) return true;
+    if (trainer_->state() == Trainer::State::kCancelled) return Cancelled();
+    absl::Status st;
+    try {
+      st = Publish();
+    } catch (const std::exception& e) {
+      st = absl::InternalError(absl::StrCat("publish: ", e.what()));
+    }
+    if (!st.ok()) return Fail(st);
+    return false;
+  }
+
+ private:
+  void Emit(JobEvent e) {
+    e.time_unix_ms = NowMs();
+    if (emit_) emit_(e);
+  }
+  void EmitState(JobState s, const std::string& message) {
+    JobEvent e;
+    e.type = JobEvent::Type::kState;
+    e.state = s;
+    e.message = message;
+    if (trainer_) {
+      e.step = trainer_->step();
+      e.total_steps = trainer_->total_steps();
+    }
+    Emit(std::move(e));
+  }
+  bool Fail(const absl::Status& st) {
+    EmitState(JobState::kFailed, st.ToString());
+    Release();
+    return false;
+  }
+  bool Cancelled() {
+    EmitState(JobState::kCancelled, "cancelled on request");
+    Release();
+    return false;
+  }
+  void Release() {
+    trainer_.reset();
+    adapter_.reset();
+    base_.reset();
+  }
+
+  absl::Status Setup() {
+    const JobSpec& spec = p_.job.spec;
+    const torch::Device dev = encoder_->device();
+    std::vector<int64_t> task_index;
+    if (spec.kind == JobKind::kAddTask) {
+      ASSIGN_OR_RETURN(base_, registry_->Get(spec.family, 0));
+      // FromTensors copies (the task core in one stack); frozen: no leaf per
+      // existing task (a family may hold 10^6), only the new tasks train.
+      std::map<std::string, torch::Tensor> tensors;
+      for (const auto& [k, v] : base_->adapter->NamedParameters()) tensors[k] = v.detach();
+      ASSIGN_OR_RETURN(adapter_, MetaTTAdapter::FromTensors(
+                                     base_->adapter->config(), base_->adapter->scale(), tensors,
+                                     dev, MetaTTAdapter::Leaves::kFrozen));
+      for (const auto& t : p_.tasks) {
+        if (base_->task_by_name.count(t.spec.task_name)) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "task '", t.spec.task_name, "' already exists in family ", spec.family));
+        }
+      }
+      for (size_t i = 0; i < p_.tasks.size(); ++i) {
+        ASSIGN_OR_RETURN(int64_t idx, adapter_->AddTask());
+        task_index.push_back(idx);
+      }
+      adapter_->FreezeShared(true);
+      for (int64_t idx : task_index) RETURN_IF_ERROR(adapter_->SetTaskTrainable(idx, true));
+    } else {
+      MetaTTAdapter::Options ao;
+      ao.device = dev;
+      ao.seed = spec.hparams.seed;
+      ASSIGN_OR_RETURN(adapter_, MetaTTAdapter::Create(p_.config, ao));
+      for (size_t i = 0; i < p_.tasks.size(); ++i) task_index.push_back(static_cast<int64_t>(i));
+    }
+    std::vector<TrainTask> tasks;
+    for (size_t i = 0; i < p_.tasks.size(); ++i) {
+      PreparedTask& pt = p_.tasks[i];
+      TaskHead::Options ho;
+      ho.kind = pt.train.label_kind;
+      ho.num_labels = pt.train.num_labels();
+      ho.hidden_size = encoder_->config().hidden_size;
+      ho.seed = spec.hparams.seed + 1000 * (i + 1);
+      ho.device = dev;
+      TrainTask t;
+      t.name = pt.spec.task_name;
+      t.task_index = task_index[i];
+      t.train = std::move(pt.train);
+      t.eval = std::move(pt.eval);
+      ASSIGN_OR_RETURN(t.head, TaskHead::Create(ho));
+      t.primary_metric = pt.spec.metric;
+      tasks.push_back(std::move(t));
+    }
+    MetaTTAdapter* a = adapter_.get();
+    AdapterBinding b;
+    b.adapter = a;
+    b.trainable_parameters = [a] { return a->TrainableParameters(); };
+    b.snapshot = [a] {
+      std::map<std::string, torch::Tensor> m;
+      for (const auto& [k, v] : a->NamedParameters()) m[k] = v.detach().clone();
+      return m;
+    };
+    b.after_step = [a] { a->MarkCoresChanged(); };
+    if (!spec.hparams.rank_schedule.empty()) {
+      b.sweep = [a](int64_t max_rank,
+                    const RankTruncation& rt) -> absl::StatusOr<std::vector<BondTruncation>> {
+        TruncationParams tp;
+        tp.max_rank = max_rank;
+        tp.rel_cutoff = rt.relative_cutoff;
+        tp.min_rank = rt.min_rank;
+        ASSIGN_OR_RETURN(MetaTTAdapter::SweepResult r, a->Truncate(tp));
+        std::vector<BondTruncation> out;
+        for (const auto& br : r.bonds) {
+          out.push_back({br.bond, br.old_rank, br.new_rank, br.discarded_weight});
+        }
+        return out;
+      };
+    }
+    const HyperParams& hp = spec.hparams;
+    TrainerOptions to;
+    to.steps = hp.max_steps;
+    to.batch_size = hp.batch_size;
+    to.lr = hp.learning_rate;
+    to.weight_decay = hp.weight_decay;
+    to.warmup_ratio = hp.warmup_ratio;
+    to.grad_clip_norm = hp.grad_clip;
+    to.seed = hp.seed;
+    to.eval_every = hp.eval_every;
+    to.max_eval_examples = options_.max_eval_examples;
+    to.max_length = static_cast<int>(hp.max_length);
+    to.pooling = p_.pooling;
+    to.early_stop_patience = hp.early_stop_patience;
+    for (const auto& [epoch, rank] : hp.rank_schedule) {
+      to.rank_schedule.push_back({static_cast<double>(epoch), rank});
+    }
+    TrainerCallbacks cb;
+    cb.on_progress = [this](const ProgressEvent& pe) {
+      const absl::Time now = absl::Now();
+      if (pe.step != 1 && pe.step != pe.total_steps && pe.step % options_.progress_every != 0 &&
+          now - last_progress_ < absl::Seconds(1)) {
+        return;
+      }
+      last_progress_ = now;
+      JobEvent e;
+      e.type = JobEvent::Type::kProgress;
+      e.step = pe.step;
+      e.total_steps = pe.total_steps;
+      e.epoch = static_cast<int64_t>(pe.epoch);
+      e.loss = pe.loss;
+      e.examples_per_second = pe.examples_per_second;
+      e.eta_seconds = pe.eta_seconds;
+      Emit(std::move(e));
+    };
+    cb.on_eval = [this](const EvalEvent& ev) {
+      JobEvent e;
+      e.type = JobEvent::Type::kEval;
+      e.step = ev.step;
+      for (const auto& [task, ms] : ev.metrics) {
+        for (const auto& [name, value] : ms) e.metrics[absl::StrCat(task, "/", name)] = value;
+      }
+      e.metrics["score"] = ev.score;
+      e.message = ev.is_best ? "best so far" : "";
+      Emit(std::move(e));
+    };
+    cb.on_sweep = [this](const SweepEvent& sv) {
+      JobEvent e;
+      e.type = JobEvent::Type::kSweep;
+      e.step = sv.step;
+      e.epoch = static_cast<int64_t>(sv.epoch);
+      for (const auto& bt : sv.bonds) {
+        e.bonds.push_back({bt.bond, bt.old_rank, bt.new_rank, bt.discarded_weight});
+      }
+      e.message = absl::StrCat("max rank ", sv.max_rank);
+      Emit(std::move(e));
+    };
+    ASSIGN_OR_RETURN(trainer_, Trainer::Create(to, encoder_, tokenizer_, std::move(b),
+                                               std::move(tasks), std::move(cb)));
+    return absl::OkStatus();
+  }
+
+  absl::Status Publish() {
+    const JobSpec& spec = p_.job.spec;
+    const auto& best = trainer_->best_tensors();
+    PublishRequest req;
+    req.family = spec.family;
+    req.scale = adapter_->scale();
+    req.pooling = spec.hparams.pooling.empty() ? "mean" : spec.hparams.pooling;
+    req.max_length = spec.hparams.max_length;
+    req.created_by_job = p_.job.id;
+    if (!best.empty()) {
+      for (const auto& [k, v] : best) {
+        if (k.rfind("adapter.", 0) == 0) req.adapter_tensors[k.substr(8)] = v;
+      }
+    }
+    if (req.adapter_tensors.empty()) {
+      for (const auto& [k, v] : adapter_->NamedParameters()) {
+        req.adapter_tensors[k] = v.detach().clone();
+      }
+    }
+    req.config = adapter_->config();
+    ASSIGN_OR_RETURN(req.config.ranks, RanksFromTensors(req.config.form, req.adapter_tensors));
+    if (req.config.form == TTForm::k4Plus1D) {
+      int64_t n = 0;
+      for (const auto& [k, v] : req.adapter_tensors) n += k.rfind("task.", 0) == 0 ? 1 : 0;
+      req.config.num_tasks = n;
+    }
+    if (base_ != nullptr) {
+      // The float32 heads as published (the resident copy may be float16).
+      ASSIGN_OR_RETURN(auto exact, base_->ExactHeads());
+      for (const TaskRecord& t : base_->record.tasks) {
+        req.tasks.push_back(t);
+        req.head_weights.push_back(exact.first[t.index].slice(0, 0, t.num_labels));
+        req.head_biases.push_back(exact.second[t.index].slice(0, 0, t.num_labels));
+      }
+    }
+    const auto& best_eval = trainer_->best_eval();
+    for (const TrainTask& t : trainer_->tasks()) {
+      TaskRecord r;
+      r.name = t.name;
+      r.regression = t.train.label_kind == LabelKind::kRegression;
+      r.num_labels = t.head->out_features();
+      if (!r.regression) r.label_names = t.train.label_vocab;
+      if (best_eval) {
+        auto it = best_eval->metrics.find(t.name);
+        if (it != best_eval->metrics.end()) r.eval_metrics = it->second;
+      }
+      const std::string prefix = "heads." + t.name + ".";
+      auto w = best.find(prefix + "weight");
+      auto bias = best.find(prefix + "bias");
+      if (w != best.end() && bias != best.end()) {
+        req.head_weights.push_back(w->second);
+        req.head_biases.push_back(bias->second);
+      } else {
+        req.head_weights.push_back(t.head->weight.detach().clone());
+        req.head_biases.push_back(t.head->bias.detach().clone());
+      }
+      req.tasks.push_back(std::move(r));
+    }
+    ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam, registry_->Publish(req));
+    JobEvent cp;
+    cp.type = JobEvent::Type::kCheckpoint;
+    cp.family = fam->family();
+    cp.version = fam->version();
+    cp.step = trainer_->step();
+    cp.total_steps = trainer_->total_steps();
+    if (best_eval) {
+      for (const auto& [task, ms] : best_eval->metrics) {
+        for (const auto& [name, value] : ms) cp.metrics[absl::StrCat(task, "/", name)] = value;
+      }
+    }
+    cp.message = absl::StrCat("published ", fam->family(), " v", fam->version(), " (",
+                              fam->num_tasks(), " tasks)");
+    Emit(cp);
+    JobEvent done;
+    done.type = JobEvent::Type::kState;
+    done.state = JobState::kSucceeded;
+    done.family = fam->family();
+    done.version = fam->version();
+    done.step = trainer_->step();
+    done.total_steps = trainer_->total_steps();
+    done.message = cp.message;
+    Emit(std::move(done));
+    Release();
+    return absl::OkStatus();
+  }
+
+  PreparedJob p_;
+  JobExecutor::EmitFn emit_;
+  std::shared_ptr<std::atomic<bool>> cancel_;
+  AdapterRegistry* registry_;
+  std::shared_ptr<const BertEncoder> encoder_;
+  BatchTokenizer tokenizer_;
+  RuntimeJobExecutor::Options options_;
+  bool started_ = false;
+  absl::Time last_progress_ = absl::InfinitePast();
+  std::shared_ptr<const PublishedFamily> base_;
+  std::unique_ptr<MetaTTAdapter> adapter_;
+  std::unique_ptr<Trainer> trainer_;
+};
+
+}  // namespace
+
+absl::StatusOr<DatasetSpec> DatasetSpecFromRecord(const DatasetRecord& record) {
+  // The one JSON reader is server/jobs (DatasetSpecFromJson); the record's own
+  // fields fill what an older or hand-written spec_json leaves out.
+  json j = json::object();
+  if (!record.spec_json.empty()) {
+    j = json::parse(record.spec_json, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("dataset ", record.id, ": spec_json is not a JSON object"));
+    }
+  }
+  if (!j.contains("format") && !record.format.empty()) {
+    std::string format = record.format;
+    std::transform(format.begin(), format.end(), format.begin(), ::tolower);
+    j["format"] = format;
+  }
+  if (!j.contains("label_kind")) {
+    j["label_kind"] = record.regression ? "regression" : "classification";
+  }
+  auto spec = DatasetSpecFromJson(j.dump());
+  if (!spec.ok()) return Prefixed(spec.status(), absl::StrCat("dataset ", record.id));
+  if (spec->label_vocab.empty() && spec->label_kind == LabelKind::kClassification) {
+    spec->label_vocab = record.label_names;
+  }
+  spec->origin = absl::StrCat("dataset ", record.id);
+  return spec;
+}
+
+RuntimeJobExecutor::RuntimeJobExecutor(const Options& options, Store* store,
+                                       AdapterRegistry* registry, DeviceScheduler* scheduler,
+                                       BatchTokenizer tokenizer)
+    : options_(options), store_(store), registry_(registry), scheduler_(scheduler),
+      tokenizer_(std::move(tokenizer)) {}
+
+absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
+  const JobSpec& spec = job.spec;
+  const BertConfig& base = scheduler_->encoder()->config();
+  if (job.id.empty()) return absl::InvalidArgumentError("id: the job has no id");
+  // The spec's own rules (server/jobs/job_validation.h), the same the job
+  // manager applied at creation, here against the base model's positions.
+  JobLimits limits;
+  limits.max_sequence_length = base.max_position_embeddings;
+  limits.sequence_limit_name = "max_position_embeddings";
+  RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
+  const HyperParams& hp = spec.hparams;
+  PreparedJob p;
+  p.job = job;
+  auto pooling = ParsePooling(hp.pooling);
+  if (!pooling.ok()) return Prefixed(pooling.status(), "hparams.pooling");
+  p.pooling = *pooling;
+
+  auto existing = registry_->Get(spec.family, 0);
+  if (spec.kind == JobKind::kAddTask) {
+    if (!existing.ok()) return Prefixed(existing.status(), "family");
+    const PublishedFamily& fam = **existing;
+    if (fam.adapter->config().form != TTForm::k4Plus1D) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("family: '", spec.family, "' is ", fam.record.form,
+                       "; tasks can only be added to a 4+1d family"));
+    }
+    for (size_t i = 0; i < spec.tasks.size(); ++i) {
+      if (fam.task_by_name.count(spec.tasks[i].task_name)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("tasks[", i, "].task_name: '", spec.tasks[i].task_name,
+                         "' already exists in family '", spec.family, "'"));
+      }
+    }
+  } else {
+    if (existing.ok()) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "family: '", spec.family, "' already exists (add tasks with an ADD_TASK job)"));
+    }
+    ASSIGN_OR_RETURN(p.config,
+                     ConfigFromSpec(spec.adapter, base, static_cast<int64_t>(spec.tasks.size())));
+  }
+
+  // Datasets (parsed here, on the caller's thread).
+  for (size_t i = 0; i < spec.tasks.size(); ++i) {
+    const JobTaskSpec& ts = spec.tasks[i];
+    PreparedTask pt;
+    pt.spec = ts;
+    ASSIGN_OR_RETURN(pt.train,
+                     LoadDataset(store_, ts.dataset_id, {}, absl::StrCat("tasks[", i, "].dataset_id")));
+    if (!ts.eval_dataset_id.empty()) {
+      ASSIGN_OR_RETURN(pt.eval, LoadDataset(store_, ts.eval_dataset_id, pt.train.label_vocab,
+                                            absl::StrCat("tasks[", i, "].eval_dataset_id")));
+      if (pt.eval.label_kind != pt.train.label_kind) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tasks[", i, "].eval_dataset_id: label kind differs from the train set"));
+      }
+    } else if (ts.eval_fraction > 0 && pt.train.size() >= 2) {
+      // Deterministic split by the job's seed.
+      std::vector<size_t> order(pt.train.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::mt19937_64 rng(hp.seed + i);
+      std::shuffle(order.begin(), order.end(), rng);
+      size_t n_eval = static_cast<size_t>(ts.eval_fraction * pt.train.size());
+      n_eval = std::max<size_t>(1, std::min(n_eval, pt.train.size() - 1));
+      Dataset train, eval;
+      train.label_kind = eval.label_kind = pt.train.label_kind;
+      train.label_vocab = eval.label_vocab = pt.train.label_vocab;
+      for (size_t k = 0; k < order.size(); ++k) {
+        (k < n_eval ? eval : train).examples.push_back(std::move(pt.train.examples[order[k]]));
+      }
+      pt.train = std::move(train);
+      pt.eval = std::move(eval);
+    } else {
+      pt.eval.label_kind = pt.train.label_kind;
+      pt.eval.label_vocab = pt.train.label_vocab;
+    }
+    if (pt.train.label_kind == LabelKind::kClassification && pt.train.num_labels() < 2) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "tasks[", i, "].dataset_id: a classification dataset needs at least 2 labels"));
+    }
+    if (!ts.metric.empty()) {
+      RETURN_IF_ERROR(Prefixed(
+          ValidateMetricName(ts.metric, pt.train.label_kind == LabelKind::kRegression,
+                             pt.train.num_labels()),
+          absl::StrCat("tasks[", i, "].metric")));
+    }
+    p.tasks.push_back(std::move(pt));
+  }
+
+  auto cancel = std::make_shared<std::atomic<bool>>(false);
+  auto task = std::make_shared<TrainingJob>(std::move(p), std::move(emit), cancel, registry_,
+                                            scheduler_->encoder(), tokenizer_, options_);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = jobs_.begin(); it != jobs_.end();) {
+      if (it->second.expired()) {
+        cancel_flags_.erase(it->first);
+        it = jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    jobs_[job.id] = task;
+    cancel_flags_[job.id] = cancel;
+  }
+  return scheduler_->AddTrainingTask(std::move(task));
+}
+
+void RuntimeJobExecutor::Cancel(const std::string& job_id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = cancel_flags_.find(job_id);
+  if (it != cancel_flags_.end()) it->second->store(true);
+}
+
+}  // namespace metatt

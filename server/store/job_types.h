@@ -1,0 +1,121 @@
+// Plain C++ job types shared by the job manager (server/jobs), the runtime
+// that executes jobs on the device (server/runtime) and the gRPC layer.
+// No torch, no protobuf: every layer can include this.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+
+namespace metatt {
+
+enum class JobState { kQueued, kValidating, kRunning, kSucceeded, kFailed, kCancelled };
+const char* JobStateName(JobState s);  // "QUEUED", ...
+bool IsTerminal(JobState s);
+
+enum class JobKind {
+  kTrainFamily,  // new adapter family (4D / 5D / 4+1D) with its first task(s)
+  kAddTask,      // add a task to an existing 4+1D family: shared cores frozen
+  kMultiTask,    // new 4+1D family trained on several tasks at once
+};
+
+// One task of a job: which dataset trains it and how its labels are read.
+struct JobTaskSpec {
+  std::string task_name;        // unique within the family
+  std::string dataset_id;       // a dataset uploaded through DatasetService
+  std::string eval_dataset_id;  // optional; else `eval_fraction` of the train set
+  double eval_fraction = 0.1;
+  std::string metric;           // accuracy | f1 | matthews | pearson | spearman ("" = by task type)
+};
+
+struct AdapterSpec {
+  std::string form = "4+1d";  // 4d | 5d | 4+1d
+  std::vector<int64_t> ranks = {8};  // one rank for every bond, or one per bond
+  std::vector<std::string> projections = {"q", "k", "v", "o"};
+  std::string init = "ze-id-id-id";
+  double alpha = 0;  // 0 = library default
+};
+
+struct HyperParams {
+  int64_t max_steps = 200;
+  int64_t batch_size = 16;
+  double learning_rate = 5e-4;
+  double weight_decay = 0.0;
+  double warmup_ratio = 0.06;
+  double grad_clip = 1.0;
+  int64_t eval_every = 50;
+  int64_t max_length = 128;
+  int64_t early_stop_patience = 0;  // 0 = off
+  std::string pooling = "mean";     // mean | cls
+  uint64_t seed = 42;
+  // DMRG schedule: (epoch, max rank) pairs; empty = fixed rank.
+  std::vector<std::pair<int64_t, int64_t>> rank_schedule;
+};
+
+struct JobSpec {
+  JobKind kind = JobKind::kTrainFamily;
+  std::string family;  // new family name (train) or existing one (add task)
+  std::vector<JobTaskSpec> tasks;
+  AdapterSpec adapter;
+  HyperParams hparams;
+  std::string idempotency_key;
+};
+
+// What the runtime reports while a job runs; the job manager persists it and
+// fans it out to StreamJobEvents subscribers.
+struct JobEvent {
+  enum class Type { kState, kProgress, kEval, kSweep, kCheckpoint, kLog };
+  Type type = Type::kLog;
+  int64_t time_unix_ms = 0;
+  JobState state = JobState::kQueued;  // kState
+  std::string message;                 // reason, log line
+  int64_t step = 0, total_steps = 0, epoch = 0;
+  double loss = 0, examples_per_second = 0, eta_seconds = 0;  // kProgress
+  std::map<std::string, double> metrics;                        // kEval (e.g. "MRPC/f1")
+  struct Bond { int64_t bond, old_rank, new_rank; double discarded_weight; };
+  std::vector<Bond> bonds;  // kSweep
+  std::string family;       // kCheckpoint: published family + version
+  int64_t version = 0;
+};
+
+struct JobRecord {
+  std::string id;
+  JobSpec spec;
+  JobState state = JobState::kQueued;
+  std::string failure_reason;  // set for FAILED (and CANCELLED: who/why)
+  int64_t created_unix_ms = 0, updated_unix_ms = 0;
+  int64_t step = 0, total_steps = 0;
+  std::string result_family;  // set when SUCCEEDED
+  int64_t result_version = 0;
+  std::string tenant = "default";  // owner (server/jobs/tenants.h)
+};
+
+// The runtime side of a job (implemented in server/runtime on the device
+// thread). The job manager calls Start() from its own thread; the executor
+// reports through `emit` (thread-safe) and finishes with exactly one terminal
+// state event. Cancel() is cooperative: the running step finishes, then the
+// job ends CANCELLED.
+class JobExecutor {
+ public:
+  using EmitFn = std::function<void(const JobEvent&)>;
+  virtual ~JobExecutor() = default;
+  // Validates `spec` against datasets/families (FAILED_PRECONDITION / NOT_FOUND
+  // / INVALID_ARGUMENT naming the field) and starts it asynchronously.
+  virtual absl::Status Start(const JobRecord& job, EmitFn emit) = 0;
+  virtual void Cancel(const std::string& job_id) = 0;
+  // Restart recovery: true when a job that was VALIDATING/RUNNING when the
+  // server stopped can continue from a checkpoint; the job manager then
+  // re-queues it (Start() is called again with the same record) instead of
+  // failing it. Default: no resumable checkpoints.
+  virtual bool CanResume(const JobRecord& job) {
+    (void)job;
+    return false;
+  }
+};
+
+}  // namespace metatt

@@ -1,0 +1,739 @@
+#include "server/store/postgres_store.h"
+
+#include <libpq-fe.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
+#include "server/store/job_json.h"
+#include "server/store/json_slice.h"
+
+namespace metatt {
+namespace {
+
+// Schema migrations, applied in order; entry i brings the schema to version i+1.
+// Never edit a shipped entry: append a new one. Same records as the SQLite
+// schema, plus the claim columns of the jobs table.
+const char* const kMigrations[] = {
+    R"sql(
+CREATE TABLE datasets (
+  id TEXT PRIMARY KEY,
+  name TEXT NOT NULL,
+  format TEXT NOT NULL,
+  spec_json TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  path TEXT NOT NULL,
+  num_rows BIGINT NOT NULL,
+  size_bytes BIGINT NOT NULL,
+  label_names_json TEXT NOT NULL,
+  regression BOOLEAN NOT NULL,
+  created_unix_ms BIGINT NOT NULL,
+  tenant TEXT NOT NULL DEFAULT 'default'
+);
+CREATE TABLE jobs (
+  seq BIGSERIAL PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  idempotency_key TEXT UNIQUE,
+  spec_json TEXT NOT NULL,
+  state TEXT NOT NULL,
+  failure_reason TEXT NOT NULL,
+  created_unix_ms BIGINT NOT NULL,
+  updated_unix_ms BIGINT NOT NULL,
+  step BIGINT NOT NULL,
+  total_steps BIGINT NOT NULL,
+  result_family TEXT NOT NULL,
+  result_version BIGINT NOT NULL,
+  tenant TEXT NOT NULL DEFAULT 'default',
+  claimed_by TEXT,
+  lease_until TIMESTAMPTZ,
+  cancel_requested BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX jobs_state ON jobs(state, seq);
+CREATE TABLE job_datasets (
+  job_id TEXT NOT NULL,
+  dataset_id TEXT NOT NULL,
+  PRIMARY KEY (job_id, dataset_id)
+);
+CREATE INDEX job_datasets_dataset ON job_datasets(dataset_id);
+CREATE TABLE job_events (
+  job_id TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  event_json TEXT NOT NULL,
+  PRIMARY KEY (job_id, seq)
+);
+CREATE TABLE family_versions (
+  family TEXT NOT NULL,
+  version BIGINT NOT NULL,
+  form TEXT NOT NULL,
+  config_json TEXT NOT NULL,
+  base_model_fingerprint TEXT NOT NULL,
+  path TEXT NOT NULL,
+  adapter_parameters BIGINT NOT NULL,
+  tasks_json TEXT NOT NULL,
+  created_by_job TEXT NOT NULL,
+  created_unix_ms BIGINT NOT NULL,
+  tenant TEXT NOT NULL DEFAULT 'default',
+  PRIMARY KEY (family, version)
+);
+)sql",
+    // 2: task counts, so listings read no task list (existing rows: counted once
+    // here, under the migration lock). Same as SQLite migration 3.
+    R"sql(
+ALTER TABLE family_versions ADD COLUMN task_count BIGINT NOT NULL DEFAULT 0;
+UPDATE family_versions SET task_count = json_array_length(tasks_json::json);
+)sql",
+};
+
+// Any number; every replica uses the same one to serialise migrations.
+constexpr int64_t kMigrationLockKey = 0x6d6574617474;  // "metatt"
+
+using Param = std::optional<std::string>;  // nullopt = SQL NULL
+
+Param P(const std::string& s) { return s; }
+Param P(int64_t v) { return std::to_string(v); }
+Param P(bool b) { return std::string(b ? "true" : "false"); }
+Param NullIfEmpty(const std::string& s) { return s.empty() ? Param() : Param(s); }
+
+// RAII result of one statement.
+class Result {
+ public:
+  explicit Result(PGresult* r) : r_(r) {}
+  Result(Result&& o) noexcept : r_(std::exchange(o.r_, nullptr)) {}
+  Result& operator=(Result&& o) noexcept {
+    std::swap(r_, o.r_);
+    return *this;
+  }
+  Result(const Result&) = delete;
+  Result& operator=(const Result&) = delete;
+  ~Result() { PQclear(r_); }
+
+  absl::Status status(PGconn* conn) const {
+    ExecStatusType st = PQresultStatus(r_);
+    if (r_ != nullptr && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)) {
+      return absl::OkStatus();
+    }
+    std::string msg = r_ ? PQresultErrorMessage(r_) : PQerrorMessage(conn);
+    while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+    const char* code = r_ ? PQresultErrorField(r_, PG_DIAG_SQLSTATE) : nullptr;
+    std::string sqlstate = code ? code : "";
+    if (sqlstate == "23505") return absl::AlreadyExistsError(absl::StrCat("postgresql: ", msg));
+    if (PQstatus(conn) != CONNECTION_OK || absl::StartsWith(sqlstate, "08") ||
+        absl::StartsWith(sqlstate, "57P")) {
+      return absl::UnavailableError(absl::StrCat("postgresql: ", msg));
+    }
+    return absl::InternalError(absl::StrCat("postgresql: ", msg, " (SQLSTATE ", sqlstate, ")"));
+  }
+  int rows() const { return PQntuples(r_); }
+  int64_t affected() const {
+    int64_t n = 0;
+    return absl::SimpleAtoi(PQcmdTuples(r_), &n) ? n : 0;
+  }
+  bool IsNull(int row, int col) const { return PQgetisnull(r_, row, col) != 0; }
+  std::string Text(int row, int col) const {
+    return std::string(PQgetvalue(r_, row, col), PQgetlength(r_, row, col));
+  }
+  int64_t Int(int row, int col) const {
+    int64_t v = 0;
+    return absl::SimpleAtoi(Text(row, col), &v) ? v : 0;
+  }
+  bool Bool(int row, int col) const { return Text(row, col) == "t"; }
+
+ private:
+  PGresult* r_;
+};
+
+absl::StatusOr<Result> Exec(PGconn* conn, const std::string& sql,
+                            const std::vector<Param>& params = {}) {
+  std::vector<const char*> values;
+  values.reserve(params.size());
+  for (const Param& p : params) values.push_back(p ? p->c_str() : nullptr);
+  Result r(PQexecParams(conn, sql.c_str(), static_cast<int>(values.size()), nullptr,
+                        values.data(), nullptr, nullptr, /*resultFormat=*/0));
+  RETURN_IF_ERROR(r.status(conn));
+  return r;
+}
+
+// BEGIN ... COMMIT, rolled back unless Commit() succeeded.
+class Transaction {
+ public:
+  explicit Transaction(PGconn* conn) : conn_(conn) { status_ = Exec(conn, "BEGIN").status(); }
+  ~Transaction() {
+    if (status_.ok() && !committed_) Exec(conn_, "ROLLBACK").status().IgnoreError();
+  }
+  const absl::Status& status() const { return status_; }
+  absl::Status Commit() {
+    RETURN_IF_ERROR(Exec(conn_, "COMMIT").status());
+    committed_ = true;
+    return absl::OkStatus();
+  }
+
+ private:
+  PGconn* conn_;
+  absl::Status status_;
+  bool committed_ = false;
+};
+
+std::string StringsToJson(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
+
+std::vector<std::string> StringsFromJson(const std::string& s) {
+  try {
+    return nlohmann::json::parse(s).get<std::vector<std::string>>();
+  } catch (const std::exception&) {
+    return {};
+  }
+}
+
+constexpr const char* kDatasetCols =
+    "id, name, format, spec_json, sha256, path, num_rows, size_bytes, label_names_json, "
+    "regression, created_unix_ms, tenant";
+
+DatasetRecord ReadDataset(const Result& r, int row) {
+  DatasetRecord d;
+  d.id = r.Text(row, 0);
+  d.name = r.Text(row, 1);
+  d.format = r.Text(row, 2);
+  d.spec_json = r.Text(row, 3);
+  d.sha256 = r.Text(row, 4);
+  d.path = r.Text(row, 5);
+  d.num_rows = r.Int(row, 6);
+  d.size_bytes = r.Int(row, 7);
+  d.label_names = StringsFromJson(r.Text(row, 8));
+  d.regression = r.Bool(row, 9);
+  d.created_unix_ms = r.Int(row, 10);
+  d.tenant = r.Text(row, 11);
+  return d;
+}
+
+// `prefix` qualifies the columns (e.g. "j.") where a query joins.
+std::string JobCols(const std::string& prefix = "") {
+  std::string out;
+  for (const char* c : {"seq", "id", "idempotency_key", "spec_json", "state", "failure_reason",
+                        "created_unix_ms", "updated_unix_ms", "step", "total_steps",
+                        "result_family", "result_version", "tenant"}) {
+    absl::StrAppend(&out, out.empty() ? "" : ", ", prefix, c);
+  }
+  return out;
+}
+
+absl::StatusOr<JobRecord> ReadJob(const Result& r, int row) {
+  JobRecord j;
+  j.id = r.Text(row, 1);
+  ASSIGN_OR_RETURN(j.spec, JobSpecFromJson(r.Text(row, 3)));
+  j.spec.idempotency_key = r.Text(row, 2);  // "" for NULL
+  auto st = JobStateFromName(r.Text(row, 4));
+  if (!st) {
+    return absl::DataLossError(absl::StrCat("job ", j.id, ": bad state ", r.Text(row, 4)));
+  }
+  j.state = *st;
+  j.failure_reason = r.Text(row, 5);
+  j.created_unix_ms = r.Int(row, 6);
+  j.updated_unix_ms = r.Int(row, 7);
+  j.step = r.Int(row, 8);
+  j.total_steps = r.Int(row, 9);
+  j.result_family = r.Text(row, 10);
+  j.result_version = r.Int(row, 11);
+  j.tenant = r.Text(row, 12);
+  return j;
+}
+
+constexpr const char* kFamilyCols =
+    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
+    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
+// The same columns with '[]' for tasks_json: a summary reads no task list.
+constexpr const char* kFamilySummaryCols =
+    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
+    "'[]', created_by_job, created_unix_ms, tenant, task_count";
+
+// with_tasks: tasks [first_task, first_task + max_tasks) (max_tasks < 0 = all).
+absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row, bool with_tasks,
+                                               int64_t first_task = 0, int64_t max_tasks = -1) {
+  FamilyVersionRecord f;
+  f.family = r.Text(row, 0);
+  f.version = r.Int(row, 1);
+  f.form = r.Text(row, 2);
+  f.config_json = r.Text(row, 3);
+  f.base_model_fingerprint = r.Text(row, 4);
+  f.path = r.Text(row, 5);
+  f.adapter_parameters = r.Int(row, 6);
+  const bool whole = first_task == 0 && max_tasks < 0;
+  if (with_tasks && whole) {
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(r.Text(row, 7)));
+  } else if (with_tasks) {
+    ASSIGN_OR_RETURN(std::string slice, JsonArraySlice(r.Text(row, 7), first_task, max_tasks));
+    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(slice));
+  }
+  f.created_by_job = r.Text(row, 8);
+  f.created_unix_ms = r.Int(row, 9);
+  f.tenant = r.Text(row, 10);
+  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : r.Int(row, 11);
+  return f;
+}
+
+// "$1, $2, ..., $n"
+std::string Placeholders(int n) {
+  std::string out;
+  for (int i = 1; i <= n; ++i) absl::StrAppend(&out, i > 1 ? ", " : "", "$", i);
+  return out;
+}
+
+// Keeps the server's notices (e.g. "relation already exists, skipping") off stderr.
+void QuietNotices(void*, const char*) {}
+
+}  // namespace
+
+bool PostgresStore::IsPostgresUri(const std::string& s) {
+  return absl::StartsWith(s, "postgresql://") || absl::StartsWith(s, "postgres://");
+}
+
+absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Create(const std::string& uri) {
+  if (!IsPostgresUri(uri)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("store: '", uri, "' is not a postgresql:// connection URI"));
+  }
+  PGconn* conn = PQconnectdb(uri.c_str());
+  if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
+    std::string msg = conn ? PQerrorMessage(conn) : "out of memory";
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    PQfinish(conn);
+    return absl::UnavailableError(absl::StrCat("cannot connect to PostgreSQL: ", msg));
+  }
+  PQsetNoticeProcessor(conn, QuietNotices, nullptr);
+  std::unique_ptr<PostgresStore> store(new PostgresStore(uri, conn));
+  absl::MutexLock lock(&store->mu_);
+  RETURN_IF_ERROR(store->Migrate());
+  return store;
+}
+
+PostgresStore::~PostgresStore() {
+  absl::MutexLock lock(&mu_);
+  PQfinish(conn_);
+}
+
+absl::Status PostgresStore::EnsureConnected() {
+  if (PQstatus(conn_) == CONNECTION_OK) return absl::OkStatus();
+  PQreset(conn_);
+  if (PQstatus(conn_) != CONNECTION_OK) {
+    std::string msg = PQerrorMessage(conn_);
+    while (!msg.empty() && msg.back() == '\n') msg.pop_back();
+    return absl::UnavailableError(absl::StrCat("PostgreSQL connection lost: ", msg));
+  }
+  PQsetNoticeProcessor(conn_, QuietNotices, nullptr);
+  return absl::OkStatus();
+}
+
+absl::Status PostgresStore::Migrate() {
+  Transaction tx(conn_);
+  RETURN_IF_ERROR(tx.status());
+  RETURN_IF_ERROR(Exec(conn_, "SELECT pg_advisory_xact_lock($1)", {P(kMigrationLockKey)}).status());
+  RETURN_IF_ERROR(Exec(conn_,
+                       "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                       "version BIGINT PRIMARY KEY, applied_unix_ms BIGINT NOT NULL)")
+                      .status());
+  ASSIGN_OR_RETURN(Result cur,
+                   Exec(conn_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"));
+  const int64_t current = cur.Int(0, 0);
+  const int64_t n = static_cast<int64_t>(sizeof(kMigrations) / sizeof(kMigrations[0]));
+  if (current > n) {
+    return absl::FailedPreconditionError(absl::StrCat("database schema version ", current,
+                                                      " is newer than this server (", n,
+                                                      "); refusing to open it"));
+  }
+  for (int64_t v = current; v < n; ++v) {
+    // Simple query protocol: one migration may hold several statements.
+    Result r(PQexec(conn_, kMigrations[v]));
+    RETURN_IF_ERROR(r.status(conn_));
+    RETURN_IF_ERROR(Exec(conn_,
+                         "INSERT INTO schema_migrations(version, applied_unix_ms) "
+                         "VALUES ($1, (extract(epoch from now()) * 1000)::bigint)",
+                         {P(v + 1)})
+                        .status());
+  }
+  return tx.Commit();
+}
+
+absl::StatusOr<int> PostgresStore::SchemaVersion() {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"));
+  return static_cast<int>(r.Int(0, 0));
+}
+
+// ---- Datasets ---------------------------------------------------------------
+
+absl::Status PostgresStore::PutDataset(const DatasetRecord& d) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  auto r = Exec(conn_,
+                absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (",
+                             Placeholders(12), ")"),
+                {P(d.id), P(d.name), P(d.format), P(d.spec_json), P(d.sha256), P(d.path),
+                 P(d.num_rows), P(d.size_bytes), P(StringsToJson(d.label_names)),
+                 P(d.regression), P(d.created_unix_ms), P(d.tenant)});
+  if (absl::IsAlreadyExists(r.status())) {
+    return absl::AlreadyExistsError(absl::StrCat("dataset ", d.id, " already exists"));
+  }
+  return r.status();
+}
+
+absl::StatusOr<DatasetRecord> PostgresStore::GetDataset(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ", kDatasetCols, " FROM datasets WHERE id = $1"),
+                                  {P(id)}));
+  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("dataset ", id, " not found"));
+  return ReadDataset(r, 0);
+}
+
+absl::StatusOr<std::vector<DatasetRecord>> PostgresStore::ListDatasets() {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(
+      Result r,
+      Exec(conn_, absl::StrCat("SELECT ", kDatasetCols, " FROM datasets ORDER BY created_unix_ms, id")));
+  std::vector<DatasetRecord> out;
+  for (int i = 0; i < r.rows(); ++i) out.push_back(ReadDataset(r, i));
+  return out;
+}
+
+absl::Status PostgresStore::DeleteDataset(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  RETURN_IF_ERROR(tx.status());
+  // Lock the dataset row: a concurrent CreateJob referencing it waits for us.
+  ASSIGN_OR_RETURN(Result ds, Exec(conn_, "SELECT id FROM datasets WHERE id = $1 FOR UPDATE", {P(id)}));
+  if (ds.rows() == 0) return absl::NotFoundError(absl::StrCat("dataset ", id, " not found"));
+  ASSIGN_OR_RETURN(Result ref, Exec(conn_,
+                                    "SELECT job_id FROM job_datasets WHERE dataset_id = $1 "
+                                    "ORDER BY job_id LIMIT 1",
+                                    {P(id)}));
+  if (ref.rows() > 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("dataset ", id, " is referenced by job ", ref.Text(0, 0)));
+  }
+  RETURN_IF_ERROR(Exec(conn_, "DELETE FROM datasets WHERE id = $1", {P(id)}).status());
+  return tx.Commit();
+}
+
+// ---- Jobs -------------------------------------------------------------------
+
+absl::StatusOr<JobRecord> PostgresStore::CreateJob(const JobRecord& j) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  Transaction tx(conn_);
+  RETURN_IF_ERROR(tx.status());
+  // ON CONFLICT DO NOTHING on the key: a concurrent create with the same key
+  // (another replica) waits for the first and then inserts nothing.
+  auto ins_or =
+      Exec(conn_,
+           "INSERT INTO jobs(id, idempotency_key, spec_json, state, failure_reason, "
+           "created_unix_ms, updated_unix_ms, step, total_steps, result_family, result_version, "
+           "tenant) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+           "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+           {P(j.id), NullIfEmpty(j.spec.idempotency_key), P(JobSpecToJson(j.spec)),
+            P(std::string(JobStateName(j.state))), P(j.failure_reason), P(j.created_unix_ms),
+            P(j.updated_unix_ms), P(j.step), P(j.total_steps), P(j.result_family),
+            P(j.result_version), P(j.tenant)});
+  if (absl::IsAlreadyExists(ins_or.status())) {
+    return absl::AlreadyExistsError(absl::StrCat("job ", j.id, " already exists"));
+  }
+  RETURN_IF_ERROR(ins_or.status());
+  const Result& ins = *ins_or;
+  if (ins.rows() == 0) {
+    ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                    absl::StrCat("SELECT ", JobCols(),
+                                                 " FROM jobs WHERE idempotency_key = $1"),
+                                    {P(j.spec.idempotency_key)}));
+    if (r.rows() == 0) return absl::InternalError("idempotency key conflict without a job");
+    return ReadJob(r, 0);
+  }
+  for (const auto& t : j.spec.tasks) {
+    for (const std::string* ds : {&t.dataset_id, &t.eval_dataset_id}) {
+      if (ds->empty()) continue;
+      RETURN_IF_ERROR(Exec(conn_,
+                           "INSERT INTO job_datasets(job_id, dataset_id) VALUES ($1, $2) "
+                           "ON CONFLICT DO NOTHING",
+                           {P(j.id), P(*ds)})
+                          .status());
+    }
+  }
+  RETURN_IF_ERROR(tx.Commit());
+  return j;
+}
+
+absl::StatusOr<JobRecord> PostgresStore::FindJobByIdempotencyKey(const std::string& key) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ", JobCols(),
+                                               " FROM jobs WHERE idempotency_key = $1"),
+                                  {P(key)}));
+  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("no job with idempotency key ", key));
+  return ReadJob(r, 0);
+}
+
+absl::Status PostgresStore::UpdateJob(const JobRecord& j) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r,
+                   Exec(conn_,
+                        "UPDATE jobs SET state = $1, failure_reason = $2, updated_unix_ms = $3, "
+                        "step = $4, total_steps = $5, result_family = $6, result_version = $7 "
+                        "WHERE id = $8",
+                        {P(std::string(JobStateName(j.state))), P(j.failure_reason),
+                         P(j.updated_unix_ms), P(j.step), P(j.total_steps), P(j.result_family),
+                         P(j.result_version), P(j.id)}));
+  if (r.affected() == 0) return absl::NotFoundError(absl::StrCat("job ", j.id, " not found"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobRecord> PostgresStore::GetJob(const std::string& id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_, absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE id = $1"),
+                                  {P(id)}));
+  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
+  return ReadJob(r, 0);
+}
+
+absl::StatusOr<std::vector<JobRecord>> PostgresStore::ListJobs(std::optional<JobState> state,
+                                                               int64_t page_size,
+                                                               const std::string& page_token,
+                                                               std::string* next_page_token) {
+  int64_t after = 0;
+  if (!page_token.empty() && !absl::SimpleAtoi(page_token, &after)) {
+    return absl::InvalidArgumentError(absl::StrCat("page_token: invalid token '", page_token, "'"));
+  }
+  if (page_size <= 0) page_size = 50;
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  std::vector<Param> params = {P(after)};
+  if (state) params.push_back(P(std::string(JobStateName(*state))));
+  params.push_back(P(page_size + 1));
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE seq > $1",
+                                               state ? " AND state = $2 ORDER BY seq LIMIT $3"
+                                                     : " ORDER BY seq LIMIT $2"),
+                                  params));
+  std::vector<JobRecord> out;
+  int64_t last_seq = 0;
+  const bool more = r.rows() > page_size;
+  for (int i = 0; i < r.rows() && i < page_size; ++i) {
+    ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, i));
+    last_seq = r.Int(i, 0);
+    out.push_back(std::move(j));
+  }
+  if (next_page_token) *next_page_token = more ? absl::StrCat(last_seq) : "";
+  return out;
+}
+
+absl::Status PostgresStore::AppendJobEvent(const std::string& job_id, const JobEvent& e) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  const std::string json = JobEventToJson(e);
+  // Two replicas may append to one job at once (a cancel request next to the
+  // holder's progress): the loser of the (job_id, seq) race retries.
+  absl::Status st;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    st = Exec(conn_,
+              "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
+              "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
+              {P(job_id), P(json)})
+             .status();
+    if (!absl::IsAlreadyExists(st)) return st;
+  }
+  return st;
+}
+
+absl::StatusOr<std::vector<JobEvent>> PostgresStore::ListJobEvents(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result j, Exec(conn_, "SELECT 1 FROM jobs WHERE id = $1", {P(job_id)}));
+  if (j.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  "SELECT event_json FROM job_events WHERE job_id = $1 ORDER BY seq",
+                                  {P(job_id)}));
+  std::vector<JobEvent> out;
+  for (int i = 0; i < r.rows(); ++i) {
+    ASSIGN_OR_RETURN(JobEvent e, JobEventFromJson(r.Text(i, 0)));
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+// ---- Families ---------------------------------------------------------------
+
+absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
+  if (f.family.empty()) return absl::InvalidArgumentError("family: must not be empty");
+  if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  auto r = Exec(conn_,
+                absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
+                             Placeholders(12), ")"),
+                {P(f.family), P(f.version), P(f.form), P(f.config_json),
+                 P(f.base_model_fingerprint), P(f.path), P(f.adapter_parameters),
+                 P(TasksToJson(f.tasks)), P(f.created_by_job), P(f.created_unix_ms), P(f.tenant),
+                 P(static_cast<int64_t>(f.tasks.size()))});
+  if (absl::IsAlreadyExists(r.status())) {
+    return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
+                                                 " is already published (versions are immutable)"));
+  }
+  return r.status();
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersions(
+    const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/true);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersionSummaries(
+    const std::string& family) {
+  return ListFamilies(family, /*with_tasks=*/false);
+}
+
+absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilies(
+    const std::string& family, bool with_tasks) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  std::vector<Param> params;
+  if (!family.empty()) params.push_back(P(family));
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ",
+                                               with_tasks ? kFamilyCols : kFamilySummaryCols,
+                                               " FROM family_versions",
+                                               family.empty() ? "" : " WHERE family = $1",
+                                               " ORDER BY family, version"),
+                                  params));
+  std::vector<FamilyVersionRecord> out;
+  for (int i = 0; i < r.rows(); ++i) {
+    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(r, i, with_tasks));
+    out.push_back(std::move(f));
+  }
+  return out;
+}
+
+absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersion(const std::string& family,
+                                                                    int64_t version) {
+  return GetFamilyVersionTasks(family, version, 0, -1);
+}
+
+absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersionTasks(const std::string& family,
+                                                                         int64_t version,
+                                                                         int64_t first_task,
+                                                                         int64_t max_tasks) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  absl::StrCat("SELECT ", kFamilyCols,
+                                               " FROM family_versions WHERE family = $1 AND "
+                                               "version = $2"),
+                                  {P(family), P(version)}));
+  if (r.rows() == 0) return FamilyVersionNotFound(family, version);
+  return ReadFamily(r, 0, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
+}
+
+absl::Status PostgresStore::DeleteFamily(const std::string& family) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r,
+                   Exec(conn_, "DELETE FROM family_versions WHERE family = $1", {P(family)}));
+  if (r.affected() == 0) return absl::NotFoundError(absl::StrCat("family ", family, " not found"));
+  return absl::OkStatus();
+}
+
+// ---- Claims -----------------------------------------------------------------
+
+absl::StatusOr<JobRecord> PostgresStore::ClaimNextJob(const std::string& replica,
+                                                      int64_t lease_ms) {
+  if (replica.empty()) return absl::InvalidArgumentError("replica: must not be empty");
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  // The queue pattern: the subquery locks the oldest claimable row, skipping
+  // rows another replica is claiming right now; the UPDATE takes it.
+  ASSIGN_OR_RETURN(
+      Result r,
+      Exec(conn_,
+           absl::StrCat("UPDATE jobs SET claimed_by = $1, cancel_requested = false, "
+                        "lease_until = now() + $2 * interval '1 millisecond' "
+                        "WHERE seq = (SELECT seq FROM jobs WHERE state = 'QUEUED' AND "
+                        "claimed_by IS NULL ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                        "RETURNING ",
+                        JobCols()),
+           {P(replica), P(lease_ms)}));
+  if (r.rows() == 0) return absl::NotFoundError("no queued job to claim");
+  return ReadJob(r, 0);
+}
+
+absl::StatusOr<bool> PostgresStore::RenewLease(const std::string& job_id,
+                                               const std::string& replica, int64_t lease_ms) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  "UPDATE jobs SET lease_until = now() + $3 * interval "
+                                  "'1 millisecond' WHERE id = $1 AND claimed_by = $2 "
+                                  "RETURNING cancel_requested",
+                                  {P(job_id), P(replica), P(lease_ms)}));
+  if (r.rows() > 0) return r.Bool(0, 0);
+  ASSIGN_OR_RETURN(Result h, Exec(conn_, "SELECT claimed_by FROM jobs WHERE id = $1", {P(job_id)}));
+  if (h.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
+  return absl::FailedPreconditionError(
+      absl::StrCat("job ", job_id, " is no longer held by replica ", replica, " (held by ",
+                   h.IsNull(0, 0) ? std::string("nobody") : h.Text(0, 0), ")"));
+}
+
+absl::Status PostgresStore::RequestCancel(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_, "UPDATE jobs SET cancel_requested = true WHERE id = $1",
+                                  {P(job_id)}));
+  if (r.affected() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
+  return absl::OkStatus();
+}
+
+absl::Status PostgresStore::ReleaseClaim(const std::string& job_id, const std::string& replica) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  "UPDATE jobs SET claimed_by = NULL, lease_until = NULL "
+                                  "WHERE id = $1 AND claimed_by = $2",
+                                  {P(job_id), P(replica)}));
+  if (r.affected() == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job_id, " is not held by replica ", replica));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobRecord> PostgresStore::TakeOverExpiredJob(const std::string& replica,
+                                                            int64_t lease_ms,
+                                                            std::string* previous_holder) {
+  if (replica.empty()) return absl::InvalidArgumentError("replica: must not be empty");
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(
+      Result r,
+      Exec(conn_,
+           absl::StrCat("WITH victim AS (SELECT seq, claimed_by AS prev FROM jobs "
+                        "WHERE state IN ('QUEUED', 'VALIDATING', 'RUNNING') AND claimed_by IS "
+                        "NOT NULL AND lease_until < now() ORDER BY seq LIMIT 1 "
+                        "FOR UPDATE SKIP LOCKED) "
+                        "UPDATE jobs j SET claimed_by = $1, "
+                        "lease_until = now() + $2 * interval '1 millisecond' FROM victim "
+                        "WHERE j.seq = victim.seq RETURNING ",
+                        JobCols("j."), ", victim.prev"),
+           {P(replica), P(lease_ms)}));
+  if (r.rows() == 0) return absl::NotFoundError("no expired claim");
+  if (previous_holder) *previous_holder = r.Text(0, 13);
+  return ReadJob(r, 0);
+}
+
+}  // namespace metatt
