@@ -19,6 +19,17 @@ torch::Tensor ToDeviceAsync(const torch::Tensor& host, torch::Device device) {
 }
 
 
+// A seeded random [rows, cols] matrix with orthonormal columns (rows >= cols)
+// or rows (rows < cols): QR of a Gaussian matrix, signs fixed by R's diagonal.
+torch::Tensor RandomOrthogonal(int64_t rows, int64_t cols, at::Generator& gen) {
+  const bool tall = rows >= cols;
+  torch::Tensor g = torch::randn({std::max(rows, cols), std::min(rows, cols)}, gen,
+                                 torch::TensorOptions().dtype(torch::kFloat64));
+  auto [q, r] = torch::linalg_qr(g);
+  q = q * torch::sign(torch::diagonal(r)).unsqueeze(0);
+  return tall ? q : q.t().contiguous();
+}
+
 torch::Tensor InitCore(const CoreInit& init, const std::vector<int64_t>& shape, at::Generator& gen,
                        const torch::TensorOptions& opts) {
   switch (init.kind) {
@@ -32,6 +43,13 @@ torch::Tensor InitCore(const CoreInit& init, const std::vector<int64_t>& shape, 
       torch::Tensor t = torch::randn(shape, gen, opts.device(torch::kCPU));
       return (t * init.std).to(opts.device());
     }
+    case CoreInit::Kind::kOrthogonal: {
+      if (shape.size() == 2) return RandomOrthogonal(shape[0], shape[1], gen).to(opts);
+      std::vector<torch::Tensor> slices;
+      for (int64_t i = 0; i < shape[1]; ++i)
+        slices.push_back(RandomOrthogonal(shape[0], shape[2], gen));
+      return torch::stack(slices, 1).to(opts).contiguous();
+    }
   }
   return torch::Tensor();
 }
@@ -43,14 +61,14 @@ std::string ShapeStr(c10::IntArrayRef s) { return c10::str(s); }
 torch::Tensor InitBoundary(const CoreInit& init, const std::vector<int64_t>& shape, int axis,
                            const std::vector<std::pair<int64_t, int64_t>>& blocks,
                            at::Generator& gen, const torch::TensorOptions& opts) {
-  if (init.kind != CoreInit::Kind::kIdentity || blocks.size() < 2)
-    return InitCore(init, shape, gen, opts);
+  const bool per_block =
+      init.kind == CoreInit::Kind::kIdentity || init.kind == CoreInit::Kind::kOrthogonal;
+  if (!per_block || blocks.size() < 2) return InitCore(init, shape, gen, opts);
   torch::Tensor t = torch::zeros(shape, opts);
   for (const auto& [off, width] : blocks) {
-    if (axis == 0)
-      t.narrow(0, off, width).copy_(torch::eye(width, shape[1], opts));
-    else
-      t.narrow(1, off, width).copy_(torch::eye(shape[0], width, opts));
+    const std::vector<int64_t> block =
+        axis == 0 ? std::vector<int64_t>{width, shape[1]} : std::vector<int64_t>{shape[0], width};
+    t.narrow(axis, off, width).copy_(InitCore(init, block, gen, opts));
   }
   return t;
 }
@@ -547,16 +565,43 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
   return out;
 }
 
-absl::StatusOr<int64_t> MetaTTAdapter::AddTask() {
+absl::StatusOr<MetaTTAdapter::NewTaskInit> MetaTTAdapter::ParseNewTaskInit(
+    const std::string& name) {
+  if (name == "identity" || name == "id") return NewTaskInit::kIdentity;
+  if (name == "zeros" || name == "ze") return NewTaskInit::kZeros;
+  if (name == "mean") return NewTaskInit::kMean;
+  return absl::InvalidArgumentError(absl::StrCat("new_task_init: '", name,
+                                                 "' is not one of identity, zeros, mean"));
+}
+
+absl::StatusOr<int64_t> MetaTTAdapter::AddTask(NewTaskInit init) {
   if (config_.form != TTForm::k4Plus1D)
     return absl::FailedPreconditionError(
         absl::StrCat("AddTask: form ", TTFormName(config_.form), " has no task core (use 4+1d)"));
   const int64_t t = num_tasks();
   {
     torch::NoGradGuard no_grad;
-    torch::Tensor eye = torch::eye(task_core_.size(1), task_core_.size(2), task_core_.options());
-    task_core_ = torch::cat({task_core_, eye.unsqueeze(0)}, 0);
-    task_leaves_[t] = eye.set_requires_grad(true);
+    torch::Tensor slice;
+    switch (init) {
+      case NewTaskInit::kIdentity:
+        slice = torch::eye(task_core_.size(1), task_core_.size(2), task_core_.options());
+        break;
+      case NewTaskInit::kZeros:
+        slice = torch::zeros({task_core_.size(1), task_core_.size(2)}, task_core_.options());
+        break;
+      case NewTaskInit::kMean: {
+        // Trainable leaves hold the live values of their rows.
+        std::vector<torch::Tensor> rows;
+        for (int64_t i = 0; i < t; ++i) rows.push_back(TaskSlice(i).detach());
+        slice = rows.empty()
+                    ? torch::eye(task_core_.size(1), task_core_.size(2), task_core_.options())
+                    : torch::stack(rows, 0).mean(0);
+        break;
+      }
+    }
+    slice = slice.contiguous();
+    task_core_ = torch::cat({task_core_, slice.unsqueeze(0)}, 0);
+    task_leaves_[t] = slice.clone().set_requires_grad(true);
   }
   config_.num_tasks = num_tasks();
   MarkCoresChanged();

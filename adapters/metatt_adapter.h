@@ -117,8 +117,14 @@ class MetaTTAdapter : public EncoderAdapter {
   int64_t NumParameters() const;           // all leaves
   int64_t NumTrainableParameters() const;  // leaves with requires_grad
 
-  // (4+1)D only: appends an identity task slice; returns its index.
-  absl::StatusOr<int64_t> AddTask();
+  // How AddTask() starts a new task slice: the identity (the shared adapter
+  // as it is), zeros (the new task starts from the base model; its gradient
+  // is non-zero once the shared cores are trained), or the mean of the
+  // existing slices (the average task).
+  enum class NewTaskInit { kIdentity, kZeros, kMean };
+  static absl::StatusOr<NewTaskInit> ParseNewTaskInit(const std::string& name);  // identity|zeros|mean
+  // (4+1)D only: appends a task slice; returns its index.
+  absl::StatusOr<int64_t> AddTask(NewTaskInit init = NewTaskInit::kIdentity);
   void FreezeShared(bool frozen);
   absl::Status SetTaskTrainable(int64_t task, bool trainable);
   // Invalidates the inference cache (call after replacing cores by hand).

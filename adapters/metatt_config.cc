@@ -31,6 +31,10 @@ absl::StatusOr<CoreInit> ParseOneInit(const std::string& code) {
     c.kind = CoreInit::Kind::kIdentity;
     return c;
   }
+  if (code == "or" || code == "orthogonal") {
+    c.kind = CoreInit::Kind::kOrthogonal;
+    return c;
+  }
   if (code == "no") {
     c.kind = CoreInit::Kind::kNormal;
     c.std = 0.2;
@@ -46,7 +50,7 @@ absl::StatusOr<CoreInit> ParseOneInit(const std::string& code) {
     }
   }
   return Bad("init", absl::StrCat("has unknown core init '", code,
-                                  "' (use ze|zeros, id|identity, no, normal(STD))"));
+                                  "' (use ze|zeros, id|identity, or|orthogonal, no, normal(STD))"));
 }
 
 }  // namespace
@@ -91,6 +95,8 @@ std::string CoreInit::ToString() const {
       return "identity";
     case Kind::kNormal:
       return absl::StrCat("normal(", std, ")");
+    case Kind::kOrthogonal:
+      return "orthogonal";
   }
   return "?";
 }

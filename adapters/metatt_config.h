@@ -13,7 +13,8 @@
 //
 // Init spec: dash-separated per-core codes in core order, e.g. "ze-id-id-id"
 // (default, the paper's choice), "no" (every core normal(0.2), the paper's
-// baseline), or codes "ze"|"zeros", "id"|"identity", "normal(STD)".
+// baseline), or codes "ze"|"zeros", "id"|"identity", "or"|"orthogonal",
+// "normal(STD)".
 // One code applies to every core; fewer codes than cores repeat the last
 // code (so "ze-id-id-id" on 5 cores makes the 5th core identity too).
 // New task slices (AddTask) always start as the identity.
@@ -48,7 +49,11 @@ absl::StatusOr<TTForm> ParseTTForm(const std::string& name);
 absl::StatusOr<Projection> ParseProjection(const std::string& name);
 
 struct CoreInit {
-  enum class Kind { kZeros, kIdentity, kNormal };
+  // kOrthogonal: a seeded random (semi-)orthogonal matrix, per slice for 3-D
+  // cores and per block for stacked boundary cores (unit singular values, so
+  // it has the identity's scale but no preferred coordinates and a different
+  // rotation per layer / projection slice).
+  enum class Kind { kZeros, kIdentity, kNormal, kOrthogonal };
   Kind kind = Kind::kIdentity;
   double std = 0.0;  // kNormal only
   std::string ToString() const;

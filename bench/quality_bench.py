@@ -31,8 +31,15 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ["MRPC", "CoLA", "SST-2", "STS-B"]
-PRIMARY = {"MRPC": "f1_acc", "CoLA": "mcc", "SST-2": "accuracy", "STS-B": "pearson_spearman"}
+TASKS = ["MRPC", "CoLA", "SST-2", "STS-B", "RTE"]
+PRIMARY = {"MRPC": "f1_acc", "CoLA": "mcc", "SST-2": "accuracy", "STS-B": "pearson_spearman",
+           "RTE": "accuracy"}
+TRAIN_ROWS = {"MRPC": 3668, "CoLA": 8551, "SST-2": 67349, "STS-B": 5749, "RTE": 2490}
+
+
+def shared_dir():
+    """../shared beside the repository, or $METATT_SHARED_DIR."""
+    return os.environ.get("METATT_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
 
 
 def parse_args():
@@ -40,8 +47,7 @@ def parse_args():
     p.add_argument("--build_dir", default=os.environ.get("METATT_BUILD_DIR", os.path.join(REPO, "build")))
     p.add_argument("--model_dir", default=os.environ.get("METATT_MODEL_DIR",
                                                          os.path.join(REPO, "models", "all-MiniLM-L6-v2")))
-    p.add_argument("--glue_dir", default=os.path.join(
-        os.environ.get("METATT_SHARED_DIR", "/work/shared"), "data", "glue"))
+    p.add_argument("--glue_dir", default=os.path.join(shared_dir(), "data", "glue"))
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--rows", default="metatt4d_r8,lora_r8,peft_lora_r8,metatt5d_r8,dmrg_10_to_4,"
                                      "multitask_4p1d,new_task_frozen",
@@ -50,13 +56,17 @@ def parse_args():
     p.add_argument("--steps", type=int, default=300, help="0: use --epochs")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3, help="MetaTT rows (best of 5e-4/2e-3/5e-3/1e-2 on an H200)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="MetaTT rows (default: the trainer's default for the form)")
     p.add_argument("--lora_lr", type=float, default=1e-3, help="our LoRA and PEFT rows (best of 5e-4/1e-3)")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--train_limit", type=int, default=2000)
     p.add_argument("--max_eval", type=int, default=400)
     p.add_argument("--pooling", default="mean")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal (PEFT child)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row runs each")
+    p.add_argument("--row_def", action="append", default=[],
+                   help="NAME=FLAGS: an extra row running metatt-train with FLAGS (space-separated)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "out"))
     p.add_argument("--jobs", type=int, default=1,
                    help="(row, task) runs at a time; > 1 shares the device, so the table's "
@@ -71,8 +81,7 @@ def parse_args():
 
 
 def train_rows(args, task):
-    counts = {"MRPC": 3668, "CoLA": 8551, "SST-2": 67349, "STS-B": 5749}
-    n = counts[task]
+    n = TRAIN_ROWS[task]
     return min(n, args.train_limit) if args.train_limit > 0 else n
 
 
@@ -125,13 +134,15 @@ def peft_row(args, task, out_dir):
             if not line.strip():
                 continue
             c = line.split("\t")
-            rows.append((c[spec["text"]], c[spec["pair"]] if spec["pair"] is not None else None,
-                         float(c[spec["label"]])))
+            lab = c[spec["label"]]
+            lab = float(spec["vocab"].index(lab)) if "vocab" in spec else float(lab)
+            rows.append((c[spec["text"]], c[spec["pair"]] if spec["pair"] is not None else None, lab))
         return rows
 
     specs = {"MRPC": dict(header=True, text=3, pair=4, label=0), "CoLA": dict(header=False, text=3, pair=None, label=1),
              "SST-2": dict(header=True, text=0, pair=None, label=1),
-             "STS-B": dict(header=True, text=7, pair=8, label=9)}
+             "STS-B": dict(header=True, text=7, pair=8, label=9),
+             "RTE": dict(header=True, text=1, pair=2, label=3, vocab=["not_entailment", "entailment"])}
     train = read(os.path.join(args.glue_dir, task, "train.tsv"), specs[task])
     dev = read(os.path.join(args.glue_dir, task, "dev.tsv"), specs[task])
     if args.train_limit > 0 and len(train) > args.train_limit:
@@ -224,43 +235,61 @@ def run_peft(args, task, out_dir):
         return json.load(f)
 
 
-def row_units(args, row, tasks, runs):
-    """(name, [tasks recorded], thunk) for one row: the runs it needs.
+# Rows run by metatt-train with these flags (besides the common ones and the
+# task). No --lr: the trainer's default for the form applies unless the row
+# is named ROW@LR or --lr is given.
+SIMPLE_ROWS = {
+    "metatt4d_r8": ["--form=4d", "--rank=8"],
+    "metatt4d_r4": ["--form=4d", "--rank=4"],
+    "metatt4d_r16": ["--form=4d", "--rank=16"],
+    "metatt5d_r8": ["--form=5d", "--rank=8"],
+    "fixed_r4": ["--form=4d", "--rank=4"],
+    "lora_r8": ["--adapter=lora", "--rank=8"],
+}
+
+
+def lr_flags(args, row):
+    lr = args.lora_lr if row in ("lora_r8", "peft_lora_r8") else args.lr
+    return [f"--lr={lr}"] if lr else []
+
+
+def row_units(args, row, tasks, runs, seed):
+    """(name, [tasks recorded], thunk) for one row and seed: the runs it needs.
     'row@LR' runs the row with learning rate LR (e.g. metatt4d_r8@5e-4)."""
     units = []
     full_row = row
     row, _, lr_s = row.partition("@")
+    args = argparse.Namespace(**vars(args))
+    args.seed = seed
     if lr_s:
-        args = argparse.Namespace(**vars(args))
         args.lr = args.lora_lr = float(lr_s)
-    runs = os.path.join(runs, full_row) if lr_s else runs
+    runs = os.path.join(runs, full_row.replace("@", "_at_"), f"seed{seed}")
+    defs = dict(SIMPLE_ROWS)
+    for d in args.row_def:
+        name, _, flags = d.partition("=")
+        defs[name] = flags.split()
+    lrf = lr_flags(args, row)
     if row == "multitask_4p1d":
         units.append((full_row, tasks, lambda: run_train(
-            args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8", f"--lr={args.lr}"],
-            os.path.join(runs, row))))
+            args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8"] + lrf,
+            os.path.join(runs, "all"))))
         return units
     for t in tasks:
-        out_dir = os.path.join(runs, row, t)
-        if row == "metatt4d_r8":
-            f = [f"--task={t}", "--form=4d", "--rank=8", f"--lr={args.lr}"]
-        elif row == "metatt5d_r8":
-            f = [f"--task={t}", "--form=5d", "--rank=8", f"--lr={args.lr}"]
+        out_dir = os.path.join(runs, t)
+        if row in defs:
+            f = [f"--task={t}"] + defs[row] + lrf
         elif row == "dmrg_10_to_4":
             spe = math.ceil(train_rows(args, t) / args.batch_size)
             total = args.steps if args.steps > 0 else args.epochs * spe
             e1, e2 = total / 3 / spe, 2 * total / 3 / spe  # thirds of the run, in epochs
-            f = [f"--task={t}", "--form=4d", "--rank=10", f"--lr={args.lr}",
-                 f"--rank_schedule={e1:.4f}:6,{e2:.4f}:4"]
-        elif row == "lora_r8":
-            f = [f"--task={t}", "--adapter=lora", "--rank=8", f"--lr={args.lora_lr}"]
+            f = [f"--task={t}", "--form=4d", "--rank=10", f"--rank_schedule={e1:.4f}:6,{e2:.4f}:4"] + lrf
         elif row == "new_task_frozen":
             def thunk(t=t, out_dir=out_dir):
                 others = [o for o in tasks if o != t]
-                base_dir = os.path.join(runs, row, f"base_without_{t}")
-                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8",
-                                 f"--lr={args.lr}"], base_dir)
-                return run_train(args, [f"--task={t}", f"--base_family={base_dir}", f"--lr={args.lr}"],
-                                 out_dir)
+                base_dir = os.path.join(runs, f"base_without_{t}")
+                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8"] + lrf,
+                          base_dir)
+                return run_train(args, [f"--task={t}", f"--base_family={base_dir}"] + lrf, out_dir)
             units.append((full_row, [t], thunk))
             continue
         elif row == "peft_lora_r8":
@@ -287,6 +316,37 @@ def throughput(args, runs):
     return out
 
 
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def summarize(table, rows, tasks, seeds):
+    """row -> {task: {mean, std, n}, mean5: {...}}: per-task mean/std over the
+    seeds, and the mean over tasks computed per seed (then mean/std of that)."""
+    out = {}
+    for row in rows:
+        per = table.get(row, {})
+        r = {}
+        for t in tasks:
+            xs = [per.get(t, {}).get(str(sd), {}).get("score") for sd in seeds]
+            m, d = mean_std(xs)
+            r[t] = {"mean": m, "std": d, "n": sum(x is not None for x in xs)}
+        per_seed = []
+        for sd in seeds:
+            xs = [per.get(t, {}).get(str(sd), {}).get("score") for t in tasks]
+            if all(x is not None for x in xs):
+                per_seed.append(sum(xs) / len(xs))
+        m, d = mean_std(per_seed)
+        r["task_mean"] = {"mean": m, "std": d, "n": len(per_seed)}
+        out[row] = r
+    return out
+
+
 def main():
     args = parse_args()
     if args.peft_task:
@@ -298,69 +358,81 @@ def main():
     t_start = time.time()
     tasks = [t for t in args.tasks.split(",") if t]
     rows = [r for r in args.rows.split(",") if r]
+    seeds = [int(x) for x in args.seeds.split(",") if x != ""]
     os.makedirs(args.out, exist_ok=True)
     runs = os.path.join(args.out, "runs")
-    table = {}  # row -> task -> {primary, metrics, params, seconds}
+    table = {}  # row -> task -> seed -> {score, metrics, params, seconds}
     errors, skipped = [], []
     lock = threading.Lock()
     tput = throughput(args, runs) if args.throughput_steps > 0 else {}
 
     def save():
         with open(os.path.join(args.out, "quality.json"), "w") as f:
-            json.dump({"settings": vars(args), "training_examples_per_second": tput, "rows": table,
+            json.dump({"settings": vars(args), "training_examples_per_second": tput,
+                       "summary": summarize(table, rows, tasks, seeds), "rows": table,
                        "errors": errors, "skipped": skipped}, f, indent=2)
 
-    def record(row, task, res):
+    def record(row, task, seed, res):
         m = metrics_of(res).get(task, {})
-        table.setdefault(row, {})[task] = {
+        table.setdefault(row, {}).setdefault(task, {})[str(seed)] = {
             "primary_metric": PRIMARY[task], "score": m.get(PRIMARY[task]), "metrics": m,
-            "adapter_parameters": res.get("adapter_parameters"), "seconds": res.get("wall_seconds"),
+            "adapter_parameters": res.get("adapter_parameters"),
+            "trainable_adapter_parameters": res.get("trainable_adapter_parameters"),
+            "seconds": res.get("wall_seconds"),
             "train_examples_per_second": res.get("train_examples_per_second"),
             "ranks": res.get("ranks"), "sweeps": res.get("sweeps")}
 
     def go(unit):
-        row, recorded, thunk = unit
+        row, recorded, seed, thunk = unit
         if args.deadline_s > 0 and time.time() - t_start > args.deadline_s:
             with lock:
-                skipped.extend(f"{row}/{t}" for t in recorded)
+                skipped.extend(f"{row}/{t}/seed{seed}" for t in recorded)
                 save()
             return
         try:
             res = thunk()
         except Exception as e:  # keep the other rows; the error is in quality.json
             with lock:
-                errors.append(f"{row}/{','.join(recorded)}: {e}")
+                errors.append(f"{row}/{','.join(recorded)}/seed{seed}: {e}")
                 save()
             return
         with lock:
             for t in recorded:
-                record(row, t, res)
+                record(row, t, seed, res)
             save()
+            done = table[row][recorded[0]][str(seed)]["score"]
+            print(f"[{time.time() - t_start:6.0f}s] {row} {','.join(recorded)} seed {seed}: "
+                  f"{'n/a' if done is None else f'{100 * done:.1f}'}", flush=True)
 
-    units = [u for row in rows for u in row_units(args, row, tasks, runs)]
+    # Seed-major order: a deadline leaves whole seeds of every row, not whole rows.
+    units = [(name, rec, seed, thunk) for seed in seeds for row in rows
+             for (name, rec, thunk) in row_units(args, row, tasks, runs, seed)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(go, units))
     save()
+    summary = summarize(table, rows, tasks, seeds)
+
+    def cell(v):
+        if v["mean"] is None:
+            return "n/a"
+        return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" + (f" ({v['n']})" if v["n"] < len(seeds) else "")
 
     lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
-             f"train_limit={args.train_limit}, max_eval={args.max_eval}, batch={args.batch_size}, "
-             f"device={args.device}, runs side by side={args.jobs})", "",
+             f"train_limit={args.train_limit}, max_eval={args.max_eval}, max_length={args.max_length}, "
+             f"batch={args.batch_size}, pooling={args.pooling}, seeds={args.seeds}, device={args.device}, "
+             f"runs side by side={args.jobs}); cells: mean ± std over seeds (n if fewer ran)", "",
              "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) +
-             " | adapter params | train ex/s | wall s |",
+             " | mean | adapter params | train ex/s |",
              "|---|" + "---|" * (len(tasks) + 3)]
     for row in rows:
         per = table.get(row, {})
-        cells = []
-        for t in tasks:
-            s_ = per.get(t, {}).get("score")
-            cells.append("n/a" if s_ is None else f"{100 * s_:.1f}")
-        params = next((v.get("adapter_parameters") for v in per.values() if v.get("adapter_parameters")), "")
-        eps = [v["train_examples_per_second"] for v in per.values() if v.get("train_examples_per_second")]
-        eps_s = f"{sorted(eps)[len(eps) // 2]:.0f}" if eps else ""
-        wall = sum(v.get("seconds") or 0 for v in per.values())
-        if row == "multitask_4p1d" and per:
-            wall = next(iter(per.values())).get("seconds") or 0
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} | {eps_s} | {wall:.0f} |")
+        flat = [v for t in per.values() for v in t.values()]
+        params = next((v.get("trainable_adapter_parameters") or v.get("adapter_parameters")
+                       for v in flat if v.get("adapter_parameters")), "")
+        eps = sorted(v["train_examples_per_second"] for v in flat if v.get("train_examples_per_second"))
+        eps_s = f"{eps[len(eps) // 2]:.0f}" if eps else ""
+        cells = [cell(summary[row][t]) for t in tasks] + [cell(summary[row]["task_mean"])]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} | {eps_s} |")
     if tput:
         lines += ["", "Training examples/s, one run at a time (MRPC, "
                   f"{args.throughput_steps} steps): " +

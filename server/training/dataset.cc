@@ -201,8 +201,9 @@ absl::StatusOr<std::string> CanonicalGlueName(const std::string& task_name) {
   if (n == "cola") return std::string("CoLA");
   if (n == "sst2") return std::string("SST-2");
   if (n == "stsb") return std::string("STS-B");
+  if (n == "rte") return std::string("RTE");
   return absl::InvalidArgumentError(absl::StrCat("unknown GLUE task '", task_name,
-                                                 "' (MRPC, CoLA, SST-2, STS-B)"));
+                                                 "' (MRPC, CoLA, SST-2, STS-B, RTE)"));
 }
 
 absl::StatusOr<DatasetSpec> GluePreset(const std::string& task_name) {
@@ -224,6 +225,11 @@ absl::StatusOr<DatasetSpec> GluePreset(const std::string& task_name) {
     s.has_header = true;
     s.text = ColumnRef::Index(0);
     s.label = ColumnRef::Index(1);
+  } else if (name == "RTE") {
+    s.has_header = true;
+    s.text = ColumnRef::Index(1);
+    s.text_pair = ColumnRef::Index(2);
+    s.label = ColumnRef::Index(3);
   } else {  // STS-B
     s.has_header = true;
     s.text = ColumnRef::Index(7);
@@ -231,7 +237,10 @@ absl::StatusOr<DatasetSpec> GluePreset(const std::string& task_name) {
     s.label = ColumnRef::Index(9);
     s.label_kind = LabelKind::kRegression;
   }
-  if (s.label_kind == LabelKind::kClassification) s.label_vocab = {"0", "1"};
+  if (name == "RTE")
+    s.label_vocab = {"not_entailment", "entailment"};
+  else if (s.label_kind == LabelKind::kClassification)
+    s.label_vocab = {"0", "1"};
   return s;
 }
 
@@ -239,7 +248,7 @@ absl::StatusOr<std::string> GluePrimaryMetric(const std::string& task_name) {
   ASSIGN_OR_RETURN(std::string name, CanonicalGlueName(task_name));
   if (name == "MRPC") return std::string("f1_acc");
   if (name == "CoLA") return std::string("mcc");
-  if (name == "SST-2") return std::string("accuracy");
+  if (name == "SST-2" || name == "RTE") return std::string("accuracy");
   return std::string("pearson_spearman");
 }
 

@@ -51,12 +51,13 @@ struct DatasetSpec {
 };
 
 // Specs for the GLUE TSV files in shared/data/glue: "MRPC", "CoLA", "SST-2",
-// "STS-B" (case-insensitive, "SST2"/"STSB" accepted).
+// "STS-B", "RTE" (case-insensitive, "SST2"/"STSB" accepted). RTE's labels are
+// the words "not_entailment" (id 0) and "entailment" (id 1).
 absl::StatusOr<DatasetSpec> GluePreset(const std::string& task_name);
 // The primary metric GLUE reports for a task ("f1_acc", "mcc", "accuracy",
 // "pearson_spearman"); see metrics.h.
 absl::StatusOr<std::string> GluePrimaryMetric(const std::string& task_name);
-// Canonical spelling ("MRPC", "CoLA", "SST-2", "STS-B").
+// Canonical spelling ("MRPC", "CoLA", "SST-2", "STS-B", "RTE").
 absl::StatusOr<std::string> CanonicalGlueName(const std::string& task_name);
 
 struct Example {

@@ -201,7 +201,8 @@ TEST(DatasetTest, GlueFilesParseAsTheyAre) {
   const GlueCase cases[] = {{"MRPC", "train", 3668}, {"MRPC", "dev", 408},
                             {"CoLA", "train", 8551}, {"CoLA", "dev", 1043},
                             {"SST-2", "dev", 872},   {"STS-B", "train", 5749},
-                            {"STS-B", "dev", 1500}};
+                            {"STS-B", "dev", 1500},  {"RTE", "train", 2490},
+                            {"RTE", "dev", 277}};
   for (const GlueCase& c : cases) {
     auto spec = GluePreset(c.task);
     ASSERT_TRUE(spec.ok());

@@ -57,10 +57,12 @@ ABSL_FLAG(std::string, projections, "q,v", "adapted projections");
 ABSL_FLAG(double, alpha, 0, "scale numerator (0: MetaTT default alpha = r; LoRA 2r)");
 ABSL_FLAG(std::string, init, "ze-id-id-id", "MetaTT core init spec");
 ABSL_FLAG(std::string, base_family, "", "add a task to this saved (4+1)D family (shared cores frozen)");
+ABSL_FLAG(std::string, new_task_init, "identity", "add-task slice init: identity|zeros|mean");
 ABSL_FLAG(int64_t, steps, 0, "optimizer steps (0: use --epochs)");
 ABSL_FLAG(double, epochs, 1.0, "epochs when --steps=0");
 ABSL_FLAG(int64_t, batch_size, 16, "batch size");
 ABSL_FLAG(double, lr, 5e-4, "peak learning rate");
+ABSL_FLAG(double, head_lr_multiplier, 1.0, "task heads train at lr * this");
 ABSL_FLAG(double, weight_decay, 0.0, "AdamW weight decay");
 ABSL_FLAG(double, warmup_ratio, 0.06, "warm-up fraction of the steps");
 ABSL_FLAG(double, grad_clip, 1.0, "gradient clip norm (0: off)");
@@ -200,6 +202,7 @@ absl::Status Main() {
   o.epochs = absl::GetFlag(FLAGS_epochs);
   o.batch_size = absl::GetFlag(FLAGS_batch_size);
   o.lr = absl::GetFlag(FLAGS_lr);
+  o.head_lr_multiplier = absl::GetFlag(FLAGS_head_lr_multiplier);
   o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
   o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip);
@@ -238,7 +241,9 @@ absl::Status Main() {
     metatt->FreezeShared(true);
     first_task_index = metatt->num_tasks();
     for (size_t i = 0; i < data.size(); ++i) {
-      ASSIGN_OR_RETURN(int64_t idx, metatt->AddTask());
+      ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
+                       MetaTTAdapter::ParseNewTaskInit(absl::GetFlag(FLAGS_new_task_init)));
+      ASSIGN_OR_RETURN(int64_t idx, metatt->AddTask(init));
       (void)idx;
     }
     binding = BindMetaTT(metatt.get());

@@ -125,16 +125,25 @@ void Trainer::Reshuffle() {
 
 std::vector<torch::Tensor> Trainer::CollectParameters() const {
   std::vector<torch::Tensor> out;
-  std::set<void*> seen;
-  auto add = [&](const torch::Tensor& p) {
-    if (p.defined() && p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) {
-      out.push_back(p);
-    }
-  };
-  if (options_.trainable != TrainableSet::kHeadsOnly) {
-    for (const auto& p : adapter_.trainable_parameters()) add(p);
+  for (int g = 0; g < 2; ++g) {
+    const auto group = CollectGroup(g);
+    out.insert(out.end(), group.begin(), group.end());
   }
-  if (options_.trainable != TrainableSet::kAdapterOnly) {
+  return out;
+}
+
+// Group 0: the adapter's trainable tensors; group 1: the task heads.
+std::vector<torch::Tensor> Trainer::CollectGroup(int group) const {
+  std::vector<torch::Tensor> out;
+  auto add = [&](const torch::Tensor& p) {
+    if (p.defined() && p.requires_grad()) out.push_back(p);
+  };
+  if (group == 0 && options_.trainable != TrainableSet::kHeadsOnly) {
+    std::set<void*> seen;
+    for (const auto& p : adapter_.trainable_parameters())
+      if (seen.insert(p.unsafeGetTensorImpl()).second) add(p);
+  }
+  if (group == 1 && options_.trainable != TrainableSet::kAdapterOnly) {
     for (const auto& t : tasks_) {
       add(t.head->weight);
       add(t.head->bias);
@@ -147,9 +156,21 @@ absl::Status Trainer::RebuildOptimizer(bool keep_state) {
   std::vector<torch::Tensor> params = CollectParameters();
   if (params.empty()) return absl::InvalidArgumentError("trainer: nothing to train");
   return TorchTry("optimizer", [&] {
+    // Two parameter groups (adapter, heads) so the heads can take their own
+    // learning rate (options_.head_lr_multiplier); an empty group is skipped.
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    group_multiplier_.clear();
+    for (int g = 0; g < 2; ++g) {
+      auto group = CollectGroup(g);
+      if (group.empty()) continue;
+      groups.emplace_back(group, std::make_unique<torch::optim::AdamWOptions>(
+                                     torch::optim::AdamWOptions(options_.lr)
+                                         .weight_decay(options_.weight_decay)));
+      group_multiplier_.push_back(g == 1 ? options_.head_lr_multiplier : 1.0);
+    }
     if (!optimizer_ || !keep_state) {
       optimizer_ = std::make_unique<torch::optim::AdamW>(
-          params, torch::optim::AdamWOptions(options_.lr).weight_decay(options_.weight_decay));
+          std::move(groups), torch::optim::AdamWOptions(options_.lr).weight_decay(options_.weight_decay));
     } else {
       std::set<void*> keep;
       for (const auto& p : params) keep.insert(p.unsafeGetTensorImpl());
@@ -161,7 +182,10 @@ absl::Status Trainer::RebuildOptimizer(bool keep_state) {
           ++it;
         }
       }
-      optimizer_->param_groups()[0].params() = params;
+      auto& have = optimizer_->param_groups();
+      // Same groups as before (a sweep changes tensors, not which groups exist).
+      for (size_t i = 0; i < groups.size() && i < have.size(); ++i)
+        have[i].params() = groups[i].params();
     }
     params_ = params;
   });
@@ -297,8 +321,10 @@ absl::StatusOr<double> Trainer::TrainStep() {
       }
       grad_norm = std::sqrt(sq);
     }
-    for (auto& group : optimizer_->param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
+    auto& groups = optimizer_->param_groups();
+    for (size_t i = 0; i < groups.size(); ++i) {
+      const double mult = i < group_multiplier_.size() ? group_multiplier_[i] : 1.0;
+      static_cast<torch::optim::AdamWOptions&>(groups[i].options()).lr(lr * mult);
     }
     optimizer_->step();
     // Tensors not being optimised (frozen heads) must not accumulate grads.

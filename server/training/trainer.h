@@ -91,6 +91,8 @@ struct TrainerOptions {
   double epochs = 1.0;
   int64_t batch_size = 16;
   double lr = 5e-4;
+  // The task heads' learning rate is lr * head_lr_multiplier (same schedule).
+  double head_lr_multiplier = 1.0;
   double weight_decay = 0.0;
   double warmup_ratio = 0.0;  // used when warmup_steps < 0
   int64_t warmup_steps = -1;
@@ -191,6 +193,7 @@ class Trainer {
   absl::Status Init();
   absl::Status RebuildOptimizer(bool keep_state);
   std::vector<torch::Tensor> CollectParameters() const;
+  std::vector<torch::Tensor> CollectGroup(int group) const;
   double LearningRate(int64_t step) const;
   absl::Status MaybeSweep();
   absl::StatusOr<double> TrainStep();
@@ -207,6 +210,7 @@ class Trainer {
 
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::vector<torch::Tensor> params_;
+  std::vector<double> group_multiplier_;  // per optimizer param group
   std::vector<std::pair<int, int64_t>> pool_;  // (task, example) of every train row
   std::vector<size_t> order_;
   size_t cursor_ = 0;
