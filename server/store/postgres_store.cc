@@ -14,6 +14,7 @@
 #include "base/status_macros.h"
 #include "server/store/job_json.h"
 #include "server/store/json_slice.h"
+#include "server/store/sql_rows.h"
 
 namespace metatt {
 namespace {
@@ -180,100 +181,24 @@ class Transaction {
   bool committed_ = false;
 };
 
-std::string StringsToJson(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
+// One row of a Result as the shared row mapping reads it (sql_rows.h).
+class PgRow : public SqlRow {
+ public:
+  PgRow(const Result& r, int row) : r_(r), row_(row) {}
+  std::string Text(int col) const override { return r_.Text(row_, col); }
+  int64_t Int(int col) const override { return r_.Int(row_, col); }
+  bool Bool(int col) const override { return r_.Bool(row_, col); }
 
-std::vector<std::string> StringsFromJson(const std::string& s) {
-  try {
-    return nlohmann::json::parse(s).get<std::vector<std::string>>();
-  } catch (const std::exception&) {
-    return {};
-  }
-}
+ private:
+  const Result& r_;
+  int row_;
+};
 
-constexpr const char* kDatasetCols =
-    "id, name, format, spec_json, sha256, path, num_rows, size_bytes, label_names_json, "
-    "regression, created_unix_ms, tenant";
-
-DatasetRecord ReadDataset(const Result& r, int row) {
-  DatasetRecord d;
-  d.id = r.Text(row, 0);
-  d.name = r.Text(row, 1);
-  d.format = r.Text(row, 2);
-  d.spec_json = r.Text(row, 3);
-  d.sha256 = r.Text(row, 4);
-  d.path = r.Text(row, 5);
-  d.num_rows = r.Int(row, 6);
-  d.size_bytes = r.Int(row, 7);
-  d.label_names = StringsFromJson(r.Text(row, 8));
-  d.regression = r.Bool(row, 9);
-  d.created_unix_ms = r.Int(row, 10);
-  d.tenant = r.Text(row, 11);
-  return d;
-}
-
-// `prefix` qualifies the columns (e.g. "j.") where a query joins.
-std::string JobCols(const std::string& prefix = "") {
-  std::string out;
-  for (const char* c : {"seq", "id", "idempotency_key", "spec_json", "state", "failure_reason",
-                        "created_unix_ms", "updated_unix_ms", "step", "total_steps",
-                        "result_family", "result_version", "tenant"}) {
-    absl::StrAppend(&out, out.empty() ? "" : ", ", prefix, c);
-  }
-  return out;
-}
-
-absl::StatusOr<JobRecord> ReadJob(const Result& r, int row) {
-  JobRecord j;
-  j.id = r.Text(row, 1);
-  ASSIGN_OR_RETURN(j.spec, JobSpecFromJson(r.Text(row, 3)));
-  j.spec.idempotency_key = r.Text(row, 2);  // "" for NULL
-  auto st = JobStateFromName(r.Text(row, 4));
-  if (!st) {
-    return absl::DataLossError(absl::StrCat("job ", j.id, ": bad state ", r.Text(row, 4)));
-  }
-  j.state = *st;
-  j.failure_reason = r.Text(row, 5);
-  j.created_unix_ms = r.Int(row, 6);
-  j.updated_unix_ms = r.Int(row, 7);
-  j.step = r.Int(row, 8);
-  j.total_steps = r.Int(row, 9);
-  j.result_family = r.Text(row, 10);
-  j.result_version = r.Int(row, 11);
-  j.tenant = r.Text(row, 12);
-  return j;
-}
-
-constexpr const char* kFamilyCols =
-    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
-// The same columns with '[]' for tasks_json: a summary reads no task list.
-constexpr const char* kFamilySummaryCols =
-    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "'[]', created_by_job, created_unix_ms, tenant, task_count";
-
-// with_tasks: tasks [first_task, first_task + max_tasks) (max_tasks < 0 = all).
+DatasetRecord ReadDataset(const Result& r, int row) { return DatasetFromRow(PgRow(r, row)); }
+absl::StatusOr<JobRecord> ReadJob(const Result& r, int row) { return JobFromRow(PgRow(r, row)); }
 absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row, bool with_tasks,
                                                int64_t first_task = 0, int64_t max_tasks = -1) {
-  FamilyVersionRecord f;
-  f.family = r.Text(row, 0);
-  f.version = r.Int(row, 1);
-  f.form = r.Text(row, 2);
-  f.config_json = r.Text(row, 3);
-  f.base_model_fingerprint = r.Text(row, 4);
-  f.path = r.Text(row, 5);
-  f.adapter_parameters = r.Int(row, 6);
-  const bool whole = first_task == 0 && max_tasks < 0;
-  if (with_tasks && whole) {
-    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(r.Text(row, 7)));
-  } else if (with_tasks) {
-    ASSIGN_OR_RETURN(std::string slice, JsonArraySlice(r.Text(row, 7), first_task, max_tasks));
-    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(slice));
-  }
-  f.created_by_job = r.Text(row, 8);
-  f.created_unix_ms = r.Int(row, 9);
-  f.tenant = r.Text(row, 10);
-  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : r.Int(row, 11);
-  return f;
+  return FamilyFromRow(PgRow(r, row), with_tasks, first_task, max_tasks);
 }
 
 // "$1, $2, ..., $n"

@@ -11,6 +11,7 @@
 #include "base/status_macros.h"
 #include "server/store/job_json.h"
 #include "server/store/json_slice.h"
+#include "server/store/sql_rows.h"
 
 namespace metatt {
 namespace {
@@ -109,7 +110,7 @@ ALTER TABLE family_versions_v3 RENAME TO family_versions;
 };
 
 // RAII prepared statement with typed binders / readers.
-class Stmt {
+class Stmt : public SqlRow {
  public:
   Stmt(sqlite3* db, const char* sql) : db_(db) {
     rc_ = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr);
@@ -152,12 +153,13 @@ class Stmt {
     auto r = Step();
     return r.ok() ? absl::OkStatus() : r.status();
   }
-  std::string Text(int col) const {
+  std::string Text(int col) const override {
     const unsigned char* p = sqlite3_column_text(stmt_, col);
     int n = sqlite3_column_bytes(stmt_, col);
     return p ? std::string(reinterpret_cast<const char*>(p), n) : std::string();
   }
-  int64_t Int(int col) const { return sqlite3_column_int64(stmt_, col); }
+  int64_t Int(int col) const override { return sqlite3_column_int64(stmt_, col); }
+  bool Bool(int col) const override { return Int(col) != 0; }
 
  private:
   sqlite3* db_;
@@ -195,91 +197,12 @@ class Transaction {
   bool committed_ = false;
 };
 
-std::string StringsToJson(const std::vector<std::string>& v) { return nlohmann::json(v).dump(); }
-
-std::vector<std::string> StringsFromJson(const std::string& s) {
-  try {
-    return nlohmann::json::parse(s).get<std::vector<std::string>>();
-  } catch (const std::exception&) {
-    return {};
-  }
-}
-
-constexpr const char* kDatasetCols =
-    "id, name, format, spec_json, sha256, path, num_rows, size_bytes, label_names_json, "
-    "regression, created_unix_ms, tenant";
-
-DatasetRecord ReadDataset(const Stmt& s) {
-  DatasetRecord d;
-  d.id = s.Text(0);
-  d.name = s.Text(1);
-  d.format = s.Text(2);
-  d.spec_json = s.Text(3);
-  d.sha256 = s.Text(4);
-  d.path = s.Text(5);
-  d.num_rows = s.Int(6);
-  d.size_bytes = s.Int(7);
-  d.label_names = StringsFromJson(s.Text(8));
-  d.regression = s.Int(9) != 0;
-  d.created_unix_ms = s.Int(10);
-  d.tenant = s.Text(11);
-  return d;
-}
-
-constexpr const char* kJobCols =
-    "seq, id, idempotency_key, spec_json, state, failure_reason, created_unix_ms, "
-    "updated_unix_ms, step, total_steps, result_family, result_version, tenant";
-
-absl::StatusOr<JobRecord> ReadJob(const Stmt& s) {
-  JobRecord j;
-  j.id = s.Text(1);
-  ASSIGN_OR_RETURN(j.spec, JobSpecFromJson(s.Text(3)));
-  j.spec.idempotency_key = s.Text(2);
-  auto st = JobStateFromName(s.Text(4));
-  if (!st) return absl::DataLossError(absl::StrCat("job ", j.id, ": bad state ", s.Text(4)));
-  j.state = *st;
-  j.failure_reason = s.Text(5);
-  j.created_unix_ms = s.Int(6);
-  j.updated_unix_ms = s.Int(7);
-  j.step = s.Int(8);
-  j.total_steps = s.Int(9);
-  j.result_family = s.Text(10);
-  j.result_version = s.Int(11);
-  j.tenant = s.Text(12);
-  return j;
-}
-
-constexpr const char* kFamilyCols =
-    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
-// The same columns with '[]' for tasks_json: a summary reads no task list.
-constexpr const char* kFamilySummaryCols =
-    "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "'[]', created_by_job, created_unix_ms, tenant, task_count";
-
-// with_tasks: tasks [first_task, first_task + max_tasks) (max_tasks < 0 = all).
+// Row mapping and column lists: sql_rows.h (shared with the PostgreSQL store).
+DatasetRecord ReadDataset(const Stmt& s) { return DatasetFromRow(s); }
+absl::StatusOr<JobRecord> ReadJob(const Stmt& s) { return JobFromRow(s); }
 absl::StatusOr<FamilyVersionRecord> ReadFamily(const Stmt& s, bool with_tasks,
                                                int64_t first_task = 0, int64_t max_tasks = -1) {
-  FamilyVersionRecord f;
-  f.family = s.Text(0);
-  f.version = s.Int(1);
-  f.form = s.Text(2);
-  f.config_json = s.Text(3);
-  f.base_model_fingerprint = s.Text(4);
-  f.path = s.Text(5);
-  f.adapter_parameters = s.Int(6);
-  const bool whole = first_task == 0 && max_tasks < 0;
-  if (with_tasks && whole) {
-    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(s.Text(7)));
-  } else if (with_tasks) {
-    ASSIGN_OR_RETURN(std::string slice, JsonArraySlice(s.Text(7), first_task, max_tasks));
-    ASSIGN_OR_RETURN(f.tasks, TasksFromJson(slice));
-  }
-  f.created_by_job = s.Text(8);
-  f.created_unix_ms = s.Int(9);
-  f.tenant = s.Text(10);
-  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : s.Int(11);
-  return f;
+  return FamilyFromRow(s, with_tasks, first_task, max_tasks);
 }
 
 }  // namespace
@@ -412,7 +335,7 @@ absl::Status SqliteStore::DeleteDataset(const std::string& id) {
 // ---- Jobs -------------------------------------------------------------------
 
 absl::StatusOr<JobRecord> SqliteStore::GetJobLocked(const std::string& id) {
-  Stmt s(db_, absl::StrCat("SELECT ", kJobCols, " FROM jobs WHERE id = ?").c_str());
+  Stmt s(db_, absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE id = ?").c_str());
   s.Bind(1, id);
   ASSIGN_OR_RETURN(bool row, s.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
@@ -424,7 +347,7 @@ absl::StatusOr<JobRecord> SqliteStore::CreateJob(const JobRecord& j) {
   Transaction tx(db_);
   RETURN_IF_ERROR(tx.status());
   if (!j.spec.idempotency_key.empty()) {
-    Stmt s(db_, absl::StrCat("SELECT ", kJobCols, " FROM jobs WHERE idempotency_key = ?").c_str());
+    Stmt s(db_, absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE idempotency_key = ?").c_str());
     s.Bind(1, j.spec.idempotency_key);
     ASSIGN_OR_RETURN(bool row, s.Step());
     if (row) return ReadJob(s);
@@ -456,7 +379,7 @@ absl::StatusOr<JobRecord> SqliteStore::CreateJob(const JobRecord& j) {
 
 absl::StatusOr<JobRecord> SqliteStore::FindJobByIdempotencyKey(const std::string& key) {
   absl::MutexLock lock(&mu_);
-  Stmt s(db_, absl::StrCat("SELECT ", kJobCols, " FROM jobs WHERE idempotency_key = ?").c_str());
+  Stmt s(db_, absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE idempotency_key = ?").c_str());
   s.Bind(1, key);
   ASSIGN_OR_RETURN(bool row, s.Step());
   if (!row) return absl::NotFoundError(absl::StrCat("no job with idempotency key ", key));
@@ -492,7 +415,7 @@ absl::StatusOr<std::vector<JobRecord>> SqliteStore::ListJobs(std::optional<JobSt
   }
   if (page_size <= 0) page_size = 50;
   absl::MutexLock lock(&mu_);
-  std::string sql = absl::StrCat("SELECT ", kJobCols, " FROM jobs WHERE seq > ?",
+  std::string sql = absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE seq > ?",
                                  state ? " AND state = ?" : "", " ORDER BY seq LIMIT ?");
   Stmt s(db_, sql.c_str());
   int i = 1;
