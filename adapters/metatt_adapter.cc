@@ -269,6 +269,16 @@ std::vector<torch::Tensor> MetaTTAdapter::TrainableParameters() const {
   return out;
 }
 
+std::vector<torch::Tensor> MetaTTAdapter::InnerParameters() const {
+  std::vector<torch::Tensor> out;
+  for (const torch::Tensor& t : {layer_, proj_})
+    if (t.requires_grad()) out.push_back(t);
+  if (config_.form == TTForm::k5D && out_.requires_grad()) out.push_back(out_);  // "head"
+  for (const auto& [t, leaf] : task_leaves_)
+    if (leaf.requires_grad()) out.push_back(leaf);
+  return out;
+}
+
 int64_t MetaTTAdapter::NumParameters() const {
   int64_t n = 0;
   for (auto& [name, t] : NamedParameters()) n += t.numel();

@@ -114,6 +114,10 @@ class MetaTTAdapter : public EncoderAdapter {
   // "task.<t>" (4+1D: the trainable leaf, or a view of the stored core).
   std::vector<std::pair<std::string, torch::Tensor>> NamedParameters() const;
   std::vector<torch::Tensor> TrainableParameters() const;
+  // The trainable inner cores (layer, proj, 5D head, trainable task slices):
+  // the cores between the boundary cores "in" and "out"/"head_width". The
+  // trainer may give them their own learning rate.
+  std::vector<torch::Tensor> InnerParameters() const;
   int64_t NumParameters() const;           // all leaves
   int64_t NumTrainableParameters() const;  // leaves with requires_grad
 

@@ -61,6 +61,7 @@ AdapterBinding BindMetaTT(MetaTTAdapter* a) {
     return out;
   };
   b.after_step = [a] { a->MarkCoresChanged(); };
+  b.inner_parameters = [a] { return a->InnerParameters(); };
   return b;
 }
 

@@ -63,6 +63,7 @@ ABSL_FLAG(double, epochs, 1.0, "epochs when --steps=0");
 ABSL_FLAG(int64_t, batch_size, 16, "batch size");
 ABSL_FLAG(double, lr, 5e-4, "peak learning rate");
 ABSL_FLAG(double, head_lr_multiplier, 1.0, "task heads train at lr * this");
+ABSL_FLAG(double, inner_lr_multiplier, 1.0, "MetaTT inner cores (layer, proj, task) train at lr * this");
 ABSL_FLAG(double, weight_decay, 0.0, "AdamW weight decay");
 ABSL_FLAG(double, warmup_ratio, 0.06, "warm-up fraction of the steps");
 ABSL_FLAG(double, grad_clip, 1.0, "gradient clip norm (0: off)");
@@ -203,6 +204,7 @@ absl::Status Main() {
   o.batch_size = absl::GetFlag(FLAGS_batch_size);
   o.lr = absl::GetFlag(FLAGS_lr);
   o.head_lr_multiplier = absl::GetFlag(FLAGS_head_lr_multiplier);
+  o.inner_lr_multiplier = absl::GetFlag(FLAGS_inner_lr_multiplier);
   o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
   o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip);

@@ -125,25 +125,32 @@ void Trainer::Reshuffle() {
 
 std::vector<torch::Tensor> Trainer::CollectParameters() const {
   std::vector<torch::Tensor> out;
-  for (int g = 0; g < 2; ++g) {
+  for (int g = 0; g < kNumGroups; ++g) {
     const auto group = CollectGroup(g);
     out.insert(out.end(), group.begin(), group.end());
   }
   return out;
 }
 
-// Group 0: the adapter's trainable tensors; group 1: the task heads.
+// Group 0: the adapter's trainable tensors except its inner cores; 1: the
+// inner cores; 2: the task heads.
 std::vector<torch::Tensor> Trainer::CollectGroup(int group) const {
   std::vector<torch::Tensor> out;
   auto add = [&](const torch::Tensor& p) {
     if (p.defined() && p.requires_grad()) out.push_back(p);
   };
-  if (group == 0 && options_.trainable != TrainableSet::kHeadsOnly) {
+  if (group < 2 && options_.trainable != TrainableSet::kHeadsOnly) {
+    std::set<void*> inner;
+    if (adapter_.inner_parameters)
+      for (const auto& p : adapter_.inner_parameters()) inner.insert(p.unsafeGetTensorImpl());
     std::set<void*> seen;
-    for (const auto& p : adapter_.trainable_parameters())
-      if (seen.insert(p.unsafeGetTensorImpl()).second) add(p);
+    for (const auto& p : adapter_.trainable_parameters()) {
+      void* key = p.unsafeGetTensorImpl();
+      if (!seen.insert(key).second) continue;
+      if ((inner.count(key) > 0) == (group == 1)) add(p);
+    }
   }
-  if (group == 1 && options_.trainable != TrainableSet::kAdapterOnly) {
+  if (group == 2 && options_.trainable != TrainableSet::kAdapterOnly) {
     for (const auto& t : tasks_) {
       add(t.head->weight);
       add(t.head->bias);
@@ -156,18 +163,24 @@ absl::Status Trainer::RebuildOptimizer(bool keep_state) {
   std::vector<torch::Tensor> params = CollectParameters();
   if (params.empty()) return absl::InvalidArgumentError("trainer: nothing to train");
   return TorchTry("optimizer", [&] {
-    // Two parameter groups (adapter, heads) so the heads can take their own
-    // learning rate (options_.head_lr_multiplier); an empty group is skipped.
+    // Parameter groups (adapter, its inner cores, heads), each with its own
+    // learning-rate multiplier; an empty group is skipped.
+    const double multiplier[kNumGroups] = {1.0, options_.inner_lr_multiplier,
+                                           options_.head_lr_multiplier};
     std::vector<torch::optim::OptimizerParamGroup> groups;
-    group_multiplier_.clear();
-    for (int g = 0; g < 2; ++g) {
+    std::vector<int> ids;
+    for (int g = 0; g < kNumGroups; ++g) {
       auto group = CollectGroup(g);
       if (group.empty()) continue;
       groups.emplace_back(group, std::make_unique<torch::optim::AdamWOptions>(
                                      torch::optim::AdamWOptions(options_.lr)
                                          .weight_decay(options_.weight_decay)));
-      group_multiplier_.push_back(g == 1 ? options_.head_lr_multiplier : 1.0);
+      ids.push_back(g);
     }
+    if (optimizer_ && keep_state && ids != group_ids_) keep_state = false;
+    group_ids_ = ids;
+    group_multiplier_.clear();
+    for (int g : ids) group_multiplier_.push_back(multiplier[g]);
     if (!optimizer_ || !keep_state) {
       optimizer_ = std::make_unique<torch::optim::AdamW>(
           std::move(groups), torch::optim::AdamWOptions(options_.lr).weight_decay(options_.weight_decay));
@@ -183,9 +196,8 @@ absl::Status Trainer::RebuildOptimizer(bool keep_state) {
         }
       }
       auto& have = optimizer_->param_groups();
-      // Same groups as before (a sweep changes tensors, not which groups exist).
-      for (size_t i = 0; i < groups.size() && i < have.size(); ++i)
-        have[i].params() = groups[i].params();
+      // Same groups as before (checked above): a sweep changes tensors only.
+      for (size_t i = 0; i < groups.size(); ++i) have[i].params() = groups[i].params();
     }
     params_ = params;
   });

@@ -76,6 +76,10 @@ struct AdapterBinding {
   // Optional: called after every optimizer step (adapters that cache
   // products of their cores drop the cache here).
   std::function<void()> after_step;
+  // Optional: the subset of trainable_parameters() that are inner cores of a
+  // tensor train (MetaTT's layer, projection, head and task cores); they
+  // train at lr * TrainerOptions::inner_lr_multiplier.
+  std::function<std::vector<torch::Tensor>()> inner_parameters;
 };
 
 struct RankScheduleEntry {
@@ -91,7 +95,10 @@ struct TrainerOptions {
   double epochs = 1.0;
   int64_t batch_size = 16;
   double lr = 5e-4;
-  // The task heads' learning rate is lr * head_lr_multiplier (same schedule).
+  // Learning rates by parameter group, all on the same schedule: the
+  // adapter's inner cores (AdapterBinding::inner_parameters) train at
+  // lr * inner_lr_multiplier, the task heads at lr * head_lr_multiplier.
+  double inner_lr_multiplier = 1.0;
   double head_lr_multiplier = 1.0;
   double weight_decay = 0.0;
   double warmup_ratio = 0.0;  // used when warmup_steps < 0
@@ -210,6 +217,8 @@ class Trainer {
 
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::vector<torch::Tensor> params_;
+  static constexpr int kNumGroups = 3;     // adapter, adapter inner cores, heads
+  std::vector<int> group_ids_;            // which of them the optimizer holds, in order
   std::vector<double> group_multiplier_;  // per optimizer param group
   std::vector<std::pair<int, int64_t>> pool_;  // (task, example) of every train row
   std::vector<size_t> order_;
