@@ -4,6 +4,7 @@
 #include <prometheus/text_serializer.h>
 
 #include <exception>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 
@@ -84,25 +85,6 @@ std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
                           .Help("Distinct tasks per device inference batch")
                           .Register(r)
                           .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64});
-  auto& queue = BuildGauge()
-                    .Name("metatt_queue_depth")
-                    .Help("Predictions waiting for a device batch")
-                    .Register(r)
-                    .Add({});
-  auto& resident = BuildGauge()
-                       .Name("metatt_tasks_resident")
-                       .Help("Tasks whose adapter is resident on the device")
-                       .Register(r)
-                       .Add({});
-  auto& params = BuildGauge()
-                     .Name("metatt_adapter_parameters")
-                     .Help("Trainable adapter parameters of the latest version of a family")
-                     .Register(r);
-  auto& mem = BuildGauge()
-                  .Name("metatt_device_memory_bytes")
-                  .Help("Device memory allocated by the server")
-                  .Register(r)
-                  .Add({});
   auto& inputs = BuildCounter()
                      .Name("metatt_predict_inputs_total")
                      .Help("Predict inputs by task (first K tasks by name, the rest \"other\") "
@@ -114,8 +96,7 @@ std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
                         .Register(r)
                         .Add({});
   m->metrics_.reset(new ServerMetrics{jobs, steps, loss, eps, predict, latency, batch, batch_tasks,
-                                      queue, resident, params, mem, inputs, in_flight,
-                                      m->task_labels_.get()});
+                                      inputs, in_flight, m->task_labels_.get()});
   for (auto s : {JobState::kQueued, JobState::kValidating, JobState::kRunning, JobState::kSucceeded,
                  JobState::kFailed, JobState::kCancelled}) {
     m->metrics_->JobsIn(s).Set(0);
@@ -129,6 +110,7 @@ absl::StatusOr<int> MetricsRegistry::Serve(const std::string& listen) {
   try {
     exposer_ = std::make_unique<prometheus::Exposer>(listen);
     exposer_->RegisterCollectable(registry_);
+    for (const auto& c : collectables_) exposer_->RegisterCollectable(c);
     auto ports = exposer_->GetListeningPorts();
     if (ports.empty())
       return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", listen));
@@ -139,9 +121,65 @@ absl::StatusOr<int> MetricsRegistry::Serve(const std::string& listen) {
   }
 }
 
+void MetricsRegistry::AddCollectable(std::shared_ptr<prometheus::Collectable> c) {
+  if (exposer_ != nullptr) exposer_->RegisterCollectable(c);
+  collectables_.push_back(std::move(c));
+}
+
 std::string MetricsRegistry::Render() const {
+  std::vector<prometheus::MetricFamily> all = registry_->Collect();
+  for (const auto& c : collectables_) {
+    for (auto& f : c->Collect()) all.push_back(std::move(f));
+  }
   prometheus::TextSerializer s;
-  return s.Serialize(registry_->Collect());
+  return s.Serialize(all);
+}
+
+namespace {
+
+prometheus::MetricFamily GaugeFamily(std::string name, std::string help) {
+  prometheus::MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = prometheus::MetricType::Gauge;
+  return f;
+}
+
+prometheus::MetricFamily OneGauge(std::string name, std::string help, int64_t value) {
+  prometheus::MetricFamily f = GaugeFamily(std::move(name), std::move(help));
+  f.metric.emplace_back();
+  f.metric.back().gauge.value = static_cast<double>(value);
+  return f;
+}
+
+}  // namespace
+
+std::vector<prometheus::MetricFamily> SampledGauges::Collect() const {
+  const RuntimeGauges g = runtime_ ? runtime_() : RuntimeGauges{};
+  std::vector<prometheus::MetricFamily> out;
+  out.push_back(OneGauge("metatt_queue_depth", "Predictions waiting for a device batch",
+                         g.queue_depth));
+  out.push_back(OneGauge("metatt_tasks_resident", "Tasks whose adapter is resident on the device",
+                         g.tasks_resident));
+  out.push_back(OneGauge("metatt_device_memory_bytes", "Device memory allocated by the server",
+                         g.device_memory_bytes));
+  prometheus::MetricFamily params = GaugeFamily(
+      "metatt_adapter_parameters", "Trainable adapter parameters of the latest version of a family");
+  if (store_ != nullptr) {
+    auto all = store_->ListFamilyVersionSummaries("");
+    if (all.ok()) {
+      // Ordered by (family, version): the last record of each family is its latest.
+      std::map<std::string, int64_t> latest;
+      for (const auto& v : *all) latest[v.family] = v.adapter_parameters;
+      for (const auto& [family, n] : latest) {
+        params.metric.emplace_back();
+        params.metric.back().label = {{"family", family}};
+        params.metric.back().gauge.value = static_cast<double>(n);
+      }
+    }
+  }
+  out.push_back(std::move(params));
+  return out;
 }
 
 void JobMetrics::OnJobCount(JobState s, int64_t n) {

@@ -1,6 +1,10 @@
-// Prometheus metrics of the server. One registry object, created in main and
-// injected (no global singleton); every layer updates the plain references in
-// ServerMetrics. Torch-free and protobuf-free: the runtime includes it too.
+// Prometheus metrics of the server. One registry object, created by the
+// Server and injected (no global singleton); every layer updates the plain
+// references in ServerMetrics (pushed: counters, histograms, job gauges).
+// State gauges (queue depth, resident tasks, device memory, adapter
+// parameters) are read at scrape time by SampledGauges, a
+// prometheus::Collectable: no polling thread. Torch-free and protobuf-free:
+// the runtime includes it too.
 //
 // Names end with their unit (see ARCHITECTURE.md "Metrics"). Labels are
 // bounded: no per-job label; per-task labels only on
@@ -10,20 +14,24 @@
 // series per code).
 #pragma once
 
+#include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_set>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "server/jobs/job_manager.h"
 #include "server/store/job_types.h"
+#include "server/store/store.h"
 
 namespace prometheus {
 class Exposer;
@@ -42,10 +50,6 @@ struct ServerMetrics {
   prometheus::Histogram& predict_latency_seconds;
   prometheus::Histogram& batch_size;   // metatt_batch_size (rows per device batch)
   prometheus::Histogram& batch_tasks;  // metatt_batch_tasks (distinct tasks per batch)
-  prometheus::Gauge& queue_depth;      // metatt_queue_depth (predictions waiting for a batch)
-  prometheus::Gauge& tasks_resident;   // metatt_tasks_resident
-  prometheus::Family<prometheus::Gauge>& adapter_parameters;  // {family}
-  prometheus::Gauge& device_memory_bytes;
   prometheus::Family<prometheus::Counter>& predict_inputs_total;  // {task, code}
   prometheus::Gauge& predict_in_flight;  // metatt_predict_in_flight (Predict RPCs being served)
 
@@ -87,6 +91,29 @@ class TaskLabels {
   int64_t limit_ = 16;
 };
 
+// What the runtime reports at scrape time (filled by a callback, so this
+// layer needs no runtime header).
+struct RuntimeGauges {
+  int64_t queue_depth = 0;          // metatt_queue_depth (predictions waiting for a batch)
+  int64_t tasks_resident = 0;       // metatt_tasks_resident
+  int64_t device_memory_bytes = 0;  // metatt_device_memory_bytes
+};
+
+// metatt_queue_depth, metatt_tasks_resident, metatt_device_memory_bytes
+// (from `runtime`) and metatt_adapter_parameters{family} (the latest version
+// of every family in `store`), read when /metrics is scraped. Thread-safe as
+// far as `store` and `runtime` are; both must outlive it.
+class SampledGauges : public prometheus::Collectable {
+ public:
+  SampledGauges(Store* store, std::function<RuntimeGauges()> runtime)
+      : store_(store), runtime_(std::move(runtime)) {}
+  std::vector<prometheus::MetricFamily> Collect() const override;
+
+ private:
+  Store* store_;  // null = no adapter_parameters
+  std::function<RuntimeGauges()> runtime_;
+};
+
 class MetricsRegistry {
  public:
   static std::unique_ptr<MetricsRegistry> Create();
@@ -98,6 +125,9 @@ class MetricsRegistry {
   // Starts an HTTP exposer serving /metrics on `listen` ("host:port"; port 0
   // picks a free port). Returns the bound port.
   absl::StatusOr<int> Serve(const std::string& listen);
+  // Adds a collectable read at every scrape (and by Render) beside the
+  // registry, e.g. SampledGauges. Before or after Serve.
+  void AddCollectable(std::shared_ptr<prometheus::Collectable> c);
   // Text exposition format of every metric (for tests and debugging).
   std::string Render() const;
 
@@ -106,6 +136,7 @@ class MetricsRegistry {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<ServerMetrics> metrics_;
   std::unique_ptr<TaskLabels> task_labels_;
+  std::vector<std::shared_ptr<prometheus::Collectable>> collectables_;  // beyond registry_
   std::unique_ptr<prometheus::Exposer> exposer_;
 };
 

@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "server/registry/test_util.h"  // InMemoryStore (header-only, over store.h)
+
 namespace metatt {
 namespace {
 
@@ -18,16 +20,42 @@ TEST(ServerMetricsTest, RendersEveryMetricName) {
   m.predict_latency_seconds.Observe(0.01);
   m.batch_size.Observe(4);
   m.batch_tasks.Observe(2);
-  m.adapter_parameters.Add({{"family", "glue"}}).Set(1234);
   std::string text = reg->Render();
   for (const char* name :
        {"metatt_jobs{state=\"RUNNING\"} 1", "metatt_job_steps_total 3", "metatt_train_loss",
         "metatt_train_examples_per_second", "metatt_predict_requests_total{code=\"OK\"} 1",
         "metatt_predict_latency_seconds_bucket", "metatt_batch_size_count 1",
-        "metatt_batch_tasks_sum 2", "metatt_queue_depth", "metatt_tasks_resident",
-        "metatt_adapter_parameters{family=\"glue\"} 1234", "metatt_device_memory_bytes"}) {
+        "metatt_batch_tasks_sum 2"}) {
     EXPECT_THAT(text, HasSubstr(name));
   }
+}
+
+// Read from the store and the runtime callback at every render (scrape).
+TEST(ServerMetricsTest, SampledGaugesAreReadAtScrapeTime) {
+  auto reg = MetricsRegistry::Create();
+  testing_util::InMemoryStore store;
+  FamilyVersionRecord v1;
+  v1.family = "glue";
+  v1.version = 1;
+  v1.adapter_parameters = 1000;
+  FamilyVersionRecord v2 = v1;
+  v2.version = 2;
+  v2.adapter_parameters = 1234;
+  ASSERT_TRUE(store.PublishFamilyVersion(v1).ok());
+  ASSERT_TRUE(store.PublishFamilyVersion(v2).ok());
+  RuntimeGauges g;
+  reg->AddCollectable(std::make_shared<SampledGauges>(&store, [&g] { return g; }));
+  g.queue_depth = 3;
+  g.tasks_resident = 7;
+  g.device_memory_bytes = 4096;
+  std::string text = reg->Render();
+  for (const char* line :
+       {"metatt_queue_depth 3", "metatt_tasks_resident 7", "metatt_device_memory_bytes 4096",
+        "metatt_adapter_parameters{family=\"glue\"} 1234", "# TYPE metatt_queue_depth gauge"}) {
+    EXPECT_THAT(text, HasSubstr(line));
+  }
+  g.queue_depth = 0;
+  EXPECT_THAT(reg->Render(), HasSubstr("metatt_queue_depth 0"));
 }
 
 TEST(ServerMetricsTest, TaskLabelsAreBoundedToTheFirstK) {

@@ -60,7 +60,7 @@ absl::StatusOr<std::vector<FamilyFile>> ReadVersionFiles(const FamilyVersionReco
 grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
                                               const v1::ListFamiliesRequest*,
                                               v1::ListFamiliesResponse* resp) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto all = options_.families->ListAll(*caller);  // summaries: no task lists
   if (!all.ok()) return ToGrpcStatus(all.status());
@@ -82,7 +82,7 @@ grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
 grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
                                            const v1::GetFamilyRequest* req,
                                            v1::GetFamilyResponse* resp) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
   auto versions = options_.families->Versions(*caller, req->family());  // summaries
@@ -102,7 +102,7 @@ grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
 grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
                                            const v1::ListTasksRequest* req,
                                            v1::ListTasksResponse* resp) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
   auto version = TaskPageVersion(req->version(), req->page_token());
@@ -124,7 +124,7 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
 grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
                                             const v1::DeleteTaskRequest* req,
                                             v1::DeleteTaskResponse* resp) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->task().empty()) return ToGrpcStatus(absl::InvalidArgumentError("task: required"));
   auto v = FindVersion(options_.families, *caller, req->family(), 0);
@@ -148,7 +148,7 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
 grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
                                               const v1::ExportFamilyRequest* req,
                                               grpc::ServerWriter<v1::FamilyChunk>* writer) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto v = FindVersion(options_.families, *caller, req->family(), req->version());
   if (!v.ok()) return ToGrpcStatus(v.status());
@@ -180,7 +180,7 @@ grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
 grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
                                               grpc::ServerReader<v1::ImportFamilyRequest>* reader,
                                               v1::ImportFamilyResponse* resp) {
-  auto caller = CallerOf(options_.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (auto q = options_.families->CheckImportQuota(*caller); !q.ok()) return ToGrpcStatus(q);
   v1::ImportFamilyRequest msg;

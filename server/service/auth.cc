@@ -1,13 +1,19 @@
 #include "server/service/auth.h"
 
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/support/server_interceptor.h>
 
 #include <fstream>
+#include <mutex>
 #include <sstream>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "server/service/grpc_status.h"
 
 namespace metatt {
 namespace {
@@ -23,11 +29,102 @@ absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& 
   return ss.str();
 }
 
+// Each RPC's authenticated caller, keyed by its context, from the
+// interceptor's first hook until the RPC's interceptors are destroyed.
+class CallerTable {
+ public:
+  static CallerTable& Get() {
+    static CallerTable* table = new CallerTable();
+    return *table;
+  }
+  void Put(const grpc::ServerContextBase* ctx, const void* owner, absl::StatusOr<Caller> caller) {
+    std::lock_guard<std::mutex> l(mu_);
+    callers_.insert_or_assign(ctx, Entry{owner, std::move(caller)});
+  }
+  void Erase(const grpc::ServerContextBase* ctx, const void* owner) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = callers_.find(ctx);
+    if (it != callers_.end() && it->second.owner == owner) callers_.erase(it);
+  }
+  absl::StatusOr<Caller> Find(const grpc::ServerContextBase* ctx) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = callers_.find(ctx);
+    if (it == callers_.end()) {
+      return absl::UnauthenticatedError("no authenticated caller for this RPC");
+    }
+    return it->second.caller;
+  }
+
+ private:
+  struct Entry {
+    const void* owner;  // the interceptor that put it
+    absl::StatusOr<Caller> caller;
+  };
+  std::mutex mu_;
+  std::unordered_map<const grpc::ServerContextBase*, Entry> callers_;
+};
+
+using grpc::experimental::InterceptionHookPoints;
+
+class AuthInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  AuthInterceptor(const Authenticator* auth, const grpc::ServerContextBase* ctx)
+      : auth_(auth), ctx_(ctx) {}
+  ~AuthInterceptor() override { CallerTable::Get().Erase(ctx_, this); }
+
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::POST_RECV_INITIAL_METADATA)) {
+      absl::StatusOr<Caller> caller = Caller::Local();
+      if (auth_ != nullptr) caller = auth_->Authenticate(*methods->GetRecvInitialMetadata());
+      failure_ = caller.status();
+      CallerTable::Get().Put(ctx_, this, std::move(caller));
+    }
+    if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS) &&
+        !failure_.ok()) {
+      methods->ModifySendStatus(ToGrpcStatus(failure_));
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const Authenticator* auth_;  // null = authentication off
+  const grpc::ServerContextBase* ctx_;
+  absl::Status failure_;
+};
+
+class AuthInterceptorFactory final
+    : public grpc::experimental::ServerInterceptorFactoryInterface {
+ public:
+  explicit AuthInterceptorFactory(const Authenticator* auth) : auth_(auth) {}
+  grpc::experimental::Interceptor* CreateServerInterceptor(
+      grpc::experimental::ServerRpcInfo* info) override {
+    // Only the service's own methods: health checking and reflection stay open.
+    if (info->method() == nullptr || !absl::StartsWith(info->method(), "/metatt.")) {
+      return nullptr;
+    }
+    return new AuthInterceptor(auth_, info->server_context());
+  }
+
+ private:
+  const Authenticator* auth_;
+};
+
 }  // namespace
 
-absl::StatusOr<Caller> Authenticator::Authenticate(const grpc::ServerContext& ctx) const {
+void InstallAuthentication(grpc::ServerBuilder* builder, const Authenticator* auth) {
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> creators;
+  creators.push_back(std::make_unique<AuthInterceptorFactory>(
+      auth != nullptr && auth->enabled() ? auth : nullptr));
+  builder->experimental().SetInterceptorCreators(std::move(creators));
+}
+
+absl::StatusOr<Caller> CallerOf(const grpc::ServerContextBase* ctx) {
+  return CallerTable::Get().Find(ctx);
+}
+
+absl::StatusOr<Caller> Authenticator::Authenticate(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& md) const {
   if (config_ == nullptr) return Caller::Local();
-  const auto& md = ctx.client_metadata();
   auto it = md.find("authorization");
   if (it == md.end()) {
     return absl::UnauthenticatedError(
@@ -42,11 +139,6 @@ absl::StatusOr<Caller> Authenticator::Authenticate(const grpc::ServerContext& ct
   const std::string token(
       absl::StripAsciiWhitespace(absl::string_view(value).substr(kScheme.size())));
   return config_->Authenticate(token);
-}
-
-absl::StatusOr<Caller> CallerOf(const Authenticator* auth, const grpc::ServerContext* ctx) {
-  if (auth == nullptr) return Caller::Local();
-  return auth->Authenticate(*ctx);
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(

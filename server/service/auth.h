@@ -1,12 +1,19 @@
-// Who is calling: the service layer turns an RPC's metadata
+// Who is calling, decided in one place: a gRPC server interceptor
+// (InstallAuthentication) turns every metatt.v1 RPC's metadata
 // ("authorization: Bearer <token>") into a Caller through the tokens file
-// (server/jobs/tenants.h) and passes it to the core classes, which own every
-// ownership and quota rule. Also the server's TLS credentials.
+// (server/jobs/tenants.h) once, before the handler runs; handlers read it with
+// CallerOf(ctx) and pass it to the core classes, which own every ownership
+// and quota rule. An interceptor, not gRPC's AuthMetadataProcessor: that one
+// refuses insecure credentials, which the local default and loopback tests
+// use. Health checking and reflection are not intercepted (no token needed).
+// Also the server's TLS credentials.
 #pragma once
 
 #include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
 #include <grpcpp/server_context.h>
 
+#include <map>
 #include <memory>
 #include <string>
 
@@ -22,14 +29,24 @@ class Authenticator {
   explicit Authenticator(const TenantConfig* config) : config_(config) {}
   bool enabled() const { return config_ != nullptr; }
   // UNAUTHENTICATED when the token is missing, malformed or unknown.
-  absl::StatusOr<Caller> Authenticate(const grpc::ServerContext& ctx) const;
+  absl::StatusOr<Caller> Authenticate(
+      const std::multimap<grpc::string_ref, grpc::string_ref>& client_metadata) const;
 
  private:
   const TenantConfig* config_;
 };
 
-// The caller of an RPC; `auth` null = authentication off.
-absl::StatusOr<Caller> CallerOf(const Authenticator* auth, const grpc::ServerContext* ctx);
+// Registers the authentication interceptor on `builder` for every metatt.v1
+// method; `auth` null (or disabled) = authentication off, every caller is
+// Caller::Local(). `auth` must outlive the server. An RPC whose token fails
+// ends UNAUTHENTICATED with the authenticator's message whatever its handler
+// returns (the interceptor rewrites the status it sends).
+void InstallAuthentication(grpc::ServerBuilder* builder, const Authenticator* auth);
+
+// The caller the interceptor authenticated for the RPC `ctx` serves:
+// UNAUTHENTICATED with its reason when the token failed, and (fail closed)
+// when no interceptor ran for `ctx`. Every metatt.v1 handler starts with it.
+absl::StatusOr<Caller> CallerOf(const grpc::ServerContextBase* ctx);
 
 struct TlsFiles {
   std::string cert;       // PEM server certificate chain; "" = plaintext

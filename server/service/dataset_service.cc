@@ -8,7 +8,7 @@ namespace metatt {
 grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext* ctx,
                                                grpc::ServerReader<v1::UploadDatasetRequest>* reader,
                                                v1::UploadDatasetResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   v1::UploadDatasetRequest msg;
   if (!reader->Read(&msg) || !msg.has_header()) {
@@ -41,7 +41,7 @@ grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext* ctx,
 grpc::Status DatasetServiceImpl::GetDataset(grpc::ServerContext* ctx,
                                             const v1::GetDatasetRequest* req,
                                             v1::GetDatasetResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->dataset_id().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));
@@ -55,7 +55,7 @@ grpc::Status DatasetServiceImpl::GetDataset(grpc::ServerContext* ctx,
 grpc::Status DatasetServiceImpl::ListDatasets(grpc::ServerContext* ctx,
                                               const v1::ListDatasetsRequest*,
                                               v1::ListDatasetsResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto all = datasets_->List(*caller);
   if (!all.ok()) return ToGrpcStatus(all.status());
@@ -66,7 +66,7 @@ grpc::Status DatasetServiceImpl::ListDatasets(grpc::ServerContext* ctx,
 grpc::Status DatasetServiceImpl::DeleteDataset(grpc::ServerContext* ctx,
                                                const v1::DeleteDatasetRequest* req,
                                                v1::DeleteDatasetResponse*) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->dataset_id().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("dataset_id: required"));

@@ -21,7 +21,7 @@ absl::Status DoPredict(const InferenceServiceOptions& o, grpc::ServerContext* ct
         absl::StrCat("inputs: ", req->inputs_size(),
                      " inputs; the limit is max_predict_inputs=", o.max_inputs));
   }
-  auto caller = CallerOf(o.auth, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return caller.status();
   std::vector<PredictInput> inputs;
   inputs.reserve(req->inputs_size());

@@ -6,7 +6,7 @@ namespace metatt {
 
 grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                                        v1::CreateJobResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto spec = FromProto(req->spec());
   if (!spec.ok()) return ToGrpcStatus(spec.status());
@@ -19,7 +19,7 @@ grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::Creat
 
 grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
                                     v1::GetJobResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
   auto job = jobs_->GetJob(req->job_id(), *caller);
@@ -30,7 +30,7 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRe
 
 grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                       v1::ListJobsResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   auto state = FromProto(req->state());
   if (!state.ok()) return ToGrpcStatus(state.status());
@@ -44,7 +44,7 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJo
 
 grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                                        v1::CancelJobResponse* resp) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
   auto job = jobs_->CancelJob(req->job_id(), *caller);
@@ -56,7 +56,7 @@ grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::Cance
 grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
                                              const v1::StreamJobEventsRequest* req,
                                              grpc::ServerWriter<v1::JobEvent>* writer) {
-  auto caller = CallerOf(auth_, ctx);
+  auto caller = CallerOf(ctx);
   if (!caller.ok()) return ToGrpcStatus(caller.status());
   if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
   auto sub = jobs_->Subscribe(req->job_id(), *caller);

@@ -66,6 +66,7 @@ class ServiceTest : public ::testing::Test {
     iopt.metrics = &metrics_->metrics();
     inference_service_ = std::make_unique<InferenceServiceImpl>(iopt);
     grpc::ServerBuilder b;
+    InstallAuthentication(&b, nullptr);  // authentication off: every caller is Caller::Local()
     b.RegisterService(job_service_.get());
     b.RegisterService(dataset_service_.get());
     b.RegisterService(adapter_service_.get());

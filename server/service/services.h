@@ -1,8 +1,9 @@
 // Thin gRPC services: parse/validate the request, call the core
 // (JobManager, DatasetManager, Store, AdapterCatalog, Predictor), map the
 // status with ToGrpcStatus. No rule lives here that a core class could own.
-// Every RPC first maps its metadata to a Caller (auth.h; `auth` null =
-// authentication off) and hands it to the core, which filters by tenant.
+// Every RPC first reads its Caller, authenticated once by the server's
+// interceptor (auth.h: InstallAuthentication, CallerOf), and hands it to the
+// core, which filters by tenant.
 #pragma once
 
 #include <functional>
@@ -27,8 +28,7 @@ struct ServerMetrics;
 
 class JobServiceImpl final : public v1::JobService::Service {
  public:
-  explicit JobServiceImpl(JobManager* jobs, const Authenticator* auth = nullptr)
-      : jobs_(jobs), auth_(auth) {}
+  explicit JobServiceImpl(JobManager* jobs) : jobs_(jobs) {}
   grpc::Status CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                          v1::CreateJobResponse* resp) override;
   grpc::Status GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
@@ -42,13 +42,11 @@ class JobServiceImpl final : public v1::JobService::Service {
 
  private:
   JobManager* jobs_;
-  const Authenticator* auth_;
 };
 
 class DatasetServiceImpl final : public v1::DatasetService::Service {
  public:
-  explicit DatasetServiceImpl(DatasetManager* datasets, const Authenticator* auth = nullptr)
-      : datasets_(datasets), auth_(auth) {}
+  explicit DatasetServiceImpl(DatasetManager* datasets) : datasets_(datasets) {}
   grpc::Status UploadDataset(grpc::ServerContext* ctx,
                              grpc::ServerReader<v1::UploadDatasetRequest>* reader,
                              v1::UploadDatasetResponse* resp) override;
@@ -61,7 +59,6 @@ class DatasetServiceImpl final : public v1::DatasetService::Service {
 
  private:
   DatasetManager* datasets_;
-  const Authenticator* auth_;
 };
 
 struct AdapterServiceOptions {
@@ -70,8 +67,7 @@ struct AdapterServiceOptions {
   int64_t max_import_bytes = 1ll << 30;
   // Called after a family changed (import, task deleted), e.g. to reload it.
   std::function<void(const std::string& family)> on_family_changed;
-  const Authenticator* auth = nullptr;  // null = authentication off
-  FamilyAccess* families = nullptr;     // ownership rules; null = one over `store`
+  FamilyAccess* families = nullptr;  // ownership rules; null = one over `store`
 };
 
 class AdapterServiceImpl final : public v1::AdapterService::Service {
@@ -105,8 +101,7 @@ struct InferenceServiceOptions {
   Predictor* predictor = nullptr;  // null = UNAVAILABLE (no runtime)
   ServerMetrics* metrics = nullptr;
   int64_t max_inputs = 1024;
-  const Authenticator* auth = nullptr;  // null = authentication off
-  FamilyAccess* families = nullptr;     // ownership of the families inputs name; null = no check
+  FamilyAccess* families = nullptr;  // ownership of the families inputs name; null = no check
 };
 
 class InferenceServiceImpl final : public v1::InferenceService::Service {
