@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <sstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -70,18 +71,30 @@ ABSL_FLAG(std::vector<std::string>, dataset, {}, "dataset id(s), one per task");
 ABSL_FLAG(std::vector<std::string>, eval_dataset, {}, "eval dataset id(s), one per task");
 ABSL_FLAG(double, eval_fraction, 0, "held-out fraction when no eval dataset (0 = server default)");
 ABSL_FLAG(std::string, metric, "", "eval metric (accuracy | f1 | matthews | pearson | spearman)");
-ABSL_FLAG(std::string, form, "", "adapter form: 4d | 5d | 4+1d (default 4+1d)");
-ABSL_FLAG(std::vector<std::string>, ranks, {}, "TT ranks: one for all bonds or one per bond");
-ABSL_FLAG(std::vector<std::string>, projections, {}, "adapted projections (default q,k,v,o)");
-ABSL_FLAG(std::string, init, "", "core init, e.g. ze-id-id-id");
-ABSL_FLAG(double, alpha, 0, "adapter scale alpha (0 = default)");
-ABSL_FLAG(int64_t, steps, 0, "max training steps (0 = server default)");
-ABSL_FLAG(int64_t, batch_size, 0, "training batch size");
-ABSL_FLAG(double, lr, 0, "learning rate");
-ABSL_FLAG(int64_t, eval_every, 0, "evaluate every N steps");
-ABSL_FLAG(int64_t, max_length, 0, "max tokens per example");
-ABSL_FLAG(std::string, pooling, "", "mean | cls");
-ABSL_FLAG(uint64_t, seed, 0, "random seed");
+// jobs create: every adapter and training flag left out is "auto", the
+// server's default for the form (DefaultRecipe in server/training/recipe.cc);
+// the job's first log event lists the values it ran with.
+#define SERVER_DEFAULT " (default: server/form default)"
+ABSL_FLAG(std::string, form, "", "adapter form: 4d | 5d | 4+1d" SERVER_DEFAULT);
+ABSL_FLAG(std::vector<std::string>, ranks, {},
+          "TT ranks: one for all bonds or one per bond" SERVER_DEFAULT);
+ABSL_FLAG(std::vector<std::string>, projections, {}, "adapted projections" SERVER_DEFAULT);
+ABSL_FLAG(std::string, init, "", "core init, e.g. ze-id-id-id" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, alpha, std::nullopt, "adapter scale alpha (0: alpha = r)" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, steps, std::nullopt, "max training steps" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, batch_size, std::nullopt, "training batch size" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, lr, std::nullopt, "learning rate" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, weight_decay, std::nullopt, "AdamW weight decay" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, warmup_ratio, std::nullopt,
+          "warm-up fraction of the steps" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, grad_clip, std::nullopt, "gradient clip norm" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, eval_every, std::nullopt, "evaluate every N steps" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, max_length, std::nullopt,
+          "max tokens per example" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, patience, std::nullopt,
+          "early-stop after N evals without improvement" SERVER_DEFAULT);
+ABSL_FLAG(std::string, pooling, "", "mean | cls" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "random seed" SERVER_DEFAULT);
 ABSL_FLAG(std::string, idempotency_key, "", "jobs create: retry-safe key");
 ABSL_FLAG(bool, follow, false, "jobs create: follow the job until it ends");
 ABSL_FLAG(std::string, state, "", "jobs list: filter by state (QUEUED, RUNNING, ...)");
@@ -448,15 +461,20 @@ int CreateJob(Stubs& s) {
   }
   for (const auto& p : absl::GetFlag(FLAGS_projections)) a->add_projections(p);
   a->set_init(absl::GetFlag(FLAGS_init));
-  a->set_alpha(absl::GetFlag(FLAGS_alpha));
+  // Only the flags given are sent (proto3 optional): the rest stay auto.
+  if (auto v = absl::GetFlag(FLAGS_alpha)) a->set_alpha(*v);
   auto* h = spec->mutable_hparams();
-  h->set_max_steps(absl::GetFlag(FLAGS_steps));
-  h->set_batch_size(absl::GetFlag(FLAGS_batch_size));
-  h->set_learning_rate(absl::GetFlag(FLAGS_lr));
-  h->set_eval_every(absl::GetFlag(FLAGS_eval_every));
-  h->set_max_length(absl::GetFlag(FLAGS_max_length));
+  if (auto v = absl::GetFlag(FLAGS_steps)) h->set_max_steps(*v);
+  if (auto v = absl::GetFlag(FLAGS_batch_size)) h->set_batch_size(*v);
+  if (auto v = absl::GetFlag(FLAGS_lr)) h->set_learning_rate(*v);
+  if (auto v = absl::GetFlag(FLAGS_weight_decay)) h->set_weight_decay(*v);
+  if (auto v = absl::GetFlag(FLAGS_warmup_ratio)) h->set_warmup_ratio(*v);
+  if (auto v = absl::GetFlag(FLAGS_grad_clip)) h->set_grad_clip(*v);
+  if (auto v = absl::GetFlag(FLAGS_eval_every)) h->set_eval_every(*v);
+  if (auto v = absl::GetFlag(FLAGS_max_length)) h->set_max_length(*v);
+  if (auto v = absl::GetFlag(FLAGS_patience)) h->set_early_stop_patience(*v);
   h->set_pooling(absl::GetFlag(FLAGS_pooling));
-  h->set_seed(absl::GetFlag(FLAGS_seed));
+  if (auto v = absl::GetFlag(FLAGS_seed)) h->set_seed(*v);
   req.set_idempotency_key(absl::GetFlag(FLAGS_idempotency_key));
   ClientContext ctx;
   SetDeadline(&ctx);

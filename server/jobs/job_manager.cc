@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 #include "server/jobs/ids.h"
+#include "server/jobs/job_recipe.h"
 #include "server/jobs/job_validation.h"
 #include "server/store/job_json.h"
 
@@ -280,6 +281,9 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
 absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& request, const Caller& caller) {
   JobSpec spec = request;
   spec.idempotency_key = ScopedKey(caller.tenant, request.idempotency_key);
+  // The form is fixed when the job is created (it picks the recipe); every
+  // other unset field stays "auto" until the job starts (job_recipe.h).
+  if (spec.adapter.form.empty()) spec.adapter.form = DefaultForm();
   if (!spec.idempotency_key.empty()) {
     auto existing = store_->FindJobByIdempotencyKey(spec.idempotency_key);
     if (existing.ok()) {
@@ -314,7 +318,10 @@ absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& request, const Ca
   j.spec = spec;
   j.state = JobState::kQueued;
   j.created_unix_ms = j.updated_unix_ms = Now();
-  j.total_steps = spec.hparams.max_steps;
+  // Unset steps: the recipe's for the job's form. 0 = by epochs: known when
+  // the job starts.
+  ASSIGN_OR_RETURN(Recipe recipe, ResolveJobRecipe(spec));
+  j.total_steps = recipe.max_steps;
   ASSIGN_OR_RETURN(JobRecord created, store_->CreateJob(j));
   if (created.id != j.id) return Outgoing(created);  // a concurrent create with the same key won
   unfinished_tenant_[j.id] = j.tenant;

@@ -4,6 +4,7 @@
 #include <cctype>
 
 #include "absl/strings/str_cat.h"
+#include "server/training/recipe.h"
 
 namespace metatt {
 namespace {
@@ -48,25 +49,28 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   if (spec.tasks.empty()) return Bad("spec.tasks", "at least one task is required");
 
   // Adapter: form vs kind vs number of tasks, ranks, projections, alpha.
+  // Unset ("auto", empty) fields pass: they resolve from DefaultRecipe(form)
+  // (server/training/recipe.h), whose values are trusted.
   const AdapterSpec& a = spec.adapter;
-  if (auto st = ValidateAdapterForm(a.form, "spec.adapter.form"); !st.ok()) return st;
-  if (spec.kind == JobKind::kMultiTask && a.form != "4+1d") {
+  const std::string form = a.form.empty() ? DefaultForm() : a.form;
+  if (!a.form.empty()) {
+    if (auto st = ValidateAdapterForm(a.form, "spec.adapter.form"); !st.ok()) return st;
+  }
+  if (spec.kind == JobKind::kMultiTask && form != "4+1d") {
     return Bad("spec.adapter.form", "a multi-task job needs form 4+1d");
   }
-  if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && a.form != "4+1d") {
+  if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && form != "4+1d") {
     return Bad("spec.tasks", "several tasks in one family need form 4+1d (or one task)");
   }
   if (spec.kind == JobKind::kAddTask && spec.tasks.size() != 1) {
     return Bad("spec.tasks", "an add-task job adds exactly one task");
   }
-  if (a.ranks.empty()) return Bad("spec.adapter.ranks", "empty");
   for (size_t i = 0; i < a.ranks.size(); ++i) {
     if (a.ranks[i] < 1 || a.ranks[i] > kMaxRank) {
       return Bad(absl::StrCat("spec.adapter.ranks[", i, "]"),
                  absl::StrCat(a.ranks[i], " is outside [1, ", kMaxRank, "]"));
     }
   }
-  if (a.projections.empty()) return Bad("spec.adapter.projections", "at least one projection");
   for (size_t i = 0; i < a.projections.size(); ++i) {
     const auto& p = a.projections;
     if (std::find(p.begin(), p.begin() + i, p[i]) != p.begin() + i) {
@@ -74,7 +78,14 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
                  absl::StrCat("duplicate '", p[i], "'"));
     }
   }
-  if (a.alpha < 0) return Bad("spec.adapter.alpha", "must be >= 0");
+  if (a.alpha.is_set() && !(a.alpha.value() >= 0)) {
+    return Bad("spec.adapter.alpha", "must be >= 0 (0 = alpha = r)");
+  }
+  if (!a.new_task_init.empty() && a.new_task_init != "identity" && a.new_task_init != "zeros" &&
+      a.new_task_init != "mean") {
+    return Bad("spec.adapter.new_task_init",
+               absl::StrCat("'", a.new_task_init, "' is not one of identity, zeros, mean"));
+  }
 
   // Tasks: names unique within the job, datasets named, eval fraction.
   for (size_t i = 0; i < spec.tasks.size(); ++i) {
@@ -92,39 +103,71 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
     }
   }
 
-  // Hyper-parameters.
+  // Hyper-parameters: the ones the user set (unset = auto passes).
   const HyperParams& h = spec.hparams;
   auto bad = [](absl::string_view name, absl::string_view why) {
     return Bad(absl::StrCat("spec.hparams.", name), why);
   };
-  if (h.max_steps < 1) return bad("max_steps", absl::StrCat(h.max_steps, " must be >= 1"));
-  if (h.batch_size < 1 || h.batch_size > kMaxBatchSize) {
-    return bad("batch_size", absl::StrCat(h.batch_size, " is outside [1, ", kMaxBatchSize, "]"));
+  if (h.max_steps.is_set() && h.max_steps.value() < 1) {
+    return bad("max_steps", absl::StrCat(h.max_steps.value(), " must be >= 1"));
   }
-  if (h.batch_size > limits.max_batch_size) {
-    return bad("batch_size", absl::StrCat(h.batch_size, " exceeds the server limit ",
-                                          limits.batch_size_limit_name, "=",
-                                          limits.max_batch_size));
+  if (h.batch_size.is_set()) {
+    const int64_t b = h.batch_size.value();
+    if (b < 1 || b > kMaxBatchSize) {
+      return bad("batch_size", absl::StrCat(b, " is outside [1, ", kMaxBatchSize, "]"));
+    }
+    if (b > limits.max_batch_size) {
+      return bad("batch_size", absl::StrCat(b, " exceeds the server limit ",
+                                            limits.batch_size_limit_name, "=",
+                                            limits.max_batch_size));
+    }
   }
-  if (!(h.learning_rate > 0) || h.learning_rate > kMaxLearningRate) {
-    return bad("learning_rate",
-               absl::StrCat(h.learning_rate, " is outside (0, ", kMaxLearningRate, "]"));
+  auto positive_at_most = [&](absl::string_view name, const Auto<double>& v,
+                              double max) -> absl::Status {
+    if (v.is_set() && (!(v.value() > 0) || v.value() > max)) {
+      return bad(name, absl::StrCat(v.value(), " is outside (0, ", max, "]"));
+    }
+    return absl::OkStatus();
+  };
+  if (auto st = positive_at_most("learning_rate", h.learning_rate, kMaxLearningRate); !st.ok()) {
+    return st;
   }
-  if (h.weight_decay < 0) return bad("weight_decay", "must be >= 0");
-  if (h.warmup_ratio < 0 || h.warmup_ratio > 1) return bad("warmup_ratio", "must be in [0, 1]");
-  if (h.grad_clip < 0) return bad("grad_clip", "must be >= 0 (0 = off)");
-  if (h.eval_every < 0) return bad("eval_every", "must be >= 0 (0 = at the end only)");
-  if (h.max_length < kMinSequenceLength || h.max_length > kMaxSequenceLength) {
-    return bad("max_length", absl::StrCat(h.max_length, " is outside [", kMinSequenceLength, ", ",
-                                          kMaxSequenceLength, "]"));
+  if (auto st = positive_at_most("inner_lr_multiplier", h.inner_lr_multiplier, kMaxLrMultiplier);
+      !st.ok()) {
+    return st;
   }
-  if (h.max_length > limits.max_sequence_length) {
-    return bad("max_length", absl::StrCat(h.max_length, " exceeds the server limit ",
-                                          limits.sequence_limit_name, "=",
-                                          limits.max_sequence_length));
+  if (auto st = positive_at_most("head_lr_multiplier", h.head_lr_multiplier, kMaxLrMultiplier);
+      !st.ok()) {
+    return st;
   }
-  if (h.early_stop_patience < 0) return bad("early_stop_patience", "must be >= 0");
-  if (h.pooling != "mean" && h.pooling != "cls") {
+  if (h.weight_decay.is_set() && !(h.weight_decay.value() >= 0)) {
+    return bad("weight_decay", "must be >= 0");
+  }
+  if (h.warmup_ratio.is_set() && !(h.warmup_ratio.value() >= 0 && h.warmup_ratio.value() <= 1)) {
+    return bad("warmup_ratio", "must be in [0, 1]");
+  }
+  if (h.grad_clip.is_set() && !(h.grad_clip.value() >= 0)) {
+    return bad("grad_clip", "must be >= 0 (0 = off)");
+  }
+  if (h.eval_every.is_set() && h.eval_every.value() < 0) {
+    return bad("eval_every", "must be >= 0 (0 = at the end only)");
+  }
+  if (h.max_length.is_set()) {
+    const int64_t m = h.max_length.value();
+    if (m < kMinSequenceLength || m > kMaxSequenceLength) {
+      return bad("max_length", absl::StrCat(m, " is outside [", kMinSequenceLength, ", ",
+                                            kMaxSequenceLength, "]"));
+    }
+    if (m > limits.max_sequence_length) {
+      return bad("max_length", absl::StrCat(m, " exceeds the server limit ",
+                                            limits.sequence_limit_name, "=",
+                                            limits.max_sequence_length));
+    }
+  }
+  if (h.early_stop_patience.is_set() && h.early_stop_patience.value() < 0) {
+    return bad("early_stop_patience", "must be >= 0");
+  }
+  if (!h.pooling.empty() && h.pooling != "mean" && h.pooling != "cls") {
     return bad("pooling", absl::StrCat("'", h.pooling, "' is not one of mean, cls"));
   }
   for (size_t i = 0; i < h.rank_schedule.size(); ++i) {

@@ -33,6 +33,7 @@ inline constexpr int64_t kMaxBatchSize = 4096;
 inline constexpr int64_t kMinSequenceLength = 8;
 inline constexpr int64_t kMaxSequenceLength = 4096;
 inline constexpr double kMaxLearningRate = 10;
+inline constexpr double kMaxLrMultiplier = 1000;
 inline constexpr int64_t kMaxRank = 1024;
 
 // "field: 'name' must be ..." unless `name` follows the rule above.
@@ -52,8 +53,10 @@ struct JobLimits {
 
 // Everything about `spec` that needs neither the store nor the model: kind vs
 // form vs number of tasks, family and task names (unique in the job), dataset
-// ids present, eval fractions, ranks, projections (present, no duplicates),
-// alpha, every hyper-parameter, the rank schedule. Fields are named
+// ids present, eval fractions, ranks, projections (no duplicates), alpha,
+// every hyper-parameter the user set, the rank schedule. Unset ("auto")
+// fields pass: they take DefaultRecipe(form) (server/training/recipe.h) when
+// the job starts; an unset form counts as DefaultForm(). Fields are named
 // "spec.<field>".
 absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits = {});
 

@@ -18,7 +18,9 @@
 #include "base/safetensors.h"
 #include "base/status_macros.h"
 #include "server/jobs/dataset_spec_json.h"
+#include "server/jobs/job_recipe.h"
 #include "server/jobs/job_validation.h"
+#include "server/training/adapter_binding.h"
 #include "server/training/heads.h"
 #include "server/training/eval_scores.h"
 
@@ -42,37 +44,32 @@ struct PreparedTask {
 // Everything validated on the caller's thread.
 struct PreparedJob {
   JobRecord job;
+  // The spec's hyper-parameters with every unset field resolved from
+  // DefaultRecipe(form) (server/jobs/job_recipe.h); `overrides` says which
+  // ones the user set (for the resolved-hyper-parameters event).
+  Recipe recipe;
+  RecipeOverrides overrides;
   MetaTTConfig config;  // new families
-  Pooling pooling = Pooling::kMean;
   std::vector<PreparedTask> tasks;
 };
 
-absl::StatusOr<MetaTTConfig> ConfigFromSpec(const AdapterSpec& a, const BertConfig& base,
-                                            int64_t num_tasks) {
+// The adapter fields of a resolved recipe (ranges of user-set values were
+// checked by ValidateJobSpec; MetaTTConfig::Validate checks the rest).
+absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BertConfig& base,
+                                              int64_t num_tasks) {
   MetaTTConfig c;
-  auto form = ParseTTForm(a.form);
+  auto form = ParseTTForm(r.form);
   if (!form.ok()) return Prefixed(form.status(), "adapter.form");
   c.form = *form;
-  if (a.ranks.empty()) return absl::InvalidArgumentError("adapter.ranks: at least one rank");
-  for (size_t i = 0; i < a.ranks.size(); ++i) {
-    if (a.ranks[i] < 1 || a.ranks[i] > 1024) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapter.ranks[", i, "]: ", a.ranks[i], " is not in [1, 1024]"));
-    }
-  }
-  c.ranks = a.ranks;
-  if (a.projections.empty()) {
-    return absl::InvalidArgumentError("adapter.projections: at least one projection");
-  }
+  c.ranks = r.ranks;
   c.projections.clear();
-  for (size_t i = 0; i < a.projections.size(); ++i) {
-    auto p = ParseProjection(a.projections[i]);
+  for (size_t i = 0; i < r.projections.size(); ++i) {
+    auto p = ParseProjection(r.projections[i]);
     if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
     c.projections.push_back(*p);
   }
-  c.init = a.init.empty() ? "ze-id-id-id" : a.init;
-  if (a.alpha < 0) return absl::InvalidArgumentError("adapter.alpha: must be >= 0");
-  if (a.alpha > 0) c.alpha = a.alpha;
+  c.init = r.init;
+  if (r.alpha > 0) c.alpha = r.alpha;
   c.num_tasks = c.form == TTForm::k4Plus1D ? num_tasks : 1;
   c.d_in = c.d_out = base.hidden_size;
   c.num_layers = base.num_hidden_layers;
@@ -180,7 +177,14 @@ class TrainingJob : public TrainingTask {
 
   absl::Status Setup() {
     const JobSpec& spec = p_.job.spec;
+    const Recipe& recipe = p_.recipe;
     const torch::Device dev = encoder_->device();
+    {
+      JobEvent log;  // what runs, defaults included
+      log.type = JobEvent::Type::kLog;
+      log.message = DescribeRecipe(recipe, p_.overrides);
+      Emit(std::move(log));
+    }
     std::vector<int64_t> task_index;
     if (spec.kind == JobKind::kAddTask) {
       ASSIGN_OR_RETURN(base_, registry_->Get(spec.family, 0));
@@ -197,8 +201,10 @@ class TrainingJob : public TrainingTask {
               "task '", t.spec.task_name, "' already exists in family ", spec.family));
         }
       }
+      ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
+                       MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
       for (size_t i = 0; i < p_.tasks.size(); ++i) {
-        ASSIGN_OR_RETURN(int64_t idx, adapter_->AddTask());
+        ASSIGN_OR_RETURN(int64_t idx, adapter_->AddTask(init));
         task_index.push_back(idx);
       }
       adapter_->FreezeShared(true);
@@ -206,7 +212,7 @@ class TrainingJob : public TrainingTask {
     } else {
       MetaTTAdapter::Options ao;
       ao.device = dev;
-      ao.seed = spec.hparams.seed;
+      ao.seed = recipe.seed;
       ASSIGN_OR_RETURN(adapter_, MetaTTAdapter::Create(p_.config, ao));
       for (size_t i = 0; i < p_.tasks.size(); ++i) task_index.push_back(static_cast<int64_t>(i));
     }
@@ -217,7 +223,7 @@ class TrainingJob : public TrainingTask {
       ho.kind = pt.train.label_kind;
       ho.num_labels = pt.train.num_labels();
       ho.hidden_size = encoder_->config().hidden_size;
-      ho.seed = spec.hparams.seed + 1000 * (i + 1);
+      ho.seed = recipe.seed + 1000 * (i + 1);
       ho.device = dev;
       TrainTask t;
       t.name = pt.spec.task_name;
@@ -228,48 +234,9 @@ class TrainingJob : public TrainingTask {
       t.primary_metric = pt.spec.metric;
       tasks.push_back(std::move(t));
     }
-    MetaTTAdapter* a = adapter_.get();
-    AdapterBinding b;
-    b.adapter = a;
-    b.trainable_parameters = [a] { return a->TrainableParameters(); };
-    b.snapshot = [a] {
-      std::map<std::string, torch::Tensor> m;
-      for (const auto& [k, v] : a->NamedParameters()) m[k] = v.detach().clone();
-      return m;
-    };
-    b.after_step = [a] { a->MarkCoresChanged(); };
-    if (!spec.hparams.rank_schedule.empty()) {
-      b.sweep = [a](int64_t max_rank,
-                    const RankTruncation& rt) -> absl::StatusOr<std::vector<BondTruncation>> {
-        TruncationParams tp;
-        tp.max_rank = max_rank;
-        tp.rel_cutoff = rt.relative_cutoff;
-        tp.min_rank = rt.min_rank;
-        ASSIGN_OR_RETURN(MetaTTAdapter::SweepResult r, a->Truncate(tp));
-        std::vector<BondTruncation> out;
-        for (const auto& br : r.bonds) {
-          out.push_back({br.bond, br.old_rank, br.new_rank, br.discarded_weight});
-        }
-        return out;
-      };
-    }
-    const HyperParams& hp = spec.hparams;
-    TrainerOptions to;
-    to.steps = hp.max_steps;
-    to.batch_size = hp.batch_size;
-    to.lr = hp.learning_rate;
-    to.weight_decay = hp.weight_decay;
-    to.warmup_ratio = hp.warmup_ratio;
-    to.grad_clip_norm = hp.grad_clip;
-    to.seed = hp.seed;
-    to.eval_every = hp.eval_every;
+    AdapterBinding b = BindMetaTT(adapter_.get());
+    ASSIGN_OR_RETURN(TrainerOptions to, TrainerOptionsFromRecipe(recipe));
     to.max_eval_examples = options_.max_eval_examples;
-    to.max_length = static_cast<int>(hp.max_length);
-    to.pooling = p_.pooling;
-    to.early_stop_patience = hp.early_stop_patience;
-    for (const auto& [epoch, rank] : hp.rank_schedule) {
-      to.rank_schedule.push_back({static_cast<double>(epoch), rank});
-    }
     TrainerCallbacks cb;
     cb.on_progress = [this](const ProgressEvent& pe) {
       const absl::Time now = absl::Now();
@@ -321,8 +288,8 @@ class TrainingJob : public TrainingTask {
     PublishRequest req;
     req.family = spec.family;
     req.scale = adapter_->scale();
-    req.pooling = spec.hparams.pooling.empty() ? "mean" : spec.hparams.pooling;
-    req.max_length = spec.hparams.max_length;
+    req.pooling = p_.recipe.pooling;
+    req.max_length = p_.recipe.max_length;
     req.created_by_job = p_.job.id;
     if (!best.empty()) {
       for (const auto& [k, v] : best) {
@@ -461,12 +428,9 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
   limits.max_sequence_length = base.max_position_embeddings;
   limits.sequence_limit_name = "max_position_embeddings";
   RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
-  const HyperParams& hp = spec.hparams;
   PreparedJob p;
   p.job = job;
-  auto pooling = ParsePooling(hp.pooling);
-  if (!pooling.ok()) return Prefixed(pooling.status(), "hparams.pooling");
-  p.pooling = *pooling;
+  p.overrides = RecipeOverridesFromSpec(spec);
 
   auto existing = registry_->Get(spec.family, 0);
   if (spec.kind == JobKind::kAddTask) {
@@ -484,13 +448,22 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
                          "' already exists in family '", spec.family, "'"));
       }
     }
+    // The family's form decides the defaults (its adapter fields are its own).
+    ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec, "4+1d"));
   } else {
     if (existing.ok()) {
       return absl::AlreadyExistsError(absl::StrCat(
           "family: '", spec.family, "' already exists (add tasks with an ADD_TASK job)"));
     }
+    ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec));
     ASSIGN_OR_RETURN(p.config,
-                     ConfigFromSpec(spec.adapter, base, static_cast<int64_t>(spec.tasks.size())));
+                     ConfigFromRecipe(p.recipe, base, static_cast<int64_t>(spec.tasks.size())));
+  }
+  const Recipe& hp = p.recipe;
+  if (hp.max_length > base.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hparams.max_length: the default ", hp.max_length,
+        " exceeds the base model's max_position_embeddings=", base.max_position_embeddings));
   }
 
   // Datasets (parsed here, on the caller's thread).

@@ -187,12 +187,18 @@ TEST_F(JobExecutorTest, TrainThenAddTaskWhilePredicting) {
   EXPECT_EQ(end1.version, 1);
   EXPECT_EQ(log1.terminal(), 1);
   bool saw_progress = false, saw_eval = false, saw_checkpoint = false, saw_running = false;
+  bool saw_recipe = false;
   for (const auto& e : log1.events()) {
+    // The resolved hyper-parameters: set ones as set, the rest marked auto.
+    saw_recipe |= e.type == JobEvent::Type::kLog &&
+                  e.message.find("learning_rate=0.005 ") != std::string::npos &&
+                  e.message.find("weight_decay=0 (auto)") != std::string::npos;
     saw_progress |= e.type == JobEvent::Type::kProgress && e.total_steps == 30;
     saw_eval |= e.type == JobEvent::Type::kEval && e.metrics.count("A/accuracy") > 0;
     saw_checkpoint |= e.type == JobEvent::Type::kCheckpoint && e.version == 1;
     saw_running |= e.type == JobEvent::Type::kState && e.state == JobState::kRunning;
   }
+  EXPECT_TRUE(saw_recipe);
   EXPECT_TRUE(saw_progress);
   EXPECT_TRUE(saw_eval);
   EXPECT_TRUE(saw_checkpoint);

@@ -52,6 +52,22 @@ T Get(const json& j, const char* key, T def) {
   return it->get<T>();
 }
 
+template <typename T>
+void GetAuto(const json& j, const char* key, Auto<T>* out) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return;
+  *out = Get<T>(j, key, T{});
+}
+
+template <typename T>
+void Put(json& j, const char* key, const Auto<T>& v) {
+  if (v.is_set()) j[key] = v.value();
+}
+
+void PutString(json& j, const char* key, const std::string& v) {
+  if (!v.empty()) j[key] = v;
+}
+
 int64_t AsInt(const json& v, const char* field) {
   if (!v.is_number_integer())
     throw std::invalid_argument(std::string("field '") + field + "' entries must be integers");
@@ -101,26 +117,38 @@ std::string JobSpecToJson(const JobSpec& s) {
                      {"metric", t.metric}});
   }
   j["tasks"] = tasks;
-  j["adapter"] = {{"form", s.adapter.form},
-                  {"ranks", s.adapter.ranks},
-                  {"projections", s.adapter.projections},
-                  {"init", s.adapter.init},
-                  {"alpha", s.adapter.alpha}};
+  // Only what the user set: an unset ("auto") field is absent, so the job
+  // runs with the defaults of the server that executes it.
+  const AdapterSpec& a = s.adapter;
+  json adapter = json::object();
+  PutString(adapter, "form", a.form);
+  if (!a.ranks.empty()) adapter["ranks"] = a.ranks;
+  if (!a.projections.empty()) adapter["projections"] = a.projections;
+  PutString(adapter, "init", a.init);
+  Put(adapter, "alpha", a.alpha);
+  PutString(adapter, "new_task_init", a.new_task_init);
+  j["adapter"] = adapter;
   const HyperParams& h = s.hparams;
-  json sched = json::array();
-  for (const auto& [epoch, rank] : h.rank_schedule) sched.push_back({epoch, rank});
-  j["hparams"] = {{"max_steps", h.max_steps},
-                  {"batch_size", h.batch_size},
-                  {"learning_rate", h.learning_rate},
-                  {"weight_decay", h.weight_decay},
-                  {"warmup_ratio", h.warmup_ratio},
-                  {"grad_clip", h.grad_clip},
-                  {"eval_every", h.eval_every},
-                  {"max_length", h.max_length},
-                  {"early_stop_patience", h.early_stop_patience},
-                  {"pooling", h.pooling},
-                  {"seed", h.seed},
-                  {"rank_schedule", sched}};
+  json hp = json::object();
+  Put(hp, "max_steps", h.max_steps);
+  Put(hp, "batch_size", h.batch_size);
+  Put(hp, "learning_rate", h.learning_rate);
+  Put(hp, "inner_lr_multiplier", h.inner_lr_multiplier);
+  Put(hp, "head_lr_multiplier", h.head_lr_multiplier);
+  Put(hp, "weight_decay", h.weight_decay);
+  Put(hp, "warmup_ratio", h.warmup_ratio);
+  Put(hp, "grad_clip", h.grad_clip);
+  Put(hp, "eval_every", h.eval_every);
+  Put(hp, "max_length", h.max_length);
+  Put(hp, "early_stop_patience", h.early_stop_patience);
+  PutString(hp, "pooling", h.pooling);
+  Put(hp, "seed", h.seed);
+  if (!h.rank_schedule.empty()) {
+    json sched = json::array();
+    for (const auto& [epoch, rank] : h.rank_schedule) sched.push_back({epoch, rank});
+    hp["rank_schedule"] = sched;
+  }
+  j["hparams"] = hp;
   return j.dump();
 }
 
@@ -142,29 +170,34 @@ absl::StatusOr<JobSpec> JobSpecFromJson(const std::string& text) {
       ts.metric = Get<std::string>(t, "metric", "");
       s.tasks.push_back(std::move(ts));
     }
+    // Rows written before "auto" carry every field: they load as set (the
+    // values they ran with). Absent or null = unset.
     if (j.contains("adapter")) {
       const json& a = j["adapter"];
-      s.adapter.form = Get<std::string>(a, "form", s.adapter.form);
-      s.adapter.ranks = Get<std::vector<int64_t>>(a, "ranks", s.adapter.ranks);
-      s.adapter.projections =
-          Get<std::vector<std::string>>(a, "projections", s.adapter.projections);
-      s.adapter.init = Get<std::string>(a, "init", s.adapter.init);
-      s.adapter.alpha = Get<double>(a, "alpha", s.adapter.alpha);
+      AdapterSpec& ad = s.adapter;
+      ad.form = Get<std::string>(a, "form", "");
+      ad.ranks = Get<std::vector<int64_t>>(a, "ranks", {});
+      ad.projections = Get<std::vector<std::string>>(a, "projections", {});
+      ad.init = Get<std::string>(a, "init", "");
+      GetAuto(a, "alpha", &ad.alpha);
+      ad.new_task_init = Get<std::string>(a, "new_task_init", "");
     }
     if (j.contains("hparams")) {
       const json& h = j["hparams"];
       HyperParams& p = s.hparams;
-      p.max_steps = Get<int64_t>(h, "max_steps", p.max_steps);
-      p.batch_size = Get<int64_t>(h, "batch_size", p.batch_size);
-      p.learning_rate = Get<double>(h, "learning_rate", p.learning_rate);
-      p.weight_decay = Get<double>(h, "weight_decay", p.weight_decay);
-      p.warmup_ratio = Get<double>(h, "warmup_ratio", p.warmup_ratio);
-      p.grad_clip = Get<double>(h, "grad_clip", p.grad_clip);
-      p.eval_every = Get<int64_t>(h, "eval_every", p.eval_every);
-      p.max_length = Get<int64_t>(h, "max_length", p.max_length);
-      p.early_stop_patience = Get<int64_t>(h, "early_stop_patience", p.early_stop_patience);
-      p.pooling = Get<std::string>(h, "pooling", p.pooling);
-      p.seed = Get<uint64_t>(h, "seed", p.seed);
+      GetAuto(h, "max_steps", &p.max_steps);
+      GetAuto(h, "batch_size", &p.batch_size);
+      GetAuto(h, "learning_rate", &p.learning_rate);
+      GetAuto(h, "inner_lr_multiplier", &p.inner_lr_multiplier);
+      GetAuto(h, "head_lr_multiplier", &p.head_lr_multiplier);
+      GetAuto(h, "weight_decay", &p.weight_decay);
+      GetAuto(h, "warmup_ratio", &p.warmup_ratio);
+      GetAuto(h, "grad_clip", &p.grad_clip);
+      GetAuto(h, "eval_every", &p.eval_every);
+      GetAuto(h, "max_length", &p.max_length);
+      GetAuto(h, "early_stop_patience", &p.early_stop_patience);
+      p.pooling = Get<std::string>(h, "pooling", "");
+      GetAuto(h, "seed", &p.seed);
       for (const auto& e : h.value("rank_schedule", json::array())) {
         p.rank_schedule.emplace_back(AsInt(e.at(0), "rank_schedule"), AsInt(e.at(1), "rank_schedule"));
       }

@@ -8,6 +8,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -33,27 +34,61 @@ struct JobTaskSpec {
   std::string metric;           // accuracy | f1 | matthews | pearson | spearman ("" = by task type)
 };
 
+// A hyper-parameter the user may leave unset ("auto"): the job executor
+// resolves unset fields from DefaultRecipe(form) (server/training/recipe.h,
+// the one definition of the defaults) when the job starts; the store keeps
+// only what the user set (job JSON: unset = absent).
+template <typename T>
+class Auto {
+ public:
+  Auto() = default;
+  Auto(T v) : v_(std::move(v)) {}  // NOLINT(google-explicit-constructor): a set value
+  Auto& operator=(T v) {
+    v_ = std::move(v);
+    return *this;
+  }
+  bool is_set() const { return v_.has_value(); }
+  const T& value() const { return *v_; }  // only when is_set()
+  T value_or(T def) const { return v_ ? *v_ : def; }
+  const std::optional<T>& get() const { return v_; }
+  void reset() { v_.reset(); }
+  // The proto3 wire value: T{} (0) when unset, which the proto contract reads
+  // as "server default". Implicit only for the proto mapping
+  // (server/service/proto_convert.cc); code that needs to know whether a
+  // value was set uses is_set()/get().
+  operator T() const { return v_.value_or(T{}); }  // NOLINT(google-explicit-constructor)
+
+ private:
+  std::optional<T> v_;
+};
+
+// Adapter and training knobs as the user gave them. Empty strings and lists
+// and unset Auto<> fields mean "auto"; ranges: server/jobs/job_validation.h.
 struct AdapterSpec {
-  std::string form = "4+1d";  // 4d | 5d | 4+1d
-  std::vector<int64_t> ranks = {8};  // one rank for every bond, or one per bond
-  std::vector<std::string> projections = {"q", "k", "v", "o"};
-  std::string init = "ze-id-id-id";
-  double alpha = 0;  // 0 = library default
+  std::string form;                      // 4d | 5d | 4+1d ("" = DefaultForm())
+  std::vector<int64_t> ranks;            // one rank for every bond, or one per bond
+  std::vector<std::string> projections;  // e.g. q, k, v, o
+  std::string init;                      // core init spec, e.g. ze-id-id-id
+  Auto<double> alpha;                    // 0 = the adapter's default (alpha = r)
+  std::string new_task_init;             // add-task slice init: identity | zeros | mean
 };
 
 struct HyperParams {
-  int64_t max_steps = 200;
-  int64_t batch_size = 16;
-  double learning_rate = 5e-4;
-  double weight_decay = 0.0;
-  double warmup_ratio = 0.06;
-  double grad_clip = 1.0;
-  int64_t eval_every = 50;
-  int64_t max_length = 128;
-  int64_t early_stop_patience = 0;  // 0 = off
-  std::string pooling = "mean";     // mean | cls
-  uint64_t seed = 42;
-  // DMRG schedule: (epoch, max rank) pairs; empty = fixed rank.
+  Auto<int64_t> max_steps;
+  Auto<int64_t> batch_size;
+  Auto<double> learning_rate;
+  Auto<double> inner_lr_multiplier;
+  Auto<double> head_lr_multiplier;
+  Auto<double> weight_decay;
+  Auto<double> warmup_ratio;
+  Auto<double> grad_clip;            // 0 = off
+  Auto<int64_t> eval_every;          // 0 = at the end only
+  Auto<int64_t> max_length;
+  Auto<int64_t> early_stop_patience;  // 0 = off
+  std::string pooling;                // mean | cls ("" = auto)
+  Auto<uint64_t> seed;
+  // DMRG schedule: (epoch, max rank) pairs; empty = the recipe's (fixed rank
+  // by default).
   std::vector<std::pair<int64_t, int64_t>> rank_schedule;
 };
 

@@ -116,5 +116,54 @@ TEST(JobJson, FloatsWhereIntegersBelongAreRefused) {
   EXPECT_EQ(ok->hparams.max_steps, 7);
 }
 
+TEST(JobJson, UnsetFieldsRoundTripAsAbsent) {
+  JobSpec s;
+  s.family = "f";
+  s.hparams.learning_rate = 5e-3;
+  s.hparams.weight_decay = 0.0;  // set to zero: kept, not "auto"
+  s.adapter.ranks = {4};
+  const std::string text = JobSpecToJson(s);
+  EXPECT_EQ(text.find("max_steps"), std::string::npos) << text;
+  EXPECT_EQ(text.find("projections"), std::string::npos) << text;
+  EXPECT_EQ(text.find("form"), std::string::npos) << text;
+  auto back = JobSpecFromJson(text);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_FALSE(back->hparams.max_steps.is_set());
+  EXPECT_FALSE(back->hparams.seed.is_set());
+  EXPECT_FALSE(back->adapter.alpha.is_set());
+  EXPECT_TRUE(back->adapter.form.empty());
+  EXPECT_TRUE(back->adapter.projections.empty());
+  ASSERT_TRUE(back->hparams.learning_rate.is_set());
+  EXPECT_EQ(back->hparams.learning_rate.value(), 5e-3);
+  ASSERT_TRUE(back->hparams.weight_decay.is_set());
+  EXPECT_EQ(back->hparams.weight_decay.value(), 0.0);
+  EXPECT_EQ(back->adapter.ranks, (std::vector<int64_t>{4}));
+  EXPECT_EQ(JobSpecToJson(*back), text);
+}
+
+TEST(JobJson, RowsWrittenBeforeAutoLoadWithEveryFieldSet) {
+  // A job row as written before hyper-parameters could be left unset.
+  auto old = JobSpecFromJson(
+      R"({"kind":"TRAIN_FAMILY","family":"glue","idempotency_key":"",)"
+      R"("tasks":[{"task_name":"MRPC","dataset_id":"d1","eval_dataset_id":"","eval_fraction":0.1,"metric":""}],)"
+      R"("adapter":{"form":"4+1d","ranks":[8],"projections":["q","k","v","o"],"init":"ze-id-id-id","alpha":0.0},)"
+      R"("hparams":{"max_steps":200,"batch_size":16,"learning_rate":0.0005,"weight_decay":0.0,)"
+      R"("warmup_ratio":0.06,"grad_clip":1.0,"eval_every":50,"max_length":128,)"
+      R"("early_stop_patience":0,"pooling":"mean","seed":42,"rank_schedule":[]}})");
+  ASSERT_TRUE(old.ok()) << old.status();
+  EXPECT_EQ(old->adapter.form, "4+1d");
+  EXPECT_EQ(old->adapter.projections.size(), 4u);
+  ASSERT_TRUE(old->adapter.alpha.is_set());
+  EXPECT_EQ(old->adapter.alpha.value(), 0.0);
+  ASSERT_TRUE(old->hparams.max_steps.is_set());
+  EXPECT_EQ(old->hparams.max_steps.value(), 200);
+  EXPECT_EQ(old->hparams.learning_rate.value(), 5e-4);
+  EXPECT_EQ(old->hparams.seed.value(), 42u);
+  EXPECT_TRUE(old->hparams.early_stop_patience.is_set());
+  EXPECT_FALSE(old->hparams.inner_lr_multiplier.is_set());  // not in old rows
+  EXPECT_EQ(old->hparams.pooling, "mean");
+  EXPECT_TRUE(old->hparams.rank_schedule.empty());
+}
+
 }  // namespace
 }  // namespace metatt

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "adapters/family_io.h"
 #include "base/safetensors.h"
@@ -33,6 +35,7 @@
 #include "server/model/model_dir.h"
 #include "server/training/adapter_binding.h"
 #include "server/training/eval_scores.h"
+#include "server/training/recipe.h"
 #include "server/training/text_batch.h"
 
 ABSL_FLAG(std::string, model_dir, "", "base model directory (default: ResolveModelDir)");
@@ -51,30 +54,45 @@ ABSL_FLAG(std::string, label_col, "1", "label column");
 ABSL_FLAG(std::string, label_kind, "classification", "classification|regression");
 ABSL_FLAG(std::string, metric, "", "primary metric (default: GLUE's / accuracy / pearson_spearman)");
 ABSL_FLAG(std::string, adapter, "metatt", "metatt|lora");
-ABSL_FLAG(std::string, form, "4d", "MetaTT form: 4d|5d|4+1d");
-ABSL_FLAG(int64_t, rank, 8, "TT rank (MetaTT) or LoRA rank");
-ABSL_FLAG(std::string, projections, "q,v", "adapted projections");
-ABSL_FLAG(double, alpha, 0, "scale numerator (0: MetaTT default alpha = r; LoRA 2r)");
-ABSL_FLAG(std::string, init, "ze-id-id-id", "MetaTT core init spec");
+// Recipe flags: unset = the server's default for the form (DefaultRecipe in
+// server/training/recipe.cc, the one definition; jobs use the same).
+#define RECIPE_DEFAULT " (default: server/form default, server/training/recipe.cc)"
+ABSL_FLAG(std::optional<std::string>, form, std::nullopt, "MetaTT form: 4d|5d|4+1d" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, rank, std::nullopt,
+          "TT rank (MetaTT) or LoRA rank, every bond" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<std::string>, projections, std::nullopt,
+          "adapted projections, comma-separated" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, alpha, std::nullopt,
+          "scale numerator (0: alpha = r; LoRA when unset: 2r)" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<std::string>, init, std::nullopt, "MetaTT core init spec" RECIPE_DEFAULT);
 ABSL_FLAG(std::string, base_family, "", "add a task to this saved (4+1)D family (shared cores frozen)");
-ABSL_FLAG(std::string, new_task_init, "identity", "add-task slice init: identity|zeros|mean");
-ABSL_FLAG(int64_t, steps, 0, "optimizer steps (0: use --epochs)");
-ABSL_FLAG(double, epochs, 1.0, "epochs when --steps=0");
-ABSL_FLAG(int64_t, batch_size, 16, "batch size");
-ABSL_FLAG(double, lr, 5e-4, "peak learning rate");
-ABSL_FLAG(double, head_lr_multiplier, 1.0, "task heads train at lr * this");
-ABSL_FLAG(double, inner_lr_multiplier, 1.0, "MetaTT inner cores (layer, proj, task) train at lr * this");
-ABSL_FLAG(double, weight_decay, 0.0, "AdamW weight decay");
-ABSL_FLAG(double, warmup_ratio, 0.06, "warm-up fraction of the steps");
-ABSL_FLAG(double, grad_clip, 1.0, "gradient clip norm (0: off)");
-ABSL_FLAG(int64_t, seed, 0, "seed");
-ABSL_FLAG(int64_t, eval_every, 0, "evaluate every N steps (0: only at the end)");
+ABSL_FLAG(std::optional<std::string>, new_task_init, std::nullopt,
+          "add-task slice init: identity|zeros|mean" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, steps, std::nullopt,
+          "optimizer steps (0: use --epochs; unset with --epochs: by epochs)" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, epochs, std::nullopt, "epochs when training by epochs" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, batch_size, std::nullopt, "batch size" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, lr, std::nullopt, "peak learning rate" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, head_lr_multiplier, std::nullopt,
+          "task heads train at lr * this" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, inner_lr_multiplier, std::nullopt,
+          "MetaTT inner cores (layer, proj, task) train at lr * this" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, weight_decay, std::nullopt, "AdamW weight decay" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, warmup_ratio, std::nullopt,
+          "warm-up fraction of the steps" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, grad_clip, std::nullopt,
+          "gradient clip norm (0: off)" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "seed" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, eval_every, std::nullopt,
+          "evaluate every N steps (0: only at the end)" RECIPE_DEFAULT);
 ABSL_FLAG(int64_t, max_eval, 0, "evaluate on the first N eval rows (0: all)");
 ABSL_FLAG(int64_t, train_limit, 0, "use a seeded random subset of N train rows per task (0: all)");
-ABSL_FLAG(int, max_length, 128, "max tokens per row");
-ABSL_FLAG(std::string, pooling, "cls", "cls|mean");
-ABSL_FLAG(int64_t, patience, 0, "early-stop after N evals without improvement (0: off)");
-ABSL_FLAG(std::string, rank_schedule, "", "DMRG schedule 'epoch:max_rank,...' e.g. '1:6,2:4'");
+ABSL_FLAG(std::optional<int64_t>, max_length, std::nullopt, "max tokens per row" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<std::string>, pooling, std::nullopt, "cls|mean" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<int64_t>, patience, std::nullopt,
+          "early-stop after N evals without improvement (0: off)" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<std::string>, rank_schedule, std::nullopt,
+          "DMRG schedule 'epoch:max_rank,...' e.g. '1:6,2:4' (\"\": fixed rank)" RECIPE_DEFAULT);
 ABSL_FLAG(double, rel_cutoff, 0.0, "truncation: relative discarded-weight cutoff");
 ABSL_FLAG(std::string, trainable, "all", "all|adapter|heads");
 ABSL_FLAG(int64_t, log_every, 1, "print a progress line every N steps");
@@ -98,20 +116,55 @@ void Subsample(Dataset* ds, int64_t limit, uint64_t seed) {
   ex.resize(limit);
 }
 
-absl::StatusOr<std::vector<RankScheduleEntry>> ParseSchedule(const std::string& s) {
-  std::vector<RankScheduleEntry> out;
-  if (s.empty()) return out;
+absl::StatusOr<std::vector<std::pair<double, int64_t>>> ParseSchedule(const std::string& s) {
+  std::vector<std::pair<double, int64_t>> out;
   for (absl::string_view item : absl::StrSplit(s, ',', absl::SkipEmpty())) {
     std::vector<std::string> kv = absl::StrSplit(item, ':');
-    RankScheduleEntry e;
-    if (kv.size() != 2 || !absl::SimpleAtod(kv[0], &e.epoch) ||
-        !absl::SimpleAtoi(kv[1], &e.max_rank)) {
+    double epoch = 0;
+    int64_t max_rank = 0;
+    if (kv.size() != 2 || !absl::SimpleAtod(kv[0], &epoch) || !absl::SimpleAtoi(kv[1], &max_rank)) {
       return absl::InvalidArgumentError(absl::StrCat("--rank_schedule: bad entry '", item,
                                                      "' (want epoch:max_rank)"));
     }
-    out.push_back(e);
+    out.emplace_back(epoch, max_rank);
   }
   return out;
+}
+
+std::vector<std::string> SplitList(const std::string& s) {
+  return absl::StrSplit(s, ',', absl::SkipEmpty());
+}
+
+// The flags the user gave; everything else is auto (ResolveRecipe).
+absl::StatusOr<RecipeOverrides> OverridesFromFlags() {
+  RecipeOverrides o;
+  o.form = absl::GetFlag(FLAGS_form);
+  if (auto r = absl::GetFlag(FLAGS_rank)) o.ranks = std::vector<int64_t>{*r};
+  if (auto p = absl::GetFlag(FLAGS_projections)) o.projections = SplitList(*p);
+  o.init = absl::GetFlag(FLAGS_init);
+  o.alpha = absl::GetFlag(FLAGS_alpha);
+  o.new_task_init = absl::GetFlag(FLAGS_new_task_init);
+  o.max_steps = absl::GetFlag(FLAGS_steps);
+  o.epochs = absl::GetFlag(FLAGS_epochs);
+  o.batch_size = absl::GetFlag(FLAGS_batch_size);
+  o.learning_rate = absl::GetFlag(FLAGS_lr);
+  o.head_lr_multiplier = absl::GetFlag(FLAGS_head_lr_multiplier);
+  o.inner_lr_multiplier = absl::GetFlag(FLAGS_inner_lr_multiplier);
+  o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
+  o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
+  o.grad_clip = absl::GetFlag(FLAGS_grad_clip);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.eval_every = absl::GetFlag(FLAGS_eval_every);
+  o.max_length = absl::GetFlag(FLAGS_max_length);
+  o.pooling = absl::GetFlag(FLAGS_pooling);
+  o.early_stop_patience = absl::GetFlag(FLAGS_patience);
+  if (auto s = absl::GetFlag(FLAGS_rank_schedule)) {
+    ASSIGN_OR_RETURN(auto sched, ParseSchedule(*s));
+    o.rank_schedule = std::move(sched);
+  }
+  // An added task extends a (4+1)D family: that form's defaults.
+  if (!absl::GetFlag(FLAGS_base_family).empty()) o.form = "4+1d";
+  return o;
 }
 
 struct TaskData {
@@ -120,7 +173,7 @@ struct TaskData {
   std::string metric;
 };
 
-absl::StatusOr<std::vector<TaskData>> LoadData() {
+absl::StatusOr<std::vector<TaskData>> LoadData(uint64_t seed) {
   std::vector<TaskData> out;
   const std::string task = absl::GetFlag(FLAGS_task);
   if (!task.empty()) {
@@ -163,15 +216,15 @@ absl::StatusOr<std::vector<TaskData>> LoadData() {
   }
   for (TaskData& d : out) {
     if (!absl::GetFlag(FLAGS_metric).empty()) d.metric = absl::GetFlag(FLAGS_metric);
-    Subsample(&d.train, absl::GetFlag(FLAGS_train_limit), absl::GetFlag(FLAGS_seed));
+    Subsample(&d.train, absl::GetFlag(FLAGS_train_limit), seed);
   }
   return out;
 }
 
-absl::StatusOr<std::vector<Projection>> ParseProjections(const std::string& s) {
+absl::StatusOr<std::vector<Projection>> ParseProjections(const std::vector<std::string>& names) {
   std::vector<Projection> out;
-  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
-    ASSIGN_OR_RETURN(Projection proj, ParseProjection(std::string(p)));
+  for (const std::string& p : names) {
+    ASSIGN_OR_RETURN(Projection proj, ParseProjection(p));
     out.push_back(proj);
   }
   return out;
@@ -188,7 +241,10 @@ nlohmann::json EvalJson(const EvalEvent& e) {
 absl::Status Main() {
   ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
-  ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData());
+  ASSIGN_OR_RETURN(const RecipeOverrides overrides, OverridesFromFlags());
+  ASSIGN_OR_RETURN(const Recipe recipe, ResolveRecipe(overrides));
+  std::cout << DescribeRecipe(recipe, overrides) << "\n";
+  ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData(recipe.seed));
 
   BertEncoder::Options eo;
   eo.model_dir = model_dir;
@@ -198,23 +254,8 @@ absl::Status Main() {
   auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(tok));
   const BertConfig& bc = encoder->config();
 
-  TrainerOptions o;
-  o.steps = absl::GetFlag(FLAGS_steps);
-  o.epochs = absl::GetFlag(FLAGS_epochs);
-  o.batch_size = absl::GetFlag(FLAGS_batch_size);
-  o.lr = absl::GetFlag(FLAGS_lr);
-  o.head_lr_multiplier = absl::GetFlag(FLAGS_head_lr_multiplier);
-  o.inner_lr_multiplier = absl::GetFlag(FLAGS_inner_lr_multiplier);
-  o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
-  o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
-  o.grad_clip_norm = absl::GetFlag(FLAGS_grad_clip);
-  o.seed = static_cast<uint64_t>(absl::GetFlag(FLAGS_seed));
-  o.eval_every = absl::GetFlag(FLAGS_eval_every);
+  ASSIGN_OR_RETURN(TrainerOptions o, TrainerOptionsFromRecipe(recipe));
   o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
-  o.max_length = absl::GetFlag(FLAGS_max_length);
-  ASSIGN_OR_RETURN(o.pooling, ParsePooling(absl::GetFlag(FLAGS_pooling)));
-  o.early_stop_patience = absl::GetFlag(FLAGS_patience);
-  ASSIGN_OR_RETURN(o.rank_schedule, ParseSchedule(absl::GetFlag(FLAGS_rank_schedule)));
   o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
   ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
   torch::manual_seed(o.seed);
@@ -227,8 +268,7 @@ absl::Status Main() {
   std::map<std::string, torch::Tensor> old_heads;
   int64_t first_task_index = 0;
   const std::string kind = absl::GetFlag(FLAGS_adapter);
-  ASSIGN_OR_RETURN(std::vector<Projection> projections,
-                   ParseProjections(absl::GetFlag(FLAGS_projections)));
+  ASSIGN_OR_RETURN(std::vector<Projection> projections, ParseProjections(recipe.projections));
   if (!absl::GetFlag(FLAGS_base_family).empty()) {
     // Frozen: existing tasks and shared cores never train here (no leaf per task).
     ASSIGN_OR_RETURN(LoadedFamily fam,
@@ -244,7 +284,7 @@ absl::Status Main() {
     first_task_index = metatt->num_tasks();
     for (size_t i = 0; i < data.size(); ++i) {
       ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
-                       MetaTTAdapter::ParseNewTaskInit(absl::GetFlag(FLAGS_new_task_init)));
+                       MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
       ASSIGN_OR_RETURN(int64_t idx, metatt->AddTask(init));
       (void)idx;
     }
@@ -254,11 +294,11 @@ absl::Status Main() {
               << metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
   } else if (kind == "metatt") {
     MetaTTConfig c;
-    ASSIGN_OR_RETURN(c.form, ParseTTForm(absl::GetFlag(FLAGS_form)));
-    c.ranks = {absl::GetFlag(FLAGS_rank)};
+    ASSIGN_OR_RETURN(c.form, ParseTTForm(recipe.form));
+    c.ranks = recipe.ranks;
     c.projections = projections;
-    if (absl::GetFlag(FLAGS_alpha) > 0) c.alpha = absl::GetFlag(FLAGS_alpha);
-    c.init = absl::GetFlag(FLAGS_init);
+    if (recipe.alpha > 0) c.alpha = recipe.alpha;
+    c.init = recipe.init;
     c.num_tasks = c.form == TTForm::k4Plus1D ? static_cast<int64_t>(data.size()) : 1;
     if (c.form != TTForm::k4Plus1D && data.size() > 1) {
       return absl::InvalidArgumentError("several tasks need --form=4+1d");
@@ -271,13 +311,13 @@ absl::Status Main() {
     ao.seed = o.seed;
     ASSIGN_OR_RETURN(metatt, MetaTTAdapter::Create(c, ao));
     binding = BindMetaTT(metatt.get());
-    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::GetFlag(FLAGS_rank)
+    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::StrJoin(recipe.ranks, ",")
               << ": " << metatt->NumParameters() << " adapter parameters\n";
   } else if (kind == "lora") {
     if (data.size() > 1) return absl::InvalidArgumentError("LoRA trains one task");
     LoraConfig c;
-    c.rank = absl::GetFlag(FLAGS_rank);
-    c.alpha = absl::GetFlag(FLAGS_alpha) > 0 ? absl::GetFlag(FLAGS_alpha) : 2.0 * c.rank;
+    c.rank = recipe.ranks.front();
+    c.alpha = overrides.alpha && *overrides.alpha > 0 ? *overrides.alpha : 2.0 * c.rank;
     c.projections = projections;
     c.num_layers = bc.num_hidden_layers;
     c.hidden_size = bc.hidden_size;

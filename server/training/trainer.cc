@@ -22,6 +22,31 @@ absl::StatusOr<TrainableSet> ParseTrainableSet(const std::string& name) {
                                                  "' (all, adapter or heads)"));
 }
 
+absl::StatusOr<TrainerOptions> TrainerOptionsFromRecipe(const Recipe& r) {
+  TrainerOptions o;
+  o.steps = r.max_steps;
+  o.epochs = r.epochs;
+  o.batch_size = r.batch_size;
+  o.lr = r.learning_rate;
+  o.inner_lr_multiplier = r.inner_lr_multiplier;
+  o.head_lr_multiplier = r.head_lr_multiplier;
+  o.weight_decay = r.weight_decay;
+  o.warmup_ratio = r.warmup_ratio;
+  o.warmup_steps = -1;
+  o.grad_clip_norm = r.grad_clip;
+  o.seed = r.seed;
+  o.eval_every = r.eval_every;
+  o.max_length = static_cast<int>(r.max_length);
+  auto pooling = ParsePooling(r.pooling);
+  if (!pooling.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("pooling: ", pooling.status().message()));
+  }
+  o.pooling = *pooling;
+  o.early_stop_patience = r.early_stop_patience;
+  for (const auto& [epoch, rank] : r.rank_schedule) o.rank_schedule.push_back({epoch, rank});
+  return o;
+}
+
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
     const TrainerOptions& options, std::shared_ptr<const BertEncoder> encoder,
     BatchTokenizer tokenizer, AdapterBinding adapter, std::vector<TrainTask> tasks,

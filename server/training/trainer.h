@@ -36,6 +36,7 @@
 #include "server/model/bert_encoder.h"
 #include "server/training/dataset.h"
 #include "server/training/heads.h"
+#include "server/training/recipe.h"
 
 namespace metatt {
 
@@ -90,6 +91,10 @@ struct RankScheduleEntry {
 enum class TrainableSet { kAll, kAdapterOnly, kHeadsOnly };
 absl::StatusOr<TrainableSet> ParseTrainableSet(const std::string& name);  // all|adapter|heads
 
+// The field defaults below are NOT the product's defaults: jobs and
+// metatt-train fill every recipe field with TrainerOptionsFromRecipe() (the
+// one definition: server/training/recipe.h, DefaultRecipe); these initial
+// values only serve code that builds options by hand (tests, benches).
 struct TrainerOptions {
   int64_t steps = 0;     // > 0: total optimizer steps; else `epochs` passes
   double epochs = 1.0;
@@ -115,6 +120,11 @@ struct TrainerOptions {
   RankTruncation truncation;
   TrainableSet trainable = TrainableSet::kAll;
 };
+
+// Every recipe field -> options (steps, epochs, batch size, learning rates,
+// weight decay, warm-up ratio, clipping, seed, eval_every, max length,
+// pooling, patience, rank schedule); the rest keep their initial values.
+absl::StatusOr<TrainerOptions> TrainerOptionsFromRecipe(const Recipe& recipe);
 
 struct TrainTask {
   std::string name;

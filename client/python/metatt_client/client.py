@@ -165,11 +165,13 @@ class Client:
 
     # -- jobs -------------------------------------------------------------------
     def submit(self, family: str, task: str = "", dataset_id: str = "", kind: str = "train",
-               tasks: Sequence[Tuple[str, str]] = (), form: str = "4+1d",
-               ranks: Sequence[int] = (8,), projections: Sequence[str] = (),
+               tasks: Sequence[Tuple[str, str]] = (), form: str = "",
+               ranks: Sequence[int] = (), projections: Sequence[str] = (),
                eval_dataset_id: str = "", idempotency_key: str = "", **hparams):
         """kind: train | add_task | multi_task. `tasks` = [(task_name, dataset_id)]
-        for multi-task jobs; hparams are HyperParams fields (max_steps, ...)."""
+        for multi-task jobs; hparams are HyperParams fields (max_steps, ...).
+        Whatever is left out (form "", ranks (), any hparam) is "auto": the
+        server's default for the form (server/training/recipe.cc)."""
         kinds = {"train": jobs_pb2.TRAIN_FAMILY, "add_task": jobs_pb2.ADD_TASK,
                  "multi_task": jobs_pb2.MULTI_TASK}
         job_tasks = [jobs_pb2.JobTask(task_name=t, dataset_id=d) for t, d in tasks]

@@ -1,0 +1,127 @@
+#include "server/training/recipe.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace metatt {
+
+std::string DefaultForm() { return "4+1d"; }
+
+// THE defaults. Change a value here and every entry point follows: server
+// jobs (unset fields of a JobSpec), metatt-train and metattctl (flags left
+// unset), the Python client (fields left unset). Why the values are what they
+// are: the README's Quality section.
+absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
+  if (form != "4d" && form != "5d" && form != "4+1d") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("form: '", form, "' is not one of 4d, 5d, 4+1d"));
+  }
+  Recipe r;
+  r.form = std::string(form);
+  // Adapter.
+  r.ranks = {8};
+  r.projections = {"q", "k", "v", "o"};
+  r.init = "ze-id-id-id";
+  r.alpha = 0;  // alpha = r
+  r.new_task_init = "identity";
+  // Optimisation.
+  r.learning_rate = 5e-4;
+  r.inner_lr_multiplier = 1.0;
+  r.head_lr_multiplier = 1.0;
+  r.weight_decay = 0.0;
+  r.warmup_ratio = 0.06;
+  r.grad_clip = 1.0;
+  r.max_steps = 200;
+  r.epochs = 1.0;
+  r.batch_size = 16;
+  r.eval_every = 50;
+  r.max_length = 128;
+  r.pooling = "mean";
+  r.seed = 42;
+  r.early_stop_patience = 0;
+  r.rank_schedule = {};
+  // Per-form differences (none yet).
+  if (form == "4d") {
+  } else if (form == "5d") {
+  } else {  // 4+1d
+  }
+  return r;
+}
+
+absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o) {
+  const std::string form = o.form && !o.form->empty() ? *o.form : DefaultForm();
+  absl::StatusOr<Recipe> base = DefaultRecipe(form);
+  if (!base.ok()) return base.status();
+  Recipe r = *std::move(base);
+  auto take = [](auto& field, const auto& opt) {
+    if (opt) field = *opt;
+  };
+  if (o.ranks && !o.ranks->empty()) r.ranks = *o.ranks;
+  if (o.projections && !o.projections->empty()) r.projections = *o.projections;
+  if (o.init && !o.init->empty()) r.init = *o.init;
+  take(r.alpha, o.alpha);
+  if (o.new_task_init && !o.new_task_init->empty()) r.new_task_init = *o.new_task_init;
+  take(r.learning_rate, o.learning_rate);
+  take(r.inner_lr_multiplier, o.inner_lr_multiplier);
+  take(r.head_lr_multiplier, o.head_lr_multiplier);
+  take(r.weight_decay, o.weight_decay);
+  take(r.warmup_ratio, o.warmup_ratio);
+  take(r.grad_clip, o.grad_clip);
+  if (o.max_steps) {
+    r.max_steps = *o.max_steps;
+    take(r.epochs, o.epochs);
+  } else if (o.epochs) {
+    r.max_steps = 0;
+    r.epochs = *o.epochs;
+  }
+  take(r.batch_size, o.batch_size);
+  take(r.eval_every, o.eval_every);
+  take(r.max_length, o.max_length);
+  if (o.pooling && !o.pooling->empty()) r.pooling = *o.pooling;
+  take(r.seed, o.seed);
+  take(r.early_stop_patience, o.early_stop_patience);
+  take(r.rank_schedule, o.rank_schedule);
+  return r;
+}
+
+std::string DescribeRecipe(const Recipe& r, const RecipeOverrides& o) {
+  std::vector<std::string> items;
+  auto add = [&](absl::string_view name, const std::string& value, bool set) {
+    items.push_back(absl::StrCat(name, "=", value, set ? "" : " (auto)"));
+  };
+  auto set_str = [](const std::optional<std::string>& s) { return s && !s->empty(); };
+  add("form", r.form, set_str(o.form));
+  add("ranks", absl::StrJoin(r.ranks, ","), o.ranks && !o.ranks->empty());
+  add("projections", absl::StrJoin(r.projections, ","), o.projections && !o.projections->empty());
+  add("init", r.init, set_str(o.init));
+  add("alpha", r.alpha > 0 ? absl::StrCat(r.alpha) : "r", o.alpha.has_value());
+  add("new_task_init", r.new_task_init, set_str(o.new_task_init));
+  add("learning_rate", absl::StrCat(r.learning_rate), o.learning_rate.has_value());
+  add("inner_lr_multiplier", absl::StrCat(r.inner_lr_multiplier),
+      o.inner_lr_multiplier.has_value());
+  add("head_lr_multiplier", absl::StrCat(r.head_lr_multiplier), o.head_lr_multiplier.has_value());
+  add("weight_decay", absl::StrCat(r.weight_decay), o.weight_decay.has_value());
+  add("warmup_ratio", absl::StrCat(r.warmup_ratio), o.warmup_ratio.has_value());
+  add("grad_clip", absl::StrCat(r.grad_clip), o.grad_clip.has_value());
+  if (r.max_steps > 0) {
+    add("max_steps", absl::StrCat(r.max_steps), o.max_steps.has_value());
+  } else {
+    add("epochs", absl::StrCat(r.epochs), o.epochs.has_value() || o.max_steps.has_value());
+  }
+  add("batch_size", absl::StrCat(r.batch_size), o.batch_size.has_value());
+  add("eval_every", absl::StrCat(r.eval_every), o.eval_every.has_value());
+  add("max_length", absl::StrCat(r.max_length), o.max_length.has_value());
+  add("pooling", r.pooling, set_str(o.pooling));
+  add("seed", absl::StrCat(r.seed), o.seed.has_value());
+  add("early_stop_patience", absl::StrCat(r.early_stop_patience),
+      o.early_stop_patience.has_value());
+  std::string sched;
+  for (const auto& [epoch, rank] : r.rank_schedule) {
+    absl::StrAppend(&sched, sched.empty() ? "" : ",", epoch, ":", rank);
+  }
+  add("rank_schedule", sched.empty() ? "none" : sched, o.rank_schedule.has_value());
+  return absl::StrCat("hyper-parameters: ", absl::StrJoin(items, " "));
+}
+
+}  // namespace metatt

@@ -1,0 +1,114 @@
+#include "server/training/recipe.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace metatt {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(Recipe, EveryFormHasDefaults) {
+  for (const char* form : {"4d", "5d", "4+1d"}) {
+    auto r = DefaultRecipe(form);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->form, form);
+    EXPECT_FALSE(r->ranks.empty());
+    EXPECT_FALSE(r->projections.empty());
+    EXPECT_FALSE(r->init.empty());
+    EXPECT_FALSE(r->new_task_init.empty());
+    EXPECT_GT(r->learning_rate, 0);
+    EXPECT_GT(r->inner_lr_multiplier, 0);
+    EXPECT_GT(r->head_lr_multiplier, 0);
+    EXPECT_TRUE(r->max_steps > 0 || r->epochs > 0);
+    EXPECT_GT(r->batch_size, 0);
+    EXPECT_GE(r->max_length, 8);
+    EXPECT_TRUE(r->pooling == "mean" || r->pooling == "cls");
+  }
+  EXPECT_FALSE(DefaultRecipe("3d").ok());
+  EXPECT_TRUE(DefaultRecipe(DefaultForm()).ok());
+}
+
+TEST(Recipe, UnsetTakesTheFormDefault) {
+  auto r = ResolveRecipe({});
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto d = DefaultRecipe(DefaultForm());
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(r->form, DefaultForm());
+  EXPECT_EQ(r->learning_rate, d->learning_rate);
+  EXPECT_EQ(r->ranks, d->ranks);
+  EXPECT_EQ(r->projections, d->projections);
+  EXPECT_EQ(r->max_steps, d->max_steps);
+  EXPECT_EQ(r->pooling, d->pooling);
+  EXPECT_EQ(r->seed, d->seed);
+
+  RecipeOverrides o;
+  o.form = "5d";
+  o.ranks = std::vector<int64_t>{};  // empty = auto
+  o.pooling = "";                    // empty = auto
+  r = ResolveRecipe(o);
+  ASSERT_TRUE(r.ok());
+  auto d5 = DefaultRecipe("5d");
+  EXPECT_EQ(r->form, "5d");
+  EXPECT_EQ(r->ranks, d5->ranks);
+  EXPECT_EQ(r->pooling, d5->pooling);
+  EXPECT_EQ(r->learning_rate, d5->learning_rate);
+}
+
+TEST(Recipe, SetFieldsAreKeptIncludingZero) {
+  RecipeOverrides o;
+  o.form = "4d";
+  o.ranks = std::vector<int64_t>{4, 6};
+  o.projections = std::vector<std::string>{"q", "v"};
+  o.learning_rate = 5e-3;
+  o.weight_decay = 0.0;
+  o.grad_clip = 0.0;  // explicitly off
+  o.seed = 0;
+  o.pooling = "cls";
+  o.head_lr_multiplier = 10;
+  o.rank_schedule = std::vector<std::pair<double, int64_t>>{{1, 6}};
+  auto r = ResolveRecipe(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->form, "4d");
+  EXPECT_EQ(r->ranks, (std::vector<int64_t>{4, 6}));
+  EXPECT_EQ(r->projections, (std::vector<std::string>{"q", "v"}));
+  EXPECT_EQ(r->learning_rate, 5e-3);
+  EXPECT_EQ(r->grad_clip, 0.0);
+  EXPECT_EQ(r->seed, 0u);
+  EXPECT_EQ(r->pooling, "cls");
+  EXPECT_EQ(r->head_lr_multiplier, 10);
+  ASSERT_EQ(r->rank_schedule.size(), 1u);
+  RecipeOverrides bad;
+  bad.form = "7d";
+  EXPECT_FALSE(ResolveRecipe(bad).ok());
+}
+
+TEST(Recipe, StepsAndEpochs) {
+  RecipeOverrides o;
+  o.epochs = 3;
+  auto r = ResolveRecipe(o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->max_steps, 0);  // by epochs
+  EXPECT_EQ(r->epochs, 3);
+  o.max_steps = 300;  // steps win
+  r = ResolveRecipe(o);
+  EXPECT_EQ(r->max_steps, 300);
+  o.max_steps = 0;  // explicit 0: by epochs
+  r = ResolveRecipe(o);
+  EXPECT_EQ(r->max_steps, 0);
+  EXPECT_EQ(r->epochs, 3);
+}
+
+TEST(Recipe, DescribeMarksAutoFields) {
+  RecipeOverrides o;
+  o.learning_rate = 0.01;
+  auto r = ResolveRecipe(o);
+  ASSERT_TRUE(r.ok());
+  const std::string line = DescribeRecipe(*r, o);
+  EXPECT_THAT(line, HasSubstr("learning_rate=0.01 "));
+  EXPECT_THAT(line, HasSubstr("form=4+1d (auto)"));
+  EXPECT_THAT(line, HasSubstr("batch_size=16 (auto)"));
+}
+
+}  // namespace
+}  // namespace metatt
