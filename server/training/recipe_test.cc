@@ -106,8 +106,8 @@ TEST(Recipe, DescribeMarksAutoFields) {
   ASSERT_TRUE(r.ok());
   const std::string line = DescribeRecipe(*r, o);
   EXPECT_THAT(line, HasSubstr("learning_rate=0.01 "));
-  EXPECT_THAT(line, HasSubstr("form=4+1d (auto)"));
-  EXPECT_THAT(line, HasSubstr("batch_size=16 (auto)"));
+  EXPECT_THAT(line, HasSubstr("form=" + DefaultForm() + " (auto)"));
+  EXPECT_THAT(line, HasSubstr("batch_size=" + std::to_string(r->batch_size) + " (auto)"));
 }
 
 }  // namespace
