@@ -66,7 +66,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal (PEFT child)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; every row runs each")
     p.add_argument("--row_def", action="append", default=[],
-                   help="NAME=FLAGS: an extra row running metatt-train with FLAGS (space-separated)")
+                   help="NAME=FLAGS: an extra row running metatt-train with FLAGS (space-separated); "
+                        "the names multitask_flags and new_task_flags add flags to those rows' runs")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "out"))
     p.add_argument("--jobs", type=int, default=1,
                    help="(row, task) runs at a time; > 1 shares the device, so the table's "
@@ -269,9 +270,15 @@ def row_units(args, row, tasks, runs, seed):
         name, _, flags = d.partition("=")
         defs[name] = flags.split()
     lrf = lr_flags(args, row)
+    mt_flags = ["--form=4+1d", "--rank=8"] + defs.get("multitask_flags", [])
+
+    def per_task_budget(n):
+        # A multi-task run draws its batches from the union of n tasks: n times
+        # the steps (or the same epochs) gives every task the single-task budget.
+        return [f"--steps={args.steps * n}"] if args.steps > 0 else []
     if row == "multitask_4p1d":
         units.append((full_row, tasks, lambda: run_train(
-            args, [f"--task={','.join(tasks)}", "--form=4+1d", "--rank=8"] + lrf,
+            args, [f"--task={','.join(tasks)}"] + mt_flags + lrf + per_task_budget(len(tasks)),
             os.path.join(runs, "all"))))
         return units
     for t in tasks:
@@ -287,9 +294,10 @@ def row_units(args, row, tasks, runs, seed):
             def thunk(t=t, out_dir=out_dir):
                 others = [o for o in tasks if o != t]
                 base_dir = os.path.join(runs, f"base_without_{t}")
-                run_train(args, [f"--task={','.join(others)}", "--form=4+1d", "--rank=8"] + lrf,
-                          base_dir)
-                return run_train(args, [f"--task={t}", f"--base_family={base_dir}"] + lrf, out_dir)
+                run_train(args, [f"--task={','.join(others)}"] + mt_flags + lrf +
+                          per_task_budget(len(others)), base_dir)
+                return run_train(args, [f"--task={t}", f"--base_family={base_dir}"] +
+                                 defs.get("new_task_flags", []) + lrf, out_dir)
             units.append((full_row, [t], thunk))
             continue
         elif row == "peft_lora_r8":

@@ -710,21 +710,28 @@ int Predict(Stubs& s) {
     PrintJson(resp);
     return 0;
   }
+  // Sentence pairs show both texts (a PAIR column only when some input has one).
+  bool any_pair = false;
+  for (const auto& in : req.inputs()) any_pair = any_pair || !in.text_pair().empty();
+  const auto clip = [](std::string t) { return t.size() > 50 ? t.substr(0, 47) + "..." : t; };
   std::vector<std::vector<std::string>> rows;
   for (int i = 0; i < resp.predictions_size(); ++i) {
     const auto& p = resp.predictions(i);
     std::vector<std::string> scores;
     for (float f : p.scores()) scores.push_back(Num(f, 3));
-    std::string text = req.inputs(i).text();
-    if (text.size() > 50) text = text.substr(0, 47) + "...";
-    rows.push_back({p.task(), text,
-                    p.regression()
-                        ? Num(p.value())
-                        : (p.label_name().empty() ? absl::StrCat(p.label()) : p.label_name()),
-                    absl::StrJoin(scores, ","),
-                    absl::StrCat(Num((p.queue_seconds() + p.model_seconds()) * 1000, 3), " ms")});
+    std::vector<std::string> row = {p.task(), clip(req.inputs(i).text())};
+    if (any_pair) row.push_back(clip(req.inputs(i).text_pair()));
+    row.push_back(p.regression()
+                      ? Num(p.value())
+                      : (p.label_name().empty() ? absl::StrCat(p.label()) : p.label_name()));
+    row.push_back(absl::StrJoin(scores, ","));
+    row.push_back(absl::StrCat(Num((p.queue_seconds() + p.model_seconds()) * 1000, 3), " ms"));
+    rows.push_back(std::move(row));
   }
-  PrintTable({"TASK", "TEXT", "PREDICTION", "SCORES", "LATENCY"}, rows);
+  std::vector<std::string> header = {"TASK", "TEXT"};
+  if (any_pair) header.push_back("PAIR");
+  for (const char* h : {"PREDICTION", "SCORES", "LATENCY"}) header.push_back(h);
+  PrintTable(header, rows);
   return 0;
 }
 

@@ -4,7 +4,7 @@
 # family for a few steps, add SST-2 as a second task (shared cores frozen),
 # print predictions of both tasks, stop the server.
 #
-#   scripts/quickstart.sh            # ~60 steps per task; a few minutes on 2 cores
+#   scripts/quickstart.sh            # 150 steps per task; a few minutes on 2 cores
 #   STEPS=200 scripts/quickstart.sh
 #
 # Env: METATT_BUILD_DIR (default <repo>/build), METATT_SHARED_DIR (default
@@ -20,7 +20,7 @@ BUILD="${METATT_BUILD_DIR:-$REPO/build}"
 SERVER="$BUILD/server/metatt-server"
 CTL="$BUILD/client/metattctl"
 GLUE="$SHARED/data/glue"
-STEPS="${STEPS:-60}"
+STEPS="${STEPS:-150}"
 for f in "$SERVER" "$CTL" "$GLUE/MRPC/train.tsv" "$GLUE/SST-2/train.tsv"; do
   [[ -e "$f" ]] || { echo "quickstart: missing $f (build with scripts/setup.sh)" >&2; exit 1; }
 done
@@ -63,14 +63,14 @@ SST=$(ctl upload "$GLUE/SST-2/train.tsv" --name sst2-train --glue SST-2 --json |
 SST_DEV=$(ctl upload "$GLUE/SST-2/dev.tsv" --name sst2-dev --glue SST-2 --json | json_field id)
 ctl datasets list
 
-step "training family 'glue' ((4+1)D MetaTT, rank 8) on MRPC for $STEPS steps"
+step "training family 'glue' ((4+1)D MetaTT, rank 8) on MRPC for $STEPS steps (default learning rates)"
 ctl jobs create --family=glue --task=MRPC --dataset="$MRPC" --eval_dataset="$MRPC_DEV" \
-  --form=4+1d --ranks=8 --steps="$STEPS" --batch_size=16 --lr=2e-3 --eval_every="$STEPS" \
+  --form=4+1d --ranks=8 --steps="$STEPS" --batch_size=16 --eval_every="$STEPS" \
   --max_length=64 --follow
 
 step "adding SST-2 to 'glue' (shared cores frozen: one r x r task slice + head)"
 ctl jobs create --kind=add_task --family=glue --task=SST-2 --dataset="$SST" \
-  --eval_dataset="$SST_DEV" --steps="$STEPS" --batch_size=16 --lr=2e-3 --eval_every="$STEPS" \
+  --eval_dataset="$SST_DEV" --steps="$STEPS" --batch_size=16 --eval_every="$STEPS" \
   --max_length=64 --follow
 
 step "family 'glue'"
