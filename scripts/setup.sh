@@ -8,7 +8,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 DEB_PKGS=(build-essential cmake ninja-build pkg-config git
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libabsl-dev prometheus-cpp-dev libsqlite3-dev sqlite3 nlohmann-json3-dev
+  libabsl-dev prometheus-cpp-dev libsqlite3-dev sqlite3 nlohmann-json3-dev libcpp-httplib-dev
   libpq-dev postgresql
   libgtest-dev libgmock-dev libbenchmark-dev
   prometheus python3-venv curl ca-certificates)
