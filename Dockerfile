@@ -27,7 +27,7 @@ RUN ./scripts/setup.sh && rm -rf build/CMakeFiles
 FROM ${BASE} AS runtime-base
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
       libgrpc++1.51 libprotobuf32 libsqlite3-0 libpq5 libabsl20220623 libprometheus-cpp-pull1.0 \
-      libprometheus-cpp-core1.0 libgomp1 ca-certificates \
+      libprometheus-cpp-core1.0 libcpp-httplib0.11 libgomp1 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home metatt && mkdir /data && chown metatt /data
 WORKDIR /opt/metatt
