@@ -10,6 +10,7 @@ const char* ProjectionName(Projection p) {
     case Projection::kAttnOutput: return "o";
     case Projection::kFfnUp: return "ffn_up";
     case Projection::kFfnDown: return "ffn_down";
+    case Projection::kGate: return "gate";
   }
   return "?";
 }

@@ -20,11 +20,12 @@ enum class Projection : int {
   kKey = 1,
   kValue = 2,
   kAttnOutput = 3,  // attention output dense (BertSelfOutput)
-  kFfnUp = 4,       // intermediate dense (D -> 4D)
-  kFfnDown = 5,     // output dense (4D -> D)
+  kFfnUp = 4,       // intermediate dense (D -> 4D); Llama: up_proj
+  kFfnDown = 5,     // output dense (4D -> D); Llama: down_proj
+  kGate = 6,        // Llama gate_proj (D -> I; reads the same input as up_proj)
 };
-constexpr int kNumProjections = 6;
-const char* ProjectionName(Projection p);  // "q", "k", "v", "o", "ffn_up", "ffn_down"
+constexpr int kNumProjections = 7;
+const char* ProjectionName(Projection p);  // "q", "k", "v", "o", "ffn_up", "ffn_down", "gate"
 
 // Per-forward information the adapter needs about the rows of the batch.
 struct AdapterBatch {
