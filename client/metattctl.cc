@@ -9,8 +9,9 @@
 //   metattctl predict --family glue --task MRPC --text "..." [--text_pair "..."]
 //   metattctl datasets list | get ID | delete ID
 //
-// Tables by default, --json for scripts. `jobs follow` exits 1 when the job
-// FAILED and 2 when it was CANCELLED.
+// Tables by default, --json for scripts. `jobs follow` (and `jobs create
+// --follow`) ends with the job's final row and exits 1 when the job FAILED and
+// 3 when it was CANCELLED. `metattctl COMMAND --help` lists that command's flags.
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/generic/generic_stub.h>
@@ -31,6 +32,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -45,7 +47,12 @@
 
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "metatt-server address");
 ABSL_FLAG(bool, json, false, "print JSON (one object per line) instead of tables");
-ABSL_FLAG(double, timeout, 0, "RPC deadline in seconds (0 = none)");
+// Unary RPCs get a deadline by default (a server that hangs must not hang a
+// script); the streams (upload, follow) only when --timeout is given.
+constexpr double kDefaultTimeoutSeconds = 60;
+ABSL_FLAG(std::optional<double>, timeout, std::nullopt,
+          "deadline of each RPC in seconds (default: 60 for unary RPCs, none for the upload and "
+          "follow streams; 0 = none)");
 ABSL_FLAG(std::string, token, "",
           "bearer token for a server with --auth_tokens (default: $METATT_TOKEN)");
 ABSL_FLAG(std::string, tls_ca, "",
@@ -149,11 +156,13 @@ std::string Token() {
   return t;
 }
 
-// Every RPC's context: the deadline and, when a token is set, the bearer token.
-void SetDeadline(ClientContext* ctx) {
+// Every RPC's context: the deadline and, when a token is set, the bearer
+// token. Unary RPCs default to kDefaultTimeoutSeconds; streams have no
+// deadline unless --timeout is given.
+void SetDeadline(ClientContext* ctx, bool stream = false) {
   const std::string token = Token();
   if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
-  double t = absl::GetFlag(FLAGS_timeout);
+  double t = absl::GetFlag(FLAGS_timeout).value_or(stream ? 0 : kDefaultTimeoutSeconds);
   if (t > 0) {
     ctx->set_deadline(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(static_cast<int64_t>(t * 1000)));
@@ -269,7 +278,7 @@ int Upload(Stubs& s, const std::vector<std::string>& args) {
   }
 
   ClientContext ctx;
-  SetDeadline(&ctx);
+  SetDeadline(&ctx, /*stream=*/true);
   v1::UploadDatasetResponse resp;
   auto writer = s.datasets->UploadDataset(&ctx, &resp);
   bool ok = writer->Write(first);
@@ -356,10 +365,12 @@ void PrintJobs(const std::vector<const v1::Job*>& jobs) {
   PrintTable({"ID", "STATE", "FAMILY", "TASKS", "STEP", "CREATED", "RESULT"}, rows);
 }
 
+// Follows the job's events (progress on stderr) and ends with the job's row
+// as the server has it after the last event (the final state, step and
+// result), on stdout.
 int Follow(Stubs& s, const std::string& id) {
   ClientContext ctx;
-  const std::string token = Token();
-  if (!token.empty()) ctx.AddMetadata("authorization", "Bearer " + token);
+  SetDeadline(&ctx, /*stream=*/true);
   v1::StreamJobEventsRequest req;
   req.set_job_id(id);
   auto reader = s.jobs->StreamJobEvents(&ctx, req);
@@ -419,6 +430,21 @@ int Follow(Stubs& s, const std::string& id) {
   end_bar();
   grpc::Status st = reader->Finish();
   if (!st.ok()) return Fail(absl::StrCat("follow ", id), st);
+  {
+    ClientContext get_ctx;
+    SetDeadline(&get_ctx);
+    v1::GetJobRequest get;
+    get.set_job_id(id);
+    v1::GetJobResponse final_job;
+    st = s.jobs->GetJob(&get_ctx, get, &final_job);
+    if (!st.ok()) return Fail(absl::StrCat("jobs get ", id), st);
+    if (Json()) {
+      PrintJson(final_job.job());
+    } else {
+      PrintJobs({&final_job.job()});
+    }
+    state = final_job.job().state();
+  }
   if (state == v1::FAILED) return 1;
   if (state == v1::CANCELLED) return 3;
   return state == v1::SUCCEEDED ? 0 : 1;
@@ -481,12 +507,17 @@ int CreateJob(Stubs& s) {
   v1::CreateJobResponse resp;
   auto st = s.jobs->CreateJob(&ctx, req, &resp);
   if (!st.ok()) return Fail("jobs create", st);
+  if (absl::GetFlag(FLAGS_follow)) {
+    // The create response is QUEUED at step 0: with --follow only the final
+    // row (printed by Follow) goes to stdout.
+    if (!Json()) std::fprintf(stderr, "created %s\n", resp.job().id().c_str());
+    return Follow(s, resp.job().id());
+  }
   if (Json()) {
     PrintJson(resp.job());
   } else {
     PrintJobs({&resp.job()});
   }
-  if (absl::GetFlag(FLAGS_follow)) return Follow(s, resp.job().id());
   return 0;
 }
 
@@ -792,6 +823,78 @@ int ReadFile(const std::string& flag, const std::string& path, std::string* out)
   return 0;
 }
 
+// ---- help --------------------------------------------------------------------------
+
+// Each command's usage and the flags it reads (the connection flags apply to
+// every command that talks to a server).
+struct CommandHelp {
+  const char* name;
+  const char* usage;
+  std::vector<const char*> flags;
+};
+
+const std::vector<const char*> kConnectionFlags = {"server",  "token",    "tls_ca", "tls_cert",
+                                                   "tls_key", "timeout", "json"};
+
+const std::vector<CommandHelp>& Commands() {
+  static const auto* kCommands = new std::vector<CommandHelp>{
+      {"upload", "metattctl upload FILE [--glue TASK | --format ... --text_column ...]",
+       {"name", "format", "has_header", "text_column", "text_pair_column", "label_column",
+        "label_kind", "quoting", "glue"}},
+      {"datasets", "metattctl datasets list | get ID | delete ID", {}},
+      {"jobs",
+       "metattctl jobs create --family F --task T --dataset ID [--follow] | list [--state S] | "
+       "get ID | cancel ID | follow ID",
+       {"kind", "family", "task", "dataset", "eval_dataset", "eval_fraction", "metric", "form",
+        "ranks", "projections", "init", "alpha", "steps", "batch_size", "lr", "weight_decay",
+        "warmup_ratio", "grad_clip", "eval_every", "max_length", "patience", "pooling", "seed",
+        "idempotency_key", "follow", "state", "page_size"}},
+      {"families", "metattctl families list | get NAME", {}},
+      {"tasks", "metattctl tasks list --family F [--version N]", {"family", "version", "page_size"}},
+      {"predict",
+       "metattctl predict --family F --task T[,T2...] --text TEXT [--text_pair TEXT]",
+       {"family", "task", "task_index", "version", "text", "text_pair"}},
+      {"health", "metattctl health   (grpc.health.v1: exit 0 when SERVING)", {}},
+      {"hash-token", "metattctl hash-token [TOKEN]   (reads stdin without one; no server)", {}},
+  };
+  return *kCommands;
+}
+
+void PrintFlags(const std::vector<const char*>& names) {
+  for (const char* name : names) {
+    const absl::CommandLineFlag* f = absl::FindCommandLineFlag(name);
+    if (f == nullptr) continue;
+    std::string def = f->DefaultValue();
+    std::printf("  --%s  %s", name, f->Help().c_str());
+    if (!def.empty() && def != "false") std::printf(" (default: %s)", def.c_str());
+    std::printf("\n");
+  }
+}
+
+// `metattctl --help` and `metattctl COMMAND --help`: the command's usage and
+// only its flags (`--helpfull` still lists every flag of the binary).
+int PrintHelp(const std::string& command) {
+  for (const auto& c : Commands()) {
+    if (command != c.name) continue;
+    std::printf("usage: %s\n", c.usage);
+    if (!c.flags.empty()) {
+      std::printf("\n%s flags:\n", c.name);
+      PrintFlags(c.flags);
+    }
+    if (command != "hash-token") {
+      std::printf("\nconnection flags:\n");
+      PrintFlags(kConnectionFlags);
+    }
+    return 0;
+  }
+  std::printf("usage: metattctl COMMAND [flags]   (metattctl COMMAND --help: its flags)\n\n"
+              "commands:\n");
+  for (const auto& c : Commands()) std::printf("  %-10s %s\n", c.name, c.usage);
+  std::printf("\nconnection flags:\n");
+  PrintFlags(kConnectionFlags);
+  return command.empty() ? 0 : Fail(absl::StrCat("unknown command '", command, "'"));
+}
+
 int Main(std::vector<std::string> args) {
   if (args.empty()) {
     return Fail(
@@ -836,6 +939,18 @@ int Main(std::vector<std::string> args) {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "metattctl upload|datasets|jobs|families|tasks|predict|health ... [--server host:port] [--json]");
+  // --help / -h: our per-command help (absl's --help would list every flag of
+  // every command); the command is the first argument naming one.
+  bool help = false;
+  std::string command;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-help" || a == "-h" || a == "--help=true") help = true;
+    for (const auto& c : metatt::ctl::Commands()) {
+      if (command.empty() && a == c.name) command = a;
+    }
+  }
+  if (help) return metatt::ctl::PrintHelp(command);
   std::vector<char*> rest = absl::ParseCommandLine(argc, argv);
   std::vector<std::string> args(rest.begin() + 1, rest.end());
   return metatt::ctl::Main(args);

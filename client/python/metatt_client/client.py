@@ -98,12 +98,19 @@ def _read(path):
         return f.read()
 
 
+DEFAULT_TIMEOUT = 60.0
+
+
 class Client:
     """``token`` (default ``$METATT_TOKEN``) is sent as a bearer token on every
     call; ``root_certificates`` (PEM path) switches to TLS, ``client_cert`` /
-    ``client_key`` (PEM paths) add a client certificate for mutual TLS."""
+    ``client_key`` (PEM paths) add a client certificate for mutual TLS.
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 60.0,
+    ``timeout`` is the deadline in seconds of every unary call and upload
+    (default 60; ``None`` or 0 = none); each method also takes ``timeout=`` to
+    override it for that call. ``follow`` streams have none unless given."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: Optional[float] = DEFAULT_TIMEOUT,
                  channel: Optional[grpc.Channel] = None, token: Optional[str] = None,
                  root_certificates: Optional[str] = None, client_cert: Optional[str] = None,
                  client_key: Optional[str] = None):
@@ -121,11 +128,17 @@ class Client:
         token = token if token is not None else os.environ.get("METATT_TOKEN", "")
         self._raw_channel = channel
         self.channel = bearer_channel(channel, token) if token else channel
-        self.timeout = timeout
+        self.timeout = timeout or None
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.datasets = datasets_pb2_grpc.DatasetServiceStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def _deadline(self, timeout: Optional[float]) -> Optional[float]:
+        """A call's deadline: its own ``timeout`` (0 = none), else the client's."""
+        if timeout is None:
+            return self.timeout
+        return timeout or None
 
     def close(self):
         self._raw_channel.close()
@@ -140,7 +153,8 @@ class Client:
     def upload(self, path: Union[str, os.PathLike], name: str, text_column: str,
                label_column: str, text_pair_column: str = "", fmt: str = "tsv",
                has_header: bool = True, regression: bool = False, quoting: bool = False,
-               progress: bool = False, data: Optional[bytes] = None):
+               progress: bool = False, data: Optional[bytes] = None,
+               timeout: Optional[float] = None):
         """Streams a file (or `data`) in 1 MiB chunks; returns the Dataset."""
         blob = data if data is not None else open(path, "rb").read()
         header = datasets_pb2.DatasetHeader(
@@ -157,17 +171,18 @@ class Client:
                 bar.update(len(chunk))
                 yield datasets_pb2.UploadDatasetRequest(chunk=chunk)
 
-        return _call(self.datasets.UploadDataset, gen(), timeout=self.timeout).dataset
+        return _call(self.datasets.UploadDataset, gen(), timeout=self._deadline(timeout)).dataset
 
-    def list_datasets(self):
+    def list_datasets(self, timeout: Optional[float] = None):
         return list(_call(self.datasets.ListDatasets, datasets_pb2.ListDatasetsRequest(),
-                          timeout=self.timeout).datasets)
+                          timeout=self._deadline(timeout)).datasets)
 
     # -- jobs -------------------------------------------------------------------
     def submit(self, family: str, task: str = "", dataset_id: str = "", kind: str = "train",
                tasks: Sequence[Tuple[str, str]] = (), form: str = "",
                ranks: Sequence[int] = (), projections: Sequence[str] = (),
-               eval_dataset_id: str = "", idempotency_key: str = "", **hparams):
+               eval_dataset_id: str = "", idempotency_key: str = "",
+               timeout: Optional[float] = None, **hparams):
         """kind: train | add_task | multi_task. `tasks` = [(task_name, dataset_id)]
         for multi-task jobs; hparams are HyperParams fields (max_steps, ...).
         Whatever is left out (form "", ranks (), any hparam) is "auto": the
@@ -183,25 +198,27 @@ class Client:
                                                                projections=list(projections)),
                                 hparams=jobs_pb2.HyperParams(**hparams))
         req = jobs_pb2.CreateJobRequest(spec=spec, idempotency_key=idempotency_key)
-        return _call(self.jobs.CreateJob, req, timeout=self.timeout).job
+        return _call(self.jobs.CreateJob, req, timeout=self._deadline(timeout)).job
 
-    def get_job(self, job_id: str):
-        return _call(self.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout).job
+    def get_job(self, job_id: str, timeout: Optional[float] = None):
+        return _call(self.jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id),
+                     timeout=self._deadline(timeout)).job
 
-    def list_jobs(self, state: Optional[str] = None, page_size: int = 50):
+    def list_jobs(self, state: Optional[str] = None, page_size: int = 50,
+                  timeout: Optional[float] = None):
         req = jobs_pb2.ListJobsRequest(page_size=page_size,
                                        state=getattr(jobs_pb2, state) if state else 0)
         out = []
         while True:
-            resp = _call(self.jobs.ListJobs, req, timeout=self.timeout)
+            resp = _call(self.jobs.ListJobs, req, timeout=self._deadline(timeout))
             out.extend(resp.jobs)
             if not resp.next_page_token:
                 return out
             req.page_token = resp.next_page_token
 
-    def cancel(self, job_id: str):
+    def cancel(self, job_id: str, timeout: Optional[float] = None):
         return _call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id),
-                     timeout=self.timeout).job
+                     timeout=self._deadline(timeout)).job
 
     def follow(self, job_id: str, timeout: Optional[float] = None) -> Iterator:
         """Yields JobEvents (past ones first) until the job reaches a terminal state."""
@@ -222,7 +239,8 @@ class Client:
 
     # -- inference --------------------------------------------------------------
     def predict(self, family: str, task: Union[str, int],
-                texts: Iterable[Union[str, Tuple[str, str]]], version: int = 0):
+                texts: Iterable[Union[str, Tuple[str, str]]], version: int = 0,
+                timeout: Optional[float] = None):
         inputs = []
         for t in texts:
             a, b = (t, None) if isinstance(t, str) else t
@@ -235,32 +253,34 @@ class Client:
                 inp.task = task
             inputs.append(inp)
         return list(_call(self.inference.Predict, inference_pb2.PredictRequest(inputs=inputs),
-                          timeout=self.timeout).predictions)
+                          timeout=self._deadline(timeout)).predictions)
 
-    def predict_mixed(self, inputs: List[inference_pb2.PredictInput]):
+    def predict_mixed(self, inputs: List[inference_pb2.PredictInput],
+                      timeout: Optional[float] = None):
         return list(_call(self.inference.Predict, inference_pb2.PredictRequest(inputs=inputs),
-                          timeout=self.timeout).predictions)
+                          timeout=self._deadline(timeout)).predictions)
 
     # -- adapters ---------------------------------------------------------------
-    def list_families(self):
+    def list_families(self, timeout: Optional[float] = None):
         """Latest version of every family; each FamilyVersion carries `task_count` and
         at most its first 100 tasks (list_tasks yields all)."""
         return _call(self.adapters.ListFamilies, adapters_pb2.ListFamiliesRequest(),
-                     timeout=self.timeout)
+                     timeout=self._deadline(timeout))
 
-    def get_family(self, family: str):
+    def get_family(self, family: str, timeout: Optional[float] = None):
         """Every version of `family` (oldest first), each with `task_count` and at most
         its first 100 tasks."""
         return _call(self.adapters.GetFamily, adapters_pb2.GetFamilyRequest(family=family),
-                     timeout=self.timeout).family
+                     timeout=self._deadline(timeout)).family
 
-    def list_tasks(self, family: str, version: int = 0, page_size: int = 0) -> Iterator:
+    def list_tasks(self, family: str, version: int = 0, page_size: int = 0,
+                   timeout: Optional[float] = None) -> Iterator:
         """Yields every Task of `family` (version 0 = latest) in index order, one
         ListTasks page at a time (page_size 0 = the server's 1000, at most 10000).
         All pages come from the version the first page named."""
         req = adapters_pb2.ListTasksRequest(family=family, version=version, page_size=page_size)
         while True:
-            resp = _call(self.adapters.ListTasks, req, timeout=self.timeout)
+            resp = _call(self.adapters.ListTasks, req, timeout=self._deadline(timeout))
             yield from resp.tasks
             if not resp.next_page_token:
                 return
