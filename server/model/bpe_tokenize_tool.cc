@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
         answer = {{"error", "line " + std::to_string(line_no) + ": " + e.what()}};
       }
     }
-    *out << answer.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+    *out << answer.dump(-1, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace) << "\n";
   }
   out->flush();
   return out->good() ? 0 : 1;

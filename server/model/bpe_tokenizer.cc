@@ -882,6 +882,9 @@ std::string BpeTokenizer::Decode(absl::Span<const int64_t> ids, bool skip_specia
 absl::StatusOr<std::string> BpeTokenizer::ApplyChatTemplate(absl::Span<const ChatMessage> messages,
                                                             bool add_generation_prompt) const {
   if (!chat_status_.ok()) return chat_status_;
+  if (messages.empty()) {  // transformers refuses an empty conversation too
+    return absl::InvalidArgumentError("chat template: no messages");
+  }
   std::string out;
   for (size_t i = 0; i < messages.size(); ++i) {
     if (i == 0 && messages[0].role != "system") {

@@ -102,7 +102,7 @@ class BpeTokenizer {
   // The default system prompt of the recognised template.
   const std::string& default_system_prompt() const { return default_system_; }
   // The text `tokenizer.apply_chat_template(messages, tokenize=False,
-  // add_generation_prompt=...)` renders.
+  // add_generation_prompt=...)` renders; no messages is an error (as there).
   absl::StatusOr<std::string> ApplyChatTemplate(absl::Span<const ChatMessage> messages,
                                                 bool add_generation_prompt) const;
   // Its ids (Encode without post-processor tokens, as transformers does).
