@@ -100,6 +100,17 @@ TEST(BpeTokenizerTest, BytesMissingFromTheVocabAreDroppedWithoutUnk) {
   EXPECT_THAT(with_unk.EncodeToTokens("azzb"), ElementsAre("a", "!", "b"));
 }
 
+TEST(BpeTokenizerTest, InvalidUtf8BytesAreEncodedAsTheirOwnBytes) {
+  BpeTokenizer tok = Make(TinyTokenizer());
+  // A lone lead byte (0xC3 = 'Ã') is an "other" character, split from the
+  // letter before it; it does not merge with a continuation byte that is
+  // itself invalid there either.
+  EXPECT_THAT(tok.EncodeToTokens("a\xC3"), ElementsAre("a", "Ã"));
+  EXPECT_THAT(tok.EncodeToTokens("\xC3\xA9"), ElementsAre("Ã©"));  // valid 'é'
+  EXPECT_THAT(tok.EncodeToTokens("\xC3" "a\xA9"), ElementsAre("Ã", "a", "©"));
+  EXPECT_EQ(tok.Decode(tok.Encode("a\xC3")), "a\xEF\xBF\xBD");
+}
+
 TEST(BpeTokenizerTest, AddedTokensAreRecognisedInText) {
   BpeTokenizer tok = Make(TinyTokenizer());
   EXPECT_THAT(tok.Encode("ab<s>ab</s>"), ElementsAre(9, 0, 9, 1));
