@@ -475,6 +475,29 @@ def test_models_dir_matches_gguf_tokenizer(hf):
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not (src / gguf).exists():
         pytest.skip(f"{src / gguf} is absent")
+    # The GGUF's own tokenizer fields, read without transformers: same
+    # vocabulary, merges in the same order, its control tokens = our special
+    # added tokens, same special ids.
+    from gguf import GGUFReader
+    reader = GGUFReader(str(src / gguf))
+
+    def field(name):
+        f = reader.fields[name]
+        return [f.parts[i] for i in f.data]
+
+    tokens = [bytes(x).decode("utf-8") for x in field("tokenizer.ggml.tokens")]
+    merges = [bytes(x).decode("utf-8") for x in field("tokenizer.ggml.merges")]
+    types = [int(x[0]) for x in field("tokenizer.ggml.token_type")]
+    j = json.loads((decoder_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    assert {t: i for i, t in enumerate(tokens)} == j["model"]["vocab"]
+    assert [m if isinstance(m, str) else " ".join(m) for m in j["model"]["merges"]] == merges
+    assert [i for i, t in enumerate(types) if t == 3] == \
+        [a["id"] for a in j["added_tokens"] if a["special"]]
+    for key, want in (("bos_token_id", hf.bos_token_id), ("eos_token_id", hf.eos_token_id),
+                      ("unknown_token_id", hf.unk_token_id),
+                      ("padding_token_id", hf.pad_token_id)):
+        assert int(field(f"tokenizer.ggml.{key}")[0][0]) == want, key
+
     from transformers import AutoTokenizer
     g = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
     assert g.chat_template == hf.chat_template
