@@ -482,7 +482,8 @@ absl::StatusOr<BpeTokenizer> BpeTokenizer::FromJson(std::string_view tokenizer_j
     tok.special_[a.id] = a.special;
     tok.added_ids_[a.content] = a.id;
     if (a.content.empty()) continue;  // never matches
-    (a.normalized && !a.special ? tok.added_normalized_ : tok.added_raw_).push_back({a.content, a.id});
+    // `tokenizers` partitions on "normalized" alone (special or not).
+    (a.normalized ? tok.added_normalized_ : tok.added_raw_).push_back({a.content, a.id});
   }
   // Longest first within each pass, so the first hit at a position is the
   // longest (leftmost-longest matching).

@@ -88,6 +88,17 @@ TEST(BpeTokenizerTest, MergesByRankAndSplitsLikeGpt2) {
   EXPECT_TRUE(tok.Encode("").empty());
 }
 
+TEST(BpeTokenizerTest, ARepeatedMergeTakesItsLastRank) {
+  // [b c] before the second [a b]: "abc" -> a, bc (as `tokenizers` 0.23.3).
+  json j = TinyTokenizer();
+  j["model"]["vocab"]["bc"] = 24;
+  j["model"]["merges"] = json::array(
+      {json::array({"a", "b"}), json::array({"b", "c"}), json::array({"a", "b"})});
+  EXPECT_THAT(Make(j).EncodeToTokens("abc"), ElementsAre("a", "bc"));
+  j["model"]["merges"] = json::array({json::array({"a", "b"}), json::array({"b", "c"})});
+  EXPECT_THAT(Make(j).EncodeToTokens("abc"), ElementsAre("ab", "c"));
+}
+
 TEST(BpeTokenizerTest, BytesMissingFromTheVocabAreDroppedWithoutUnk) {
   BpeTokenizer tok = Make(TinyTokenizer());
   // 'z' has no byte token and there is no unk token: it vanishes, and the
