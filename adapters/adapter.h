@@ -15,6 +15,8 @@
 
 namespace metatt {
 
+struct ModelGeometry;  // adapters/model_geometry.h: the model interface
+
 enum class Projection : int {
   kQuery = 0,
   kKey = 1,
@@ -58,20 +60,27 @@ class EncoderAdapter {
                                             const std::vector<Projection>& projections,
                                             const AdapterBatch& batch) = 0;
 
-  // What the encoder calls: adds the deltas of `projections` into `out` in
-  // place. `out` [B, S, n * W] holds the n projections' base outputs side by
-  // side (the encoder's fused Q|K|V output, or one projection's output), all
-  // of width W. The default adds Deltas() block by block (differentiable);
+  // What the model calls: adds the deltas of `projections` into `out` in
+  // place. `out` [B, S, W_1 + ... + W_n] holds the n projections' base
+  // outputs side by side (the model's fused Q|K|V or gate|up output, or one
+  // projection's output), with widths from geometry() (without one: all
+  // widths equal). The default adds Deltas() block by block (differentiable);
   // adapters override it to fuse the add into their last matmul at inference
   // (one baddbmm_ per call instead of a matmul and an add per projection: on
   // a GPU the kernel count is the cost).
   virtual void AddDeltas(int layer, const torch::Tensor& x,
                          const std::vector<Projection>& projections, const AdapterBatch& batch,
                          torch::Tensor& out);
+
+  // The geometry of the model this adapter was built for (widths, groups);
+  // nullptr when the adapter does not know it (then every projection of a
+  // call group has the same output width).
+  virtual const ModelGeometry* geometry() const { return nullptr; }
 };
 
-// The groups of projections the encoder asks for together (they read the
-// same input), in its order; adapters may lay out fused weights by group.
+// The BERT-family encoder's groups of projections asked for together (they
+// read the same input), in its order: ModelGeometry::Bert(...).groups. Other
+// models give theirs in their ModelGeometry.
 const std::vector<std::vector<Projection>>& ProjectionGroups();
 // Group index of `projections` in ProjectionGroups(), or -1.
 int ProjectionGroupOf(const std::vector<Projection>& projections);

@@ -34,7 +34,25 @@ std::vector<int> LoraConfig::AdaptedLayers() const {
   return all;
 }
 
+ModelGeometry LoraConfig::Geometry() const {
+  if (model.has_value()) return *model;
+  return ModelGeometry::Bert(num_layers, hidden_size, hidden_size, intermediate_size, 0);
+}
+
+void LoraConfig::SetModel(const ModelGeometry& g) {
+  model = g;
+  num_layers = g.num_layers;
+  hidden_size = intermediate_size = 0;
+  for (int i = 0; i < kNumProjections; ++i) {
+    const ProjectionGeometry& p = g.projection[i];
+    if (p.in_width <= 0) continue;
+    if (p.in_port == ModelGeometry::kHiddenPort) hidden_size = p.in_width;
+    if (p.out_port == ModelGeometry::kFfnPort) intermediate_size = p.out_width;
+  }
+}
+
 std::pair<int64_t, int64_t> LoraConfig::Dims(Projection p) const {
+  if (model.has_value()) return {model->of(p).in_width, model->of(p).out_width};
   if (p == Projection::kFfnUp) return {hidden_size, intermediate_size};
   if (p == Projection::kFfnDown) return {intermediate_size, hidden_size};
   return {hidden_size, hidden_size};
@@ -61,6 +79,19 @@ absl::Status LoraConfig::Validate() const {
       return Bad("projections", absl::StrCat("repeats '", ProjectionName(p), "'"));
     if ((p == Projection::kFfnUp || p == Projection::kFfnDown) && intermediate_size <= 0)
       return Bad("intermediate_size", "must be positive when FFN projections are adapted");
+    if (!model.has_value() && p == Projection::kGate)
+      return Bad("projections", "'gate' needs a model geometry with a gate projection (llama)");
+    if (model.has_value() && !model->Has(p))
+      return Bad("projections", absl::StrCat("'", ProjectionName(p),
+                                             "' is not a projection of the model (",
+                                             model->family, ")"));
+  }
+  if (model.has_value()) {
+    const std::string why = model->Check();
+    if (!why.empty()) return Bad("model", why);
+    if (model->num_layers != num_layers)
+      return Bad("num_layers", absl::StrCat("(", num_layers, ") differs from the model's ",
+                                            model->num_layers));
   }
   std::set<int> seen_l;
   for (int l : layers) {
@@ -102,6 +133,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::FromFactors(
   RETURN_IF_ERROR(config.Validate());
   std::unique_ptr<LoraAdapter> a(new LoraAdapter());
   a->config_ = config;
+  a->geometry_ = config.Geometry();
   a->scale_ = config.Scale();
   for (int l : config.AdaptedLayers()) {
     for (Projection p : config.projections) {
@@ -159,12 +191,12 @@ std::vector<torch::Tensor> LoraAdapter::Deltas(int layer, const torch::Tensor& x
 void LoraAdapter::AddDeltas(int layer, const torch::Tensor& x,
                             const std::vector<Projection>& projections, const AdapterBatch& batch,
                             torch::Tensor& out) {
-  const int g = ProjectionGroupOf(projections);
-  if (torch::GradMode::is_enabled() || g < 0) {
+  const int g = geometry_.GroupOf(projections);
+  if (torch::GradMode::is_enabled() || g < 0 || out.size(-1) != geometry_.GroupWidth(g)) {
     EncoderAdapter::AddDeltas(layer, x, projections, batch, out);
     return;
   }
-  const int64_t n = static_cast<int64_t>(projections.size()), w = out.size(-1) / n;
+  const int64_t n = static_cast<int64_t>(projections.size());
   std::vector<std::pair<int64_t, const Factors*>> fs;  // (block, factors)
   int64_t version = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -179,11 +211,14 @@ void LoraAdapter::AddDeltas(int layer, const torch::Tensor& x,
     std::vector<torch::Tensor> as;
     for (const auto& [i, fac] : fs) as.push_back(fac->a);
     f.a_t = torch::cat(as, 0).t().mul(scale_).contiguous();
-    f.b = torch::zeros({f.a_t.size(1), n * w}, f.a_t.options());
+    f.b = torch::zeros({f.a_t.size(1), out.size(-1)}, f.a_t.options());
     int64_t row = 0;
     for (const auto& [i, fac] : fs) {
       const int64_t r = fac->a.size(0);
-      f.b.narrow(0, row, r).narrow(1, i * w, w).copy_(fac->b.t());
+      const Projection p = projections[i];
+      f.b.narrow(0, row, r)
+          .narrow(1, geometry_.OffsetInGroup(p), geometry_.of(p).out_width)
+          .copy_(fac->b.t());
       row += r;
     }
     f.version = version;
@@ -242,9 +277,16 @@ absl::Status ParsePeftKey(const std::string& key, int* layer, Projection* proj, 
   } else {
     return bad("only lora_A/lora_B weights are understood");
   }
-  const std::string marker = "encoder.layer.";
+  // Encoders: "...encoder.layer.<n>.<module>"; Llama decoders:
+  // "...model.layers.<n>.<module>".
+  std::string marker = "encoder.layer.";
   auto pos = rest.find(marker);
-  if (pos == std::string::npos) return bad("no 'encoder.layer.<n>.' in the name");
+  if (pos == std::string::npos) {
+    marker = "layers.";
+    pos = rest.find(marker);
+    if (pos != std::string::npos && pos > 0 && rest[pos - 1] != '.') pos = std::string::npos;
+  }
+  if (pos == std::string::npos) return bad("no 'encoder.layer.<n>.' or 'layers.<n>.' in the name");
   rest = rest.substr(pos + marker.size());
   auto dot = rest.find('.');
   if (dot == std::string::npos || !absl::SimpleAtoi(rest.substr(0, dot), layer) || *layer < 0)
@@ -261,6 +303,20 @@ absl::Status ParsePeftKey(const std::string& key, int* layer, Projection* proj, 
   else if (module == "intermediate.dense")
     *proj = Projection::kFfnUp;
   else if (module == "output.dense")
+    *proj = Projection::kFfnDown;
+  else if (module == "self_attn.q_proj")
+    *proj = Projection::kQuery;
+  else if (module == "self_attn.k_proj")
+    *proj = Projection::kKey;
+  else if (module == "self_attn.v_proj")
+    *proj = Projection::kValue;
+  else if (module == "self_attn.o_proj")
+    *proj = Projection::kAttnOutput;
+  else if (module == "mlp.gate_proj")
+    *proj = Projection::kGate;
+  else if (module == "mlp.up_proj")
+    *proj = Projection::kFfnUp;
+  else if (module == "mlp.down_proj")
     *proj = Projection::kFfnDown;
   else
     return bad(absl::StrCat("unknown module '", module, "'"));
@@ -320,6 +376,19 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeftAdapter(const std::string& 
     return absl::InvalidArgumentError(absl::StrCat(st_path, ": no LoRA tensors"));
   c.projections.assign(projs.begin(), projs.end());
   c.layers.assign(layers.begin(), layers.end());
+  if (options.model.has_value()) {
+    // The model's geometry gives every width; FromFactors checks the shapes.
+    c.SetModel(*options.model);
+    for (const auto& [k, f] : factors)
+      if (!f.a.defined() || !f.b.defined())
+        return absl::InvalidArgumentError(absl::StrCat(st_path, ": layer ", k.first, " ",
+                                                       ProjectionName(k.second),
+                                                       " lacks lora_A or lora_B"));
+    return LoraAdapter::FromFactors(c, std::move(factors));
+  }
+  if (projs.count(Projection::kGate))
+    return absl::InvalidArgumentError(absl::StrCat(
+        st_path, ": a decoder adapter (gate_proj) needs the base model's geometry"));
   c.num_layers = options.num_layers > 0 ? options.num_layers : *layers.rbegin() + 1;
   for (const auto& [k, f] : factors) {
     if (!f.a.defined() || !f.b.defined())

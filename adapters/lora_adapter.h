@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -17,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "adapters/adapter.h"
+#include "adapters/model_geometry.h"
 
 namespace metatt {
 
@@ -29,6 +31,9 @@ struct LoraConfig {
   int64_t num_layers = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;  // needed only when FFN projections are adapted
+  // The base model's geometry (adapters/model_geometry.h). Unset: the
+  // BERT-family encoder of num_layers, hidden_size, intermediate_size.
+  std::optional<ModelGeometry> model;
   // "peft": A ~ kaiming_uniform(a = sqrt(5)) i.e. U(-1/sqrt(D_in), 1/sqrt(D_in)),
   // B = 0 (PEFT's default, delta = 0 at step 0). "random": B drawn like A.
   std::string init = "peft";
@@ -37,6 +42,10 @@ struct LoraConfig {
   std::vector<int> AdaptedLayers() const;
   // In and out width of a projection for this model.
   std::pair<int64_t, int64_t> Dims(Projection p) const;
+  // `model`, else ModelGeometry::Bert(num_layers, hidden, hidden, intermediate).
+  ModelGeometry Geometry() const;
+  // model = g; num_layers, hidden_size and intermediate_size from it.
+  void SetModel(const ModelGeometry& g);
   int64_t ParameterCount() const;
   absl::Status Validate() const;
 };
@@ -68,6 +77,7 @@ class LoraAdapter : public EncoderAdapter {
   // blocks, cached until a factor changes); training: the default.
   void AddDeltas(int layer, const torch::Tensor& x, const std::vector<Projection>& projections,
                  const AdapterBatch& batch, torch::Tensor& out) override;
+  const ModelGeometry* geometry() const override { return &geometry_; }
 
   const LoraConfig& config() const { return config_; }
   double scale() const { return scale_; }
@@ -81,6 +91,7 @@ class LoraAdapter : public EncoderAdapter {
  private:
   LoraAdapter() = default;
   LoraConfig config_;
+  ModelGeometry geometry_;  // config_.Geometry()
   double scale_ = 1.0;
   std::map<Key, Factors> factors_;
   struct Fused {
@@ -97,11 +108,16 @@ struct LoadPeftOptions {
   // Base model dimensions (checked against the factors' shapes when > 0).
   int64_t num_layers = 0;
   int64_t hidden_size = 0;
+  // The base model's geometry; required for decoder (Llama) adapters, whose
+  // k/v and gate projections have their own widths.
+  std::optional<ModelGeometry> model;
 };
 
 // Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors.
 // Supports target_modules among query, key, value, dense (attention output,
-// intermediate and output dense), r, lora_alpha, use_rslora, fan_in_fan_out =
+// intermediate and output dense) for encoders, and q_proj, k_proj, v_proj,
+// o_proj, gate_proj, up_proj, down_proj for Llama decoders (with
+// options.model), r, lora_alpha, use_rslora, fan_in_fan_out =
 // false, bias = "none", no rank/alpha patterns, no DoRA; anything else is
 // refused with InvalidArgument/Unimplemented naming the field.
 absl::StatusOr<std::unique_ptr<LoraAdapter>> LoadPeftAdapter(const std::string& dir,

@@ -108,12 +108,13 @@ void MetaTTAdapter::BuildIndexMaps() {
   for (size_t i = 0; i < config_.projections.size(); ++i)
     proj_index_[static_cast<int>(config_.projections[i])] = static_cast<int>(i);
   layout_ = config_.BoundaryLayout();
-  // Fold-table columns: one block per projection of every encoder call group
-  // that adapts at least one of its projections, in the encoder's order.
+  geometry_ = config_.Geometry();
+  // Fold-table columns: one block per projection of every model call group
+  // that adapts at least one of its projections, in the model's order.
   for (int64_t& c : table_col_) c = -1;
   group_cols_.clear();
   table_cols_ = 0;
-  for (const auto& group : ProjectionGroups()) {
+  for (const auto& group : geometry_.groups) {
     bool adapted = false;
     for (Projection p : group) adapted = adapted || proj_index_[static_cast<int>(p)] >= 0;
     int64_t width = 0;
@@ -466,7 +467,7 @@ torch::Tensor MetaTTAdapter::ProjectIn(const torch::Tensor& x, int first) const 
 void MetaTTAdapter::AddDeltas(int layer, const torch::Tensor& x,
                               const std::vector<Projection>& projections,
                               const AdapterBatch& batch, torch::Tensor& out) {
-  const int g = ProjectionGroupOf(projections);
+  const int g = geometry_.GroupOf(projections);
   if (torch::GradMode::is_enabled() || !fold_enabled_ || g < 0) {
     EncoderAdapter::AddDeltas(layer, x, projections, batch, out);
     return;

@@ -9,7 +9,8 @@
 // handful of r x r products) and the path above is differentiable.
 // Inference (GradMode off) folds the chain into the output core:
 //   W[l, m(, t)] = C . G4   [r1, D_out]   (5D: column block h = C . G4[h] . G5)
-// laid out per encoder call group (ProjectionGroups(): Q|K|V, O, up, down)
+// laid out per model call group (config().Geometry().groups; the encoder's
+// Q|K|V, O, up, down; the decoder's Q|K|V, O, gate|up, down)
 // as one table T[l] [r1, Ctot] whose column block of a group matches the
 // encoder's fused output (zeros for a projection of the group that is not
 // adapted), so a call costs Z = X . G1 and one out.baddbmm_(Z, T[l][group]).
@@ -92,6 +93,7 @@ class MetaTTAdapter : public EncoderAdapter {
                                     const AdapterBatch& batch) override;
   void AddDeltas(int layer, const torch::Tensor& x, const std::vector<Projection>& projections,
                  const AdapterBatch& batch, torch::Tensor& out) override;
+  const ModelGeometry* geometry() const override { return &geometry_; }
 
   // The config with ranks and num_tasks reflecting the current cores.
   const MetaTTConfig& config() const { return config_; }
@@ -172,11 +174,12 @@ class MetaTTAdapter : public EncoderAdapter {
   MetaTTConfig config_;
   double scale_ = 1.0;
   std::vector<int> layer_index_;  // base layer -> L index or -1
-  int proj_index_[kNumProjections] = {-1, -1, -1, -1, -1, -1};
+  int proj_index_[kNumProjections] = {-1, -1, -1, -1, -1, -1, -1};
   MetaTTConfig::Layout layout_;
+  ModelGeometry geometry_;  // config_.Geometry(): groups and widths
   // Column offset of each adapted projection in the fold table (-1: none),
   // and each group's (offset, width) there (width 0: group not adapted).
-  int64_t table_col_[kNumProjections] = {-1, -1, -1, -1, -1, -1};
+  int64_t table_col_[kNumProjections] = {-1, -1, -1, -1, -1, -1, -1};
   std::vector<std::pair<int64_t, int64_t>> group_cols_;
   int64_t table_cols_ = 0;
 

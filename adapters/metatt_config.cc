@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <map>
 #include <set>
 
 #include "absl/strings/numbers.h"
@@ -77,15 +78,110 @@ absl::StatusOr<TTForm> ParseTTForm(const std::string& name) {
 }
 
 absl::StatusOr<Projection> ParseProjection(const std::string& name) {
-  if (name == "q" || name == "query") return Projection::kQuery;
-  if (name == "k" || name == "key") return Projection::kKey;
-  if (name == "v" || name == "value") return Projection::kValue;
-  if (name == "o" || name == "attn_output") return Projection::kAttnOutput;
-  if (name == "ffn_up") return Projection::kFfnUp;
-  if (name == "ffn_down") return Projection::kFfnDown;
+  if (name == "q" || name == "query" || name == "q_proj") return Projection::kQuery;
+  if (name == "k" || name == "key" || name == "k_proj") return Projection::kKey;
+  if (name == "v" || name == "value" || name == "v_proj") return Projection::kValue;
+  if (name == "o" || name == "attn_output" || name == "o_proj") return Projection::kAttnOutput;
+  if (name == "ffn_up" || name == "up_proj") return Projection::kFfnUp;
+  if (name == "ffn_down" || name == "down_proj") return Projection::kFfnDown;
+  if (name == "gate" || name == "gate_proj") return Projection::kGate;
   return Bad("projections",
-             absl::StrCat("'", name, "' is not one of q, k, v, o, ffn_up, ffn_down"));
+             absl::StrCat("'", name, "' is not one of q, k, v, o, ffn_up, ffn_down, gate"));
 }
+
+ModelGeometry MetaTTConfig::Geometry() const {
+  if (model.has_value()) return *model;
+  return ModelGeometry::Bert(num_layers, d_in, d_out, d_ffn, num_heads);
+}
+
+void MetaTTConfig::SetModel(const ModelGeometry& g) {
+  model = g;
+  num_layers = g.num_layers;
+  d_in = d_out = 0;
+  d_ffn = 0;
+  for (int i = 0; i < kNumProjections; ++i) {
+    const ProjectionGeometry& p = g.projection[i];
+    if (p.in_width <= 0) continue;
+    if (p.in_port == ModelGeometry::kHiddenPort) d_in = p.in_width;
+    if (p.out_port == ModelGeometry::kHiddenPort) d_out = p.out_width;
+    if (p.out_port == ModelGeometry::kFfnPort) d_ffn = p.out_width;
+  }
+}
+
+namespace {
+
+nlohmann::json GeometryToJson(const ModelGeometry& g) {
+  nlohmann::json j;
+  j["family"] = g.family;
+  j["num_layers"] = g.num_layers;
+  j["num_heads"] = g.num_heads;
+  nlohmann::json groups = nlohmann::json::array();
+  for (const auto& group : g.groups) {
+    std::vector<std::string> names;
+    for (Projection p : group) names.push_back(ProjectionName(p));
+    groups.push_back(names);
+  }
+  j["groups"] = groups;
+  nlohmann::json proj = nlohmann::json::object();
+  for (int i = 0; i < kNumProjections; ++i) {
+    const ProjectionGeometry& p = g.projection[i];
+    if (p.in_width <= 0) continue;
+    proj[ProjectionName(static_cast<Projection>(i))] = {
+        {"in", p.in_width}, {"out", p.out_width}, {"in_port", p.in_port},
+        {"out_port", p.out_port}};
+  }
+  j["projections"] = proj;
+  return j;
+}
+
+absl::StatusOr<ModelGeometry> GeometryFromJson(const nlohmann::json& j) {
+  if (!j.is_object()) return Bad("model", "must be an object");
+  ModelGeometry g;
+  if (!j.contains("family") || !j["family"].is_string())
+    return Bad("model.family", "must be a string");
+  g.family = j["family"].get<std::string>();
+  for (const char* f : {"num_layers", "num_heads"}) {
+    if (!j.contains(f) || !j[f].is_number_integer())
+      return Bad(absl::StrCat("model.", f), "must be an integer");
+  }
+  g.num_layers = j["num_layers"].get<int64_t>();
+  g.num_heads = j["num_heads"].get<int64_t>();
+  if (!j.contains("groups") || !j["groups"].is_array())
+    return Bad("model.groups", "must be a list of lists of projection names");
+  for (const auto& group : j["groups"]) {
+    if (!group.is_array()) return Bad("model.groups", "entries must be lists");
+    std::vector<Projection> ps;
+    for (const auto& n : group) {
+      if (!n.is_string()) return Bad("model.groups", "names must be strings");
+      ASSIGN_OR_RETURN(Projection p, ParseProjection(n.get<std::string>()));
+      ps.push_back(p);
+    }
+    g.groups.push_back(ps);
+  }
+  if (!j.contains("projections") || !j["projections"].is_object())
+    return Bad("model.projections", "must be an object");
+  constexpr int64_t kMaxWidth = int64_t{1} << 20;
+  for (const auto& [name, v] : j["projections"].items()) {
+    ASSIGN_OR_RETURN(Projection p, ParseProjection(name));
+    ProjectionGeometry& pg = g.projection[static_cast<int>(p)];
+    for (const char* f : {"in", "out", "in_port", "out_port"})
+      if (!v.is_object() || !v.contains(f) || !v[f].is_number_integer())
+        return Bad(absl::StrCat("model.projections.", name, ".", f), "must be an integer");
+    pg.in_width = v["in"].get<int64_t>();
+    pg.out_width = v["out"].get<int64_t>();
+    const int64_t ip = v["in_port"].get<int64_t>(), op = v["out_port"].get<int64_t>();
+    if (pg.in_width < 1 || pg.in_width > kMaxWidth || pg.out_width < 1 ||
+        pg.out_width > kMaxWidth)
+      return Bad(absl::StrCat("model.projections.", name), "has a width outside [1, 2^20]");
+    if (ip < 0 || ip > 64 || op < 0 || op > 64)
+      return Bad(absl::StrCat("model.projections.", name), "has a port outside [0, 64]");
+    pg.in_port = static_cast<int>(ip);
+    pg.out_port = static_cast<int>(op);
+  }
+  return g;
+}
+
+}  // namespace
 
 std::string CoreInit::ToString() const {
   switch (kind) {
@@ -117,32 +213,36 @@ absl::StatusOr<std::vector<CoreInit>> ParseInitSpec(const std::string& spec, int
 }
 
 MetaTTConfig::Layout MetaTTConfig::BoundaryLayout() const {
+  // One block per port in use on each side, in port order (for an encoder:
+  // the hidden block first, then the FFN block).
   Layout lay;
-  bool model_in = false, ffn_in = false, model_out = false, ffn_out = false;
+  const ModelGeometry g = Geometry();
+  std::map<int, int64_t> in_ports, out_ports;  // port -> width
   for (Projection p : projections) {
-    if (p == Projection::kFfnDown)
-      ffn_in = true;
-    else
-      model_in = true;
-    if (p == Projection::kFfnUp)
-      ffn_out = true;
-    else
-      model_out = true;
+    const ProjectionGeometry& pg = g.of(p);
+    if (pg.in_width <= 0) continue;  // Validate() refuses it
+    in_ports[pg.in_port] = pg.in_width;
+    out_ports[pg.out_port] = pg.out_width;
   }
-  const int64_t ffn_in_off = model_in ? d_in : 0, ffn_out_off = model_out ? d_out : 0;
-  lay.in_rows = ffn_in_off + (ffn_in ? d_ffn : 0);
-  lay.out_cols = ffn_out_off + (ffn_out ? d_ffn : 0);
-  if (model_in) lay.in_blocks.push_back({0, d_in});
-  if (ffn_in) lay.in_blocks.push_back({ffn_in_off, d_ffn});
-  if (model_out) lay.out_blocks.push_back({0, d_out});
-  if (ffn_out) lay.out_blocks.push_back({ffn_out_off, d_ffn});
+  std::map<int, int64_t> in_off, out_off;
+  for (const auto& [port, width] : in_ports) {
+    in_off[port] = lay.in_rows;
+    lay.in_blocks.push_back({lay.in_rows, width});
+    lay.in_rows += width;
+  }
+  for (const auto& [port, width] : out_ports) {
+    out_off[port] = lay.out_cols;
+    lay.out_blocks.push_back({lay.out_cols, width});
+    lay.out_cols += width;
+  }
   for (int i = 0; i < kNumProjections; ++i) {
-    const Projection p = static_cast<Projection>(i);
-    const bool down = p == Projection::kFfnDown, up = p == Projection::kFfnUp;
-    lay.in_offset[i] = down ? ffn_in_off : 0;
-    lay.in_width[i] = down ? d_ffn : d_in;
-    lay.out_offset[i] = up ? ffn_out_off : 0;
-    lay.out_width[i] = up ? d_ffn : d_out;
+    const ProjectionGeometry& pg = g.projection[i];
+    auto ii = in_off.find(pg.in_port);
+    auto oi = out_off.find(pg.out_port);
+    lay.in_offset[i] = ii == in_off.end() ? 0 : ii->second;
+    lay.in_width[i] = pg.in_width;
+    lay.out_offset[i] = oi == out_off.end() ? 0 : oi->second;
+    lay.out_width[i] = pg.out_width;
   }
   return lay;
 }
@@ -208,12 +308,35 @@ absl::Status MetaTTConfig::Validate() const {
   if (num_heads < 0 || num_heads > d_out) return Bad("num_heads", "must be in [0, d_out]");
   if (projections.empty()) return Bad("projections", "is empty");
   std::set<Projection> seen;
+  const ModelGeometry geo = Geometry();
+  if (model.has_value()) {
+    const std::string why = model->Check();
+    if (!why.empty()) return Bad("model", why);
+    if (model->num_layers != num_layers)
+      return Bad("num_layers", absl::StrCat("(", num_layers, ") differs from the model's ",
+                                            model->num_layers));
+  }
   for (Projection p : projections) {
-    if (p == Projection::kFfnUp || p == Projection::kFfnDown) {
+    if (!model.has_value() && p == Projection::kGate)
+      return Bad("projections", "'gate' needs a model geometry with a gate projection (llama)");
+    if (p == Projection::kFfnUp || p == Projection::kFfnDown || p == Projection::kGate) {
       if (form == TTForm::k5D)
         return Bad("projections", "ffn projections are not supported with form 5d");
-      if (d_ffn <= 0) return Bad("d_ffn", "must be positive when ffn projections are adapted");
-      if (d_in != d_out) return Bad("d_out", "must equal d_in when ffn projections are adapted");
+      if (!model.has_value()) {
+        if (d_ffn <= 0) return Bad("d_ffn", "must be positive when ffn projections are adapted");
+        if (d_in != d_out)
+          return Bad("d_out", "must equal d_in when ffn projections are adapted");
+      }
+    }
+    if (model.has_value()) {
+      if (!geo.Has(p))
+        return Bad("projections", absl::StrCat("'", ProjectionName(p), "' is not a projection of ",
+                                               "the model (", geo.family, ")"));
+      if (form == TTForm::k5D && geo.of(p).out_width != d_out)
+        return Bad("projections",
+                   absl::StrCat("'", ProjectionName(p), "' has output width ", geo.of(p).out_width,
+                                "; form 5d needs every adapted projection at d_out (", d_out,
+                                ") (grouped-query k/v are narrower)"));
     }
     if (!seen.insert(p).second)
       return Bad("projections", absl::StrCat("repeats '", ProjectionName(p), "'"));
@@ -259,6 +382,7 @@ nlohmann::json MetaTTConfig::ToJson() const {
   j["num_layers"] = num_layers;
   j["num_heads"] = num_heads;
   j["d_ffn"] = d_ffn;
+  if (model.has_value()) j["model"] = GeometryToJson(*model);
   return j;
 }
 
@@ -323,6 +447,10 @@ absl::StatusOr<MetaTTConfig> MetaTTConfig::FromJson(const nlohmann::json& j) {
   RETURN_IF_ERROR(get_int("num_layers", &c.num_layers, true));
   RETURN_IF_ERROR(get_int("num_heads", &c.num_heads, false));
   RETURN_IF_ERROR(get_int("d_ffn", &c.d_ffn, false));
+  if (j.contains("model") && !j["model"].is_null()) {
+    ASSIGN_OR_RETURN(ModelGeometry g, GeometryFromJson(j["model"]));
+    c.model = g;
+  }
   RETURN_IF_ERROR(c.Validate());
   return c;
 }

@@ -21,8 +21,10 @@
 //
 // FFN projections (4D and 4+1D): ffn_up maps D -> d_ffn and ffn_down d_ffn -> D,
 // so they need their own boundary rows/columns. The input core G1 stacks one
-// row block per distinct input width and the output core G4 one column block
-// per distinct output width (Layout()); the L, M (and task) cores are shared.
+// row block per input port in use and the output core G4 one column block
+// per output port in use (BoundaryLayout(); ports: model_geometry.h, e.g. the
+// hidden stream, the MLP width, a decoder's narrower grouped-query k/v
+// width), in port order; the L, M (and task) cores are shared.
 // Mathematically this is still one tensor train whose input mode has size
 // in_rows and output mode out_cols; a projection reads its block. An
 // "identity" init gives every block its own rectangular identity.
@@ -38,6 +40,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "adapters/adapter.h"
+#include "adapters/model_geometry.h"
 
 namespace metatt {
 
@@ -45,7 +48,9 @@ enum class TTForm { k4D, k5D, k4Plus1D };
 const char* TTFormName(TTForm form);  // "4d", "5d", "4+1d"
 absl::StatusOr<TTForm> ParseTTForm(const std::string& name);
 
-// "q"/"query", "k"/"key", "v"/"value", "o"/"attn_output", "ffn_up", "ffn_down".
+// "q"/"query"/"q_proj", "k"/"key"/"k_proj", "v"/"value"/"v_proj",
+// "o"/"attn_output"/"o_proj", "ffn_up"/"up_proj", "ffn_down"/"down_proj",
+// "gate"/"gate_proj".
 absl::StatusOr<Projection> ParseProjection(const std::string& name);
 
 struct CoreInit {
@@ -80,6 +85,17 @@ struct MetaTTConfig {
   int64_t num_layers = 0;
   int64_t num_heads = 0;  // 5D only
   int64_t d_ffn = 0;      // intermediate size; needed when ffn_up/ffn_down are adapted
+  // The base model's geometry (adapters/model_geometry.h). Unset: the
+  // BERT-family encoder implied by d_in, d_out, d_ffn and num_layers (every
+  // family written before decoders existed, and family.json stays as it
+  // was). SetModel() sets it and those fields from it.
+  std::optional<ModelGeometry> model;
+  // The geometry in force: `model`, else ModelGeometry::Bert(...) of the
+  // fields above.
+  ModelGeometry Geometry() const;
+  // Adapts `g`'s model: model = g, d_in = d_out = hidden width (port 0),
+  // d_ffn = the MLP width (port 1, 0 when absent), num_layers.
+  void SetModel(const ModelGeometry& g);
 
   // Row blocks of G1 and column blocks of G4 (see the file comment).
   struct Layout {

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "adapters/adapter.h"
+#include "adapters/model_geometry.h"
 #include "server/model/bert_config.h"
 
 namespace metatt {
@@ -46,6 +47,13 @@ class BertEncoder {
                                         const AdapterBatch& batch = {}) const;
 
   const BertConfig& config() const { return config_; }
+  // What adapters need to know (adapters/model_geometry.h): groups {q, k, v},
+  // {o}, {ffn_up}, {ffn_down}, asked in that order.
+  ModelGeometry geometry() const {
+    return ModelGeometry::Bert(config_.num_hidden_layers, config_.hidden_size,
+                               config_.hidden_size, config_.intermediate_size,
+                               config_.num_attention_heads);
+  }
   torch::Device device() const { return device_; }
   const std::string& model_dir() const { return model_dir_; }
 

@@ -45,6 +45,7 @@ int main(int argc, char** argv) {
     po.device = *device;
     po.num_layers = (*dec)->config().num_hidden_layers;
     po.hidden_size = (*dec)->config().hidden_size;
+    po.model = (*dec)->geometry();
     auto a = metatt::LoadPeftAdapter(absl::GetFlag(FLAGS_peft_dir), po);
     if (!a.ok()) return fail(a.status());
     lora = std::move(*a);

@@ -62,25 +62,6 @@ torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w, const torch
   return b.defined() ? torch::linear(x, w, b) : torch::linear(x, w);
 }
 
-// The decoder's adapter call groups, in the order of a layer's forward.
-const std::vector<Projection>& QkvGroup() {
-  static const std::vector<Projection> g = {Projection::kQuery, Projection::kKey,
-                                            Projection::kValue};
-  return g;
-}
-const std::vector<Projection>& OGroup() {
-  static const std::vector<Projection> g = {Projection::kAttnOutput};
-  return g;
-}
-const std::vector<Projection>& GateUpGroup() {
-  static const std::vector<Projection> g = {Projection::kGate, Projection::kFfnUp};
-  return g;
-}
-const std::vector<Projection>& DownGroup() {
-  static const std::vector<Projection> g = {Projection::kFfnDown};
-  return g;
-}
-
 }  // namespace
 
 KvCache KvCache::SelectRows(const torch::Tensor& index) const {
@@ -109,6 +90,8 @@ absl::StatusOr<std::shared_ptr<LlamaDecoder>> LlamaDecoder::FromTensors(
   std::shared_ptr<LlamaDecoder> d(new LlamaDecoder());
   d->config_ = c;
   d->device_ = device;
+  d->geometry_ = ModelGeometry::Llama(c.num_hidden_layers, c.hidden_size, c.intermediate_size,
+                                      c.num_attention_heads, c.num_key_value_heads, c.head_dim);
   WeightTable w(tensors);
   const int64_t D = c.hidden_size, I = c.intermediate_size, QW = c.q_width(), KW = c.kv_width();
   ASSIGN_OR_RETURN(d->embed_, w.Get("embed_tokens.weight", {c.vocab_size, D}, device));
@@ -253,13 +236,15 @@ DecoderOutput LlamaDecoder::ForwardUnchecked(const DecoderInput& in, KvCache* ca
     cache->values.assign(c.num_hidden_layers, torch::Tensor());
   }
   torch::Tensor x = F::embedding(ids, embed_);
+  // {q, k, v}, {o}, {gate, up}, {down}: the fused outputs below match them.
+  const auto& groups = geometry_.groups;
   const int64_t rep = H / KH;
   for (int64_t l = 0; l < static_cast<int64_t>(layers_.size()); ++l) {
     const Layer& L = layers_[l];
     const int li = static_cast<int>(l);
     torch::Tensor h = RmsNorm(x, L.attn_norm, c.rms_norm_eps);
     torch::Tensor qkv = Linear(h, L.qkv_w, L.qkv_b);  // [B, S, QW + 2 KW]
-    if (adapter != nullptr) adapter->AddDeltas(li, h, QkvGroup(), batch, qkv);
+    if (adapter != nullptr) adapter->AddDeltas(li, h, groups[0], batch, qkv);
     auto parts = qkv.split_with_sizes({QW, KW, KW}, -1);
     torch::Tensor q = rope(parts[0].view({B, S, H, Dh}).transpose(1, 2));
     torch::Tensor k = rope(parts[1].view({B, S, KH, Dh}).transpose(1, 2));
@@ -279,14 +264,14 @@ DecoderOutput LlamaDecoder::ForwardUnchecked(const DecoderInput& in, KvCache* ca
     torch::Tensor ctx = at::scaled_dot_product_attention(q, k, v, attn_mask);  // [B, H, S, Dh]
     ctx = ctx.transpose(1, 2).reshape({B, S, QW});
     torch::Tensor o = Linear(ctx, L.o_w, L.o_b);
-    if (adapter != nullptr) adapter->AddDeltas(li, ctx, OGroup(), batch, o);
+    if (adapter != nullptr) adapter->AddDeltas(li, ctx, groups[1], batch, o);
     x = x + o;
     torch::Tensor h2 = RmsNorm(x, L.mlp_norm, c.rms_norm_eps);
     torch::Tensor gu = Linear(h2, L.gate_up_w, L.gate_up_b);  // [B, S, 2I]
-    if (adapter != nullptr) adapter->AddDeltas(li, h2, GateUpGroup(), batch, gu);
+    if (adapter != nullptr) adapter->AddDeltas(li, h2, groups[2], batch, gu);
     torch::Tensor a = torch::silu(gu.narrow(-1, 0, I)) * gu.narrow(-1, I, I);
     torch::Tensor dn = Linear(a, L.down_w, L.down_b);
-    if (adapter != nullptr) adapter->AddDeltas(li, a, DownGroup(), batch, dn);
+    if (adapter != nullptr) adapter->AddDeltas(li, a, groups[3], batch, dn);
     x = x + dn;
   }
   if (cache != nullptr) {

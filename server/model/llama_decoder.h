@@ -26,6 +26,7 @@
 
 #include "absl/status/statusor.h"
 #include "adapters/adapter.h"
+#include "adapters/model_geometry.h"
 #include "server/model/llama_config.h"
 
 namespace metatt {
@@ -90,6 +91,9 @@ class LlamaDecoder {
                                                const AdapterBatch& batch = {}) const;
 
   const LlamaConfig& config() const { return config_; }
+  // What adapters need to know (adapters/model_geometry.h): the groups are
+  // {q, k, v}, {o}, {gate, ffn_up}, {ffn_down}, asked in that order.
+  const ModelGeometry& geometry() const { return geometry_; }
   torch::Device device() const { return device_; }
   const std::string& model_dir() const { return model_dir_; }
 
@@ -107,6 +111,7 @@ class LlamaDecoder {
                                  const DecoderForwardOptions& options) const;
 
   LlamaConfig config_;
+  ModelGeometry geometry_;
   torch::Device device_ = torch::kCPU;
   std::string model_dir_;
   torch::Tensor embed_, final_norm_, lm_head_, inv_freq_;

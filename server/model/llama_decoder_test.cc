@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/lora_adapter.h"
+#include "adapters/metatt_adapter.h"
 
 namespace metatt {
 namespace {
@@ -237,6 +239,132 @@ TEST(LlamaDecoder, FrozenWeights) {
   auto out = d->Forward({torch::tensor({{1, 2, 3}}, torch::kInt64), {}});
   ASSERT_TRUE(out.ok());
   EXPECT_FALSE(out->logits.requires_grad());
+}
+
+const std::vector<Projection> kAllLlama = {
+    Projection::kQuery, Projection::kKey,  Projection::kValue, Projection::kAttnOutput,
+    Projection::kGate,  Projection::kFfnUp, Projection::kFfnDown};
+
+TEST(LlamaDecoder, GeometryDescribesTheProjections) {
+  auto d = Tiny();
+  ASSERT_NE(d, nullptr);
+  const ModelGeometry& g = d->geometry();
+  EXPECT_EQ(g.Check(), "");
+  EXPECT_EQ(g.num_layers, 2);
+  EXPECT_EQ(g.of(Projection::kQuery).out_width, 24);
+  EXPECT_EQ(g.of(Projection::kKey).out_width, 8);  // 2 kv heads x 4
+  EXPECT_EQ(g.of(Projection::kGate).out_width, 40);
+  EXPECT_EQ(g.of(Projection::kFfnDown).in_width, 40);
+  EXPECT_EQ(g.OffsetInGroup(Projection::kValue), 32);
+  EXPECT_EQ(g.OffsetInGroup(Projection::kFfnUp), 40);
+  EXPECT_EQ(g.GroupWidth(0), 40);
+  // k and v get their own output block (narrower than q), shared by both.
+  MetaTTConfig c;
+  c.SetModel(g);
+  c.projections = kAllLlama;
+  ASSERT_TRUE(c.Validate().ok()) << c.Validate();
+  auto lay = c.BoundaryLayout();
+  EXPECT_EQ(lay.in_rows, 24 + 40);             // hidden, ffn
+  EXPECT_EQ(lay.out_cols, 24 + 40 + 8);        // hidden, ffn, kv
+  EXPECT_EQ(lay.out_offset[static_cast<int>(Projection::kKey)],
+            lay.out_offset[static_cast<int>(Projection::kValue)]);
+  // An encoder config knows no gate; 5D refuses the narrower k.
+  MetaTTConfig enc;
+  enc.d_in = enc.d_out = 24;
+  enc.num_layers = 2;
+  enc.projections = {Projection::kGate};
+  ExpectMentions(enc.Validate(), "gate");
+  MetaTTConfig five = c;
+  five.form = TTForm::k5D;
+  five.num_heads = 6;
+  five.projections = {Projection::kQuery, Projection::kKey};
+  ExpectMentions(five.Validate(), "'k'");
+  // The geometry survives family.json.
+  auto back = MetaTTConfig::FromJsonString(c.ToJson().dump());
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE(back->model.has_value());
+  EXPECT_EQ(back->BoundaryLayout().out_cols, lay.out_cols);
+  EXPECT_EQ(back->Geometry().groups, g.groups);
+}
+
+// MetaTT over q, k, v, o, gate, up, down on the decoder: the default init
+// (zero first core) leaves the logits as they were, gradients reach the
+// cores, and the folded inference path equals the training path.
+TEST(LlamaDecoder, MetaTTThroughTheSeam) {
+  auto d = Tiny();
+  ASSERT_NE(d, nullptr);
+  torch::Tensor ids = torch::tensor({{3, 7, 1, 9, 12}, {0, 0, 5, 8, 2}}, torch::kInt64);
+  torch::Tensor mask = torch::tensor({{1, 1, 1, 1, 1}, {0, 0, 1, 1, 1}}, torch::kInt64);
+  torch::Tensor base;
+  {
+    torch::NoGradGuard ng;
+    base = d->Forward({ids, mask})->logits;
+  }
+  for (TTForm form : {TTForm::k4D, TTForm::k4Plus1D}) {
+    MetaTTConfig c;
+    c.SetModel(d->geometry());
+    c.form = form;
+    c.ranks = {4};
+    c.projections = kAllLlama;
+    c.num_tasks = form == TTForm::k4Plus1D ? 2 : 1;
+    auto a = MetaTTAdapter::Create(c);
+    ASSERT_TRUE(a.ok()) << a.status();
+    AdapterBatch rows(torch::tensor({0, 1}, torch::kInt64));
+    auto out = d->Forward({ids, mask}, nullptr, a->get(), rows);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_TRUE(torch::equal(out->logits.detach(), base)) << TTFormName(form);
+    ASSERT_TRUE(out->logits.requires_grad());
+    out->logits.pow(2).mean().backward();
+    for (const auto& [name, t] : (*a)->NamedParameters()) {
+      if (name != "in") continue;  // with G1 = 0 only G1 has a non-zero gradient
+      ASSERT_TRUE(t.grad().defined()) << name;
+      EXPECT_GT(t.grad().abs().max().item<double>(), 0) << name;
+    }
+    // Random cores: every core learns, and inference (folded) = training path.
+    c.init = "normal(0.3)";
+    auto r = MetaTTAdapter::Create(c, {torch::kFloat32, torch::kCPU, 7});
+    ASSERT_TRUE(r.ok()) << r.status();
+    auto train = d->Forward({ids, mask}, nullptr, r->get(), rows);
+    ASSERT_TRUE(train.ok()) << train.status();
+    torch::Tensor real = mask.to(torch::kBool);
+    EXPECT_GT((train->logits.detach() - base).abs().max().item<double>(), 1e-3);
+    train->logits.pow(2).mean().backward();
+    for (const auto& [name, t] : (*r)->NamedParameters()) {
+      ASSERT_TRUE(t.grad().defined()) << name;
+      EXPECT_GT(t.grad().abs().max().item<double>(), 0) << name;
+    }
+    torch::NoGradGuard ng;
+    auto infer = d->Forward({ids, mask}, nullptr, r->get(), rows);
+    ASSERT_TRUE(infer.ok()) << infer.status();
+    EXPECT_TRUE(torch::allclose(infer->logits.index({real}), train->logits.detach().index({real}),
+                                1e-4, 1e-5))
+        << TTFormName(form);
+  }
+}
+
+// LoRA's fused inference path places k/v blocks by the geometry's widths.
+TEST(LlamaDecoder, LoraFusedEqualsUnfused) {
+  auto d = Tiny();
+  ASSERT_NE(d, nullptr);
+  LoraConfig c;
+  c.SetModel(d->geometry());
+  c.rank = 3;
+  c.projections = kAllLlama;
+  c.init = "random";
+  auto a = LoraAdapter::Create(c, {});
+  ASSERT_TRUE(a.ok()) << a.status();
+  torch::Tensor ids = torch::tensor({{3, 7, 1, 9, 12}}, torch::kInt64);
+  auto train = d->Forward({ids, {}}, nullptr, a->get());
+  ASSERT_TRUE(train.ok()) << train.status();
+  torch::NoGradGuard ng;
+  auto base = d->Forward({ids, {}});
+  auto infer = d->Forward({ids, {}}, nullptr, a->get());
+  ASSERT_TRUE(infer.ok() && base.ok());
+  EXPECT_GT((infer->logits - base->logits).abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(torch::allclose(infer->logits, train->logits.detach(), 1e-4, 1e-5));
+  LoraConfig enc = c;
+  enc.model.reset();
+  ExpectMentions(enc.Validate(), "gate");
 }
 
 }  // namespace

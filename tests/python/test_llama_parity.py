@@ -180,3 +180,34 @@ def test_smollm2_greedy_generate(tmp_path):
     got = ours["generated"]
     print("ours:", [tok.decode(r) for r in got])
     assert torch.equal(got[:, :want.shape[1]], want), (got, want)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_lora_matches_peft_on_tiny_llama(tmp_path, kv_heads):
+    """Our LoRA (adapters/lora_adapter.cc, loaded from PEFT's files) on
+    q, k, v, o, gate, up, down of the decoder vs PEFT LoRA on transformers."""
+    peft = pytest.importorskip("peft")
+    hf = tiny_llama(7, kv_heads, tied=False)
+    base_dir = tmp_path / "base"
+    hf.save_pretrained(base_dir, safe_serialization=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                           init_lora_weights=False)
+    pmodel = peft.get_peft_model(hf, lcfg).eval()
+    adapter_dir = tmp_path / "adapter"
+    pmodel.save_pretrained(adapter_dir, safe_serialization=True)
+    inputs = padded_batch(97, [12, 5, 9], 12, left=True, seed=6)
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  position_ids=positions(inputs["attention_mask"]))
+    with torch.no_grad():
+        want = pmodel(**kwargs).logits
+        with pmodel.disable_adapter():
+            base = pmodel(**kwargs).logits
+    real = inputs["attention_mask"].bool()
+    # The adapter must matter, or the comparison proves nothing.
+    assert (want - base).abs()[real].max().item() > 1e-2
+    ours = run_ours(base_dir, inputs, tmp_path, chunks="1", peft_dir=adapter_dir)
+    for key in ("logits", "logits_chunk1"):
+        diff = (ours[key] - want).abs()[real].max().item()
+        print(f"LoRA kv_heads={kv_heads} {key}: max |ours - peft| = {diff:.2e}")
+        assert diff < TOL, (key, diff)
