@@ -40,10 +40,17 @@ ENV METATT_MODEL_DIR=/opt/metatt/models/all-MiniLM-L6-v2
 USER metatt
 VOLUME ["/data"]
 EXPOSE 50051 9090
+# Secrets (README "Security"): scripts/make_secrets.sh DIR makes them, mount
+# DIR at /etc/metatt/secrets (compose and deploy/k8s do). The server refuses
+# to listen beyond loopback without TLS and tokens, and /metrics beyond
+# loopback without a password, so the image does not start without them.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["metattctl", "--server=127.0.0.1:50051", "health"]
+  CMD ["metattctl", "--server=localhost:50051", "--tls_ca=/etc/metatt/secrets/ca.pem", "--timeout=4", "health"]
 ENTRYPOINT ["metatt-server", "--data_dir=/data"]
-CMD ["--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090", "--device=auto"]
+CMD ["--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090", "--device=auto", \
+     "--tls_cert=/etc/metatt/secrets/server.pem", "--tls_key=/etc/metatt/secrets/server.key", \
+     "--auth_tokens=/etc/metatt/secrets/tokens.json", \
+     "--metrics_password_file=/etc/metatt/secrets/metrics-password"]
 
 FROM runtime-base AS runtime-cpu
 ENV METATT_DEVICE_HINT=cpu

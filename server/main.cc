@@ -19,10 +19,20 @@
 #include "server/server.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
-          "gRPC address host:port (port 0 picks a free port). Plaintext without tokens unless "
-          "--tls_cert/--tls_key and --auth_tokens are given: keep a plaintext server on localhost");
+          "gRPC address host:port (port 0 picks a free port). An address that is not loopback "
+          "needs --tls_cert/--tls_key and --auth_tokens (else the server refuses to start; see "
+          "--insecure_allow_open_network)");
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9090",
-          "Prometheus /metrics address host:port (port 0 picks a free port; empty = off)");
+          "Prometheus /metrics address host:port (port 0 picks a free port; empty = off). An "
+          "address that is not loopback needs --metrics_password_file");
+ABSL_FLAG(std::string, metrics_password_file, "",
+          "file holding the /metrics password (HTTP basic authentication, user --metrics_user; "
+          ">= 16 characters). Empty = no authentication (loopback only)");
+ABSL_FLAG(std::string, metrics_user, "prometheus", "user name of /metrics' basic authentication");
+ABSL_FLAG(bool, insecure_allow_open_network, false,
+          "DANGEROUS: serve a non-loopback --listen without TLS or without tokens, and a "
+          "non-loopback --metrics_listen without a password (anyone who reaches the port is admin)."
+          " Tokens over plaintext on a non-loopback address stay refused");
 ABSL_FLAG(std::string, data_dir, "./data", "SQLite database, datasets and adapter families");
 ABSL_FLAG(std::string, store, "sqlite",
           "sqlite (embedded, <data_dir>/metatt.db, one process) or a postgresql://user@host:port/db "
@@ -104,6 +114,9 @@ Server::Options OptionsFromFlags() {
   o.metrics_task_labels = absl::GetFlag(FLAGS_metrics_task_labels);
   o.shutdown_grace_ms = absl::GetFlag(FLAGS_shutdown_grace_ms);
   o.auth_tokens = absl::GetFlag(FLAGS_auth_tokens);
+  o.insecure_allow_open_network = absl::GetFlag(FLAGS_insecure_allow_open_network);
+  o.metrics_password_file = absl::GetFlag(FLAGS_metrics_password_file);
+  o.metrics_user = absl::GetFlag(FLAGS_metrics_user);
   o.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
            absl::GetFlag(FLAGS_tls_client_ca)};
   o.default_quotas.max_concurrent_jobs = absl::GetFlag(FLAGS_quota_max_concurrent_jobs);

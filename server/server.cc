@@ -2,15 +2,26 @@
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <prometheus/exposer.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <sstream>
 #include <utility>
+#include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/jobs/adapter_catalog.h"
 #include "server/jobs/dataset_manager.h"
@@ -64,7 +75,150 @@ absl::StatusOr<std::unique_ptr<Store>> OpenStore(const std::string& store_flag,
       absl::StrCat("--store: '", store_flag, "' is neither sqlite nor a postgresql:// URI"));
 }
 
+// The host part of "host:port", "[v6]:port" or "unix:path" ("unix" for the
+// last: a local socket).
+std::string HostOf(const std::string& listen) {
+  if (absl::StartsWith(listen, "unix:") || absl::StartsWith(listen, "unix-abstract:")) return "unix";
+  if (absl::StartsWith(listen, "[")) {
+    size_t close = listen.find(']');
+    return close == std::string::npos ? listen : listen.substr(1, close - 1);
+  }
+  size_t colon = listen.rfind(':');
+  return colon == std::string::npos ? listen : listen.substr(0, colon);
+}
+
+// True when `listen` can only be reached from this machine: 127.0.0.0/8,
+// ::1, "localhost" or a unix socket. "0.0.0.0", "[::]", "" and every other
+// host or address are reachable from the network.
+bool IsLoopbackListen(const std::string& listen) {
+  const std::string host = absl::AsciiStrToLower(HostOf(listen));
+  if (host == "unix" || host == "localhost") return true;
+  in_addr v4{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) {
+    return (ntohl(v4.s_addr) >> 24) == 127;
+  }
+  in6_addr v6{};
+  if (inet_pton(AF_INET6, host.c_str(), &v6) == 1) return IN6_IS_ADDR_LOOPBACK(&v6);
+  return false;
+}
+
+// The exposure rules of README "Security", checked before anything opens.
+// Returns the warnings to log when --insecure_allow_open_network let an open
+// listener through.
+absl::StatusOr<std::vector<std::string>> CheckExposure(const Server::Options& o) {
+  std::vector<std::string> warnings;
+  const bool tls = !o.tls.cert.empty();
+  const bool tokens = !o.auth_tokens.empty();
+  if (!IsLoopbackListen(o.listen)) {
+    if (tokens && !tls) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--listen=", o.listen, " is not a loopback address and --auth_tokens is set without "
+          "TLS: bearer tokens would cross the network in plaintext. Add --tls_cert/--tls_key "
+          "(scripts/make_secrets.sh makes a CA, a server certificate and a token), or listen on "
+          "127.0.0.1. --insecure_allow_open_network does not lift this rule"));
+    }
+    if (!tls || !tokens) {
+      std::string missing = !tls && !tokens ? "neither TLS (--tls_cert/--tls_key) nor tokens "
+                                              "(--auth_tokens)"
+                            : !tls          ? "no TLS (--tls_cert/--tls_key)"
+                                            : "no tokens (--auth_tokens): every caller would be "
+                                              "the admin tenant 'default'";
+      if (!o.insecure_allow_open_network) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--listen=", o.listen, " is not a loopback address and the server has ", missing,
+            ". Refusing to serve the network openly: add TLS and tokens (scripts/make_secrets.sh "
+            "makes them; README \"Security\"), listen on 127.0.0.1, or pass "
+            "--insecure_allow_open_network to accept the risk"));
+      }
+      warnings.push_back(absl::StrCat("WARNING: --insecure_allow_open_network: --listen=",
+                                      o.listen, " is reachable from the network with ", missing,
+                                      ". ANYONE WHO CAN REACH THIS PORT CONTROLS THE SERVER"));
+    }
+  }
+  if (!o.metrics_listen.empty() && !IsLoopbackListen(o.metrics_listen) &&
+      o.metrics_password_file.empty()) {
+    if (!o.insecure_allow_open_network) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--metrics_listen=", o.metrics_listen, " is not a loopback address and /metrics has no "
+          "authentication (it names every tenant's families): add --metrics_password_file "
+          "(HTTP basic authentication, user --metrics_user), bind it to 127.0.0.1, or pass "
+          "--insecure_allow_open_network"));
+    }
+    warnings.push_back(absl::StrCat("WARNING: --insecure_allow_open_network: /metrics on ",
+                                    o.metrics_listen,
+                                    " is readable by anyone on the network without a password"));
+  }
+  return warnings;
+}
+
+// Constant-time string comparison (the length is not secret).
+bool SameSecret(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+absl::StatusOr<std::string> ReadMetricsPassword(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("--metrics_password_file: cannot read ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string password(absl::StripAsciiWhitespace(ss.str()));
+  if (password.size() < 16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics_password_file: ", path, " holds ", password.size(),
+        " characters; at least 16 are needed (openssl rand -hex 24)"));
+  }
+  return password;
+}
+
 }  // namespace
+
+// The SQLite store is one process's: a second server on the same data
+// directory would run the same queued jobs and publish over the first one's
+// versions. An exclusive flock on <data_dir>/LOCK (released by the kernel
+// when the process dies, kill -9 included) keeps it out; the file holds the
+// holder's pid for the message.
+class DataDirLock {
+ public:
+  static absl::StatusOr<std::unique_ptr<DataDirLock>> Acquire(const std::string& data_dir) {
+    const std::string path = (std::filesystem::path(data_dir) / "LOCK").string();
+    int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--data_dir=", data_dir, ": cannot open the lock file ", path, ": ",
+                       std::strerror(errno)));
+    }
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      char buf[32] = {0};
+      ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+      ::close(fd);
+      std::string holder(n > 0 ? std::string(absl::StripAsciiWhitespace(buf)) : "unknown");
+      if (err == EWOULDBLOCK) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--data_dir=", data_dir, " is in use by another metatt-server (pid ", holder,
+            ", lock ", path, "): two servers on one SQLite data directory would run the same "
+            "jobs and overwrite each other's versions. Stop it, or give this one another "
+            "--data_dir (several replicas share one only with --store=postgresql://...)"));
+      }
+      return absl::FailedPreconditionError(absl::StrCat("--data_dir=", data_dir,
+                                                        ": cannot lock ", path, ": ",
+                                                        std::strerror(err)));
+    }
+    const std::string pid = absl::StrCat(getpid(), "\n");
+    if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+      Log(absl::StrCat("warning: cannot write the pid into ", path, ": ", std::strerror(errno)));
+    }
+    return std::unique_ptr<DataDirLock>(new DataDirLock(fd));
+  }
+  ~DataDirLock() { ::close(fd_); }  // releases the flock
+
+ private:
+  explicit DataDirLock(int fd) : fd_(fd) {}
+  int fd_;
+};
 
 Server::Server(Options options) : options_(std::move(options)) {}
 
@@ -81,6 +235,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const Options& options) {
 
 absl::Status Server::Init() {
   const Options& o = options_;
+  auto exposure = CheckExposure(o);
+  if (!exposure.ok()) return exposure.status();
+  for (const auto& w : *exposure) Log(w);
   std::error_code ec;
   std::filesystem::create_directories(o.data_dir, ec);
   if (ec) {
@@ -88,6 +245,11 @@ absl::Status Server::Init() {
         absl::StrCat("--data_dir: cannot create ", o.data_dir, ": ", ec.message()));
   }
   shared_store_ = PostgresStore::IsPostgresUri(o.store);
+  if (!shared_store_) {
+    auto lock = DataDirLock::Acquire(o.data_dir);
+    if (!lock.ok()) return lock.status();
+    data_dir_lock_ = std::move(*lock);
+  }
   auto store = OpenStore(o.store, o.data_dir);
   if (!store.ok()) return store.status();
   store_ = std::move(*store);
@@ -127,13 +289,14 @@ absl::Status Server::Init() {
     sm->batch_tasks.Observe(static_cast<double>(b.distinct_tasks));
   });
   Runtime* runtime = runtime_.get();
-  metrics_->AddCollectable(std::make_shared<SampledGauges>(store_.get(), [runtime] {
+  sampled_gauges_ = std::make_shared<SampledGauges>(store_.get(), [runtime] {
     RuntimeGauges g;
     g.queue_depth = runtime->QueueDepth();
     g.tasks_resident = runtime->ResidentTasks();
     g.device_memory_bytes = runtime->DeviceMemoryBytes();
     return g;
-  }));
+  });
+  metrics_->AddCollectable(sampled_gauges_);
 
   // Tenants: tokens file -> callers and quotas; without one every call is
   // the local "default" tenant (the default quotas still apply to it).
@@ -197,7 +360,28 @@ absl::Status Server::Start() {
   const Options& o = options_;
   auto creds = MakeServerCredentials(o.tls);
   if (!creds.ok()) return creds.status();
-  if (!o.metrics_listen.empty()) {
+  if (!o.metrics_listen.empty() && !o.metrics_password_file.empty()) {
+    // /metrics behind HTTP basic authentication: our own exposer over the
+    // same registry and sampled gauges. A bad password file stops the start.
+    auto password = ReadMetricsPassword(o.metrics_password_file);
+    if (!password.ok()) return password.status();
+    try {
+      metrics_exposer_ = std::make_unique<prometheus::Exposer>(o.metrics_listen);
+      metrics_exposer_->RegisterCollectable(metrics_->registry());
+      metrics_exposer_->RegisterCollectable(sampled_gauges_);
+      metrics_exposer_->RegisterAuth(
+          [user = o.metrics_user, pass = *password](const std::string& u, const std::string& p) {
+            return SameSecret(u, user) & SameSecret(p, pass);
+          },
+          "metatt metrics");
+      auto ports = metrics_exposer_->GetListeningPorts();
+      if (!ports.empty()) metrics_port_ = ports.front();
+    } catch (const std::exception& e) {
+      Log(absl::StrCat("warning: metrics disabled: --metrics_listen: cannot listen on ",
+                       o.metrics_listen, ": ", e.what()));
+      metrics_exposer_.reset();
+    }
+  } else if (!o.metrics_listen.empty()) {
     auto port = metrics_->Serve(o.metrics_listen);
     if (port.ok()) {
       metrics_port_ = *port;
@@ -238,7 +422,12 @@ absl::Status Server::Start() {
                      " -- the local default; do not expose this port beyond localhost (see "
                      "--tls_cert, --auth_tokens)"));
   }
-  if (metrics_port_ > 0) Log(absl::StrCat("metrics on http://", o.metrics_listen, "/metrics"));
+  if (metrics_port_ > 0) {
+    Log(absl::StrCat("metrics on http://", o.metrics_listen, "/metrics",
+                     metrics_exposer_ ? absl::StrCat(" (basic authentication, user ",
+                                                     o.metrics_user, ")")
+                                      : ""));
+  }
 
   // Families other replicas publish (shared store): loaded and swapped in.
   int64_t poll_ms = o.registry_poll_ms;

@@ -28,6 +28,10 @@
 namespace grpc {
 class Server;
 }
+namespace prometheus {
+class Collectable;
+class Exposer;
+}  // namespace prometheus
 
 namespace metatt {
 
@@ -39,6 +43,7 @@ class JobServiceImpl;
 class DatasetServiceImpl;
 class AdapterServiceImpl;
 class InferenceServiceImpl;
+class DataDirLock;
 
 class Server {
  public:
@@ -62,6 +67,15 @@ class Server {
     int64_t shutdown_grace_ms = 5000;
     std::string auth_tokens;  // tokens file; "" = no authentication
     TlsFiles tls;             // --tls_cert, --tls_key, --tls_client_ca
+    // Exposure (README "Security"): a --listen that is not a loopback address
+    // needs TLS and tokens, and a --metrics_listen that is not one needs
+    // --metrics_password_file, unless this is set (then a loud warning).
+    // Tokens over plaintext on a non-loopback --listen are refused even then.
+    bool insecure_allow_open_network = false;
+    // HTTP basic authentication of /metrics: user metrics_user, the password
+    // is the file's content (surrounding whitespace trimmed). "" = none.
+    std::string metrics_password_file;
+    std::string metrics_user = "prometheus";
     TenantQuotas default_quotas;  // --quota_* flags
     int64_t max_request_bytes = 64 << 20;
     int64_t max_predict_inputs = 1024;
@@ -100,6 +114,9 @@ class Server {
 
   Options options_;
   bool shared_store_ = false;
+  // SQLite store: the exclusive lock on data_dir (flock on <data_dir>/LOCK),
+  // held until every other member is gone.
+  std::unique_ptr<DataDirLock> data_dir_lock_;
   // Destroyed in reverse order: /metrics (which reads the runtime) before the
   // runtime, every user of the store before the store.
   std::unique_ptr<Store> store_;
@@ -117,6 +134,10 @@ class Server {
   std::unique_ptr<AdapterServiceImpl> adapter_service_;
   std::unique_ptr<InferenceServiceImpl> inference_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  // /metrics with basic authentication (metrics_password_file); else the
+  // MetricsRegistry's own exposer serves it.
+  std::shared_ptr<prometheus::Collectable> sampled_gauges_;
+  std::unique_ptr<prometheus::Exposer> metrics_exposer_;
   int port_ = 0;
   int metrics_port_ = 0;
 

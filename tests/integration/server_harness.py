@@ -64,17 +64,18 @@ def tsv_bytes(rows) -> bytes:
 class Server:
     """One metatt-server process on 127.0.0.1:0."""
 
-    def __init__(self, data_dir, model_dir, extra=()):
+    def __init__(self, data_dir, model_dir, extra=(), wrapper=()):
         self.data_dir = pathlib.Path(data_dir)
         self.model_dir = pathlib.Path(model_dir)
         self.extra = list(extra)
+        self.wrapper = list(wrapper)  # a command prefix, e.g. strace ... (stop() signals it)
         self.proc = None
         self.port = None
         self.metrics_port = None
         self.stderr_lines = []
 
     def start(self, timeout=120):
-        cmd = [str(server_binary()), "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+        cmd = [*self.wrapper, str(server_binary()), "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
                f"--data_dir={self.data_dir}", f"--model_dir={self.model_dir}", "--device=cpu",
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -110,9 +111,25 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def server_pid(self):
+        """The metatt-server's pid (under a wrapper: the wrapper's child)."""
+        if not self.wrapper:
+            return self.proc.pid
+        try:
+            children = pathlib.Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            return int(children.read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            return self.proc.pid
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.wrapper:  # the wrapper (strace) would detach and leave the server running
+                try:
+                    os.kill(self.server_pid(), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

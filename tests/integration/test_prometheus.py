@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 class Prometheus:
-    def __init__(self, workdir: pathlib.Path, target: str):
+    def __init__(self, workdir: pathlib.Path, target: str, password_file=None):
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus not installed (Debian package `prometheus`; scripts/setup.sh)")
@@ -41,6 +41,11 @@ class Prometheus:
         jobs = [j for j in cfg["scrape_configs"] if j["job_name"] == "metatt"]
         assert len(jobs) == 1, "deploy/prometheus/prometheus.yml: no scrape job 'metatt'"
         jobs[0]["static_configs"] = [{"targets": [target]}]
+        # The shipped config authenticates (basic_auth, README "Security"): only
+        # the password file's path moves here.
+        assert jobs[0]["basic_auth"]["password_file"], "the scrape job must authenticate"
+        if password_file is not None:
+            jobs[0]["basic_auth"]["password_file"] = str(password_file)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.port = free_port()
@@ -105,9 +110,13 @@ class Prometheus:
 def test_prometheus_scrapes_server_and_sees_requests(pb, tmp_path, tiny_model):
     j = pb.jobs_pb2
     inf = pb.inference_pb2
-    server = Server(tmp_path / "data", tiny_model).start()
+    password = tmp_path / "metrics-password"
+    password.write_text("prometheus-test-password-0123\n")
+    server = Server(tmp_path / "data", tiny_model,
+                    extra=[f"--metrics_password_file={password}"]).start()
     assert server.metrics_port, "server printed no METRICS line"
-    prom = Prometheus(tmp_path / "prom", f"127.0.0.1:{server.metrics_port}")
+    prom = Prometheus(tmp_path / "prom", f"127.0.0.1:{server.metrics_port}",
+                      password_file=password)
     try:
         def target_up():
             active = prom.api("targets")["activeTargets"]

@@ -57,13 +57,31 @@ def test_k8s_manifests_are_consistent():
     dep = docs[("Deployment", "metatt")]
     c = dep["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-    assert c["livenessProbe"]["grpc"]["port"] == ports["grpc"]
+    # The kubelet's grpc probe has no TLS: metattctl health over TLS on the gRPC port.
+    for probe in ("readinessProbe", "livenessProbe"):
+        cmd = c[probe]["exec"]["command"]
+        assert cmd[0] == "metattctl" and cmd[-1] == "health", cmd
+        assert f"--server=localhost:{ports['grpc']}" in cmd, cmd
+        assert any(a.startswith("--tls_ca=/etc/metatt/secrets/") for a in cmd), cmd
     assert "nvidia.com/gpu" in c["resources"]["limits"]
     claim = dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in docs
     flags = docs[("ConfigMap", "metatt-flags")]["data"]["flags"]
     assert f"--metrics_listen=0.0.0.0:{ports['metrics']}" in flags
+    # Secure by default (README "Security"): TLS, tokens and a /metrics password,
+    # all from the Secret the kustomization generates and the pod mounts.
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes["secrets"]["secret"]["secretName"]
+    kust = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    generated = {g["name"]: g["files"] for g in kust["secretGenerator"]}
+    files = {pathlib.PurePath(f).name for f in generated[secret]}
+    for flag in ("tls_cert", "tls_key", "auth_tokens", "metrics_password_file"):
+        m = re.search(rf"--{flag}=(\S+)", flags)
+        assert m, f"--{flag} missing from the flags"
+        path = pathlib.PurePath(m.group(1))
+        assert str(path.parent) == mounts["secrets"] and path.name in files, (flag, path)
+    assert "insecure_allow_open_network" not in flags
     svc = docs[("Service", "metatt")]
     assert {p["targetPort"] for p in svc["spec"]["ports"]} == set(ports)
 

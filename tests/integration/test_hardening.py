@@ -1,0 +1,235 @@
+"""Issue 17 (hardening), black-box on the real metatt-server binary.
+
+Hole 1, secure deployments: a listener beyond loopback needs TLS and tokens
+(or the loudly named --insecure_allow_open_network), tokens never travel in
+plaintext beyond loopback, /metrics beyond loopback needs its password, and
+the shipped deployment (Dockerfile CMD + scripts/make_secrets.sh +
+deploy/prometheus/prometheus.yml) starts, serves TLS with the made token and
+is scraped by the real Prometheus with the shipped scrape config."""
+import base64
+import json
+import pathlib
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from server_harness import ROOT, Client, Server, with_token
+
+
+def start_fails(data_dir, model, extra, needle, timeout=60):
+    s = Server(data_dir, model, extra=extra)
+    with pytest.raises(pytest.fail.Exception):
+        s.start(timeout=timeout)
+    s.stop()
+    assert s.proc.returncode not in (None, 0), "refused start must exit non-zero"
+    log = "\n".join(s.stderr_lines)
+    assert needle in log, log[-3000:]
+    return log
+
+
+def wait_log(server, needle, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(needle in line for line in server.stderr_lines):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no '{needle}' in the log:\n" + "\n".join(server.stderr_lines[-20:]))
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("secrets") / "s"
+    r = subprocess.run([str(ROOT / "scripts" / "make_secrets.sh"), str(d)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def http_get(port, user=None, password=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if user is not None:
+        cred = base64.b64encode(f"{user}:{password}".encode()).decode()
+        req.add_header("Authorization", f"Basic {cred}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def test_open_listen_without_tls_and_tokens_refuses_to_start(tmp_path, tiny_model):
+    log = start_fails(tmp_path / "d1", tiny_model, ["--listen=0.0.0.0:0"],
+                      "is not a loopback address")
+    assert "--insecure_allow_open_network" in log and "neither TLS" in log
+    start_fails(tmp_path / "d2", tiny_model, ["--listen=[::]:0"], "is not a loopback address")
+
+
+def test_open_listen_with_tls_but_no_tokens_refuses(tmp_path, tiny_model, secrets):
+    start_fails(tmp_path / "d", tiny_model,
+                ["--listen=0.0.0.0:0", f"--tls_cert={secrets / 'server.pem'}",
+                 f"--tls_key={secrets / 'server.key'}"], "no tokens (--auth_tokens)")
+
+
+def test_tokens_over_plaintext_beyond_loopback_refused_even_with_the_flag(tmp_path, tiny_model,
+                                                                         secrets):
+    start_fails(tmp_path / "d", tiny_model,
+                ["--listen=0.0.0.0:0", f"--auth_tokens={secrets / 'tokens.json'}",
+                 "--insecure_allow_open_network"], "bearer tokens would cross the network")
+
+
+def test_insecure_flag_starts_with_a_loud_warning(tmp_path, tiny_model, pb):
+    s = Server(tmp_path / "d", tiny_model,
+               extra=["--listen=0.0.0.0:0", "--insecure_allow_open_network"]).start()
+    try:
+        wait_log(s, "WARNING: --insecure_allow_open_network")
+        wait_log(s, "ANYONE WHO CAN REACH THIS PORT CONTROLS THE SERVER")
+        c = Client(pb, s.channel())
+        assert list(c.datasets.ListDatasets(pb.datasets_pb2.ListDatasetsRequest(),
+                                            timeout=10).datasets) == []
+    finally:
+        s.stop()
+
+
+def test_open_metrics_needs_a_password(tmp_path, tiny_model, secrets):
+    start_fails(tmp_path / "d", tiny_model, ["--metrics_listen=0.0.0.0:0"],
+                "--metrics_listen=0.0.0.0:0 is not a loopback address")
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    start_fails(tmp_path / "d2", tiny_model,
+                ["--metrics_listen=0.0.0.0:0", f"--metrics_password_file={short}"],
+                "at least 16 are needed")
+    s = Server(tmp_path / "d3", tiny_model, extra=[
+        "--metrics_listen=0.0.0.0:0", f"--metrics_password_file={secrets / 'metrics-password'}"
+    ]).start()
+    try:
+        password = (secrets / "metrics-password").read_text().strip()
+        assert http_get(s.metrics_port)[0] == 401
+        assert http_get(s.metrics_port, "prometheus", "wrong-password-123456")[0] == 401
+        assert http_get(s.metrics_port, "someone", password)[0] == 401
+        code, body = http_get(s.metrics_port, "prometheus", password)
+        assert code == 200 and "metatt_jobs" in body
+    finally:
+        s.stop()
+
+
+def dockerfile_cmd():
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(l for l in text.splitlines() if l.strip().startswith("CMD ["))
+    return json.loads(line.strip()[len("CMD"):])
+
+
+def test_shipped_deployment_serves_tls_tokens_and_prometheus_scrapes(pb, tmp_path, tiny_model,
+                                                                     secrets):
+    """The Dockerfile's CMD as shipped (secrets paths -> the made secrets,
+    ports -> free ones); the made admin token over TLS; the shipped
+    prometheus.yml (target and password_file -> here) scrapes /metrics."""
+    from test_prometheus import Prometheus
+
+    args = []
+    for a in dockerfile_cmd():
+        a = a.replace("/etc/metatt/secrets", str(secrets))
+        a = re.sub(r"^(--(?:metrics_)?listen=0\.0\.0\.0):\d+$", r"\1:0", a)
+        if not a.startswith("--device"):
+            args.append(a)
+    assert "--listen=0.0.0.0:0" in args and "--metrics_listen=0.0.0.0:0" in args
+    s = Server(tmp_path / "data", tiny_model, extra=args).start()
+    prom = None
+    try:
+        assert not any("WARNING" in l for l in s.stderr_lines), s.stderr_lines
+        token = (secrets / "admin.token").read_text().strip()
+        creds = grpc.ssl_channel_credentials(root_certificates=(secrets / "ca.pem").read_bytes())
+        ch = grpc.secure_channel(f"localhost:{s.port}", creds)
+        c = Client(pb, with_token(ch, token))
+        assert list(c.datasets.ListDatasets(pb.datasets_pb2.ListDatasetsRequest(),
+                                            timeout=10).datasets) == []
+        with pytest.raises(grpc.RpcError) as e:  # plaintext to the TLS port
+            Client(pb, with_token(grpc.insecure_channel(f"127.0.0.1:{s.port}"), token)) \
+                .datasets.ListDatasets(pb.datasets_pb2.ListDatasetsRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert http_get(s.metrics_port)[0] == 401
+
+        # The shipped scrape config, only the target and the password file's path moved.
+        prom = Prometheus(tmp_path / "prom", f"127.0.0.1:{s.metrics_port}",
+                          password_file=secrets / "metrics-password")
+
+        def target_up():
+            active = prom.api("targets")["activeTargets"]
+            up = [t for t in active if t["labels"].get("job") == "metatt" and t["health"] == "up"]
+            return up or None
+        prom.wait("the metatt target to be up", target_up)
+        assert prom.scalar('up{job="metatt"}') == 1.0
+        prom.wait("metatt_jobs scraped", lambda: prom.query('metatt_jobs{state="QUEUED"}') or None)
+    finally:
+        if prom is not None:
+            prom.stop()
+        s.stop()
+
+
+# Hole 6: two servers on one data directory.
+
+def test_second_server_on_the_same_data_dir_is_refused(pb, tmp_path, tiny_model):
+    data = tmp_path / "data"
+    first = Server(data, tiny_model).start()
+    try:
+        log = start_fails(data, tiny_model, [], f"--data_dir={data} is in use by another "
+                          f"metatt-server (pid {first.proc.pid}")
+        assert str(data / "LOCK") in log
+        # The first one is untouched and still serves.
+        c = Client(pb, first.channel())
+        assert list(c.datasets.ListDatasets(pb.datasets_pb2.ListDatasetsRequest(),
+                                            timeout=10).datasets) == []
+        # kill -9 releases the lock: the next server starts on the directory.
+        first.kill9()
+        second = Server(data, tiny_model).start()
+        second.stop()
+    finally:
+        first.stop()
+
+
+# Hole 5: acknowledged means durable. The syscalls of a real upload, traced
+# with strace -y (fd -> path): the data file, its new directory, the rename
+# and the parent directory are fsynced, and SQLite syncs its WAL at the
+# commit (synchronous=FULL), all before the RPC answers.
+
+STRACE = ["strace", "-f", "-qq", "--seccomp-bpf", "-y", "-e",
+          "trace=fsync,fdatasync,rename,renameat,renameat2", "-e", "signal=none", "-o"]
+
+
+def first_index(lines, pred, start=0, what=""):
+    for i in range(start, len(lines)):
+        if pred(lines[i]):
+            return i
+    raise AssertionError(f"no {what} after line {start} in the trace:\n" +
+                         "\n".join(lines[start:start + 60]))
+
+
+def test_upload_is_fsynced_before_it_is_acknowledged(pb, tmp_path, tiny_model):
+    from server_harness import make_rows, tsv_bytes
+
+    trace = tmp_path / "trace.txt"
+    data = tmp_path / "data"
+    s = Server(data, tiny_model, wrapper=[*STRACE, str(trace)]).start(timeout=300)
+    try:
+        c = Client(pb, s.channel())
+        before = len(trace.read_text().splitlines())
+        ds = c.upload("durable", tsv_bytes(make_rows(40)))
+        # Read right after the answer: strace writes each line as the call returns.
+        lines = trace.read_text().splitlines()[before:]
+    finally:
+        s.stop()
+    root = str((data / "datasets").resolve())
+    tmp_dir, final_dir = f"{root}/.tmp-{ds.id}", f"{root}/{ds.id}"
+    sync = lambda path: (lambda l: re.search(r"\bf(data)?sync\(\d+<" + re.escape(path) + r">\)", l)
+                         is not None)
+    i = first_index(lines, sync(f"{tmp_dir}/data.tsv"), what="fsync of the data file")
+    i = first_index(lines, sync(tmp_dir), i, what="fsync of the new dataset directory")
+    i = first_index(lines, lambda l: "rename" in l and f'"{tmp_dir}"' in l and
+                    f'"{final_dir}"' in l, i, what="rename into place")
+    i = first_index(lines, sync(root), i, what="fsync of datasets/ after the rename")
+    first_index(lines, lambda l: re.search(r"\bf(data)?sync\(\d+<[^>]*metatt\.db-wal>\)", l),
+                i, what="SQLite WAL sync at the commit (synchronous=FULL)")
