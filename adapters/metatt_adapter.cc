@@ -237,6 +237,35 @@ absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::FromTensors(
   return a;
 }
 
+absl::StatusOr<std::unique_ptr<MetaTTAdapter>> MetaTTAdapter::WithAppendedTasks(
+    const torch::Tensor& slices) const {
+  if (config_.form != TTForm::k4Plus1D) {
+    return absl::FailedPreconditionError("metatt adapter: only a (4+1)D adapter takes tasks");
+  }
+  if (!task_leaves_.empty() || in_.requires_grad()) {
+    return absl::FailedPreconditionError(
+        "metatt adapter: WithAppendedTasks needs a frozen adapter (use AddTask to train)");
+  }
+  if (!slices.defined() || slices.dim() != 3 || slices.size(1) != task_core_.size(1) ||
+      slices.size(2) != task_core_.size(2)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "metatt adapter: appended task slices must be [k, ", task_core_.size(1), ", ",
+        task_core_.size(2), "], got ", slices.defined() ? ShapeStr(slices.sizes()) : "none"));
+  }
+  std::unique_ptr<MetaTTAdapter> a(new MetaTTAdapter());
+  a->config_ = config_;
+  a->config_.num_tasks = task_core_.size(0) + slices.size(0);
+  a->scale_ = scale_;
+  a->BuildIndexMaps();
+  a->in_ = in_;
+  a->layer_ = layer_;
+  a->proj_ = proj_;
+  a->out_ = out_;
+  a->head_width_ = head_width_;
+  a->task_core_ = torch::cat({task_core_, slices.detach().to(task_core_.options())}, 0);
+  return a;
+}
+
 torch::Tensor MetaTTAdapter::TaskSlice(int64_t t) const {
   auto it = task_leaves_.find(t);
   return it != task_leaves_.end() ? it->second : task_core_[t];

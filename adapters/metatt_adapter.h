@@ -129,6 +129,14 @@ class MetaTTAdapter : public EncoderAdapter {
   // existing slices (the average task).
   enum class NewTaskInit { kIdentity, kZeros, kMean };
   static absl::StatusOr<NewTaskInit> ParseNewTaskInit(const std::string& name);  // identity|zeros|mean
+  // (4+1)D, frozen adapters only (a served family): a new frozen adapter that
+  // shares every core with this one (no copy) and whose task core is this
+  // one's with `slices` [k, r3, r4] appended: what an add-task publication
+  // serves. FAILED_PRECONDITION for another form or a trainable adapter.
+  absl::StatusOr<std::unique_ptr<MetaTTAdapter>> WithAppendedTasks(
+      const torch::Tensor& slices) const;
+  // Task t's slice [r3, r4]: its trainable leaf, or a view of the stored core.
+  torch::Tensor TaskSlice(int64_t t) const;
   // (4+1)D only: appends a task slice; returns its index.
   absl::StatusOr<int64_t> AddTask(NewTaskInit init = NewTaskInit::kIdentity);
   void FreezeShared(bool frozen);
@@ -159,8 +167,6 @@ class MetaTTAdapter : public EncoderAdapter {
   MetaTTAdapter() = default;
   void BuildIndexMaps();
   absl::Status SetFromTensorTrain(const TensorTrain& tt);
-  // Task t's slice: its trainable leaf, or a view of the stored core.
-  torch::Tensor TaskSlice(int64_t t) const;
   int64_t SharedVersionSum() const;
   int64_t LeafVersionSum() const;
   void RefreshCache();

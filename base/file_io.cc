@@ -11,17 +11,25 @@
 #include "absl/strings/str_cat.h"
 
 namespace metatt {
+
+absl::Status SyncDirectory(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return absl::InternalError(absl::StrCat("open dir ", dir, ": ", strerror(errno)));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) return absl::InternalError(absl::StrCat("fsync dir ", dir, ": ", strerror(err)));
+  return absl::OkStatus();
+}
+
 namespace {
 
+// fsync of the directory that holds `path`.
 absl::Status SyncDir(const std::string& path) {
   auto slash = path.find_last_of('/');
   std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
   if (dir.empty()) dir = "/";
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return absl::InternalError(absl::StrCat("open dir ", dir, ": ", strerror(errno)));
-  ::fsync(fd);
-  ::close(fd);
-  return absl::OkStatus();
+  return SyncDirectory(dir);
 }
 
 }  // namespace

@@ -11,5 +11,7 @@ namespace metatt {
 // Writes atomically: to `path.tmp.<pid>`, fsync, rename, fsync the directory.
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes);
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+// fsync of a directory (after a rename or create in it: the entry is durable).
+absl::Status SyncDirectory(const std::string& dir);
 
 }  // namespace metatt

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <system_error>
 
@@ -38,15 +40,26 @@ absl::Status WriteFileSynced(const fs::path& path, const std::string& bytes) {
   return absl::OkStatus();
 }
 
-void SyncDir(const fs::path& dir) {
+}  // namespace
+
+// fsync of a directory: its entries (a file created in it, a rename into it)
+// survive power loss only after this.
+absl::Status SyncDirectoryEntries(const fs::path& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
+  if (fd < 0) {
+    return absl::InternalError(
+        absl::StrCat("cannot open directory ", dir.string(), ": ", std::strerror(errno)));
   }
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) {
+    return absl::InternalError(
+        absl::StrCat("cannot fsync directory ", dir.string(), ": ", std::strerror(err)));
+  }
+  return absl::OkStatus();
 }
 
-}  // namespace
 
 std::string Sha256Hex(const std::string& bytes) {
   unsigned char digest[EVP_MAX_MD_SIZE];
@@ -147,7 +160,10 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   if (ec)
     return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
   const std::string file = "data." + d.format;
+  // Durable before it is recorded: the file's bytes, its entry in the new
+  // directory, then the rename in datasets/ (each fsynced).
   absl::Status st = WriteFileSynced(tmp / file, bytes);
+  if (st.ok()) st = SyncDirectoryEntries(tmp);
   if (st.ok()) {
     fs::rename(tmp, final_dir, ec);
     if (ec)
@@ -158,7 +174,11 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
     fs::remove_all(tmp, ec);
     return st;
   }
-  SyncDir(root);
+  st = SyncDirectoryEntries(root);
+  if (!st.ok()) {
+    fs::remove_all(final_dir, ec);
+    return st;
+  }
   d.path = (final_dir / file).string();
   st = store_->PutDataset(d);
   if (!st.ok()) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <string>
@@ -44,6 +45,10 @@ struct DatasetUpload {
 };
 
 std::string Sha256Hex(const std::string& bytes);
+
+// fsync of `dir` itself, so that the entries created or renamed in it are
+// durable. INTERNAL naming the directory and the errno on failure.
+absl::Status SyncDirectoryEntries(const std::filesystem::path& dir);
 
 class DatasetManager {
  public:

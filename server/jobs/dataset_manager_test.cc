@@ -114,3 +114,25 @@ TEST_F(DatasetManagerTest, DeleteRefusedWhileAJobReferencesIt) {
 
 }  // namespace
 }  // namespace metatt
+
+namespace metatt {
+namespace {
+
+// The durability helper of Upload: fsync of a directory's own entries.
+TEST(SyncDirectoryEntriesTest, SyncsADirectoryAndNamesAMissingOne) {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() /
+                 ("sync_dir_test_" + std::to_string(std::random_device{}()));
+  fs::create_directories(dir);
+  EXPECT_TRUE(SyncDirectoryEntries(dir).ok());
+  absl::Status missing = SyncDirectoryEntries(dir / "nope");
+  EXPECT_EQ(missing.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(missing.message()), ::testing::HasSubstr((dir / "nope").string()));
+  std::ofstream(dir / "file") << "x";
+  absl::Status not_dir = SyncDirectoryEntries(dir / "file");  // O_DIRECTORY refuses a file
+  EXPECT_EQ(not_dir.code(), absl::StatusCode::kInternal);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace metatt

@@ -242,7 +242,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
   std::vector<TaskRecord> existing_tasks;
   if (visible && spec.kind == JobKind::kAddTask) {
     ASSIGN_OR_RETURN(FamilyVersionRecord latest,
-                     store_->GetFamilyVersion(spec.family, versions.back().version));
+                     store_->GetFamilyVersionFull(spec.family, versions.back().version));
     existing_tasks = std::move(latest.tasks);
   }
   for (size_t i = 0; i < spec.tasks.size(); ++i) {

@@ -249,7 +249,8 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
            c.created_by_job == summary->created_by_job && c.task_count == summary->task_count &&
            c.tenant == summary->tenant;
   };
-  if (max_tasks >= 0) {  // a few tasks: read alone (scans the rest, parses only these)
+  // An appended version's first tasks live in its parents: read it whole.
+  if (max_tasks >= 0 && summary->parent_version == 0) {  // a few tasks: read alone
     ASSIGN_OR_RETURN(FamilyVersionRecord head,
                      store_->GetFamilyVersionTasks(family, version, 0, max_tasks));
     return std::make_shared<const FamilyVersionRecord>(std::move(head));
@@ -262,7 +263,7 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
       return cache_.front();
     }
   }
-  ASSIGN_OR_RETURN(FamilyVersionRecord full, store_->GetFamilyVersion(family, version));
+  ASSIGN_OR_RETURN(FamilyVersionRecord full, store_->GetFamilyVersionFull(family, version));
   auto record = std::make_shared<const FamilyVersionRecord>(std::move(full));
   absl::MutexLock l(&mu_);
   cache_.push_front(record);

@@ -27,6 +27,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "adapters/family_io.h"
+#include "base/file_io.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
 #include "server/jobs/job_validation.h"
@@ -148,6 +149,127 @@ absl::StatusOr<PublishRequest> RequestFromLoaded(const LoadedFamily& lf, const s
   return req;
 }
 
+// Spare head rows a (4+1)D family keeps for tasks added later: ~3 % of its
+// tasks (at least 8, at most 32,768), so appends copy no earlier head until
+// they are used up (then the storage grows by the same rule).
+int64_t HeadHeadroom(int64_t tasks) { return std::clamp<int64_t>(tasks / 32, 8, 32768); }
+
+std::shared_ptr<PublishedFamily::HeadStorage> NewHeadStorage(int64_t rows, int64_t max_labels,
+                                                             int64_t dim, torch::Device device,
+                                                             torch::ScalarType dtype) {
+  auto hs = std::make_shared<PublishedFamily::HeadStorage>();
+  const auto opts = torch::TensorOptions().device(device).dtype(dtype);
+  hs->weight = torch::zeros({rows, max_labels, dim}, opts);
+  hs->bias = torch::zeros({rows, max_labels}, opts);
+  return hs;
+}
+
+// Rows of `b` after those of `a` ([n, labels(, D)]), label columns padded
+// with zeros to the wider of the two.
+torch::Tensor CatRows(const torch::Tensor& a, const torch::Tensor& b) {
+  const int64_t n = std::max(a.size(1), b.size(1));
+  auto pad = [n](const torch::Tensor& t) {
+    if (t.size(1) == n) return t;
+    std::vector<int64_t> shape = t.sizes().vec();
+    shape[1] = n;
+    torch::Tensor out = torch::zeros(shape, t.options());
+    out.narrow(1, 0, t.size(1)).copy_(t);
+    return out;
+  };
+  return torch::cat({pad(a), pad(b)}, 0);
+}
+
+// The family `base` with the tasks of `add` appended; `record` already lists
+// every task (base's and the new ones). With `extend_storage` (the caller
+// holds the registry's publish lock) the new head rows go into base's spare
+// rows when base is the newest user of its storage; otherwise the heads are
+// copied into a new storage.
+absl::StatusOr<std::shared_ptr<PublishedFamily>> AppendToFamily(
+    const PublishedFamily& base, FamilyVersionRecord record, const AppendedTensors& add,
+    bool extend_storage) {
+  const int64_t T = base.num_tasks();
+  const int64_t k = add.task_slices.size(0);
+  const std::string where = absl::StrCat("family ", record.family, " v", record.version);
+  if (static_cast<int64_t>(record.tasks.size()) != T + k || add.head_weight.size(0) != k ||
+      add.head_bias.size(0) != k) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": ", k, " appended tasks do not match the task records"));
+  }
+  for (int64_t t = T; t < T + k; ++t) {
+    const TaskRecord& tr = record.tasks[t];
+    if (tr.index != t || tr.num_labels < 1 || tr.num_labels > add.head_weight.size(1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": appended task ", tr.name, " has a bad index or num_labels"));
+    }
+  }
+  if (add.head_weight.size(2) != base.head_weight.size(2)) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": appended heads have width ",
+                                                   add.head_weight.size(2), ", the family ",
+                                                   base.head_weight.size(2)));
+  }
+  auto fam = std::make_shared<PublishedFamily>();
+  ASSIGN_OR_RETURN(fam->adapter, base.adapter->WithAppendedTasks(add.task_slices));
+  RETURN_IF_ERROR(TorchTry("appending heads", [&] {
+    std::shared_ptr<PublishedFamily::HeadStorage> hs = base.head_storage;
+    const int64_t labels = std::max(base.head_weight.size(1), add.head_weight.size(1));
+    const bool in_place = extend_storage && hs != nullptr && hs->used == T &&
+                          hs->weight.size(0) >= T + k && hs->weight.size(1) >= labels;
+    if (!in_place) {
+      hs = NewHeadStorage(T + k + HeadHeadroom(T + k), labels, base.head_weight.size(2),
+                          base.head_weight.device(), base.head_weight.scalar_type());
+      hs->weight.narrow(0, 0, T).narrow(1, 0, base.head_weight.size(1)).copy_(base.head_weight);
+      hs->bias.narrow(0, 0, T).narrow(1, 0, base.head_bias.size(1)).copy_(base.head_bias);
+    }
+    torch::Tensor w = hs->weight.narrow(0, T, k);
+    torch::Tensor b = hs->bias.narrow(0, T, k);
+    w.zero_();
+    b.zero_();
+    w.narrow(1, 0, add.head_weight.size(1)).copy_(add.head_weight);
+    b.narrow(1, 0, add.head_bias.size(1)).copy_(add.head_bias);
+    hs->used = T + k;
+    fam->head_storage = hs;
+    fam->head_weight = hs->weight.narrow(0, 0, T + k);
+    fam->head_bias = hs->bias.narrow(0, 0, T + k);
+  }));
+  fam->pooling = base.pooling;
+  fam->pooling_name = base.pooling_name;
+  fam->max_length = base.max_length;
+  fam->full_dir = base.full_dir;
+  fam->appended_dirs = base.appended_dirs;
+  fam->record = std::move(record);
+  fam->record.task_count = T + k;
+  absl::Status named = fam->task_by_name.Build(&fam->record.tasks);
+  if (!named.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", named.message()));
+  return fam;
+}
+
+// A full version's files: adapters/family_io format, cores + stacked float32
+// heads, the registry's metadata in family.json "extra".
+absl::Status WriteFullFamily(const std::string& dir, const MetaTTAdapter& adapter,
+                             const FamilyVersionRecord& record, const std::string& pooling,
+                             int64_t max_length, const torch::Tensor& weight,
+                             const torch::Tensor& bias) {
+  std::vector<std::string> task_names;
+  std::vector<int64_t> num_labels;
+  for (const auto& t : record.tasks) {
+    task_names.push_back(t.name);
+    num_labels.push_back(t.num_labels);
+  }
+  std::map<std::string, torch::Tensor> heads = {
+      {"stacked.weight", weight},
+      {"stacked.bias", bias},
+      {"stacked.num_labels", torch::tensor(num_labels, torch::kInt64)}};
+  json extra = {{"family", record.family},
+                {"version", record.version},
+                {"pooling", pooling},
+                {"max_length", max_length},
+                {"created_by_job", record.created_by_job},
+                {"tasks", json::array()}};
+  for (const auto& t : record.tasks) extra["tasks"].push_back(TaskToJson(t));
+  return SaveFamily(dir, adapter, task_names, heads, /*base_model_id=*/"",
+                    record.base_model_fingerprint, extra);
+}
+
 // Builds the in-memory family from tensors (any device).
 absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
     FamilyVersionRecord record, const MetaTTConfig& config, double scale,
@@ -190,9 +312,16 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
   fam->max_length = max_length;
   // Resident copy in head_dtype (from float32: rounding to nearest); the
   // caller writes the float32 `weight` / `bias` to disk, never this copy.
+  // A (4+1)D family keeps spare rows for the tasks added to it later.
   RETURN_IF_ERROR(TorchTry("moving heads to the device", [&] {
-    fam->head_weight = weight.detach().to(device, head_dtype).contiguous();
-    fam->head_bias = bias.detach().to(device, head_dtype).contiguous();
+    const int64_t spare = config.form == TTForm::k4Plus1D ? HeadHeadroom(T) : 0;
+    auto hs = NewHeadStorage(T + spare, weight.size(1), weight.size(2), device, head_dtype);
+    hs->weight.narrow(0, 0, T).copy_(weight.detach());
+    hs->bias.narrow(0, 0, T).copy_(bias.detach());
+    hs->used = T;
+    fam->head_storage = std::move(hs);
+    fam->head_weight = fam->head_storage->weight.narrow(0, 0, T);
+    fam->head_bias = fam->head_storage->bias.narrow(0, 0, T);
   }));
   fam->record = std::move(record);
   fam->record.tasks.shrink_to_fit();
@@ -202,62 +331,6 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
         absl::StrCat("family ", fam->record.family, ": ", named.message()));
   }
   return fam;
-}
-
-// "<host>-<pid>": names this process's scratch directories, so a restart can
-// tell its own crash leftovers from another replica's publication in progress
-// (several replicas may share --data_dir).
-std::string ScratchOwner() {
-  char host[256] = {0};
-  if (::gethostname(host, sizeof(host) - 1) != 0) host[0] = 0;
-  return absl::StrCat(host, "-", ::getpid());
-}
-
-// Scratch directories (".tmp-v<N>-<host>-<pid>" in a family directory,
-// ".import-<host>-<pid>-<seq>" in families/) left by a process that died:
-// same host and the pid is gone, or (another host, or an older name) not
-// touched for an hour. Removed at start-up; never listed or loaded.
-void RemoveCrashLeftovers(const fs::path& families) {
-  std::error_code ec;
-  char host[256] = {0};
-  if (::gethostname(host, sizeof(host) - 1) != 0) host[0] = 0;
-  const std::string prefix = absl::StrCat(host, "-");
-  // rest = "<host>-<pid>" (with_seq: "<host>-<pid>-<seq>").
-  auto stale = [&](const fs::path& p, const std::string& rest, bool with_seq) {
-    if (host[0] != 0 && rest.rfind(prefix, 0) == 0 && rest.size() > prefix.size() &&
-        std::isdigit(static_cast<unsigned char>(rest[prefix.size()]))) {
-      char* end = nullptr;
-      const long pid = std::strtol(rest.c_str() + prefix.size(), &end, 10);
-      bool mine = *end == 0 && !with_seq;
-      if (with_seq && *end == '-' && end[1] != 0) {
-        const char* seq = end + 1;
-        mine = std::all_of(seq, rest.c_str() + rest.size(),
-                           [](char c) { return std::isdigit(static_cast<unsigned char>(c)); });
-      }
-      if (mine) {
-        return pid == ::getpid() ||
-               (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH);
-      }
-    }
-    auto t = fs::last_write_time(p, ec);
-    return !ec && fs::file_time_type::clock::now() - t > std::chrono::hours(1);
-  };
-  for (const auto& fam : fs::directory_iterator(families, ec)) {
-    const std::string name = fam.path().filename().string();
-    if (name.rfind(".import-", 0) == 0) {
-      if (stale(fam.path(), name.substr(8), true)) fs::remove_all(fam.path(), ec);
-      continue;
-    }
-    if (!fam.is_directory(ec)) continue;
-    for (const auto& e : fs::directory_iterator(fam.path(), ec)) {
-      const std::string n = e.path().filename().string();
-      if (n.rfind(".tmp-v", 0) != 0) continue;
-      const size_t dash = n.find('-', 6);  // after ".tmp-v<N>"
-      if (dash != std::string::npos && stale(e.path(), n.substr(dash + 1), false)) {
-        fs::remove_all(e.path(), ec);
-      }
-    }
-  }
 }
 
 }  // namespace
@@ -320,9 +393,10 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHe
   if (head_weight.scalar_type() == torch::kFloat32) {
     return std::make_pair(head_weight.to(torch::kCPU), head_bias.to(torch::kCPU));
   }
-  // Compact resident heads: read the float32 ones back the way LoadVersion does.
+  // Compact resident heads: read the float32 ones back the way LoadVersion
+  // does: the nearest full family, then the appended versions after it.
   const std::string where = absl::StrCat("family ", family(), " v", version());
-  auto loaded = LoadFamily(record.path, record.base_model_fingerprint, torch::kCPU,
+  auto loaded = LoadFamily(full_dir, record.base_model_fingerprint, torch::kCPU,
                            MetaTTAdapter::Leaves::kFrozen);
   if (!loaded.ok()) {
     return absl::Status(loaded.status().code(),
@@ -330,12 +404,24 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHe
   }
   torch::Tensor weight, bias;
   auto sw = loaded->heads.find("stacked.weight");
-  if (sw != loaded->heads.end() && sw->second.size(0) == num_tasks()) {
+  const auto full_tasks = static_cast<int64_t>(loaded->task_names.size());
+  if (sw != loaded->heads.end() && sw->second.size(0) == full_tasks) {
     weight = sw->second;
     bias = loaded->heads.at("stacked.bias");
   } else {
     ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, where));
     RETURN_IF_ERROR(StackHeads(req.head_weights, req.head_biases, &weight, &bias));
+  }
+  for (const std::string& dir : appended_dirs) {
+    auto add = FamilyCatalog::ReadAppended(dir);
+    if (!add.ok()) {
+      return absl::Status(add.status().code(),
+                          absl::StrCat(where, ": reading float32 heads: ", add.status().message()));
+    }
+    RETURN_IF_ERROR(TorchTry("appending heads", [&] {
+      weight = CatRows(weight, add->head_weight);
+      bias = CatRows(bias, add->head_bias);
+    }));
   }
   if (weight.sizes() != head_weight.sizes() || bias.sizes() != head_bias.sizes()) {
     return absl::DataLossError(absl::StrCat(where, ": the heads in ", record.path,
@@ -346,7 +432,11 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHe
 
 ResidentStats PublishedFamily::Resident() const {
   ResidentStats r;
-  for (const torch::Tensor* t : {&head_weight, &head_bias}) {
+  // The whole storage, spare rows included (shared with the versions
+  // appended to this one: counted once per resident latest version).
+  const torch::Tensor& w = head_storage ? head_storage->weight : head_weight;
+  const torch::Tensor& b = head_storage ? head_storage->bias : head_bias;
+  for (const torch::Tensor* t : {&w, &b}) {
     if (t->defined()) r.heads += t->numel() * static_cast<int64_t>(t->element_size());
   }
   // libstdc++: a std::string holds up to 15 chars inline; a std::map node
@@ -396,18 +486,95 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const O
                                                                          Store* store) {
   if (store == nullptr) return absl::InvalidArgumentError("registry: store is null");
   ASSIGN_OR_RETURN(const torch::ScalarType head_dtype, ParseHeadDtype(options.head_dtype));
-  if (options.data_dir.empty()) return absl::InvalidArgumentError("registry: data_dir is empty");
-  std::error_code ec;
-  fs::create_directories(fs::path(options.data_dir) / "families", ec);
-  if (ec) {
-    return absl::InternalError(
-        absl::StrCat("cannot create ", options.data_dir, "/families: ", ec.message()));
+  ASSIGN_OR_RETURN(std::unique_ptr<FamilyCatalog> catalog, FamilyCatalog::Create(options.data_dir));
+  return std::unique_ptr<AdapterRegistry>(
+      new AdapterRegistry(options, store, head_dtype, std::move(catalog)));
+}
+
+AdapterRegistry::AdapterRegistry(const Options& options, Store* store,
+                                 torch::ScalarType head_dtype,
+                                 std::unique_ptr<FamilyCatalog> catalog)
+    : options_(options), store_(store), catalog_(std::move(catalog)), head_dtype_(head_dtype) {
+  compactor_ = std::thread([this] { CompactLoop(); });
+}
+
+AdapterRegistry::~AdapterRegistry() {
+  {
+    absl::MutexLock l(&compact_mu_);
+    stop_ = true;
   }
-  RemoveCrashLeftovers(fs::path(options.data_dir) / "families");
-  return std::unique_ptr<AdapterRegistry>(new AdapterRegistry(options, store, head_dtype));
+  compactor_.join();
+}
+
+std::shared_ptr<const PublishedFamily> AdapterRegistry::Resident(const std::string& family,
+                                                                  int64_t version) {
+  absl::MutexLock l(&mu_);
+  auto it = latest_.find(family);
+  if (it != latest_.end() && it->second->version() == version) return it->second;
+  auto old = older_.find({family, version});
+  return old != older_.end() ? old->second.lock() : nullptr;
 }
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
+    const FamilyVersionRecord& record, bool extend_storage) {
+  if (record.parent_version == 0 || FamilyCatalog::HoldsFullFamily(record.path)) {
+    FamilyVersionRecord full = record;
+    if (full.parent_version > 0) full.tasks.clear();  // compacted: family.json lists them all
+    full.parent_version = 0;
+    return LoadFullVersion(full);
+  }
+  // An appended version: the nearest resident or full ancestor, then every
+  // appended version after it, applied in one step.
+  const std::string where = absl::StrCat("family ", record.family, " v", record.version);
+  std::vector<FamilyVersionRecord> chain = {record};  // newest first
+  std::shared_ptr<const PublishedFamily> base;
+  while (true) {
+    const int64_t parent = chain.back().parent_version;
+    base = Resident(record.family, parent);
+    if (base != nullptr) break;
+    auto rec = store_->GetFamilyVersion(record.family, parent);
+    if (!rec.ok()) {
+      return absl::Status(rec.status().code(),
+                          absl::StrCat(where, ": parent version: ", rec.status().message()));
+    }
+    if (rec->parent_version == 0 || FamilyCatalog::HoldsFullFamily(rec->path)) {
+      ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> loaded, LoadVersion(*rec, false));
+      base = std::move(loaded);
+      extend_storage = false;  // a fresh storage nobody else uses: still safe, but keep it simple
+      break;
+    }
+    chain.push_back(std::move(*rec));
+  }
+  FamilyVersionRecord full = record;
+  full.tasks = base->record.tasks;
+  AppendedTensors add;
+  std::vector<std::string> dirs;
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+    auto files = FamilyCatalog::ReadAppended(it->path);
+    if (!files.ok()) {
+      return absl::Status(files.status().code(), absl::StrCat(where, ": ", files.status().message()));
+    }
+    RETURN_IF_ERROR(TorchTry("reading appended versions", [&] {
+      if (!add.task_slices.defined()) {
+        add = *files;
+      } else {
+        add.task_slices = torch::cat({add.task_slices, files->task_slices}, 0);
+        add.head_weight = CatRows(add.head_weight, files->head_weight);
+        add.head_bias = CatRows(add.head_bias, files->head_bias);
+      }
+    }));
+    for (const TaskRecord& t : it->tasks) full.tasks.push_back(t);
+    dirs.push_back(it->path);
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
+                   AppendToFamily(*base, std::move(full), add, extend_storage));
+  for (std::string& d : dirs) fam->appended_dirs.push_back(std::move(d));
+  fam->chain_length = base->chain_length + static_cast<int64_t>(chain.size());
+  if (fam->chain_length >= kCompactAfter) EnqueueCompaction(record.family);
+  return fam;
+}
+
+absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadFullVersion(
     const FamilyVersionRecord& record) {
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
   auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU,
@@ -449,8 +616,11 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
   if (rec.tasks.empty()) rec.tasks = req.tasks;
   std::sort(rec.tasks.begin(), rec.tasks.end(),
             [](const TaskRecord& a, const TaskRecord& c) { return a.index < c.index; });
-  return BuildFamily(std::move(rec), req.config, req.scale, req.adapter_tensors, weight, bias,
-                     req.pooling, req.max_length, options_.device, head_dtype_);
+  ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
+                   BuildFamily(std::move(rec), req.config, req.scale, req.adapter_tensors, weight,
+                               bias, req.pooling, req.max_length, options_.device, head_dtype_));
+  fam->full_dir = record.path;
+  return fam;
 }
 
 // Loading or publishing a big family frees gigabytes of transient buffers
@@ -535,75 +705,222 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
     if (job.ok()) record.tenant = job->tenant;
   }
 
-  const fs::path family_dir = fs::path(options_.data_dir) / "families" / req.family;
-  const fs::path final_dir = family_dir / absl::StrCat("v", version);
-  const fs::path tmp_dir = family_dir / absl::StrCat(".tmp-v", version, "-", ScratchOwner());
-  record.path = final_dir.string();
+  record.path = catalog_->VersionDir(req.family, version);
 
   // Build first: a family that cannot be served is never written.
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(record, req.config, req.scale, req.adapter_tensors, weight, bias,
                                req.pooling, req.max_length, options_.device, head_dtype_));
-
-  std::error_code ec;
-  fs::remove_all(tmp_dir, ec);
-  fs::create_directories(tmp_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp_dir.string()));
-  // adapters/family_io format: cores + stacked heads, registry metadata in "extra".
-  std::vector<std::string> task_names;
-  std::vector<int64_t> num_labels;
-  for (const auto& t : record.tasks) {
-    task_names.push_back(t.name);
-    num_labels.push_back(t.num_labels);
-  }
-  std::map<std::string, torch::Tensor> heads = {
-      {"stacked.weight", weight},
-      {"stacked.bias", bias},
-      {"stacked.num_labels", torch::tensor(num_labels, torch::kInt64)}};
-  json extra = {{"family", req.family},
-                {"version", version},
-                {"pooling", req.pooling},
-                {"max_length", req.max_length},
-                {"created_by_job", req.created_by_job},
-                {"tasks", json::array()}};
-  for (const auto& t : record.tasks) extra["tasks"].push_back(TaskToJson(t));
-  absl::Status st = SaveFamily(tmp_dir.string(), *fam->adapter, task_names, heads,
-                               /*base_model_id=*/"", options_.base_model_fingerprint, extra);
-  bool renamed = false;
-  if (st.ok()) {
-    // Several replicas share data_dir: if another one published this version
-    // meanwhile, its directory is not ours to replace.
-    auto known = store_->ListFamilyVersionSummaries(req.family);
-    if (known.ok() && std::any_of(known->begin(), known->end(), [&](const FamilyVersionRecord& r) {
-          return r.version == version;
-        })) {
-      st = absl::AlreadyExistsError(absl::StrCat("family ", req.family, " version ", version,
-                                                 " was published concurrently by another replica"));
-    }
-  }
-  if (st.ok()) {
-    fs::remove_all(final_dir, ec);  // a leftover of a crash before the Store knew it
-    fs::rename(tmp_dir, final_dir, ec);
-    if (ec) st = absl::InternalError(absl::StrCat("rename to ", final_dir.string(), ": ",
-                                                  ec.message()));
-    renamed = st.ok();
-  }
-  if (st.ok()) st = store_->PublishFamilyVersion(record);
+  fam->full_dir = record.path;
+  auto written = catalog_->WriteVersion(
+      req.family, version,
+      [&](const std::string& dir) {
+        return WriteFullFamily(dir, *fam->adapter, record, req.pooling, req.max_length, weight,
+                               bias);
+      },
+      [&] { return CheckVersionFree(req.family, version); });
+  if (!written.ok()) return written.status();
+  absl::Status st = store_->PublishFamilyVersion(record);
   if (!st.ok()) {
-    fs::remove_all(tmp_dir, ec);
-    if (renamed) fs::remove_all(final_dir, ec);
+    catalog_->RemoveVersion(req.family, version);
     return st;
   }
+  return Activate(std::move(fam));
+}
+
+absl::Status AdapterRegistry::CheckVersionFree(const std::string& family, int64_t version) {
+  // Several replicas share data_dir: if another one published this version
+  // meanwhile, its directory is not ours to replace.
+  auto known = store_->ListFamilyVersionSummaries(family);
+  if (known.ok() && std::any_of(known->begin(), known->end(), [&](const FamilyVersionRecord& r) {
+        return r.version == version;
+      })) {
+    return absl::AlreadyExistsError(absl::StrCat("family ", family, " version ", version,
+                                                 " was published concurrently by another replica"));
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<const PublishedFamily> AdapterRegistry::Activate(
+    std::shared_ptr<PublishedFamily> fam) {
   std::shared_ptr<const PublishedFamily> published = std::move(fam);
+  absl::MutexLock l(&mu_);
+  auto it = latest_.find(published->family());
+  if (it != latest_.end()) older_[{published->family(), it->second->version()}] = it->second;
+  latest_[published->family()] = published;
+  return published;
+}
+
+absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishAppend(
+    const AppendRequest& req) {
+  RETURN_IF_ERROR(ValidateFamilyName(req.family));
+  const auto k = static_cast<int64_t>(req.tasks.size());
+  if (k == 0 || static_cast<int64_t>(req.head_weights.size()) != k ||
+      static_cast<int64_t>(req.head_biases.size()) != k || !req.task_slices.defined() ||
+      req.task_slices.dim() != 3 || req.task_slices.size(0) != k) {
+    return absl::InvalidArgumentError(
+        "publish: one task slice and one head per appended task are required");
+  }
+  absl::MutexLock publish_lock(&publish_mu_);
+  std::shared_ptr<const PublishedFamily> base;
   {
     absl::MutexLock l(&mu_);
     auto it = latest_.find(req.family);
-    if (it != latest_.end()) {
-      older_[{req.family, it->second->version()}] = it->second;
-    }
-    latest_[req.family] = published;
+    if (it != latest_.end()) base = it->second;
   }
+  if (base == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("family '", req.family, "' no longer exists; nothing was published"));
+  }
+  // The newest version anywhere (another replica may have published).
+  ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> existing,
+                   store_->ListFamilyVersionSummaries(req.family));
+  int64_t newest = base->version();
+  for (const auto& r : existing) newest = std::max(newest, r.version);
+  if (existing.empty() || newest != req.base_version || base->version() != req.base_version) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "family '", req.family, "' is at v", existing.empty() ? 0 : newest,
+        ", not v", req.base_version, " that the job trained on; nothing was published"));
+  }
+  const int64_t version = newest + 1;
+  for (int64_t i = 0; i < k; ++i) {
+    const std::string& name = req.tasks[i].name;
+    RETURN_IF_ERROR(ValidateName(name, "task"));
+    bool dup = base->task_by_name.count(name) > 0;
+    for (int64_t j = 0; j < i; ++j) dup = dup || req.tasks[j].name == name;
+    if (dup) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("family '", req.family, "' already has task '", name, "'"));
+    }
+  }
+  AppendedTensors add;
+  add.parent_version = base->version();
+  RETURN_IF_ERROR(StackHeads(req.head_weights, req.head_biases, &add.head_weight, &add.head_bias));
+  RETURN_IF_ERROR(TorchTry("appended task slices", [&] {
+    add.task_slices = req.task_slices.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+  }));
+
+  const int64_t T = base->num_tasks();
+  FamilyVersionRecord delta;  // what the Store records: the appended tasks only
+  delta.family = req.family;
+  delta.version = version;
+  delta.form = base->record.form;
+  delta.base_model_fingerprint = base->record.base_model_fingerprint;
+  delta.path = catalog_->VersionDir(req.family, version);
+  delta.adapter_parameters = base->record.adapter_parameters + add.task_slices.numel();
+  delta.created_by_job = req.created_by_job;
+  delta.created_unix_ms = NowMs();
+  delta.tenant = base->record.tenant;  // a family never changes hands
+  delta.parent_version = base->version();
+  delta.task_count = T + k;
+  for (int64_t i = 0; i < k; ++i) {
+    TaskRecord t = req.tasks[i];
+    t.index = T + i;
+    t.num_labels = req.head_weights[i].size(0);
+    delta.tasks.push_back(std::move(t));
+  }
+  FamilyVersionRecord full = delta;
+  full.tasks = base->record.tasks;
+  for (const TaskRecord& t : delta.tasks) full.tasks.push_back(t);
+  ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
+                   AppendToFamily(*base, std::move(full), add, /*extend_storage=*/true));
+  fam->record.config_json = fam->adapter->config().ToJson().dump();
+  delta.config_json = fam->record.config_json;
+  fam->appended_dirs.push_back(delta.path);
+  fam->chain_length = base->chain_length + 1;
+
+  auto written = catalog_->WriteVersion(
+      req.family, version,
+      [&](const std::string& dir) { return FamilyCatalog::WriteAppended(dir, add); },
+      [&] { return CheckVersionFree(req.family, version); });
+  absl::Status st = written.status();
+  if (st.ok()) {
+    st = store_->PublishFamilyVersion(delta);
+    if (!st.ok()) catalog_->RemoveVersion(req.family, version);
+  }
+  if (!st.ok()) {
+    fam->head_storage->used = T;  // the rows written for it are free again
+    return st;
+  }
+  const int64_t chain = fam->chain_length;
+  std::shared_ptr<const PublishedFamily> published = Activate(std::move(fam));
+  if (chain >= kCompactAfter) EnqueueCompaction(req.family);
   return published;
+}
+
+void AdapterRegistry::EnqueueCompaction(const std::string& family) {
+  absl::MutexLock l(&compact_mu_);
+  if (std::find(compact_queue_.begin(), compact_queue_.end(), family) != compact_queue_.end()) {
+    return;  // one at a time per family: the next append asks again
+  }
+  compact_queue_.push_back(family);
+}
+
+void AdapterRegistry::WaitForCompactions() {
+  absl::MutexLock l(&compact_mu_);
+  compact_mu_.Await(absl::Condition(
+      +[](AdapterRegistry* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->compact_mu_) {
+        return r->compact_queue_.empty() && !r->compacting_;
+      },
+      this));
+}
+
+void AdapterRegistry::CompactLoop() {
+  while (true) {
+    std::string family;
+    {
+      absl::MutexLock l(&compact_mu_);
+      compact_mu_.Await(absl::Condition(
+          +[](AdapterRegistry* r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->compact_mu_) {
+            return r->stop_ || !r->compact_queue_.empty();
+          },
+          this));
+      if (stop_) return;
+      family = compact_queue_.front();
+      compacting_ = true;
+    }
+    absl::Status st = CompactLatest(family);
+    if (!st.ok()) std::cerr << "metatt registry: compacting " << family << ": " << st << "\n";
+    ReleaseFreedHeap();
+    absl::MutexLock l(&compact_mu_);
+    compact_queue_.pop_front();
+    compacting_ = false;
+  }
+}
+
+// Writes the family's latest version in full, if it is an appended one
+// (family.json last: the commit point), and records its whole task list, so
+// that loading it reads no parent.
+absl::Status AdapterRegistry::CompactLatest(const std::string& family) {
+  std::shared_ptr<const PublishedFamily> fam;
+  {
+    absl::MutexLock l(&mu_);
+    auto it = latest_.find(family);
+    if (it != latest_.end()) fam = it->second;
+  }
+  if (fam == nullptr || fam->chain_length == 0) return absl::OkStatus();  // deleted or full
+  const int64_t version = fam->version();
+  if (!FamilyCatalog::HoldsFullFamily(fam->record.path)) {
+    ASSIGN_OR_RETURN(auto exact, fam->ExactHeads());
+    RETURN_IF_ERROR(WriteFullFamily(fam->record.path, *fam->adapter, fam->record,
+                                    fam->pooling_name, fam->max_length, exact.first,
+                                    exact.second));
+  }
+  absl::Status st = store_->CompactFamilyVersion(family, version, fam->record.tasks);
+  if (absl::IsNotFound(st)) return absl::OkStatus();  // deleted meanwhile
+  RETURN_IF_ERROR(st);
+  fam->chain_length = 0;
+  // The versions appended after this one now count from it.
+  std::shared_ptr<const PublishedFamily> latest;
+  {
+    absl::MutexLock l(&mu_);
+    auto it = latest_.find(family);
+    if (it != latest_.end()) latest = it->second;
+  }
+  if (latest != nullptr && latest->version() > version) {
+    latest->chain_length = std::min<int64_t>(latest->chain_length, latest->version() - version);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Get(
@@ -718,10 +1035,29 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
 absl::StatusOr<std::map<std::string, std::string>> AdapterRegistry::ExportFiles(
     const std::string& family, int64_t version) {
   ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam, Get(family, version));
+  std::string dir = fam->record.path;
+  std::string scratch;
+  if (!FamilyCatalog::HoldsFullFamily(dir)) {
+    // An appended version not compacted yet: written in full to a scratch
+    // directory (the export format is always the whole family).
+    ASSIGN_OR_RETURN(scratch, catalog_->MakeImportScratch());
+    ASSIGN_OR_RETURN(auto exact, fam->ExactHeads());
+    absl::Status st = WriteFullFamily(scratch, *fam->adapter, fam->record, fam->pooling_name,
+                                      fam->max_length, exact.first, exact.second);
+    if (!st.ok()) {
+      std::error_code ec;
+      fs::remove_all(scratch, ec);
+      return st;
+    }
+    dir = scratch;
+  }
+  absl::Cleanup remove_scratch = [&scratch] {
+    std::error_code ec;
+    if (!scratch.empty()) fs::remove_all(scratch, ec);
+  };
   std::map<std::string, std::string> files;
   for (const char* name : {kTensorsFile, kMetaFile}) {
-    ASSIGN_OR_RETURN(files[name],
-                     ReadFileToString((fs::path(fam->record.path) / name).string()));
+    ASSIGN_OR_RETURN(files[name], ReadFileToString((fs::path(dir) / name).string()));
   }
   return files;
 }
@@ -755,13 +1091,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
     return absl::AlreadyExistsError(absl::StrCat("family: '", name, "' already exists"));
   }
   // The library validates (hash, shapes, fingerprint) from a scratch directory.
-  static std::atomic<int64_t> import_seq{0};
-  const fs::path scratch = fs::path(options_.data_dir) / "families" /
-                           absl::StrCat(".import-", ScratchOwner(), "-", import_seq++);
+  ASSIGN_OR_RETURN(const std::string scratch_dir, catalog_->MakeImportScratch());
+  const fs::path scratch = scratch_dir;
   std::error_code ec;
-  fs::remove_all(scratch, ec);
-  fs::create_directories(scratch, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create ", scratch.string()));
   absl::Status st = WriteFileAtomically((scratch / kMetaFile).string(), meta_it->second);
   if (st.ok()) st = WriteFileAtomically((scratch / kTensorsFile).string(), tensors_it->second);
   absl::StatusOr<LoadedFamily> loaded = absl::InternalError("unset");
@@ -827,7 +1159,7 @@ absl::StatusOr<std::vector<std::string>> AdapterRegistry::Refresh() {
                 << full.status() << "\n";
       continue;
     }
-    auto fam = LoadVersion(*full);
+    auto fam = LoadVersion(*full, /*extend_storage=*/true);  // under publish_mu_
     absl::MutexLock l(&mu_);
     if (!fam.ok()) {
       refresh_failed_[rec->family] = rec->version;

@@ -1,4 +1,6 @@
-// Registry of published MetaTT adapter families.
+// Registry of published MetaTT adapter families: the served view. What is
+// resident and resolvable lives here; where and how versions are stored on
+// disk is server/registry/family_catalog.h.
 //
 // Every (family, version) is immutable once published: a `PublishedFamily`
 // holds the adapter, every task head stacked compactly (weight
@@ -6,21 +8,27 @@
 // not two million; resident in Options::head_dtype), the task name -> index
 // map (TaskNameIndex: no second copy of the names) and the label vocabularies.
 // Publish() writes the version with adapters/family_io (SaveFamily: heads
-// stacked, registry metadata in family.json "extra") under
-// <data_dir>/families/<family>/v<N>/ (a temporary directory renamed into
-// place), records the version in the
-// Store and swaps the family's shared_ptr, so the next Resolve() sees it.
+// stacked, registry metadata in family.json "extra") through the catalog,
+// records the version in the Store and swaps the family's shared_ptr, so the
+// next Resolve() sees it. PublishAppend() (an add-task job) writes and
+// records only what it adds: its cost does not grow with the family (see
+// AppendRequest); a background compactor later writes such a version in full
+// so that no chain of appended versions grows without bound.
 // In-flight requests keep the version they resolved alive.
 //
 // Thread-safe. The adapter inside a PublishedFamily keeps an inference cache and
 // must only be driven by the device thread (DeviceScheduler).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -31,8 +39,9 @@
 #include "absl/synchronization/mutex.h"
 #include "adapters/metatt_adapter.h"
 #include "adapters/metatt_config.h"
-#include "server/store/store.h"
 #include "server/model/bert_encoder.h"
+#include "server/registry/family_catalog.h"
+#include "server/store/store.h"
 
 namespace metatt {
 
@@ -97,6 +106,25 @@ struct PublishedFamily {
   torch::Tensor head_weight;
   torch::Tensor head_bias;
   TaskNameIndex task_by_name;  // over record.tasks
+  // head_weight / head_bias are the first num_tasks() rows of this storage,
+  // which (for a (4+1)D family) keeps spare rows: an add-task publication
+  // writes its rows in place and shares the storage, so appending a task
+  // copies no earlier head. `used` rows belong to published versions (only
+  // the registry's publish lock changes it); older versions never read
+  // past their own rows.
+  struct HeadStorage {
+    torch::Tensor weight;  // [capacity, max_labels, D]
+    torch::Tensor bias;    // [capacity, max_labels]
+    int64_t used = 0;
+  };
+  std::shared_ptr<HeadStorage> head_storage;
+  // Where the float32 files are: the nearest directory holding a full family
+  // and the appended versions after it, oldest first (ExactHeads()).
+  std::string full_dir;
+  std::vector<std::string> appended_dirs;
+  // Appended versions since the last full one (0: a full version). The
+  // registry compacts past AdapterRegistry::kCompactAfter.
+  mutable std::atomic<int64_t> chain_length{0};
   Pooling pooling = Pooling::kMean;
   std::string pooling_name = "mean";
   int64_t max_length = 128;
@@ -114,8 +142,8 @@ struct PublishedFamily {
   std::pair<torch::Tensor, torch::Tensor> GatherHeads(
       const torch::Tensor& tasks, torch::ScalarType dtype = torch::kFloat32) const;
   // The float32 stacked heads exactly as published (CPU): the resident ones
-  // when head_dtype is float32, else read back from the version's
-  // cores.safetensors.
+  // when head_dtype is float32, else read back from the version's files
+  // (full_dir, then appended_dirs).
   absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> ExactHeads() const;
   ResidentStats Resident() const;
 };
@@ -142,8 +170,27 @@ struct PublishRequest {
   std::string tenant;
 };
 
+// What an add-task job hands over: only what it adds to the version it
+// trained on. Publication writes only these tensors and task records (disk
+// and Store), and fails with FAILED_PRECONDITION, publishing nothing, when
+// the family is no longer at `base_version` (another job, an import or a
+// DeleteTask published meanwhile): a job never overwrites what it did not see.
+struct AppendRequest {
+  std::string family;
+  int64_t base_version = 0;
+  torch::Tensor task_slices;                // [k, r3, r4], the new tasks' slices
+  std::vector<TaskRecord> tasks;            // the k new tasks (names, labels, metrics)
+  std::vector<torch::Tensor> head_weights;  // per new task [num_labels, D]
+  std::vector<torch::Tensor> head_biases;   // per new task [num_labels]
+  std::string created_by_job;
+};
+
 class AdapterRegistry {
  public:
+  // An appended version whose chain (appended versions since a full one)
+  // reaches this length is written in full by the background compactor.
+  static constexpr int64_t kCompactAfter = 16;
+
   struct Options {
     std::string data_dir;  // families live under <data_dir>/families
     torch::Device device = torch::kCPU;
@@ -169,8 +216,15 @@ class AdapterRegistry {
   // once and retried only when a newer one appears.
   absl::StatusOr<std::vector<std::string>> Refresh();
 
+  ~AdapterRegistry();
+
   // Writes, records and activates version latest+1 of the family.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> Publish(const PublishRequest& request);
+  // Version latest+1 = latest + the request's tasks (see AppendRequest).
+  absl::StatusOr<std::shared_ptr<const PublishedFamily>> PublishAppend(
+      const AppendRequest& request);
+  // Blocks until the background compactor is idle (tests, benchmarks).
+  void WaitForCompactions();
 
   // version 0 = latest. Older versions are loaded from disk on demand.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> Get(const std::string& family,
@@ -206,12 +260,29 @@ class AdapterRegistry {
   const Options& options() const { return options_; }
 
  private:
-  AdapterRegistry(const Options& options, Store* store, torch::ScalarType head_dtype)
-      : options_(options), store_(store), head_dtype_(head_dtype) {}
-  absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadVersion(const FamilyVersionRecord& record);
+  AdapterRegistry(const Options& options, Store* store, torch::ScalarType head_dtype,
+                  std::unique_ptr<FamilyCatalog> catalog);
+  // Any version (an appended one from its nearest resident or full ancestor).
+  // extend_storage: the caller holds publish_mu_ (AppendToFamily).
+  absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadVersion(const FamilyVersionRecord& record,
+                                                               bool extend_storage = false);
+  // A version whose directory holds a full family (record.tasks may be empty).
+  absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadFullVersion(
+      const FamilyVersionRecord& record);
+  // The resident (family, version), or null.
+  std::shared_ptr<const PublishedFamily> Resident(const std::string& family, int64_t version);
+  // ALREADY_EXISTS when the Store knows (family, version) already.
+  absl::Status CheckVersionFree(const std::string& family, int64_t version);
+  // Makes `fam` its family's latest version (the previous one stays
+  // reachable as an older version while in use).
+  std::shared_ptr<const PublishedFamily> Activate(std::shared_ptr<PublishedFamily> fam);
+  void EnqueueCompaction(const std::string& family);
+  absl::Status CompactLatest(const std::string& family);
+  void CompactLoop();
 
   Options options_;
   Store* store_;
+  std::unique_ptr<FamilyCatalog> catalog_;
   torch::ScalarType head_dtype_ = torch::kFloat32;
   absl::Mutex publish_mu_;  // serialises Publish (version numbers)
   mutable absl::Mutex mu_;
@@ -219,6 +290,12 @@ class AdapterRegistry {
   std::map<std::pair<std::string, int64_t>, std::weak_ptr<const PublishedFamily>> older_
       ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> refresh_failed_ ABSL_GUARDED_BY(mu_);  // family -> version
+
+  absl::Mutex compact_mu_;
+  std::deque<std::string> compact_queue_ ABSL_GUARDED_BY(compact_mu_);  // families
+  bool compacting_ ABSL_GUARDED_BY(compact_mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(compact_mu_) = false;
+  std::thread compactor_;
 };
 
 // "float32" | "float16" | "bfloat16" -> dtype; INVALID_ARGUMENT naming

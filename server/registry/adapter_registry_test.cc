@@ -428,7 +428,11 @@ TEST(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
   EXPECT_EQ((*f16)->head_weight.scalar_type(), torch::kFloat16);
   EXPECT_EQ((*f16)->head_bias.scalar_type(), torch::kFloat16);
   const ResidentStats b32 = reg32->ResidentBytes(), b16 = reg16->ResidentBytes();
-  EXPECT_EQ(b32.heads, (*f32)->head_weight.numel() * 4 + (*f32)->head_bias.numel() * 4);
+  // The whole head storage counts, spare rows for added tasks included
+  // (~3 %, at least 8 rows).
+  const auto& hs = *(*f32)->head_storage;
+  EXPECT_EQ(b32.heads, hs.weight.numel() * 4 + hs.bias.numel() * 4);
+  EXPECT_EQ(hs.weight.size(0), kTasks + std::clamp<int64_t>(kTasks / 32, 8, 32768));
   EXPECT_EQ(b16.heads * 2, b32.heads);
   EXPECT_EQ(b16.task_records, b32.task_records);
   EXPECT_GT(b32.task_records, 0);
@@ -526,6 +530,177 @@ TEST(AdapterRegistryTest, Float16RegistryRepublishesExactFloat32Heads) {
   }
   EXPECT_EQ((*v2)->task_by_name.at("task2"), 1);
   EXPECT_EQ((*v2)->task_by_name.count("task1"), 0u);
+}
+
+// An add-task publication: only the new slice + head, on top of v`base`.
+AppendRequest AppendOne(const std::string& family, int64_t base, const std::string& task,
+                        int64_t num_labels, uint64_t seed) {
+  torch::manual_seed(seed);
+  AppendRequest req;
+  req.family = family;
+  req.base_version = base;
+  req.task_slices = torch::randn({1, 4, 4});
+  TaskRecord r;
+  r.name = task;
+  r.num_labels = num_labels;
+  for (int64_t l = 0; l < num_labels; ++l) r.label_names.push_back(absl::StrCat("L", l));
+  req.tasks.push_back(r);
+  req.head_weights.push_back(torch::randn({num_labels, Base().hidden_size}));
+  req.head_biases.push_back(torch::randn({num_labels}));
+  req.created_by_job = "job-" + task;
+  return req;
+}
+
+// The served family equals one published in full with the same tensors.
+void ExpectSameFamily(const PublishedFamily& a, const PublishedFamily& b) {
+  ASSERT_EQ(a.num_tasks(), b.num_tasks());
+  EXPECT_TRUE(torch::equal(a.head_weight.to(torch::kFloat32), b.head_weight.to(torch::kFloat32)));
+  EXPECT_TRUE(torch::equal(a.head_bias.to(torch::kFloat32), b.head_bias.to(torch::kFloat32)));
+  auto pa = a.adapter->NamedParameters();
+  auto pb = b.adapter->NamedParameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (size_t i = 0; i < pa.size(); ++i) {
+    EXPECT_EQ(pa[i].first, pb[i].first);
+    EXPECT_TRUE(torch::equal(pa[i].second, pb[i].second)) << pa[i].first;
+  }
+  for (int64_t t = 0; t < a.num_tasks(); ++t) {
+    EXPECT_EQ(a.record.tasks[t].name, b.record.tasks[t].name);
+    EXPECT_EQ(a.record.tasks[t].num_labels, b.record.tasks[t].num_labels);
+    EXPECT_EQ(a.task_by_name.Find(a.record.tasks[t].name), t);
+  }
+}
+
+TEST(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto reg = MakeRegistry(dir.path(), &store);
+  auto v1 = reg->Publish(RandomFamily("fam", 3, Base(), 1));
+  ASSERT_TRUE(v1.ok()) << v1.status();
+  const AppendRequest add = AppendOne("fam", 1, "new", 4, 7);
+  auto v2 = reg->PublishAppend(add);
+  ASSERT_TRUE(v2.ok()) << v2.status();
+  EXPECT_EQ((*v2)->version(), 2);
+  EXPECT_EQ((*v2)->num_tasks(), 4);
+  // The heads of v1 were not copied: v2 reads the same storage.
+  EXPECT_EQ((*v2)->head_storage, (*v1)->head_storage);
+  EXPECT_TRUE(torch::equal((*v2)->head_weight.narrow(0, 0, 3), (*v1)->head_weight));
+  auto h = (*v2)->TaskHeadTensors(3);
+  EXPECT_TRUE(torch::equal(h.first, add.head_weights[0]));
+  EXPECT_TRUE(torch::equal(h.second, add.head_biases[0]));
+  EXPECT_TRUE(torch::equal((*v2)->adapter->TaskSlice(3), add.task_slices[0]));
+  EXPECT_EQ((*v1)->num_tasks(), 3);  // the older version is unchanged
+  auto r = reg->Resolve("fam", 0, "new", -1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->task, 3);
+  // The Store holds only the appended task; the whole list is rebuilt.
+  auto rec = store.GetFamilyVersion("fam", 2);
+  ASSERT_TRUE(rec.ok());
+  EXPECT_EQ(rec->parent_version, 1);
+  ASSERT_EQ(rec->tasks.size(), 1u);
+  EXPECT_EQ(rec->tasks[0].index, 3);
+  EXPECT_EQ(rec->task_count, 4);
+  auto full = store.GetFamilyVersionFull("fam", 2);
+  ASSERT_TRUE(full.ok());
+  ASSERT_EQ(full->tasks.size(), 4u);
+  EXPECT_EQ(full->tasks[3].name, "new");
+  // The version directory holds only the appended tensors.
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(rec->path) / kAppendedTensorsFile));
+  EXPECT_FALSE(FamilyCatalog::HoldsFullFamily(rec->path));
+}
+
+TEST(AdapterRegistryTest, PublishAppendRefusesAStaleBaseOrADuplicateName) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto reg = MakeRegistry(dir.path(), &store);
+  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 2, Base(), 1)).ok());
+  ASSERT_TRUE(reg->PublishAppend(AppendOne("fam", 1, "x", 2, 1)).ok());
+  // A second job that also trained on v1: the family moved on.
+  auto stale = reg->PublishAppend(AppendOne("fam", 1, "y", 2, 2));
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition) << stale.status();
+  EXPECT_THAT(std::string(stale.status().message()), HasSubstr("v2"));
+  auto dup = reg->PublishAppend(AppendOne("fam", 2, "task0", 2, 3));
+  EXPECT_EQ(dup.status().code(), absl::StatusCode::kAlreadyExists) << dup.status();
+  EXPECT_EQ(reg->PublishAppend(AppendOne("gone", 1, "z", 2, 4)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // Nothing was published by the refused requests.
+  EXPECT_EQ((*reg->Get("fam"))->version(), 2);
+  EXPECT_EQ(store.ListFamilyVersionSummaries("fam")->size(), 2u);
+}
+
+// Restart, another replica, export and compaction all see the same family.
+TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto reg = MakeRegistry(dir.path(), &store);
+  auto replica = MakeRegistry(dir.path(), &store);
+  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 3, Base(), 1)).ok());
+  ASSERT_TRUE(replica->LoadAll().ok());
+  int64_t version = 1;
+  const int64_t n = AdapterRegistry::kCompactAfter + 2;
+  for (int64_t i = 0; i < n; ++i) {
+    auto v = reg->PublishAppend(AppendOne("fam", version, absl::StrCat("t", i), 2 + i % 5, 10 + i));
+    ASSERT_TRUE(v.ok()) << v.status();
+    version = (*v)->version();
+    if (i == 2) {  // a replica applies the appended versions to the one it serves
+      auto changed = replica->Refresh();
+      ASSERT_TRUE(changed.ok()) << changed.status();
+      ExpectSameFamily(**replica->Get("fam"), **reg->Get("fam"));
+    }
+  }
+  auto latest = reg->Get("fam");
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ((*latest)->num_tasks(), 3 + n);
+  // Export of an appended version is the whole family; it imports as one.
+  auto files = reg->ExportFiles("fam", 5);
+  ASSERT_TRUE(files.ok()) << files.status();
+  auto imported = reg->Import("copy", *files);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  auto v5 = reg->Get("fam", 5);
+  ASSERT_TRUE(v5.ok()) << v5.status();
+  ExpectSameFamily(**imported, **v5);
+  // The compactor wrote a full version once the chain reached kCompactAfter.
+  reg->WaitForCompactions();
+  auto summaries = store.ListFamilyVersionSummaries("fam");
+  ASSERT_TRUE(summaries.ok());
+  bool compacted = false;
+  for (const auto& s : *summaries) {
+    if (s.version > 1 && s.parent_version == 0) {
+      compacted = true;
+      EXPECT_TRUE(FamilyCatalog::HoldsFullFamily(s.path)) << s.version;
+      auto full = store.GetFamilyVersion("fam", s.version);
+      EXPECT_EQ(static_cast<int64_t>(full->tasks.size()), full->task_count);
+    }
+  }
+  EXPECT_TRUE(compacted);
+  // A restart rebuilds the latest version from files and records.
+  auto restarted = MakeRegistry(dir.path(), &store);
+  auto warnings = restarted->LoadAll();
+  ASSERT_TRUE(warnings.ok()) << warnings.status();
+  EXPECT_TRUE(warnings->empty());
+  ExpectSameFamily(**restarted->Get("fam"), **latest);
+  ExpectSameFamily(**restarted->Get("fam", 4), **reg->Get("fam", 4));
+  EXPECT_TRUE(replica->Refresh().ok());
+  ExpectSameFamily(**replica->Get("fam"), **latest);
+}
+
+TEST(AdapterRegistryTest, Float16AppendedVersionRepublishesExactFloat32Heads) {
+  ScratchDir dir;
+  InMemoryStore store;
+  const PublishRequest req = RandomFamily("fam", 3, Base(), 4);
+  auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
+  ASSERT_NE(reg, nullptr);
+  ASSERT_TRUE(reg->Publish(req).ok());
+  const AppendRequest add = AppendOne("fam", 1, "new", 3, 5);
+  ASSERT_TRUE(reg->PublishAppend(add).ok());
+  // ExactHeads of an appended version reads v1's files, then v2's.
+  auto v3 = reg->DeleteTask("fam", "task1");
+  ASSERT_TRUE(v3.ok()) << v3.status();
+  auto loaded = LoadFamily((*v3)->record.path, "fp-1");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  auto h = FamilyTaskHead(*loaded, 2);  // task0, task2, new
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_TRUE(torch::equal(h->first, add.head_weights[0]));
+  EXPECT_TRUE(torch::equal(h->second, add.head_biases[0]));
 }
 
 TEST(TaskNameIndexTest, FindsEveryNameAndRejectsDuplicates) {

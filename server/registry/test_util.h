@@ -87,8 +87,21 @@ class InMemoryStore : public Store {
       }
     }
     families_.push_back(f);
-    families_.back().task_count = static_cast<int64_t>(f.tasks.size());
+    if (f.parent_version == 0) families_.back().task_count = static_cast<int64_t>(f.tasks.size());
     return absl::OkStatus();
+  }
+  absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
+                                    const std::vector<TaskRecord>& tasks) override {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& v : families_) {
+      if (v.family == family && v.version == version) {
+        v.tasks = tasks;
+        v.task_count = static_cast<int64_t>(tasks.size());
+        v.parent_version = 0;
+        return absl::OkStatus();
+      }
+    }
+    return FamilyVersionNotFound(family, version);
   }
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
       const std::string& family) override {

@@ -209,6 +209,7 @@ class TrainingJob : public TrainingTask {
       }
       adapter_->FreezeShared(true);
       for (int64_t idx : task_index) RETURN_IF_ERROR(adapter_->SetTaskTrainable(idx, true));
+      new_task_index_ = task_index;
     } else {
       MetaTTAdapter::Options ao;
       ao.device = dev;
@@ -282,7 +283,58 @@ class TrainingJob : public TrainingTask {
     return absl::OkStatus();
   }
 
-  absl::Status Publish() {
+  // The trained tasks as task records + heads (the best evaluation's
+  // tensors where kept).
+  void CollectTasks(std::vector<TaskRecord>* tasks, std::vector<torch::Tensor>* weights,
+                    std::vector<torch::Tensor>* biases) const {
+    const auto& best = trainer_->best_tensors();
+    const auto& best_eval = trainer_->best_eval();
+    for (const TrainTask& t : trainer_->tasks()) {
+      TaskRecord r;
+      r.name = t.name;
+      r.regression = t.train.label_kind == LabelKind::kRegression;
+      r.num_labels = t.head->out_features();
+      if (!r.regression) r.label_names = t.train.label_vocab;
+      if (best_eval) {
+        auto it = best_eval->metrics.find(t.name);
+        if (it != best_eval->metrics.end()) r.eval_metrics = it->second;
+      }
+      const std::string prefix = "heads." + t.name + ".";
+      auto w = best.find(prefix + "weight");
+      auto bias = best.find(prefix + "bias");
+      if (w != best.end() && bias != best.end()) {
+        weights->push_back(w->second);
+        biases->push_back(bias->second);
+      } else {
+        weights->push_back(t.head->weight.detach().clone());
+        biases->push_back(t.head->bias.detach().clone());
+      }
+      tasks->push_back(std::move(r));
+    }
+  }
+
+  // An add-task job publishes only what it adds (O(1) in the family's size),
+  // on top of the version it trained on.
+  absl::StatusOr<std::shared_ptr<const PublishedFamily>> PublishAppended() {
+    const auto& best = trainer_->best_tensors();
+    AppendRequest req;
+    req.family = p_.job.spec.family;
+    req.base_version = base_->version();
+    req.created_by_job = p_.job.id;
+    std::vector<torch::Tensor> slices;
+    for (int64_t idx : new_task_index_) {
+      auto it = best.find(absl::StrCat("adapter.task.", idx));
+      slices.push_back(it != best.end() ? it->second : adapter_->TaskSlice(idx).detach().clone());
+    }
+    RETURN_IF_ERROR(TorchTry("stacking the new task slices", [&] {
+      req.task_slices = torch::stack(slices, 0).to(torch::kCPU);
+    }));
+    CollectTasks(&req.tasks, &req.head_weights, &req.head_biases);
+    return registry_->PublishAppend(req);
+  }
+
+  // A new family: every core, task and head.
+  absl::StatusOr<std::shared_ptr<const PublishedFamily>> PublishFull() {
     const JobSpec& spec = p_.job.spec;
     const auto& best = trainer_->best_tensors();
     PublishRequest req;
@@ -308,39 +360,14 @@ class TrainingJob : public TrainingTask {
       for (const auto& [k, v] : req.adapter_tensors) n += k.rfind("task.", 0) == 0 ? 1 : 0;
       req.config.num_tasks = n;
     }
-    if (base_ != nullptr) {
-      // The float32 heads as published (the resident copy may be float16).
-      ASSIGN_OR_RETURN(auto exact, base_->ExactHeads());
-      for (const TaskRecord& t : base_->record.tasks) {
-        req.tasks.push_back(t);
-        req.head_weights.push_back(exact.first[t.index].slice(0, 0, t.num_labels));
-        req.head_biases.push_back(exact.second[t.index].slice(0, 0, t.num_labels));
-      }
-    }
+    CollectTasks(&req.tasks, &req.head_weights, &req.head_biases);
+    return registry_->Publish(req);
+  }
+
+  absl::Status Publish() {
+    ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam,
+                     base_ != nullptr ? PublishAppended() : PublishFull());
     const auto& best_eval = trainer_->best_eval();
-    for (const TrainTask& t : trainer_->tasks()) {
-      TaskRecord r;
-      r.name = t.name;
-      r.regression = t.train.label_kind == LabelKind::kRegression;
-      r.num_labels = t.head->out_features();
-      if (!r.regression) r.label_names = t.train.label_vocab;
-      if (best_eval) {
-        auto it = best_eval->metrics.find(t.name);
-        if (it != best_eval->metrics.end()) r.eval_metrics = it->second;
-      }
-      const std::string prefix = "heads." + t.name + ".";
-      auto w = best.find(prefix + "weight");
-      auto bias = best.find(prefix + "bias");
-      if (w != best.end() && bias != best.end()) {
-        req.head_weights.push_back(w->second);
-        req.head_biases.push_back(bias->second);
-      } else {
-        req.head_weights.push_back(t.head->weight.detach().clone());
-        req.head_biases.push_back(t.head->bias.detach().clone());
-      }
-      req.tasks.push_back(std::move(r));
-    }
-    ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam, registry_->Publish(req));
     JobEvent cp;
     cp.type = JobEvent::Type::kCheckpoint;
     cp.family = fam->family();
@@ -378,6 +405,7 @@ class TrainingJob : public TrainingTask {
   bool started_ = false;
   absl::Time last_progress_ = absl::InfinitePast();
   std::shared_ptr<const PublishedFamily> base_;
+  std::vector<int64_t> new_task_index_;  // add-task: the new tasks' slices
   std::unique_ptr<MetaTTAdapter> adapter_;
   std::unique_ptr<Trainer> trainer_;
 };

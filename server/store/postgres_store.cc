@@ -90,6 +90,10 @@ CREATE TABLE family_versions (
 ALTER TABLE family_versions ADD COLUMN task_count BIGINT NOT NULL DEFAULT 0;
 UPDATE family_versions SET task_count = json_array_length(tasks_json::json);
 )sql",
+    // 3: appended versions. Same as SQLite migration 4.
+    R"sql(
+ALTER TABLE family_versions ADD COLUMN parent_version BIGINT NOT NULL DEFAULT 0;
+)sql",
 };
 
 // Any number; every replica uses the same one to serialise migrations.
@@ -503,11 +507,11 @@ absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   RETURN_IF_ERROR(EnsureConnected());
   auto r = Exec(conn_,
                 absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
-                             Placeholders(12), ")"),
+                             Placeholders(13), ")"),
                 {P(f.family), P(f.version), P(f.form), P(f.config_json),
                  P(f.base_model_fingerprint), P(f.path), P(f.adapter_parameters),
                  P(TasksToJson(f.tasks)), P(f.created_by_job), P(f.created_unix_ms), P(f.tenant),
-                 P(static_cast<int64_t>(f.tasks.size()))});
+                 P(TaskCountOf(f)), P(f.parent_version)});
   if (absl::IsAlreadyExists(r.status())) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
                                                  " is already published (versions are immutable)"));
@@ -564,6 +568,20 @@ absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersionTasks(const s
                                   {P(family), P(version)}));
   if (r.rows() == 0) return FamilyVersionNotFound(family, version);
   return ReadFamily(r, 0, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
+}
+
+absl::Status PostgresStore::CompactFamilyVersion(const std::string& family, int64_t version,
+                                                 const std::vector<TaskRecord>& tasks) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r,
+                   Exec(conn_,
+                        "UPDATE family_versions SET tasks_json = $1, task_count = $2, "
+                        "parent_version = 0 WHERE family = $3 AND version = $4",
+                        {P(TasksToJson(tasks)), P(static_cast<int64_t>(tasks.size())), P(family),
+                         P(version)}));
+  if (r.affected() == 0) return FamilyVersionNotFound(family, version);
+  return absl::OkStatus();
 }
 
 absl::Status PostgresStore::DeleteFamily(const std::string& family) {

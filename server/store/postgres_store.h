@@ -61,6 +61,8 @@ class PostgresStore : public Store {
                                                             int64_t version, int64_t first_task,
                                                             int64_t max_tasks) override;
   absl::Status DeleteFamily(const std::string& family) override;
+  absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
+                                    const std::vector<TaskRecord>& tasks) override;
 
   bool SupportsClaims() const override { return true; }
   absl::StatusOr<JobRecord> ClaimNextJob(const std::string& replica, int64_t lease_ms) override;

@@ -87,7 +87,10 @@ absl::StatusOr<FamilyVersionRecord> FamilyFromRow(const SqlRow& r, bool with_tas
   f.created_by_job = r.Text(8);
   f.created_unix_ms = r.Int(9);
   f.tenant = r.Text(10);
-  f.task_count = with_tasks && whole ? static_cast<int64_t>(f.tasks.size()) : r.Int(11);
+  f.parent_version = r.Int(12);
+  f.task_count = with_tasks && whole && f.parent_version == 0
+                     ? static_cast<int64_t>(f.tasks.size())
+                     : r.Int(11);
   return f;
 }
 

@@ -32,11 +32,17 @@ inline constexpr char kDatasetCols[] =
 std::string JobCols(const std::string& prefix = "");
 inline constexpr char kFamilyCols[] =
     "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "tasks_json, created_by_job, created_unix_ms, tenant, task_count";
+    "tasks_json, created_by_job, created_unix_ms, tenant, task_count, parent_version";
 // The same columns with '[]' for tasks_json: a summary reads no task list.
 inline constexpr char kFamilySummaryCols[] =
     "family, version, form, config_json, base_model_fingerprint, path, adapter_parameters, "
-    "'[]', created_by_job, created_unix_ms, tenant, task_count";
+    "'[]', created_by_job, created_unix_ms, tenant, task_count, parent_version";
+
+// The task_count column: the whole family's, also for an appended version
+// (whose tasks list only the appended tasks).
+inline int64_t TaskCountOf(const FamilyVersionRecord& f) {
+  return f.parent_version > 0 ? f.task_count : static_cast<int64_t>(f.tasks.size());
+}
 
 DatasetRecord DatasetFromRow(const SqlRow& r);
 absl::StatusOr<JobRecord> JobFromRow(const SqlRow& r);

@@ -107,6 +107,11 @@ INSERT INTO family_versions_v3
 DROP TABLE family_versions;
 ALTER TABLE family_versions_v3 RENAME TO family_versions;
 )sql",
+    // 4: appended versions (an add-task publication records only its new
+    // tasks and the version it extends).
+    R"sql(
+ALTER TABLE family_versions ADD COLUMN parent_version INTEGER NOT NULL DEFAULT 0;
+)sql",
 };
 
 // RAII prepared statement with typed binders / readers.
@@ -221,7 +226,10 @@ absl::StatusOr<std::unique_ptr<SqliteStore>> SqliteStore::Create(const std::stri
   absl::MutexLock lock(&store->mu_);
   sqlite3_busy_timeout(db, 5000);
   RETURN_IF_ERROR(Exec(db, "PRAGMA journal_mode=WAL"));
-  RETURN_IF_ERROR(Exec(db, "PRAGMA synchronous=NORMAL"));
+  // FULL, not NORMAL: in WAL mode NORMAL fsyncs only at checkpoints, so a
+  // commit the caller was told about (an upload, a job, a published version)
+  // can roll back on power loss. FULL fsyncs the WAL at every commit.
+  RETURN_IF_ERROR(Exec(db, "PRAGMA synchronous=FULL"));
   RETURN_IF_ERROR(Exec(db, "PRAGMA foreign_keys=ON"));
   RETURN_IF_ERROR(store->Migrate());
   return store;
@@ -472,12 +480,12 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   absl::MutexLock lock(&mu_);
   Stmt s(db_,
          absl::StrCat("INSERT INTO family_versions(", kFamilyCols,
-                      ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
+                      ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
              .c_str());
   s.Bind(1, f.family).Bind(2, f.version).Bind(3, f.form).Bind(4, f.config_json);
   s.Bind(5, f.base_model_fingerprint).Bind(6, f.path).Bind(7, f.adapter_parameters);
   s.Bind(8, TasksToJson(f.tasks)).Bind(9, f.created_by_job).Bind(10, f.created_unix_ms);
-  s.Bind(11, f.tenant).Bind(12, static_cast<int64_t>(f.tasks.size()));
+  s.Bind(11, f.tenant).Bind(12, TaskCountOf(f)).Bind(13, f.parent_version);
   auto st = s.Run();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
@@ -531,6 +539,19 @@ absl::StatusOr<FamilyVersionRecord> SqliteStore::GetFamilyVersionTasks(const std
   ASSIGN_OR_RETURN(bool row, s.Step());
   if (!row) return FamilyVersionNotFound(family, version);
   return ReadFamily(s, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
+}
+
+absl::Status SqliteStore::CompactFamilyVersion(const std::string& family, int64_t version,
+                                               const std::vector<TaskRecord>& tasks) {
+  absl::MutexLock lock(&mu_);
+  Stmt s(db_,
+         "UPDATE family_versions SET tasks_json = ?, task_count = ?, parent_version = 0 "
+         "WHERE family = ? AND version = ?");
+  s.Bind(1, TasksToJson(tasks)).Bind(2, static_cast<int64_t>(tasks.size()));
+  s.Bind(3, family).Bind(4, version);
+  RETURN_IF_ERROR(s.Run());
+  if (sqlite3_changes(db_) == 0) return FamilyVersionNotFound(family, version);
+  return absl::OkStatus();
 }
 
 absl::Status SqliteStore::DeleteFamily(const std::string& family) {

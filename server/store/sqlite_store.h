@@ -51,6 +51,8 @@ class SqliteStore : public Store {
                                                             int64_t version, int64_t first_task,
                                                             int64_t max_tasks) override;
   absl::Status DeleteFamily(const std::string& family) override;
+  absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
+                                    const std::vector<TaskRecord>& tasks) override;
 
  private:
   explicit SqliteStore(sqlite3* db) : db_(db) {}

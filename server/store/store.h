@@ -55,6 +55,12 @@ struct FamilyVersionRecord {
   std::string created_by_job;
   int64_t created_unix_ms = 0;
   std::string tenant = "default";  // owner; every version of a family has the same one
+  // 0: a full version (`tasks` lists every task; `path` holds the whole
+  // family). > 0: an appended version (an add-task publication): `tasks`
+  // holds only the tasks appended to version `parent_version`, `path` only
+  // their tensors, and task_count counts them all. GetFamilyVersionFull()
+  // rebuilds the whole list; CompactFamilyVersion() turns it into a full one.
+  int64_t parent_version = 0;
 };
 
 // "family '<family>' has no version <version>" (NOT_FOUND).
@@ -108,6 +114,16 @@ class Store {
                                                                     int64_t first_task,
                                                                     int64_t max_tasks);
   virtual absl::Status DeleteFamily(const std::string& family) = 0;
+  // An appended version becomes a full one: `tasks` (every task, in index
+  // order) replaces its appended tasks and parent_version becomes 0. Same
+  // logical version, another representation (the registry's compactor calls
+  // it after writing the whole family's files).
+  virtual absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
+                                            const std::vector<TaskRecord>& tasks) = 0;
+  // GetFamilyVersion with every task: walks an appended version's parents
+  // back to the nearest full version (the compactor bounds the walk).
+  absl::StatusOr<FamilyVersionRecord> GetFamilyVersionFull(const std::string& family,
+                                                           int64_t version);
 
   // ---- Several replicas on one database (PostgreSQL, postgres_store.h) ----
   // A replica claims the oldest queued job and holds a lease on it (database
@@ -155,7 +171,7 @@ inline absl::StatusOr<std::vector<FamilyVersionRecord>> Store::ListFamilyVersion
   absl::StatusOr<std::vector<FamilyVersionRecord>> all = ListFamilyVersions(family);
   if (!all.ok()) return all.status();
   for (FamilyVersionRecord& v : *all) {
-    v.task_count = static_cast<int64_t>(v.tasks.size());
+    if (v.parent_version == 0) v.task_count = static_cast<int64_t>(v.tasks.size());
     v.tasks = {};
   }
   return all;
@@ -167,7 +183,7 @@ inline absl::StatusOr<FamilyVersionRecord> Store::GetFamilyVersion(const std::st
   if (!all.ok()) return all.status();
   for (FamilyVersionRecord& v : *all) {
     if (v.version == version) {
-      v.task_count = static_cast<int64_t>(v.tasks.size());
+      if (v.parent_version == 0) v.task_count = static_cast<int64_t>(v.tasks.size());
       return std::move(v);
     }
   }
@@ -186,6 +202,29 @@ inline absl::StatusOr<FamilyVersionRecord> Store::GetFamilyVersionTasks(const st
       max_tasks < 0 ? v->task_count : std::min<int64_t>(v->task_count, first + max_tasks);
   v->tasks = std::vector<TaskRecord>(std::make_move_iterator(v->tasks.begin() + first),
                                      std::make_move_iterator(v->tasks.begin() + last));
+  return v;
+}
+
+inline absl::StatusOr<FamilyVersionRecord> Store::GetFamilyVersionFull(const std::string& family,
+                                                                       int64_t version) {
+  absl::StatusOr<FamilyVersionRecord> v = GetFamilyVersion(family, version);
+  if (!v.ok()) return v;
+  std::vector<std::vector<TaskRecord>> appended;  // newest first
+  int64_t parent = v->parent_version;
+  while (parent > 0) {
+    absl::StatusOr<FamilyVersionRecord> p = GetFamilyVersion(family, parent);
+    if (!p.ok()) {
+      return absl::Status(p.status().code(),
+                          "family '" + family + "' v" + std::to_string(version) +
+                              ": parent version: " + std::string(p.status().message()));
+    }
+    appended.push_back(std::move(v->tasks));
+    v->tasks = std::move(p->tasks);
+    parent = p->parent_version;
+  }
+  for (auto it = appended.rbegin(); it != appended.rend(); ++it) {
+    for (TaskRecord& t : *it) v->tasks.push_back(std::move(t));
+  }
   return v;
 }
 

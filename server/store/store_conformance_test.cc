@@ -416,15 +416,16 @@ TEST_P(StoreConformance, GetFamilyVersionRoundTripsOneVersion) {
 
 // A row written before the task_count column existed: the column and its
 // migration record are dropped, and reopening the store migrates again,
-// counting the tasks from tasks_json. (Assumes the task_count migration is
-// the newest one; move this along when a later migration is added.)
+// counting the tasks from tasks_json. (Undoes the two newest migrations:
+// task_count, then parent_version; move this along when one is added.)
 TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 1, 7)).ok());
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 2, 0)).ok());
   store_.reset();
   const char* undo =
+      "ALTER TABLE family_versions DROP COLUMN parent_version; "
       "ALTER TABLE family_versions DROP COLUMN task_count; "
-      "DELETE FROM schema_migrations WHERE version = (SELECT MAX(version) FROM "
+      "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 2 FROM "
       "schema_migrations);";
   if (GetParam() == "sqlite") {
     sqlite3* db = nullptr;
@@ -458,6 +459,57 @@ TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
   auto full = store_->GetFamilyVersion("old", 1);
   ASSERT_TRUE(full.ok()) << full.status();
   EXPECT_EQ(full->tasks.size(), 7u);
+}
+
+// An add-task publication records only its tasks and the version it extends;
+// compaction turns it into a full row of the same version.
+TEST_P(StoreConformance, AppendedVersionsChainToTheirParentsAndCompact) {
+  ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("fam", 1, 3)).ok());
+  for (int64_t v = 2; v <= 3; ++v) {
+    FamilyVersionRecord add = VersionWithTasks("fam", v, 0);
+    add.parent_version = v - 1;
+    TaskRecord t;
+    t.name = "added" + std::to_string(v);
+    t.index = v + 1;  // 3, 4
+    t.num_labels = 2;
+    add.tasks.push_back(t);
+    add.task_count = v + 2;  // the whole family's: 4, 5
+    ASSERT_TRUE(store_->PublishFamilyVersion(add).ok());
+  }
+  auto summaries = store_->ListFamilyVersionSummaries("fam");
+  ASSERT_TRUE(summaries.ok()) << summaries.status();
+  ASSERT_EQ(summaries->size(), 3u);
+  EXPECT_EQ((*summaries)[2].task_count, 5);
+  EXPECT_EQ((*summaries)[2].parent_version, 2);
+  EXPECT_EQ((*summaries)[0].parent_version, 0);
+  auto v3 = store_->GetFamilyVersion("fam", 3);
+  ASSERT_TRUE(v3.ok()) << v3.status();
+  ASSERT_EQ(v3->tasks.size(), 1u);
+  EXPECT_EQ(v3->task_count, 5);
+  auto full = store_->GetFamilyVersionFull("fam", 3);
+  ASSERT_TRUE(full.ok()) << full.status();
+  ASSERT_EQ(full->tasks.size(), 5u);
+  EXPECT_EQ(full->tasks[0].name, "t0");
+  EXPECT_EQ(full->tasks[3].name, "added2");
+  EXPECT_EQ(full->tasks[4].name, "added3");
+  EXPECT_EQ(full->task_count, 5);
+
+  ASSERT_TRUE(store_->CompactFamilyVersion("fam", 3, full->tasks).ok());
+  auto compacted = store_->GetFamilyVersion("fam", 3);
+  ASSERT_TRUE(compacted.ok()) << compacted.status();
+  EXPECT_EQ(compacted->parent_version, 0);
+  ASSERT_EQ(compacted->tasks.size(), 5u);
+  EXPECT_EQ(compacted->tasks[4].name, "added3");
+  EXPECT_EQ(compacted->created_by_job, "job-3");  // the same version, not a new one
+  EXPECT_TRUE(absl::IsNotFound(store_->CompactFamilyVersion("fam", 9, full->tasks)));
+  // A missing parent is an error naming the version, not a short list.
+  FamilyVersionRecord orphan = VersionWithTasks("orphan", 2, 0);
+  orphan.parent_version = 1;
+  orphan.task_count = 1;
+  ASSERT_TRUE(store_->PublishFamilyVersion(orphan).ok());
+  auto broken = store_->GetFamilyVersionFull("orphan", 2);
+  EXPECT_TRUE(absl::IsNotFound(broken.status())) << broken.status();
+  EXPECT_THAT(std::string(broken.status().message()), HasSubstr("parent"));
 }
 
 TEST_P(StoreConformance, ClaimsOnlyWhereSeveralReplicasCanShareTheStore) {
@@ -573,8 +625,8 @@ TEST(PostgresStore, MigratesOnceAndRefusesBadUris) {
   std::thread tb([&] { b = std::move(PostgresStore::Create(*uri)).value(); });
   ta.join();
   tb.join();
-  EXPECT_EQ(*a->SchemaVersion(), 2);
-  EXPECT_EQ(*b->SchemaVersion(), 2);
+  EXPECT_EQ(*a->SchemaVersion(), 3);
+  EXPECT_EQ(*b->SchemaVersion(), 3);
   auto unreachable = PostgresStore::Create("postgresql://postgres@127.0.0.1:1/none");
   EXPECT_TRUE(absl::IsUnavailable(unreachable.status())) << unreachable.status();
 }
