@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <fstream>
 #include <mutex>
+#include <regex>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -273,10 +274,7 @@ void Gateway::Impl::CreateJob(const httplib::Request& req, httplib::Response& re
   } else {
     // model = family or family:task: add a task to that family.
     std::string family = jr.model, unused;
-    if (SplitModelId(jr.model, &family, &unused)) {
-    } else {
-      family = jr.model;
-    }
+    if (!SplitModelId(jr.model, &family, &unused)) family = jr.model;
     grpc::ClientContext ctx;
     if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::GetFamilyRequest gr;
@@ -638,16 +636,33 @@ void Gateway::Impl::Routes() {
     if (!st.ok()) return ReplyError(res, FromGrpc(st));
     Reply(res, 200, JobJson(resp.job(), View()));
   });
-  s.Post(R"(/v1/fine_tuning/jobs/([^/]+)/cancel)", [this](const httplib::Request& req,
-                                                          httplib::Response& res) {
+  auto cancel = [this](const httplib::Request& req, httplib::Response& res,
+                       const std::string& id) {
     grpc::ClientContext ctx;
     if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::CancelJobRequest r;
-    r.set_job_id(req.matches[1]);
+    r.set_job_id(id);
     v1::CancelJobResponse resp;
     grpc::Status st = jobs->CancelJob(&ctx, r, &resp);
     if (!st.ok()) return ReplyError(res, FromGrpc(st));
     Reply(res, 200, JobJson(resp.job(), View()));
+  };
+  s.Post(R"(/v1/fine_tuning/jobs/([^/]+)/cancel)",
+         [cancel](const httplib::Request& req, httplib::Response& res) {
+           cancel(req, res, req.matches[1]);
+         });
+  // `curl -X POST .../cancel` sends no body and no Content-Length, and
+  // cpp-httplib would read such a POST body until the connection closes:
+  // answer body-less cancels before routing reads anything.
+  s.set_pre_routing_handler([cancel](const httplib::Request& req, httplib::Response& res) {
+    static const std::regex kCancel(R"(/v1/fine_tuning/jobs/([^/]+)/cancel)");
+    std::smatch m;
+    if (req.method != "POST" || req.has_header("Content-Length") ||
+        req.has_header("Transfer-Encoding") || !std::regex_match(req.path, m, kCancel)) {
+      return httplib::Server::HandlerResponse::Unhandled;
+    }
+    cancel(req, res, m[1]);
+    return httplib::Server::HandlerResponse::Handled;
   });
   s.Get(R"(/v1/fine_tuning/jobs/([^/]+)/events)",
         [this](const httplib::Request& req, httplib::Response& res) {

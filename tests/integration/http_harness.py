@@ -1,0 +1,71 @@
+"""The real metatt-http gateway (server/http/) on 127.0.0.1:0 in front of a
+real metatt-server (server_harness.Server), for the HTTP/OpenAI tests."""
+import subprocess
+import threading
+import time
+
+import pytest
+
+from server_harness import build_dir
+
+
+def gateway_binary():
+    p = build_dir() / "server" / "http" / "metatt-http"
+    if not p.exists():
+        pytest.fail(f"binary {p} not built: cmake --build <build> --target metatt-http")
+    return p
+
+
+class Gateway:
+    """One metatt-http process; `url` is its /v1 base URL once started."""
+
+    def __init__(self, server_port, extra=()):
+        self.server_port = server_port
+        self.extra = list(extra)
+        self.proc = None
+        self.port = None
+        self.stderr_lines = []
+
+    def command(self):
+        return [str(gateway_binary()), "--listen=127.0.0.1:0",
+                f"--server=127.0.0.1:{self.server_port}", *self.extra]
+
+    def start(self, timeout=30):
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._drain, daemon=True).start()
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.port is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("LISTENING "):
+                self.port = int(line.split()[1])
+        if self.port is None:
+            self.stop()
+            time.sleep(0.2)
+            pytest.fail("metatt-http did not start:\n" + "\n".join(self.stderr_lines[-30:]))
+        return self
+
+    @property
+    def base(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self):
+        return self.base + "/v1"
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,235 @@
+"""The OpenAI-compatible HTTP gateway (metatt-http) driven by the official
+`openai` Python package and by curl, against the real metatt-server on the
+real base model (all-MiniLM-L6-v2) with bearer tokens: upload a file, create
+a job, list its events until it succeeds, list models, classify, cancel a
+job, a wrong key (401), errors naming the field, another tenant, and the
+gateway's TLS rules."""
+import hashlib
+import json
+import subprocess
+import time
+
+import openai
+import pytest
+import requests
+
+from http_harness import Gateway, gateway_binary
+from server_harness import ROOT, Server, make_rows
+
+MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
+BASE = "all-MiniLM-L6-v2"
+TOKEN = "acme-token-0123456789abcdef"
+OTHER = "other-token-0123456789abcdef"
+
+
+def sha(t):
+    return hashlib.sha256(t.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not (MODEL_DIR / "model.safetensors").exists():
+        pytest.fail(f"{MODEL_DIR} missing: run scripts/setup.sh")
+    d = tmp_path_factory.mktemp("http")
+    tokens = d / "tokens.json"
+    tokens.write_text(json.dumps({"tokens": [
+        {"tenant": "acme", "role": "user", "token_sha256": sha(TOKEN)},
+        {"tenant": "other", "role": "user", "token_sha256": sha(OTHER)}]}))
+    server = Server(d / "data", MODEL_DIR, extra=[f"--auth_tokens={tokens}"]).start()
+    gw = Gateway(server.port).start()
+    yield server, gw, d
+    gw.stop()
+    server.stop()
+
+
+def oai(gw, key=TOKEN):
+    return openai.OpenAI(base_url=gw.url, api_key=key, max_retries=0, timeout=60)
+
+
+def jsonl(rows):
+    return "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows).encode()
+
+
+def wait_status(client, job_id, statuses, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+def test_openai_sdk_file_job_events_models_classify(stack, tmp_path):
+    _, gw, _ = stack
+    client = oai(gw)
+    f = client.files.create(file=("train.jsonl", jsonl(make_rows(40, seed=3))),
+                            purpose="fine-tune")
+    assert f.object == "file" and f.purpose == "fine-tune" and f.filename == "train.jsonl"
+    assert f.bytes > 0 and f.model_extra["metatt"]["rows"] == 40
+    assert client.files.retrieve(f.id).id == f.id
+    assert f.id in [x.id for x in client.files.list()]
+
+    # OpenAI's hyper-parameters (n_epochs 1 over 40 rows at batch 8 = 5 steps)
+    # plus MetaTT's own in the extension object.
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=f.id, suffix="sent:SENT",
+        hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 2},
+        extra_body={"metatt": {"adapter": {"ranks": [4]}, "hparams": {"max_length": 32}}})
+    assert job.object == "fine_tuning.job" and job.status in ("queued", "validating_files",
+                                                              "running")
+    assert job.model == BASE and job.training_file == f.id
+    spec = job.model_extra["metatt"]["spec"]
+    assert spec["hparams"]["max_steps"] == "5" and spec["hparams"]["batch_size"] == "8"
+    assert spec["family"] == "sent" and spec["tasks"][0]["task_name"] == "SENT"
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(2.0)
+
+    # Poll the events until the job succeeded (newest first, as OpenAI lists them).
+    deadline = time.time() + 300
+    messages = []
+    while time.time() < deadline:
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100)
+        messages = [e.message for e in events.data]
+        if messages and messages[0].startswith(("Job succeeded", "Job failed", "Job cancelled")):
+            break
+        time.sleep(0.5)
+    assert messages[0].startswith("Job succeeded"), messages
+    assert messages[-1].startswith("Job queued"), messages
+    assert any(e.type == "metrics" and e.data["step"] >= 1 for e in events.data)
+    # Cursor paging: 3 at a time gives the same events in the same order.
+    paged = [e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=3)]
+    assert paged == [e.id for e in events.data]
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.fine_tuned_model == "sent:SENT"
+    assert done.finished_at is not None
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list()]
+
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == BASE and "sent:SENT" in ids
+    m = client.models.retrieve("sent:SENT")
+    assert m.model_extra["metatt"]["labels"] == ["0", "1"]
+
+    # Classification (requests): two inputs, one a sentence pair.
+    r = requests.post(gw.url + "/classifications", headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"model": "sent:SENT",
+                            "input": ["the movie was very good",
+                                      {"text": "awful plot", "text_pair": "bad actor"}]},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    for d in data:
+        assert d["model"] == "sent:SENT" and d["label"] in ("0", "1")
+        assert sum(d["scores"]) == pytest.approx(1.0, abs=1e-4)
+
+    # A second task on the same family: model = the family, suffix = the task.
+    job2 = client.fine_tuning.jobs.create(
+        model="sent", training_file=f.id, suffix="SENT2",
+        extra_body={"metatt": {"hparams": {"max_steps": 2000, "batch_size": 8,
+                                           "max_length": 32}}})
+    assert job2.model_extra["metatt"]["spec"]["kind"] == "ADD_TASK"
+    cancelled = client.fine_tuning.jobs.cancel(job2.id)
+    assert cancelled.id == job2.id
+    assert wait_status(client, job2.id, {"cancelled"}, timeout=120).status == "cancelled"
+
+    # Another tenant sees none of it.
+    other = oai(gw, OTHER)
+    with pytest.raises(openai.NotFoundError):
+        other.fine_tuning.jobs.retrieve(job.id)
+    assert [x.id for x in other.files.list()] == []
+
+
+def test_errors_in_openai_shape(stack):
+    _, gw, _ = stack
+    with pytest.raises(openai.AuthenticationError) as e:
+        oai(gw, "wrong-key-0123456789abcdef").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+
+    client = oai(gw)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file="file-nope", suffix="x:y")
+    assert e.value.param == "training_file"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.create(model="no-such-model", training_file="f", suffix="y")
+    assert e.value.param == "model" and e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(model=BASE, training_file="f", suffix="x",
+                                       hyperparameters={"n_epochs": "lots"})
+    assert e.value.param == "hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("t.jsonl", b'{"text": "a", "label": 1}\n'), purpose="batch")
+    assert e.value.param == "purpose"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="sent:SENT",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_kind_not_supported" and "not supported yet" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="sent:SENT", prompt="hi")
+    assert e.value.code == "model_kind_not_supported"
+    # A malformed file: the server names the bad line, nothing is stored.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.create(file=("bad.jsonl", b'{"text": "a", "label": 1}\nnot json\n'),
+                            purpose="fine-tune")
+    assert "2" in e.value.message
+
+
+def curl(*args):
+    r = subprocess.run(["curl", "-sS", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_curl_smoke(stack, tmp_path):
+    _, gw, _ = stack
+    auth = ["-H", f"Authorization: Bearer {TOKEN}"]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "text_pair": "the film", "label": l}) + "\n"
+                            for t, l in make_rows(16, seed=5)))
+    f = json.loads(curl(*auth, "-F", "purpose=fine-tune", "-F", f"file=@{path}",
+                        gw.url + "/files"))
+    assert f.get("object") == "file" and f["metatt"]["rows"] == 16, f
+    models = json.loads(curl(*auth, gw.url + "/models"))
+    assert models["object"] == "list" and models["data"][0]["id"] == BASE
+    job = json.loads(curl(*auth, "-H", "Content-Type: application/json", "-d",
+                          json.dumps({"model": BASE, "training_file": f["id"], "suffix": "pairs",
+                                      "metatt": {"hparams": {"max_steps": 2000}}}),
+                          gw.url + "/fine_tuning/jobs"))
+    assert job["object"] == "fine_tuning.job" and job["metatt"]["spec"]["tasks"][0][
+        "task_name"] == "default", job
+    c = json.loads(curl(*auth, "-X", "POST", gw.url + f"/fine_tuning/jobs/{job['id']}/cancel"))
+    assert c["id"] == job["id"]
+    code = curl("-o", "/dev/null", "-w", "%{http_code}", gw.url + "/models")
+    assert code == "401"
+    missing = json.loads(curl(*auth, gw.url + "/nothing/here"))
+    assert missing["error"]["code"] == "unknown_url"
+
+
+def test_gateway_tls_rules(stack, tmp_path):
+    server, _, _ = stack
+    r = subprocess.run([str(gateway_binary()), "--listen=0.0.0.0:0",
+                        f"--server=127.0.0.1:{server.port}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "not a loopback address" in r.stderr
+    r = subprocess.run([str(gateway_binary()), "--listen=127.0.0.1:0", "--server=10.1.2.3:50051"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--server_tls_ca" in r.stderr
+
+    # HTTPS through cpp-httplib's SSLServer with a self-signed certificate.
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", "gw.key", "-out", "gw.pem"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    gw = Gateway(server.port, extra=[f"--tls_cert={tmp_path / 'gw.pem'}",
+                                     f"--tls_key={tmp_path / 'gw.key'}"]).start()
+    try:
+        url = f"https://127.0.0.1:{gw.port}/v1/models"
+        out = json.loads(curl("--cacert", str(tmp_path / "gw.pem"), "-H",
+                              f"Authorization: Bearer {TOKEN}", url))
+        assert out["data"][0]["id"] == BASE
+        plain = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{gw.port}/v1/models"],
+                               capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0 or "error" in plain.stdout or plain.stdout == ""
+    finally:
+        gw.stop()
