@@ -233,3 +233,41 @@ def test_gateway_tls_rules(stack, tmp_path):
         assert plain.returncode != 0 or "error" in plain.stdout or plain.stdout == ""
     finally:
         gw.stop()
+
+
+BIG = 12000  # more than one ListTasks page (10,000): /v1/models streams both
+
+
+@pytest.fixture(scope="module")
+def big_stack(tmp_path_factory, tiny_model):
+    from server_harness import publish_bench_family
+
+    data = tmp_path_factory.mktemp("http_big") / "data"
+    publish_bench_family(data, tiny_model, "big", BIG)
+    server = Server(data, tiny_model).start()
+    gw = Gateway(server.port, extra=["--base_model=tiny"]).start()
+    yield server, gw
+    gw.stop()
+    server.stop()
+
+
+def test_models_stream_every_task_of_a_large_family(big_stack):
+    _, gw = big_stack
+    r = requests.get(gw.url + "/models", stream=True, timeout=120)
+    assert r.status_code == 200 and r.headers.get("Transfer-Encoding") == "chunked"
+    ids = [m["id"] for m in json.loads(r.content)["data"]]
+    assert ids[0] == "tiny" and len(ids) == BIG + 1 and len(set(ids)) == BIG + 1
+    assert ids[-1] == f"big:task{BIG - 1}"
+    client = oai(gw, "no-tokens-on-this-server")
+    assert len(list(client.models.list())) == BIG + 1
+    last = client.models.retrieve(f"big:task{BIG - 1}")
+    assert last.model_extra["metatt"]["task_index"] == BIG - 1
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("big:no-such-task")
+
+    # Several tasks of the family on each input, one call: rows input-major.
+    out = requests.post(gw.url + "/classifications", timeout=60, json={
+        "model": ["big:task0", "big:task1", f"big:task{BIG - 1}"],
+        "input": ["good movie", "bad plot"]}).json()
+    assert [(d["index"], d["model"]) for d in out["data"]] == [
+        (i, m) for i in (0, 1) for m in ("big:task0", "big:task1", f"big:task{BIG - 1}")]
