@@ -179,7 +179,9 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
     std::string first = pending.substr(0, pending.find('\n'));
     if (!first.empty() && first.back() == '\r') first.pop_back();
     v1::UploadDatasetRequest h;
-    if (auto e = DatasetHeaderFor(filename, first, fields["label_kind"], h.mutable_header())) {
+    const auto kind = fields.find("label_kind");
+    if (auto e = DatasetHeaderFor(filename, first, kind == fields.end() ? "" : kind->second,
+                                  h.mutable_header())) {
       error = e;
       return false;
     }
@@ -212,7 +214,7 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
           filename = f.filename;
         }
         if (part == "purpose" || part == "label_kind") fields[part].clear();
-        if (part == "file" && fields.count("purpose") && fields["purpose"] != "fine-tune") {
+        if (part == "file" && fields.count("purpose") > 0 && fields.at("purpose") != "fine-tune") {
           error = BadRequest("purpose", "purpose: '" + fields["purpose"] +
                                             "' is not supported; use fine-tune");
           return false;
@@ -231,7 +233,7 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
         return true;  // other fields are ignored
       });
   if (!error && !saw_file) error = BadRequest("file", "file: required (a multipart part named file)");
-  if (!error && fields["purpose"] != "fine-tune") {
+  if (!error && (fields.find("purpose") == fields.end() || fields["purpose"] != "fine-tune")) {
     error = BadRequest("purpose", fields.count("purpose")
                                       ? "purpose: '" + fields["purpose"] +
                                             "' is not supported; use fine-tune"

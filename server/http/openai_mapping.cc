@@ -137,6 +137,7 @@ std::string HttpParamOf(const std::string& f) {
       {"spec.hparams.seed", "seed"},
       {"job_id", "fine_tuning_job_id"},
       {"dataset_id", "file_id"},
+      {"dataset", "file"},  // upload parse errors: "dataset: line 3: ..."
   };
   for (const auto& [from, to] : kExact)
     if (f == from) return to;

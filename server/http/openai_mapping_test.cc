@@ -23,6 +23,10 @@ TEST(OpenAiMapping, GrpcErrorsNameTheHttpField) {
   EXPECT_EQ(body["error"]["type"], "authentication_error");
   EXPECT_TRUE(body["error"]["param"].is_null());
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).status, 429);
+  EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                  "dataset: line 2: not a JSON object"))
+                .param,
+            "file");
   // A message that does not start with a field has no param.
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::NOT_FOUND, "job 'j' not found")).param, "");
 }

@@ -171,7 +171,7 @@ def test_errors_in_openai_shape(stack):
     with pytest.raises(openai.BadRequestError) as e:
         client.files.create(file=("bad.jsonl", b'{"text": "a", "label": 1}\nnot json\n'),
                             purpose="fine-tune")
-    assert "2" in e.value.message
+    assert "2" in e.value.message and e.value.param == "file"
 
 
 def curl(*args):
@@ -199,6 +199,14 @@ def test_curl_smoke(stack, tmp_path):
         "task_name"] == "default", job
     c = json.loads(curl(*auth, "-X", "POST", gw.url + f"/fine_tuning/jobs/{job['id']}/cancel"))
     assert c["id"] == job["id"]
+    # The file part before purpose: a wrong or missing purpose still refuses
+    # the upload (the half-sent stream is cancelled: nothing is stored).
+    before = len(json.loads(curl(*auth, gw.url + "/files"))["data"])
+    bad = json.loads(curl(*auth, "-F", f"file=@{path}", "-F", "purpose=batch", gw.url + "/files"))
+    assert bad["error"]["param"] == "purpose", bad
+    none = json.loads(curl(*auth, "-F", f"file=@{path}", gw.url + "/files"))
+    assert none["error"]["param"] == "purpose" and "required" in none["error"]["message"]
+    assert len(json.loads(curl(*auth, gw.url + "/files"))["data"]) == before
     code = curl("-o", "/dev/null", "-w", "%{http_code}", gw.url + "/models")
     assert code == "401"
     missing = json.loads(curl(*auth, gw.url + "/nothing/here"))
