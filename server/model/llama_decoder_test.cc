@@ -2,7 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
+
 #include "absl/strings/str_cat.h"
+#include "adapters/family_io.h"
 #include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
 
@@ -340,6 +345,39 @@ TEST(LlamaDecoder, MetaTTThroughTheSeam) {
                                 1e-4, 1e-5))
         << TTFormName(form);
   }
+}
+
+// A decoder family (4+1D over every Llama projection) survives family.json
+// and cores.safetensors: same geometry, same logits.
+TEST(LlamaDecoder, MetaTTFamilyRoundTrip) {
+  auto d = Tiny();
+  ASSERT_NE(d, nullptr);
+  MetaTTConfig c;
+  c.SetModel(d->geometry());
+  c.form = TTForm::k4Plus1D;
+  c.ranks = {3};
+  c.projections = kAllLlama;
+  c.num_tasks = 2;
+  c.init = "normal(0.3)";
+  auto a = MetaTTAdapter::Create(c, {torch::kFloat32, torch::kCPU, 11});
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / absl::StrCat("llama_family_", getpid())).string();
+  std::filesystem::remove_all(dir);
+  const std::string fp = d->config().Fingerprint();
+  ASSERT_TRUE(SaveFamily(dir, **a, {"t0", "t1"}, {}, "tiny-llama", fp).ok());
+  auto back = LoadFamily(dir, fp, torch::kCPU, MetaTTAdapter::Leaves::kFrozen);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE(back->adapter->config().model.has_value());
+  EXPECT_EQ(back->adapter->config().model->family, "llama");
+  torch::NoGradGuard ng;
+  torch::Tensor ids = torch::tensor({{3, 7, 1, 9}, {5, 8, 2, 11}}, torch::kInt64);
+  AdapterBatch rows(torch::tensor({1, 0}, torch::kInt64));
+  auto before = d->Forward({ids, {}}, nullptr, a->get(), rows);
+  auto after = d->Forward({ids, {}}, nullptr, back->adapter.get(), rows);
+  ASSERT_TRUE(before.ok() && after.ok());
+  EXPECT_TRUE(torch::allclose(before->logits, after->logits, 1e-5, 1e-6));
+  std::filesystem::remove_all(dir);
 }
 
 // LoRA's fused inference path places k/v blocks by the geometry's widths.
