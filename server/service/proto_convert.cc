@@ -80,20 +80,25 @@ absl::StatusOr<JobSpec> FromProto(const v1::JobSpec& p) {
     s.adapter.projections.assign(a.projections().begin(), a.projections().end());
   }
   if (!a.init().empty()) s.adapter.init = a.init();
-  s.adapter.alpha = a.alpha();
+  if (a.has_alpha()) s.adapter.alpha = a.alpha();
+  if (!a.new_task_init().empty()) s.adapter.new_task_init = a.new_task_init();
   const auto& h = p.hparams();
   HyperParams& o = s.hparams;
-  if (h.max_steps() != 0) o.max_steps = h.max_steps();
-  if (h.batch_size() != 0) o.batch_size = h.batch_size();
-  if (h.learning_rate() != 0) o.learning_rate = h.learning_rate();
-  o.weight_decay = h.weight_decay();
-  if (h.warmup_ratio() != 0) o.warmup_ratio = h.warmup_ratio();
-  if (h.grad_clip() != 0) o.grad_clip = h.grad_clip();
-  if (h.eval_every() != 0) o.eval_every = h.eval_every();
-  if (h.max_length() != 0) o.max_length = h.max_length();
-  o.early_stop_patience = h.early_stop_patience();
+  // Presence decides (proto3 `optional`); where 0 is never valid it also
+  // reads as unset, as older clients send it (jobs.proto).
+  if (h.has_max_steps() && h.max_steps() != 0) o.max_steps = h.max_steps();
+  if (h.has_batch_size() && h.batch_size() != 0) o.batch_size = h.batch_size();
+  if (h.has_learning_rate() && h.learning_rate() != 0) o.learning_rate = h.learning_rate();
+  if (h.has_max_length() && h.max_length() != 0) o.max_length = h.max_length();
+  if (h.has_weight_decay()) o.weight_decay = h.weight_decay();
+  if (h.has_warmup_ratio()) o.warmup_ratio = h.warmup_ratio();
+  if (h.has_grad_clip()) o.grad_clip = h.grad_clip();
+  if (h.has_eval_every()) o.eval_every = h.eval_every();
+  if (h.has_early_stop_patience()) o.early_stop_patience = h.early_stop_patience();
+  if (h.has_seed()) o.seed = h.seed();
+  if (h.has_inner_lr_multiplier()) o.inner_lr_multiplier = h.inner_lr_multiplier();
+  if (h.has_head_lr_multiplier()) o.head_lr_multiplier = h.head_lr_multiplier();
   if (!h.pooling().empty()) o.pooling = h.pooling();
-  if (h.seed() != 0) o.seed = h.seed();
   for (const auto& e : h.rank_schedule()) o.rank_schedule.emplace_back(e.epoch(), e.max_rank());
   return s;
 }
@@ -124,20 +129,24 @@ void ToProto(const JobSpec& s, v1::JobSpec* p) {
   for (int64_t r : s.adapter.ranks) a->add_ranks(r);
   for (const auto& pr : s.adapter.projections) a->add_projections(pr);
   a->set_init(s.adapter.init);
-  a->set_alpha(s.adapter.alpha);
+  a->set_new_task_init(s.adapter.new_task_init);
+  if (s.adapter.alpha.is_set()) a->set_alpha(s.adapter.alpha.value());
   auto* h = p->mutable_hparams();
   const HyperParams& o = s.hparams;
-  h->set_max_steps(o.max_steps);
-  h->set_batch_size(o.batch_size);
-  h->set_learning_rate(o.learning_rate);
-  h->set_weight_decay(o.weight_decay);
-  h->set_warmup_ratio(o.warmup_ratio);
-  h->set_grad_clip(o.grad_clip);
-  h->set_eval_every(o.eval_every);
-  h->set_max_length(o.max_length);
-  h->set_early_stop_patience(o.early_stop_patience);
+  // Only what the user set: an unset field reads back as "auto".
+  if (o.max_steps.is_set()) h->set_max_steps(o.max_steps.value());
+  if (o.batch_size.is_set()) h->set_batch_size(o.batch_size.value());
+  if (o.learning_rate.is_set()) h->set_learning_rate(o.learning_rate.value());
+  if (o.weight_decay.is_set()) h->set_weight_decay(o.weight_decay.value());
+  if (o.warmup_ratio.is_set()) h->set_warmup_ratio(o.warmup_ratio.value());
+  if (o.grad_clip.is_set()) h->set_grad_clip(o.grad_clip.value());
+  if (o.eval_every.is_set()) h->set_eval_every(o.eval_every.value());
+  if (o.max_length.is_set()) h->set_max_length(o.max_length.value());
+  if (o.early_stop_patience.is_set()) h->set_early_stop_patience(o.early_stop_patience.value());
+  if (o.seed.is_set()) h->set_seed(o.seed.value());
+  if (o.inner_lr_multiplier.is_set()) h->set_inner_lr_multiplier(o.inner_lr_multiplier.value());
+  if (o.head_lr_multiplier.is_set()) h->set_head_lr_multiplier(o.head_lr_multiplier.value());
   h->set_pooling(o.pooling);
-  h->set_seed(o.seed);
   for (const auto& [epoch, rank] : o.rank_schedule) {
     auto* e = h->add_rank_schedule();
     e->set_epoch(epoch);

@@ -15,6 +15,7 @@
 #include "server/jobs/test_util.h"
 #include "server/monitoring/server_metrics.h"
 #include "server/service/grpc_status.h"
+#include "server/service/proto_convert.h"
 #include "server/service/services.h"
 
 namespace metatt {
@@ -118,6 +119,42 @@ class ServiceTest : public ::testing::Test {
   std::unique_ptr<v1::AdapterService::Stub> adapter_stub_;
   std::unique_ptr<v1::InferenceService::Stub> inference_stub_;
 };
+
+// proto3 `optional` presence: a field set to 0 is used where 0 means
+// something; an unset field stays "auto" and reads back unset.
+TEST(ProtoConvertTest, HyperParametersFollowPresence) {
+  v1::JobSpec p;
+  p.set_family("fam");
+  p.add_tasks()->set_task_name("t");
+  auto* h = p.mutable_hparams();
+  h->set_weight_decay(0);
+  h->set_eval_every(0);
+  h->set_seed(0);
+  h->set_max_steps(0);  // never valid: read as unset, as older clients send it
+  h->set_head_lr_multiplier(3);
+  p.mutable_adapter()->set_new_task_init("zeros");
+  auto s = FromProto(p);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE(s->hparams.weight_decay.is_set());
+  EXPECT_EQ(s->hparams.weight_decay.value(), 0);
+  EXPECT_TRUE(s->hparams.eval_every.is_set());
+  EXPECT_TRUE(s->hparams.seed.is_set());
+  EXPECT_FALSE(s->hparams.max_steps.is_set());
+  EXPECT_FALSE(s->hparams.learning_rate.is_set());
+  EXPECT_FALSE(s->hparams.grad_clip.is_set());
+  EXPECT_FALSE(s->adapter.alpha.is_set());
+  EXPECT_EQ(s->hparams.head_lr_multiplier.value(), 3);
+  EXPECT_FALSE(s->hparams.inner_lr_multiplier.is_set());
+  EXPECT_EQ(s->adapter.new_task_init, "zeros");
+  v1::JobSpec back;
+  ToProto(*s, &back);
+  EXPECT_TRUE(back.hparams().has_weight_decay());
+  EXPECT_FALSE(back.hparams().has_learning_rate());
+  EXPECT_FALSE(back.hparams().has_max_steps());
+  EXPECT_FALSE(back.adapter().has_alpha());
+  EXPECT_DOUBLE_EQ(back.hparams().head_lr_multiplier(), 3);
+  EXPECT_EQ(back.adapter().new_task_init(), "zeros");
+}
 
 TEST(GrpcStatusTest, MapsCodesAndKeepsMessages) {
   auto s = ToGrpcStatus(absl::ResourceExhaustedError("queue full"));
