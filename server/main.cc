@@ -78,7 +78,9 @@ ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle: require and verify client certificates signed by it (mutual TLS)");
 ABSL_FLAG(int64_t, quota_max_concurrent_jobs, 0,
           "default per-tenant quota: unfinished jobs (queued + running); 0 = no limit");
-ABSL_FLAG(int64_t, quota_max_queued_jobs, 0, "default per-tenant quota: queued jobs; 0 = no limit");
+ABSL_FLAG(int64_t, quota_max_queued_jobs, 8,
+          "default per-tenant quota: queued jobs (a fair share: one tenant cannot fill the "
+          "--max_queued_jobs queue); 0 = no limit");
 ABSL_FLAG(int64_t, quota_max_dataset_bytes, 0,
           "default per-tenant quota: bytes of all the tenant's datasets; 0 = no limit");
 ABSL_FLAG(int64_t, quota_max_tasks, 0,
@@ -87,6 +89,32 @@ ABSL_FLAG(int64_t, max_request_bytes, 64 << 20, "largest gRPC message the server
 ABSL_FLAG(int64_t, max_predict_inputs, 1024, "most inputs in one Predict request");
 ABSL_FLAG(int64_t, max_job_batch_size, 4096, "largest hparams.batch_size a job may ask for");
 ABSL_FLAG(int64_t, max_sequence_length, 4096, "largest hparams.max_length a job may ask for");
+// Bounds on what one client request makes the server hold (README "Limits").
+ABSL_FLAG(int64_t, max_tasks_per_job, metatt::kDefaultMaxTasksPerJob,
+          "most tasks in one job (INVALID_ARGUMENT naming it); 0 = no limit");
+ABSL_FLAG(int64_t, max_steps, metatt::kDefaultMaxSteps,
+          "largest hparams.max_steps a job may ask for; 0 = no limit");
+ABSL_FLAG(int64_t, max_rank_times_tasks, metatt::kDefaultMaxRankTimesTasks,
+          "largest adapter rank x tasks of the family a job leaves; 0 = no limit");
+ABSL_FLAG(int64_t, max_labels_per_task, metatt::kDefaultMaxLabelsPerTask,
+          "most classes of one dataset (integer labels: every number from 0 to the largest); "
+          "checked at upload and when a job uses the dataset; 0 = no limit");
+ABSL_FLAG(int64_t, max_import_bytes, 1ll << 30, "largest ImportFamily stream");
+// Connections.
+ABSL_FLAG(int64_t, max_event_streams, 1000,
+          "open StreamJobEvents streams, server-wide (RESOURCE_EXHAUSTED beyond); 0 = no limit");
+ABSL_FLAG(int64_t, max_concurrent_streams, 256, "HTTP/2 streams per client connection");
+ABSL_FLAG(int64_t, max_rpc_threads, 2048,
+          "gRPC sync-server threads (one per RPC in flight); 0 = gRPC's default (unbounded)");
+ABSL_FLAG(int64_t, keepalive_time_ms, 60000, "ping an idle connection after this long");
+ABSL_FLAG(int64_t, keepalive_timeout_ms, 20000, "close a connection whose ping is not answered");
+ABSL_FLAG(int64_t, max_connection_idle_ms, 600000,
+          "close (GOAWAY) a connection without RPCs for this long; 0 = never");
+ABSL_FLAG(int64_t, max_connection_age_ms, 7200000,
+          "GOAWAY a connection this old (clients reconnect; event streams resume with "
+          "StreamJobEvents); 0 = never");
+ABSL_FLAG(int64_t, max_connection_age_grace_ms, 600000,
+          "time RPCs of an aged connection get to finish");
 
 namespace metatt {
 namespace {
@@ -127,6 +155,19 @@ Server::Options OptionsFromFlags() {
   o.max_predict_inputs = absl::GetFlag(FLAGS_max_predict_inputs);
   o.max_job_batch_size = absl::GetFlag(FLAGS_max_job_batch_size);
   o.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
+  o.max_tasks_per_job = absl::GetFlag(FLAGS_max_tasks_per_job);
+  o.max_steps = absl::GetFlag(FLAGS_max_steps);
+  o.max_rank_times_tasks = absl::GetFlag(FLAGS_max_rank_times_tasks);
+  o.max_labels_per_task = absl::GetFlag(FLAGS_max_labels_per_task);
+  o.max_import_bytes = absl::GetFlag(FLAGS_max_import_bytes);
+  o.max_event_streams = absl::GetFlag(FLAGS_max_event_streams);
+  o.max_concurrent_streams = absl::GetFlag(FLAGS_max_concurrent_streams);
+  o.max_rpc_threads = absl::GetFlag(FLAGS_max_rpc_threads);
+  o.keepalive_time_ms = absl::GetFlag(FLAGS_keepalive_time_ms);
+  o.keepalive_timeout_ms = absl::GetFlag(FLAGS_keepalive_timeout_ms);
+  o.max_connection_idle_ms = absl::GetFlag(FLAGS_max_connection_idle_ms);
+  o.max_connection_age_ms = absl::GetFlag(FLAGS_max_connection_age_ms);
+  o.max_connection_age_grace_ms = absl::GetFlag(FLAGS_max_connection_age_grace_ms);
   return o;
 }
 

@@ -10,7 +10,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <cstdio>
 #include <filesystem>
@@ -318,6 +320,7 @@ absl::Status Server::Init() {
   dopt.data_dir = o.data_dir;
   dopt.max_upload_bytes = o.max_upload_bytes;
   dopt.parse = ParseUploadedDataset;
+  dopt.max_labels_per_task = o.max_labels_per_task;
   auto datasets = DatasetManager::Create(dopt, store_.get());
   if (!datasets.ok()) return datasets.status();
   datasets_ = std::move(*datasets);
@@ -329,6 +332,11 @@ absl::Status Server::Init() {
   jopt.quotas = quotas;
   jopt.max_batch_size = o.max_job_batch_size;
   jopt.max_sequence_length = o.max_sequence_length;
+  jopt.max_tasks_per_job = o.max_tasks_per_job;
+  jopt.max_steps = o.max_steps;
+  jopt.max_rank_times_tasks = o.max_rank_times_tasks;
+  jopt.max_labels_per_task = o.max_labels_per_task;
+  jopt.max_event_streams = o.max_event_streams;
   if (shared_store_) {
     jopt.replica_id = options_.replica_id;
     jopt.lease_ms = o.job_lease_ms;
@@ -344,6 +352,7 @@ absl::Status Server::Init() {
   aopt.store = store_.get();
   aopt.catalog = runtime_->catalog();
   aopt.families = family_access_.get();
+  aopt.max_import_bytes = o.max_import_bytes;
   adapter_service_ = std::make_unique<AdapterServiceImpl>(aopt);
   InferenceServiceOptions iopt;
   iopt.predictor = runtime_->predictor();
@@ -396,6 +405,25 @@ absl::Status Server::Start() {
   grpc::ServerBuilder builder;
   builder.AddListeningPort(o.listen, *creds, &port_);
   builder.SetMaxReceiveMessageSize(static_cast<int>(o.max_request_bytes));
+  // Connections: bounded streams per connection and RPC threads, keepalive
+  // pings that close dead peers, idle and old connections sent GOAWAY.
+  auto arg = [&builder](const char* name, int64_t v) {
+    if (v > 0) builder.AddChannelArgument(name, static_cast<int>(std::min<int64_t>(v, INT32_MAX)));
+  };
+  arg(GRPC_ARG_MAX_CONCURRENT_STREAMS, o.max_concurrent_streams);
+  arg(GRPC_ARG_KEEPALIVE_TIME_MS, o.keepalive_time_ms);
+  arg(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, o.keepalive_timeout_ms);
+  arg(GRPC_ARG_MAX_CONNECTION_IDLE_MS, o.max_connection_idle_ms);
+  arg(GRPC_ARG_MAX_CONNECTION_AGE_MS, o.max_connection_age_ms);
+  arg(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS, o.max_connection_age_grace_ms);
+  // Clients that ping (keepalive) at most every 10 s are not cut off.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  if (o.max_rpc_threads > 0) {
+    grpc::ResourceQuota quota("metatt-server");
+    quota.SetMaxThreads(static_cast<int>(std::min<int64_t>(o.max_rpc_threads, INT32_MAX)));
+    builder.SetResourceQuota(quota);
+  }
   InstallAuthentication(&builder, authenticator_.get());
   builder.RegisterService(job_service_.get());
   builder.RegisterService(dataset_service_.get());

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "server/jobs/job_validation.h"
 #include "server/jobs/tenants.h"
 #include "server/runtime/runtime.h"
 #include "server/service/auth.h"
@@ -81,6 +82,22 @@ class Server {
     int64_t max_predict_inputs = 1024;
     int64_t max_job_batch_size = 4096;
     int64_t max_sequence_length = 4096;
+    // What one request may make the server hold (job_validation.h defaults;
+    // INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit; 0 = none).
+    int64_t max_tasks_per_job = kDefaultMaxTasksPerJob;
+    int64_t max_steps = kDefaultMaxSteps;
+    int64_t max_rank_times_tasks = kDefaultMaxRankTimesTasks;
+    int64_t max_labels_per_task = kDefaultMaxLabelsPerTask;
+    int64_t max_import_bytes = 1ll << 30;
+    // Connections (gRPC channel arguments and resource quota; 0 = gRPC's default).
+    int64_t max_event_streams = 1000;      // open StreamJobEvents, server-wide
+    int64_t max_concurrent_streams = 256;  // HTTP/2 streams per connection
+    int64_t max_rpc_threads = 2048;        // sync-server threads (ResourceQuota)
+    int64_t keepalive_time_ms = 60000;     // server pings an idle connection
+    int64_t keepalive_timeout_ms = 20000;  // ... and closes it without an answer
+    int64_t max_connection_idle_ms = 600000;   // no RPC for this long: closed (GOAWAY)
+    int64_t max_connection_age_ms = 7200000;   // then GOAWAY; RPCs get the grace below
+    int64_t max_connection_age_grace_ms = 600000;
   };
 
   // Opens the store, loads the model and published families, creates the

@@ -4,6 +4,7 @@
 #include <openssl/evp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cerrno>
 #include <cstdio>
@@ -138,6 +139,12 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   if (info.num_rows <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' has no rows"));
   }
+  if (!info.regression) {
+    JobLimits limits;
+    limits.max_labels_per_task = options_.max_labels_per_task;
+    RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(info.label_names.size()),
+                                       absl::StrCat("dataset '", header.name, "' labels"), limits));
+  }
 
   DatasetRecord d;
   d.id = NewId("ds");
@@ -186,6 +193,34 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
     return st;
   }
   return d;
+}
+
+absl::StatusOr<UploadAllowance> DatasetManager::AllowanceFor(const Caller& caller) {
+  UploadAllowance a;
+  a.bytes = options_.max_upload_bytes;
+  a.limit = "max_upload_bytes";
+  a.explanation = absl::StrCat("max_upload_bytes=", options_.max_upload_bytes);
+  if (options_.quotas) {
+    const int64_t quota = options_.quotas(caller.tenant).max_dataset_bytes;
+    if (quota > 0) {
+      ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
+      int64_t used = 0;
+      for (const auto& d : all) used += d.tenant == caller.tenant ? d.size_bytes : 0;
+      const int64_t left = std::max<int64_t>(0, quota - used);
+      if (left == 0) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "tenant '", caller.tenant, "' has used ", used, " bytes of datasets; quota "
+            "max_dataset_bytes=", quota));
+      }
+      if (left < a.bytes) {
+        a.bytes = left;
+        a.limit = "max_dataset_bytes";
+        a.explanation = absl::StrCat("tenant '", caller.tenant, "' has ", left,
+                                     " bytes left of quota max_dataset_bytes=", quota);
+      }
+    }
+  }
+  return a;
 }
 
 absl::StatusOr<DatasetRecord> DatasetManager::Get(const std::string& id, const Caller& caller) {

@@ -36,6 +36,17 @@ struct DatasetManagerOptions {
   DatasetParseFn parse;                    // required
   std::function<int64_t()> now_unix_ms;    // tests inject a clock
   QuotaFn quotas;                          // per-tenant max_dataset_bytes; null = none
+  int64_t max_labels_per_task = 0;         // classes of one dataset (job_validation.h); 0 = none
+};
+
+// How many bytes the caller's next upload may have, and the limit that says
+// so ("max_upload_bytes" or "max_dataset_bytes", the tenant's quota): the
+// upload stream stops at it (RESOURCE_EXHAUSTED naming it) instead of
+// buffering past it.
+struct UploadAllowance {
+  int64_t bytes = 0;
+  std::string limit;        // the limit's name
+  std::string explanation;  // e.g. "tenant 'acme' has 900 of max_dataset_bytes=1000"
 };
 
 struct DatasetUpload {
@@ -56,6 +67,8 @@ class DatasetManager {
                                                                 Store* store);
 
   int64_t max_upload_bytes() const { return options_.max_upload_bytes; }
+  // RESOURCE_EXHAUSTED naming max_dataset_bytes when the tenant has no room left.
+  absl::StatusOr<UploadAllowance> AllowanceFor(const Caller& caller);
 
   // Validates, stores and records one dataset, owned by the caller's tenant
   // (RESOURCE_EXHAUSTED naming max_dataset_bytes past the tenant's quota).

@@ -216,6 +216,10 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
   JobLimits limits;
   limits.max_batch_size = options_.max_batch_size;
   limits.max_sequence_length = options_.max_sequence_length;
+  limits.max_tasks_per_job = options_.max_tasks_per_job;
+  limits.max_steps = options_.max_steps;
+  limits.max_rank_times_tasks = options_.max_rank_times_tasks;
+  limits.max_labels_per_task = options_.max_labels_per_task;
   RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
 
   ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersionSummaries(spec.family));
@@ -244,6 +248,10 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
     ASSIGN_OR_RETURN(FamilyVersionRecord latest,
                      store_->GetFamilyVersionFull(spec.family, versions.back().version));
     existing_tasks = std::move(latest.tasks);
+    int64_t max_rank = 0;
+    for (int64_t r : spec.adapter.ranks) max_rank = std::max(max_rank, r);
+    RETURN_IF_ERROR(ValidateFamilyCapacity(static_cast<int64_t>(existing_tasks.size()) + 1,
+                                           max_rank, "spec.adapter.ranks", limits));
   }
   for (size_t i = 0; i < spec.tasks.size(); ++i) {
     const JobTaskSpec& t = spec.tasks[i];
@@ -263,6 +271,11 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
     if (!ds.ok()) {
       return absl::Status(ds.status().code(),
                           absl::StrCat(field, ".dataset_id: ", ds.status().message()));
+    }
+    // A dataset uploaded under a higher limit (or before there was one).
+    if (!ds->regression) {
+      RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(ds->label_names.size()),
+                                         field + ".dataset_id", limits));
     }
     if (!t.eval_dataset_id.empty()) {
       auto eds = store_->GetDataset(t.eval_dataset_id);
@@ -402,8 +415,15 @@ absl::StatusOr<std::unique_ptr<JobEventSubscription>> JobManager::Subscribe(
     const std::string& job_id, const Caller& caller) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(JobRecord j, GetVisible(job_id, caller));
+  if (options_.max_event_streams > 0 && open_streams_ >= options_.max_event_streams) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("job_id: ", open_streams_, " event streams are open; server limit "
+                     "max_event_streams=", options_.max_event_streams,
+                     "; poll GetJob or retry later"));
+  }
   ASSIGN_OR_RETURN(std::vector<JobEvent> past, store_->ListJobEvents(job_id));
   std::unique_ptr<JobEventSubscription> sub(new JobEventSubscription(this, job_id));
+  ++open_streams_;
   for (const JobEvent& e : past) sub->Push(e);
   sub->delivered_ = static_cast<int64_t>(past.size());
   if (IsTerminal(j.state) || shutdown_) {
@@ -416,6 +436,7 @@ absl::StatusOr<std::unique_ptr<JobEventSubscription>> JobManager::Subscribe(
 
 void JobManager::Unsubscribe(JobEventSubscription* sub) {
   absl::MutexLock lock(&mu_);
+  --open_streams_;
   auto it = subscribers_.find(sub->job_id_);
   if (it == subscribers_.end()) return;
   auto& v = it->second;

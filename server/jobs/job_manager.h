@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "server/store/job_types.h"
 #include "server/store/store.h"
+#include "server/jobs/job_validation.h"
 #include "server/jobs/tenants.h"
 
 namespace metatt {
@@ -56,6 +57,14 @@ struct JobManagerOptions {
   // Global limits on a job's hparams (INVALID_ARGUMENT naming the limit).
   int64_t max_batch_size = 4096;
   int64_t max_sequence_length = 4096;
+  // Bounds on what one job makes the server hold (job_validation.h; 0 = none).
+  int64_t max_tasks_per_job = kDefaultMaxTasksPerJob;
+  int64_t max_steps = kDefaultMaxSteps;
+  int64_t max_rank_times_tasks = kDefaultMaxRankTimesTasks;
+  int64_t max_labels_per_task = kDefaultMaxLabelsPerTask;
+  // Open StreamJobEvents subscriptions (each holds an RPC thread); Subscribe
+  // answers RESOURCE_EXHAUSTED naming max_event_streams beyond it. 0 = none.
+  int64_t max_event_streams = 1000;
   // Several replicas on one store (Store::SupportsClaims, i.e. PostgreSQL):
   // non-empty = shared mode (job_claims.cc). Jobs are claimed from the store
   // instead of an in-memory queue; the holder renews a lease every poll;
@@ -187,6 +196,7 @@ class JobManager {
   // Tenant of every unfinished (queued / validating / running) job.
   std::map<std::string, std::string> unfinished_tenant_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::vector<JobEventSubscription*>> subscribers_ ABSL_GUARDED_BY(mu_);
+  int64_t open_streams_ ABSL_GUARDED_BY(mu_) = 0;  // live JobEventSubscriptions
   std::map<JobState, int64_t> state_counts_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool wake_ ABSL_GUARDED_BY(mu_) = false;           // shared mode: a job was created here

@@ -47,6 +47,11 @@ absl::Status ValidateAdapterForm(absl::string_view form, absl::string_view field
 absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   if (auto st = ValidateName(spec.family, "spec.family"); !st.ok()) return st;
   if (spec.tasks.empty()) return Bad("spec.tasks", "at least one task is required");
+  if (limits.max_tasks_per_job > 0 &&
+      static_cast<int64_t>(spec.tasks.size()) > limits.max_tasks_per_job) {
+    return Bad("spec.tasks", absl::StrCat(spec.tasks.size(), " tasks exceed the server limit "
+                                          "max_tasks_per_job=", limits.max_tasks_per_job));
+  }
 
   // Adapter: form vs kind vs number of tasks, ranks, projections, alpha.
   // Unset ("auto", empty) fields pass: they resolve from DefaultRecipe(form)
@@ -70,6 +75,13 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
       return Bad(absl::StrCat("spec.adapter.ranks[", i, "]"),
                  absl::StrCat(a.ranks[i], " is outside [1, ", kMaxRank, "]"));
     }
+  }
+  int64_t max_rank = 0;
+  for (int64_t r : a.ranks) max_rank = std::max(max_rank, r);
+  if (auto st = ValidateFamilyCapacity(static_cast<int64_t>(spec.tasks.size()), max_rank,
+                                       "spec.adapter.ranks", limits);
+      !st.ok()) {
+    return st;
   }
   for (size_t i = 0; i < a.projections.size(); ++i) {
     const auto& p = a.projections;
@@ -110,6 +122,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   };
   if (h.max_steps.is_set() && h.max_steps.value() < 1) {
     return bad("max_steps", absl::StrCat(h.max_steps.value(), " must be >= 1"));
+  }
+  if (h.max_steps.is_set() && limits.max_steps > 0 && h.max_steps.value() > limits.max_steps) {
+    return bad("max_steps", absl::StrCat(h.max_steps.value(), " exceeds the server limit max_steps=",
+                                         limits.max_steps));
   }
   if (h.batch_size.is_set()) {
     const int64_t b = h.batch_size.value();
@@ -177,6 +193,27 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   }
   if (spec.kind == JobKind::kAddTask && !h.rank_schedule.empty()) {
     return bad("rank_schedule", "not allowed when adding a task (shared cores are frozen)");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateLabelCount(int64_t labels, absl::string_view field, const JobLimits& limits) {
+  if (limits.max_labels_per_task > 0 && labels > limits.max_labels_per_task) {
+    return Bad(field, absl::StrCat(labels, " classes exceed the server limit max_labels_per_task=",
+                                   limits.max_labels_per_task,
+                                   " (integer labels make a class of every number from 0 to the "
+                                   "largest)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateFamilyCapacity(int64_t tasks, int64_t max_rank, absl::string_view field,
+                                    const JobLimits& limits) {
+  if (limits.max_rank_times_tasks > 0 && max_rank > 0 &&
+      tasks * max_rank > limits.max_rank_times_tasks) {
+    return Bad(field, absl::StrCat("rank ", max_rank, " x ", tasks, " tasks = ", tasks * max_rank,
+                                   " exceeds the server limit max_rank_times_tasks=",
+                                   limits.max_rank_times_tasks));
   }
   return absl::OkStatus();
 }

@@ -44,11 +44,26 @@ absl::Status ValidateDatasetName(absl::string_view name, absl::string_view field
 // The form of an adapter family: 4d, 5d or 4+1d.
 absl::Status ValidateAdapterForm(absl::string_view form, absl::string_view field);
 
+// What one client request may make the server hold (issue 17, hole 2): the
+// defaults of the server flags of the same names (README "Security", limits
+// table). 0 = no limit.
+inline constexpr int64_t kDefaultMaxTasksPerJob = 64;
+inline constexpr int64_t kDefaultMaxLabelsPerTask = 1000;
+inline constexpr int64_t kDefaultMaxRankTimesTasks = 16384;
+inline constexpr int64_t kDefaultMaxSteps = 1000000;
+
 struct JobLimits {
   int64_t max_batch_size = kMaxBatchSize;       // server flag --max_job_batch_size
   const char* batch_size_limit_name = "max_job_batch_size";
   int64_t max_sequence_length = kMaxSequenceLength;  // --max_sequence_length, or the model's
   const char* sequence_limit_name = "max_sequence_length";
+  // 0 = not checked (a job read back from the store is not re-checked against
+  // them); JobManager and DatasetManager pass the server flags, whose
+  // defaults are the kDefault* above.
+  int64_t max_tasks_per_job = 0;     // --max_tasks_per_job
+  int64_t max_steps = 0;             // --max_steps
+  int64_t max_rank_times_tasks = 0;  // --max_rank_times_tasks
+  int64_t max_labels_per_task = 0;   // --max_labels_per_task
 };
 
 // Everything about `spec` that needs neither the store nor the model: kind vs
@@ -59,5 +74,17 @@ struct JobLimits {
 // the job starts; an unset form counts as DefaultForm(). Fields are named
 // "spec.<field>".
 absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits = {});
+
+// A classification dataset's label count (its classes: integer labels count
+// every class from 0 to the largest, so one label "99999" is 100,000) against
+// limits.max_labels_per_task. INVALID_ARGUMENT "<field>: ... max_labels_per_task=N".
+absl::Status ValidateLabelCount(int64_t labels, absl::string_view field, const JobLimits& limits);
+
+// The family a job leaves behind: `tasks` tasks in all (an add-task job: the
+// family's tasks + 1) at largest rank `max_rank` (0 = unset, the recipe's
+// default: not checked), against limits.max_rank_times_tasks (the adapter's
+// task slices and the optimizer state grow with both). INVALID_ARGUMENT.
+absl::Status ValidateFamilyCapacity(int64_t tasks, int64_t max_rank, absl::string_view field,
+                                    const JobLimits& limits);
 
 }  // namespace metatt

@@ -147,5 +147,45 @@ TEST(JobValidationTest, HyperParamsAndLimits) {
   EXPECT_THAT(Message(s), HasSubstr("not allowed when adding a task"));
 }
 
+TEST(JobValidationTest, ResourceLimitsNameThemselves) {
+  JobLimits l;
+  l.max_tasks_per_job = 2;
+  l.max_steps = 100;
+  l.max_rank_times_tasks = 64;
+  l.max_labels_per_task = 10;
+  JobSpec s = Valid();
+  s.kind = JobKind::kMultiTask;
+  s.adapter.form = "4+1d";
+  for (int i = 0; i < 2; ++i) {
+    JobTaskSpec t;
+    t.task_name = "t" + std::to_string(i);
+    t.dataset_id = "ds";
+    s.tasks.push_back(t);
+  }
+  EXPECT_THAT(Message(s, l), HasSubstr("spec.tasks: 3 tasks exceed the server limit "
+                                       "max_tasks_per_job=2"));
+  s.tasks.pop_back();
+  EXPECT_TRUE(ValidateJobSpec(s, l).ok());
+  s.hparams.max_steps = Auto<int64_t>(101);
+  EXPECT_THAT(Message(s, l), HasSubstr("spec.hparams.max_steps: 101 exceeds the server limit "
+                                       "max_steps=100"));
+  s.hparams.max_steps = Auto<int64_t>(100);
+  s.adapter.ranks = {33};
+  EXPECT_THAT(Message(s, l), HasSubstr("rank 33 x 2 tasks = 66 exceeds the server limit "
+                                       "max_rank_times_tasks=64"));
+  s.adapter.ranks = {32};
+  EXPECT_TRUE(ValidateJobSpec(s, l).ok());
+  // Unset limits (0) are not checked: a job read back from the store.
+  s.hparams.max_steps = Auto<int64_t>(1000000000);
+  EXPECT_TRUE(ValidateJobSpec(s, JobLimits{}).ok());
+  EXPECT_TRUE(ValidateLabelCount(10, "labels", l).ok());
+  absl::Status labels = ValidateLabelCount(100000, "labels", l);
+  EXPECT_EQ(labels.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(labels.message()),
+              HasSubstr("labels: 100000 classes exceed the server limit max_labels_per_task=10"));
+  EXPECT_TRUE(ValidateFamilyCapacity(1000, 0, "ranks", l).ok());  // unset rank: the recipe's
+  EXPECT_FALSE(ValidateFamilyCapacity(3, 32, "ranks", l).ok());
+}
+
 }  // namespace
 }  // namespace metatt

@@ -210,7 +210,7 @@ grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
       total += static_cast<int64_t>(c.data().size());
       if (total > options_.max_import_bytes) {
         return ToGrpcStatus(absl::ResourceExhaustedError(
-            absl::StrCat("import exceeds ", options_.max_import_bytes, " bytes")));
+            absl::StrCat("import exceeds max_import_bytes=", options_.max_import_bytes)));
       }
       files.back().bytes += c.data();
     }

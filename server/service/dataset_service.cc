@@ -18,7 +18,11 @@ grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext* ctx,
   auto header = FromProto(msg.header());
   if (!header.ok()) return ToGrpcStatus(header.status());
   std::string bytes;
-  const int64_t limit = datasets_->max_upload_bytes();
+  // The stream stops at the caller's allowance (the upload limit or what is
+  // left of the tenant's quota), never buffering past it.
+  auto allowance = datasets_->AllowanceFor(*caller);
+  if (!allowance.ok()) return ToGrpcStatus(allowance.status());
+  const int64_t limit = allowance->bytes;
   int64_t index = 1;
   while (reader->Read(&msg)) {
     if (msg.has_header()) {
@@ -27,7 +31,8 @@ grpc::Status DatasetServiceImpl::UploadDataset(grpc::ServerContext* ctx,
     }
     if (static_cast<int64_t>(bytes.size() + msg.chunk().size()) > limit) {
       return ToGrpcStatus(absl::ResourceExhaustedError(
-          absl::StrCat("dataset '", header->name, "' exceeds max_upload_bytes=", limit)));
+          absl::StrCat("dataset '", header->name, "' exceeds ", allowance->limit, " (",
+                       allowance->explanation, ")")));
     }
     bytes += msg.chunk();
     ++index;

@@ -233,3 +233,160 @@ def test_upload_is_fsynced_before_it_is_acknowledged(pb, tmp_path, tiny_model):
     i = first_index(lines, sync(root), i, what="fsync of datasets/ after the rename")
     first_index(lines, lambda l: re.search(r"\bf(data)?sync\(\d+<[^>]*metatt\.db-wal>\)", l),
                 i, what="SQLite WAL sync at the commit (synchronous=FULL)")
+
+
+# Hole 2: bounded resources. Every limit answers naming itself, the server
+# stays up and its RSS stays put.
+
+def rss_mib(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def job_spec(pb, tasks, steps=20, ranks=(4,), kind=None):
+    j = pb.jobs_pb2
+    return j.JobSpec(
+        family="big", kind=kind or (j.MULTI_TASK if len(tasks) > 1 else j.TRAIN_FAMILY),
+        tasks=[j.JobTask(task_name=t, dataset_id=d, eval_fraction=0.25) for t, d in tasks],
+        adapter=j.AdapterConfig(form="4+1d", ranks=list(ranks)),
+        hparams=j.HyperParams(max_steps=steps, batch_size=8, max_length=32))
+
+
+def refused(call, code, needle):
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == code, (e.value.code(), e.value.details())
+    assert needle in e.value.details(), e.value.details()
+    return e.value.details()
+
+
+def test_client_controlled_sizes_are_bounded(pb, tmp_path, tiny_model):
+    from server_harness import make_rows, tsv_bytes
+
+    s = Server(tmp_path / "data", tiny_model,
+               extra=["--quota_max_dataset_bytes=2000000", "--max_import_bytes=100000"]).start()
+    try:
+        c = Client(pb, s.channel())
+        pid = s.proc.pid
+        rss0 = rss_mib(pid)
+        INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+        # One label "99999" would be 100,000 classes.
+        rows = make_rows(20) + [("the movie was odd", 99999)]
+        refused(lambda: c.upload("huge-labels", tsv_bytes(rows)), INVALID,
+                "max_labels_per_task=1000")
+        ds = c.upload("ok", tsv_bytes(make_rows(40)))
+        j = pb.jobs_pb2
+        create = lambda spec: c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30)
+        refused(lambda: create(job_spec(pb, [(f"t{i}", ds.id) for i in range(100)])), INVALID,
+                "spec.tasks: 100 tasks exceed the server limit max_tasks_per_job=64")
+        refused(lambda: create(job_spec(pb, [("t", ds.id)], steps=10**12)), INVALID,
+                "spec.hparams.max_steps: 1000000000000 exceeds the server limit max_steps=1000000")
+        refused(lambda: create(job_spec(pb, [(f"t{i}", ds.id) for i in range(32)], ranks=(1024,))),
+                INVALID, "max_rank_times_tasks=16384")
+        # An upload past the tenant's quota stops at the quota, not after buffering it all.
+        chunk = b"x" * (1 << 20)
+        d = pb.datasets_pb2
+
+        def big_upload():
+            yield d.UploadDatasetRequest(header=d.DatasetHeader(
+                name="big", format=d.TSV, has_header=True, text_column="sentence",
+                label_column="label"))
+            for _ in range(200):  # 200 MiB offered, under max_upload_bytes (256 MiB)
+                yield d.UploadDatasetRequest(chunk=chunk)
+        t0 = time.time()
+        refused(lambda: c.datasets.UploadDataset(big_upload(), timeout=120), EXHAUSTED,
+                "max_dataset_bytes")
+        assert time.time() - t0 < 60
+        # ImportFamily past its limit.
+        a = pb.adapters_pb2
+
+        def big_import():
+            yield a.ImportFamilyRequest(family="imp")
+            for _ in range(10):
+                yield a.ImportFamilyRequest(chunk=a.FamilyChunk(file_name="adapter.safetensors",
+                                                                data=b"y" * 50000))
+        refused(lambda: c.adapters.ImportFamily(big_import(), timeout=60), EXHAUSTED,
+                "max_import_bytes=100000")
+        # Still up, and the memory did not follow what the client offered.
+        assert list(c.datasets.ListDatasets(d.ListDatasetsRequest(), timeout=10).datasets)
+        grown = rss_mib(pid) - rss0
+        assert grown < 64, f"RSS grew {grown:.0f} MiB"
+    finally:
+        s.stop()
+
+
+def test_one_tenant_cannot_fill_the_queue(pb, tmp_path, tiny_model):
+    """Default per-tenant quota: 8 queued jobs (of the 16 the queue holds)."""
+    from server_harness import make_rows, tsv_bytes
+
+    s = Server(tmp_path / "data", tiny_model).start()
+    try:
+        c = Client(pb, s.channel())
+        ds = c.upload("d", tsv_bytes(make_rows(40)))
+        j = pb.jobs_pb2
+        ids = []
+        with pytest.raises(grpc.RpcError) as e:
+            for i in range(17):
+                spec = job_spec(pb, [("t", ds.id)], steps=100000)
+                spec.family = f"f{i}"
+                ids.append(c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30).job.id)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "quota max_queued_jobs=8" in e.value.details(), e.value.details()
+        assert len(ids) <= 9  # 8 queued (+ the one running)
+        for i in ids:
+            c.jobs.CancelJob(j.CancelJobRequest(job_id=i), timeout=30)
+    finally:
+        s.stop()
+
+
+# Hole 7: connections. Thousands of idle event streams leave room for a Predict.
+
+def test_idle_event_streams_do_not_block_predict(pb, tmp_path, tiny_model):
+    from server_harness import make_rows, tsv_bytes
+    from test_inference import train_family
+
+    s = Server(tmp_path / "data", tiny_model).start()
+    chans, calls = [], []
+    try:
+        c = Client(pb, s.channel())
+        train_family(pb, c)
+        ds = c.upload("d", tsv_bytes(make_rows(40)))
+        j = pb.jobs_pb2
+        spec = job_spec(pb, [("t", ds.id)], steps=1000000)
+        spec.family = "endless"
+        job = c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30).job
+        rss0 = rss_mib(s.proc.pid)
+        n, per_channel = 3000, 200
+        for k in range(n // per_channel):
+            ch = grpc.insecure_channel(f"127.0.0.1:{s.port}",
+                                       options=[("grpc.use_local_subchannel_pool", 1)])
+            chans.append(ch)
+            stub = pb.jobs_pb2_grpc.JobServiceStub(ch)
+            for _ in range(per_channel):
+                calls.append(stub.StreamJobEvents(j.StreamJobEventsRequest(job_id=job.id),
+                                                  timeout=600))
+        time.sleep(5)  # let them all reach the server
+        inf = pb.inference_pb2
+        t0 = time.time()
+        r = c.inference.Predict(inf.PredictRequest(inputs=[
+            inf.PredictInput(family="fam", task="A", text="a good movie")]), timeout=5)
+        assert len(r.predictions) == 1, r
+        elapsed = time.time() - t0
+        # Streams beyond --max_event_streams are refused, naming it; the rest stay open.
+        refused_n = 0
+        for call in calls:
+            if call.done() and call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert "max_event_streams=1000" in call.details(), call.details()
+                refused_n += 1
+        assert refused_n >= n - 1000, refused_n
+        print(f"Predict in {elapsed:.2f} s with {n - refused_n} open event streams, "
+              f"{refused_n} refused; RSS +{rss_mib(s.proc.pid) - rss0:.0f} MiB")
+        c.jobs.CancelJob(j.CancelJobRequest(job_id=job.id), timeout=30)
+    finally:
+        for call in calls:
+            call.cancel()
+        for ch in chans:
+            ch.close()
+        s.stop()
