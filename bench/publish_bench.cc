@@ -15,8 +15,10 @@
 //             the appends
 // and writes bench/out/publish_bench.json (latencies in seconds).
 //
-//   metatt-bench-publish [--tasks=10,10000,1000000] [--appends=20]
-//                        [--full_baseline_max=1000000]
+//   metatt-bench-publish [--tasks=10,10000,100000,1000000] [--appends=20]
+//                        [--full_baseline_max=100000]
+// (10^6 tasks with the full baseline needs more than this machine's 24 GiB:
+// the family, its stacked copy and its serialised file at once.)
 #include <malloc.h>
 
 #include <algorithm>
@@ -38,9 +40,9 @@
 #include "server/runtime/large_family.h"
 #include "server/store/sqlite_store.h"
 
-ABSL_FLAG(std::string, tasks, "10,10000,1000000", "family sizes (comma-separated)");
+ABSL_FLAG(std::string, tasks, "10,10000,100000,1000000", "family sizes (comma-separated)");
 ABSL_FLAG(int64_t, appends, 20, "add-task publications per size");
-ABSL_FLAG(int64_t, full_baseline_max, 1000000,
+ABSL_FLAG(int64_t, full_baseline_max, 100000,
           "largest size whose full republication (the old add-task path) is timed");
 ABSL_FLAG(std::string, out, "bench/out/publish_bench.json", "output JSON");
 
@@ -102,6 +104,8 @@ int Run() {
         return 1;
       }
       row["initial_publish_s"] = Seconds(t0);
+      const bool full_baseline = T <= absl::GetFlag(FLAGS_full_baseline_max);
+      if (!full_baseline) req = absl::InternalError("not kept");  // its heads: GiBs at 10^6
       torch::Tensor slice = (*v1)->adapter->TaskSlice(0).detach().clone().unsqueeze(0);
       std::vector<double> append_s;
       int64_t version = (*v1)->version();
@@ -137,7 +141,7 @@ int Run() {
       t0 = absl::Now();
       (*reg)->WaitForCompactions();
       row["compaction_wait_after_appends_s"] = Seconds(t0);
-      if (T <= absl::GetFlag(FLAGS_full_baseline_max)) {
+      if (full_baseline) {
         // The old path: every head of T + 1 tasks written again.
         req->tasks.push_back(req->tasks.back());
         req->tasks.back().name = "full-republish";

@@ -63,9 +63,9 @@ SST=$(ctl upload "$GLUE/SST-2/train.tsv" --name sst2-train --glue SST-2 --json |
 SST_DEV=$(ctl upload "$GLUE/SST-2/dev.tsv" --name sst2-dev --glue SST-2 --json | json_field id)
 ctl datasets list
 
-step "training family 'glue' ((4+1)D MetaTT, rank 8) on MRPC for $STEPS steps (default learning rates)"
+step "training family 'glue' ((4+1)D MetaTT, default rank and projections) on MRPC for $STEPS steps (default learning rates)"
 ctl jobs create --family=glue --task=MRPC --dataset="$MRPC" --eval_dataset="$MRPC_DEV" \
-  --form=4+1d --ranks=8 --steps="$STEPS" --batch_size=16 --eval_every="$STEPS" \
+  --form=4+1d --steps="$STEPS" --batch_size=16 --eval_every="$STEPS" \
   --max_length=64 --follow
 
 step "adding SST-2 to 'glue' (shared cores frozen: one r x r task slice + head)"

@@ -234,10 +234,16 @@ TEST_F(JobExecutorTest, TrainThenAddTaskWhilePredicting) {
   EXPECT_EQ((*fam)->record.tasks[2].name, "C");
   EXPECT_TRUE((*fam)->record.tasks[2].regression);
   EXPECT_EQ((*fam)->record.created_by_job, "job2");
-  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/families/fam/v2/family.json"));
+  // An add-task job publishes an appended version: only the new task's
+  // slice and head on disk, only its record (and the parent) in the store.
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/families/fam/v2/appended.json"));
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/families/fam/v2/family.json"));
   auto recs = store_.ListFamilyVersions("fam");
   ASSERT_TRUE(recs.ok());
-  EXPECT_EQ(recs->size(), 2u);
+  ASSERT_EQ(recs->size(), 2u);
+  EXPECT_EQ((*recs)[1].parent_version, 1);
+  ASSERT_EQ((*recs)[1].tasks.size(), 1u);
+  EXPECT_EQ((*recs)[1].tasks[0].name, "C");
 
   // The new task is served; earlier tasks answer exactly as before (shared
   // cores, their slices and heads were frozen); v1 stays addressable.

@@ -165,7 +165,10 @@ def check_after_restart(c, pb, data_dir: pathlib.Path, ledger: Ledger, label: st
     # ---- families: acknowledged ones intact, every listed one loads
     for key, v in versions.items():
         vdir = data_dir / "families" / key[0] / f"v{key[1]}"
-        if not (vdir / "family.json").is_file() or not list(vdir.glob("*.safetensors")):
+        # A full version has family.json; an add-task's appended version
+        # appended.json (the registry's catalog: server/registry/family_catalog.h).
+        has_meta = (vdir / "family.json").is_file() or (vdir / "appended.json").is_file()
+        if not has_meta or not list(vdir.glob("*.safetensors")):
             problems.append(f"listed version {key} has no files in {vdir}")
             continue
         try:
@@ -179,7 +182,10 @@ def check_after_restart(c, pb, data_dir: pathlib.Path, ledger: Ledger, label: st
         if key not in versions:
             problems.append(f"acknowledged version {key} lost")
             continue
-        if dir_hashes(vdir) != want["files"]:
+        # Compaction may later add the full files of an appended version; the
+        # acknowledged files themselves never change.
+        now = dir_hashes(vdir)
+        if any(now.get(name) != h for name, h in want["files"].items()):
             problems.append(f"version {key}: files changed since it was acknowledged")
         if want["preds"] is None:
             want["preds"] = preds
