@@ -35,11 +35,14 @@ WORKDIR /opt/metatt
 COPY --from=build /opt/metatt/.venv/lib/python3.11/site-packages/torch/lib .venv/lib/python3.11/site-packages/torch/lib
 COPY --from=build /opt/metatt/.venv/lib/python3.11/site-packages/nvidia .venv/lib/python3.11/site-packages/nvidia
 COPY --from=build /opt/metatt/models models
-COPY --from=build /opt/metatt/build/server/metatt-server /opt/metatt/build/client/metattctl /usr/local/bin/
+COPY --from=build /opt/metatt/build/server/metatt-server /opt/metatt/build/client/metattctl \
+     /opt/metatt/build/server/http/metatt-http /usr/local/bin/
 ENV METATT_MODEL_DIR=/opt/metatt/models/all-MiniLM-L6-v2
 USER metatt
 VOLUME ["/data"]
-EXPOSE 50051 9090
+# gRPC, metrics, and the OpenAI-compatible gateway (metatt-http, started beside
+# the server: see README "From the OpenAI SDK").
+EXPOSE 50051 9090 8080
 # Secrets (README "Security"): scripts/make_secrets.sh DIR makes them, mount
 # DIR at /etc/metatt/secrets (compose and deploy/k8s do). The server refuses
 # to listen beyond loopback without TLS and tokens, and /metrics beyond

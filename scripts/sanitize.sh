@@ -33,7 +33,7 @@ log() { printf '\033[1m[sanitize]\033[0m %s\n' "$*"; }
 TOPLEVEL_TESTS=(tokenizer_test metattctl_format_test server_metrics_test
                 sqlite_store_test json_slice_test store_conformance_test job_manager_test
                 dataset_manager_test tenants_test task_pages_test job_validation_test
-                recipe_test job_recipe_test)
+                recipe_test job_recipe_test bpe_tokenizer_test)
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"

@@ -570,7 +570,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
                    AppendToFamily(*base, std::move(full), add, extend_storage));
   for (std::string& d : dirs) fam->appended_dirs.push_back(std::move(d));
   fam->chain_length = base->chain_length + static_cast<int64_t>(chain.size());
-  if (fam->chain_length >= kCompactAfter) EnqueueCompaction(record.family);
+  if (fam->chain_length >= CompactAfter(fam->num_tasks())) EnqueueCompaction(record.family);
   return fam;
 }
 
@@ -842,9 +842,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishA
     fam->head_storage->used = T;  // the rows written for it are free again
     return st;
   }
-  const int64_t chain = fam->chain_length;
+  const bool compact = fam->chain_length >= CompactAfter(fam->num_tasks());
   std::shared_ptr<const PublishedFamily> published = Activate(std::move(fam));
-  if (chain >= kCompactAfter) EnqueueCompaction(req.family);
+  if (compact) EnqueueCompaction(req.family);
   return published;
 }
 

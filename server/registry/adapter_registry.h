@@ -20,6 +20,7 @@
 // must only be driven by the device thread (DeviceScheduler).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <deque>
@@ -188,8 +189,12 @@ struct AppendRequest {
 class AdapterRegistry {
  public:
   // An appended version whose chain (appended versions since a full one)
-  // reaches this length is written in full by the background compactor.
+  // reaches CompactAfter(tasks) is written in full by the background
+  // compactor: at least kCompactAfter, and one per 1,024 tasks of the family,
+  // so a full write of T tasks happens every T/1024 appends (O(1) per added
+  // task, amortised) and a load applies at most that many small files.
   static constexpr int64_t kCompactAfter = 16;
+  static int64_t CompactAfter(int64_t tasks) { return std::max(kCompactAfter, tasks / 1024); }
 
   struct Options {
     std::string data_dir;  // families live under <data_dir>/families
