@@ -337,6 +337,7 @@ absl::Status Server::Init() {
   jopt.max_rank_times_tasks = o.max_rank_times_tasks;
   jopt.max_labels_per_task = o.max_labels_per_task;
   jopt.max_event_streams = o.max_event_streams;
+  jopt.verify_dataset_files = true;
   if (shared_store_) {
     jopt.replica_id = options_.replica_id;
     jopt.lease_ms = o.job_lease_ms;

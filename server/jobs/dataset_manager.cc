@@ -62,6 +62,44 @@ absl::Status SyncDirectoryEntries(const fs::path& dir) {
 }
 
 
+absl::Status VerifyDatasetFile(const DatasetRecord& d, absl::string_view field) {
+  int fd = ::open(d.path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(field, ": dataset ", d.id, " cannot be read (", d.path, ": ",
+                     std::strerror(errno), "); upload it again"));
+  }
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::string buf(1 << 20, '\0');
+  ssize_t n = 0;
+  int err = 0;
+  while ((n = ::read(fd, buf.data(), buf.size())) > 0) EVP_DigestUpdate(ctx, buf.data(), n);
+  if (n < 0) err = errno;
+  ::close(fd);
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, digest, &len);
+  EVP_MD_CTX_free(ctx);
+  if (err != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(field, ": dataset ", d.id,
+                                                      " cannot be read (", d.path, ": ",
+                                                      std::strerror(err), "); upload it again"));
+  }
+  static const char* hex = "0123456789abcdef";
+  std::string got;
+  for (unsigned int i = 0; i < len; ++i) {
+    got.push_back(hex[digest[i] >> 4]);
+    got.push_back(hex[digest[i] & 15]);
+  }
+  if (got != d.sha256) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, ": dataset ", d.id, " is corrupt: the sha256 of ", d.path, " is ", got,
+        ", recorded at upload ", d.sha256, "; upload it again"));
+  }
+  return absl::OkStatus();
+}
+
 std::string Sha256Hex(const std::string& bytes) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int len = 0;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "server/store/store.h"
 #include "server/jobs/tenants.h"
 
@@ -56,6 +57,11 @@ struct DatasetUpload {
 };
 
 std::string Sha256Hex(const std::string& bytes);
+
+// The dataset's file still has the sha256 recorded at upload (streamed, 1 MiB
+// at a time). FAILED_PRECONDITION "<field>: dataset <id> ..." when the file is
+// missing, unreadable or changed (bit rot, a partial restore, a hand edit).
+absl::Status VerifyDatasetFile(const DatasetRecord& d, absl::string_view field);
 
 // fsync of `dir` itself, so that the entries created or renamed in it are
 // durable. INTERNAL naming the directory and the errno on failure.

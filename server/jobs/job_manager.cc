@@ -11,6 +11,7 @@
 #include "base/status_macros.h"
 #include "server/jobs/ids.h"
 #include "server/jobs/job_recipe.h"
+#include "server/jobs/dataset_manager.h"
 #include "server/jobs/job_validation.h"
 #include "server/store/job_json.h"
 
@@ -277,6 +278,9 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
       RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(ds->label_names.size()),
                                          field + ".dataset_id", limits));
     }
+    if (options_.verify_dataset_files) {
+      RETURN_IF_ERROR(VerifyDatasetFile(*ds, field + ".dataset_id"));
+    }
     if (!t.eval_dataset_id.empty()) {
       auto eds = store_->GetDataset(t.eval_dataset_id);
       if (absl::IsNotFound(eds.status()) || (eds.ok() && !caller.CanSee(eds->tenant))) {
@@ -285,6 +289,9 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
       if (!eds.ok()) {
         return absl::Status(eds.status().code(),
                             absl::StrCat(field, ".eval_dataset_id: ", eds.status().message()));
+      }
+      if (options_.verify_dataset_files) {
+        RETURN_IF_ERROR(VerifyDatasetFile(*eds, field + ".eval_dataset_id"));
       }
     }
   }

@@ -65,6 +65,9 @@ struct JobManagerOptions {
   // Open StreamJobEvents subscriptions (each holds an RPC thread); Subscribe
   // answers RESOURCE_EXHAUSTED naming max_event_streams beyond it. 0 = none.
   int64_t max_event_streams = 1000;
+  // CreateJob re-hashes every dataset file it names against the sha256 of
+  // its upload (FAILED_PRECONDITION when it changed). The server sets it.
+  bool verify_dataset_files = false;
   // Several replicas on one store (Store::SupportsClaims, i.e. PostgreSQL):
   // non-empty = shared mode (job_claims.cc). Jobs are claimed from the store
   // instead of an in-memory queue; the holder renews a lease every poll;

@@ -351,13 +351,16 @@ def test_idle_event_streams_do_not_block_predict(pb, tmp_path, tiny_model):
     chans, calls = [], []
     try:
         c = Client(pb, s.channel())
+        print(f"[{time.time():.1f}] training")
         train_family(pb, c)
+        print(f"[{time.time():.1f}] trained")
         ds = c.upload("d", tsv_bytes(make_rows(40)))
         j = pb.jobs_pb2
         spec = job_spec(pb, [("t", ds.id)], steps=1000000)
         spec.family = "endless"
         job = c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30).job
         rss0 = rss_mib(s.proc.pid)
+        print(f"[{time.time():.1f}] opening streams")
         n, per_channel = 3000, 200
         for k in range(n // per_channel):
             ch = grpc.insecure_channel(f"127.0.0.1:{s.port}",
@@ -367,6 +370,7 @@ def test_idle_event_streams_do_not_block_predict(pb, tmp_path, tiny_model):
             for _ in range(per_channel):
                 calls.append(stub.StreamJobEvents(j.StreamJobEventsRequest(job_id=job.id),
                                                   timeout=600))
+        print(f"[{time.time():.1f}] opened")
         time.sleep(5)  # let them all reach the server
         inf = pb.inference_pb2
         t0 = time.time()
@@ -384,9 +388,47 @@ def test_idle_event_streams_do_not_block_predict(pb, tmp_path, tiny_model):
         print(f"Predict in {elapsed:.2f} s with {n - refused_n} open event streams, "
               f"{refused_n} refused; RSS +{rss_mib(s.proc.pid) - rss0:.0f} MiB")
         c.jobs.CancelJob(j.CancelJobRequest(job_id=job.id), timeout=30)
+        print(f"[{time.time():.1f}] cancelled the job")
     finally:
         for call in calls:
             call.cancel()
+        print(f"[{time.time():.1f}] cancelled the calls")
         for ch in chans:
             ch.close()
+        print(f"[{time.time():.1f}] closed the channels")
+        s.stop()
+        print(f"[{time.time():.1f}] stopped")
+
+
+# Hole 8 (part): a dataset whose file no longer has its recorded sha256 is
+# refused when a job names it.
+
+def test_corrupt_dataset_is_refused_when_a_job_uses_it(pb, tmp_path, tiny_model):
+    from server_harness import make_rows, tsv_bytes
+
+    data = tmp_path / "data"
+    s = Server(data, tiny_model).start()
+    try:
+        c = Client(pb, s.channel())
+        good = c.upload("good", tsv_bytes(make_rows(40)))
+        bad = c.upload("bad", tsv_bytes(make_rows(40, seed=1)))
+        gone = c.upload("gone", tsv_bytes(make_rows(40, seed=2)))
+        f = data / "datasets" / bad.id / "data.tsv"
+        raw = bytearray(f.read_bytes())
+        raw[-3] ^= 1  # one flipped bit
+        f.write_bytes(bytes(raw))
+        (data / "datasets" / gone.id / "data.tsv").unlink()
+        j = pb.jobs_pb2
+        spec = job_spec(pb, [("t", bad.id)], steps=2)
+        d = refused(lambda: c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30),
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"spec.tasks[0].dataset_id: dataset {bad.id} is corrupt")
+        assert "recorded at upload" in d
+        spec = job_spec(pb, [("t", gone.id)], steps=2)
+        refused(lambda: c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30),
+                grpc.StatusCode.FAILED_PRECONDITION, f"dataset {gone.id} cannot be read")
+        spec = job_spec(pb, [("t", good.id)], steps=2)
+        job = c.jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30).job
+        assert c.wait_state(job.id, {j.SUCCEEDED, j.FAILED}).state == j.SUCCEEDED
+    finally:
         s.stop()
