@@ -29,6 +29,8 @@ absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
   request->deadline = deadline_unix_ms > 0 ? absl::FromUnixMillis(deadline_unix_ms)
                                            : absl::InfiniteFuture();
   request->rows.reserve(inputs.size());
+  std::vector<int64_t> input_of_row;
+  input_of_row.reserve(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const PredictInput& in = inputs[i];
     if (in.text.empty()) {
@@ -45,17 +47,60 @@ absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
     if (in.version < 0) {
       return absl::InvalidArgumentError(absl::StrCat("inputs[", i, "].version: negative"));
     }
-    auto resolved = registry_->Resolve(in.family, in.version, in.task, in.task_index);
-    if (!resolved.ok()) return WithInput(resolved.status(), i);
-    InferenceRow row;
-    row.family = std::move(resolved->family);
-    row.task = resolved->task;
+    // The rows of this input: one task, or one per task of a list / "all".
+    std::vector<ResolvedTask> tasks;
+    if (in.all_tasks || !in.tasks.empty()) {
+      std::string first = in.all_tasks ? std::string() : in.tasks[0];
+      auto fam = registry_->Resolve(in.family, in.version, first, in.all_tasks ? 0 : -1);
+      if (!fam.ok()) {
+        return WithInput(in.all_tasks ? fam.status()
+                                      : absl::Status(fam.status().code(),
+                                                     absl::StrCat("tasks[0]: ", fam.status().message())),
+                         i);
+      }
+      const int64_t n = in.all_tasks ? fam->family->num_tasks()
+                                     : static_cast<int64_t>(in.tasks.size());
+      if (static_cast<int64_t>(request->rows.size()) + n > options_.max_inputs) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "inputs[", i, "].tasks: ", n, " tasks bring the call to more than ",
+            options_.max_inputs, " rows (inputs x tasks; max_predict_inputs)"));
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        int64_t index = t;
+        if (!in.all_tasks) {
+          index = fam->family->task_by_name.Find(in.tasks[t]);
+          if (index < 0) {
+            return absl::NotFoundError(absl::StrCat("inputs[", i, "].tasks[", t, "]: '",
+                                                    in.tasks[t], "' not found in family '",
+                                                    fam->family->family(), "' v",
+                                                    fam->family->version()));
+          }
+        }
+        tasks.push_back(ResolvedTask{fam->family, index});
+      }
+    } else {
+      auto resolved = registry_->Resolve(in.family, in.version, in.task, in.task_index);
+      if (!resolved.ok()) return WithInput(resolved.status(), i);
+      tasks.push_back(std::move(*resolved));
+    }
+    if (static_cast<int64_t>(request->rows.size() + tasks.size()) > options_.max_inputs) {
+      return absl::InvalidArgumentError(absl::StrCat("inputs: more than ", options_.max_inputs,
+                                                     " rows (inputs x tasks)"));
+    }
     std::optional<std::string_view> pair;
     if (in.text_pair && !in.text_pair->empty()) pair = *in.text_pair;
-    Encoding enc = tokenizer_->Encode(in.text, pair, static_cast<int>(row.family->max_length));
-    row.ids = std::move(enc.ids);
-    row.type_ids = std::move(enc.type_ids);
-    request->rows.push_back(std::move(row));
+    // One tokenisation per input, whatever the number of its tasks.
+    Encoding enc =
+        tokenizer_->Encode(in.text, pair, static_cast<int>(tasks[0].family->max_length));
+    for (ResolvedTask& r : tasks) {
+      InferenceRow row;
+      row.family = std::move(r.family);
+      row.task = r.task;
+      row.ids = enc.ids;
+      row.type_ids = enc.type_ids;
+      request->rows.push_back(std::move(row));
+      input_of_row.push_back(static_cast<int64_t>(i));
+    }
   }
   if (request->deadline <= absl::Now()) {
     return absl::DeadlineExceededError("deadline passed before the request was queued");
@@ -83,14 +128,15 @@ absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
     }
   }
   if (!request->status.ok()) return request->status;
-  std::vector<PredictOutput> outputs(inputs.size());
+  std::vector<PredictOutput> outputs(request->rows.size());
   const double queue_s = absl::ToDoubleSeconds(request->started - request->enqueued);
   const double model_s = absl::ToDoubleSeconds(request->finished - request->started);
-  for (size_t i = 0; i < inputs.size(); ++i) {
+  for (size_t i = 0; i < request->rows.size(); ++i) {
     const InferenceRow& row = request->rows[i];
     RowResult& res = request->results[i];
     const TaskRecord& task = row.family->record.tasks[row.task];
     PredictOutput& out = outputs[i];
+    out.input_index = input_of_row[i];
     out.task = task.name;
     out.task_index = row.task;
     out.label = res.label;

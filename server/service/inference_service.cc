@@ -70,15 +70,23 @@ grpc::Status InferenceServiceImpl::Predict(grpc::ServerContext* ctx, const v1::P
   if (options_.metrics != nullptr) {
     options_.metrics->PredictRequests(absl::StatusCodeToString(st.code())).Increment();
     options_.metrics->predict_latency_seconds.Observe(seconds);
-    // Per input, under a bounded task label ("family/task").
+    // Per answered task (an input with a task list answers several), under
+    // a bounded task label ("family/task").
     const std::string code = absl::StatusCodeToString(st.code());
-    for (int i = 0; i < req->inputs_size(); ++i) {
+    if (st.ok()) {
+      for (const v1::Prediction& p : resp->predictions()) {
+        const int i = p.input_index();
+        const std::string family = i < req->inputs_size() ? req->inputs(i).family() : "";
+        options_.metrics->CountPredictInput(absl::StrCat(family, "/", p.task()), code);
+      }
+    }
+    for (int i = 0; !st.ok() && i < req->inputs_size(); ++i) {
       const v1::PredictInput& in = req->inputs(i);
       std::string task;
-      if (st.ok() && i < resp->predictions_size()) {
-        task = resp->predictions(i).task();
-      } else if (in.task_ref_case() == v1::PredictInput::kTask) {
+      if (in.task_ref_case() == v1::PredictInput::kTask) {
         task = in.task();
+      } else if (in.task_ref_case() == v1::PredictInput::kTasks) {
+        task = "(task list)";
       } else {
         task = absl::StrCat("#", in.task_index());
       }

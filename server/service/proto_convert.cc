@@ -332,9 +332,17 @@ absl::StatusOr<PredictInput> FromProto(const v1::PredictInput& in, int index) {
       }
       p.task_index = in.task_index();
       break;
+    case v1::PredictInput::kTasks:
+      if (in.tasks().all() == (in.tasks().names_size() > 0)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "inputs[", index, "].tasks: name tasks or set all, not both or neither"));
+      }
+      p.all_tasks = in.tasks().all();
+      p.tasks.assign(in.tasks().names().begin(), in.tasks().names().end());
+      break;
     default:
       return absl::InvalidArgumentError(
-          absl::StrCat("inputs[", index, "]: set task or task_index"));
+          absl::StrCat("inputs[", index, "]: set task, task_index or tasks"));
   }
   if (in.version() < 0) {
     return absl::InvalidArgumentError(absl::StrCat("inputs[", index, "].version: must be >= 0"));
@@ -345,6 +353,7 @@ absl::StatusOr<PredictInput> FromProto(const v1::PredictInput& in, int index) {
 }
 
 void ToProto(const PredictOutput& o, v1::Prediction* p) {
+  p->set_input_index(static_cast<int32_t>(o.input_index));
   p->set_task(o.task);
   p->set_task_index(o.task_index);
   p->set_label(o.label);

@@ -93,6 +93,38 @@ def test_mixed_batch_matches_one_request_per_task(pb, served):
     assert len(set(scores)) == len(TASKS)
 
 
+def test_one_input_many_tasks_in_one_call(pb, served):
+    """A task list (or all) on one input answers every task, as separate
+    requests would, in one call; inputs x tasks count against the row limit."""
+    _, client, _ = served
+    inf = pb.inference_pb2
+    texts = ["the movie was good", "a very bad plot"]
+    listed = [inf.PredictInput(family="fam", text=t, tasks=inf.TaskList(names=["C", "A"]))
+              for t in texts]
+    got = client.inference.Predict(inf.PredictRequest(inputs=listed), timeout=60).predictions
+    assert [(p.input_index, p.task) for p in got] == [(0, "C"), (0, "A"), (1, "C"), (1, "A")]
+    for p in got:
+        one = inf.PredictInput(family="fam", task=p.task, text=texts[p.input_index])
+        alone = client.inference.Predict(inf.PredictRequest(inputs=[one]), timeout=60).predictions[0]
+        assert p.label == alone.label and p.task_index == alone.task_index
+        assert list(p.scores) == pytest.approx(list(alone.scores), abs=1e-4)
+    every = inf.PredictInput(family="fam", text=texts[0], tasks=inf.TaskList(all=True))
+    got = client.inference.Predict(inf.PredictRequest(inputs=[every]), timeout=60).predictions
+    assert [p.task for p in got] == list(TASKS)
+    assert all(p.input_index == 0 for p in got)
+    # Errors name the input and the task.
+    bad = inf.PredictInput(family="fam", text="x", tasks=inf.TaskList(names=["A", "nope"]))
+    with pytest.raises(grpc.RpcError) as e:
+        client.inference.Predict(inf.PredictRequest(inputs=[bad]), timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "inputs[0].tasks[1]" in e.value.details() and "nope" in e.value.details()
+    both = inf.PredictInput(family="fam", text="x", tasks=inf.TaskList(names=["A"], all=True))
+    with pytest.raises(grpc.RpcError) as e:
+        client.inference.Predict(inf.PredictRequest(inputs=[both]), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs[0].tasks" in e.value.details()
+
+
 def test_task_added_mid_stream_is_served_without_restart(pb, served):
     server, client, ids = served
     inf, j = pb.inference_pb2, pb.jobs_pb2

@@ -52,6 +52,12 @@ def test_upload_submit_follow_predict(mc, tmp_path):
     mixed = mc.predict_mixed([inf.PredictInput(family="pc", task="SENT", text="good film"),
                               inf.PredictInput(family="pc", task="SENT2", text="good film")])
     assert [p.task for p in mixed] == ["SENT", "SENT2"]
+    # Both tasks on each text in one call: a list of names, and "*" for all.
+    many = mc.predict("pc", ["SENT2", "SENT"], ["good film", "bad film"])
+    assert [(p.input_index, p.task) for p in many] == [(0, "SENT2"), (0, "SENT"),
+                                                        (1, "SENT2"), (1, "SENT")]
+    assert list(many[1].scores) == pytest.approx(list(mixed[0].scores), abs=1e-4)
+    assert [p.task for p in mc.predict("pc", "*", ["good film"])] == ["SENT", "SENT2"]
     assert {j.id for j in mc.list_jobs()} >= {job.id, job2.id}
     assert [f.name for f in mc.list_families().families] == ["pc"]
 

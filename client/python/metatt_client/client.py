@@ -238,9 +238,12 @@ class Client:
         return self.get_job(job_id)
 
     # -- inference --------------------------------------------------------------
-    def predict(self, family: str, task: Union[str, int],
+    def predict(self, family: str, task: Union[str, int, List[str]],
                 texts: Iterable[Union[str, Tuple[str, str]]], version: int = 0,
                 timeout: Optional[float] = None):
+        """One prediction per text; `task` is a name, an index, a list of names
+        (one prediction per text and task, text-major) or "*" (every task of
+        the family): several tasks of one text run as rows of one batch."""
         inputs = []
         for t in texts:
             a, b = (t, None) if isinstance(t, str) else t
@@ -249,6 +252,10 @@ class Client:
                 inp.text_pair = b
             if isinstance(task, int):
                 inp.task_index = task
+            elif isinstance(task, (list, tuple)):
+                inp.tasks.names.extend(task)
+            elif task == "*":
+                inp.tasks.all = True
             else:
                 inp.task = task
             inputs.append(inp)
