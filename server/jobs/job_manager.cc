@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cctype>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <utility>
 
@@ -588,8 +589,26 @@ void JobManager::DispatchLoop() {
       };
       mu_.Await(absl::Condition(&ready));
       if (shutdown_) return;
-      std::string id = queue_.front();
-      queue_.pop_front();
+      // Fair share between tenants: the oldest queued job of the tenant that
+      // was served least recently, so one tenant's backlog cannot keep
+      // another's first job waiting behind all of it. One tenant: FIFO.
+      auto tenant_of = [this](const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        auto t = unfinished_tenant_.find(job_id);
+        return t != unfinished_tenant_.end() ? t->second : std::string();
+      };
+      auto pick = queue_.begin();
+      int64_t best = INT64_MAX;
+      for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+        auto served = last_served_.find(tenant_of(*it));
+        const int64_t v = served == last_served_.end() ? 0 : served->second;
+        if (v < best) {
+          best = v;
+          pick = it;
+        }
+      }
+      std::string id = *pick;
+      queue_.erase(pick);
+      last_served_[tenant_of(id)] = ++served_seq_;
       auto rec = store_->GetJob(id);
       if (!rec.ok() || rec->state != JobState::kQueued) continue;
       running_ = id;

@@ -200,6 +200,10 @@ class JobManager {
   std::map<std::string, std::string> unfinished_tenant_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::vector<JobEventSubscription*>> subscribers_ ABSL_GUARDED_BY(mu_);
   int64_t open_streams_ ABSL_GUARDED_BY(mu_) = 0;  // live JobEventSubscriptions
+  // Fair share (single replica): the next job is the oldest queued one of the
+  // tenant served least recently (FIFO within a tenant).
+  std::map<std::string, int64_t> last_served_ ABSL_GUARDED_BY(mu_);
+  int64_t served_seq_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<JobState, int64_t> state_counts_ ABSL_GUARDED_BY(mu_);
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool wake_ ABSL_GUARDED_BY(mu_) = false;           // shared mode: a job was created here

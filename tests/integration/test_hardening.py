@@ -432,3 +432,42 @@ def test_corrupt_dataset_is_refused_when_a_job_uses_it(pb, tmp_path, tiny_model)
         assert c.wait_state(job.id, {j.SUCCEEDED, j.FAILED}).state == j.SUCCEEDED
     finally:
         s.stop()
+
+
+def test_queue_serves_the_least_recently_served_tenant_first(pb, tmp_path, tiny_model):
+    """Tenant a queues three jobs, then tenant b one: b's job runs right after
+    a's running one, not behind a's backlog (FIFO within a tenant)."""
+    import hashlib
+    from server_harness import make_rows, tsv_bytes
+
+    tokens = {"a": "tenant-a-token-0123456789", "b": "tenant-b-token-0123456789"}
+    cfg = {"tokens": [{"tenant": t, "role": "user",
+                       "token_sha256": hashlib.sha256(tok.encode()).hexdigest()}
+                      for t, tok in tokens.items()]}
+    (tmp_path / "tokens.json").write_text(json.dumps(cfg))
+    s = Server(tmp_path / "data", tiny_model,
+               extra=[f"--auth_tokens={tmp_path / 'tokens.json'}"]).start()
+    try:
+        raw = s.channel()
+        c = {t: Client(pb, with_token(raw, tok)) for t, tok in tokens.items()}
+        j = pb.jobs_pb2
+        ds = {t: c[t].upload("d", tsv_bytes(make_rows(40))).id for t in tokens}
+
+        def create(t, family, steps):
+            spec = job_spec(pb, [("t", ds[t])], steps=steps)
+            spec.family = family
+            return c[t].jobs.CreateJob(j.CreateJobRequest(spec=spec), timeout=30).job.id
+        a1 = create("a", "a1", 150)
+        c["a"].wait_state(a1, {j.VALIDATING, j.RUNNING})
+        a2, a3 = create("a", "a2", 3), create("a", "a3", 3)
+        b1 = create("b", "b1", 3)
+
+        def started(t, job_id):
+            c[t].wait_state(job_id, {j.SUCCEEDED, j.FAILED, j.CANCELLED}, timeout=600)
+            evs = c[t].events(job_id)
+            return min(e.time_unix_ms for e in evs
+                       if e.WhichOneof("event") == "state" and e.state.state == j.VALIDATING)
+        t_b1, t_a2, t_a3 = started("b", b1), started("a", a2), started("a", a3)
+        assert t_b1 <= t_a2 <= t_a3, (t_b1, t_a2, t_a3)
+    finally:
+        s.stop()
