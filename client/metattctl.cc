@@ -73,7 +73,7 @@ ABSL_FLAG(std::string, glue, "",
 // jobs
 ABSL_FLAG(std::string, kind, "train", "jobs create: train | add_task | multi_task");
 ABSL_FLAG(std::string, family, "", "family name");
-ABSL_FLAG(std::vector<std::string>, task, {}, "task name(s) (comma separated for multi_task)");
+ABSL_FLAG(std::vector<std::string>, task, {}, "task name(s) (comma separated for multi_task; predict: several, or * for every task of the family, in one call)");
 ABSL_FLAG(std::vector<std::string>, dataset, {}, "dataset id(s), one per task");
 ABSL_FLAG(std::vector<std::string>, eval_dataset, {}, "eval dataset id(s), one per task");
 ABSL_FLAG(double, eval_fraction, 0, "held-out fraction when no eval dataset (0 = server default)");
@@ -715,22 +715,23 @@ int Predict(Stubs& s) {
   if (tasks.empty() && absl::GetFlag(FLAGS_task_index) < 0) {
     return Fail("predict: --task or --task_index is required");
   }
-  // Every --task gets every --text (handy to compare tasks on one input).
-  if (tasks.empty()) tasks.push_back("");
-  for (const auto& task : tasks) {
-    for (const auto& text : texts) {
-      auto* in = req.add_inputs();
-      in->set_family(absl::GetFlag(FLAGS_family));
-      in->set_version(absl::GetFlag(FLAGS_version));
-      if (!task.empty()) {
-        in->set_task(task);
-      } else {
-        in->set_task_index(absl::GetFlag(FLAGS_task_index));
-      }
-      in->set_text(text);
-      if (!absl::GetFlag(FLAGS_text_pair).empty())
-        in->set_text_pair(absl::GetFlag(FLAGS_text_pair));
+  // Several --task values (or --task='*', every task of the family) go as
+  // one input with a task list: one row per task of one batch.
+  for (const auto& text : texts) {
+    auto* in = req.add_inputs();
+    in->set_family(absl::GetFlag(FLAGS_family));
+    in->set_version(absl::GetFlag(FLAGS_version));
+    if (tasks.size() == 1 && tasks[0] == "*") {
+      in->mutable_tasks()->set_all(true);
+    } else if (tasks.size() > 1) {
+      for (const auto& t : tasks) in->mutable_tasks()->add_names(t);
+    } else if (tasks.size() == 1) {
+      in->set_task(tasks[0]);
+    } else {
+      in->set_task_index(absl::GetFlag(FLAGS_task_index));
     }
+    in->set_text(text);
+    if (!absl::GetFlag(FLAGS_text_pair).empty()) in->set_text_pair(absl::GetFlag(FLAGS_text_pair));
   }
   ClientContext ctx;
   SetDeadline(&ctx);
@@ -750,8 +751,9 @@ int Predict(Stubs& s) {
     const auto& p = resp.predictions(i);
     std::vector<std::string> scores;
     for (float f : p.scores()) scores.push_back(Num(f, 3));
-    std::vector<std::string> row = {p.task(), clip(req.inputs(i).text())};
-    if (any_pair) row.push_back(clip(req.inputs(i).text_pair()));
+    const auto& in = req.inputs(p.input_index() < req.inputs_size() ? p.input_index() : 0);
+    std::vector<std::string> row = {p.task(), clip(in.text())};
+    if (any_pair) row.push_back(clip(in.text_pair()));
     row.push_back(p.regression()
                       ? Num(p.value())
                       : (p.label_name().empty() ? absl::StrCat(p.label()) : p.label_name()));

@@ -66,6 +66,15 @@ def test_jobs_create_follow_prints_the_final_row(server, tmp_path):
     last = json.loads(js.stdout.splitlines()[-1])
     assert last["state"] == "SUCCEEDED" and last["step"] == "2"
 
+    # Both tasks on one text in one call: a list, and '*' for every task.
+    for tasks, want in (("--task=T2,T1", ["T2", "T1"]), ("--task=*", ["T1", "T2"])):
+        p = ctl(addr, "--json", "predict", "--family=cli", tasks, "--text=a good film")
+        assert p.returncode == 0, p.stderr
+        preds = json.loads(p.stdout)["predictions"]
+        assert [x["task"] for x in preds] == want
+        table = ctl(addr, "predict", "--family=cli", tasks, "--text=a good film")
+        assert table.returncode == 0 and table.stdout.count("a good film") == 2, table.stdout
+
 
 @pytest.fixture
 def silent_peer():
