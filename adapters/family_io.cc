@@ -1,4 +1,5 @@
 #include "adapters/family_io.h"
+#include "base/file_io.h"
 
 #include <sys/stat.h>
 
@@ -19,14 +20,6 @@ namespace {
 constexpr const char* kCoresFile = kFamilyCoresFile;
 constexpr const char* kMetaFile = kFamilyMetaFile;
 
-std::string Fnv1a64(const std::string& bytes) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return absl::StrFormat("%016x", h);
-}
 
 absl::Status EnsureDir(const std::string& dir) {
   struct stat st;
@@ -84,7 +77,7 @@ absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
   j["base_config_fingerprint"] = base_config_fingerprint;
   j["cores_file"] = kCoresFile;
   j["cores_bytes"] = bytes.size();
-  j["cores_fnv1a64"] = Fnv1a64(bytes);
+  j["cores_fnv1a64"] = Fnv1a64Hex(bytes);
   j["dtype"] = c10::toString(adapter.dtype());
   if (!extra.is_null()) j["extra"] = extra;
 
@@ -150,7 +143,7 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
     return absl::DataLossError(absl::StrCat(cores_path, ": size ", bytes.size(),
                                             " differs from the recorded ",
                                             j["cores_bytes"].get<uint64_t>()));
-  if (Fnv1a64(bytes) != j["cores_fnv1a64"].get<std::string>())
+  if (Fnv1a64Hex(bytes) != j["cores_fnv1a64"].get<std::string>())
     return absl::DataLossError(absl::StrCat(cores_path, ": content hash differs from family.json"));
   ASSIGN_OR_RETURN(SafetensorsFile file, ParseSafetensors(bytes, cores_path));
 

@@ -85,15 +85,6 @@ void RemoveCrashLeftovers(const fs::path& families) {
   }
 }
 
-std::string Fnv1a64Hex(const std::string& bytes) {
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return absl::StrFormat("%016x", h);
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<FamilyCatalog>> FamilyCatalog::Create(const std::string& data_dir) {
