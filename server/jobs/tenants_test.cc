@@ -295,15 +295,22 @@ TEST_F(TenantRulesTest, JobQuotasNameTheLimit) {
   ASSERT_TRUE(absl::IsResourceExhausted(third.status())) << third.status();
   EXPECT_THAT(std::string(third.status().message()), HasSubstr("max_queued_jobs=1"));
 
-  ASSERT_TRUE(jobs_->CreateJob(Spec("g1", ds_b), b_).ok());  // queued behind A's
+  auto g1 = jobs_->CreateJob(Spec("g1", ds_b), b_);  // queued behind A's
+  ASSERT_TRUE(g1.ok()) << g1.status();
   auto second_b = jobs_->CreateJob(Spec("g2", ds_b), b_);
   ASSERT_TRUE(absl::IsResourceExhausted(second_b.status())) << second_b.status();
   EXPECT_THAT(std::string(second_b.status().message()), HasSubstr("max_concurrent_jobs=1"));
 
-  // A's running job finishing frees A's slot... and its queued job starts.
+  // A's running job finishing frees the device: the tenant served least
+  // recently goes first (B's g1, fair share), so A's job stays queued and
+  // A's queue is still full...
   executor_.End(first->id, JobState::kSucceeded, "");
-  for (int i = 0; i < 500 && jobs_->queued_count() == 2; ++i) absl::SleepFor(absl::Milliseconds(5));
-  EXPECT_TRUE(jobs_->CreateJob(Spec("f4", ds_a), a_).ok());
+  ASSERT_TRUE(executor_.WaitStarted(g1->id));
+  EXPECT_TRUE(absl::IsResourceExhausted(jobs_->CreateJob(Spec("f4", ds_a), a_).status()));
+  // ... until B's job ends and A's queued job starts.
+  executor_.End(g1->id, JobState::kSucceeded, "");
+  for (int i = 0; i < 500 && jobs_->queued_count() > 0; ++i) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_TRUE(jobs_->CreateJob(Spec("f5", ds_a), a_).ok());
 }
 
 TEST_F(TenantRulesTest, TaskQuotaAndGlobalLimits) {
