@@ -11,7 +11,8 @@ DEB_PKGS=(build-essential cmake ninja-build pkg-config git
   libabsl-dev prometheus-cpp-dev libsqlite3-dev sqlite3 nlohmann-json3-dev libcpp-httplib-dev
   libpq-dev postgresql
   libgtest-dev libgmock-dev libbenchmark-dev
-  prometheus python3-venv curl ca-certificates)
+  prometheus python3-venv curl ca-certificates
+  openssl strace)  # make_secrets.sh; the fsync-order test traces the server
 missing=()
 for p in "${DEB_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
