@@ -20,23 +20,9 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "client" / "python"))
-from load_bench import start_server  # noqa: E402
+from load_bench import start_listening, start_server  # noqa: E402
 from metatt_client import Client  # noqa: E402
 from metatt_client.client import inference_pb2  # noqa: E402
-
-
-def start_gateway(binary, server_port):
-    proc = subprocess.Popen([str(binary), "--listen=127.0.0.1:0", f"--server=127.0.0.1:{server_port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("LISTENING "):
-            return proc, int(line.split()[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    sys.exit("metatt-http did not start")
 
 
 def pct(v, q):
@@ -62,7 +48,9 @@ def main():
             sys.exit(f"metatt-bench-family failed: {r.stderr}")
         server, port = start_server(build / "server" / "metatt-server", data_dir, a.model_dir,
                                     ["--num_threads=2"])
-        gateway, gport = start_gateway(build / "server" / "http" / "metatt-http", port)
+        gateway, gport = start_listening([str(build / "server" / "http" / "metatt-http"),
+                                          "--listen=127.0.0.1:0", f"--server=127.0.0.1:{port}"],
+                                         timeout=60)
         try:
             c = Client(f"127.0.0.1:{port}", timeout=120)
             task = next(iter(c.list_tasks("fam"))).name

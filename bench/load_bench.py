@@ -29,11 +29,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def start_server(binary, data_dir, model_dir, extra):
-    cmd = [str(binary), "--listen=127.0.0.1:0", "--metrics_listen=", f"--data_dir={data_dir}",
-           f"--model_dir={model_dir}", *extra]
+def start_listening(cmd, timeout=180):
+    """Starts `cmd` (metatt-server, metatt-http: both print "LISTENING <port>")
+    and returns (process, port); exits naming the command if it never does."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 180
+    deadline = time.time() + timeout
     while time.time() < deadline:
         line = proc.stdout.readline()
         if line.startswith("LISTENING "):
@@ -41,7 +41,12 @@ def start_server(binary, data_dir, model_dir, extra):
         if not line and proc.poll() is not None:
             break
     proc.kill()
-    sys.exit(f"metatt-server did not start: {' '.join(cmd)}")
+    sys.exit(f"did not start: {' '.join(cmd)}")
+
+
+def start_server(binary, data_dir, model_dir, extra):
+    return start_listening([str(binary), "--listen=127.0.0.1:0", "--metrics_listen=",
+                            f"--data_dir={data_dir}", f"--model_dir={model_dir}", *extra])
 
 
 def median_run(runs):
