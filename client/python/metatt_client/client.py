@@ -292,3 +292,61 @@ class Client:
             if not resp.next_page_token:
                 return
             req.page_token = resp.next_page_token
+
+    def export_family(self, family: str, dest: Union[str, os.PathLike], version: int = 0,
+                      timeout: Optional[float] = None) -> List[str]:
+        """Writes the files of `family` (version 0 = latest) into directory `dest`
+        and returns their names: family.json + cores.safetensors for a MetaTT
+        family, a PEFT folder (adapter_config.json, adapter_model.safetensors)
+        with family.json and heads.safetensors for a LoRA family
+        (adapters/FORMAT.md; metatt_client.export.load_family reads both)."""
+        os.makedirs(dest, exist_ok=True)
+        stream = _call(self.adapters.ExportFamily,
+                       adapters_pb2.ExportFamilyRequest(family=family, version=version),
+                       timeout=self._deadline(timeout))
+        files: "collections.OrderedDict[str, bytearray]" = collections.OrderedDict()
+        current = None
+        try:
+            for chunk in stream:
+                if chunk.file_name:
+                    current = chunk.file_name
+                    if "/" in current or current in (".", ".."):
+                        raise ValueError(f"server sent a bad file name {current!r}")
+                    files[current] = bytearray()
+                files[current] += chunk.data
+        except grpc.RpcError as e:
+            raise MetattError(e) from None
+        for name, data in files.items():
+            tmp = os.path.join(dest, f".{name}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, os.path.join(dest, name))
+        return list(files)
+
+    def import_family(self, path: Union[str, os.PathLike], family: str = "",
+                      timeout: Optional[float] = None):
+        """Publishes the family in directory `path` as version 1 of a new family
+        (`family` "" = the name its family.json records): an exported MetaTT
+        family, or a PEFT LoRA folder (adapter_config.json +
+        adapter_model.safetensors) with heads.safetensors (and optionally our
+        family.json) beside it. Returns the new FamilyVersion."""
+        names = sorted(n for n in os.listdir(path)
+                       if os.path.isfile(os.path.join(path, n)) and not n.startswith(".")
+                       and (n.endswith(".json") or n.endswith(".safetensors")))
+
+        def gen():
+            yield adapters_pb2.ImportFamilyRequest(family=family)
+            for name in names:
+                data = _read(os.path.join(path, name))
+                off = 0
+                while True:
+                    part = data[off:off + CHUNK]
+                    c = adapters_pb2.FamilyChunk(data=part)
+                    if off == 0:
+                        c.file_name, c.file_size = name, len(data)
+                    yield adapters_pb2.ImportFamilyRequest(chunk=c)
+                    off += len(part)
+                    if off >= len(data):
+                        break
+
+        return _call(self.adapters.ImportFamily, gen(), timeout=self._deadline(timeout)).version
