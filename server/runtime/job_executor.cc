@@ -220,12 +220,8 @@ class TrainingJob : public TrainingTask {
     std::vector<TrainTask> tasks;
     for (size_t i = 0; i < p_.tasks.size(); ++i) {
       PreparedTask& pt = p_.tasks[i];
-      TaskHead::Options ho;
-      ho.kind = pt.train.label_kind;
-      ho.num_labels = pt.train.num_labels();
-      ho.hidden_size = encoder_->config().hidden_size;
-      ho.seed = recipe.seed + 1000 * (i + 1);
-      ho.device = dev;
+      TaskHead::Options ho = TaskHead::Options::ForData(
+          pt.train, encoder_->config().hidden_size, recipe.seed + 1000 * (i + 1), dev);
       TrainTask t;
       t.name = pt.spec.task_name;
       t.task_index = task_index[i];

@@ -1,5 +1,8 @@
 #include "server/training/heads.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "absl/status/status.h"
@@ -23,10 +26,34 @@ absl::StatusOr<std::shared_ptr<TaskHead>> TaskHead::Create(const Options& o) {
         torch::randn({h->out_features(), o.hidden_size}, gen, torch::dtype(torch::kFloat32)) *
         o.init_std;
     h->weight = w.to(o.device).set_requires_grad(true);
-    h->bias = torch::zeros({h->out_features()}, torch::dtype(torch::kFloat32).device(o.device))
+    const double bias0 = o.kind == LabelKind::kRegression ? o.label_mean : 0.0;
+    h->bias = torch::full({h->out_features()}, bias0,
+                          torch::dtype(torch::kFloat32).device(o.device))
                   .set_requires_grad(true);
   }));
+  if (o.kind == LabelKind::kRegression) {
+    h->loss_weight = 1.0 / std::max(o.label_std * o.label_std, 1e-6);
+  }
   return h;
+}
+
+TaskHead::Options TaskHead::Options::ForData(const Dataset& train, int64_t hidden_size,
+                                             uint64_t seed, torch::Device device) {
+  Options o;
+  o.kind = train.label_kind;
+  o.num_labels = train.num_labels();
+  o.hidden_size = hidden_size;
+  o.seed = seed;
+  o.device = device;
+  if (o.kind == LabelKind::kRegression && !train.examples.empty()) {
+    double sum = 0, sq = 0;
+    for (const Example& e : train.examples) sum += e.label_value;
+    const double n = static_cast<double>(train.examples.size());
+    o.label_mean = sum / n;
+    for (const Example& e : train.examples) sq += (e.label_value - o.label_mean) * (e.label_value - o.label_mean);
+    o.label_std = train.examples.size() > 1 ? std::sqrt(sq / (n - 1)) : 1.0;
+  }
+  return o;
 }
 
 absl::StatusOr<std::shared_ptr<TaskHead>> TaskHead::FromTensors(
@@ -63,7 +90,8 @@ torch::Tensor TaskHead::LossSum(const torch::Tensor& output, const torch::Tensor
   namespace F = torch::nn::functional;
   if (kind == LabelKind::kRegression) {
     return F::mse_loss(output.squeeze(-1), labels.to(output.scalar_type()),
-                       F::MSELossFuncOptions().reduction(torch::kSum));
+                       F::MSELossFuncOptions().reduction(torch::kSum)) *
+           loss_weight;
   }
   return F::cross_entropy(output, labels, F::CrossEntropyFuncOptions().reduction(torch::kSum));
 }

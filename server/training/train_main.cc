@@ -335,12 +335,7 @@ absl::Status Main() {
   std::vector<TrainTask> tasks;
   for (size_t i = 0; i < data.size(); ++i) {
     TaskData& d = data[i];
-    TaskHead::Options ho;
-    ho.kind = d.train.label_kind;
-    ho.num_labels = d.train.num_labels();
-    ho.hidden_size = bc.hidden_size;
-    ho.seed = o.seed + 1000 + i;
-    ho.device = device;
+    TaskHead::Options ho = TaskHead::Options::ForData(d.train, bc.hidden_size, o.seed + 1000 + i, device);
     TrainTask t;
     t.name = d.name;
     t.task_index = first_task_index + static_cast<int64_t>(i);

@@ -223,6 +223,33 @@ TEST(TrainerTest, RegressionTaskTrains) {
   EXPECT_EQ((*tr)->tasks()[0].primary_metric, "pearson_spearman");
 }
 
+TEST(TrainerTest, RegressionHeadStartsAtLabelMeanWithUnitScaleLoss) {
+  Dataset train = SyntheticDataset(128, 1, true);
+  for (size_t i = 0; i < train.examples.size(); ++i) {
+    train.examples[i].label_value = 3.0f + (i % 2 ? 2.0f : -2.0f);  // mean 3, std ~2
+  }
+  TaskHead::Options o = TaskHead::Options::ForData(train, 16, 1, torch::kCPU);
+  EXPECT_EQ(o.kind, LabelKind::kRegression);
+  EXPECT_NEAR(o.label_mean, 3.0, 1e-9);
+  EXPECT_NEAR(o.label_std, 2.0 * std::sqrt(128.0 / 127.0), 1e-6);
+  auto h = TaskHead::Create(o);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_FLOAT_EQ((*h)->bias.item<float>(), 3.0f);
+  // Predicting the mean for every row gives a loss of ~1 per row (the label
+  // variance divided by itself), not ~4.
+  torch::Tensor out = torch::full({128, 1}, 3.0f);
+  std::vector<float> labels;
+  for (const Example& e : train.examples) labels.push_back(e.label_value);
+  const double per_row = (*h)->LossSum(out, torch::tensor(labels)).item<double>() / 128.0;
+  EXPECT_NEAR(per_row, 127.0 / 128.0, 1e-4);
+  // Classification heads are unchanged: zero bias, unit loss weight.
+  TaskHead::Options c = TaskHead::Options::ForData(SyntheticDataset(32, 2, false), 16, 1, torch::kCPU);
+  auto hc = TaskHead::Create(c);
+  ASSERT_TRUE(hc.ok());
+  EXPECT_EQ((*hc)->loss_weight, 1.0);
+  EXPECT_EQ((*hc)->bias.abs().sum().item<float>(), 0.0f);
+}
+
 TEST(TrainerTest, EarlyStopsWithoutImprovement) {
   TrainerOptions o = BaseOptions();
   o.lr = 1e-12;  // predictions cannot change: the score never improves
