@@ -9,6 +9,8 @@
 #include <set>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/safetensors.h"
@@ -222,6 +224,293 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> FamilyTaskHead(const Loa
     return std::make_pair(sw->second[t].narrow(0, 0, n), sb->second[t].narrow(0, 0, n));
   }
   return absl::NotFoundError(absl::StrCat("family has no head for task '", name, "'"));
+}
+
+// ---------------------------------------------------------------------------
+// LoRA families.
+namespace {
+
+bool IsLlama(const LoraConfig& c) { return c.model.has_value() && c.model->family == "llama"; }
+
+// The module path of a projection inside one transformer layer.
+const char* PeftModule(Projection p, bool llama) {
+  switch (p) {
+    case Projection::kQuery: return llama ? "self_attn.q_proj" : "attention.self.query";
+    case Projection::kKey: return llama ? "self_attn.k_proj" : "attention.self.key";
+    case Projection::kValue: return llama ? "self_attn.v_proj" : "attention.self.value";
+    case Projection::kAttnOutput: return llama ? "self_attn.o_proj" : "attention.output.dense";
+    case Projection::kFfnUp: return llama ? "mlp.up_proj" : "intermediate.dense";
+    case Projection::kFfnDown: return llama ? "mlp.down_proj" : "output.dense";
+    case Projection::kGate: return "mlp.gate_proj";
+  }
+  return "";
+}
+
+// The shortest target_modules entry that names the projection's module
+// (PEFT matches a name when the module's path ends with "." + name).
+const char* PeftTarget(Projection p, bool llama) {
+  switch (p) {
+    case Projection::kQuery: return llama ? "q_proj" : "query";
+    case Projection::kKey: return llama ? "k_proj" : "key";
+    case Projection::kValue: return llama ? "v_proj" : "value";
+    default: return PeftModule(p, llama);
+  }
+}
+
+absl::Status CheckedFile(const nlohmann::json& files, const std::string& dir,
+                         const std::string& name, std::string* bytes) {
+  ASSIGN_OR_RETURN(*bytes, ReadFileToString(dir + "/" + name));
+  if (!files.is_object() || !files.contains(name)) return absl::OkStatus();
+  const auto& f = files[name];
+  if (!f.is_object() || !f.contains("bytes") || !f.contains("fnv1a64"))
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, "/", kFamilyMetaFile, ": field 'files.", name, "' needs bytes and fnv1a64"));
+  if (!f["bytes"].is_number_unsigned() || f["bytes"].get<uint64_t>() != bytes->size())
+    return absl::DataLossError(absl::StrCat(dir, "/", name, ": size ", bytes->size(),
+                                            " differs from family.json"));
+  if (!f["fnv1a64"].is_string() || f["fnv1a64"].get<std::string>() != Fnv1a64Hex(*bytes))
+    return absl::DataLossError(absl::StrCat(dir, "/", name, ": content hash differs from family.json"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+nlohmann::json LoraConfigJson(const LoraConfig& c) {
+  nlohmann::json j;
+  j["form"] = "lora";
+  j["rank"] = c.rank;
+  j["ranks"] = {c.rank};
+  j["alpha"] = c.alpha;
+  j["use_rslora"] = c.use_rslora;
+  std::vector<std::string> p;
+  for (Projection x : c.projections) p.push_back(ProjectionName(x));
+  j["projections"] = p;
+  j["layers"] = c.layers;
+  j["num_layers"] = c.num_layers;
+  j["d_in"] = c.hidden_size;
+  j["d_out"] = c.hidden_size;
+  j["d_ffn"] = c.intermediate_size;
+  if (c.model.has_value()) j["model_family"] = c.model->family;
+  return j;
+}
+
+absl::StatusOr<std::map<std::string, std::string>> PeftFiles(const LoraAdapter& adapter,
+                                                            const std::string& base_model_id) {
+  const LoraConfig& c = adapter.config();
+  const bool llama = IsLlama(c);
+  // PEFT wraps the transformers model as base_model.model; a Llama adapter is
+  // for LlamaForCausalLM (its decoder is .model), an encoder's for BertModel.
+  const std::string prefix = llama ? "base_model.model.model.layers." : "base_model.model.encoder.layer.";
+  std::map<std::string, torch::Tensor> tensors;
+  RETURN_IF_ERROR(TorchTry("peft tensors", [&] {
+    for (const auto& [key, f] : adapter.factors()) {
+      const std::string m = absl::StrCat(prefix, key.first, ".", PeftModule(key.second, llama));
+      tensors[m + ".lora_A.weight"] = f.a.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+      tensors[m + ".lora_B.weight"] = f.b.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    }
+  }));
+  ASSIGN_OR_RETURN(std::string weights, SerializeSafetensors(tensors, {{"format", "pt"}}));
+
+  std::set<Projection> adapted(c.projections.begin(), c.projections.end());
+  const std::vector<int> layers = c.AdaptedLayers();
+  const bool all_layers = static_cast<int64_t>(layers.size()) == c.num_layers;
+  // "output.dense" also ends "attention.output.dense": a list would adapt O too.
+  const bool ambiguous = !llama && adapted.count(Projection::kFfnDown) &&
+                         !adapted.count(Projection::kAttnOutput);
+  nlohmann::json cfg;
+  if (all_layers && !ambiguous) {
+    std::vector<std::string> targets;
+    for (Projection p : c.projections) targets.push_back(PeftTarget(p, llama));
+    cfg["target_modules"] = targets;
+  } else {  // an exact regular expression (PEFT full-matches a string)
+    std::vector<std::string> mods, ls;
+    for (Projection p : c.projections)
+      mods.push_back(absl::StrReplaceAll(PeftModule(p, llama), {{".", "\\."}}));
+    for (int l : layers) ls.push_back(absl::StrCat(l));
+    cfg["target_modules"] =
+        absl::StrCat("(.*\\.)?", llama ? "layers" : "encoder\\.layer", "\\.(",
+                     absl::StrJoin(ls, "|"), ")\\.(", absl::StrJoin(mods, "|"), ")");
+  }
+  cfg["peft_type"] = "LORA";
+  cfg["task_type"] = nullptr;
+  cfg["r"] = c.rank;
+  cfg["lora_alpha"] = c.alpha;
+  cfg["use_rslora"] = c.use_rslora;
+  cfg["lora_dropout"] = 0.0;
+  cfg["bias"] = "none";
+  cfg["fan_in_fan_out"] = false;
+  cfg["use_dora"] = false;
+  cfg["init_lora_weights"] = true;
+  cfg["inference_mode"] = true;
+  cfg["modules_to_save"] = nullptr;
+  cfg["base_model_name_or_path"] = base_model_id;
+  return std::map<std::string, std::string>{{kPeftConfigFile, cfg.dump(2) + "\n"},
+                                            {kPeftWeightsFile, std::move(weights)}};
+}
+
+absl::Status SaveLoraFamily(const std::string& dir, const LoraAdapter& adapter,
+                            const std::vector<std::string>& task_names,
+                            const std::map<std::string, torch::Tensor>& heads,
+                            const std::string& base_model_id,
+                            const std::string& base_config_fingerprint,
+                            const nlohmann::json& extra) {
+  if (!extra.is_null() && !extra.is_object())
+    return absl::InvalidArgumentError("save lora family: extra must be a JSON object");
+  if (task_names.empty()) return absl::InvalidArgumentError("save lora family: no task");
+  std::set<std::string> seen;
+  std::map<std::string, torch::Tensor> head_tensors;
+  for (const auto& n : task_names) {
+    if (n.empty() || !seen.insert(n).second)
+      return absl::InvalidArgumentError(
+          absl::StrCat("save lora family: task name '", n, "' is empty or repeats"));
+    for (const char* part : {".weight", ".bias"}) {
+      auto it = heads.find(n + part);
+      if (it == heads.end() || !it->second.defined())
+        return absl::InvalidArgumentError(
+            absl::StrCat("save lora family: head '", n, part, "' is missing"));
+      head_tensors[n + part] = it->second.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+    }
+  }
+  ASSIGN_OR_RETURN(auto files, PeftFiles(adapter, base_model_id));
+  ASSIGN_OR_RETURN(files[kFamilyHeadsFile], SerializeSafetensors(head_tensors));
+  nlohmann::json j;
+  j["format_version"] = kFamilyFormatVersion;
+  j["config"] = LoraConfigJson(adapter.config());
+  j["scale"] = adapter.scale();
+  nlohmann::json tasks = nlohmann::json::array();
+  for (size_t i = 0; i < task_names.size(); ++i)
+    tasks.push_back({{"name", task_names[i]}, {"index", i}});
+  j["tasks"] = tasks;
+  std::vector<std::string> head_names;
+  for (const auto& [name, t] : head_tensors) head_names.push_back(name);
+  j["heads"] = head_names;
+  j["heads_file"] = kFamilyHeadsFile;
+  j["base_model_id"] = base_model_id;
+  j["base_config_fingerprint"] = base_config_fingerprint;
+  nlohmann::json fj = nlohmann::json::object();
+  for (const auto& [name, bytes] : files)
+    fj[name] = {{"bytes", bytes.size()}, {"fnv1a64", Fnv1a64Hex(bytes)}};
+  j["files"] = fj;
+  if (!extra.is_null()) j["extra"] = extra;
+  RETURN_IF_ERROR(EnsureDir(dir));
+  for (const auto& [name, bytes] : files) RETURN_IF_ERROR(WriteFileAtomically(dir + "/" + name, bytes));
+  return WriteFileAtomically(dir + "/" + kMetaFile, j.dump(2) + "\n");  // the commit point
+}
+
+bool IsLoraFamilyDir(const std::string& dir) {
+  struct stat st;
+  return ::stat((dir + "/" + kPeftConfigFile).c_str(), &st) == 0;
+}
+
+absl::StatusOr<LoadedLoraFamily> LoadLoraFamily(const std::string& dir,
+                                                const std::string& expected_fingerprint,
+                                                const LoadPeftOptions& options) {
+  LoadedLoraFamily out;
+  const std::string meta_path = dir + "/" + kMetaFile;
+  nlohmann::json j;
+  struct stat st;
+  out.has_family_json = ::stat(meta_path.c_str(), &st) == 0;
+  LoadPeftOptions opts = options;
+  if (out.has_family_json) {
+    ASSIGN_OR_RETURN(std::string text, ReadFileToString(meta_path));
+    j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    auto bad = [&](const std::string& f, const std::string& why) {
+      return absl::InvalidArgumentError(absl::StrCat(meta_path, ": field '", f, "' ", why));
+    };
+    if (j.is_discarded() || !j.is_object())
+      return absl::InvalidArgumentError(absl::StrCat(meta_path, ": not valid JSON"));
+    if (!j.contains("format_version") || !j["format_version"].is_number_integer())
+      return bad("format_version", "is missing");
+    if (j["format_version"].get<int>() != kFamilyFormatVersion)
+      return absl::FailedPreconditionError(
+          absl::StrCat(meta_path, ": format_version ", j["format_version"].get<int>(),
+                       " is not supported (this build reads ", kFamilyFormatVersion, ")"));
+    if (!j.contains("config") || !j["config"].is_object() ||
+        j["config"].value("form", std::string()) != "lora")
+      return bad("config.form", "must be \"lora\" beside a PEFT adapter");
+    if (!j.contains("base_config_fingerprint") || !j["base_config_fingerprint"].is_string())
+      return bad("base_config_fingerprint", "must be a string");
+    out.base_config_fingerprint = j["base_config_fingerprint"].get<std::string>();
+    if (!expected_fingerprint.empty() && !out.base_config_fingerprint.empty() &&
+        out.base_config_fingerprint != expected_fingerprint)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "family ", dir, " was trained on base config fingerprint '",
+          out.base_config_fingerprint, "' but the loaded base model has fingerprint '",
+          expected_fingerprint, "'"));
+    if (!j.contains("tasks") || !j["tasks"].is_array() || j["tasks"].empty())
+      return bad("tasks", "must be a non-empty list");
+    for (size_t i = 0; i < j["tasks"].size(); ++i) {
+      const auto& t = j["tasks"][i];
+      if (!t.is_object() || !t.contains("name") || !t["name"].is_string() ||
+          !t.contains("index") || !t["index"].is_number_integer() ||
+          t["index"].get<size_t>() != i)
+        return bad("tasks", absl::StrCat("entry ", i, " needs a name and index ", i));
+      out.task_names.push_back(t["name"].get<std::string>());
+    }
+    if (j.contains("extra")) {
+      if (!j["extra"].is_object()) return bad("extra", "must be an object");
+      out.extra = j["extra"];
+    }
+    const auto& cfg = j["config"];
+    if (opts.num_layers <= 0 && cfg.contains("num_layers") && cfg["num_layers"].is_number_integer())
+      opts.num_layers = cfg["num_layers"].get<int64_t>();
+    const nlohmann::json files = j.value("files", nlohmann::json());
+    std::string unused;
+    for (const char* f : {kPeftConfigFile, kPeftWeightsFile, kFamilyHeadsFile})
+      RETURN_IF_ERROR(CheckedFile(files, dir, f, &unused));
+  }
+  ASSIGN_OR_RETURN(out.adapter, LoadPeftAdapter(dir, opts));
+  // The MLP width comes from the factors only when an FFN projection is
+  // adapted; family.json records it (the geometry's FFN group width).
+  if (out.has_family_json && !opts.model.has_value()) {
+    LoraConfig c = out.adapter->config();
+    const auto& cfg = j["config"];
+    if (c.intermediate_size == 0 && cfg.contains("d_ffn") && cfg["d_ffn"].is_number_integer() &&
+        cfg["d_ffn"].get<int64_t>() > 0) {
+      c.intermediate_size = cfg["d_ffn"].get<int64_t>();
+      std::map<LoraAdapter::Key, LoraAdapter::Factors> f = out.adapter->factors();
+      ASSIGN_OR_RETURN(out.adapter, LoraAdapter::FromFactors(c, std::move(f)));
+    }
+  }
+  const std::string heads_path = dir + "/" + kFamilyHeadsFile;
+  ASSIGN_OR_RETURN(SafetensorsFile heads, ReadSafetensors(heads_path));
+  std::set<std::string> names;
+  for (const auto& [k, t] : heads.tensors) {
+    std::string task;
+    if (absl::EndsWith(k, ".weight")) {
+      task = k.substr(0, k.size() - 7);
+    } else if (absl::EndsWith(k, ".bias")) {
+      task = k.substr(0, k.size() - 5);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          heads_path, ": tensor '", k, "' is not '<task>.weight' or '<task>.bias'"));
+    }
+    if (task.empty())
+      return absl::InvalidArgumentError(absl::StrCat(heads_path, ": tensor '", k, "' names no task"));
+    names.insert(task);
+  }
+  if (!out.has_family_json) out.task_names.assign(names.begin(), names.end());
+  if (out.task_names.empty())
+    return absl::InvalidArgumentError(absl::StrCat(heads_path, ": no head"));
+  const int64_t hidden = out.adapter->config().hidden_size;
+  for (const auto& n : out.task_names) {
+    auto w = heads.tensors.find(n + ".weight");
+    auto b = heads.tensors.find(n + ".bias");
+    if (w == heads.tensors.end() || b == heads.tensors.end())
+      return absl::InvalidArgumentError(
+          absl::StrCat(heads_path, ": task '", n, "' needs '", n, ".weight' and '", n, ".bias'"));
+    if (w->second.dim() != 2 || !w->second.is_floating_point() || w->second.size(0) < 1 ||
+        (hidden > 0 && w->second.size(1) != hidden))
+      return absl::InvalidArgumentError(absl::StrCat(
+          heads_path, ": '", n, ".weight' must be [num_labels, ", hidden, "], is ",
+          c10::str(w->second.sizes())));
+    if (b->second.dim() != 1 || b->second.size(0) != w->second.size(0))
+      return absl::InvalidArgumentError(absl::StrCat(heads_path, ": '", n, ".bias' must be [",
+                                                     w->second.size(0), "]"));
+    out.heads[n + ".weight"] = w->second.to(torch::kFloat32);
+    out.heads[n + ".bias"] = b->second.to(torch::kFloat32);
+  }
+  return out;
 }
 
 }  // namespace metatt

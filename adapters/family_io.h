@@ -32,6 +32,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
 
 namespace metatt {
@@ -72,5 +73,53 @@ absl::StatusOr<LoadedFamily> LoadFamily(
     const std::string& dir, const std::string& expected_fingerprint,
     torch::Device device = torch::kCPU,
     MetaTTAdapter::Leaves leaves = MetaTTAdapter::Leaves::kTrainable);
+
+// ---------------------------------------------------------------------------
+// LoRA families (adapters/FORMAT.md "LoRA families"): a PEFT folder
+// (adapter_config.json + adapter_model.safetensors, PEFT's key names for a
+// transformers BertModel or LlamaModel) with heads.safetensors ("<task>.weight"
+// [n, D], "<task>.bias" [n]) and family.json (format_version 1, config.form
+// "lora", tasks, fingerprint, the files' sizes and hashes, `extra`) beside it.
+inline constexpr char kPeftConfigFile[] = "adapter_config.json";
+inline constexpr char kPeftWeightsFile[] = "adapter_model.safetensors";
+inline constexpr char kFamilyHeadsFile[] = "heads.safetensors";
+
+// The two PEFT files of `adapter` (name -> bytes). target_modules is a list of
+// module names, or an exact regular expression when a list would also match
+// modules that are not adapted (ffn_down without o; a subset of layers).
+absl::StatusOr<std::map<std::string, std::string>> PeftFiles(const LoraAdapter& adapter,
+                                                            const std::string& base_model_id);
+
+// The LoRA config as family.json / the store record show it (form "lora").
+nlohmann::json LoraConfigJson(const LoraConfig& config);
+
+// `heads`: "<task>.weight" / "<task>.bias" for every task in `task_names`.
+absl::Status SaveLoraFamily(const std::string& dir, const LoraAdapter& adapter,
+                            const std::vector<std::string>& task_names,
+                            const std::map<std::string, torch::Tensor>& heads,
+                            const std::string& base_model_id,
+                            const std::string& base_config_fingerprint,
+                            const nlohmann::json& extra = nlohmann::json());
+
+struct LoadedLoraFamily {
+  std::unique_ptr<LoraAdapter> adapter;
+  std::vector<std::string> task_names;         // index = task index
+  std::map<std::string, torch::Tensor> heads;  // "<task>.weight" / ".bias"
+  std::string base_config_fingerprint;         // "" for a PEFT folder without family.json
+  nlohmann::json extra;                        // null when absent
+  bool has_family_json = false;
+};
+
+// True when `dir` holds a LoRA family or a PEFT folder (adapter_config.json).
+bool IsLoraFamilyDir(const std::string& dir);
+// Reads a LoRA family, or a PEFT LoRA folder trained elsewhere with
+// heads.safetensors beside it (family.json optional: tasks are then the
+// heads' names in sorted order). Checks format_version, the fingerprint
+// (FAILED_PRECONDITION naming both), the recorded sizes and hashes, and
+// that every head reads the adapter's hidden width. `options` as
+// LoadPeftAdapter's (the base model's dimensions when known).
+absl::StatusOr<LoadedLoraFamily> LoadLoraFamily(const std::string& dir,
+                                                const std::string& expected_fingerprint,
+                                                const LoadPeftOptions& options = {});
 
 }  // namespace metatt

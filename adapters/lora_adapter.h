@@ -83,6 +83,8 @@ class LoraAdapter : public EncoderAdapter {
   double scale() const { return scale_; }
   // "layer.<l>.<proj>.lora_A" / ".lora_B".
   std::vector<std::pair<std::string, torch::Tensor>> NamedParameters() const;
+  // Every adapted (layer, projection)'s factors (the live leaves).
+  const std::map<Key, Factors>& factors() const { return factors_; }
   std::vector<torch::Tensor> TrainableParameters() const;
   int64_t NumParameters() const;
   // s . A^T . B^T as [D_in, D_out] (delta = x . DenseDelta); for tests.

@@ -40,8 +40,8 @@ absl::Status ValidateDatasetName(absl::string_view name, absl::string_view field
 }
 
 absl::Status ValidateAdapterForm(absl::string_view form, absl::string_view field) {
-  if (form == "4d" || form == "5d" || form == "4+1d") return absl::OkStatus();
-  return Bad(field, absl::StrCat("'", form, "' is not one of 4d, 5d, 4+1d"));
+  if (form == "4d" || form == "5d" || form == "4+1d" || form == "lora") return absl::OkStatus();
+  return Bad(field, absl::StrCat("'", form, "' is not one of 4d, 5d, 4+1d, lora"));
 }
 
 absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
@@ -66,6 +66,12 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   }
   if (spec.kind == JobKind::kTrainFamily && spec.tasks.size() > 1 && form != "4+1d") {
     return Bad("spec.tasks", "several tasks in one family need form 4+1d (or one task)");
+  }
+  if (form == "lora" && a.ranks.size() > 1) {
+    return Bad("spec.adapter.ranks", "form lora takes one rank (r)");
+  }
+  if (form == "lora" && !a.init.empty() && a.init != "peft" && a.init != "random") {
+    return Bad("spec.adapter.init", absl::StrCat("'", a.init, "' is not one of peft, random (form lora)"));
   }
   if (spec.kind == JobKind::kAddTask && spec.tasks.size() != 1) {
     return Bad("spec.tasks", "an add-task job adds exactly one task");

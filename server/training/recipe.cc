@@ -13,9 +13,9 @@ std::string DefaultForm() { return "4+1d"; }
 // unset), the Python client (fields left unset). Why the values are what they
 // are: the README's Quality section.
 absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
-  if (form != "4d" && form != "5d" && form != "4+1d") {
+  if (form != "4d" && form != "5d" && form != "4+1d" && form != "lora") {
     return absl::InvalidArgumentError(
-        absl::StrCat("form: '", form, "' is not one of 4d, 5d, 4+1d"));
+        absl::StrCat("form: '", form, "' is not one of 4d, 5d, 4+1d, lora"));
   }
   Recipe r;
   r.form = std::string(form);
@@ -52,6 +52,18 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
   // Per-form differences (none yet).
   if (form == "4d") {
   } else if (form == "5d") {
+  } else if (form == "lora") {
+    // LoRA (the baseline, servable as a family): rank 8 on Q and V, alpha 16
+    // (s = 2, PEFT's usual pairing), PEFT's init (B = 0). lr 1e-3 was our
+    // LoRA's best in the H200 GLUE sweep (bench/results/README.md); the
+    // ranks field carries r, init is "peft" | "random".
+    r.ranks = {8};
+    r.projections = {"q", "v"};
+    r.alpha = 16;
+    r.init = "peft";
+    r.new_task_init = "";
+    r.learning_rate = 1e-3;
+    r.inner_lr_multiplier = 1.0;
   } else {  // 4+1d
   }
   return r;

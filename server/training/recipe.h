@@ -25,7 +25,7 @@ namespace metatt {
 // by DefaultRecipe() and by ResolveRecipe() from what a user set.
 struct Recipe {
   // Adapter.
-  std::string form;                      // 4d | 5d | 4+1d
+  std::string form;                      // 4d | 5d | 4+1d | lora
   std::vector<int64_t> ranks;            // one rank for every bond, or one per bond
   std::vector<std::string> projections;  // q k v o (and whatever the adapter accepts)
   std::string init;                      // core init spec, e.g. ze-id-id-id
@@ -72,6 +72,12 @@ struct RecipeOverrides {
 
 // The form a job or metatt-train uses when none is given.
 std::string DefaultForm();
+
+// Generation tasks on a decoder: tokens per example (prompt + completion)
+// when max_length is not set (the encoder recipe's max_length is sized for
+// sentence classification), and tokens generated per eval prompt.
+constexpr int64_t kDefaultDecoderMaxLength = 256;
+constexpr int64_t kDefaultDecoderMaxNewTokens = 32;
 
 // THE per-form defaults (server/training/recipe.cc). INVALID_ARGUMENT for a
 // form other than 4d, 5d, 4+1d.

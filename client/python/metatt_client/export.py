@@ -250,7 +250,7 @@ def load_family(path: Union[str, os.PathLike], check_hash: bool = True) -> MetaT
         if f not in meta:
             raise FormatError(f"{meta_path}: field '{f}' is missing")
     if meta["config"].get("form") == "lora":
-        return LoraFamily(meta, _read_safetensors(d / meta.get("heads_file", HEADS_FILE)))
+        return LoraFamily(meta, _read_safetensors(d / meta.get("heads_file", HEADS_FILE)), d)
     cores_path = d / meta.get("cores_file", CORES_FILE)
     data = cores_path.read_bytes()
     if check_hash:
@@ -267,7 +267,8 @@ class LoraFamily(MetaTTFamily):
     """A LoRA family's export: heads and task records here, the adapter in the
     PEFT files beside them (``peft.PeftModel.from_pretrained(base, path)``)."""
 
-    def __init__(self, meta: dict, heads: Dict[str, torch.Tensor]):
+    def __init__(self, meta: dict, heads: Dict[str, torch.Tensor], path: pathlib.Path):
+        self.path = path
         self.meta = meta
         self.config = meta["config"]
         self.form = "lora"
@@ -284,9 +285,18 @@ class LoraFamily(MetaTTFamily):
         self.projections = list(self.config.get("projections", []))
         self.layers = list(self.config.get("layers") or range(self.config.get("num_layers", 0)))
 
-    def delta(self, task, layer, projection):  # noqa: D102
-        raise NotImplementedError("a LoRA family's deltas are in the PEFT files: load them "
-                                  "with peft.PeftModel.from_pretrained")
+    def delta(self, task, layer, projection):
+        """s . A^T . B^T of one (layer, projection), [D_in, D_out] (every task
+        shares the LoRA), from the PEFT weights."""
+        from safetensors.torch import load_file
+        mod = BERT_MODULES[projection]
+        w = load_file(str(self.path / "adapter_model.safetensors"))
+        key = f"base_model.model.encoder.layer.{layer}.{mod}"
+        a, b = w[f"{key}.lora_A.weight"].double(), w[f"{key}.lora_B.weight"].double()
+        return self.scale * a.t() @ b.t()
 
-    def apply_to(self, model, task=0):  # noqa: D102
-        raise NotImplementedError("load a LoRA family with peft.PeftModel.from_pretrained")
+    def apply_to(self, model, task=0):
+        """The PEFT model: ``peft.PeftModel.from_pretrained(model, <this folder>)``
+        (the same LoRA for every task; the task picks the head)."""
+        from peft import PeftModel
+        return PeftModel.from_pretrained(model, str(self.path)).eval()
