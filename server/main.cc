@@ -66,6 +66,15 @@ ABSL_FLAG(std::string, head_dtype, "float32",
 ABSL_FLAG(int64_t, metrics_task_labels, 16,
           "distinct tasks that get their own label in metatt_predict_inputs_total (the first "
           "ones requested); later tasks count under task=\"other\"");
+ABSL_FLAG(int64_t, kv_cache_mb, 1024,
+          "decoder servers: KV-cache budget (MiB) of the sequences decoded together; a request "
+          "reserves (prompt + max_tokens) token slots and waits while the budget is full");
+ABSL_FLAG(int64_t, max_running_sequences, 32,
+          "decoder servers: sequences decoded together in one continuous batch");
+ABSL_FLAG(int64_t, max_generate_queue, 256,
+          "decoder servers: waiting Generate requests before RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, default_max_tokens, 256,
+          "decoder servers: max_tokens of a Generate request that gives none");
 ABSL_FLAG(int64_t, num_threads, 0, "torch intra-op threads (0 = torch default)");
 ABSL_FLAG(int64_t, shutdown_grace_ms, 5000, "time RPCs get to finish on SIGTERM/SIGINT");
 // Security (README "Security").
@@ -137,6 +146,10 @@ Server::Options OptionsFromFlags() {
   o.runtime.max_queue = absl::GetFlag(FLAGS_max_queue);
   o.runtime.base_only_inference = absl::GetFlag(FLAGS_inference_base_only);
   o.runtime.head_dtype = absl::GetFlag(FLAGS_head_dtype);
+  o.runtime.kv_cache_mb = absl::GetFlag(FLAGS_kv_cache_mb);
+  o.runtime.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
+  o.runtime.max_generate_queue = absl::GetFlag(FLAGS_max_generate_queue);
+  o.runtime.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
   o.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
   o.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
   o.metrics_task_labels = absl::GetFlag(FLAGS_metrics_task_labels);

@@ -18,6 +18,11 @@ prometheus::Counter& ServerMetrics::PredictRequests(const std::string& code) {
   return predict_requests_total.Add({{"code", code}});
 }
 
+prometheus::Counter& ServerMetrics::GenerateRequests(const std::string& code,
+                                                     const std::string& finish) {
+  return generate_requests_total.Add({{"code", code}, {"finish_reason", finish}});
+}
+
 void TaskLabels::SetLimit(int64_t k) {
   std::lock_guard<std::mutex> l(mu_);
   limit_ = k < 0 ? 0 : k;
@@ -95,8 +100,34 @@ std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
                         .Help("Predict RPCs being served right now")
                         .Register(r)
                         .Add({});
+  auto& gen_requests = BuildCounter()
+                           .Name("metatt_generate_requests_total")
+                           .Help("Generate RPCs by status code and finish reason")
+                           .Register(r);
+  auto& gen_tokens = BuildCounter()
+                         .Name("metatt_generated_tokens_total")
+                         .Help("Tokens generated (completion tokens of finished generations)")
+                         .Register(r)
+                         .Add({});
+  auto& prompt_tokens = BuildCounter()
+                            .Name("metatt_generate_prompt_tokens_total")
+                            .Help("Prompt tokens of finished generations")
+                            .Register(r)
+                            .Add({});
+  auto& ttft = BuildHistogram()
+                   .Name("metatt_time_to_first_token_seconds")
+                   .Help("Generate: time from queueing to the first token")
+                   .Register(r)
+                   .Add({}, Histogram::BucketBoundaries{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                        2.5, 5, 10, 30});
+  auto& gen_in_flight = BuildGauge()
+                            .Name("metatt_generate_in_flight")
+                            .Help("Generate RPCs being served right now")
+                            .Register(r)
+                            .Add({});
   m->metrics_.reset(new ServerMetrics{jobs, steps, loss, eps, predict, latency, batch, batch_tasks,
-                                      inputs, in_flight, m->task_labels_.get()});
+                                      inputs, in_flight, gen_requests, gen_tokens, prompt_tokens,
+                                      ttft, gen_in_flight, m->task_labels_.get()});
   for (auto s : {JobState::kQueued, JobState::kValidating, JobState::kRunning, JobState::kSucceeded,
                  JobState::kFailed, JobState::kCancelled}) {
     m->metrics_->JobsIn(s).Set(0);

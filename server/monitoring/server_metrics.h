@@ -52,10 +52,17 @@ struct ServerMetrics {
   prometheus::Histogram& batch_tasks;  // metatt_batch_tasks (distinct tasks per batch)
   prometheus::Family<prometheus::Counter>& predict_inputs_total;  // {task, code}
   prometheus::Gauge& predict_in_flight;  // metatt_predict_in_flight (Predict RPCs being served)
+  // Generation (decoder servers).
+  prometheus::Family<prometheus::Counter>& generate_requests_total;  // {code, finish_reason}
+  prometheus::Counter& generated_tokens_total;  // metatt_generated_tokens_total
+  prometheus::Counter& prompt_tokens_total;     // metatt_generate_prompt_tokens_total
+  prometheus::Histogram& time_to_first_token_seconds;  // metatt_time_to_first_token_seconds
+  prometheus::Gauge& generate_in_flight;        // metatt_generate_in_flight
 
   // Convenience: the gauge of one job state / one status code.
   prometheus::Gauge& JobsIn(JobState s);
   prometheus::Counter& PredictRequests(const std::string& code);
+  prometheus::Counter& GenerateRequests(const std::string& code, const std::string& finish);
   // One Predict input of `task` ("family/task") ended with `code`; the task
   // label is bounded (see above). Thread-safe.
   void CountPredictInput(const std::string& task, const std::string& code);

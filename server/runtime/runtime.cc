@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "server/runtime/base_model.h"
+#include "server/runtime/generator.h"
 #include "server/runtime/job_executor.h"
 #include "server/runtime/predictor.h"
 #include "server/runtime/scheduler.h"
@@ -29,6 +31,55 @@ FamilyInfo ToInfo(const std::shared_ptr<const PublishedFamily>& f) {
   return info;
 }
 
+// Predict on a decoder server: refused, naming the model kind (the rule
+// lives in one place; the service only maps the status).
+class WrongKindPredictor : public Predictor {
+ public:
+  explicit WrongKindPredictor(std::string kind) : kind_(std::move(kind)) {}
+  absl::StatusOr<std::vector<PredictOutput>> Predict(const std::vector<PredictInput>&,
+                                                     int64_t) override {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Predict: this server holds a ", kind_,
+        " base model, which generates text: use Generate (Predict needs a server started "
+        "with an encoder --model_dir)"));
+  }
+
+ private:
+  std::string kind_;
+};
+
+// Generate on an encoder server: refused, naming the model kind.
+class WrongKindGenerator : public Generator {
+ public:
+  explicit WrongKindGenerator(std::string kind) : kind_(std::move(kind)) {}
+  absl::Status Generate(const GenerateParams&, int64_t, const std::function<bool()>&,
+                        const std::function<bool(const GenerateChunk&)>&) override {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Generate: this server holds an ", kind_,
+        " base model, which classifies and scores text: use Predict (Generate needs a server "
+        "started with a decoder --model_dir, e.g. models/SmolLM2-135M-Instruct)"));
+  }
+
+ private:
+  std::string kind_;
+};
+
+// Training jobs on a decoder server until the job executor trains
+// generation tasks (issue 18, training part): refused, naming the model kind.
+class DecoderJobGate : public JobExecutor {
+ public:
+  explicit DecoderJobGate(std::string kind) : kind_(std::move(kind)) {}
+  absl::Status Start(const JobRecord&, EmitFn) override {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "jobs: this server holds a ", kind_,
+        " base model; training generation tasks is not available on it yet"));
+  }
+  void Cancel(const std::string&) override {}
+
+ private:
+  std::string kind_;
+};
+
 class RuntimeImpl : public Runtime, public AdapterCatalog {
  public:
   absl::Status Init(const RuntimeOptions& options, Store* store) {
@@ -36,14 +87,9 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     if (options.num_threads > 0) torch::set_num_threads(static_cast<int>(options.num_threads));
     ASSIGN_OR_RETURN(const std::string model_dir, ResolveModelDir(options.model_dir));
     ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
-    BertEncoder::Options eo;
-    eo.model_dir = model_dir;
-    eo.device = device;
-    ASSIGN_OR_RETURN(std::shared_ptr<BertEncoder> encoder, BertEncoder::Create(eo));
-    ASSIGN_OR_RETURN(WordPieceTokenizer tok, WordPieceTokenizer::Create(model_dir));
-    auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(tok));
+    ASSIGN_OR_RETURN(model_, BaseModel::Load(model_dir, device));
     device_ = device.str();
-    fingerprint_ = encoder->config().Fingerprint();
+    fingerprint_ = model_->fingerprint;
 
     AdapterRegistry::Options ro;
     ro.data_dir = options.data_dir;
@@ -59,22 +105,61 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     so.max_queue = options.max_queue;
     so.train_share = options.train_share;
     so.base_only = options.base_only_inference;
-    ASSIGN_OR_RETURN(scheduler_, DeviceScheduler::Create(so, encoder));
+    ASSIGN_OR_RETURN(scheduler_, DeviceScheduler::Create(so, model_));
 
-    ScheduledPredictor::Options po;
-    po.max_inputs = options.max_predict_inputs;
-    predictor_ = std::make_unique<ScheduledPredictor>(po, registry_.get(), scheduler_.get(),
-                                                      tokenizer);
     RuntimeJobExecutor::Options jo;
     jo.max_eval_examples = options.max_eval_examples;
-    executor_ = std::make_unique<RuntimeJobExecutor>(jo, store, registry_.get(), scheduler_.get(),
-                                                     MakeBatchTokenizer(tokenizer));
+    if (model_->is_decoder()) {
+      predictor_ = std::make_unique<WrongKindPredictor>(model_->kind_name());
+      // The job executor finds the decoder, its BPE tokenizer, geometry and
+      // fingerprint in scheduler_->base_model().
+      executor_ = std::make_unique<DecoderJobGate>(model_->kind_name());
+      ContinuousBatcher::Options go;
+      go.kv_cache_mb = options.kv_cache_mb;
+      go.max_running = options.max_running_sequences;
+      go.max_queue = options.max_generate_queue;
+      go.default_max_tokens = options.default_max_tokens;
+      AdapterRegistry* registry = registry_.get();
+      auto resolve = [registry](const std::string& family, int64_t version,
+                                const std::string& task) {
+        return registry->Resolve(family, version, task, -1);
+      };
+      const std::string kind = model_->kind_name(), fingerprint = fingerprint_;
+      // A family in the store that this server did not load: trained on
+      // another base model (e.g. an encoder family on a decoder server).
+      auto kind_check = [store, kind, fingerprint](const std::string& family) -> absl::Status {
+        absl::StatusOr<FamilyVersionRecord> r = store->GetFamilyVersion(family, 0);
+        if (!r.ok() || r->base_model_fingerprint == fingerprint) return absl::OkStatus();
+        const bool encoder = r->config_json.find("\"llama\"") == std::string::npos;
+        return absl::FailedPreconditionError(absl::StrCat(
+            "family '", family, "' was trained on another base model",
+            encoder ? " (an encoder family: use Predict on an encoder server)" : "",
+            "; this server holds a ", kind, " base model"));
+      };
+      ASSIGN_OR_RETURN(generator_, ContinuousBatcher::Create(go, model_, scheduler_.get(),
+                                                             resolve, kind_check));
+    } else {
+      wrong_generator_ = std::make_unique<WrongKindGenerator>(model_->kind_name());
+      ScheduledPredictor::Options po;
+      po.max_inputs = options.max_predict_inputs;
+      predictor_ = std::make_unique<ScheduledPredictor>(po, registry_.get(), scheduler_.get(),
+                                                        model_->wordpiece);
+      executor_ = std::make_unique<RuntimeJobExecutor>(jo, store, registry_.get(),
+                                                       scheduler_.get(),
+                                                       MakeBatchTokenizer(model_->wordpiece));
+    }
     return absl::OkStatus();
   }
 
   ~RuntimeImpl() override { Shutdown(); }
 
   Predictor* predictor() override { return predictor_.get(); }
+  Generator* generator() override {
+    return generator_ ? static_cast<Generator*>(generator_.get()) : wrong_generator_.get();
+  }
+  void SetGenerationObserver(std::function<void(const GenerationStats&)> observer) override {
+    if (generator_) generator_->SetObserver(std::move(observer));
+  }
   JobExecutor* job_executor() override { return executor_.get(); }
   AdapterCatalog* catalog() override { return this; }
 
@@ -126,10 +211,14 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
   void SetBatchObserver(BatchObserver observer) override {
     scheduler_->SetBatchObserver(std::move(observer));
   }
-  int64_t QueueDepth() override { return scheduler_->queue_depth(); }
+  int64_t QueueDepth() override {
+    return scheduler_->queue_depth() + (generator_ ? generator_->queued() : 0);
+  }
   int64_t ResidentTasks() override { return registry_->ResidentTasks(); }
   int64_t DeviceMemoryBytes() override { return 0; }
 
+  ModelKind model_kind() const override { return model_->kind; }
+  std::string model_kind_name() const override { return model_->kind_name(); }
   std::string device() const override { return device_; }
   std::string base_model_fingerprint() const override { return fingerprint_; }
   const std::vector<std::string>& load_warnings() const override { return warnings_; }
@@ -141,12 +230,17 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
  private:
   std::string device_, fingerprint_;
   std::vector<std::string> warnings_;
+  std::shared_ptr<const BaseModel> model_;
   // Destruction order: executor and predictor before the scheduler, the
   // scheduler (joins the device thread) before the registry.
   std::unique_ptr<AdapterRegistry> registry_;
   std::unique_ptr<DeviceScheduler> scheduler_;
-  std::unique_ptr<ScheduledPredictor> predictor_;
-  std::unique_ptr<RuntimeJobExecutor> executor_;
+  std::unique_ptr<Predictor> predictor_;
+  // The batcher outlives the scheduler's loop: Shutdown() (the destructor)
+  // joins the device thread before the members are destroyed.
+  std::unique_ptr<ContinuousBatcher> generator_;
+  std::unique_ptr<WrongKindGenerator> wrong_generator_;
+  std::unique_ptr<JobExecutor> executor_;
 };
 
 }  // namespace

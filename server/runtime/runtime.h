@@ -10,12 +10,15 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "server/runtime/batch_stats.h"
+#include "server/runtime/generator_api.h"
+#include "server/runtime/model_kind.h"
 #include "server/runtime/predictor_api.h"
 #include "server/jobs/adapter_catalog.h"
 #include "server/store/job_types.h"
@@ -35,6 +38,13 @@ struct RuntimeOptions {
   int64_t max_eval_examples = 2000;   // per evaluation during training
   int64_t num_threads = 0;       // torch intra-op threads (0 = torch default)
   bool base_only_inference = false;  // benchmark baseline: Predict skips the adapter
+  // Generation (decoder servers): KV-cache budget of the running sequences,
+  // sequences decoded together, waiting requests before RESOURCE_EXHAUSTED,
+  // and max_tokens when a request gives none.
+  int64_t kv_cache_mb = 1024;
+  int64_t max_running_sequences = 32;
+  int64_t max_generate_queue = 256;
+  int64_t default_max_tokens = 256;
   // Resident stacked task heads: float32 | float16 | bfloat16 (files on disk
   // stay float32; AdapterRegistry::Options::head_dtype).
   std::string head_dtype = "float32";
@@ -53,12 +63,20 @@ struct FamilyInfo {
 class Runtime {
  public:
   virtual ~Runtime() = default;
-  // Loads the base model and tokenizer, reloads every published family
+  // Loads the base model and tokenizer (config.json model_type "llama": a
+  // decoder server, BaseModel in base_model.h; else an encoder), reloads every published family
   // (warnings for skipped ones in load_warnings()), starts the device thread.
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(const RuntimeOptions& options,
                                                          Store* store);
 
   virtual Predictor* predictor() = 0;
+  // Generate: the continuous batcher on a decoder server; on an encoder
+  // server every call is FAILED_PRECONDITION naming the model kind.
+  virtual Generator* generator() = 0;
+  // Once per finished generation (metrics).
+  virtual void SetGenerationObserver(std::function<void(const GenerationStats&)> observer) {
+    (void)observer;
+  }
   virtual JobExecutor* job_executor() = 0;
   // DeleteTask (task slices after the removed one move down one index),
   // ExportFamily / ImportFamily with the files "adapter.safetensors"
@@ -84,6 +102,10 @@ class Runtime {
   virtual int64_t ResidentTasks() = 0;  // tasks of the latest versions in memory
   virtual int64_t DeviceMemoryBytes() = 0;  // CUDA allocated bytes; 0 on CPU
 
+  // The one base model this process holds: an encoder serves Predict, a
+  // decoder Generate; the other RPC is FAILED_PRECONDITION naming the kind.
+  virtual ModelKind model_kind() const = 0;
+  virtual std::string model_kind_name() const = 0;  // "encoder (bert)", "decoder (llama)"
   virtual std::string device() const = 0;  // "cpu", "cuda:0"
   virtual std::string base_model_fingerprint() const = 0;
   virtual const std::vector<std::string>& load_warnings() const = 0;

@@ -96,6 +96,12 @@ absl::Status ForwardFamilyRows(const BertEncoder& encoder, const PublishedFamily
 absl::StatusOr<std::unique_ptr<DeviceScheduler>> DeviceScheduler::Create(
     const Options& options, std::shared_ptr<const BertEncoder> encoder) {
   if (encoder == nullptr) return absl::InvalidArgumentError("scheduler: encoder is null");
+  return Create(options, BaseModel::Encoder(std::move(encoder), nullptr));
+}
+
+absl::StatusOr<std::unique_ptr<DeviceScheduler>> DeviceScheduler::Create(
+    const Options& options, std::shared_ptr<const BaseModel> model) {
+  if (model == nullptr) return absl::InvalidArgumentError("scheduler: base model is null");
   if (options.max_batch_size < 1) {
     return absl::InvalidArgumentError("max_batch_size: must be >= 1");
   }
@@ -104,7 +110,7 @@ absl::StatusOr<std::unique_ptr<DeviceScheduler>> DeviceScheduler::Create(
   }
   if (options.max_queue < 1) return absl::InvalidArgumentError("max_queue: must be >= 1");
   if (options.train_share < 1) return absl::InvalidArgumentError("train_share: must be >= 1");
-  std::unique_ptr<DeviceScheduler> s(new DeviceScheduler(options, std::move(encoder)));
+  std::unique_ptr<DeviceScheduler> s(new DeviceScheduler(options, std::move(model)));
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
 }
@@ -123,6 +129,10 @@ void DeviceScheduler::Shutdown() {
 absl::Status DeviceScheduler::Submit(std::shared_ptr<InferenceRequest> request) {
   const int64_t n = static_cast<int64_t>(request->rows.size());
   if (n == 0) return absl::InvalidArgumentError("inputs: empty");
+  if (encoder_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this server holds a ", model_->kind_name(), " base model: Predict needs an encoder"));
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_) return absl::UnavailableError("the device scheduler is shutting down");
@@ -175,6 +185,19 @@ absl::Status DeviceScheduler::RunOnDevice(std::function<void()> fn) {
   cv_.notify_all();
   done->WaitForNotification();
   return absl::OkStatus();
+}
+
+void DeviceScheduler::SetStepWork(StepWork* work) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    step_work_ = work;
+  }
+  cv_.notify_all();
+}
+
+void DeviceScheduler::Wake() {
+  { std::lock_guard<std::mutex> l(mu_); }
+  cv_.notify_all();
 }
 
 void DeviceScheduler::SetBatchObserver(BatchObserver observer) {
@@ -288,10 +311,12 @@ void DeviceScheduler::Loop() {
     std::vector<std::shared_ptr<InferenceRequest>> batch;
     std::shared_ptr<TrainingTask> job;
     std::deque<std::function<void()>> calls;
+    StepWork* step = nullptr;
     {
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait(l, [&] {
-        return stop_ || !queue_.empty() || !jobs_.empty() || !device_calls_.empty();
+        return stop_ || !queue_.empty() || !jobs_.empty() || !device_calls_.empty() ||
+               (step_work_ != nullptr && step_work_->HasWork());
       });
       if (stop_) break;
       bool window = !queue_.empty() && jobs_.empty() && device_calls_.empty() &&
@@ -319,12 +344,14 @@ void DeviceScheduler::Loop() {
       batch = TakeBatchLocked();
       calls.swap(device_calls_);
       if (!jobs_.empty()) job = jobs_.front();
+      if (step_work_ != nullptr && step_work_->HasWork()) step = step_work_;
     }
     for (auto& fn : calls) fn();
     if (!batch.empty()) {
       RunBatch(batch);
       batch.clear();  // release the requests (and their family versions) now
     }
+    if (step != nullptr) step->RunStep();
     if (job == nullptr) continue;
     for (int64_t i = 0; i < options_.train_share; ++i) {
       const bool more = job->Step();
@@ -335,14 +362,19 @@ void DeviceScheduler::Loop() {
         break;
       }
       std::lock_guard<std::mutex> l(mu_);
-      if (!queue_.empty() || !device_calls_.empty() || stop_) break;  // inference first
+      if (!queue_.empty() || !device_calls_.empty() || stop_ ||
+          (step_work_ != nullptr && step_work_->HasWork())) {
+        break;  // inference first
+      }
     }
   }
   // Fail what is still queued.
   std::deque<std::shared_ptr<InferenceRequest>> left;
   std::deque<std::function<void()>> calls;
+  StepWork* step = nullptr;
   {
     std::lock_guard<std::mutex> l(mu_);
+    step = step_work_;
     left.swap(queue_);
     queued_rows_ = 0;
     jobs_.clear();
@@ -353,6 +385,7 @@ void DeviceScheduler::Loop() {
     req->done.Notify();
   }
   for (auto& fn : calls) fn();
+  if (step != nullptr) step->Abort(absl::UnavailableError("the server is shutting down"));
 }
 
 }  // namespace metatt

@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "server/runtime/base_model.h"
 #include "server/runtime/batch_stats.h"
 #include "server/model/bert_encoder.h"
 #include "server/registry/adapter_registry.h"
@@ -68,6 +69,21 @@ class TrainingTask {
   virtual bool Step() = 0;
 };
 
+// Work the device loop runs between inference batches, one step per loop
+// turn (the generator's continuous batch: admit and prefill new requests,
+// then one decode step of every running sequence).
+class StepWork {
+ public:
+  virtual ~StepWork() = default;
+  // Thread-safe and cheap; called with the scheduler's lock held (must not
+  // call back into the scheduler).
+  virtual bool HasWork() = 0;
+  // One step, on the device thread.
+  virtual void RunStep() = 0;
+  // The loop stopped: fail everything still running or queued (device thread).
+  virtual void Abort(const absl::Status& status) = 0;
+};
+
 class DeviceScheduler {
  public:
   struct Options {
@@ -82,6 +98,10 @@ class DeviceScheduler {
   };
   static absl::StatusOr<std::unique_ptr<DeviceScheduler>> Create(
       const Options& options, std::shared_ptr<const BertEncoder> encoder);
+  // The server's base model, encoder or decoder (base_model.h). On a decoder
+  // server Submit (encoder rows) is FAILED_PRECONDITION.
+  static absl::StatusOr<std::unique_ptr<DeviceScheduler>> Create(
+      const Options& options, std::shared_ptr<const BaseModel> model);
   ~DeviceScheduler();  // Shutdown()
 
   // Queues a request; RESOURCE_EXHAUSTED when the queue would exceed
@@ -101,22 +121,34 @@ class DeviceScheduler {
   // are dropped.
   void Shutdown();
 
+  // The generator's continuous batch (not owned; set once before traffic,
+  // outlives the scheduler's loop: call Shutdown() before destroying it).
+  void SetStepWork(StepWork* work);
+  // New step work arrived (a generation request was queued).
+  void Wake();
+
   void SetBatchObserver(BatchObserver observer);
   int64_t queue_depth() const;  // rows
   int64_t pending_training_tasks() const;
   int64_t batches_run() const { return batches_run_.load(); }
   int64_t training_steps_run() const { return training_steps_run_.load(); }
+  // Null on a decoder server.
   const std::shared_ptr<const BertEncoder>& encoder() const { return encoder_; }
+  // The base model (kind, geometry, fingerprint; decoder + BPE tokenizer on
+  // a decoder server).
+  const std::shared_ptr<const BaseModel>& base_model() const { return model_; }
 
  private:
-  DeviceScheduler(const Options& options, std::shared_ptr<const BertEncoder> encoder)
-      : options_(options), encoder_(std::move(encoder)) {}
+  DeviceScheduler(const Options& options, std::shared_ptr<const BaseModel> model)
+      : options_(options), model_(std::move(model)), encoder_(model_->encoder) {}
   void Loop();
   std::vector<std::shared_ptr<InferenceRequest>> TakeBatchLocked();
   void RunBatch(const std::vector<std::shared_ptr<InferenceRequest>>& batch);
 
   const Options options_;
+  std::shared_ptr<const BaseModel> model_;
   std::shared_ptr<const BertEncoder> encoder_;
+  StepWork* step_work_ = nullptr;  // guarded by mu_
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<InferenceRequest>> queue_;

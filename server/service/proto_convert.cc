@@ -365,4 +365,45 @@ void ToProto(const PredictOutput& o, v1::Prediction* p) {
   p->set_model_seconds(o.model_seconds);
 }
 
+absl::StatusOr<GenerateParams> FromProto(const v1::GenerateRequest& req) {
+  GenerateParams p;
+  p.family = req.family();
+  p.version = req.version();
+  p.task = req.task();
+  switch (req.input_case()) {
+    case v1::GenerateRequest::kPrompt:
+      p.prompt = req.prompt();
+      break;
+    case v1::GenerateRequest::kMessages:
+      for (const v1::ChatMessage& m : req.messages().messages())
+        p.messages.push_back({m.role(), m.content()});
+      if (p.messages.empty()) return absl::InvalidArgumentError("messages: empty");
+      break;
+    default:
+      return absl::InvalidArgumentError("prompt: set prompt or messages");
+  }
+  p.max_tokens = req.max_tokens();
+  p.temperature = req.temperature();
+  p.top_p = req.top_p();
+  p.top_k = req.top_k();
+  if (req.has_seed()) p.seed = req.seed();
+  p.stop.assign(req.stop().begin(), req.stop().end());
+  return p;
+}
+
+void ToProto(const GenerateChunk& c, v1::GenerateChunk* out) {
+  out->set_text(c.text);
+  for (int64_t id : c.token_ids) out->add_token_ids(id);
+  out->set_finish_reason(FinishReasonName(c.finish));
+  if (c.finish != FinishReason::kNone) {
+    out->mutable_usage()->set_prompt_tokens(c.usage.prompt_tokens);
+    out->mutable_usage()->set_completion_tokens(c.usage.completion_tokens);
+    out->set_time_to_first_token_seconds(c.time_to_first_token_s);
+  }
+  out->set_family(c.family);
+  out->set_version(c.version);
+  out->set_task(c.task);
+  out->set_task_index(c.task_index);
+}
+
 }  // namespace metatt

@@ -10,6 +10,7 @@
 #include "metatt/v1/datasets.pb.h"
 #include "metatt/v1/inference.pb.h"
 #include "metatt/v1/jobs.pb.h"
+#include "server/runtime/generator_api.h"
 #include "server/runtime/predictor_api.h"
 #include "server/jobs/dataset_manager.h"
 #include "server/store/job_types.h"
@@ -35,5 +36,9 @@ void ToProto(const FamilyVersionRecord& f, v1::FamilyVersion* out);
 
 absl::StatusOr<PredictInput> FromProto(const v1::PredictInput& in, int index);
 void ToProto(const PredictOutput& o, v1::Prediction* out);
+
+// Field-shape checks only (the generator validates values and limits).
+absl::StatusOr<GenerateParams> FromProto(const v1::GenerateRequest& req);
+void ToProto(const GenerateChunk& c, v1::GenerateChunk* out);
 
 }  // namespace metatt

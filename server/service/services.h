@@ -14,6 +14,7 @@
 #include "metatt/v1/datasets.grpc.pb.h"
 #include "metatt/v1/inference.grpc.pb.h"
 #include "metatt/v1/jobs.grpc.pb.h"
+#include "server/runtime/generator_api.h"
 #include "server/runtime/predictor_api.h"
 #include "server/jobs/adapter_catalog.h"
 #include "server/jobs/dataset_manager.h"
@@ -99,6 +100,7 @@ class AdapterServiceImpl final : public v1::AdapterService::Service {
 
 struct InferenceServiceOptions {
   Predictor* predictor = nullptr;  // null = UNAVAILABLE (no runtime)
+  Generator* generator = nullptr;  // null = UNAVAILABLE (no runtime)
   ServerMetrics* metrics = nullptr;
   int64_t max_inputs = 1024;
   FamilyAccess* families = nullptr;  // ownership of the families inputs name; null = no check
@@ -109,8 +111,15 @@ class InferenceServiceImpl final : public v1::InferenceService::Service {
   explicit InferenceServiceImpl(InferenceServiceOptions options) : options_(options) {}
   grpc::Status Predict(grpc::ServerContext* ctx, const v1::PredictRequest* req,
                        v1::PredictResponse* resp) override;
+  grpc::Status GenerateStream(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
+                              grpc::ServerWriter<v1::GenerateChunk>* writer) override;
+  grpc::Status Generate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
+                        v1::GenerateResponse* resp) override;
 
  private:
+  // Both Generate forms: every chunk goes to `on_chunk`.
+  grpc::Status RunGenerate(grpc::ServerContext* ctx, const v1::GenerateRequest* req,
+                           const std::function<bool(const GenerateChunk&)>& on_chunk);
   InferenceServiceOptions options_;
 };
 
