@@ -277,8 +277,8 @@ absl::Status Server::Init() {
   }
   runtime_ = std::move(*rt);
   for (const auto& w : runtime_->load_warnings()) Log(absl::StrCat("warning: ", w));
-  Log(absl::StrCat("device ", runtime_->device(), ", base model ",
-                   runtime_->base_model_fingerprint()));
+  Log(absl::StrCat("device ", runtime_->device(), ", base model ", runtime_->model_kind_name(),
+                   " ", runtime_->base_model_fingerprint()));
   JobExecutor* executor = runtime_->job_executor();
   if (shared_store_) {
     refreshing_executor_ = std::make_unique<RefreshingExecutor>(runtime_.get());
@@ -289,6 +289,11 @@ absl::Status Server::Init() {
   runtime_->SetBatchObserver([sm](const BatchStats& b) {
     sm->batch_size.Observe(static_cast<double>(b.batch_size));
     sm->batch_tasks.Observe(static_cast<double>(b.distinct_tasks));
+  });
+  runtime_->SetGenerationObserver([sm](const GenerationStats& g) {
+    sm->generated_tokens_total.Increment(static_cast<double>(g.completion_tokens));
+    sm->prompt_tokens_total.Increment(static_cast<double>(g.prompt_tokens));
+    if (g.time_to_first_token_s >= 0) sm->time_to_first_token_seconds.Observe(g.time_to_first_token_s);
   });
   Runtime* runtime = runtime_.get();
   sampled_gauges_ = std::make_shared<SampledGauges>(store_.get(), [runtime] {
@@ -357,6 +362,7 @@ absl::Status Server::Init() {
   adapter_service_ = std::make_unique<AdapterServiceImpl>(aopt);
   InferenceServiceOptions iopt;
   iopt.predictor = runtime_->predictor();
+  iopt.generator = runtime_->generator();
   iopt.metrics = &metrics_->metrics();
   iopt.families = family_access_.get();
   iopt.max_inputs = o.max_predict_inputs;
