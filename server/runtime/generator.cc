@@ -156,6 +156,10 @@ absl::Status GenSequence::status() const {
   std::lock_guard<std::mutex> l(mu);
   return final_status;
 }
+absl::Time GenSequence::finish_time() const {
+  std::lock_guard<std::mutex> l(mu);
+  return finished_at;
+}
 absl::Time GenSequence::first_token_time() const {
   std::lock_guard<std::mutex> l(mu);
   return first_token_at;
@@ -172,7 +176,8 @@ ContinuousBatcher::ContinuousBatcher(const Options& options,
   const LlamaConfig& c = model_->decoder->config();
   bytes_per_token_ = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim *
                      static_cast<int64_t>(sizeof(float));
-  budget_bytes_ = options_.kv_cache_mb * kMiB;
+  budget_bytes_ =
+      options_.kv_cache_bytes > 0 ? options_.kv_cache_bytes : options_.kv_cache_mb * kMiB;
 }
 
 absl::StatusOr<std::unique_ptr<ContinuousBatcher>> ContinuousBatcher::Create(
@@ -221,9 +226,9 @@ absl::Status ContinuousBatcher::Submit(std::shared_ptr<GenSequence> seq) {
   if (need > budget_bytes_) {
     return absl::InvalidArgumentError(absl::StrCat(
         "prompt: ", len, " tokens + max_tokens ", seq->max_new_tokens, " need ",
-        (need + kMiB - 1) / kMiB, " MiB of KV cache, more than the whole budget of ",
-        options_.kv_cache_mb, " MiB (--kv_cache_mb; ", budget_bytes_ / bytes_per_token_,
-        " tokens)"));
+        (need + kMiB - 1) / kMiB, " MiB of KV cache (", need / bytes_per_token_,
+        " token slots), more than the whole budget of ", budget_bytes_ / bytes_per_token_,
+        " token slots (--kv_cache_mb=", options_.kv_cache_mb, ")"));
   }
   seq->reserved_bytes = need;
   seq->rng.seed(seq->sampling.seed);
@@ -253,6 +258,7 @@ void ContinuousBatcher::Finish(GenSequence* seq, FinishReason reason, absl::Stat
     std::lock_guard<std::mutex> l(seq->mu);
     if (seq->finished) return;
     seq->finished = true;
+    seq->finished_at = absl::Now();
     seq->reason = reason;
     seq->final_status = std::move(status);
   }

@@ -89,6 +89,7 @@ struct GenSequence {
   absl::Status status() const;
   absl::Time enqueued() const { return enqueued_at; }
   absl::Time first_token_time() const;
+  absl::Time finish_time() const;
 
   // --- device-thread state (the batcher's) ---
   std::mt19937_64 rng;
@@ -106,12 +107,14 @@ struct GenSequence {
   FinishReason reason = FinishReason::kNone;
   absl::Status final_status;
   absl::Time first_token_at = absl::InfinitePast();
+  absl::Time finished_at = absl::InfinitePast();
 };
 
 class ContinuousBatcher : public StepWork, public Generator {
  public:
   struct Options {
     int64_t kv_cache_mb = 1024;       // KV-cache budget of the running sequences
+    int64_t kv_cache_bytes = 0;       // > 0: the budget in bytes instead (tests)
     int64_t max_running = 32;         // sequences decoded together
     int64_t max_queue = 256;          // waiting requests; beyond: RESOURCE_EXHAUSTED
     int64_t default_max_tokens = 256; // when a request gives none
