@@ -7,6 +7,8 @@
 //   metattctl families list | get NAME
 //   metattctl tasks list --family glue   (pages through every task)
 //   metattctl predict --family glue --task MRPC --text "..." [--text_pair "..."]
+//   metattctl generate [--family F --task T] --chat "..." | --prompt "..." [--max_tokens N]
+//       (a decoder server; streams the text to the terminal as it is generated)
 //   metattctl datasets list | get ID | delete ID
 //
 // Tables by default, --json for scripts. `jobs follow` (and `jobs create
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <fstream>
 #include <iostream>
@@ -35,6 +38,7 @@
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -82,7 +86,7 @@ ABSL_FLAG(std::string, metric, "", "eval metric (accuracy | f1 | matthews | pear
 // server's default for the form (DefaultRecipe in server/training/recipe.cc);
 // the job's first log event lists the values it ran with.
 #define SERVER_DEFAULT " (default: server/form default)"
-ABSL_FLAG(std::string, form, "", "adapter form: 4d | 5d | 4+1d" SERVER_DEFAULT);
+ABSL_FLAG(std::string, form, "", "adapter form: 4d | 5d | 4+1d | lora" SERVER_DEFAULT);
 ABSL_FLAG(std::vector<std::string>, ranks, {},
           "TT ranks: one for all bonds or one per bond" SERVER_DEFAULT);
 ABSL_FLAG(std::vector<std::string>, projections, {}, "adapted projections" SERVER_DEFAULT);
@@ -111,6 +115,16 @@ ABSL_FLAG(int64_t, version, 0, "family version (0 = latest)");
 ABSL_FLAG(std::string, text, "", "predict: input text");
 ABSL_FLAG(std::string, text_pair, "", "predict: second text of a sentence pair");
 ABSL_FLAG(int64_t, task_index, -1, "predict: task by index instead of name");
+// generate
+ABSL_FLAG(std::string, prompt, "", "generate: raw prompt text (tokenised as is)");
+ABSL_FLAG(std::string, chat, "",
+          "generate: a user message, rendered through the model's chat template");
+ABSL_FLAG(std::string, system, "", "generate: system message before --chat");
+ABSL_FLAG(int64_t, max_tokens, 0, "generate: most tokens to generate (0 = server default)");
+ABSL_FLAG(double, temperature, 0, "generate: sampling temperature (0 = greedy)");
+ABSL_FLAG(double, top_p, 0, "generate: nucleus mass (0 = off)");
+ABSL_FLAG(int64_t, top_k, 0, "generate: top-k cut (0 = off)");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "generate: stop sequences (comma separated)");
 
 namespace metatt::ctl {
 namespace {
@@ -619,8 +633,127 @@ std::string TaskNames(const v1::FamilyVersion& v) {
   return out;
 }
 
+// families export NAME DIR: the version's files into DIR (adapters/FORMAT.md:
+// family.json + cores.safetensors, or a PEFT folder + heads.safetensors +
+// family.json for a LoRA family), with a progress bar.
+int ExportFamily(Stubs& s, const std::string& family, const std::string& dir) {
+  ClientContext ctx;
+  SetDeadline(&ctx, /*stream=*/true);
+  v1::ExportFamilyRequest req;
+  req.set_family(family);
+  req.set_version(absl::GetFlag(FLAGS_version));
+  auto reader = s.adapters->ExportFamily(&ctx, req);
+  std::vector<std::pair<std::string, std::string>> files;  // name, bytes
+  std::vector<int64_t> sizes;
+  v1::FamilyChunk c;
+  while (reader->Read(&c)) {
+    if (!c.file_name().empty()) {
+      if (c.file_name().find('/') != std::string::npos || c.file_name() == "." ||
+          c.file_name() == "..")
+        return Fail(absl::StrCat("families export: the server sent a bad file name '",
+                                 c.file_name(), "'"));
+      files.emplace_back(c.file_name(), "");
+      sizes.push_back(c.file_size());
+    }
+    if (files.empty()) return Fail("families export: the server sent data before a file name");
+    files.back().second += c.data();
+    std::fprintf(stderr, "\rexport %-28s %s %s", files.back().first.c_str(),
+                 Bar(static_cast<double>(files.back().second.size()),
+                     static_cast<double>(std::max<int64_t>(sizes.back(), 1)))
+                     .c_str(),
+                 Bytes(static_cast<int64_t>(files.back().second.size())).c_str());
+  }
+  std::fprintf(stderr, "\n");
+  grpc::Status st = reader->Finish();
+  if (!st.ok()) return Fail(absl::StrCat("families export ", family), st);
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return Fail(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+  for (const auto& [name, bytes] : files) {
+    const std::string path = dir + "/" + name;
+    std::ofstream out(path + ".tmp", std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) return Fail(absl::StrCat("cannot write ", path));
+    std::filesystem::rename(path + ".tmp", path, ec);
+    if (ec) return Fail(absl::StrCat("cannot write ", path, ": ", ec.message()));
+  }
+  if (Json()) {
+    std::printf("{\"family\":\"%s\",\"dir\":\"%s\",\"files\":[", family.c_str(), dir.c_str());
+    for (size_t i = 0; i < files.size(); ++i)
+      std::printf("%s\"%s\"", i ? "," : "", files[i].first.c_str());
+    std::printf("]}\n");
+  } else {
+    for (const auto& [name, bytes] : files)
+      std::printf("%s/%s  %s\n", dir.c_str(), name.c_str(),
+                  Bytes(static_cast<int64_t>(bytes.size())).c_str());
+  }
+  return 0;
+}
+
+// families import DIR [--family NAME]: an exported family, or a PEFT LoRA
+// folder (adapter_config.json + adapter_model.safetensors) with
+// heads.safetensors beside it; every *.json and *.safetensors file is sent.
+int ImportFamily(Stubs& s, const std::string& dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (!e.is_regular_file() || n.empty() || n[0] == '.') continue;
+    if (absl::EndsWith(n, ".json") || absl::EndsWith(n, ".safetensors")) names.push_back(n);
+  }
+  if (ec) return Fail(absl::StrCat("cannot read ", dir, ": ", ec.message()));
+  if (names.empty()) return Fail(absl::StrCat(dir, ": no .json or .safetensors file"));
+  std::sort(names.begin(), names.end());
+  ClientContext ctx;
+  SetDeadline(&ctx, /*stream=*/true);
+  v1::ImportFamilyResponse resp;
+  auto writer = s.adapters->ImportFamily(&ctx, &resp);
+  v1::ImportFamilyRequest first;
+  first.set_family(absl::GetFlag(FLAGS_family));
+  bool ok = writer->Write(first);
+  constexpr size_t kChunk = 1 << 20;
+  for (const std::string& name : names) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    const std::string bytes = ss.str();
+    size_t off = 0;
+    do {
+      v1::ImportFamilyRequest m;
+      v1::FamilyChunk* c = m.mutable_chunk();
+      if (off == 0) {
+        c->set_file_name(name);
+        c->set_file_size(static_cast<int64_t>(bytes.size()));
+      }
+      c->set_data(bytes.substr(off, kChunk));
+      off += std::min(kChunk, bytes.size() - off);
+      ok = ok && writer->Write(m);
+      std::fprintf(stderr, "\rimport %-28s %s %s", name.c_str(),
+                   Bar(static_cast<double>(off), static_cast<double>(std::max<size_t>(bytes.size(), 1)))
+                       .c_str(),
+                   Bytes(static_cast<int64_t>(off)).c_str());
+    } while (ok && off < bytes.size());
+  }
+  std::fprintf(stderr, "\n");
+  writer->WritesDone();
+  grpc::Status st = writer->Finish();
+  if (!st.ok()) return Fail(absl::StrCat("families import ", dir), st);
+  if (Json()) {
+    PrintJson(resp.version());
+  } else {
+    const auto& v = resp.version();
+    std::printf("imported %s version %lld  form %s  %lld tasks\n", v.family().c_str(),
+                static_cast<long long>(v.version()), v.form().c_str(),
+                static_cast<long long>(TaskCount(v)));
+  }
+  return 0;
+}
+
 int Families(Stubs& s, const std::vector<std::string>& args) {
   std::string sub = args.empty() ? "list" : args[0];
+  if (sub == "export" && args.size() == 3) return ExportFamily(s, args[1], args[2]);
+  if (sub == "import" && args.size() == 2) return ImportFamily(s, args[1]);
   ClientContext ctx;
   SetDeadline(&ctx);
   if (sub == "list") {
@@ -669,7 +802,9 @@ int Families(Stubs& s, const std::vector<std::string>& args) {
     }
     return 0;
   }
-  return Fail("usage: metattctl families list | get NAME");
+  return Fail(
+      "usage: metattctl families list | get NAME | export NAME DIR [--version N] | "
+      "import DIR [--family NAME]");
 }
 
 int Tasks(Stubs& s, const std::vector<std::string>& args) {
@@ -768,6 +903,73 @@ int Predict(Stubs& s) {
   return 0;
 }
 
+// ---- generate -----------------------------------------------------------------------
+
+// Streams the generated text to stdout as it arrives; the finish reason and
+// usage go to stderr (--json: one JSON object per chunk on stdout).
+int Generate(Stubs& s) {
+  v1::GenerateRequest req;
+  req.set_family(absl::GetFlag(FLAGS_family));
+  req.set_version(absl::GetFlag(FLAGS_version));
+  const std::vector<std::string> tasks = absl::GetFlag(FLAGS_task);
+  if (tasks.size() > 1) return Fail("generate: --task: one task per generation");
+  if (!tasks.empty()) req.set_task(tasks[0]);
+  const std::string prompt = absl::GetFlag(FLAGS_prompt), chat = absl::GetFlag(FLAGS_chat);
+  if (prompt.empty() == chat.empty()) return Fail("generate: give --prompt or --chat (one)");
+  if (!prompt.empty()) {
+    if (!absl::GetFlag(FLAGS_system).empty()) return Fail("generate: --system needs --chat");
+    req.set_prompt(prompt);
+  } else {
+    if (!absl::GetFlag(FLAGS_system).empty()) {
+      auto* m = req.mutable_messages()->add_messages();
+      m->set_role("system");
+      m->set_content(absl::GetFlag(FLAGS_system));
+    }
+    auto* m = req.mutable_messages()->add_messages();
+    m->set_role("user");
+    m->set_content(chat);
+  }
+  req.set_max_tokens(absl::GetFlag(FLAGS_max_tokens));
+  req.set_temperature(static_cast<float>(absl::GetFlag(FLAGS_temperature)));
+  req.set_top_p(static_cast<float>(absl::GetFlag(FLAGS_top_p)));
+  req.set_top_k(absl::GetFlag(FLAGS_top_k));
+  if (auto v = absl::GetFlag(FLAGS_seed)) req.set_seed(*v);
+  for (const auto& stop : absl::GetFlag(FLAGS_stop)) req.add_stop(stop);
+  ClientContext ctx;
+  SetDeadline(&ctx, /*stream=*/true);
+  auto reader = s.inference->GenerateStream(&ctx, req);
+  v1::GenerateChunk chunk, last;
+  while (reader->Read(&chunk)) {
+    if (Json()) {
+      std::string line;
+      google::protobuf::util::JsonPrintOptions o;
+      o.preserve_proto_field_names = true;
+      (void)google::protobuf::util::MessageToJsonString(chunk, &line, o);
+      std::printf("%s\n", line.c_str());
+    } else {
+      std::fwrite(chunk.text().data(), 1, chunk.text().size(), stdout);
+    }
+    std::fflush(stdout);
+    if (!chunk.finish_reason().empty()) last = chunk;
+  }
+  auto st = reader->Finish();
+  if (!st.ok()) {
+    if (!Json()) std::printf("\n");
+    return Fail("generate", st);
+  }
+  if (!Json()) {
+    std::printf("\n");
+    std::fprintf(stderr, "[%s%s: %s, %lld prompt + %lld completion tokens, first token %s s]\n",
+                 last.task().empty() ? "base model" : last.family().c_str(),
+                 last.task().empty() ? "" : absl::StrCat("/", last.task()).c_str(),
+                 last.finish_reason().c_str(),
+                 static_cast<long long>(last.usage().prompt_tokens()),
+                 static_cast<long long>(last.usage().completion_tokens()),
+                 Num(last.time_to_first_token_seconds(), 3).c_str());
+  }
+  return 0;
+}
+
 // grpc.health.v1.Health/Check through the generic stub (Debian ships no
 // generated health stubs): exit 0 when the server answers SERVING. Used by the
 // Docker HEALTHCHECK.
@@ -851,11 +1053,20 @@ const std::vector<CommandHelp>& Commands() {
         "ranks", "projections", "init", "alpha", "steps", "batch_size", "lr", "weight_decay",
         "warmup_ratio", "grad_clip", "eval_every", "max_length", "patience", "pooling", "seed",
         "idempotency_key", "follow", "state", "page_size"}},
-      {"families", "metattctl families list | get NAME", {}},
+      {"families",
+       "metattctl families list | get NAME | export NAME DIR [--version N] | import DIR "
+       "[--family NAME]   (adapters/FORMAT.md: MetaTT files, or a PEFT folder for LoRA)",
+       {"version", "family"}},
       {"tasks", "metattctl tasks list --family F [--version N]", {"family", "version", "page_size"}},
       {"predict",
        "metattctl predict --family F --task T[,T2...] --text TEXT [--text_pair TEXT]",
        {"family", "task", "task_index", "version", "text", "text_pair"}},
+      {"generate",
+       "metattctl generate [--family F --task T] --chat TEXT [--system TEXT] | --prompt TEXT "
+       "[--max_tokens N] [--temperature T --top_p P --top_k K --seed S] [--stop S1,S2]   "
+       "(a decoder server; streams the text)",
+       {"family", "task", "version", "prompt", "chat", "system", "max_tokens", "temperature",
+        "top_p", "top_k", "seed", "stop"}},
       {"health", "metattctl health   (grpc.health.v1: exit 0 when SERVING)", {}},
       {"hash-token", "metattctl hash-token [TOKEN]   (reads stdin without one; no server)", {}},
   };
@@ -900,7 +1111,7 @@ int PrintHelp(const std::string& command) {
 int Main(std::vector<std::string> args) {
   if (args.empty()) {
     return Fail(
-        "usage: metattctl upload|datasets|jobs|families|tasks|predict|health|hash-token ... "
+        "usage: metattctl upload|datasets|jobs|families|tasks|predict|generate|health|hash-token ... "
         "(--help)");
   }
   if (args[0] == "hash-token") return HashToken(args);
@@ -932,6 +1143,7 @@ int Main(std::vector<std::string> args) {
   if (cmd == "families") return Families(s, args);
   if (cmd == "tasks") return Tasks(s, args);
   if (cmd == "predict") return Predict(s);
+  if (cmd == "generate") return Generate(s);
   return Fail(absl::StrCat("unknown command '", cmd, "'"));
 }
 
@@ -940,7 +1152,7 @@ int Main(std::vector<std::string> args) {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "metattctl upload|datasets|jobs|families|tasks|predict|health ... [--server host:port] [--json]");
+      "metattctl upload|datasets|jobs|families|tasks|predict|generate|health ... [--server host:port] [--json]");
   // --help / -h: our per-command help (absl's --help would list every flag of
   // every command); the command is the first argument naming one.
   bool help = false;

@@ -151,6 +151,36 @@ def test_lora_and_metatt_families_in_one_mixed_batch(mc, lora_family):
         assert list(mixed[2 * i + 1].scores) == pytest.approx(sep_tt[i].tolist(), abs=1e-5)
 
 
+def test_metattctl_export_import_both_formats(mc, minilm_server, lora_family, tmp_path):
+    """metattctl families export / import: a LoRA family (PEFT folder) and a
+    MetaTT family (family.json + cores.safetensors) round-trip."""
+    ctl = build_dir() / "client" / "metattctl"
+    if not ctl.exists():
+        pytest.fail(f"{ctl} not built")
+    if "tt" not in {f.name for f in mc.list_families().families}:
+        job = mc.submit(family="tt", task="SENT", dataset_id=lora_family.id, form="4d",
+                        ranks=(4,), max_steps=3, batch_size=8, max_length=32, eval_every=0)
+        assert mc.wait(job.id, timeout=600).state == jobs_pb2.SUCCEEDED
+    server = f"--server=127.0.0.1:{minilm_server.port}"
+    for family, files in (("lr", ["adapter_config.json", "adapter_model.safetensors",
+                                  "family.json", "heads.safetensors"]),
+                          ("tt", ["cores.safetensors", "family.json"])):
+        out = tmp_path / family
+        r = subprocess.run([str(ctl), server, "families", "export", family, str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == files
+        r = subprocess.run([str(ctl), server, "--json", "families", "import", str(out),
+                            f"--family={family}-ctl"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        v = json.loads(r.stdout.strip().splitlines()[-1])
+        assert v["family"] == f"{family}-ctl" and v["version"] == "1"
+        assert (scores(mc, f"{family}-ctl") - scores(mc, family)).abs().max().item() < 1e-6
+    r = subprocess.run([str(ctl), server, "families", "import", str(tmp_path / "tt"),
+                        "--family=tt-ctl"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "ALREADY_EXISTS" in r.stderr
+
+
 def make_peft_folder(path, seed=7):
     """A PEFT LoRA made by peft on MiniLM, B random (not PEFT's zero init),
     and a 3-label head beside it."""
@@ -222,3 +252,4 @@ def test_import_a_peft_folder_trained_elsewhere(mc, minilm_server, data_dir, hf,
         c2.close()
     finally:
         s2.stop()
+
