@@ -319,6 +319,7 @@ absl::Status Server::Init() {
   };
   authenticator_ = std::make_unique<Authenticator>(tenants);
   family_access_ = std::make_unique<FamilyAccess>(store_.get(), quotas);
+  family_access_->NoteLoadWarnings(runtime_->load_warnings());  // the API reports them
 
   DatasetManagerOptions dopt;
   dopt.quotas = quotas;
@@ -474,6 +475,21 @@ absl::Status Server::Start() {
         cv_.wait_for(lock, std::chrono::milliseconds(poll_ms), [this] { return stopping_; });
         if (stopping_) break;
         lock.unlock();
+        // Health follows the shared store: NOT_SERVING while it does not
+        // answer within its timeouts (issue 17, hole 4).
+        const absl::Status ping = store_->Ping();
+        if (ping.ok() != store_serving_) {
+          store_serving_ = ping.ok();
+          Log(ping.ok() ? std::string("store reachable again: health SERVING")
+                        : absl::StrCat("store unreachable: health NOT_SERVING: ", ping.ToString()));
+          if (auto* health = grpc_server_->GetHealthCheckService()) {
+            health->SetServingStatus(store_serving_);
+          }
+        }
+        if (!ping.ok()) {
+          lock.lock();
+          continue;
+        }
         auto changed = runtime_->RefreshFamilies();
         if (!changed.ok()) {
           Log(absl::StrCat("registry refresh: ", changed.status().ToString()));

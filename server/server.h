@@ -160,6 +160,7 @@ class Server {
 
   // Registry refresher (shared store) and the shutdown state.
   std::thread refresher_;
+  bool store_serving_ = true;  // refresher thread only: the last health it set
   std::mutex mu_;
   std::condition_variable cv_;
   bool stopping_ = false;  // guarded by mu_: the refresher ends

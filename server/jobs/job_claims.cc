@@ -13,6 +13,13 @@
 //              replica, because a half-trained job has no resumable checkpoint;
 //              a job the executor can resume (JobExecutor::CanResume) and a job
 //              claimed but never started are re-queued for any replica instead.
+//  * fence   — every claim and take-over raises the job's claim epoch (its
+//              fencing token); the replica holding the claim registers it
+//              with its store (Store::HoldFence), so that each of its writes
+//              for the job (state, events, lease, the family version the job
+//              publishes) is refused once another replica took the job over:
+//              a replica that paused past its lease cannot publish or end the
+//              job a second time.
 //  * streams — StreamJobEvents subscribers on any replica read the job's
 //              events from the store every poll.
 #include <algorithm>
@@ -73,6 +80,7 @@ void JobManager::ReapExpiredLocked() {
       if (!absl::IsNotFound(j.status())) Warn(j.status().ToString());
       return;
     }
+    store_->HoldFence(j->id, j->claim_epoch);  // our writes carry the new epoch
     const std::string why =
         absl::StrCat("replica ", dead, " stopped renewing its lease on the job (no heartbeat for ",
                      options_.lease_ms, " ms; replica ", options_.replica_id, " took it over)");
@@ -90,6 +98,7 @@ void JobManager::ReapExpiredLocked() {
     }
     auto st = store_->ReleaseClaim(j->id, options_.replica_id);  // claimable by anyone
     if (!st.ok()) Warn(st.ToString());
+    store_->DropFence(j->id);
     wake_ = true;
   }
 }
@@ -143,6 +152,7 @@ void JobManager::SharedDispatchLoop() {
     {
       absl::MutexLock lock(&mu_);
       const std::string id = claimed->id;
+      store_->HoldFence(id, claimed->claim_epoch);
       running_ = id;
       unfinished_tenant_[id] = claimed->tenant;
       OnEventLocked(id, Event(JobEvent::Type::kLog, JobState::kQueued,
@@ -153,12 +163,14 @@ void JobManager::SharedDispatchLoop() {
       if (!cur.ok() || cur->state != JobState::kValidating) {
         // Cancelled between the claim and now: nothing to run.
         if (running_ == id) running_.reset();
+        store_->DropFence(id);
         continue;
       }
       if (shutdown_) {
         OnEventLocked(id, Event(JobEvent::Type::kState, JobState::kQueued,
                                 "replica shutting down before the job started; re-queued"));
         store_->ReleaseClaim(id, options_.replica_id).IgnoreError();
+        store_->DropFence(id);
         running_.reset();
         return;
       }

@@ -48,12 +48,16 @@ std::string ScopedKey(const std::string& tenant, const std::string& key) {
   return absl::StrCat(tenant, std::string(1, kKeySeparator), key);
 }
 
-// A record as callers see it: the key the client sent.
+// A record as callers see it: the key the client sent, the family by its
+// name in the job's tenant (store.h FamilyKey).
 JobRecord Outgoing(JobRecord j) {
   const std::string prefix = absl::StrCat(j.tenant, std::string(1, kKeySeparator));
   if (j.tenant != kDefaultTenant && j.spec.idempotency_key.rfind(prefix, 0) == 0) {
     j.spec.idempotency_key = j.spec.idempotency_key.substr(prefix.size());
   }
+  const Caller owner{j.tenant, false};
+  j.spec.family = FamilyNameFor(owner, j.spec.family);
+  if (!j.result_family.empty()) j.result_family = FamilyNameFor(owner, j.result_family);
   return j;
 }
 
@@ -181,8 +185,34 @@ absl::Status JobManager::Recover() {
   return absl::OkStatus();
 }
 
+void JobManager::FlushUnpersisted() {
+  absl::MutexLock l(&unpersisted_mu_);
+  for (auto it = unpersisted_.begin(); it != unpersisted_.end();) {
+    Unpersisted& u = it->second;
+    if (!u.record_written) u.record_written = store_->UpdateJob(u.record).ok();
+    if (u.record_written && store_->AppendJobEvent(it->first, u.event).ok()) {
+      std::fprintf(stderr, "job %s: its end (%s) is recorded now\n", it->first.c_str(),
+                   JobStateName(u.record.state));
+      it = unpersisted_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+std::optional<JobRecord> JobManager::UnpersistedRecord(const std::string& id) {
+  absl::MutexLock l(&unpersisted_mu_);
+  auto it = unpersisted_.find(id);
+  if (it == unpersisted_.end()) return std::nullopt;
+  return it->second.record;
+}
+
 absl::StatusOr<JobRecord> JobManager::GetVisible(const std::string& id, const Caller& caller) {
+  FlushUnpersisted();
   auto j = store_->GetJob(id);
+  if (j.ok()) {
+    if (auto mem = UnpersistedRecord(id)) j = *mem;
+  }
   if (absl::IsNotFound(j.status()) || (j.ok() && !caller.CanSee(j->tenant))) {
     return NotFoundFor("job", id);
   }
@@ -222,11 +252,17 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
   limits.max_steps = options_.max_steps;
   limits.max_rank_times_tasks = options_.max_rank_times_tasks;
   limits.max_labels_per_task = options_.max_labels_per_task;
-  RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
+  // `spec.family` is the caller's name; the store knows the family by its
+  // key in the caller's tenant (tenants.h FamilyKeyFor): another tenant's
+  // "x" is neither seen nor in the way, and the lookup is the same either way.
+  const std::string key = FamilyKeyFor(caller, spec.family);
+  {
+    JobSpec named = spec;
+    named.family = key.empty() ? key : FamilyKeyName(key);
+    RETURN_IF_ERROR(ValidateJobSpec(named, limits));
+  }
 
-  ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersionSummaries(spec.family));
-  // Another tenant's family is "not found" to an add-task job; its name stays
-  // taken for a new family (family names are one namespace per server).
+  ASSIGN_OR_RETURN(auto versions, store_->ListFamilyVersionSummaries(key));
   const bool visible = !versions.empty() && caller.CanSee(versions.back().tenant);
   if (spec.kind == JobKind::kAddTask) {
     if (!visible) {
@@ -248,7 +284,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
   std::vector<TaskRecord> existing_tasks;
   if (visible && spec.kind == JobKind::kAddTask) {
     ASSIGN_OR_RETURN(FamilyVersionRecord latest,
-                     store_->GetFamilyVersionFull(spec.family, versions.back().version));
+                     store_->GetFamilyVersionFull(key, versions.back().version));
     existing_tasks = std::move(latest.tasks);
     int64_t max_rank = 0;
     for (int64_t r : spec.adapter.ranks) max_rank = std::max(max_rank, r);
@@ -302,6 +338,7 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
 absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& request, const Caller& caller) {
   JobSpec spec = request;
   spec.idempotency_key = ScopedKey(caller.tenant, request.idempotency_key);
+  spec.family = FamilyKeyFor(caller, request.family);  // the store and runtime use keys
   // The form is fixed when the job is created (it picks the recipe); every
   // other unset field stays "auto" until the job starts (job_recipe.h).
   if (spec.adapter.form.empty()) spec.adapter.form = DefaultForm();
@@ -319,7 +356,11 @@ absl::StatusOr<JobRecord> JobManager::CreateJob(const JobSpec& request, const Ca
       return existing.status();
     }
   }
-  RETURN_IF_ERROR(ValidateSpec(spec, caller));
+  {
+    JobSpec named = spec;
+    named.family = request.family;
+    RETURN_IF_ERROR(ValidateSpec(named, caller));
+  }
   if (options_.quotas) {
     RETURN_IF_ERROR(CheckTaskQuota(store_, caller.tenant, options_.quotas(caller.tenant),
                                    static_cast<int64_t>(spec.tasks.size())));
@@ -373,6 +414,7 @@ absl::StatusOr<std::vector<JobRecord>> JobManager::ListJobs(std::optional<JobSta
                                                             const Caller& caller) {
   if (page_size < 0) return absl::InvalidArgumentError("page_size: must be >= 0");
   page_size = std::min<int64_t>(page_size == 0 ? 50 : page_size, 1000);
+  FlushUnpersisted();
   std::string token = page_token;
   std::string next;
   std::vector<JobRecord> out;
@@ -383,6 +425,7 @@ absl::StatusOr<std::vector<JobRecord>> JobManager::ListJobs(std::optional<JobSta
                      store_->ListJobs(state, page_size - static_cast<int64_t>(out.size()), token,
                                       &next));
     for (JobRecord& j : page) {
+      if (auto mem = UnpersistedRecord(j.id)) j = *mem;
       if (caller.CanSee(j.tenant)) out.push_back(Outgoing(std::move(j)));
     }
     token = next;
@@ -473,7 +516,7 @@ bool JobManager::SucceedIfPublishedLocked(const JobRecord& j,
   cp.type = JobEvent::Type::kCheckpoint;
   cp.family = found->family;
   cp.version = found->version;
-  cp.message = absl::StrCat("published ", found->family, " v", found->version,
+  cp.message = absl::StrCat("published ", FamilyKeyName(found->family), " v", found->version,
                             " before the server restarted");
   OnEventLocked(j.id, cp);
   JobEvent done = StateEvent(JobState::kSucceeded, cp.message);
@@ -505,6 +548,7 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
     // are not the job's any more. Its end frees this replica.
     if (e.type == JobEvent::Type::kState && IsTerminal(e.state)) {
       lost_.erase(job_id);
+      store_->DropFence(job_id);
       if (running_ == job_id) running_.reset();
     }
     return;
@@ -549,6 +593,26 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
   if (!st.ok()) {
     std::fprintf(stderr, "job %s: cannot persist event: %s\n", job_id.c_str(),
                  st.ToString().c_str());
+    if (shared() && absl::IsFailedPrecondition(st)) {
+      // A stale fencing token: another replica took the job over. Nothing of
+      // our copy reaches the job any more; the lease check stops it.
+      lost_.insert(job_id);
+      const bool terminal_here = e.type == JobEvent::Type::kState && IsTerminal(e.state);
+      if (terminal_here) {
+        lost_.erase(job_id);
+        store_->DropFence(job_id);
+        if (running_ == job_id) running_.reset();
+      }
+      return;
+    }
+    if (e.type == JobEvent::Type::kState && IsTerminal(e.state)) {
+      // The end must not be lost (e.g. the disk is full): kept and retried.
+      absl::MutexLock l(&unpersisted_mu_);
+      Unpersisted& u = unpersisted_[job_id];
+      u.record = j;
+      u.event = e;
+      u.record_written = false;
+    }
   }
   const bool terminal = e.type == JobEvent::Type::kState && IsTerminal(e.state);
   // Shared mode: subscribers read the store (DeliverStoredEventsLocked), which
@@ -562,6 +626,7 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
     if (terminal) subscribers_.erase(it);
   }
   if (terminal) {
+    store_->DropFence(job_id);
     unfinished_tenant_.erase(job_id);
     cancel_requested_.erase(job_id);
     if (running_ == job_id) running_.reset();

@@ -185,6 +185,17 @@ class JobManager {
   int64_t QueuedInStoreLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The job if the caller may see it, else NOT_FOUND "job '<id>' not found".
   absl::StatusOr<JobRecord> GetVisible(const std::string& id, const Caller& caller);
+  // A job's end that the store refused to record (a full disk): the record
+  // is served from memory (GetJob, ListJobs) and written again on every
+  // later call until the store takes it, so no job stays RUNNING while the
+  // server runs; after a restart the recovery fails a RUNNING job anyway.
+  struct Unpersisted {
+    JobRecord record;
+    JobEvent event;
+    bool record_written = false;
+  };
+  void FlushUnpersisted();
+  std::optional<JobRecord> UnpersistedRecord(const std::string& id);
   // Quotas of the caller's tenant on creating one more job.
   absl::Status CheckJobQuotasLocked(const std::string& tenant) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -208,6 +219,8 @@ class JobManager {
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool wake_ ABSL_GUARDED_BY(mu_) = false;           // shared mode: a job was created here
   std::set<std::string> lost_ ABSL_GUARDED_BY(mu_);  // shared mode: leases taken from us
+  absl::Mutex unpersisted_mu_;  // never held while calling out, except the store
+  std::map<std::string, Unpersisted> unpersisted_ ABSL_GUARDED_BY(unpersisted_mu_);
   std::thread dispatcher_;
 };
 

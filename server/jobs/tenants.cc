@@ -181,6 +181,20 @@ absl::Status NotFoundFor(const std::string& what, const std::string& id) {
   return absl::NotFoundError(absl::StrCat(what, " '", id, "' not found"));
 }
 
+std::string FamilyKeyFor(const Caller& caller, const std::string& name) {
+  if (name.empty()) return name;
+  if (name.find(kFamilyKeySeparator) != std::string::npos) {
+    if (caller.admin) return name;  // another tenant's key
+    // Always prefixed, so that even tenant "default" cannot reach a key.
+    return caller.tenant + kFamilyKeySeparator + name;
+  }
+  return FamilyKey(caller.tenant, name);
+}
+
+std::string FamilyNameFor(const Caller& caller, const std::string& key) {
+  return FamilyKeyTenant(key) == caller.tenant ? FamilyKeyName(key) : key;
+}
+
 absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant) {
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store->ListFamilyVersionSummaries(""));
   std::map<std::string, const FamilyVersionRecord*> latest;
@@ -221,7 +235,7 @@ absl::StatusOr<std::string> FamilyAccess::Owner(const std::string& family) {
 absl::StatusOr<std::vector<FamilyVersionRecord>> FamilyAccess::Versions(
     const Caller& caller, const std::string& family) {
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions,
-                   store_->ListFamilyVersionSummaries(family));
+                   store_->ListFamilyVersionSummaries(FamilyKeyFor(caller, family)));
   if (versions.empty() || !caller.CanSee(versions.back().tenant)) {
     return NotFoundFor("family", family);
   }
@@ -233,6 +247,7 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
   if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
   // Summaries are cheap: they check visibility and name the latest version.
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> versions, Versions(caller, family));
+  const std::string key = versions.back().family;
   const int64_t latest = versions.back().version;
   if (version == 0) version = latest;
   auto summary = std::find_if(versions.begin(), versions.end(),
@@ -244,7 +259,7 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
   // A family deleted and published again reuses its version numbers: a cached
   // record counts only while it is the same publication.
   auto same = [&](const FamilyVersionRecord& c) {
-    return c.family == family && c.version == version &&
+    return c.family == key && c.version == version &&
            c.created_unix_ms == summary->created_unix_ms &&
            c.created_by_job == summary->created_by_job && c.task_count == summary->task_count &&
            c.tenant == summary->tenant;
@@ -252,7 +267,7 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
   // An appended version's first tasks live in its parents: read it whole.
   if (max_tasks >= 0 && summary->parent_version == 0) {  // a few tasks: read alone
     ASSIGN_OR_RETURN(FamilyVersionRecord head,
-                     store_->GetFamilyVersionTasks(family, version, 0, max_tasks));
+                     store_->GetFamilyVersionTasks(key, version, 0, max_tasks));
     return std::make_shared<const FamilyVersionRecord>(std::move(head));
   }
   {
@@ -263,7 +278,7 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FamilyAccess::Version
       return cache_.front();
     }
   }
-  ASSIGN_OR_RETURN(FamilyVersionRecord full, store_->GetFamilyVersionFull(family, version));
+  ASSIGN_OR_RETURN(FamilyVersionRecord full, store_->GetFamilyVersionFull(key, version));
   auto record = std::make_shared<const FamilyVersionRecord>(std::move(full));
   absl::MutexLock l(&mu_);
   cache_.push_front(record);
@@ -283,7 +298,7 @@ absl::StatusOr<std::vector<FamilyVersionRecord>> FamilyAccess::ListAll(const Cal
 
 absl::Status FamilyAccess::Check(const Caller& caller, const std::string& family) {
   if (caller.admin) return absl::OkStatus();  // a missing family is the predictor's NOT_FOUND
-  auto owner = Owner(family);
+  auto owner = Owner(FamilyKeyFor(caller, family));
   if (!owner.ok()) {
     return absl::IsNotFound(owner.status()) ? NotFoundFor("family", family) : owner.status();
   }
@@ -295,7 +310,7 @@ absl::StatusOr<std::string> FamilyAccess::ResolveForPredict(const Caller& caller
                                                             const std::string& family) {
   if (!family.empty()) {
     RETURN_IF_ERROR(Check(caller, family));
-    return family;
+    return FamilyKeyFor(caller, family);
   }
   if (caller.admin) return family;
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> mine, ListAll(caller));
@@ -307,6 +322,23 @@ absl::StatusOr<std::string> FamilyAccess::ResolveForPredict(const Caller& caller
         absl::StrCat("family: required (", names.size(), " families are published)"));
   }
   return *names.begin();
+}
+
+void FamilyAccess::NoteLoadWarnings(const std::vector<std::string>& warnings) {
+  constexpr std::string_view kPrefix = "family '";
+  absl::MutexLock l(&mu_);
+  for (const std::string& w : warnings) {
+    if (w.rfind(kPrefix, 0) != 0) continue;
+    const size_t end = w.find('\'', kPrefix.size());
+    if (end == std::string::npos) continue;
+    warnings_[w.substr(kPrefix.size(), end - kPrefix.size())] = w.substr(end + 2);
+  }
+}
+
+std::string FamilyAccess::Warning(const std::string& key) {
+  absl::MutexLock l(&mu_);
+  auto it = warnings_.find(key);
+  return it == warnings_.end() ? std::string() : it->second;
 }
 
 absl::Status FamilyAccess::CheckImportQuota(const Caller& caller) {

@@ -84,6 +84,17 @@ class TenantConfig {
 // tenant's, so an error never tells that an object exists.
 absl::Status NotFoundFor(const std::string& what, const std::string& id);
 
+// Family names are per tenant (store.h FamilyKey): tenant B's "x" is another
+// family than tenant A's "x", and looking it up follows the same path whether
+// A has one or not. The family a caller names -> its key: the caller's own
+// tenant's key; an admin may name another tenant's family by its key
+// ("<tenant>~<name>", what an admin's listings show). A non-admin's name with
+// '~' becomes a key that no family has and no name rule accepts.
+std::string FamilyKeyFor(const Caller& caller, const std::string& name);
+// The name a caller sees for a key: its own tenant's families by name, other
+// tenants' (an admin's view) by key.
+std::string FamilyNameFor(const Caller& caller, const std::string& key);
+
 // Tasks in the latest versions of `tenant`'s families.
 absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant);
 // RESOURCE_EXHAUSTED naming max_tasks when `adding` more tasks would pass it.
@@ -92,6 +103,9 @@ absl::Status CheckTaskQuota(Store* store, const std::string& tenant, const Tenan
 
 // Ownership of adapter families, read from the Store (family records carry
 // their tenant). Owners are cached: a family's tenant never changes.
+// Every `family` argument is the name the caller uses (FamilyKeyFor maps it
+// to the key); returned records carry keys (FamilyNameFor shows them), and
+// errors name the family as the caller named it.
 class FamilyAccess {
  public:
   explicit FamilyAccess(Store* store, QuotaFn quotas = nullptr)
@@ -119,11 +133,18 @@ class FamilyAccess {
                                                                      int64_t max_tasks = -1);
   // OK when the caller may use `family`, else the NOT_FOUND above.
   absl::Status Check(const Caller& caller, const std::string& family);
-  // The family a Predict input names: "" = the caller's only family (an
-  // admin's "" is passed on unchanged: the predictor picks the only one).
+  // The key of the family a Predict input names: "" = the caller's only
+  // family (an admin's "" is passed on unchanged: the predictor picks the
+  // only one).
   absl::StatusOr<std::string> ResolveForPredict(const Caller& caller, const std::string& family);
   // Before an import: RESOURCE_EXHAUSTED when the caller's tenant is at max_tasks.
   absl::Status CheckImportQuota(const Caller& caller);
+
+  // Load problems the registry reported at start-up (AdapterRegistry::LoadAll:
+  // "family '<key>' v<N>: cannot be loaded (...); serving v<M>"), kept per
+  // family; other strings are ignored. Warning(key): "" when none.
+  void NoteLoadWarnings(const std::vector<std::string>& warnings);
+  std::string Warning(const std::string& key);
 
  private:
   absl::StatusOr<std::string> Owner(const std::string& family);  // NOT_FOUND when missing
@@ -132,6 +153,7 @@ class FamilyAccess {
   QuotaFn quotas_;
   absl::Mutex mu_;
   std::map<std::string, std::string> owner_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> warnings_ ABSL_GUARDED_BY(mu_);  // key -> load warning
   // Full records, most recently used first (at most kCachedVersions).
   std::list<std::shared_ptr<const FamilyVersionRecord>> cache_ ABSL_GUARDED_BY(mu_);
 };

@@ -150,7 +150,7 @@ class TenantRulesTest : public ::testing::Test {
   }
   void Publish(const std::string& family, const std::string& tenant, int tasks = 1) {
     FamilyVersionRecord f;
-    f.family = family;
+    f.family = FamilyKey(tenant, family);  // names are per tenant
     f.version = 1;
     f.form = "4+1d";
     f.tenant = tenant;
@@ -371,7 +371,7 @@ TEST_F(TenantRulesTest, FamilyAccessListsSummariesAndReadsOneVersionInFull) {
   EXPECT_EQ((*again)->tasks.size(), 3u);
   // A family deleted and published again under the same version number is
   // read afresh, not served from the cache.
-  ASSERT_TRUE(store_->DeleteFamily("fam-a").ok());
+  ASSERT_TRUE(store_->DeleteFamily("acme~fam-a").ok());
   Publish("fam-a", "acme", 5);
   auto republished = fa.Version(a_, "fam-a", 1);
   ASSERT_TRUE(republished.ok()) << republished.status();
@@ -390,16 +390,51 @@ TEST_F(TenantRulesTest, FamilyAccess) {
   EXPECT_EQ(fa.Check(a_, "fam-b").message(), "family 'fam-b' not found");
   EXPECT_EQ(fa.Check(a_, "nope").message(), "family 'nope' not found");
   EXPECT_TRUE(fa.Check(a_, "fam-a").ok());
-  EXPECT_TRUE(fa.Check(admin_, "fam-b").ok());
+  EXPECT_TRUE(fa.Check(admin_, "beta~fam-b").ok());
+  EXPECT_TRUE(fa.Versions(admin_, "beta~fam-b").ok());  // an admin names it by its key
   ASSERT_EQ(fa.ListAll(a_)->size(), 1u);
-  EXPECT_EQ((*fa.ListAll(a_))[0].family, "fam-a");
+  EXPECT_EQ((*fa.ListAll(a_))[0].family, "acme~fam-a");  // records carry keys
+  EXPECT_EQ(FamilyNameFor(a_, "acme~fam-a"), "fam-a");    // callers see names
+  EXPECT_EQ(FamilyNameFor(admin_, "acme~fam-a"), "acme~fam-a");
   EXPECT_EQ(fa.ListAll(admin_)->size(), 2u);
-  // "" = the caller's only family, never another tenant's.
-  EXPECT_EQ(*fa.ResolveForPredict(a_, ""), "fam-a");
-  EXPECT_EQ(*fa.ResolveForPredict(b_, ""), "fam-b");
+  // "" = the caller's only family, never another tenant's (keys returned).
+  EXPECT_EQ(*fa.ResolveForPredict(a_, ""), "acme~fam-a");
+  EXPECT_EQ(*fa.ResolveForPredict(b_, ""), "beta~fam-b");
+  EXPECT_EQ(*fa.ResolveForPredict(a_, "fam-a"), "acme~fam-a");
   EXPECT_TRUE(absl::IsNotFound(fa.ResolveForPredict(Caller{"gamma", false}, "").status()));
   EXPECT_TRUE(absl::IsNotFound(fa.ResolveForPredict(b_, "fam-a").status()));
   EXPECT_EQ(*fa.ResolveForPredict(admin_, ""), "");
+}
+
+// Family names are per tenant (issue 17, hole 3): B's "x" neither sees nor
+// collides with A's "x", and B's lookups answer the same whether A has one.
+TEST_F(TenantRulesTest, FamilyNamesArePerTenant) {
+  StartJobs();
+  const std::string ds_a = Upload(a_), ds_b = Upload(b_);
+  FamilyAccess fa(store_.get());
+  const std::string before = std::string(fa.Versions(b_, "x").status().message());
+  auto before_job = jobs_->CreateJob(Spec("x", ds_b, JobKind::kAddTask, "t2"), b_).status();
+  Publish("x", "acme");
+  // B: the same answers as before A had "x".
+  EXPECT_EQ(std::string(fa.Versions(b_, "x").status().message()), before);
+  auto after_job = jobs_->CreateJob(Spec("x", ds_b, JobKind::kAddTask, "t2"), b_).status();
+  EXPECT_EQ(after_job, before_job);
+  // B creates its own "x": no collision with A's.
+  auto b_job = jobs_->CreateJob(Spec("x", ds_b), b_);
+  ASSERT_TRUE(b_job.ok()) << b_job.status();
+  EXPECT_EQ(b_job->spec.family, "x");  // the caller's name, not the key
+  EXPECT_EQ(store_->GetJob(b_job->id)->spec.family, "beta~x");
+  // A's "x" already exists for A.
+  auto a_again = jobs_->CreateJob(Spec("x", ds_a), a_);
+  EXPECT_TRUE(absl::IsAlreadyExists(a_again.status())) << a_again.status();
+  // A non-admin cannot reach a key with '~', whatever its tenant.
+  for (const Caller& c : {b_, Caller{"default", false}}) {
+    EXPECT_TRUE(absl::IsNotFound(fa.Versions(c, "acme~x").status()));
+    EXPECT_NE(FamilyKeyFor(c, "acme~x"), "acme~x");
+    auto st = jobs_->CreateJob(Spec("acme~x", ds_b, JobKind::kAddTask, "t3"), c).status();
+    EXPECT_FALSE(st.ok());
+    EXPECT_FALSE(absl::IsAlreadyExists(st)) << st;
+  }
 }
 
 }  // namespace

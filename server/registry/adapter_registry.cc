@@ -43,8 +43,14 @@ using json = nlohmann::json;
 constexpr const char* kTensorsFile = kFamilyCoresFile;
 constexpr const char* kMetaFile = kFamilyMetaFile;
 
-absl::Status ValidateFamilyName(const std::string& name) {
-  return ValidateName(name, "family");  // the one name rule (server/jobs/job_validation.h)
+// A family key (store.h FamilyKey): the name, and its tenant when the key
+// has one, each by the one name rule (server/jobs/job_validation.h).
+absl::Status ValidateFamilyName(const std::string& key) {
+  if (key.find(kFamilyKeySeparator) != std::string::npos &&
+      !IsValidName(FamilyKeyTenant(key))) {
+    return ValidateName(key, "family");
+  }
+  return ValidateName(FamilyKeyName(key), "family");
 }
 
 json TaskToJson(const TaskRecord& t) {
@@ -636,23 +642,39 @@ absl::StatusOr<std::vector<std::string>> AdapterRegistry::LoadAll() {
   absl::Cleanup trim = [] { ReleaseFreedHeap(); };
   // Summaries find the newest versions; only those are read in full.
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store_->ListFamilyVersionSummaries(""));
-  std::map<std::string, const FamilyVersionRecord*> newest;
-  for (const auto& r : all) {
-    auto& slot = newest[r.family];
-    if (slot == nullptr || r.version > slot->version) slot = &r;
-  }
+  std::map<std::string, std::vector<int64_t>> versions;  // newest first
+  for (const auto& r : all) versions[r.family].push_back(r.version);
   std::vector<std::string> warnings;
-  for (const auto& [name, summary] : newest) {
-    auto rec = store_->GetFamilyVersion(name, summary->version);
-    auto fam = rec.ok() ? LoadVersion(*rec) : rec.status();
-    if (!fam.ok()) {
-      warnings.push_back(std::string(fam.status().message()));
-      std::cerr << "metatt registry: skipping " << name << ": " << fam.status() << "\n";
-      continue;
+  for (auto& [name, vs] : versions) {
+    std::sort(vs.rbegin(), vs.rend());
+    // The newest version that loads is served: a corrupt newest version
+    // (torn files, a bad disk) leaves the previous one serving, and the
+    // warning says so (the API reports it: FamilyAccess::NoteLoadWarnings
+    // reads "family '<key>' v<N>: ..." from these strings).
+    std::string why;
+    for (int64_t v : vs) {
+      auto rec = store_->GetFamilyVersion(name, v);
+      auto fam = rec.ok() ? LoadVersion(*rec) : rec.status();
+      if (!fam.ok()) {
+        if (why.empty()) why = std::string(fam.status().message());
+        continue;
+      }
+      if (!why.empty()) {
+        warnings.push_back(absl::StrCat("family '", name, "' v", vs.front(),
+                                        ": cannot be loaded (", why, "); serving v", v));
+      }
+      absl::MutexLock l(&mu_);
+      if (!why.empty()) refresh_failed_[name] = vs.front();  // not retried every poll
+      latest_[name] = std::move(*fam);
+      why.clear();
+      break;
     }
-    absl::MutexLock l(&mu_);
-    latest_[name] = std::move(*fam);
+    if (!why.empty()) {
+      warnings.push_back(absl::StrCat("family '", name, "' v", vs.front(),
+                                      ": cannot be loaded (", why, "); no version is served"));
+    }
   }
+  for (const auto& w : warnings) std::cerr << "metatt registry: " << w << "\n";
   return warnings;
 }
 
@@ -675,6 +697,19 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> existing,
                    store_->ListFamilyVersionSummaries(req.family));
   for (const auto& r : existing) version = std::max(version, r.version);
+  // The owner: the request's, else its job's tenant, else the family's.
+  std::string tenant = req.tenant;
+  if (tenant.empty() && !req.created_by_job.empty()) {
+    auto job = store_->GetJob(req.created_by_job);
+    if (job.ok()) tenant = job->tenant;
+  }
+  if (tenant.empty()) tenant = existing.empty() ? "default" : existing.back().tenant;
+  if (req.base_version >= 0) {
+    // The version the publication started from must still be the newest
+    // (the store checks again, atomically with its insert).
+    RETURN_IF_ERROR(CheckPublication(req.family, req.base_version + 1, tenant, version,
+                                     existing.empty() ? "" : existing.back().tenant));
+  }
   ++version;
 
   // Stack the heads: [T, max_labels, D] / [T, max_labels].
@@ -696,14 +731,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   }
   record.created_by_job = req.created_by_job;
   record.created_unix_ms = NowMs();
-  if (!existing.empty()) {
-    record.tenant = existing.back().tenant;  // a family never changes hands
-  } else if (!req.tenant.empty()) {
-    record.tenant = req.tenant;
-  } else if (!req.created_by_job.empty()) {
-    auto job = store_->GetJob(req.created_by_job);
-    if (job.ok()) record.tenant = job->tenant;
-  }
+  record.tenant = tenant;  // the store refuses it if the family has another owner
 
   record.path = catalog_->VersionDir(req.family, version);
 
@@ -811,6 +839,11 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishA
   delta.created_by_job = req.created_by_job;
   delta.created_unix_ms = NowMs();
   delta.tenant = base->record.tenant;  // a family never changes hands
+  if (!req.created_by_job.empty()) {
+    // The job's tenant: the store refuses the version if it does not own the family.
+    auto job = store_->GetJob(req.created_by_job);
+    if (job.ok()) delta.tenant = job->tenant;
+  }
   delta.parent_version = base->version();
   delta.task_count = T + k;
   for (int64_t i = 0; i < k; ++i) {
@@ -1014,6 +1047,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
   req.pooling = fam->pooling_name;
   req.max_length = fam->max_length;
   req.created_by_job = absl::StrCat("delete-task:", task);
+  req.base_version = fam->version();  // an add-task published meanwhile is not undone
   for (const auto& [k, v] : fam->adapter->NamedParameters()) {
     if (k.rfind("task.", 0) == 0) {
       const int64_t t = std::stoll(k.substr(5));
@@ -1084,7 +1118,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
   std::string name = family;
   if (name.empty() && meta.contains("extra") && meta["extra"].is_object() &&
       meta["extra"].contains("family") && meta["extra"]["family"].is_string()) {
-    name = meta["extra"]["family"].get<std::string>();
+    // The exported key's name, in the importing tenant's namespace (store.h
+    // FamilyKey): a file never picks another tenant's key.
+    name = FamilyKey(tenant, FamilyKeyName(meta["extra"]["family"].get<std::string>()));
   }
   RETURN_IF_ERROR(ValidateFamilyName(name));
   if (Get(name, 0).ok()) {
@@ -1114,6 +1150,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
   req.family = name;
   req.created_by_job = "import";
   req.tenant = tenant;
+  req.base_version = 0;  // a new family: refused if one appeared meanwhile
   return Publish(req);
 }
 

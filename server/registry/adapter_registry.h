@@ -166,9 +166,15 @@ struct PublishRequest {
   std::string pooling = "mean";
   int64_t max_length = 128;
   std::string created_by_job;
-  // Owner tenant of a new family; "" = the tenant of the job `created_by_job`
-  // (else "default"). A new version keeps its family's tenant.
+  // Owner tenant; "" = the tenant of the job `created_by_job` (else the
+  // family's, else "default"). The store refuses a version whose family
+  // another tenant owns.
   std::string tenant;
+  // The family's newest version when the publication started (0: the family
+  // did not exist; a new-family job). FAILED_PRECONDITION, nothing published,
+  // when another version appeared since (checked again by the store,
+  // atomically with its insert). -1: whatever is newest.
+  int64_t base_version = -1;
 };
 
 // What an add-task job hands over: only what it adds to the version it

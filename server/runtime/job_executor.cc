@@ -335,6 +335,7 @@ class TrainingJob : public TrainingTask {
     const auto& best = trainer_->best_tensors();
     PublishRequest req;
     req.family = spec.family;
+    req.base_version = 0;  // a new family: refused if one appeared while it trained
     req.scale = adapter_->scale();
     req.pooling = p_.recipe.pooling;
     req.max_length = p_.recipe.max_length;
@@ -451,7 +452,11 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
   JobLimits limits;
   limits.max_sequence_length = base.max_position_embeddings;
   limits.sequence_limit_name = "max_position_embeddings";
-  RETURN_IF_ERROR(ValidateJobSpec(spec, limits));
+  {
+    JobSpec named = spec;  // spec.family is the family's key (store.h FamilyKey)
+    named.family = FamilyKeyName(spec.family);
+    RETURN_IF_ERROR(ValidateJobSpec(named, limits));
+  }
   PreparedJob p;
   p.job = job;
   p.overrides = RecipeOverridesFromSpec(spec);

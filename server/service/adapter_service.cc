@@ -27,10 +27,18 @@ absl::StatusOr<std::shared_ptr<const FamilyVersionRecord>> FindVersion(FamilyAcc
   return families->Version(caller, family, version);
 }
 
+// A version as `caller` sees it: the family by the caller's name for it
+// (records carry keys: tenants.h FamilyNameFor).
+void ToCallerProto(const Caller& caller, const FamilyVersionRecord& v, v1::FamilyVersion* out) {
+  ToProto(v, out);
+  out->set_family(FamilyNameFor(caller, v.family));
+}
+
 // A version holding only its first tasks (FamilyAccess::Version with
 // max_tasks): ToProto counts the tasks it holds, the record knows them all.
-void ToProtoWithCount(const FamilyVersionRecord& head, v1::FamilyVersion* out) {
-  ToProto(head, out);
+void ToProtoWithCount(const Caller& caller, const FamilyVersionRecord& head,
+                      v1::FamilyVersion* out) {
+  ToCallerProto(caller, head, out);
   out->set_task_count(head.task_count);
 }
 
@@ -67,14 +75,16 @@ grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
   // Ordered by (family, version): the last record of each family is its latest.
   std::map<std::string, const FamilyVersionRecord*> latest;
   for (const auto& v : *all) latest[v.family] = &v;
-  for (const auto& [name, v] : latest) {
+  for (const auto& [key, v] : latest) {
+    const std::string name = FamilyNameFor(*caller, key);
     // Its first tasks are inlined: only those are read.
     auto head = options_.families->Version(*caller, name, v->version, kInlineFamilyTasks);
     if (!head.ok()) return ToGrpcStatus(head.status());
     auto* f = resp->add_families();
     f->set_name(name);
     f->set_latest_version(v->version);
-    ToProtoWithCount(**head, f->add_versions());
+    f->set_warning(options_.families->Warning(key));
+    ToProtoWithCount(*caller, **head, f->add_versions());
   }
   return grpc::Status::OK;
 }
@@ -90,11 +100,12 @@ grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
   auto* f = resp->mutable_family();
   f->set_name(req->family());
   f->set_latest_version(versions->back().version);
+  f->set_warning(options_.families->Warning(versions->back().family));
   for (const auto& v : *versions) {
     // Every version inlines its first tasks: only those are read.
     auto head = options_.families->Version(*caller, req->family(), v.version, kInlineFamilyTasks);
     if (!head.ok()) return ToGrpcStatus(head.status());
-    ToProtoWithCount(**head, f->add_versions());
+    ToProtoWithCount(*caller, **head, f->add_versions());
   }
   return grpc::Status::OK;
 }
@@ -113,7 +124,7 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
   const FamilyVersionRecord& rec = **v;
   auto page = PageTaskRange(rec, req->page_size(), req->page_token());
   if (!page.ok()) return ToGrpcStatus(page.status());
-  resp->set_family(rec.family);
+  resp->set_family(FamilyNameFor(*caller, rec.family));
   resp->set_version(rec.version);
   resp->set_task_count(static_cast<int64_t>(rec.tasks.size()));
   for (int64_t i = page->begin; i < page->end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
@@ -138,10 +149,11 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
   if (options_.catalog == nullptr) {
     return ToGrpcStatus(absl::UnimplementedError("DeleteTask: this server has no adapter catalog"));
   }
-  auto nv = options_.catalog->DeleteTask(req->family(), req->task());
+  const std::string& key = (*v)->family;
+  auto nv = options_.catalog->DeleteTask(key, req->task());
   if (!nv.ok()) return ToGrpcStatus(nv.status());
-  if (options_.on_family_changed) options_.on_family_changed(req->family());
-  ToProto(*nv, resp->mutable_version());
+  if (options_.on_family_changed) options_.on_family_changed(key);
+  ToCallerProto(*caller, *nv, resp->mutable_version());
   return grpc::Status::OK;
 }
 
@@ -154,7 +166,7 @@ grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
   if (!v.ok()) return ToGrpcStatus(v.status());
   absl::StatusOr<std::vector<FamilyFile>> files;
   if (options_.catalog != nullptr) {
-    files = options_.catalog->ExportFamily(req->family(), req->version());
+    files = options_.catalog->ExportFamily((*v)->family, (*v)->version);
   } else {
     files = ReadVersionFiles(**v);
   }
@@ -221,10 +233,11 @@ grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
     return ToGrpcStatus(
         absl::UnimplementedError("ImportFamily: this server has no adapter catalog"));
   }
-  auto v = options_.catalog->ImportFamily(family, files, caller->tenant);
+  // "" = the name in family.json, which the catalog puts in the caller's tenant.
+  auto v = options_.catalog->ImportFamily(FamilyKeyFor(*caller, family), files, caller->tenant);
   if (!v.ok()) return ToGrpcStatus(v.status());
   if (options_.on_family_changed) options_.on_family_changed(v->family);
-  ToProto(*v, resp->mutable_version());
+  ToCallerProto(*caller, *v, resp->mutable_version());
   return grpc::Status::OK;
 }
 

@@ -68,6 +68,9 @@ grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
     if (r == JobEventSubscription::Result::kTimeout) continue;
     v1::JobEvent msg;
     ToProto(req->job_id(), (*sub)->sequence(), e, &msg);
+    if (msg.has_checkpoint()) {  // the family by the caller's name (tenants.h)
+      msg.mutable_checkpoint()->set_family(FamilyNameFor(*caller, e.family));
+    }
     if (!writer->Write(msg)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the stream");

@@ -128,6 +128,10 @@ struct JobRecord {
   std::string result_family;  // set when SUCCEEDED
   int64_t result_version = 0;
   std::string tenant = "default";  // owner (server/jobs/tenants.h)
+  // Several replicas (PostgreSQL): the fencing token of the job's current
+  // claim, raised by every claim and take-over (Store::ClaimNextJob). 0 = never
+  // claimed, and always with the embedded store.
+  int64_t claim_epoch = 0;
 };
 
 // The runtime side of a job (implemented in server/runtime on the device

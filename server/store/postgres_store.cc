@@ -1,13 +1,19 @@
 #include "server/store/postgres_store.h"
 
 #include <libpq-fe.h>
+#include <poll.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -94,6 +100,15 @@ UPDATE family_versions SET task_count = json_array_length(tasks_json::json);
     R"sql(
 ALTER TABLE family_versions ADD COLUMN parent_version BIGINT NOT NULL DEFAULT 0;
 )sql",
+    // 4: family names are per tenant. Same as SQLite migration 5.
+    R"sql(
+UPDATE family_versions SET family = tenant || '~' || family
+  WHERE tenant <> 'default' AND strpos(family, '~') = 0;
+)sql",
+    // 5: fencing tokens: every claim and take-over raises the job's epoch.
+    R"sql(
+ALTER TABLE jobs ADD COLUMN claim_epoch BIGINT NOT NULL DEFAULT 0;
+)sql",
 };
 
 // Any number; every replica uses the same one to serialise migrations.
@@ -154,13 +169,86 @@ class Result {
   PGresult* r_;
 };
 
+// The statement timeout of every store in the process (PostgresStore::Timeouts).
+std::atomic<int64_t> g_statement_timeout_ms{10000};
+
+std::string ConnError(PGconn* conn) {
+  std::string msg = PQerrorMessage(conn);
+  while (!msg.empty() && (msg.back() == '\n' || msg.back() == ' ')) msg.pop_back();
+  return msg;
+}
+
+// Waits until the connection's socket is ready for `events` or the deadline
+// passes (false).
+bool WaitSocket(PGconn* conn, short events, std::chrono::steady_clock::time_point deadline) {
+  while (true) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          deadline - std::chrono::steady_clock::now())
+                          .count();
+    if (left <= 0) return false;
+    pollfd p{PQsocket(conn), events, 0};
+    const int n = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1000)));
+    if (n > 0) return true;
+    if (n < 0 && errno != EINTR) return true;  // let libpq report the error
+  }
+}
+
+// One statement, answered within g_statement_timeout_ms: sent and read
+// asynchronously; past the deadline the connection is shut down (the next
+// call reconnects) and the statement fails UNAVAILABLE.
 absl::StatusOr<Result> Exec(PGconn* conn, const std::string& sql,
                             const std::vector<Param>& params = {}) {
   std::vector<const char*> values;
   values.reserve(params.size());
   for (const Param& p : params) values.push_back(p ? p->c_str() : nullptr);
-  Result r(PQexecParams(conn, sql.c_str(), static_cast<int>(values.size()), nullptr,
-                        values.data(), nullptr, nullptr, /*resultFormat=*/0));
+  const int64_t timeout_ms = g_statement_timeout_ms.load();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  auto timed_out = [&]() -> absl::Status {
+    ::shutdown(PQsocket(conn), SHUT_RDWR);  // PQstatus turns bad: EnsureConnected resets
+    PQconsumeInput(conn);
+    return absl::UnavailableError(absl::StrCat(
+        "postgresql: no answer within the statement timeout (", timeout_ms, " ms)"));
+  };
+  if (PQstatus(conn) != CONNECTION_OK) {
+    return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
+  }
+  if (PQsendQueryParams(conn, sql.c_str(), static_cast<int>(values.size()), nullptr,
+                        values.data(), nullptr, nullptr, /*resultFormat=*/0) == 0) {
+    return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
+  }
+  PQsetnonblocking(conn, 1);
+  absl::Cleanup blocking = [conn] { PQsetnonblocking(conn, 0); };
+  while (true) {
+    const int f = PQflush(conn);
+    if (f == 0) break;
+    if (f < 0) return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
+    if (!WaitSocket(conn, POLLIN | POLLOUT, deadline)) return timed_out();
+    if (PQconsumeInput(conn) == 0) {
+      return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
+    }
+  }
+  PGresult* last = nullptr;
+  while (true) {
+    while (PQisBusy(conn)) {
+      if (!WaitSocket(conn, POLLIN, deadline)) {
+        PQclear(last);
+        return timed_out();
+      }
+      if (PQconsumeInput(conn) == 0) break;  // PQgetResult reports it
+    }
+    PGresult* r = PQgetResult(conn);
+    if (r == nullptr) break;
+    // Keep the first failure (a later result would hide it), else the last.
+    if (last != nullptr && PQresultStatus(last) != PGRES_COMMAND_OK &&
+        PQresultStatus(last) != PGRES_TUPLES_OK) {
+      PQclear(r);
+      continue;
+    }
+    PQclear(last);
+    last = r;
+    if (PQstatus(conn) == CONNECTION_BAD) break;
+  }
+  Result r(last);
   RETURN_IF_ERROR(r.status(conn));
   return r;
 }
@@ -222,11 +310,22 @@ bool PostgresStore::IsPostgresUri(const std::string& s) {
 }
 
 absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Create(const std::string& uri) {
+  return Create(uri, Timeouts{});
+}
+
+absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Create(const std::string& uri,
+                                                                     const Timeouts& timeouts) {
   if (!IsPostgresUri(uri)) {
     return absl::InvalidArgumentError(
         absl::StrCat("store: '", uri, "' is not a postgresql:// connection URI"));
   }
-  PGconn* conn = PQconnectdb(uri.c_str());
+  if (timeouts.statement_ms > 0) g_statement_timeout_ms = timeouts.statement_ms;
+  // connect_timeout first: a value in the URI (expanded after it) wins.
+  const std::string connect_s =
+      std::to_string(std::max<int64_t>(1, (timeouts.connect_ms + 999) / 1000));
+  const char* keys[] = {"connect_timeout", "dbname", nullptr};
+  const char* vals[] = {connect_s.c_str(), uri.c_str(), nullptr};
+  PGconn* conn = PQconnectdbParams(keys, vals, /*expand_dbname=*/1);
   if (conn == nullptr || PQstatus(conn) != CONNECTION_OK) {
     std::string msg = conn ? PQerrorMessage(conn) : "out of memory";
     while (!msg.empty() && msg.back() == '\n') msg.pop_back();
@@ -412,15 +511,23 @@ absl::StatusOr<JobRecord> PostgresStore::FindJobByIdempotencyKey(const std::stri
 absl::Status PostgresStore::UpdateJob(const JobRecord& j) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(EnsureConnected());
+  const std::optional<int64_t> fence = FenceLocked(j.id);
+  std::vector<Param> params = {P(std::string(JobStateName(j.state))), P(j.failure_reason),
+                               P(j.updated_unix_ms), P(j.step), P(j.total_steps),
+                               P(j.result_family), P(j.result_version), P(j.id)};
+  if (fence) params.push_back(P(*fence));
+  // The epoch in the WHERE clause: checked atomically with the write.
   ASSIGN_OR_RETURN(Result r,
                    Exec(conn_,
-                        "UPDATE jobs SET state = $1, failure_reason = $2, updated_unix_ms = $3, "
-                        "step = $4, total_steps = $5, result_family = $6, result_version = $7 "
-                        "WHERE id = $8",
-                        {P(std::string(JobStateName(j.state))), P(j.failure_reason),
-                         P(j.updated_unix_ms), P(j.step), P(j.total_steps), P(j.result_family),
-                         P(j.result_version), P(j.id)}));
-  if (r.affected() == 0) return absl::NotFoundError(absl::StrCat("job ", j.id, " not found"));
+                        absl::StrCat("UPDATE jobs SET state = $1, failure_reason = $2, "
+                                     "updated_unix_ms = $3, step = $4, total_steps = $5, "
+                                     "result_family = $6, result_version = $7 WHERE id = $8",
+                                     fence ? " AND claim_epoch = $9" : ""),
+                        params));
+  if (r.affected() == 0) {
+    if (fence) RETURN_IF_ERROR(CheckFenceLocked(j.id, "update"));
+    return absl::NotFoundError(absl::StrCat("job ", j.id, " not found"));
+  }
   return absl::OkStatus();
 }
 
@@ -472,11 +579,24 @@ absl::Status PostgresStore::AppendJobEvent(const std::string& job_id, const JobE
   // holder's progress): the loser of the (job_id, seq) race retries.
   absl::Status st;
   for (int attempt = 0; attempt < 8; ++attempt) {
-    st = Exec(conn_,
-              "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
-              "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
-              {P(job_id), P(json)})
-             .status();
+    if (FenceLocked(job_id)) {
+      // The epoch check (row locked until commit) and the insert, together.
+      Transaction tx(conn_);
+      RETURN_IF_ERROR(tx.status());
+      RETURN_IF_ERROR(CheckFenceLocked(job_id, "event"));
+      st = Exec(conn_,
+                "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
+                "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
+                {P(job_id), P(json)})
+               .status();
+      if (st.ok()) st = tx.Commit();
+    } else {
+      st = Exec(conn_,
+                "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
+                "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
+                {P(job_id), P(json)})
+               .status();
+    }
     if (!absl::IsAlreadyExists(st)) return st;
   }
   return st;
@@ -505,6 +625,29 @@ absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(EnsureConnected());
+  // The compare-and-swap and the insert in one transaction; a transaction
+  // advisory lock on the family key serialises publications of one family
+  // across replicas (a row lock cannot cover a family with no row yet).
+  Transaction tx(conn_);
+  RETURN_IF_ERROR(tx.status());
+  RETURN_IF_ERROR(
+      Exec(conn_, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", {P(f.family)})
+          .status());
+  // A job's version: only while this replica still holds the job's claim.
+  if (!f.created_by_job.empty() && FenceLocked(f.created_by_job)) {
+    RETURN_IF_ERROR(CheckFenceLocked(f.created_by_job, "publication"));
+  }
+  ASSIGN_OR_RETURN(Result cur, Exec(conn_,
+                                    "SELECT version, tenant FROM family_versions WHERE family = $1 "
+                                    "ORDER BY version DESC LIMIT 1",
+                                    {P(f.family)}));
+  const int64_t newest = cur.rows() > 0 ? cur.Int(0, 0) : 0;
+  const std::string owner = cur.rows() > 0 ? cur.Text(0, 1) : "";
+  if (newest >= f.version) {
+    return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
+                                                 " is already published (versions are immutable)"));
+  }
+  RETURN_IF_ERROR(CheckPublication(f.family, f.version, f.tenant, newest, owner));
   auto r = Exec(conn_,
                 absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
                              Placeholders(13), ")"),
@@ -516,7 +659,8 @@ absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
                                                  " is already published (versions are immutable)"));
   }
-  return r.status();
+  RETURN_IF_ERROR(r.status());
+  return tx.Commit();
 }
 
 absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersions(
@@ -606,26 +750,35 @@ absl::StatusOr<JobRecord> PostgresStore::ClaimNextJob(const std::string& replica
       Result r,
       Exec(conn_,
            absl::StrCat("UPDATE jobs SET claimed_by = $1, cancel_requested = false, "
-                        "lease_until = now() + $2 * interval '1 millisecond' "
+                        "lease_until = now() + $2 * interval '1 millisecond', "
+                        "claim_epoch = claim_epoch + 1 "
                         "WHERE seq = (SELECT seq FROM jobs WHERE state = 'QUEUED' AND "
                         "claimed_by IS NULL ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
                         "RETURNING ",
-                        JobCols()),
+                        JobCols(), ", claim_epoch"),
            {P(replica), P(lease_ms)}));
   if (r.rows() == 0) return absl::NotFoundError("no queued job to claim");
-  return ReadJob(r, 0);
+  ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, 0));
+  j.claim_epoch = r.Int(0, 13);
+  return j;
 }
 
 absl::StatusOr<bool> PostgresStore::RenewLease(const std::string& job_id,
                                                const std::string& replica, int64_t lease_ms) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(EnsureConnected());
+  const std::optional<int64_t> fence = FenceLocked(job_id);
+  std::vector<Param> params = {P(job_id), P(replica), P(lease_ms)};
+  if (fence) params.push_back(P(*fence));
   ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  "UPDATE jobs SET lease_until = now() + $3 * interval "
-                                  "'1 millisecond' WHERE id = $1 AND claimed_by = $2 "
-                                  "RETURNING cancel_requested",
-                                  {P(job_id), P(replica), P(lease_ms)}));
+                                  absl::StrCat("UPDATE jobs SET lease_until = now() + $3 * "
+                                               "interval '1 millisecond' WHERE id = $1 AND "
+                                               "claimed_by = $2",
+                                               fence ? " AND claim_epoch = $4" : "",
+                                               " RETURNING cancel_requested"),
+                                  params));
   if (r.rows() > 0) return r.Bool(0, 0);
+  if (fence) RETURN_IF_ERROR(CheckFenceLocked(job_id, "lease renewal"));
   ASSIGN_OR_RETURN(Result h, Exec(conn_, "SELECT claimed_by FROM jobs WHERE id = $1", {P(job_id)}));
   if (h.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
   return absl::FailedPreconditionError(
@@ -670,13 +823,57 @@ absl::StatusOr<JobRecord> PostgresStore::TakeOverExpiredJob(const std::string& r
                         "NOT NULL AND lease_until < now() ORDER BY seq LIMIT 1 "
                         "FOR UPDATE SKIP LOCKED) "
                         "UPDATE jobs j SET claimed_by = $1, "
-                        "lease_until = now() + $2 * interval '1 millisecond' FROM victim "
+                        "lease_until = now() + $2 * interval '1 millisecond', "
+                        "claim_epoch = j.claim_epoch + 1 FROM victim "
                         "WHERE j.seq = victim.seq RETURNING ",
-                        JobCols("j."), ", victim.prev"),
+                        JobCols("j."), ", victim.prev, j.claim_epoch"),
            {P(replica), P(lease_ms)}));
   if (r.rows() == 0) return absl::NotFoundError("no expired claim");
   if (previous_holder) *previous_holder = r.Text(0, 13);
-  return ReadJob(r, 0);
+  ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, 0));
+  j.claim_epoch = r.Int(0, 14);
+  return j;
+}
+
+// ---- Fencing and health -----------------------------------------------------
+
+void PostgresStore::HoldFence(const std::string& job_id, int64_t epoch) {
+  absl::MutexLock lock(&mu_);
+  fences_[job_id] = epoch;
+}
+
+void PostgresStore::DropFence(const std::string& job_id) {
+  absl::MutexLock lock(&mu_);
+  fences_.erase(job_id);
+}
+
+std::optional<int64_t> PostgresStore::FenceLocked(const std::string& job_id) {
+  auto it = fences_.find(job_id);
+  if (it == fences_.end()) return std::nullopt;
+  return it->second;
+}
+
+absl::Status PostgresStore::CheckFenceLocked(const std::string& job_id, const char* what) {
+  const std::optional<int64_t> fence = FenceLocked(job_id);
+  if (!fence) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Result r, Exec(conn_,
+                                  "SELECT claim_epoch, COALESCE(claimed_by, '') FROM jobs "
+                                  "WHERE id = $1 FOR SHARE",
+                                  {P(job_id)}));
+  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
+  if (r.Int(0, 0) != *fence) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job_id, ": stale fencing token: this replica's claim is epoch ", *fence,
+        ", the job's is ", r.Int(0, 0), " (taken over", r.Text(0, 1).empty() ? "" : " by ",
+        r.Text(0, 1), "); the ", what, " was refused"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PostgresStore::Ping() {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(EnsureConnected());
+  return Exec(conn_, "SELECT 1").status();
 }
 
 }  // namespace metatt

@@ -7,10 +7,22 @@
 // (see Store::ClaimNextJob and JobManager's shared mode).
 //
 // One connection guarded by a mutex (the store is never on a hot path); a
-// broken connection is re-established on the next call.
+// broken connection is re-established on the next call. Connecting waits at
+// most Timeouts::connect_ms (libpq connect_timeout, unless the URI sets one)
+// and every statement at most Timeouts::statement_ms, measured here, not by
+// the server: a statement whose answer does not come (a paused network, a
+// hung server) fails UNAVAILABLE and the connection is dropped, so a call
+// never blocks a replica for longer.
+//
+// Fencing (Store::HoldFence): jobs.claim_epoch is raised by every claim and
+// take-over; writes for a job this replica holds a fence on carry the epoch
+// and are refused when it is stale.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -26,7 +38,13 @@ class PostgresStore : public Store {
  public:
   // `uri`: a libpq connection URI, e.g. postgresql://user@127.0.0.1:5432/metatt.
   // Connects and applies every pending migration.
+  struct Timeouts {
+    int64_t connect_ms = 5000;
+    int64_t statement_ms = 10000;
+  };
   static absl::StatusOr<std::unique_ptr<PostgresStore>> Create(const std::string& uri);
+  static absl::StatusOr<std::unique_ptr<PostgresStore>> Create(const std::string& uri,
+                                                               const Timeouts& timeouts);
   ~PostgresStore() override;
 
   // True for "postgresql://..." and "postgres://..." (what --store accepts).
@@ -72,9 +90,18 @@ class PostgresStore : public Store {
   absl::Status ReleaseClaim(const std::string& job_id, const std::string& replica) override;
   absl::StatusOr<JobRecord> TakeOverExpiredJob(const std::string& replica, int64_t lease_ms,
                                                std::string* previous_holder) override;
+  void HoldFence(const std::string& job_id, int64_t epoch) override;
+  void DropFence(const std::string& job_id) override;
+  absl::Status Ping() override;
 
  private:
   PostgresStore(std::string uri, pg_conn* conn) : uri_(std::move(uri)), conn_(conn) {}
+  // FAILED_PRECONDITION when this replica holds a fence on `job_id` and the
+  // job's claim_epoch is no longer it. Locks the job row (FOR SHARE) until
+  // the caller's transaction ends, so a take-over waits for the write.
+  absl::Status CheckFenceLocked(const std::string& job_id, const char* what)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<int64_t> FenceLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilies(const std::string& family,
                                                                 bool with_tasks);
@@ -83,6 +110,7 @@ class PostgresStore : public Store {
   const std::string uri_;
   absl::Mutex mu_;
   pg_conn* conn_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, int64_t> fences_ ABSL_GUARDED_BY(mu_);  // job id -> claim epoch
 };
 
 }  // namespace metatt

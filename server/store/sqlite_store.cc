@@ -112,6 +112,12 @@ ALTER TABLE family_versions_v3 RENAME TO family_versions;
     R"sql(
 ALTER TABLE family_versions ADD COLUMN parent_version INTEGER NOT NULL DEFAULT 0;
 )sql",
+    // 5: family names are per tenant (store.h FamilyKey): another tenant's
+    // family gets its "<tenant>~" key; its files stay where `path` says.
+    R"sql(
+UPDATE family_versions SET family = tenant || '~' || family
+  WHERE tenant <> 'default' AND instr(family, '~') = 0;
+)sql",
 };
 
 // RAII prepared statement with typed binders / readers.
@@ -478,6 +484,27 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
   if (f.family.empty()) return absl::InvalidArgumentError("family: must not be empty");
   if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
   absl::MutexLock lock(&mu_);
+  // The compare-and-swap and the insert in one write transaction.
+  Transaction tx(db_);
+  RETURN_IF_ERROR(tx.status());
+  int64_t newest = 0;
+  std::string owner;
+  {
+    Stmt q(db_,
+           "SELECT version, tenant FROM family_versions WHERE family = ? "
+           "ORDER BY version DESC LIMIT 1");
+    q.Bind(1, f.family);
+    ASSIGN_OR_RETURN(bool row, q.Step());
+    if (row) {
+      newest = q.Int(0);
+      owner = q.Text(1);
+    }
+  }
+  if (newest >= f.version) {
+    return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
+                                                 " is already published (versions are immutable)"));
+  }
+  RETURN_IF_ERROR(CheckPublication(f.family, f.version, f.tenant, newest, owner));
   Stmt s(db_,
          absl::StrCat("INSERT INTO family_versions(", kFamilyCols,
                       ") VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)")
@@ -491,7 +518,8 @@ absl::Status SqliteStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
     return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
                                                  " is already published (versions are immutable)"));
   }
-  return st;
+  RETURN_IF_ERROR(st);
+  return tx.Commit();
 }
 
 absl::StatusOr<std::vector<FamilyVersionRecord>> SqliteStore::ListFamilyVersions(

@@ -62,14 +62,14 @@ class SqliteStoreTest : public ::testing::Test {
 TEST_F(SqliteStoreTest, UsesWalAndRecordsMigrations) {
   auto v = store_->SchemaVersion();
   ASSERT_TRUE(v.ok());
-  EXPECT_EQ(*v, 4);
+  EXPECT_EQ(*v, 5);
   EXPECT_TRUE(std::filesystem::exists(path_ + "-wal"));
   // Reopening applies nothing new and keeps the data.
   ASSERT_TRUE(store_->PutDataset(Dataset("ds-1")).ok());
   store_.reset();
   auto again = SqliteStore::Create(path_);
   ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(*(*again)->SchemaVersion(), 4);
+  EXPECT_EQ(*(*again)->SchemaVersion(), 5);
   auto d = (*again)->GetDataset("ds-1");
   ASSERT_TRUE(d.ok()) << d.status();
   EXPECT_THAT(d->label_names, ElementsAre("0", "1"));

@@ -63,6 +63,50 @@ struct FamilyVersionRecord {
   int64_t parent_version = 0;
 };
 
+// Family names are per tenant. A family's key (FamilyVersionRecord::family:
+// what the store, the registry, the runtime and the files index) is
+// FamilyKey(tenant, name): the name itself for tenant "default" (data written
+// before names were per tenant keeps its keys), "<tenant>~<name>" for every
+// other tenant. '~' is in no valid tenant or family name, so two tenants'
+// keys never collide and the key names its owner (the stores refuse a version
+// that another tenant owns). Only server/jobs/tenants.h maps a caller's names
+// to keys and back (and the registry's import of an unnamed family).
+inline constexpr char kFamilyKeySeparator = '~';
+inline std::string FamilyKey(const std::string& tenant, const std::string& name) {
+  if (tenant.empty() || tenant == "default") return name;
+  return tenant + kFamilyKeySeparator + name;
+}
+// The tenant a key belongs to ("default" for a key without a separator).
+inline std::string FamilyKeyTenant(const std::string& key) {
+  const size_t sep = key.find(kFamilyKeySeparator);
+  return sep == std::string::npos ? std::string("default") : key.substr(0, sep);
+}
+// The name within its tenant.
+inline std::string FamilyKeyName(const std::string& key) {
+  const size_t sep = key.find(kFamilyKeySeparator);
+  return sep == std::string::npos ? key : key.substr(sep + 1);
+}
+
+// What PublishFamilyVersion checks against the family's current newest
+// version (`newest` 0 and `owner` "" when it has none): FAILED_PRECONDITION
+// with the reason, or OK. One rule for both stores.
+inline absl::Status CheckPublication(const std::string& family, int64_t version,
+                                     const std::string& tenant, int64_t newest,
+                                     const std::string& owner) {
+  if (!owner.empty() && owner != tenant) {
+    return absl::FailedPreconditionError("family '" + FamilyKeyName(family) +
+                                         "' belongs to another tenant; nothing was published");
+  }
+  if (newest != version - 1) {
+    return absl::FailedPreconditionError(
+        "family '" + FamilyKeyName(family) + "' is at v" + std::to_string(newest) + ", not v" +
+        std::to_string(version - 1) +
+        " that the publication started from (another job, an import or a DeleteTask published "
+        "meanwhile); nothing was published");
+  }
+  return absl::OkStatus();
+}
+
 // "family '<family>' has no version <version>" (NOT_FOUND).
 inline absl::Status FamilyVersionNotFound(const std::string& family, int64_t version) {
   return absl::NotFoundError("family '" + family + "' has no version " + std::to_string(version));
@@ -95,6 +139,12 @@ class Store {
   virtual absl::Status AppendJobEvent(const std::string& job_id, const JobEvent& e) = 0;
   virtual absl::StatusOr<std::vector<JobEvent>> ListJobEvents(const std::string& job_id) = 0;
 
+  // Records a new version: a compare-and-swap on the family, atomic with the
+  // insert. FAILED_PRECONDITION, nothing recorded, when the family's newest
+  // version is not f.version - 1 (another job, an import or a DeleteTask
+  // published since the publisher read its base; 0 = no version) or when it
+  // belongs to another tenant than f.tenant (CheckPublication).
+  // ALREADY_EXISTS when (family, version) exists.
   virtual absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) = 0;
   virtual absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family /* "" = all */) = 0;
@@ -164,6 +214,20 @@ class Store {
     (void)replica, (void)lease_ms, (void)previous_holder;
     return absl::UnimplementedError("TakeOverExpiredJob");
   }
+  // Fencing: from now on this store object writes for `job_id` only while
+  // the job's claim is still `epoch` (JobRecord::claim_epoch of the claim).
+  // UpdateJob and AppendJobEvent of the job, RenewLease, and a
+  // PublishFamilyVersion whose created_by_job is the job are refused with
+  // FAILED_PRECONDITION ("stale fencing token") once another replica took
+  // the job over (a newer epoch), each check atomic with its write. A
+  // replica that paused past its lease can thus neither publish nor touch
+  // the job again. DropFence ends it (the job ended or was released here).
+  virtual void HoldFence(const std::string& job_id, int64_t epoch) { (void)job_id, (void)epoch; }
+  virtual void DropFence(const std::string& job_id) { (void)job_id; }
+
+  // OK when the store answers (health checking): UNAVAILABLE when it does not
+  // within its timeouts.
+  virtual absl::Status Ping() { return absl::OkStatus(); }
 };
 
 inline absl::StatusOr<std::vector<FamilyVersionRecord>> Store::ListFamilyVersionSummaries(

@@ -4,8 +4,12 @@
 // PostgreSQL-only cases cover job claiming by several replicas.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
 #include <libpq-fe.h>
+#include <netinet/in.h>
 #include <sqlite3.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <filesystem>
@@ -325,6 +329,54 @@ TEST_P(StoreConformance, FamilyVersionsAreImmutableAndRoundTrip) {
   EXPECT_TRUE(absl::IsNotFound(store_->DeleteFamily("glue")));
 }
 
+// Publication is a compare-and-swap on the family's newest version and its
+// owner, atomic with the insert (issue 17, hole 3).
+TEST_P(StoreConformance, PublicationChecksBaseVersionAndOwner) {
+  FamilyVersionRecord f;
+  f.family = "cas";
+  f.form = "4+1d";
+  f.tenant = "acme";
+  f.version = 2;  // the family has no v1: a publication that started from v1 is stale
+  auto st = store_->PublishFamilyVersion(f);
+  EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("is at v0, not v1"));
+  f.version = 1;
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  f.version = 3;  // skips v2
+  EXPECT_TRUE(absl::IsFailedPrecondition(store_->PublishFamilyVersion(f)));
+  f.version = 2;
+  f.tenant = "beta";  // another tenant's family: refused, nothing recorded
+  st = store_->PublishFamilyVersion(f);
+  EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("another tenant"));
+  EXPECT_EQ(store_->ListFamilyVersionSummaries("cas")->size(), 1u);
+  f.tenant = "acme";
+  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
+  // Two publishers racing from the same base: exactly one wins.
+  FamilyVersionRecord race = f;
+  race.version = 3;
+  std::atomic<int> won{0}, refused{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      FamilyVersionRecord mine = race;
+      mine.created_by_job = "job-" + std::to_string(i);
+      auto s = store_->PublishFamilyVersion(mine);
+      (s.ok() ? won : refused)++;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(won.load(), 1);
+  EXPECT_EQ(refused.load(), 3);
+  EXPECT_EQ(store_->ListFamilyVersionSummaries("cas")->size(), 3u);
+  // Keys: the name for "default", "<tenant>~<name>" otherwise.
+  EXPECT_EQ(FamilyKey("default", "x"), "x");
+  EXPECT_EQ(FamilyKey("acme", "x"), "acme~x");
+  EXPECT_EQ(FamilyKeyTenant("acme~x"), "acme");
+  EXPECT_EQ(FamilyKeyTenant("x"), "default");
+  EXPECT_EQ(FamilyKeyName("acme~x"), "x");
+}
+
 // A version record of `family` with `n` tasks named t0, t1, ...
 FamilyVersionRecord VersionWithTasks(const std::string& family, int64_t version, int n) {
   FamilyVersionRecord f;
@@ -416,17 +468,25 @@ TEST_P(StoreConformance, GetFamilyVersionRoundTripsOneVersion) {
 
 // A row written before the task_count column existed: the column and its
 // migration record are dropped, and reopening the store migrates again,
-// counting the tasks from tasks_json. (Undoes the two newest migrations:
-// task_count, then parent_version; move this along when one is added.)
+// counting the tasks from tasks_json. (Undoes the newest migrations back to
+// task_count: per-tenant family keys (data only), parent_version,
+// task_count; move this along when one is added.)
 TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 1, 7)).ok());
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 2, 0)).ok());
   store_.reset();
+  // PostgreSQL has one more: the jobs' claim_epoch (fencing tokens).
   const char* undo =
-      "ALTER TABLE family_versions DROP COLUMN parent_version; "
-      "ALTER TABLE family_versions DROP COLUMN task_count; "
-      "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 2 FROM "
-      "schema_migrations);";
+      GetParam() == "sqlite"
+          ? "ALTER TABLE family_versions DROP COLUMN parent_version; "
+            "ALTER TABLE family_versions DROP COLUMN task_count; "
+            "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 3 FROM "
+            "schema_migrations);"
+          : "ALTER TABLE jobs DROP COLUMN claim_epoch; "
+            "ALTER TABLE family_versions DROP COLUMN parent_version; "
+            "ALTER TABLE family_versions DROP COLUMN task_count; "
+            "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 4 FROM "
+            "schema_migrations);";
   if (GetParam() == "sqlite") {
     sqlite3* db = nullptr;
     ASSERT_EQ(sqlite3_open((dir_ / "metatt.db").string().c_str(), &db), SQLITE_OK);
@@ -451,12 +511,15 @@ TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
     ASSERT_TRUE(s.ok()) << s.status();
     store_ = std::move(*s);
   }
-  auto old = store_->ListFamilyVersionSummaries("old");
+  // The per-tenant key migration moved tenant acme's "old" to its key.
+  EXPECT_TRUE(store_->ListFamilyVersionSummaries("old")->empty());
+  auto old = store_->ListFamilyVersionSummaries("acme~old");
   ASSERT_TRUE(old.ok()) << old.status();
   ASSERT_EQ(old->size(), 2u);
   EXPECT_EQ((*old)[0].task_count, 7);
   EXPECT_EQ((*old)[1].task_count, 0);
-  auto full = store_->GetFamilyVersion("old", 1);
+  EXPECT_EQ((*old)[0].path, "/data/old");  // the files stay where they are
+  auto full = store_->GetFamilyVersion("acme~old", 1);
   ASSERT_TRUE(full.ok()) << full.status();
   EXPECT_EQ(full->tasks.size(), 7u);
 }
@@ -503,8 +566,9 @@ TEST_P(StoreConformance, AppendedVersionsChainToTheirParentsAndCompact) {
   EXPECT_EQ(compacted->created_by_job, "job-3");  // the same version, not a new one
   EXPECT_TRUE(absl::IsNotFound(store_->CompactFamilyVersion("fam", 9, full->tasks)));
   // A missing parent is an error naming the version, not a short list.
+  ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("orphan", 1, 1)).ok());
   FamilyVersionRecord orphan = VersionWithTasks("orphan", 2, 0);
-  orphan.parent_version = 1;
+  orphan.parent_version = 7;
   orphan.task_count = 1;
   ASSERT_TRUE(store_->PublishFamilyVersion(orphan).ok());
   auto broken = store_->GetFamilyVersionFull("orphan", 2);
@@ -625,10 +689,88 @@ TEST(PostgresStore, MigratesOnceAndRefusesBadUris) {
   std::thread tb([&] { b = std::move(PostgresStore::Create(*uri)).value(); });
   ta.join();
   tb.join();
-  EXPECT_EQ(*a->SchemaVersion(), 3);
-  EXPECT_EQ(*b->SchemaVersion(), 3);
+  EXPECT_EQ(*a->SchemaVersion(), 5);
+  EXPECT_EQ(*b->SchemaVersion(), 5);
   auto unreachable = PostgresStore::Create("postgresql://postgres@127.0.0.1:1/none");
   EXPECT_TRUE(absl::IsUnavailable(unreachable.status())) << unreachable.status();
+}
+
+// Fencing tokens (issue 17, hole 4): replica A paused past its lease; B took
+// the job over. Every write A still makes for the job is refused, its
+// publication included, and B's go through.
+TEST(PostgresStore, StaleFencingTokensAreRefused) {
+  auto uri = PgEnv::Get().NewDatabase();
+  ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
+  auto a = PostgresStore::Create(*uri);
+  auto b = PostgresStore::Create(*uri);
+  ASSERT_TRUE(a.ok() && b.ok());
+  JobRecord j;
+  j.id = "job-f";
+  j.spec.family = "fam";
+  j.tenant = "acme";
+  ASSERT_TRUE((*a)->CreateJob(j).ok());
+  auto claimed = (*a)->ClaimNextJob("A", 1);
+  ASSERT_TRUE(claimed.ok()) << claimed.status();
+  EXPECT_EQ(claimed->claim_epoch, 1);
+  (*a)->HoldFence("job-f", claimed->claim_epoch);
+  j.state = JobState::kRunning;
+  ASSERT_TRUE((*a)->UpdateJob(j).ok());  // still the holder
+  ASSERT_TRUE((*a)->AppendJobEvent("job-f", JobEvent{}).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::string prev;
+  auto taken = (*b)->TakeOverExpiredJob("B", 60000, &prev);
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  EXPECT_EQ(taken->claim_epoch, 2);
+  (*b)->HoldFence("job-f", taken->claim_epoch);
+  // A, with epoch 1: refused, naming the stale token.
+  j.state = JobState::kSucceeded;
+  auto st = (*a)->UpdateJob(j);
+  EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("stale fencing token"));
+  EXPECT_TRUE(absl::IsFailedPrecondition((*a)->AppendJobEvent("job-f", JobEvent{})));
+  EXPECT_TRUE(absl::IsFailedPrecondition((*a)->RenewLease("job-f", "A", 60000).status()));
+  FamilyVersionRecord v;
+  v.family = "acme~fam";
+  v.version = 1;
+  v.tenant = "acme";
+  v.created_by_job = "job-f";
+  st = (*a)->PublishFamilyVersion(v);
+  EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("publication was refused"));
+  EXPECT_TRUE((*b)->ListFamilyVersionSummaries("acme~fam")->empty());
+  // B, the holder: its writes go through; the job ends once, as B says.
+  j.state = JobState::kFailed;
+  j.failure_reason = "taken over";
+  ASSERT_TRUE((*b)->UpdateJob(j).ok());
+  ASSERT_TRUE((*b)->AppendJobEvent("job-f", JobEvent{}).ok());
+  EXPECT_EQ((*a)->GetJob("job-f")->state, JobState::kFailed);
+  EXPECT_EQ((*a)->ListJobEvents("job-f")->size(), 2u);  // A's first and B's
+  // Without a fence (another replica's cancel, the embedded store) writes are as before.
+  (*a)->DropFence("job-f");
+  EXPECT_TRUE((*a)->AppendJobEvent("job-f", JobEvent{}).ok());
+}
+
+// Store timeouts: a server that accepts the connection and never answers
+// costs a call at most the connect timeout; Ping says UNAVAILABLE.
+TEST(PostgresStore, UnansweredConnectionTimesOut) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(fd, 8), 0);  // accepts (the kernel does), never answers
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const std::string uri =
+      "postgresql://postgres@127.0.0.1:" + std::to_string(ntohs(addr.sin_port)) + "/none";
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = PostgresStore::Create(uri, PostgresStore::Timeouts{2000, 1000});
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_TRUE(absl::IsUnavailable(s.status())) << s.status();
+  EXPECT_LT(waited, 10.0);
+  ::close(fd);
 }
 
 // ---- Two job managers (replicas) on one PostgreSQL database ------------------

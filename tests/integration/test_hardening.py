@@ -471,3 +471,120 @@ def test_queue_serves_the_least_recently_served_tenant_first(pb, tmp_path, tiny_
         assert t_b1 <= t_a2 <= t_a3, (t_b1, t_a2, t_a3)
     finally:
         s.stop()
+
+
+# Hole 8 (rest): a corrupt newest family version at start-up is reported by
+# the API (Family.warning in GetFamily and ListFamilies), and the previous
+# version keeps serving.
+
+def test_corrupt_newest_version_is_reported_and_the_previous_one_serves(pb, tmp_path, tiny_model):
+    from server_harness import make_rows, tsv_bytes
+
+    data = tmp_path / "data"
+    ad, inf, j = pb.adapters_pb2, pb.inference_pb2, pb.jobs_pb2
+    s = Server(data, tiny_model).start()
+    try:
+        c = Client(pb, s.channel())
+        ds = c.upload("d", tsv_bytes(make_rows(40)))
+        first = c.create_job("fam", "A", ds.id, steps=4)
+        assert c.wait_state(first.id, {j.SUCCEEDED, j.FAILED}).state == j.SUCCEEDED
+        add = c.create_job("fam", "B", ds.id, steps=4, kind=j.ADD_TASK)
+        assert c.wait_state(add.id, {j.SUCCEEDED, j.FAILED}).state == j.SUCCEEDED
+
+        def predict(task):
+            return c.inference.Predict(inf.PredictRequest(inputs=[
+                inf.PredictInput(family="fam", task=task, text="a good movie")]), timeout=30)
+        before_a = predict("A").predictions[0]
+        assert c.adapters.GetFamily(ad.GetFamilyRequest(family="fam")).family.warning == ""
+    finally:
+        s.stop()
+    v2 = data / "families" / "fam" / "v2"
+    corrupted = 0
+    for f in sorted(v2.iterdir()):
+        if f.is_file() and f.stat().st_size > 0:
+            raw = bytearray(f.read_bytes())
+            for k in range(0, len(raw), max(1, len(raw) // 16)):
+                raw[k] ^= 0x5A
+            f.write_bytes(bytes(raw))
+            corrupted += 1
+    assert corrupted >= 1, list(v2.iterdir())
+    s = Server(data, tiny_model).start()
+    try:
+        c = Client(pb, s.channel())
+        fam = c.adapters.GetFamily(ad.GetFamilyRequest(family="fam")).family
+        assert fam.latest_version == 2
+        assert fam.warning.startswith("v2: cannot be loaded ("), fam.warning
+        assert fam.warning.endswith("; serving v1"), fam.warning
+        listed = c.adapters.ListFamilies(ad.ListFamiliesRequest()).families
+        assert [f.warning for f in listed] == [fam.warning]
+        # v1 serves: task A answers as before; v2's task B is not served.
+        r = c.inference.Predict(inf.PredictRequest(inputs=[
+            inf.PredictInput(family="fam", task="A", text="a good movie")]), timeout=30)
+        assert r.predictions[0].label == before_a.label
+        for x, y in zip(r.predictions[0].scores, before_a.scores):
+            assert abs(x - y) < 1e-5
+        with pytest.raises(grpc.RpcError) as e:
+            c.inference.Predict(inf.PredictRequest(inputs=[
+                inf.PredictInput(family="fam", task="B", text="a good movie")]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    finally:
+        s.stop()
+
+
+# Hole 8 (rest): a full disk fails the running job with a reason; no job stays
+# RUNNING, no temporary file is left. The data directory is a small tmpfs
+# (mounted by the test: needs root and mount(2); said so when not possible),
+# filled up while the job trains, so its publication meets ENOSPC for real.
+
+def test_full_disk_fails_the_running_job_with_a_reason(pb, tmp_path, tiny_model):
+    import os
+    from server_harness import make_rows, tsv_bytes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a size-limited tmpfs for the data directory")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(data)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    j = pb.jobs_pb2
+    s = None
+    try:
+        s = Server(data, tiny_model).start()
+        c = Client(pb, s.channel())
+        ds = c.upload("d", tsv_bytes(make_rows(40)))
+        job = c.create_job("full", "T", ds.id, steps=150)
+        c.wait_state(job.id, {j.RUNNING, j.SUCCEEDED, j.FAILED})
+        # Fill the disk while it trains.
+        filler = data / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        done = c.wait_state(job.id, {j.SUCCEEDED, j.FAILED, j.CANCELLED}, timeout=300)
+        assert done.state == j.FAILED, done
+        assert "No space left on device" in done.failure_reason or "disk" in done.failure_reason, \
+            done.failure_reason
+        print("failure_reason:", done.failure_reason)
+        # No job RUNNING, no temporary files.
+        states = {x.id: x.state for x in c.jobs.ListJobs(j.ListJobsRequest()).jobs}
+        assert states[job.id] == j.FAILED and j.RUNNING not in states.values(), states
+        leftovers = [str(p) for p in data.rglob("*") if p.name.startswith((".tmp", ".import"))]
+        assert leftovers == [], leftovers
+        # Space again: the job's end is recorded in the store (survives a restart
+        # with its own reason, not the restart's).
+        filler.unlink()
+        c.jobs.GetJob(j.GetJobRequest(job_id=job.id), timeout=10)  # retries the write
+        s.stop()
+        s = Server(data, tiny_model).start()
+        c = Client(pb, s.channel())
+        again = c.jobs.GetJob(j.GetJobRequest(job_id=job.id), timeout=10).job
+        assert again.state == j.FAILED and again.failure_reason == done.failure_reason, again
+    finally:
+        if s is not None:
+            s.stop()
+        subprocess.run(["umount", "-l", str(data)], capture_output=True)

@@ -152,9 +152,12 @@ def test_families_tasks_and_predict_are_isolated(pb, clients, world):
     p = b.inference.Predict(inf.PredictRequest(inputs=[
         inf.PredictInput(task="SENT", text="good movie")]), timeout=30)
     assert p.predictions[0].task == "SENT"
+    # Family names are per tenant: an admin sees other tenants' families by
+    # their keys "<tenant>~<name>" and names them so (issue 17, hole 3).
     names = {f.name for f in admin.adapters.ListFamilies(ad.ListFamiliesRequest()).families}
-    assert {fam, "fam-beta-copy"} <= names
-    assert admin.adapters.GetFamily(ad.GetFamilyRequest(family=fam)).family.name == fam
+    assert {f"acme~{fam}", "beta~fam-beta-copy"} <= names
+    got = admin.adapters.GetFamily(ad.GetFamilyRequest(family=f"acme~{fam}")).family
+    assert got.name == f"acme~{fam}"
 
 
 def test_missing_or_bad_token_is_unauthenticated(pb, srv, world):
