@@ -186,5 +186,106 @@ TEST(FamilyIoTest, ExtraAndStackedHeadsRoundTrip) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// ---- LoRA families ------------------------------------------------------------
+
+std::unique_ptr<LoraAdapter> MakeLora(std::vector<Projection> projections, std::vector<int> layers) {
+  LoraConfig c;
+  c.rank = 2;
+  c.alpha = 3;
+  c.projections = std::move(projections);
+  c.layers = std::move(layers);
+  c.num_layers = 3;
+  c.hidden_size = 8;
+  c.intermediate_size = 16;
+  c.init = "random";  // B != 0
+  LoraAdapter::Options o;
+  o.seed = 5;
+  auto a = LoraAdapter::Create(c, o);
+  EXPECT_TRUE(a.ok()) << a.status();
+  return std::move(*a);
+}
+
+std::map<std::string, torch::Tensor> LoraHeads() {
+  return {{"pos.weight", torch::randn({2, 8})}, {"pos.bias", torch::randn({2})},
+          {"reg.weight", torch::randn({1, 8})}, {"reg.bias", torch::randn({1})}};
+}
+
+TEST(FamilyIoTest, LoraFamilyRoundTripsThroughPeftFiles) {
+  const std::string dir = FreshDir("lora");
+  auto a = MakeLora({Projection::kQuery, Projection::kValue, Projection::kAttnOutput,
+                     Projection::kFfnUp, Projection::kFfnDown},
+                    {});
+  auto heads = LoraHeads();
+  ASSERT_TRUE(SaveLoraFamily(dir, *a, {"pos", "reg"}, heads, "base", "fp1",
+                             nlohmann::json{{"pooling", "cls"}})
+                  .ok());
+  EXPECT_TRUE(IsLoraFamilyDir(dir));
+  // PEFT's names and a target list (every layer; ffn_down beside o).
+  auto cfg = nlohmann::json::parse(*ReadFileToString(dir + "/adapter_config.json"));
+  EXPECT_EQ(cfg["peft_type"], "LORA");
+  EXPECT_EQ(cfg["r"], 2);
+  EXPECT_EQ(cfg["target_modules"],
+            nlohmann::json({"query", "value", "attention.output.dense", "intermediate.dense",
+                            "output.dense"}));
+  auto w = ReadSafetensors(dir + "/adapter_model.safetensors");
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(w->tensors.size(), 3u * 5u * 2u);
+  EXPECT_TRUE(w->tensors.count("base_model.model.encoder.layer.2.output.dense.lora_B.weight"));
+
+  auto back = LoadLoraFamily(dir, "fp1");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->task_names, (std::vector<std::string>{"pos", "reg"}));
+  EXPECT_EQ(back->extra["pooling"], "cls");
+  EXPECT_EQ(back->adapter->config().intermediate_size, 16);
+  EXPECT_EQ(back->adapter->scale(), a->scale());
+  for (const auto& [k, f] : a->factors()) {
+    EXPECT_TRUE(torch::equal(f.a, back->adapter->factors().at(k).a));
+    EXPECT_TRUE(torch::equal(f.b, back->adapter->factors().at(k).b));
+  }
+  for (const auto& [k, t] : heads) EXPECT_TRUE(torch::equal(t, back->heads.at(k))) << k;
+
+  // Another base model, another format version, a changed file: refused.
+  EXPECT_EQ(LoadLoraFamily(dir, "fp2").status().code(), absl::StatusCode::kFailedPrecondition);
+  auto meta = nlohmann::json::parse(*ReadFileToString(dir + "/family.json"));
+  {
+    std::ofstream(dir + "/heads.safetensors", std::ios::app) << "x";
+    auto st = LoadLoraFamily(dir, "fp1").status();
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    EXPECT_NE(st.message().find("heads.safetensors"), std::string::npos) << st;
+  }
+  meta["format_version"] = 2;
+  ASSERT_TRUE(WriteFileAtomically(dir + "/family.json", meta.dump()).ok());
+  EXPECT_EQ(LoadLoraFamily(dir, "fp1").status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(FamilyIoTest, PeftTargetsAreExactWhenAListWouldMatchMore) {
+  // ffn_down alone: "output.dense" would also match attention.output.dense;
+  // layers 0 and 2 only: a list would adapt layer 1 too.
+  auto a = MakeLora({Projection::kQuery, Projection::kFfnDown}, {0, 2});
+  auto files = PeftFiles(*a, "m");
+  ASSERT_TRUE(files.ok()) << files.status();
+  auto cfg = nlohmann::json::parse(files->at("adapter_config.json"));
+  EXPECT_EQ(cfg["target_modules"],
+            "(.*\\.)?encoder\\.layer\\.(0|2)\\.(attention\\.self\\.query|output\\.dense)");
+}
+
+TEST(FamilyIoTest, PeftFolderWithoutFamilyJsonTakesTasksFromHeads) {
+  const std::string dir = FreshDir("peft_only");
+  auto a = MakeLora({Projection::kQuery, Projection::kValue}, {});
+  ASSERT_TRUE(SaveLoraFamily(dir, *a, {"pos", "reg"}, LoraHeads(), "", "").ok());
+  ASSERT_EQ(std::remove((dir + "/family.json").c_str()), 0);
+  auto back = LoadLoraFamily(dir, "any");  // no fingerprint to compare
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_FALSE(back->has_family_json);
+  EXPECT_EQ(back->task_names, (std::vector<std::string>{"pos", "reg"}));
+  // A head of another width than the adapter's is refused, naming it.
+  ASSERT_TRUE(WriteSafetensors(dir + "/heads.safetensors",
+                               {{"pos.weight", torch::randn({2, 9})}, {"pos.bias", torch::randn({2})}})
+                  .ok());
+  auto st = LoadLoraFamily(dir, "").status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("pos.weight"), std::string::npos) << st;
+}
+
 }  // namespace
 }  // namespace metatt
