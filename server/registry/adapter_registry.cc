@@ -249,6 +249,19 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AppendToFamily(
   return fam;
 }
 
+// The registry's metadata in family.json "extra" (MetaTT and LoRA families).
+json RegistryExtra(const FamilyVersionRecord& record, const std::string& pooling,
+                   int64_t max_length) {
+  json extra = {{"family", record.family},
+                {"version", record.version},
+                {"pooling", pooling},
+                {"max_length", max_length},
+                {"created_by_job", record.created_by_job},
+                {"tasks", json::array()}};
+  for (const auto& t : record.tasks) extra["tasks"].push_back(TaskToJson(t));
+  return extra;
+}
+
 // A full version's files: adapters/family_io format, cores + stacked float32
 // heads, the registry's metadata in family.json "extra".
 absl::Status WriteFullFamily(const std::string& dir, const MetaTTAdapter& adapter,
@@ -265,15 +278,53 @@ absl::Status WriteFullFamily(const std::string& dir, const MetaTTAdapter& adapte
       {"stacked.weight", weight},
       {"stacked.bias", bias},
       {"stacked.num_labels", torch::tensor(num_labels, torch::kInt64)}};
-  json extra = {{"family", record.family},
-                {"version", record.version},
-                {"pooling", pooling},
-                {"max_length", max_length},
-                {"created_by_job", record.created_by_job},
-                {"tasks", json::array()}};
-  for (const auto& t : record.tasks) extra["tasks"].push_back(TaskToJson(t));
   return SaveFamily(dir, adapter, task_names, heads, /*base_model_id=*/"",
-                    record.base_model_fingerprint, extra);
+                    record.base_model_fingerprint, RegistryExtra(record, pooling, max_length));
+}
+
+// A LoRA family's files (adapters/FORMAT.md): the PEFT folder, per-task
+// float32 heads, family.json with the same "extra" as a MetaTT family's.
+absl::Status WriteLoraFamily(const std::string& dir, const LoraAdapter& adapter,
+                             const FamilyVersionRecord& record, const std::string& pooling,
+                             int64_t max_length, const torch::Tensor& weight,
+                             const torch::Tensor& bias) {
+  std::vector<std::string> task_names;
+  std::map<std::string, torch::Tensor> heads;
+  for (const auto& t : record.tasks) {
+    task_names.push_back(t.name);
+    heads[t.name + ".weight"] = weight[t.index].slice(0, 0, t.num_labels);
+    heads[t.name + ".bias"] = bias[t.index].slice(0, 0, t.num_labels);
+  }
+  return SaveLoraFamily(dir, adapter, task_names, heads, /*base_model_id=*/"",
+                        record.base_model_fingerprint, RegistryExtra(record, pooling, max_length));
+}
+
+// Task records of a LoRA family: extra.tasks where present; a PEFT folder
+// made elsewhere has none (num_labels from its head, 1 output = regression).
+absl::StatusOr<std::vector<TaskRecord>> LoraTaskRecords(const LoadedLoraFamily& lf,
+                                                        const std::string& where) {
+  std::map<int64_t, TaskRecord> by_index;
+  try {
+    if (lf.extra.is_object() && lf.extra.contains("tasks") && lf.extra["tasks"].is_array()) {
+      for (const auto& t : lf.extra["tasks"]) {
+        TaskRecord r = TaskFromJson(t);
+        by_index[r.index] = r;
+      }
+    }
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra.tasks: ", e.what()));
+  }
+  std::vector<TaskRecord> out;
+  for (int64_t t = 0; t < static_cast<int64_t>(lf.task_names.size()); ++t) {
+    auto it = by_index.find(t);
+    TaskRecord r = it != by_index.end() ? it->second : TaskRecord();
+    r.name = lf.task_names[t];
+    r.index = t;
+    r.num_labels = lf.heads.at(r.name + ".weight").size(0);
+    if (it == by_index.end()) r.regression = r.num_labels == 1;
+    out.push_back(std::move(r));
+  }
+  return out;
 }
 
 // Builds the in-memory family from tensors (any device).
@@ -281,17 +332,31 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
     FamilyVersionRecord record, const MetaTTConfig& config, double scale,
     const std::map<std::string, torch::Tensor>& adapter_tensors, const torch::Tensor& weight,
     const torch::Tensor& bias, const std::string& pooling, int64_t max_length,
-    torch::Device device, torch::ScalarType head_dtype) {
+    torch::Device device, torch::ScalarType head_dtype, const LoraAdapter* lora = nullptr) {
   auto fam = std::make_shared<PublishedFamily>();
-  ASSIGN_OR_RETURN(fam->adapter,
-                   MetaTTAdapter::FromTensors(config, scale, adapter_tensors, device,
-                                              MetaTTAdapter::Leaves::kFrozen));  // never trains
+  if (lora != nullptr) {  // a LoRA family: its own copy on the device
+    std::map<LoraAdapter::Key, LoraAdapter::Factors> factors;
+    RETURN_IF_ERROR(TorchTry("moving the LoRA to the device", [&] {
+      for (const auto& [k, f] : lora->factors())
+        factors[k] = {f.a.detach().to(device), f.b.detach().to(device)};
+    }));
+    ASSIGN_OR_RETURN(std::unique_ptr<LoraAdapter> copy,
+                     LoraAdapter::FromFactors(lora->config(), std::move(factors)));
+    fam->adapter = std::move(copy);
+  } else {
+    ASSIGN_OR_RETURN(fam->adapter,
+                     MetaTTAdapter::FromTensors(config, scale, adapter_tensors, device,
+                                                MetaTTAdapter::Leaves::kFrozen));  // never trains
+  }
   const int64_t T = static_cast<int64_t>(record.tasks.size());
   if (T == 0) return absl::InvalidArgumentError("family has no task");
   if (T > int64_t{std::numeric_limits<uint32_t>::max()}) {
     return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": ", T, " tasks"));
   }
-  const int64_t adapter_tasks = config.form == TTForm::k4Plus1D ? fam->adapter->num_tasks() : 1;
+  // A LoRA is shared by all its family's tasks (each has its own head).
+  const int64_t adapter_tasks = lora != nullptr ? T
+                                : config.form == TTForm::k4Plus1D ? fam->adapter->num_tasks()
+                                                                  : 1;
   if (T != adapter_tasks) {
     return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": ", T,
                                                    " task records but the adapter has ",
@@ -320,7 +385,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
   // caller writes the float32 `weight` / `bias` to disk, never this copy.
   // A (4+1)D family keeps spare rows for the tasks added to it later.
   RETURN_IF_ERROR(TorchTry("moving heads to the device", [&] {
-    const int64_t spare = config.form == TTForm::k4Plus1D ? HeadHeadroom(T) : 0;
+    const int64_t spare = lora == nullptr && config.form == TTForm::k4Plus1D ? HeadHeadroom(T) : 0;
     auto hs = NewHeadStorage(T + spare, weight.size(1), weight.size(2), device, head_dtype);
     hs->weight.narrow(0, 0, T).copy_(weight.detach());
     hs->bias.narrow(0, 0, T).copy_(bias.detach());
@@ -402,6 +467,21 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> PublishedFamily::ExactHe
   // Compact resident heads: read the float32 ones back the way LoadVersion
   // does: the nearest full family, then the appended versions after it.
   const std::string where = absl::StrCat("family ", family(), " v", version());
+  if (adapter.is_lora()) {  // per-task heads in heads.safetensors
+    auto lora = LoadLoraFamily(full_dir, record.base_model_fingerprint);
+    if (!lora.ok()) {
+      return absl::Status(lora.status().code(),
+                          absl::StrCat(where, ": reading float32 heads: ", lora.status().message()));
+    }
+    std::vector<torch::Tensor> ws, bs;
+    for (const TaskRecord& t : record.tasks) {
+      ws.push_back(lora->heads.at(t.name + ".weight"));
+      bs.push_back(lora->heads.at(t.name + ".bias"));
+    }
+    torch::Tensor weight, bias;
+    RETURN_IF_ERROR(StackHeads(ws, bs, &weight, &bias));
+    return std::make_pair(weight, bias);
+  }
   auto loaded = LoadFamily(full_dir, record.base_model_fingerprint, torch::kCPU,
                            MetaTTAdapter::Leaves::kFrozen);
   if (!loaded.ok()) {
@@ -582,6 +662,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadFullVersion(
     const FamilyVersionRecord& record) {
+  if (IsLoraFamilyDir(record.path)) return LoadLoraVersion(record);
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
   auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU,
                            MetaTTAdapter::Leaves::kFrozen);
@@ -719,10 +800,15 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   FamilyVersionRecord record;
   record.family = req.family;
   record.version = version;
-  record.form = TTFormName(req.config.form);
-  record.config_json = req.config.ToJson().dump();
+  record.form = req.lora != nullptr ? "lora" : TTFormName(req.config.form);
+  record.config_json = req.lora != nullptr ? LoraConfigJson(req.lora->config()).dump()
+                                           : req.config.ToJson().dump();
   record.base_model_fingerprint = options_.base_model_fingerprint;
-  for (const auto& [k, v] : req.adapter_tensors) record.adapter_parameters += v.numel();
+  if (req.lora != nullptr) {
+    record.adapter_parameters = req.lora->NumParameters();
+  } else {
+    for (const auto& [k, v] : req.adapter_tensors) record.adapter_parameters += v.numel();
+  }
   record.tasks = req.tasks;
   record.task_count = static_cast<int64_t>(T);
   for (size_t t = 0; t < T; ++t) {
@@ -738,11 +824,16 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   // Build first: a family that cannot be served is never written.
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(record, req.config, req.scale, req.adapter_tensors, weight, bias,
-                               req.pooling, req.max_length, options_.device, head_dtype_));
+                               req.pooling, req.max_length, options_.device, head_dtype_,
+                               req.lora));
   fam->full_dir = record.path;
   auto written = catalog_->WriteVersion(
       req.family, version,
       [&](const std::string& dir) {
+        if (fam->adapter.is_lora()) {
+          return WriteLoraFamily(dir, *fam->adapter.lora(), record, req.pooling, req.max_length,
+                                 weight, bias);
+        }
         return WriteFullFamily(dir, *fam->adapter, record, req.pooling, req.max_length, weight,
                                bias);
       },
@@ -1041,14 +1132,20 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
   ASSIGN_OR_RETURN(auto exact, fam->ExactHeads());
   PublishRequest req;
   req.family = family;
-  req.config = fam->adapter->config();
-  req.config.num_tasks = fam->num_tasks() - 1;
-  req.scale = fam->adapter->scale();
   req.pooling = fam->pooling_name;
   req.max_length = fam->max_length;
   req.created_by_job = absl::StrCat("delete-task:", task);
   req.base_version = fam->version();  // an add-task published meanwhile is not undone
-  for (const auto& [k, v] : fam->adapter->NamedParameters()) {
+  if (fam->adapter.is_lora()) {
+    req.lora = fam->adapter.lora();  // the same LoRA, one head fewer
+  } else {
+    req.config = fam->adapter->config();
+    req.config.num_tasks = fam->num_tasks() - 1;
+    req.scale = fam->adapter->scale();
+  }
+  for (const auto& [k, v] : fam->adapter.is_lora()
+                                ? std::vector<std::pair<std::string, torch::Tensor>>{}
+                                : fam->adapter->NamedParameters()) {
     if (k.rfind("task.", 0) == 0) {
       const int64_t t = std::stoll(k.substr(5));
       if (t == removed) continue;
@@ -1090,7 +1187,11 @@ absl::StatusOr<std::map<std::string, std::string>> AdapterRegistry::ExportFiles(
     if (!scratch.empty()) fs::remove_all(scratch, ec);
   };
   std::map<std::string, std::string> files;
-  for (const char* name : {kTensorsFile, kMetaFile}) {
+  const std::vector<const char*> names =
+      fam->adapter.is_lora()
+          ? std::vector<const char*>{kPeftConfigFile, kPeftWeightsFile, kFamilyHeadsFile, kMetaFile}
+          : std::vector<const char*>{kTensorsFile, kMetaFile};
+  for (const char* name : names) {
     ASSIGN_OR_RETURN(files[name], ReadFileToString((fs::path(dir) / name).string()));
   }
   return files;
@@ -1099,6 +1200,7 @@ absl::StatusOr<std::map<std::string, std::string>> AdapterRegistry::ExportFiles(
 absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
     const std::string& family, const std::map<std::string, std::string>& files,
     const std::string& tenant) {
+  if (files.count(kPeftConfigFile)) return ImportLora(family, files, tenant);
   auto meta_it = files.find(kMetaFile);
   auto tensors_it = files.find(kTensorsFile);
   if (meta_it == files.end() || tensors_it == files.end()) {
@@ -1148,6 +1250,123 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
   }
   ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, "files"));
   req.family = name;
+  req.created_by_job = "import";
+  req.tenant = tenant;
+  req.base_version = 0;  // a new family: refused if one appeared meanwhile
+  return Publish(req);
+}
+
+absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadLoraVersion(
+    const FamilyVersionRecord& record) {
+  const std::string where = absl::StrCat("family ", record.family, " v", record.version);
+  auto loaded = LoadLoraFamily(record.path, options_.base_model_fingerprint);
+  if (!loaded.ok()) {
+    const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
+    return absl::Status(loaded.status().code(),
+                        absl::StrCat(where, other_base ? ": trained on another base model: " : ": ",
+                                     loaded.status().message()));
+  }
+  std::string pooling = "mean";
+  int64_t max_length = 128;
+  try {
+    if (loaded->extra.is_object()) {
+      pooling = loaded->extra.value("pooling", pooling);
+      max_length = loaded->extra.value("max_length", max_length);
+    }
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra: ", e.what()));
+  }
+  FamilyVersionRecord rec = record;
+  if (rec.tasks.empty()) {
+    ASSIGN_OR_RETURN(rec.tasks, LoraTaskRecords(*loaded, where));
+  }
+  std::sort(rec.tasks.begin(), rec.tasks.end(),
+            [](const TaskRecord& a, const TaskRecord& c) { return a.index < c.index; });
+  std::vector<torch::Tensor> ws, bs;
+  for (const TaskRecord& t : rec.tasks) {
+    auto w = loaded->heads.find(t.name + ".weight");
+    if (w == loaded->heads.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", kFamilyHeadsFile, " has no head for task '", t.name, "'"));
+    }
+    ws.push_back(w->second);
+    bs.push_back(loaded->heads.at(t.name + ".bias"));
+  }
+  torch::Tensor weight, bias;
+  RETURN_IF_ERROR(StackHeads(ws, bs, &weight, &bias));
+  ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
+                   BuildFamily(std::move(rec), MetaTTConfig(), 1.0, {}, weight, bias, pooling,
+                               max_length, options_.device, head_dtype_, loaded->adapter.get()));
+  fam->full_dir = record.path;
+  return fam;
+}
+
+absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::ImportLora(
+    const std::string& family, const std::map<std::string, std::string>& files,
+    const std::string& tenant) {
+  for (const char* need : {kPeftConfigFile, kPeftWeightsFile, kFamilyHeadsFile}) {
+    if (!files.count(need)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "files: a LoRA family needs ", kPeftConfigFile, ", ", kPeftWeightsFile, " and ",
+          kFamilyHeadsFile, " (", need, " is missing)"));
+    }
+  }
+  for (const auto& [name, bytes] : files) {
+    if (name != kPeftConfigFile && name != kPeftWeightsFile && name != kFamilyHeadsFile &&
+        name != kMetaFile) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "files: '", name, "' is not part of a LoRA family (", kPeftConfigFile, ", ",
+          kPeftWeightsFile, ", ", kFamilyHeadsFile, ", ", kMetaFile, ")"));
+    }
+  }
+  // The library validates (config, shapes, hashes, fingerprint) from a scratch directory.
+  ASSIGN_OR_RETURN(const std::string scratch_dir, catalog_->MakeImportScratch());
+  const fs::path scratch = scratch_dir;
+  absl::Status st = absl::OkStatus();
+  for (const auto& [name, bytes] : files) {
+    if (st.ok()) st = WriteFileAtomically((scratch / name).string(), bytes);
+  }
+  absl::StatusOr<LoadedLoraFamily> loaded =
+      st.ok() ? LoadLoraFamily(scratch.string(), options_.base_model_fingerprint)
+              : absl::StatusOr<LoadedLoraFamily>(st);
+  std::error_code ec;
+  fs::remove_all(scratch, ec);
+  if (!loaded.ok()) {
+    const auto code = loaded.status().code() == absl::StatusCode::kFailedPrecondition
+                          ? absl::StatusCode::kFailedPrecondition
+                          : absl::StatusCode::kInvalidArgument;
+    return absl::Status(code, absl::StrCat("files: ", loaded.status().message()));
+  }
+  std::string name = family;
+  if (name.empty() && loaded->extra.is_object() && loaded->extra.contains("family") &&
+      loaded->extra["family"].is_string()) {
+    // The exported key's name, in the importing tenant's namespace (store.h FamilyKey).
+    name = FamilyKey(tenant, FamilyKeyName(loaded->extra["family"].get<std::string>()));
+  }
+  if (name.empty()) {
+    return absl::InvalidArgumentError(
+        "family: required: the PEFT folder has no family.json naming its family");
+  }
+  RETURN_IF_ERROR(ValidateFamilyName(name));
+  if (Get(name, 0).ok()) {
+    return absl::AlreadyExistsError(absl::StrCat("family: '", name, "' already exists"));
+  }
+  PublishRequest req;
+  req.family = name;
+  req.lora = loaded->adapter.get();
+  try {
+    if (loaded->extra.is_object()) {
+      req.pooling = loaded->extra.value("pooling", std::string("mean"));
+      req.max_length = loaded->extra.value("max_length", int64_t{128});
+    }
+  } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("files: family.json extra: ", e.what()));
+  }
+  ASSIGN_OR_RETURN(req.tasks, LoraTaskRecords(*loaded, "files"));
+  for (const TaskRecord& t : req.tasks) {
+    req.head_weights.push_back(loaded->heads.at(t.name + ".weight"));
+    req.head_biases.push_back(loaded->heads.at(t.name + ".bias"));
+  }
   req.created_by_job = "import";
   req.tenant = tenant;
   req.base_version = 0;  // a new family: refused if one appeared meanwhile

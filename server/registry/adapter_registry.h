@@ -41,6 +41,7 @@
 #include "adapters/metatt_adapter.h"
 #include "adapters/metatt_config.h"
 #include "server/model/bert_encoder.h"
+#include "server/registry/family_adapter.h"
 #include "server/registry/family_catalog.h"
 #include "server/store/store.h"
 
@@ -100,7 +101,8 @@ struct ResidentStats {
 
 struct PublishedFamily {
   FamilyVersionRecord record;  // record.tasks[i].index == i
-  std::unique_ptr<MetaTTAdapter> adapter;
+  // MetaTT (4d, 5d, 4+1d) or LoRA (record.form "lora"; family_adapter.h).
+  FamilyAdapter adapter;
   // Resident stacked heads in the registry's head_dtype (float32, float16 or
   // bfloat16) on the device: weight [T, max_labels, D], bias [T, max_labels].
   // The files on disk always hold them in float32 (ExactHeads()).
@@ -175,6 +177,10 @@ struct PublishRequest {
   // when another version appeared since (checked again by the store,
   // atomically with its insert). -1: whatever is newest.
   int64_t base_version = -1;
+  // A LoRA family (form "lora"): this adapter (copied at publication; it
+  // must outlive Publish()) instead of config / scale / adapter_tensors,
+  // which are then ignored. Every task shares it; each has its own head.
+  const LoraAdapter* lora = nullptr;
 };
 
 // What an add-task job hands over: only what it adds to the version it
@@ -247,13 +253,18 @@ class AdapterRegistry {
   // (task t > removed becomes t - 1); FAILED_PRECONDITION for the last task.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> DeleteTask(const std::string& family,
                                                                  const std::string& task);
-  // The files of a published version: "cores.safetensors" and
-  // "family.json" (name -> bytes), the adapters/family_io format that
-  // metatt-train writes and LoadFamily reads.
+  // The files of a published version (name -> bytes), adapters/FORMAT.md:
+  // "cores.safetensors" and "family.json" (the adapters/family_io format that
+  // metatt-train writes and LoadFamily reads) for a MetaTT family; a PEFT
+  // folder (adapter_config.json, adapter_model.safetensors) with
+  // heads.safetensors and family.json for a LoRA family.
   absl::StatusOr<std::map<std::string, std::string>> ExportFiles(const std::string& family,
                                                                  int64_t version);
   // Publishes exported files (or a metatt-train output directory's files) as
   // version 1 of a new family (`family` "" = the name in family.json extra).
+  // Files with adapter_config.json are a LoRA family: our export, or a PEFT
+  // LoRA folder trained elsewhere with heads.safetensors beside it
+  // (family.json optional; without it `family` is required).
   // ALREADY_EXISTS when the family exists,
   // FAILED_PRECONDITION when it was trained on another base model.
   absl::StatusOr<std::shared_ptr<const PublishedFamily>> Import(
@@ -280,6 +291,12 @@ class AdapterRegistry {
   // A version whose directory holds a full family (record.tasks may be empty).
   absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadFullVersion(
       const FamilyVersionRecord& record);
+  // A LoRA family's version directory (LoadFullVersion's LoRA branch).
+  absl::StatusOr<std::shared_ptr<PublishedFamily>> LoadLoraVersion(
+      const FamilyVersionRecord& record);
+  absl::StatusOr<std::shared_ptr<const PublishedFamily>> ImportLora(
+      const std::string& family, const std::map<std::string, std::string>& files,
+      const std::string& tenant);
   // The resident (family, version), or null.
   std::shared_ptr<const PublishedFamily> Resident(const std::string& family, int64_t version);
   // ALREADY_EXISTS when the Store knows (family, version) already.

@@ -280,6 +280,107 @@ TEST(AdapterRegistryTest, ExportImportRoundTrip) {
   EXPECT_EQ(reg->Import("y", *files).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A LoRA family (form "lora"): published, served through the seam, reloaded,
+// exported as a PEFT folder, imported back (also without family.json), a task
+// deleted; every copy holds the same factors and heads.
+void ExpectSameLora(const LoraAdapter& a, const LoraAdapter& b) {
+  ASSERT_EQ(a.factors().size(), b.factors().size());
+  for (const auto& [k, f] : a.factors()) {
+    ASSERT_TRUE(b.factors().count(k));
+    EXPECT_TRUE(torch::equal(f.a.cpu(), b.factors().at(k).a.cpu()));
+    EXPECT_TRUE(torch::equal(f.b.cpu(), b.factors().at(k).b.cpu()));
+  }
+  EXPECT_EQ(a.scale(), b.scale());
+}
+
+TEST(AdapterRegistryTest, LoraFamilyPublishesReloadsExportsImportsAndDeletesTasks) {
+  ScratchDir dir;
+  InMemoryStore store;
+  auto reg = MakeRegistry(dir.path(), &store);
+  LoraConfig c;
+  c.rank = 2;
+  c.alpha = 4;
+  c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnDown};
+  c.num_layers = 2;
+  c.hidden_size = 16;
+  c.intermediate_size = 32;
+  c.init = "random";
+  LoraAdapter::Options lo;
+  lo.seed = 3;
+  auto lora = LoraAdapter::Create(c, lo);
+  ASSERT_TRUE(lora.ok()) << lora.status();
+  PublishRequest req;
+  req.family = "lf";
+  req.lora = lora->get();
+  for (const char* name : {"t0", "t1"}) {
+    TaskRecord t;
+    t.name = name;
+    t.label_names = {"a", "b", "c"};
+    req.tasks.push_back(t);
+    req.head_weights.push_back(torch::randn({3, 16}));
+    req.head_biases.push_back(torch::randn({3}));
+  }
+  auto v1 = reg->Publish(req);
+  ASSERT_TRUE(v1.ok()) << v1.status();
+  ASSERT_TRUE((*v1)->adapter.is_lora());
+  EXPECT_EQ((*v1)->record.form, "lora");
+  EXPECT_EQ((*v1)->record.adapter_parameters, (*lora)->NumParameters());
+  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/lf/v1/adapter_config.json"));
+  ExpectSameLora(**lora, *(*v1)->adapter.lora());
+  // Served through the seam: the same deltas as the trained adapter.
+  {
+    torch::NoGradGuard ng;
+    torch::Tensor x = torch::randn({2, 3, 32});
+    auto want = (*lora)->Deltas(1, x, {Projection::kFfnDown}, {});
+    auto got = (*v1)->adapter.get()->Deltas(1, x, {Projection::kFfnDown}, {});
+    EXPECT_TRUE(torch::allclose(want[0], got[0]));
+  }
+  auto r = reg->Resolve("lf", 0, "t1", -1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->task, 1);
+
+  // A restart reloads it.
+  auto reg2 = MakeRegistry(dir.path(), &store);
+  ASSERT_TRUE(reg2->LoadAll().ok());
+  auto again = reg2->Get("lf", 0);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE((*again)->adapter.is_lora());
+  ExpectSameLora(**lora, *(*again)->adapter.lora());
+  EXPECT_TRUE(torch::equal((*again)->head_weight, (*v1)->head_weight));
+  EXPECT_EQ((*again)->record.tasks[0].label_names, (std::vector<std::string>{"a", "b", "c"}));
+
+  // Export: a PEFT folder and our files; import it back, and without family.json.
+  auto files = reg->ExportFiles("lf", 0);
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::vector<std::string> names;
+  for (const auto& [n, b] : *files) names.push_back(n);
+  EXPECT_EQ(names, (std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors",
+                                             "family.json", "heads.safetensors"}));
+  auto copy = reg->Import("lf-copy", *files);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  ExpectSameLora(**lora, *(*copy)->adapter.lora());
+  EXPECT_TRUE(torch::equal((*copy)->head_weight, (*v1)->head_weight));
+  auto peft_only = *files;
+  peft_only.erase("family.json");
+  EXPECT_THAT(std::string(reg->Import("", peft_only).status().message()), HasSubstr("family"));
+  auto bare = reg->Import("lf-bare", peft_only);
+  ASSERT_TRUE(bare.ok()) << bare.status();
+  EXPECT_EQ((*bare)->num_tasks(), 2);
+  EXPECT_EQ((*bare)->record.tasks[1].num_labels, 3);
+  auto no_heads = peft_only;
+  no_heads.erase("heads.safetensors");
+  auto st = reg->Import("lf-x", no_heads).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), HasSubstr("heads.safetensors"));
+
+  // DeleteTask keeps the LoRA and drops one head.
+  auto v2 = reg->DeleteTask("lf", "t0");
+  ASSERT_TRUE(v2.ok()) << v2.status();
+  ASSERT_TRUE((*v2)->adapter.is_lora());
+  EXPECT_EQ((*v2)->num_tasks(), 1);
+  EXPECT_TRUE(torch::equal((*v2)->head_weight[0], (*v1)->head_weight[1]));
+}
+
 // One on-disk format: adapters/family_io. A family written by the library
 // (as metatt-train writes it: per-task heads) imports into the registry, and
 // a published version loads with LoadFamily.

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <atomic>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <set>
 #include <initializer_list>
@@ -13,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
 #include "adapters/metatt_config.h"
 #include "base/safetensors.h"
@@ -50,6 +52,7 @@ struct PreparedJob {
   Recipe recipe;
   RecipeOverrides overrides;
   MetaTTConfig config;  // new families
+  std::optional<LoraConfig> lora;  // a new family of form lora (instead of `config`)
   std::vector<PreparedTask> tasks;
 };
 
@@ -72,8 +75,28 @@ absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BertConfig&
   if (r.alpha > 0) c.alpha = r.alpha;
   c.num_tasks = c.form == TTForm::k4Plus1D ? num_tasks : 1;
   c.d_in = c.d_out = base.hidden_size;
+  c.d_ffn = base.intermediate_size;  // ffn_up / ffn_down projections
   c.num_layers = base.num_hidden_layers;
   c.num_heads = base.num_attention_heads;
+  RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
+  return c;
+}
+
+// Form lora: r = ranks[0], alpha, projections, init (peft | random).
+absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const BertConfig& base) {
+  LoraConfig c;
+  c.rank = r.ranks.empty() ? 8 : r.ranks[0];
+  c.alpha = r.alpha > 0 ? r.alpha : static_cast<double>(c.rank);  // 0: alpha = r
+  c.init = r.init;
+  c.projections.clear();
+  for (size_t i = 0; i < r.projections.size(); ++i) {
+    auto p = ParseProjection(r.projections[i]);
+    if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
+    c.projections.push_back(*p);
+  }
+  c.num_layers = base.num_hidden_layers;
+  c.hidden_size = base.hidden_size;
+  c.intermediate_size = base.intermediate_size;
   RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
   return c;
 }
@@ -172,6 +195,7 @@ class TrainingJob : public TrainingTask {
   void Release() {
     trainer_.reset();
     adapter_.reset();
+    lora_.reset();
     base_.reset();
   }
 
@@ -210,6 +234,12 @@ class TrainingJob : public TrainingTask {
       adapter_->FreezeShared(true);
       for (int64_t idx : task_index) RETURN_IF_ERROR(adapter_->SetTaskTrainable(idx, true));
       new_task_index_ = task_index;
+    } else if (p_.lora.has_value()) {
+      LoraAdapter::Options lo;
+      lo.device = dev;
+      lo.seed = recipe.seed;
+      ASSIGN_OR_RETURN(lora_, LoraAdapter::Create(*p_.lora, lo));
+      for (size_t i = 0; i < p_.tasks.size(); ++i) task_index.push_back(static_cast<int64_t>(i));
     } else {
       MetaTTAdapter::Options ao;
       ao.device = dev;
@@ -231,7 +261,7 @@ class TrainingJob : public TrainingTask {
       t.primary_metric = pt.spec.metric;
       tasks.push_back(std::move(t));
     }
-    AdapterBinding b = BindMetaTT(adapter_.get());
+    AdapterBinding b = lora_ != nullptr ? BindLora(lora_.get()) : BindMetaTT(adapter_.get());
     ASSIGN_OR_RETURN(TrainerOptions to, TrainerOptionsFromRecipe(recipe));
     to.max_eval_examples = options_.max_eval_examples;
     TrainerCallbacks cb;
@@ -336,10 +366,11 @@ class TrainingJob : public TrainingTask {
     PublishRequest req;
     req.family = spec.family;
     req.base_version = 0;  // a new family: refused if one appeared while it trained
-    req.scale = adapter_->scale();
     req.pooling = p_.recipe.pooling;
     req.max_length = p_.recipe.max_length;
     req.created_by_job = p_.job.id;
+    if (lora_ != nullptr) return PublishLora(std::move(req));
+    req.scale = adapter_->scale();
     if (!best.empty()) {
       for (const auto& [k, v] : best) {
         if (k.rfind("adapter.", 0) == 0) req.adapter_tensors[k.substr(8)] = v;
@@ -357,6 +388,24 @@ class TrainingJob : public TrainingTask {
       for (const auto& [k, v] : req.adapter_tensors) n += k.rfind("task.", 0) == 0 ? 1 : 0;
       req.config.num_tasks = n;
     }
+    CollectTasks(&req.tasks, &req.head_weights, &req.head_biases);
+    return registry_->Publish(req);
+  }
+
+  // A LoRA family: the best evaluation's factors where kept, else the last.
+  absl::StatusOr<std::shared_ptr<const PublishedFamily>> PublishLora(PublishRequest req) {
+    const auto& best = trainer_->best_tensors();
+    std::map<LoraAdapter::Key, LoraAdapter::Factors> factors;
+    for (const auto& [k, f] : lora_->factors()) {
+      const std::string name = absl::StrCat("adapter.layer.", k.first, ".", ProjectionName(k.second));
+      auto a = best.find(name + ".lora_A");
+      auto b = best.find(name + ".lora_B");
+      factors[k] = {a != best.end() ? a->second : f.a.detach(),
+                    b != best.end() ? b->second : f.b.detach()};
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<LoraAdapter> trained,
+                     LoraAdapter::FromFactors(lora_->config(), std::move(factors)));
+    req.lora = trained.get();
     CollectTasks(&req.tasks, &req.head_weights, &req.head_biases);
     return registry_->Publish(req);
   }
@@ -404,6 +453,7 @@ class TrainingJob : public TrainingTask {
   std::shared_ptr<const PublishedFamily> base_;
   std::vector<int64_t> new_task_index_;  // add-task: the new tasks' slices
   std::unique_ptr<MetaTTAdapter> adapter_;
+  std::unique_ptr<LoraAdapter> lora_;  // form lora
   std::unique_ptr<Trainer> trainer_;
 };
 
@@ -465,7 +515,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
   if (spec.kind == JobKind::kAddTask) {
     if (!existing.ok()) return Prefixed(existing.status(), "family");
     const PublishedFamily& fam = **existing;
-    if (fam.adapter->config().form != TTForm::k4Plus1D) {
+    if (fam.adapter.is_lora() || fam.adapter->config().form != TTForm::k4Plus1D) {
       return absl::FailedPreconditionError(
           absl::StrCat("family: '", spec.family, "' is ", fam.record.form,
                        "; tasks can only be added to a 4+1d family"));
@@ -485,8 +535,12 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
           "family: '", spec.family, "' already exists (add tasks with an ADD_TASK job)"));
     }
     ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec));
-    ASSIGN_OR_RETURN(p.config,
-                     ConfigFromRecipe(p.recipe, base, static_cast<int64_t>(spec.tasks.size())));
+    if (p.recipe.form == "lora") {
+      ASSIGN_OR_RETURN(p.lora, LoraConfigFromRecipe(p.recipe, base));
+    } else {
+      ASSIGN_OR_RETURN(p.config,
+                       ConfigFromRecipe(p.recipe, base, static_cast<int64_t>(spec.tasks.size())));
+    }
   }
   const Recipe& hp = p.recipe;
   if (hp.max_length > base.max_position_embeddings) {
