@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 
 namespace metatt {
@@ -140,6 +141,64 @@ absl::Status ValidateMetricName(const std::string& name, bool regression, int64_
   return absl::InvalidArgumentError(absl::StrCat(
       "metric '", name, "' is not available for a ",
       regression ? "regression" : absl::StrCat(num_labels, "-class classification"), " task"));
+}
+
+}  // namespace metatt
+
+namespace metatt {
+namespace {
+
+bool IsAnswerN(const std::string& s) {
+  return s.size() == 7 && s.compare(0, 6, "answer") == 0 && s[6] >= '1' && s[6] <= '5';
+}
+
+}  // namespace
+
+std::string ExtractAnswer(const std::string& generated, const std::string& gold) {
+  const std::string text = absl::AsciiStrToLower(generated);
+  const std::string g = absl::AsciiStrToLower(absl::StripAsciiWhitespace(gold));
+  std::vector<std::string> candidates;
+  if (IsAnswerN(g)) {
+    for (char c = '1'; c <= '5'; ++c) candidates.push_back(std::string("answer") + c);
+  } else if (g == "true" || g == "false") {
+    candidates = {"true", "false"};
+  } else {
+    const std::string t(absl::StripAsciiWhitespace(text));
+    return !g.empty() && t.compare(0, g.size(), g) == 0 ? g : std::string();
+  }
+  size_t best = std::string::npos;
+  std::string found;
+  for (const std::string& c : candidates) {
+    const size_t at = text.find(c);
+    if (at < best) {
+      best = at;
+      found = c;
+    }
+  }
+  return found;
+}
+
+double AnswerAccuracy(const std::vector<std::string>& generated,
+                      const std::vector<std::string>& gold) {
+  const size_t n = std::min(generated.size(), gold.size());
+  if (n == 0) return 0.0;
+  size_t hit = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const std::string g = absl::AsciiStrToLower(absl::StripAsciiWhitespace(gold[i]));
+    if (!g.empty() && ExtractAnswer(generated[i], gold[i]) == g) ++hit;
+  }
+  return static_cast<double>(hit) / static_cast<double>(n);
+}
+
+double ExactMatch(const std::vector<std::string>& generated,
+                  const std::vector<std::string>& reference) {
+  const size_t n = std::min(generated.size(), reference.size());
+  if (n == 0) return 0.0;
+  size_t hit = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (absl::StripAsciiWhitespace(generated[i]) == absl::StripAsciiWhitespace(reference[i])) ++hit;
+  }
+  return static_cast<double>(hit) / static_cast<double>(n);
 }
 
 }  // namespace metatt

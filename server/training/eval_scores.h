@@ -41,3 +41,22 @@ std::string DefaultPrimaryMetric(bool regression);
 absl::Status ValidateMetricName(const std::string& name, bool regression, int64_t num_labels);
 
 }  // namespace metatt
+
+namespace metatt {
+
+// Generation tasks (the commonsense protocol, ../shared/data/commonsense/):
+// the answer a generated text gives, for the kind of the gold label `gold`:
+// "answer1".."answer5" -> the first of those in the text; "true"/"false" ->
+// the first of those; anything else -> the gold label itself when the text
+// starts with it (after trimming), else "". Case-insensitive; the result is
+// lower case.
+std::string ExtractAnswer(const std::string& generated, const std::string& gold);
+// Fraction of rows whose ExtractAnswer equals the (lower-cased) gold label.
+double AnswerAccuracy(const std::vector<std::string>& generated,
+                      const std::vector<std::string>& gold);
+// Fraction of rows whose generated text equals the reference after trimming
+// whitespace at both ends.
+double ExactMatch(const std::vector<std::string>& generated,
+                  const std::vector<std::string>& reference);
+
+}  // namespace metatt

@@ -10,6 +10,15 @@
 // Prints one line per progress/eval/sweep event and a final JSON line
 // ("result {...}"); with --out writes the family (MetaTT: family_io's
 // SaveFamily; LoRA: lora.safetensors) and result.json.
+//
+// A decoder (--model_dir of a Llama-architecture model, config.json
+// model_type "llama") trains generation tasks instead (lm_objective.h):
+//   metatt-train --model_dir=models/SmolLM2-135M-Instruct --task=ARC-Easy \
+//       --train_limit=500 --max_eval=200 --steps=200 --out=/tmp/arc
+//   metatt-train --model_dir=... --train=a.jsonl --eval=b.jsonl --gen_format=chat
+// --task names sets of the commonsense folder (--commonsense_dir; ARC-Easy,
+// BoolQ, OpenBookQA; comma-separated for multi-task), evaluated on their
+// test split by answer accuracy (greedy generation).
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -34,7 +43,10 @@
 #include "base/status_macros.h"
 #include "server/model/model_dir.h"
 #include "server/training/adapter_binding.h"
+#include "base/file_io.h"
 #include "server/training/eval_scores.h"
+#include "server/training/generation_dataset.h"
+#include "server/training/lm_objective.h"
 #include "server/training/recipe.h"
 #include "server/training/text_batch.h"
 
@@ -97,6 +109,14 @@ ABSL_FLAG(double, rel_cutoff, 0.0, "truncation: relative discarded-weight cutoff
 ABSL_FLAG(std::string, trainable, "all", "all|adapter|heads");
 ABSL_FLAG(int64_t, log_every, 1, "print a progress line every N steps");
 ABSL_FLAG(std::string, out, "", "output directory");
+// Decoder (generation) tasks.
+ABSL_FLAG(std::string, commonsense_dir, "",
+          "commonsense data dir (default $METATT_SHARED_DIR/data/commonsense or "
+          "/work/shared/data/commonsense)");
+ABSL_FLAG(std::string, gen_format, "auto",
+          "decoder datasets: auto|prompt_completion|instruction|chat");
+ABSL_FLAG(int64_t, max_new_tokens, metatt::kDefaultDecoderMaxNewTokens,
+          "decoder eval: tokens generated per prompt");
 
 namespace metatt {
 namespace {
@@ -238,11 +258,255 @@ nlohmann::json EvalJson(const EvalEvent& e) {
   return j;
 }
 
+bool IsLlamaDir(const std::string& model_dir) {
+  auto text = ReadFileToString(model_dir + "/config.json");
+  if (!text.ok()) return false;
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() && j.value("model_type", "") == "llama";
+}
+
+std::string CommonsenseDir() {
+  std::string d = absl::GetFlag(FLAGS_commonsense_dir);
+  if (!d.empty()) return d;
+  const char* shared = std::getenv("METATT_SHARED_DIR");
+  return absl::StrCat(shared ? shared : "/work/shared", "/data/commonsense");
+}
+
+void SubsampleGen(GenerationDataset* ds, int64_t limit, uint64_t seed) {
+  if (limit <= 0 || static_cast<int64_t>(ds->size()) <= limit) return;
+  std::mt19937_64 rng(seed);
+  auto& ex = ds->examples;
+  for (size_t i = ex.size(); i > 1; --i) std::swap(ex[i - 1], ex[rng() % i]);
+  ex.resize(limit);
+}
+
+struct GenTaskData {
+  std::string name;
+  GenerationDataset train, eval;
+};
+
+absl::StatusOr<std::vector<GenTaskData>> LoadGenerationData(uint64_t seed) {
+  std::vector<GenTaskData> out;
+  const std::string task = absl::GetFlag(FLAGS_task);
+  ASSIGN_OR_RETURN(GenerationFormat format, ParseGenerationFormat(absl::GetFlag(FLAGS_gen_format)));
+  if (!task.empty()) {
+    for (absl::string_view t : absl::StrSplit(task, ',', absl::SkipEmpty())) {
+      ASSIGN_OR_RETURN(std::string name, CanonicalCommonsenseName(std::string(t)));
+      GenerationSpec spec;
+      spec.format = GenerationFormat::kInstruction;
+      GenTaskData d;
+      d.name = name;
+      spec.origin = absl::StrCat(name, "/train.json");
+      ASSIGN_OR_RETURN(d.train,
+                       ReadGenerationDataset(absl::StrCat(CommonsenseDir(), "/", name, "/train.json"), spec));
+      spec.origin = absl::StrCat(name, "/test.json");
+      ASSIGN_OR_RETURN(d.eval,
+                       ReadGenerationDataset(absl::StrCat(CommonsenseDir(), "/", name, "/test.json"), spec));
+      out.push_back(std::move(d));
+    }
+  } else {
+    if (absl::GetFlag(FLAGS_train).empty()) return absl::InvalidArgumentError("give --task or --train");
+    GenerationSpec spec;
+    spec.format = format;
+    GenTaskData d;
+    d.name = absl::GetFlag(FLAGS_task_name);
+    spec.origin = absl::GetFlag(FLAGS_train);
+    ASSIGN_OR_RETURN(d.train, ReadGenerationDataset(absl::GetFlag(FLAGS_train), spec));
+    if (!absl::GetFlag(FLAGS_eval).empty()) {
+      spec.origin = absl::GetFlag(FLAGS_eval);
+      ASSIGN_OR_RETURN(d.eval, ReadGenerationDataset(absl::GetFlag(FLAGS_eval), spec));
+    }
+    out.push_back(std::move(d));
+  }
+  for (GenTaskData& d : out) SubsampleGen(&d.train, absl::GetFlag(FLAGS_train_limit), seed);
+  return out;
+}
+
+// Generation tasks on a Llama-architecture decoder: the same Trainer with the
+// causal-LM objective. No heads: the family holds adapter tensors only.
+absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
+                         const RecipeOverrides& overrides, Recipe recipe) {
+  if (!overrides.max_length) recipe.max_length = kDefaultDecoderMaxLength;
+  std::cout << DescribeRecipe(recipe, overrides) << "\n";
+  ASSIGN_OR_RETURN(std::vector<GenTaskData> data, LoadGenerationData(recipe.seed));
+  LlamaDecoder::Options dopt;
+  dopt.model_dir = model_dir;
+  dopt.device = device;
+  ASSIGN_OR_RETURN(std::shared_ptr<LlamaDecoder> decoder, LlamaDecoder::Create(dopt));
+  ASSIGN_OR_RETURN(BpeTokenizer tok, BpeTokenizer::Create(model_dir));
+  auto tokenizer = std::make_shared<const BpeTokenizer>(std::move(tok));
+  const std::string fingerprint = decoder->config().Fingerprint();
+
+  ASSIGN_OR_RETURN(TrainerOptions o, TrainerOptionsFromRecipe(recipe));
+  o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
+  o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
+  ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
+  if (o.trainable == TrainableSet::kHeadsOnly) {
+    return absl::InvalidArgumentError("--trainable=heads: generation tasks have no heads");
+  }
+  torch::manual_seed(o.seed);
+
+  std::unique_ptr<MetaTTAdapter> metatt;
+  std::unique_ptr<LoraAdapter> lora;
+  AdapterBinding binding;
+  std::vector<std::string> family_tasks;
+  std::map<std::string, torch::Tensor> old_heads;  // none for decoders; kept by SaveFamily
+  int64_t first_task_index = 0;
+  const std::string kind = absl::GetFlag(FLAGS_adapter);
+  ASSIGN_OR_RETURN(std::vector<Projection> projections, ParseProjections(recipe.projections));
+  if (!absl::GetFlag(FLAGS_base_family).empty()) {
+    ASSIGN_OR_RETURN(LoadedFamily fam, LoadFamily(absl::GetFlag(FLAGS_base_family), fingerprint,
+                                                  device, MetaTTAdapter::Leaves::kFrozen));
+    metatt = std::move(fam.adapter);
+    if (metatt->config().form != TTForm::k4Plus1D) {
+      return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
+    }
+    family_tasks = fam.task_names;
+    old_heads = fam.heads;
+    metatt->FreezeShared(true);
+    first_task_index = metatt->num_tasks();
+    ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
+                     MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
+    for (size_t i = 0; i < data.size(); ++i) RETURN_IF_ERROR(metatt->AddTask(init).status());
+    binding = BindMetaTT(metatt.get());
+    std::cout << "add-task mode: " << data.size() << " new task slice(s) after "
+              << first_task_index << " existing; shared cores frozen ("
+              << metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
+  } else if (kind == "metatt") {
+    MetaTTConfig c;
+    c.SetModel(decoder->geometry());
+    ASSIGN_OR_RETURN(c.form, ParseTTForm(recipe.form));
+    c.ranks = recipe.ranks;
+    c.projections = projections;
+    if (recipe.alpha > 0) c.alpha = recipe.alpha;
+    c.init = recipe.init;
+    c.num_heads = decoder->config().num_attention_heads;
+    c.num_tasks = c.form == TTForm::k4Plus1D ? static_cast<int64_t>(data.size()) : 1;
+    if (c.form != TTForm::k4Plus1D && data.size() > 1) {
+      return absl::InvalidArgumentError("several tasks need --form=4+1d");
+    }
+    MetaTTAdapter::Options ao;
+    ao.device = device;
+    ao.seed = o.seed;
+    ASSIGN_OR_RETURN(metatt, MetaTTAdapter::Create(c, ao));
+    binding = BindMetaTT(metatt.get());
+    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::StrJoin(recipe.ranks, ",")
+              << " on " << absl::StrJoin(recipe.projections, ",") << ": "
+              << metatt->NumParameters() << " adapter parameters\n";
+  } else if (kind == "lora") {
+    if (data.size() > 1) return absl::InvalidArgumentError("LoRA trains one task");
+    LoraConfig c;
+    c.SetModel(decoder->geometry());
+    c.rank = recipe.ranks.front();
+    c.alpha = overrides.alpha && *overrides.alpha > 0 ? *overrides.alpha : 2.0 * c.rank;
+    c.projections = projections;
+    LoraAdapter::Options ao;
+    ao.device = device;
+    ao.seed = o.seed;
+    ASSIGN_OR_RETURN(lora, LoraAdapter::Create(c, ao));
+    binding = BindLora(lora.get());
+    std::cout << "LoRA r=" << c.rank << " on " << absl::StrJoin(recipe.projections, ",") << ": "
+              << lora->NumParameters() << " adapter parameters\n";
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("--adapter: unknown '", kind, "'"));
+  }
+
+  std::vector<TrainTask> tasks;
+  for (size_t i = 0; i < data.size(); ++i) {
+    TrainTask t;
+    t.name = data[i].name;
+    t.task_index = first_task_index + static_cast<int64_t>(i);
+    t.gen_train = std::move(data[i].train);
+    t.gen_eval = std::move(data[i].eval);
+    if (!absl::GetFlag(FLAGS_metric).empty()) t.primary_metric = absl::GetFlag(FLAGS_metric);
+    std::cout << "task " << t.name << " (index " << t.task_index << "): " << t.gen_train.size()
+              << " train rows, " << t.gen_eval.size() << " eval rows\n";
+    tasks.push_back(std::move(t));
+  }
+
+  TrainerCallbacks cb;
+  const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
+  double tokens_per_second = 0, examples_per_second = 0;
+  cb.on_progress = [&](const ProgressEvent& p) {
+    tokens_per_second = p.tokens_per_second;
+    examples_per_second = p.examples_per_second;
+    if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
+    std::cout << absl::StrFormat(
+                     "step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g tokens/s %.1f "
+                     "ex/s %.2f eta %.0fs",
+                     p.step, p.total_steps, p.epoch, p.loss, p.lr, p.grad_norm,
+                     p.tokens_per_second, p.examples_per_second, p.eta_seconds)
+              << std::endl;
+  };
+  cb.on_eval = [&](const EvalEvent& e) {
+    for (const auto& [task, m] : e.metrics) {
+      std::string line = absl::StrCat("eval step ", e.step, " ", task);
+      for (const auto& [k, v] : m) absl::StrAppend(&line, " ", k, "=", absl::StrFormat("%.4f", v));
+      std::cout << line << (e.is_best ? " (best)" : "") << std::endl;
+    }
+  };
+  cb.on_sweep = [&](const SweepEvent& s) {
+    std::cout << "sweep step " << s.step << " max_rank " << s.max_rank << std::endl;
+  };
+  ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
+                   Trainer::Create(o, MakeLmObjective(decoder, MakeChatLmTokenizer(tokenizer)),
+                                   binding, std::move(tasks), cb));
+  std::cout << "training " << trainer->total_steps() << " steps (" << trainer->steps_per_epoch()
+            << " per epoch)" << std::endl;
+  const absl::Time t0 = absl::Now();
+  RETURN_IF_ERROR(trainer->Run());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+
+  nlohmann::json result;
+  result["model"] = "decoder";
+  result["steps"] = trainer->step();
+  result["seconds"] = seconds;
+  result["train_tokens_per_second"] = tokens_per_second;
+  result["train_examples_per_second"] = examples_per_second;
+  result["state"] = trainer->state() == Trainer::State::kFinished       ? "finished"
+                    : trainer->state() == Trainer::State::kEarlyStopped ? "early_stopped"
+                                                                        : "cancelled";
+  result["losses"] = trainer->losses();
+  if (trainer->last_eval()) result["final_eval"] = EvalJson(*trainer->last_eval());
+  if (trainer->best_eval()) result["best_eval"] = EvalJson(*trainer->best_eval());
+  if (metatt) {
+    result["adapter_parameters"] = metatt->NumParameters();
+    result["trainable_adapter_parameters"] = metatt->NumTrainableParameters();
+    result["ranks"] = metatt->config().BondRanks();
+  } else if (lora) {
+    result["adapter_parameters"] = lora->NumParameters();
+  }
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (!out.empty()) {
+    if (trainer->best_eval()) {
+      absl::Status st = trainer->RestoreBest();
+      if (!st.ok()) std::cout << "note: saving the final tensors (" << st.message() << ")\n";
+    }
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    if (metatt) {
+      for (const auto& t : trainer->tasks()) family_tasks.push_back(t.name);
+      RETURN_IF_ERROR(SaveFamily(out, *metatt, family_tasks, old_heads, model_dir, fingerprint));
+    } else {
+      std::map<std::string, torch::Tensor> all;
+      for (const auto& [n, t] : lora->NamedParameters()) all["lora." + n] = t.detach();
+      RETURN_IF_ERROR(WriteSafetensors(out + "/lora.safetensors", all));
+    }
+    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
+  }
+  nlohmann::json summary = result;
+  summary.erase("losses");
+  std::cout << "result " << summary.dump() << std::endl;
+  return absl::OkStatus();
+}
+
 absl::Status Main() {
   ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
   ASSIGN_OR_RETURN(const RecipeOverrides overrides, OverridesFromFlags());
   ASSIGN_OR_RETURN(const Recipe recipe, ResolveRecipe(overrides));
+  if (IsLlamaDir(model_dir)) return DecoderMain(model_dir, device, overrides, recipe);
   std::cout << DescribeRecipe(recipe, overrides) << "\n";
   ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData(recipe.seed));
 

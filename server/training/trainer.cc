@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
+#include "server/training/encoder_objective.h"
 #include "server/training/eval_scores.h"
 
 namespace metatt {
@@ -51,10 +52,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
     const TrainerOptions& options, std::shared_ptr<const BertEncoder> encoder,
     BatchTokenizer tokenizer, AdapterBinding adapter, std::vector<TrainTask> tasks,
     TrainerCallbacks callbacks) {
+  if (encoder == nullptr) return absl::InvalidArgumentError("trainer: no encoder");
+  return Create(options, MakeEncoderObjective(std::move(encoder), std::move(tokenizer)),
+                std::move(adapter), std::move(tasks), std::move(callbacks));
+}
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
+    const TrainerOptions& options, std::shared_ptr<TrainObjective> objective,
+    AdapterBinding adapter, std::vector<TrainTask> tasks, TrainerCallbacks callbacks) {
   std::unique_ptr<Trainer> t(new Trainer());
   t->options_ = options;
-  t->encoder_ = std::move(encoder);
-  t->tokenizer_ = std::move(tokenizer);
+  t->objective_ = std::move(objective);
   t->adapter_ = std::move(adapter);
   t->tasks_ = std::move(tasks);
   t->callbacks_ = std::move(callbacks);
@@ -64,8 +72,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(
 
 absl::Status Trainer::Init() {
   const TrainerOptions& o = options_;
-  if (encoder_ == nullptr) return absl::InvalidArgumentError("trainer: no encoder");
-  if (!tokenizer_) return absl::InvalidArgumentError("trainer: no tokenizer");
+  if (objective_ == nullptr) return absl::InvalidArgumentError("trainer: no objective");
   if (tasks_.empty()) return absl::InvalidArgumentError("trainer: no tasks");
   if (o.batch_size <= 0) return absl::InvalidArgumentError("trainer: batch_size must be > 0");
   if (o.steps <= 0 && !(o.epochs > 0)) {
@@ -81,7 +88,6 @@ absl::Status Trainer::Init() {
     return absl::InvalidArgumentError("trainer: a rank schedule needs an adapter that sweeps");
   }
   std::set<std::string> names;
-  const int64_t hidden = encoder_->config().hidden_size;
   for (size_t i = 0; i < tasks_.size(); ++i) {
     TrainTask& task = tasks_[i];
     const std::string who = absl::StrCat("task '", task.name, "'");
@@ -89,30 +95,15 @@ absl::Status Trainer::Init() {
     if (!names.insert(task.name).second) {
       return absl::InvalidArgumentError(absl::StrCat(who, " given twice"));
     }
-    if (task.head == nullptr) return absl::InvalidArgumentError(who + ": no head");
-    if (task.train.examples.empty()) return absl::InvalidArgumentError(who + ": empty train set");
-    if (task.head->kind != task.train.label_kind) {
-      return absl::InvalidArgumentError(who + ": head kind differs from the data's label kind");
-    }
-    if (task.head->weight.dim() != 2 || task.head->weight.size(1) != hidden) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(who, ": head input width must be the encoder's hidden size ", hidden));
-    }
-    const bool reg = task.head->kind == LabelKind::kRegression;
-    if (!reg && task.head->num_labels < task.train.num_labels()) {
-      return absl::InvalidArgumentError(absl::StrCat(who, ": head has ", task.head->num_labels,
-                                                     " labels, data has ",
-                                                     task.train.num_labels()));
-    }
-    if (!task.eval.examples.empty() && task.eval.label_kind != task.train.label_kind) {
-      return absl::InvalidArgumentError(who + ": eval and train label kinds differ");
-    }
-    if (task.primary_metric.empty()) task.primary_metric = DefaultPrimaryMetric(reg);
-    RETURN_IF_ERROR(ValidateMetricName(task.primary_metric, reg, task.head->num_labels));
     if (task.task_index < 0) return absl::InvalidArgumentError(who + ": negative task index");
-    for (size_t e = 0; e < task.train.examples.size(); ++e) {
-      pool_.emplace_back(static_cast<int>(i), static_cast<int64_t>(e));
+  }
+  RETURN_IF_ERROR(objective_->Prepare(&tasks_, o));
+  for (size_t i = 0; i < tasks_.size(); ++i) {
+    const int64_t n_train = objective_->NumTrainExamples(tasks_[i]);
+    if (n_train <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("task '", tasks_[i].name, "': empty train set"));
     }
+    for (int64_t e = 0; e < n_train; ++e) pool_.emplace_back(static_cast<int>(i), e);
   }
   const int64_t n = static_cast<int64_t>(pool_.size());
   steps_per_epoch_ = (n + o.batch_size - 1) / o.batch_size;
@@ -177,6 +168,7 @@ std::vector<torch::Tensor> Trainer::CollectGroup(int group) const {
   }
   if (group == 2 && options_.trainable != TrainableSet::kAdapterOnly) {
     for (const auto& t : tasks_) {
+      if (t.head == nullptr) continue;  // generation tasks: the LM head is the model's
       add(t.head->weight);
       add(t.head->bias);
     }
@@ -283,70 +275,27 @@ absl::Status Trainer::MaybeSweep() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<EncoderInput> Trainer::Tokenize(const std::vector<TextPair>& rows) const {
-  ASSIGN_OR_RETURN(EncoderInput in, tokenizer_(rows, options_.max_length));
-  const torch::Device dev = encoder_->device();
-  RETURN_IF_ERROR(TorchTry("batch to device", [&] {
-    in.input_ids = in.input_ids.to(dev);
-    if (in.token_type_ids.defined()) in.token_type_ids = in.token_type_ids.to(dev);
-    if (in.attention_mask.defined()) in.attention_mask = in.attention_mask.to(dev);
-  }));
-  return in;
-}
-
 absl::StatusOr<double> Trainer::TrainStep() {
   if (cursor_ >= order_.size()) Reshuffle();
   const size_t end = std::min(order_.size(), cursor_ + static_cast<size_t>(options_.batch_size));
-  std::vector<TextPair> rows;
-  std::vector<int> row_task;
-  std::vector<const Example*> row_ex;
-  for (size_t k = cursor_; k < end; ++k) {
-    const auto& [t, e] = pool_[order_[k]];
-    const Example& ex = tasks_[t].train.examples[e];
-    rows.emplace_back(ex.text, ex.text_pair);
-    row_task.push_back(t);
-    row_ex.push_back(&ex);
-  }
+  std::vector<BatchRow> rows;
+  for (size_t k = cursor_; k < end; ++k) rows.push_back(pool_[order_[k]]);
   cursor_ = end;
   const int64_t B = static_cast<int64_t>(rows.size());
-  ASSIGN_OR_RETURN(EncoderInput in, Tokenize(rows));
-  const torch::Device dev = encoder_->device();
+  const torch::Device dev = objective_->device();
 
   AdapterBatch ab;
-  torch::Tensor loss;
   RETURN_IF_ERROR(TorchTry("task index", [&] {
     std::vector<int64_t> ti(B);
-    for (int64_t i = 0; i < B; ++i) ti[i] = tasks_[row_task[i]].task_index;
+    for (int64_t i = 0; i < B; ++i) ti[i] = tasks_[rows[i].first].task_index;
     ab = AdapterBatch::FromHost(torch::tensor(ti, torch::kLong), dev);
   }));
-  ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
+  ASSIGN_OR_RETURN(BatchLoss batch_loss,
+                   objective_->Loss(tasks_, rows, adapter_.adapter, ab, options_));
+  torch::Tensor loss = batch_loss.loss;
   double grad_norm = 0;
   const double lr = LearningRate(step_);
   RETURN_IF_ERROR(TorchTry("train step", [&] {
-    torch::Tensor mask = in.attention_mask.defined() ? in.attention_mask
-                                                     : torch::ones_like(in.input_ids);
-    torch::Tensor pooled = Pool(hidden, mask, options_.pooling);
-    torch::Tensor total;
-    for (size_t t = 0; t < tasks_.size(); ++t) {
-      std::vector<int64_t> idx;
-      std::vector<int64_t> lab_i;
-      std::vector<float> lab_f;
-      for (int64_t i = 0; i < B; ++i) {
-        if (row_task[i] != static_cast<int>(t)) continue;
-        idx.push_back(i);
-        lab_i.push_back(row_ex[i]->label_id);
-        lab_f.push_back(row_ex[i]->label_value);
-      }
-      if (idx.empty()) continue;
-      const TaskHead& head = *tasks_[t].head;
-      torch::Tensor sel = pooled.index_select(0, torch::tensor(idx, torch::kLong).to(dev));
-      torch::Tensor labels = head.kind == LabelKind::kRegression
-                                 ? torch::tensor(lab_f, torch::kFloat).to(dev)
-                                 : torch::tensor(lab_i, torch::kLong).to(dev);
-      torch::Tensor l = head.LossSum(head.Forward(sel), labels);
-      total = total.defined() ? total + l : l;
-    }
-    loss = total / static_cast<double>(B);
     optimizer_->zero_grad();
     loss.backward();
     if (options_.grad_clip_norm > 0) {
@@ -366,12 +315,14 @@ absl::StatusOr<double> Trainer::TrainStep() {
     optimizer_->step();
     // Tensors not being optimised (frozen heads) must not accumulate grads.
     for (const auto& task : tasks_) {
+      if (task.head == nullptr) continue;
       if (task.head->weight.grad().defined()) task.head->weight.mutable_grad().reset();
       if (task.head->bias.grad().defined()) task.head->bias.mutable_grad().reset();
     }
   }));
   if (adapter_.after_step) adapter_.after_step();
   examples_seen_ += B;
+  tokens_seen_ += batch_loss.tokens;
   last_grad_norm_ = grad_norm;
   last_lr_ = lr;
   return loss.item<double>();
@@ -381,51 +332,17 @@ absl::StatusOr<EvalEvent> Trainer::Evaluate() {
   EvalEvent ev;
   ev.step = step_;
   torch::NoGradGuard no_grad;
-  const torch::Device dev = encoder_->device();
   double score_sum = 0;
   int scored = 0;
-  const int64_t eb = std::max<int64_t>(options_.batch_size, 32);
   for (const TrainTask& task : tasks_) {
-    if (task.eval.examples.empty()) continue;
-    int64_t n = static_cast<int64_t>(task.eval.examples.size());
-    if (options_.max_eval_examples > 0) n = std::min(n, options_.max_eval_examples);
-    std::vector<int64_t> pred_i, lab_i;
-    std::vector<double> pred_f, lab_f;
-    for (int64_t s = 0; s < n; s += eb) {
-      const int64_t e = std::min(n, s + eb);
-      std::vector<TextPair> rows;
-      for (int64_t k = s; k < e; ++k) {
-        const Example& ex = task.eval.examples[k];
-        rows.emplace_back(ex.text, ex.text_pair);
-        lab_i.push_back(ex.label_id);
-        lab_f.push_back(ex.label_value);
-      }
-      ASSIGN_OR_RETURN(EncoderInput in, Tokenize(rows));
-      AdapterBatch ab;
-      RETURN_IF_ERROR(TorchTry("eval task index", [&] {
-        ab = AdapterBatch::FromHost(torch::full({e - s}, task.task_index, torch::kLong), dev);
-      }));
-      ASSIGN_OR_RETURN(torch::Tensor hidden, encoder_->Forward(in, adapter_.adapter, ab));
-      RETURN_IF_ERROR(TorchTry("eval", [&] {
-        torch::Tensor mask = in.attention_mask.defined() ? in.attention_mask
-                                                         : torch::ones_like(in.input_ids);
-        torch::Tensor p = task.head->Predict(task.head->Forward(Pool(hidden, mask, options_.pooling)));
-        if (task.head->kind == LabelKind::kRegression) {
-          auto a = p.accessor<double, 1>();
-          for (int64_t k = 0; k < a.size(0); ++k) pred_f.push_back(a[k]);
-        } else {
-          auto a = p.accessor<int64_t, 1>();
-          for (int64_t k = 0; k < a.size(0); ++k) pred_i.push_back(a[k]);
-        }
-      }));
+    if (!objective_->HasEval(task)) continue;
+    ASSIGN_OR_RETURN(auto m, objective_->Evaluate(task, adapter_.adapter, options_));
+    auto it = m.find(task.primary_metric);
+    if (it == m.end()) {
+      return absl::InternalError(absl::StrCat("task '", task.name, "': evaluation gave no '",
+                                              task.primary_metric, "'"));
     }
-    std::map<std::string, double> m;
-    if (task.head->kind == LabelKind::kRegression) {
-      m = RegressionMetrics(pred_f, lab_f);
-    } else {
-      m = ClassificationMetrics(pred_i, lab_i, task.head->num_labels);
-    }
-    score_sum += m.at(task.primary_metric);
+    score_sum += it->second;
     ++scored;
     ev.metrics[task.name] = std::move(m);
   }
@@ -435,7 +352,7 @@ absl::StatusOr<EvalEvent> Trainer::Evaluate() {
 
 absl::Status Trainer::EvaluateAndTrack() {
   bool any_eval = false;
-  for (const auto& t : tasks_) any_eval |= !t.eval.examples.empty();
+  for (const auto& t : tasks_) any_eval |= objective_->HasEval(t);
   if (!any_eval) return absl::OkStatus();
   ASSIGN_OR_RETURN(EvalEvent ev, Evaluate());
   if (!best_eval_ || ev.score > best_eval_->score) {
@@ -446,6 +363,7 @@ absl::Status Trainer::EvaluateAndTrack() {
       for (auto& [k, v] : adapter_.snapshot()) best_tensors_["adapter." + k] = v;
     }
     for (const auto& t : tasks_) {
+      if (t.head == nullptr) continue;
       for (auto& [k, v] : t.head->Tensors("heads." + t.name + ".")) best_tensors_[k] = v;
     }
     best_eval_ = ev;
@@ -491,6 +409,7 @@ absl::StatusOr<bool> Trainer::Step() {
     p.grad_norm = last_grad_norm_;
     const double secs = absl::ToDoubleSeconds(train_time_);
     p.examples_per_second = secs > 0 ? static_cast<double>(examples_seen_) / secs : 0.0;
+    p.tokens_per_second = secs > 0 ? static_cast<double>(tokens_seen_) / secs : 0.0;
     p.eta_seconds = secs / static_cast<double>(step_) * static_cast<double>(total_steps_ - step_);
     callbacks_.on_progress(p);
   }
@@ -525,7 +444,9 @@ absl::Status Trainer::RestoreBest() {
     }
     RETURN_IF_ERROR(adapter_.restore(a));
   }
-  for (auto& t : tasks_) RETURN_IF_ERROR(t.head->Load(best_tensors_, "heads." + t.name + "."));
+  for (auto& t : tasks_) {
+    if (t.head != nullptr) RETURN_IF_ERROR(t.head->Load(best_tensors_, "heads." + t.name + "."));
+  }
   return absl::OkStatus();
 }
 

@@ -15,6 +15,13 @@
 // trained together; every batch is drawn from the shuffled union of all the
 // tasks' rows, AdapterBatch::task_index carries each row's task, each row's
 // loss comes from its own task's head, and the batch loss is their mean.
+//
+// What a task computes is a TrainObjective (below): the loop (optimizer,
+// schedule, clipping, evaluation cadence, best checkpoint, DMRG sweeps,
+// cancellation) is the same for every model family. Two objectives exist:
+// an encoder with a task head (encoder_objective.h: classification and
+// regression) and a decoder's causal-LM loss on completion tokens
+// (lm_objective.h: generation tasks, no head).
 #pragma once
 
 #include <atomic>
@@ -35,6 +42,7 @@
 #include "adapters/adapter.h"
 #include "server/model/bert_encoder.h"
 #include "server/training/dataset.h"
+#include "server/training/generation_dataset.h"
 #include "server/training/heads.h"
 #include "server/training/recipe.h"
 
@@ -119,6 +127,9 @@ struct TrainerOptions {
   std::vector<RankScheduleEntry> rank_schedule;
   RankTruncation truncation;
   TrainableSet trainable = TrainableSet::kAll;
+  // Generation tasks: evaluation generates up to this many tokens per row
+  // (greedy, KV cache) and scores the text.
+  int64_t max_new_tokens = 32;
 };
 
 // Every recipe field -> options (steps, epochs, batch size, learning rates,
@@ -129,10 +140,48 @@ absl::StatusOr<TrainerOptions> TrainerOptionsFromRecipe(const Recipe& recipe);
 struct TrainTask {
   std::string name;
   int64_t task_index = 0;  // the adapter's task index (AdapterBatch)
+  // Encoder tasks (EncoderObjective): labelled text and a head.
   Dataset train;
   Dataset eval;  // may be empty: no evaluation for this task
-  std::shared_ptr<TaskHead> head;
-  std::string primary_metric;  // empty: DefaultPrimaryMetric
+  std::shared_ptr<TaskHead> head;  // null for generation tasks (the LM head is the model's)
+  // Generation tasks (LmObjective): prompt -> completion pairs.
+  GenerationDataset gen_train;
+  GenerationDataset gen_eval;  // may be empty
+  std::string primary_metric;  // empty: the objective's default
+};
+
+// One batch row: (index into the trainer's tasks, example index in its train set).
+using BatchRow = std::pair<int, int64_t>;
+
+struct BatchLoss {
+  torch::Tensor loss;  // scalar, differentiable w.r.t. the adapter (and heads)
+  int64_t tokens = 0;  // real input tokens in the batch (throughput)
+};
+
+// What one kind of task computes: the loss of a batch and the metrics of an
+// eval set. The Trainer owns everything else. Called from the trainer's
+// thread only.
+class TrainObjective {
+ public:
+  virtual ~TrainObjective() = default;
+  virtual torch::Device device() const = 0;
+  // Once, before training: checks every task against the model (data, head,
+  // metric; INVALID_ARGUMENT naming the task and field), fills defaults
+  // (primary_metric) and prepares what batches need (e.g. token ids).
+  virtual absl::Status Prepare(std::vector<TrainTask>* tasks, const TrainerOptions& options) = 0;
+  virtual int64_t NumTrainExamples(const TrainTask& task) const = 0;
+  virtual bool HasEval(const TrainTask& task) const = 0;
+  // The mean loss of `rows` (tasks[rows[i].first]'s example rows[i].second);
+  // `batch` carries each row's adapter task index.
+  virtual absl::StatusOr<BatchLoss> Loss(const std::vector<TrainTask>& tasks,
+                                         const std::vector<BatchRow>& rows,
+                                         EncoderAdapter* adapter, const AdapterBatch& batch,
+                                         const TrainerOptions& options) = 0;
+  // Metrics of `task` on its eval set (the first `max_examples` rows when > 0),
+  // under no_grad. Must include task.primary_metric.
+  virtual absl::StatusOr<std::map<std::string, double>> Evaluate(const TrainTask& task,
+                                                                 EncoderAdapter* adapter,
+                                                                 const TrainerOptions& options) = 0;
 };
 
 struct ProgressEvent {
@@ -143,6 +192,7 @@ struct ProgressEvent {
   double lr = 0;
   double grad_norm = 0;
   double examples_per_second = 0;
+  double tokens_per_second = 0;  // real input tokens (prompt + completion for generation)
   double eta_seconds = 0;
 };
 
@@ -171,10 +221,15 @@ class Trainer {
  public:
   enum class State { kRunning, kFinished, kEarlyStopped, kCancelled };
 
+  // Encoder tasks (an EncoderObjective over `encoder` and `tokenizer`).
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(
       const TrainerOptions& options, std::shared_ptr<const BertEncoder> encoder,
       BatchTokenizer tokenizer, AdapterBinding adapter, std::vector<TrainTask> tasks,
       TrainerCallbacks callbacks = {});
+  // Any objective (LmObjective for generation tasks).
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(
+      const TrainerOptions& options, std::shared_ptr<TrainObjective> objective,
+      AdapterBinding adapter, std::vector<TrainTask> tasks, TrainerCallbacks callbacks = {});
 
   // Runs one optimizer step (plus any due sweep / evaluation). Returns false
   // when training is over (see state()); errors leave the trainer unusable.
@@ -216,11 +271,9 @@ class Trainer {
   absl::StatusOr<double> TrainStep();
   absl::Status EvaluateAndTrack();
   void Reshuffle();
-  absl::StatusOr<EncoderInput> Tokenize(const std::vector<TextPair>& rows) const;
 
   TrainerOptions options_;
-  std::shared_ptr<const BertEncoder> encoder_;
-  BatchTokenizer tokenizer_;
+  std::shared_ptr<TrainObjective> objective_;
   AdapterBinding adapter_;
   std::vector<TrainTask> tasks_;
   TrainerCallbacks callbacks_;
@@ -247,6 +300,7 @@ class Trainer {
   std::map<std::string, torch::Tensor> best_tensors_;
   absl::Time start_time_;
   int64_t examples_seen_ = 0;
+  int64_t tokens_seen_ = 0;
   absl::Duration train_time_ = absl::ZeroDuration();
 };
 
