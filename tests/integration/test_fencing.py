@@ -117,12 +117,12 @@ def test_a_replica_paused_past_its_lease_during_publication_is_fenced(
     try:
         ds = ca.upload("s", tsv_bytes(make_rows(40)))
         job = ca.create_job("fenced-fam", "T", ds.id, steps=6)
-        # A (alone) claims it; B starts once A holds it.
-        ca.wait_state(job.id, {j.VALIDATING, j.RUNNING, j.SUCCEEDED, j.FAILED}, timeout=60)
-        b, cb = replica(pb, shared, tiny_model, uri, "replica-b")
-        # A reaches publication and pauses there, past its lease: B fails the job.
+        # A (alone) claims and trains it, and pauses at its publication (A's
+        # store calls now wait on the paused connection: ask B from here on).
         assert proxy.triggered.wait(120), "replica A never published"
         paused_at = time.time()
+        # B starts and, past A's lease, takes the job over and fails it.
+        b, cb = replica(pb, shared, tiny_model, uri, "replica-b")
         failed = cb.wait_state(job.id, {j.FAILED, j.SUCCEEDED, j.CANCELLED}, timeout=60)
         assert failed.state == j.FAILED, failed
         assert "replica replica-a stopped renewing its lease" in failed.failure_reason, \
