@@ -30,6 +30,21 @@ TEST(JobValidationTest, DefaultsAreValid) {
   EXPECT_TRUE(ValidateJobSpec(Valid()).ok());
 }
 
+TEST(JobValidationTest, LoraFormTakesOneRankAndItsOwnInits) {
+  JobSpec s = Valid();
+  s.adapter.form = "lora";
+  s.adapter.ranks = {8};
+  s.adapter.init = "random";
+  EXPECT_TRUE(ValidateJobSpec(s).ok());
+  s.adapter.ranks = {8, 4};
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.ranks"));
+  s.adapter.ranks = {8};
+  s.adapter.init = "ze-id-id-id";
+  EXPECT_THAT(Message(s), HasSubstr("spec.adapter.init"));
+  s.adapter.form = "lora2";
+  EXPECT_THAT(Message(s), HasSubstr("4d, 5d, 4+1d, lora"));
+}
+
 TEST(JobValidationTest, Names) {
   EXPECT_TRUE(IsValidName("SST-2"));
   EXPECT_TRUE(IsValidName("a.b_c-9"));

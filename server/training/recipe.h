@@ -80,7 +80,7 @@ constexpr int64_t kDefaultDecoderMaxLength = 256;
 constexpr int64_t kDefaultDecoderMaxNewTokens = 32;
 
 // THE per-form defaults (server/training/recipe.cc). INVALID_ARGUMENT for a
-// form other than 4d, 5d, 4+1d.
+// form other than 4d, 5d, 4+1d, lora.
 absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form);
 
 // The one resolution: form = overrides.form or DefaultForm(); every unset

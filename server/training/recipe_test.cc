@@ -29,6 +29,23 @@ TEST(Recipe, EveryFormHasDefaults) {
   EXPECT_TRUE(DefaultRecipe(DefaultForm()).ok());
 }
 
+TEST(Recipe, LoraFormHasItsOwnDefaults) {
+  auto r = DefaultRecipe("lora");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->ranks, (std::vector<int64_t>{8}));  // r
+  EXPECT_EQ(r->projections, (std::vector<std::string>{"q", "v"}));
+  EXPECT_EQ(r->alpha, 16);
+  EXPECT_EQ(r->init, "peft");
+  EXPECT_GT(r->learning_rate, 0);
+  RecipeOverrides o;
+  o.form = "lora";
+  o.ranks = std::vector<int64_t>{4};
+  auto resolved = ResolveRecipe(o);
+  ASSERT_TRUE(resolved.ok()) << resolved.status();
+  EXPECT_EQ(resolved->ranks, (std::vector<int64_t>{4}));
+  EXPECT_EQ(resolved->alpha, 16);
+}
+
 TEST(Recipe, UnsetTakesTheFormDefault) {
   auto r = ResolveRecipe({});
   ASSERT_TRUE(r.ok()) << r.status();
