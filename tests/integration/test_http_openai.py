@@ -140,6 +140,35 @@ def test_openai_sdk_file_job_events_models_classify(stack, tmp_path):
     assert [x.id for x in other.files.list()] == []
 
 
+def test_openai_sdk_trains_a_lora_family(stack):
+    """form lora through the extension object: a LoRA family, classified over
+    HTTP with the same scores as gRPC Predict."""
+    import sys
+    server, gw, _ = stack
+    client = oai(gw)
+    f = client.files.create(file=("lora.jsonl", jsonl(make_rows(32, seed=4))),
+                            purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=BASE, training_file=f.id, suffix="lsent:SENT",
+        extra_body={"metatt": {"adapter": {"form": "lora", "ranks": [4],
+                                           "projections": ["q", "v", "o"]},
+                               "hparams": {"max_steps": 4, "batch_size": 8, "max_length": 32}}})
+    assert job.model_extra["metatt"]["spec"]["adapter"]["form"] == "lora"
+    done = wait_status(client, job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status == "succeeded", done
+    assert "lsent:SENT" in [m.id for m in client.models.list()]
+    r = requests.post(gw.url + "/classifications", headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"model": "lsent:SENT", "input": ["the movie was very good"]},
+                      timeout=60)
+    assert r.status_code == 200, r.text
+    sys.path.insert(0, str(ROOT / "client" / "python"))
+    from metatt_client import Client
+    with Client(f"127.0.0.1:{server.port}", token=TOKEN) as c:
+        assert c.get_family("lsent").versions[-1].form == "lora"
+        want = list(c.predict("lsent", "SENT", ["the movie was very good"])[0].scores)
+    assert r.json()["data"][0]["scores"] == pytest.approx(want, abs=1e-6)
+
+
 def test_errors_in_openai_shape(stack):
     _, gw, _ = stack
     with pytest.raises(openai.AuthenticationError) as e:
