@@ -199,9 +199,11 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
       return absl::InvalidArgumentError(
           absl::StrCat(cores_path, ": stacked heads have inconsistent shapes"));
     torch::Tensor nc = n.cpu();
-    if (nc.numel() > 0 && (nc.min().item<int64_t>() < 1 || nc.max().item<int64_t>() > w.size(1)))
+    // 0: a task without a head (a generation task on a decoder; the LM head
+    // is the base model's).
+    if (nc.numel() > 0 && (nc.min().item<int64_t>() < 0 || nc.max().item<int64_t>() > w.size(1)))
       return absl::InvalidArgumentError(
-          absl::StrCat(cores_path, ": head.stacked.num_labels outside [1, ", w.size(1), "]"));
+          absl::StrCat(cores_path, ": head.stacked.num_labels outside [0, ", w.size(1), "]"));
   }
   return out;
 }

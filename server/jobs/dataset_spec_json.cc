@@ -72,8 +72,35 @@ absl::StatusOr<DatasetSpec> DatasetSpecFromJson(const std::string& text) {
   return spec;
 }
 
+absl::StatusOr<std::optional<GenerationSpec>> GenerationSpecFromJson(const std::string& text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return std::optional<GenerationSpec>();
+  auto kind = j.find("label_kind");
+  if (kind == j.end() || !kind->is_string() || kind->get<std::string>() != "generation") {
+    return std::optional<GenerationSpec>();
+  }
+  GenerationSpec spec;
+  auto f = j.find("generation_format");
+  if (f != j.end()) {
+    if (!f->is_string()) return absl::InvalidArgumentError("generation_format: must be a string");
+    auto format = ParseGenerationFormat(f->get<std::string>());
+    if (!format.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("generation_format: ", format.status().message()));
+    }
+    spec.format = *format;
+  }
+  return std::optional<GenerationSpec>(spec);
+}
+
 absl::StatusOr<ParsedDatasetInfo> ParseUploadedDataset(const std::string& bytes,
                                                        const std::string& spec_json) {
+  ASSIGN_OR_RETURN(std::optional<GenerationSpec> gen, GenerationSpecFromJson(spec_json));
+  if (gen.has_value()) {
+    ASSIGN_OR_RETURN(GenerationDataset ds, ParseGenerationDataset(bytes, *gen));
+    ParsedDatasetInfo info;
+    info.num_rows = static_cast<int64_t>(ds.size());
+    return info;
+  }
   ASSIGN_OR_RETURN(DatasetSpec spec, DatasetSpecFromJson(spec_json));
   ASSIGN_OR_RETURN(Dataset ds, ParseDataset(bytes, spec));
   ParsedDatasetInfo info;

@@ -15,7 +15,10 @@
 
 #include "absl/status/statusor.h"
 #include "server/jobs/dataset_manager.h"
+#include <optional>
+
 #include "server/training/dataset.h"
+#include "server/training/generation_dataset.h"
 
 namespace metatt {
 
@@ -23,7 +26,14 @@ std::string DatasetSpecToJson(const DatasetSpec& spec);
 // INVALID_ARGUMENT naming the field.
 absl::StatusOr<DatasetSpec> DatasetSpecFromJson(const std::string& json);
 
-// DatasetParseFn backed by ParseDataset: every bad line in the status.
+// Generation datasets (decoder servers): {"label_kind": "generation",
+// "generation_format": "auto" | "prompt_completion" | "instruction" | "chat"}
+// (server/training/generation_dataset.h). std::nullopt when `json` is not a
+// generation spec; INVALID_ARGUMENT naming the field when it is a bad one.
+absl::StatusOr<std::optional<GenerationSpec>> GenerationSpecFromJson(const std::string& json);
+
+// DatasetParseFn backed by ParseDataset (ParseGenerationDataset for a
+// generation spec): every bad line in the status.
 absl::StatusOr<ParsedDatasetInfo> ParseUploadedDataset(const std::string& bytes,
                                                        const std::string& spec_json);
 

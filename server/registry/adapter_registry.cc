@@ -203,7 +203,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AppendToFamily(
   }
   for (int64_t t = T; t < T + k; ++t) {
     const TaskRecord& tr = record.tasks[t];
-    if (tr.index != t || tr.num_labels < 1 || tr.num_labels > add.head_weight.size(1)) {
+    if (tr.index != t || tr.num_labels < 0 || tr.num_labels > add.head_weight.size(1)) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, ": appended task ", tr.name, " has a bad index or num_labels"));
     }
@@ -373,7 +373,8 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> BuildFamily(
           absl::StrCat("family ", record.family, ": task ", tr.name, " has index ", tr.index,
                        ", expected ", t));
     }
-    if (tr.num_labels < 1 || tr.num_labels > weight.size(1)) {
+    // 0 labels: a task without a head (a generation task on a decoder).
+    if (tr.num_labels < 0 || tr.num_labels > weight.size(1)) {
       return absl::InvalidArgumentError(absl::StrCat("family ", record.family, ": task ",
                                                      tr.name, " has bad num_labels"));
     }

@@ -22,9 +22,13 @@
 #include "server/jobs/dataset_spec_json.h"
 #include "server/jobs/job_recipe.h"
 #include "server/jobs/job_validation.h"
+#include "server/runtime/base_model.h"
 #include "server/training/adapter_binding.h"
+#include "server/training/encoder_objective.h"
 #include "server/training/heads.h"
 #include "server/training/eval_scores.h"
+#include "server/training/generation_dataset.h"
+#include "server/training/lm_objective.h"
 
 namespace metatt {
 namespace {
@@ -40,7 +44,8 @@ int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 struct PreparedTask {
   JobTaskSpec spec;
-  Dataset train, eval;
+  Dataset train, eval;                   // encoder tasks
+  GenerationDataset gen_train, gen_eval;  // decoder (generation) tasks
 };
 
 // Everything validated on the caller's thread.
@@ -58,7 +63,7 @@ struct PreparedJob {
 
 // The adapter fields of a resolved recipe (ranges of user-set values were
 // checked by ValidateJobSpec; MetaTTConfig::Validate checks the rest).
-absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BertConfig& base,
+absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BaseModel& model,
                                               int64_t num_tasks) {
   MetaTTConfig c;
   auto form = ParseTTForm(r.form);
@@ -74,16 +79,23 @@ absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BertConfig&
   c.init = r.init;
   if (r.alpha > 0) c.alpha = r.alpha;
   c.num_tasks = c.form == TTForm::k4Plus1D ? num_tasks : 1;
-  c.d_in = c.d_out = base.hidden_size;
-  c.d_ffn = base.intermediate_size;  // ffn_up / ffn_down projections
-  c.num_layers = base.num_hidden_layers;
-  c.num_heads = base.num_attention_heads;
+  if (model.is_decoder()) {
+    // The decoder's geometry (q|k|v with grouped-query k/v, o, gate|up, down).
+    c.SetModel(model.geometry);
+    c.num_heads = model.decoder->config().num_attention_heads;
+  } else {
+    const BertConfig& base = model.encoder->config();
+    c.d_in = c.d_out = base.hidden_size;
+    c.d_ffn = base.intermediate_size;  // ffn_up / ffn_down projections
+    c.num_layers = base.num_hidden_layers;
+    c.num_heads = base.num_attention_heads;
+  }
   RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
   return c;
 }
 
 // Form lora: r = ranks[0], alpha, projections, init (peft | random).
-absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const BertConfig& base) {
+absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const BaseModel& model) {
   LoraConfig c;
   c.rank = r.ranks.empty() ? 8 : r.ranks[0];
   c.alpha = r.alpha > 0 ? r.alpha : static_cast<double>(c.rank);  // 0: alpha = r
@@ -94,9 +106,14 @@ absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const BertConfi
     if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
     c.projections.push_back(*p);
   }
-  c.num_layers = base.num_hidden_layers;
-  c.hidden_size = base.hidden_size;
-  c.intermediate_size = base.intermediate_size;
+  if (model.is_decoder()) {
+    c.SetModel(model.geometry);
+  } else {
+    const BertConfig& base = model.encoder->config();
+    c.num_layers = base.num_hidden_layers;
+    c.hidden_size = base.hidden_size;
+    c.intermediate_size = base.intermediate_size;
+  }
   RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
   return c;
 }
@@ -120,14 +137,31 @@ absl::StatusOr<Dataset> LoadDataset(Store* store, const std::string& id,
   return data;
 }
 
+// A generation dataset (decoder servers): nullopt when the record is not one.
+absl::StatusOr<std::optional<GenerationDataset>> LoadGenerationDataset(Store* store,
+                                                                      const std::string& id,
+                                                                      const std::string& field) {
+  auto rec = store->GetDataset(id);
+  if (!rec.ok()) return Prefixed(rec.status(), field);
+  auto spec = GenerationSpecFromJson(rec->spec_json);
+  if (!spec.ok()) return Prefixed(spec.status(), absl::StrCat(field, ": dataset ", id));
+  if (!spec->has_value()) return std::optional<GenerationDataset>();
+  (*spec)->origin = absl::StrCat("dataset ", id);
+  auto bytes = ReadFileToString(rec->path);
+  if (!bytes.ok()) return Prefixed(bytes.status(), field);
+  auto data = ParseGenerationDataset(*bytes, **spec);
+  if (!data.ok()) return Prefixed(data.status(), field);
+  return std::optional<GenerationDataset>(std::move(*data));
+}
+
 class TrainingJob : public TrainingTask {
  public:
   TrainingJob(PreparedJob prepared, JobExecutor::EmitFn emit,
               std::shared_ptr<std::atomic<bool>> cancel, AdapterRegistry* registry,
-              std::shared_ptr<const BertEncoder> encoder, BatchTokenizer tokenizer,
+              std::shared_ptr<const BaseModel> model, BatchTokenizer tokenizer,
               RuntimeJobExecutor::Options options)
       : p_(std::move(prepared)), emit_(std::move(emit)), cancel_(std::move(cancel)),
-        registry_(registry), encoder_(std::move(encoder)), tokenizer_(std::move(tokenizer)),
+        registry_(registry), model_(std::move(model)), tokenizer_(std::move(tokenizer)),
         options_(options) {}
 
   const std::string& id() const override { return p_.job.id; }
@@ -202,7 +236,7 @@ class TrainingJob : public TrainingTask {
   absl::Status Setup() {
     const JobSpec& spec = p_.job.spec;
     const Recipe& recipe = p_.recipe;
-    const torch::Device dev = encoder_->device();
+    const torch::Device dev = model_->device;
     {
       JobEvent log;  // what runs, defaults included
       log.type = JobEvent::Type::kLog;
@@ -250,20 +284,26 @@ class TrainingJob : public TrainingTask {
     std::vector<TrainTask> tasks;
     for (size_t i = 0; i < p_.tasks.size(); ++i) {
       PreparedTask& pt = p_.tasks[i];
-      TaskHead::Options ho = TaskHead::Options::ForData(
-          pt.train, encoder_->config().hidden_size, recipe.seed + 1000 * (i + 1), dev);
       TrainTask t;
       t.name = pt.spec.task_name;
       t.task_index = task_index[i];
-      t.train = std::move(pt.train);
-      t.eval = std::move(pt.eval);
-      ASSIGN_OR_RETURN(t.head, TaskHead::Create(ho));
+      if (model_->is_decoder()) {  // generation: no head (the LM head is the model's)
+        t.gen_train = std::move(pt.gen_train);
+        t.gen_eval = std::move(pt.gen_eval);
+      } else {
+        TaskHead::Options ho = TaskHead::Options::ForData(
+            pt.train, model_->encoder->config().hidden_size, recipe.seed + 1000 * (i + 1), dev);
+        t.train = std::move(pt.train);
+        t.eval = std::move(pt.eval);
+        ASSIGN_OR_RETURN(t.head, TaskHead::Create(ho));
+      }
       t.primary_metric = pt.spec.metric;
       tasks.push_back(std::move(t));
     }
     AdapterBinding b = lora_ != nullptr ? BindLora(lora_.get()) : BindMetaTT(adapter_.get());
     ASSIGN_OR_RETURN(TrainerOptions to, TrainerOptionsFromRecipe(recipe));
     to.max_eval_examples = options_.max_eval_examples;
+    to.max_new_tokens = kDefaultDecoderMaxNewTokens;
     TrainerCallbacks cb;
     cb.on_progress = [this](const ProgressEvent& pe) {
       const absl::Time now = absl::Now();
@@ -280,6 +320,9 @@ class TrainingJob : public TrainingTask {
       e.loss = pe.loss;
       e.examples_per_second = pe.examples_per_second;
       e.eta_seconds = pe.eta_seconds;
+      if (model_->is_decoder()) {
+        e.message = absl::StrCat("tokens/s ", static_cast<int64_t>(pe.tokens_per_second));
+      }
       Emit(std::move(e));
     };
     cb.on_eval = [this](const EvalEvent& ev) {
@@ -304,7 +347,11 @@ class TrainingJob : public TrainingTask {
       e.message = absl::StrCat("max rank ", sv.max_rank);
       Emit(std::move(e));
     };
-    ASSIGN_OR_RETURN(trainer_, Trainer::Create(to, encoder_, tokenizer_, std::move(b),
+    std::shared_ptr<TrainObjective> objective =
+        model_->is_decoder()
+            ? MakeLmObjective(model_->decoder, MakeChatLmTokenizer(model_->bpe))
+            : MakeEncoderObjective(model_->encoder, tokenizer_);
+    ASSIGN_OR_RETURN(trainer_, Trainer::Create(to, std::move(objective), std::move(b),
                                                std::move(tasks), std::move(cb)));
     return absl::OkStatus();
   }
@@ -318,13 +365,23 @@ class TrainingJob : public TrainingTask {
     for (const TrainTask& t : trainer_->tasks()) {
       TaskRecord r;
       r.name = t.name;
-      r.regression = t.train.label_kind == LabelKind::kRegression;
-      r.num_labels = t.head->out_features();
-      if (!r.regression) r.label_names = t.train.label_vocab;
       if (best_eval) {
         auto it = best_eval->metrics.find(t.name);
         if (it != best_eval->metrics.end()) r.eval_metrics = it->second;
       }
+      if (t.head == nullptr) {
+        // A generation task: no head. Published as an empty one (0 labels,
+        // [0, hidden]) so that the registry's one-head-per-task records hold.
+        r.num_labels = 0;
+        const int64_t hidden = model_->decoder->config().hidden_size;
+        weights->push_back(torch::zeros({0, hidden}, torch::kFloat32));
+        biases->push_back(torch::zeros({0}, torch::kFloat32));
+        tasks->push_back(std::move(r));
+        continue;
+      }
+      r.regression = t.train.label_kind == LabelKind::kRegression;
+      r.num_labels = t.head->out_features();
+      if (!r.regression) r.label_names = t.train.label_vocab;
       const std::string prefix = "heads." + t.name + ".";
       auto w = best.find(prefix + "weight");
       auto bias = best.find(prefix + "bias");
@@ -445,8 +502,8 @@ class TrainingJob : public TrainingTask {
   JobExecutor::EmitFn emit_;
   std::shared_ptr<std::atomic<bool>> cancel_;
   AdapterRegistry* registry_;
-  std::shared_ptr<const BertEncoder> encoder_;
-  BatchTokenizer tokenizer_;
+  std::shared_ptr<const BaseModel> model_;
+  BatchTokenizer tokenizer_;  // encoder tasks
   RuntimeJobExecutor::Options options_;
   bool started_ = false;
   absl::Time last_progress_ = absl::InfinitePast();
@@ -495,12 +552,15 @@ RuntimeJobExecutor::RuntimeJobExecutor(const Options& options, Store* store,
 
 absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
   const JobSpec& spec = job.spec;
-  const BertConfig& base = scheduler_->encoder()->config();
+  const std::shared_ptr<const BaseModel>& model = scheduler_->base_model();
+  const bool decoder = model->is_decoder();
+  const int64_t max_positions = decoder ? model->decoder->config().max_position_embeddings
+                                        : model->encoder->config().max_position_embeddings;
   if (job.id.empty()) return absl::InvalidArgumentError("id: the job has no id");
   // The spec's own rules (server/jobs/job_validation.h), the same the job
   // manager applied at creation, here against the base model's positions.
   JobLimits limits;
-  limits.max_sequence_length = base.max_position_embeddings;
+  limits.max_sequence_length = max_positions;
   limits.sequence_limit_name = "max_position_embeddings";
   {
     JobSpec named = spec;  // spec.family is the family's key (store.h FamilyKey)
@@ -536,17 +596,19 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
     }
     ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec));
     if (p.recipe.form == "lora") {
-      ASSIGN_OR_RETURN(p.lora, LoraConfigFromRecipe(p.recipe, base));
+      ASSIGN_OR_RETURN(p.lora, LoraConfigFromRecipe(p.recipe, *model));
     } else {
       ASSIGN_OR_RETURN(p.config,
-                       ConfigFromRecipe(p.recipe, base, static_cast<int64_t>(spec.tasks.size())));
+                       ConfigFromRecipe(p.recipe, *model, static_cast<int64_t>(spec.tasks.size())));
     }
   }
+  // Generation tasks: prompt + completion need more tokens than a sentence.
+  if (decoder && !p.overrides.max_length) p.recipe.max_length = kDefaultDecoderMaxLength;
   const Recipe& hp = p.recipe;
-  if (hp.max_length > base.max_position_embeddings) {
+  if (hp.max_length > max_positions) {
     return absl::InvalidArgumentError(absl::StrCat(
         "hparams.max_length: the default ", hp.max_length,
-        " exceeds the base model's max_position_embeddings=", base.max_position_embeddings));
+        " exceeds the base model's max_position_embeddings=", max_positions));
   }
 
   // Datasets (parsed here, on the caller's thread).
@@ -554,6 +616,56 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
     const JobTaskSpec& ts = spec.tasks[i];
     PreparedTask pt;
     pt.spec = ts;
+    const std::string field = absl::StrCat("tasks[", i, "].dataset_id");
+    ASSIGN_OR_RETURN(std::optional<GenerationDataset> gen,
+                     LoadGenerationDataset(store_, ts.dataset_id, field));
+    if (gen.has_value() != decoder) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          field, ": dataset ", ts.dataset_id, " is ",
+          gen.has_value() ? "a generation dataset" : "a classification/regression dataset",
+          "; this server holds a ", model->kind_name(), " base model, which trains ",
+          decoder ? "generation datasets (label_kind GENERATION)"
+                  : "classification/regression datasets"));
+    }
+    if (decoder) {
+      pt.gen_train = std::move(*gen);
+      if (!ts.eval_dataset_id.empty()) {
+        const std::string eval_field = absl::StrCat("tasks[", i, "].eval_dataset_id");
+        ASSIGN_OR_RETURN(std::optional<GenerationDataset> ev,
+                         LoadGenerationDataset(store_, ts.eval_dataset_id, eval_field));
+        if (!ev.has_value()) {
+          return absl::FailedPreconditionError(
+              absl::StrCat(eval_field, ": not a generation dataset"));
+        }
+        pt.gen_eval = std::move(*ev);
+      } else if (ts.eval_fraction > 0 && pt.gen_train.size() >= 2) {
+        // Deterministic split by the job's seed, as for encoder tasks.
+        std::vector<size_t> order(pt.gen_train.size());
+        std::iota(order.begin(), order.end(), 0);
+        std::mt19937_64 rng(hp.seed + i);
+        std::shuffle(order.begin(), order.end(), rng);
+        size_t n_eval = static_cast<size_t>(ts.eval_fraction * pt.gen_train.size());
+        n_eval = std::max<size_t>(1, std::min(n_eval, pt.gen_train.size() - 1));
+        GenerationDataset train, eval;
+        for (size_t k = 0; k < order.size(); ++k) {
+          (k < n_eval ? eval : train).examples.push_back(std::move(pt.gen_train.examples[order[k]]));
+        }
+        pt.gen_train = std::move(train);
+        pt.gen_eval = std::move(eval);
+      }
+      if (!ts.metric.empty() && ts.metric != "answer_accuracy" && ts.metric != "exact_match") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tasks[", i, "].metric: '", ts.metric,
+            "' is not available for a generation task (answer_accuracy, exact_match)"));
+      }
+      if (ts.metric == "answer_accuracy" && !pt.gen_eval.examples.empty() &&
+          !pt.gen_eval.all_answered()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tasks[", i, "].metric: answer_accuracy needs an 'answer' on every eval record"));
+      }
+      p.tasks.push_back(std::move(pt));
+      continue;
+    }
     ASSIGN_OR_RETURN(pt.train,
                      LoadDataset(store_, ts.dataset_id, {}, absl::StrCat("tasks[", i, "].dataset_id")));
     if (!ts.eval_dataset_id.empty()) {
@@ -598,7 +710,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
 
   auto cancel = std::make_shared<std::atomic<bool>>(false);
   auto task = std::make_shared<TrainingJob>(std::move(p), std::move(emit), cancel, registry_,
-                                            scheduler_->encoder(), tokenizer_, options_);
+                                            model, tokenizer_, options_);
   {
     std::lock_guard<std::mutex> l(mu_);
     for (auto it = jobs_.begin(); it != jobs_.end();) {

@@ -112,8 +112,9 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     if (model_->is_decoder()) {
       predictor_ = std::make_unique<WrongKindPredictor>(model_->kind_name());
       // The job executor finds the decoder, its BPE tokenizer, geometry and
-      // fingerprint in scheduler_->base_model().
-      executor_ = std::make_unique<DecoderJobGate>(model_->kind_name());
+      // fingerprint in scheduler_->base_model() (generation tasks).
+      executor_ = std::make_unique<RuntimeJobExecutor>(jo, store, registry_.get(),
+                                                       scheduler_.get(), BatchTokenizer());
       ContinuousBatcher::Options go;
       go.kv_cache_mb = options.kv_cache_mb;
       go.max_running = options.max_running_sequences;

@@ -246,6 +246,14 @@ absl::StatusOr<DatasetUpload> FromProto(const v1::DatasetHeader& h) {
     case v1::REGRESSION:
       kind = "regression";
       break;
+    case v1::GENERATION: {  // prompt -> completion records; no columns
+      nlohmann::json g;
+      g["format"] = u.format;
+      g["label_kind"] = "generation";
+      g["generation_format"] = h.generation_format().empty() ? "auto" : h.generation_format();
+      u.spec_json = g.dump();
+      return u;
+    }
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("header.label_kind: unknown value ", h.label_kind()));
@@ -275,7 +283,10 @@ void ToProto(const DatasetRecord& d, v1::Dataset* p) {
   p->set_num_rows(d.num_rows);
   p->set_size_bytes(d.size_bytes);
   for (const auto& l : d.label_names) p->add_label_names(l);
-  p->set_label_kind(d.regression ? v1::REGRESSION : v1::CLASSIFICATION);
+  p->set_label_kind(d.regression ? v1::REGRESSION
+                    : d.spec_json.find("\"label_kind\":\"generation\"") != std::string::npos
+                        ? v1::GENERATION
+                        : v1::CLASSIFICATION);
   p->set_created_unix_ms(d.created_unix_ms);
   p->set_spec_json(d.spec_json);
 }
