@@ -213,6 +213,10 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AppendToFamily(
                                                    add.head_weight.size(2), ", the family ",
                                                    base.head_weight.size(2)));
   }
+  if (base.adapter.is_lora()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(where, ": a LoRA family has no task core; tasks are added to 4+1d families"));
+  }
   auto fam = std::make_shared<PublishedFamily>();
   ASSIGN_OR_RETURN(fam->adapter, base.adapter->WithAppendedTasks(add.task_slices));
   RETURN_IF_ERROR(TorchTry("appending heads", [&] {
