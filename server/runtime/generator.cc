@@ -667,10 +667,23 @@ absl::Status ContinuousBatcher::Generate(
       c.time_to_first_token_s =
           first == absl::InfinitePast() ? 0 : absl::ToDoubleSeconds(first - seq->enqueued());
     }
-    if (!client_gone && !on_chunk(c)) {
-      seq->Cancel();
-      if (reason == FinishReason::kNone) reason = FinishReason::kCancelled;
+    // The last chunk always goes out (to a gone client the write fails; the
+    // caller still learns the finish reason).
+    if ((!client_gone || reason != FinishReason::kNone) && !on_chunk(c) && !client_gone) {
+      seq->Cancel();  // the stream is gone
       client_gone = true;
+      if (reason == FinishReason::kNone) {
+        reason = FinishReason::kCancelled;
+        GenerateChunk fin;
+        fin.family = head.family;
+        fin.task = head.task;
+        fin.version = head.version;
+        fin.task_index = head.task_index;
+        fin.finish = reason;
+        fin.usage.prompt_tokens = len;
+        fin.usage.completion_tokens = static_cast<int64_t>(consumed);
+        on_chunk(fin);
+      }
     }
   }
   std::function<void(const GenerationStats&)> observer;

@@ -267,6 +267,58 @@ class Client:
         return list(_call(self.inference.Predict, inference_pb2.PredictRequest(inputs=inputs),
                           timeout=self._deadline(timeout)).predictions)
 
+    def _generate_request(self, prompt, messages, family, task, version, max_tokens,
+                          temperature, top_p, top_k, seed, stop):
+        req = inference_pb2.GenerateRequest(family=family, task=task, version=version,
+                                            max_tokens=max_tokens, temperature=temperature,
+                                            top_p=top_p, top_k=top_k, stop=list(stop))
+        if (prompt is None) == (messages is None):
+            raise ValueError("generate: give prompt or messages (one)")
+        if prompt is not None:
+            req.prompt = prompt
+        else:
+            for m in messages:
+                role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+                req.messages.messages.add(role=role, content=content)
+        if seed is not None:
+            req.seed = seed
+        return req
+
+    def generate(self, prompt: Optional[str] = None, messages: Optional[Sequence] = None,
+                 family: str = "", task: str = "", version: int = 0, max_tokens: int = 0,
+                 temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                 seed: Optional[int] = None, stop: Sequence[str] = (),
+                 timeout: Optional[float] = None) -> Iterator:
+        """Streams a generation on a decoder server: yields GenerateChunks
+        (``.text`` the new text; the last one has ``.finish_reason`` stop |
+        length | cancelled and ``.usage``). ``messages`` are (role, content)
+        pairs or {"role", "content"} dicts, rendered through the model's chat
+        template; ``prompt`` is raw text. No family and no task = the base
+        model. Leaving the loop early (break, close()) cancels the stream: the
+        server frees the sequence's slot at its next decode step. The stream
+        has no deadline unless ``timeout`` is given."""
+        req = self._generate_request(prompt, messages, family, task, version, max_tokens,
+                                     temperature, top_p, top_k, seed, stop)
+        stream = self.inference.GenerateStream(req, timeout=timeout or None)
+        try:
+            for chunk in stream:
+                yield chunk
+        except grpc.RpcError as e:
+            raise MetattError(e) from None
+        finally:
+            stream.cancel()
+
+    def generate_text(self, prompt: Optional[str] = None, messages: Optional[Sequence] = None,
+                      family: str = "", task: str = "", version: int = 0, max_tokens: int = 0,
+                      temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                      seed: Optional[int] = None, stop: Sequence[str] = (),
+                      timeout: Optional[float] = None):
+        """The unary form of ``generate``: one GenerateResponse (text,
+        finish_reason, usage) when the generation ends."""
+        req = self._generate_request(prompt, messages, family, task, version, max_tokens,
+                                     temperature, top_p, top_k, seed, stop)
+        return _call(self.inference.Generate, req, timeout=self._deadline(timeout))
+
     # -- adapters ---------------------------------------------------------------
     def list_families(self, timeout: Optional[float] = None):
         """Latest version of every family; each FamilyVersion carries `task_count` and
