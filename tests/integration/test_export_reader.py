@@ -94,6 +94,7 @@ def test_reader_reproduces_predict(mc, dataset, hf, tmp_path, form, projections,
         got = fam.predict(model, tok, task, TEXTS)
         assert got.shape == (len(TEXTS), 2)
         diff = (got - torch.tensor(want)).abs().max().item()
+        print(f"reader vs Predict, {form} task {task}: max abs diff {diff:.2e}")
         assert diff < 1e-4, (task, diff)
         # The adapter matters: the base model with the same head differs.
         base = fam.predict(AutoModel.from_pretrained(str(MINILM)).eval(), tok, task, TEXTS)

@@ -120,6 +120,8 @@ def test_lora_job_serves_and_exports_a_peft_folder(mc, lora_family, hf, tmp_path
         base = AutoModel.from_pretrained(str(MINILM)).eval()(**enc).last_hidden_state
     ours = hidden_ours(out, enc, tmp_path)
     m = enc["attention_mask"].bool()
+    print(f"PEFT vs our encoder, hidden states: max abs diff "
+          f"{(theirs - ours)[m].abs().max().item():.2e}")
     assert (theirs - ours)[m].abs().max().item() < 1e-4
     assert (theirs - base)[m].abs().max().item() > 1e-3  # the LoRA moved them
 
@@ -127,6 +129,7 @@ def test_lora_job_serves_and_exports_a_peft_folder(mc, lora_family, hf, tmp_path
     lf = load_family(out)
     assert lf.form == "lora" and lf.task_names == ["SENT"]
     got = lf.predict(lf.apply_to(AutoModel.from_pretrained(str(MINILM))), tok, "SENT", TEXTS)
+    print(f"PEFT + head vs Predict: max abs diff {(got - want).abs().max().item():.2e}")
     assert (got - want).abs().max().item() < 1e-4
 
     # A LoRA family takes no added task (it has no task core).
@@ -231,6 +234,7 @@ def test_import_a_peft_folder_trained_elsewhere(mc, minilm_server, data_dir, hf,
 
     want = expected()
     got = scores(mc, "peftimp", "TOPIC")
+    print(f"imported PEFT folder, Predict vs PEFT: max abs diff {(got - want).abs().max().item():.2e}")
     assert (got - want).abs().max().item() < 1e-4
     # A broken folder is refused naming the file.
     bad = tmp_path / "bad"
