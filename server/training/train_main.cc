@@ -117,6 +117,9 @@ ABSL_FLAG(std::string, gen_format, "auto",
           "decoder datasets: auto|prompt_completion|instruction|chat");
 ABSL_FLAG(int64_t, max_new_tokens, metatt::kDefaultDecoderMaxNewTokens,
           "decoder eval: tokens generated per prompt");
+ABSL_FLAG(bool, eval_only, false,
+          "decoder: evaluate without training (a fresh MetaTT adapter with the default ze-* init "
+          "adds nothing: the base model zero-shot, same prompts) and write result.json");
 
 namespace metatt {
 namespace {
@@ -452,6 +455,25 @@ absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
   ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
                    Trainer::Create(o, MakeLmObjective(decoder, MakeChatLmTokenizer(tokenizer)),
                                    binding, std::move(tasks), cb));
+  if (absl::GetFlag(FLAGS_eval_only)) {
+    const absl::Time t0 = absl::Now();
+    ASSIGN_OR_RETURN(EvalEvent ev, trainer->Evaluate());
+    cb.on_eval(ev);
+    nlohmann::json result;
+    result["model"] = "decoder";
+    result["eval_only"] = true;
+    result["seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
+    result["final_eval"] = EvalJson(ev);
+    if (metatt) result["adapter_parameters"] = metatt->NumParameters();
+    const std::string out = absl::GetFlag(FLAGS_out);
+    if (!out.empty()) {
+      std::error_code ec;
+      std::filesystem::create_directories(out, ec);
+      RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
+    }
+    std::cout << "result " << result.dump() << std::endl;
+    return absl::OkStatus();
+  }
   std::cout << "training " << trainer->total_steps() << " steps (" << trainer->steps_per_epoch()
             << " per epoch)" << std::endl;
   const absl::Time t0 = absl::Now();
