@@ -129,9 +129,12 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
       // A family in the store that this server did not load: trained on
       // another base model (e.g. an encoder family on a decoder server).
       auto kind_check = [store, kind, fingerprint](const std::string& family) -> absl::Status {
-        absl::StatusOr<FamilyVersionRecord> r = store->GetFamilyVersion(family, 0);
-        if (!r.ok() || r->base_model_fingerprint == fingerprint) return absl::OkStatus();
-        const bool encoder = r->config_json.find("\"llama\"") == std::string::npos;
+        auto versions = store->ListFamilyVersionSummaries(family);
+        if (!versions.ok() || versions->empty()) return absl::OkStatus();
+        const FamilyVersionRecord& r = versions->back();
+        if (r.base_model_fingerprint == fingerprint) return absl::OkStatus();
+        const bool encoder =
+            !r.config_json.empty() && r.config_json.find("\"llama\"") == std::string::npos;
         return absl::FailedPreconditionError(absl::StrCat(
             "family '", family, "' was trained on another base model",
             encoder ? " (an encoder family: use Predict on an encoder server)" : "",

@@ -225,3 +225,27 @@ def test_cli_and_python_client_generate(decoder_server):
         it = c.generate(prompt="Count to one hundred:", max_tokens=300)
         next(it)
         it.close()
+
+
+def test_family_of_the_other_model_kind(pb, tmp_path, tiny_model):
+    """An encoder family in the store of a decoder server: Generate names why."""
+    _require_model()
+    exe = build_dir() / "server" / "runtime" / "metatt-random-family"
+    r = subprocess.run([str(exe), f"--model_dir={tiny_model}", f"--out={tmp_path / 'enc'}",
+                        "--tasks=1", "--rank=2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "data"
+    s = Server(data, tiny_model).start()
+    try:
+        _import(pb, s.channel(), tmp_path / "enc", "enc")
+    finally:
+        s.stop()
+    s = Server(data, SMOL, extra=["--num_threads=2"]).start(timeout=300)
+    try:
+        inf = pb.inference_pb2_grpc.InferenceServiceStub(s.channel())
+        with pytest.raises(grpc.RpcError) as e:
+            inf.Generate(_request(pb, "enc", "t0"), timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "\n".join(s.stderr_lines)
+        assert "encoder family" in e.value.details() and "decoder" in e.value.details()
+    finally:
+        s.stop()
