@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -292,9 +293,33 @@ nlohmann::json LoraConfigJson(const LoraConfig& c) {
   j["d_in"] = c.hidden_size;
   j["d_out"] = c.hidden_size;
   j["d_ffn"] = c.intermediate_size;
-  if (c.model.has_value()) j["model_family"] = c.model->family;
+  if (c.model.has_value()) {
+    // The geometry in MetaTTConfig's JSON form (the one writer of it).
+    MetaTTConfig m;
+    m.SetModel(*c.model);
+    m.projections = c.projections;
+    j["model"] = m.ToJson()["model"];
+  }
   return j;
 }
+
+namespace {
+
+// The geometry a LoRA family.json records (LoraConfigJson), read back through
+// MetaTTConfig's JSON reader; nullopt when it records none (a BERT encoder).
+absl::StatusOr<std::optional<ModelGeometry>> LoraGeometryFromJson(const nlohmann::json& cfg,
+                                                                 const std::string& where) {
+  if (!cfg.contains("model") || cfg["model"].is_null()) return std::optional<ModelGeometry>();
+  nlohmann::json m = {{"form", "4d"}, {"ranks", {1}}, {"num_tasks", 1}};
+  for (const char* f : {"projections", "num_layers", "d_in", "d_out", "d_ffn", "model"})
+    if (cfg.contains(f)) m[f] = cfg[f];
+  auto parsed = MetaTTConfig::FromJson(m);
+  if (!parsed.ok())
+    return absl::InvalidArgumentError(absl::StrCat(where, ": field 'config': ", parsed.status().message()));
+  return parsed->model;
+}
+
+}  // namespace
 
 absl::StatusOr<std::map<std::string, std::string>> PeftFiles(const LoraAdapter& adapter,
                                                             const std::string& base_model_id) {
@@ -456,6 +481,9 @@ absl::StatusOr<LoadedLoraFamily> LoadLoraFamily(const std::string& dir,
     const auto& cfg = j["config"];
     if (opts.num_layers <= 0 && cfg.contains("num_layers") && cfg["num_layers"].is_number_integer())
       opts.num_layers = cfg["num_layers"].get<int64_t>();
+    if (!opts.model.has_value()) {  // a decoder's LoRA: its geometry gives every width
+      ASSIGN_OR_RETURN(opts.model, LoraGeometryFromJson(cfg, meta_path));
+    }
     const nlohmann::json files = j.value("files", nlohmann::json());
     std::string unused;
     for (const char* f : {kPeftConfigFile, kPeftWeightsFile, kFamilyHeadsFile})
@@ -501,7 +529,8 @@ absl::StatusOr<LoadedLoraFamily> LoadLoraFamily(const std::string& dir,
     if (w == heads.tensors.end() || b == heads.tensors.end())
       return absl::InvalidArgumentError(
           absl::StrCat(heads_path, ": task '", n, "' needs '", n, ".weight' and '", n, ".bias'"));
-    if (w->second.dim() != 2 || !w->second.is_floating_point() || w->second.size(0) < 1 ||
+    // 0 rows: a head-less task (a decoder's generation task).
+    if (w->second.dim() != 2 || !w->second.is_floating_point() ||
         (hidden > 0 && w->second.size(1) != hidden))
       return absl::InvalidArgumentError(absl::StrCat(
           heads_path, ": '", n, ".weight' must be [num_labels, ", hidden, "], is ",

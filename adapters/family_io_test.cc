@@ -287,5 +287,36 @@ TEST(FamilyIoTest, PeftFolderWithoutFamilyJsonTakesTasksFromHeads) {
   EXPECT_NE(st.message().find("pos.weight"), std::string::npos) << st;
 }
 
+TEST(FamilyIoTest, DecoderLoraFamilyKeepsItsGeometry) {
+  // A Llama LoRA (grouped-query k/v narrower than q, gate/up/down): PEFT's
+  // LlamaForCausalLM names, and the geometry back from family.json.
+  const std::string dir = FreshDir("llama_lora");
+  LoraConfig c;
+  c.rank = 2;
+  c.alpha = 4;
+  c.init = "random";
+  c.SetModel(ModelGeometry::Llama(/*num_layers=*/2, /*hidden=*/8, /*d_ffn=*/12, /*num_heads=*/2,
+                                  /*num_kv_heads=*/1, /*head_dim=*/4));
+  c.projections = {Projection::kQuery, Projection::kKey, Projection::kGate, Projection::kFfnDown};
+  auto a = LoraAdapter::Create(c, {});
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(SaveLoraFamily(dir, **a, {"gen"},
+                             {{"gen.weight", torch::zeros({0, 8})}, {"gen.bias", torch::zeros({0})}},
+                             "", "fp")
+                  .ok());
+  auto w = ReadSafetensors(dir + "/adapter_model.safetensors");
+  ASSERT_TRUE(w.ok());
+  EXPECT_TRUE(w->tensors.count("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"));
+  EXPECT_EQ(w->tensors.at("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight").size(0), 4);
+  auto back = LoadLoraFamily(dir, "fp");
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_TRUE(back->adapter->config().model.has_value());
+  EXPECT_EQ(back->adapter->config().model->family, "llama");
+  for (const auto& [k, f] : (*a)->factors()) {
+    EXPECT_TRUE(torch::equal(f.a, back->adapter->factors().at(k).a));
+    EXPECT_TRUE(torch::equal(f.b, back->adapter->factors().at(k).b));
+  }
+}
+
 }  // namespace
 }  // namespace metatt
