@@ -605,8 +605,10 @@ void JobManager::OnEventLocked(const std::string& job_id, JobEvent e) {
       }
       return;
     }
-    if (e.type == JobEvent::Type::kState && IsTerminal(e.state)) {
+    if (!shared() && e.type == JobEvent::Type::kState && IsTerminal(e.state)) {
       // The end must not be lost (e.g. the disk is full): kept and retried.
+      // Not with several replicas: a retry would write without the job's
+      // fence; there the unrenewed lease lets a replica fail the job instead.
       absl::MutexLock l(&unpersisted_mu_);
       Unpersisted& u = unpersisted_[job_id];
       u.record = j;

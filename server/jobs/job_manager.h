@@ -189,6 +189,7 @@ class JobManager {
   // is served from memory (GetJob, ListJobs) and written again on every
   // later call until the store takes it, so no job stays RUNNING while the
   // server runs; after a restart the recovery fails a RUNNING job anyway.
+  // One replica only (shared mode: the unrenewed lease ends such a job).
   struct Unpersisted {
     JobRecord record;
     JobEvent event;
