@@ -592,7 +592,7 @@ absl::Status ContinuousBatcher::Generate(
   // --- stream (caller's thread) ---
   GenerateChunk head;
   if (seq->family) {
-    head.family = seq->family->family();
+    head.family = FamilyKeyName(seq->family->family());  // the caller's name, not the key
     head.version = seq->family->version();
     head.task = seq->family->record.tasks[seq->task].name;
     head.task_index = seq->task;

@@ -64,22 +64,6 @@ class WrongKindGenerator : public Generator {
   std::string kind_;
 };
 
-// Training jobs on a decoder server until the job executor trains
-// generation tasks (issue 18, training part): refused, naming the model kind.
-class DecoderJobGate : public JobExecutor {
- public:
-  explicit DecoderJobGate(std::string kind) : kind_(std::move(kind)) {}
-  absl::Status Start(const JobRecord&, EmitFn) override {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "jobs: this server holds a ", kind_,
-        " base model; training generation tasks is not available on it yet"));
-  }
-  void Cancel(const std::string&) override {}
-
- private:
-  std::string kind_;
-};
-
 class RuntimeImpl : public Runtime, public AdapterCatalog {
  public:
   absl::Status Init(const RuntimeOptions& options, Store* store) {
