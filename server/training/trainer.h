@@ -260,6 +260,13 @@ class Trainer {
   absl::Status RestoreBest();
   const std::vector<TrainTask>& tasks() const { return tasks_; }
 
+  // Resumable checkpoints (server/training/checkpoint.h says what is kept):
+  // the whole training state to one safetensors file, written atomically;
+  // RestoreState into a trainer created with the same options, tasks and
+  // adapter continues bit-identically on the CPU. Defined in checkpoint.cc.
+  absl::Status SaveState(const std::string& path) const;
+  absl::Status RestoreState(const std::string& path);
+
  private:
   Trainer() = default;
   absl::Status Init();
