@@ -297,6 +297,7 @@ void ContinuousBatcher::KeepRows(Group* group, const std::vector<int64_t>& keep)
     }
   }
   group->rows = std::move(rows);
+  group->tasks = AdapterBatch();  // the rows changed
   if (group->rows.empty()) {
     group->cache = KvCache();
     return;
@@ -450,6 +451,7 @@ absl::Status ContinuousBatcher::Prefill(std::vector<std::shared_ptr<GenSequence>
   Group& g = groups_[family.get()];
   if (g.rows.empty()) g.family = family;
   for (int64_t b : keep) g.rows.push_back(seqs[b]);
+  g.tasks = AdapterBatch();  // the rows changed
   g.cache = Concat(g.cache, cache);
   TrimLeading(&g.cache);
   return absl::OkStatus();
@@ -462,10 +464,11 @@ absl::Status ContinuousBatcher::DecodeStep(Group* g) {
   auto ia = ids.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b) ia[b][0] = g->rows[b]->last_token;
   EncoderAdapter* adapter = g->family ? g->family->adapter.get() : nullptr;
-  AdapterBatch ab = TaskBatch(g->rows, dec.device());
+  if (!g->tasks.task_index.defined()) g->tasks = TaskBatch(g->rows, dec.device());
   DecoderForwardOptions last;
   last.last_logits_only = true;
-  ASSIGN_OR_RETURN(DecoderOutput out, dec.Forward({ids, {}}, &g->cache, adapter, ab, last));
+  ASSIGN_OR_RETURN(DecoderOutput out,
+                   dec.Forward({ids, {}}, &g->cache, adapter, g->tasks, last));
   std::vector<int64_t> next = SampleRows(out.logits.select(1, 0), g->rows);
   std::vector<int64_t> keep;
   for (int64_t b = 0; b < B; ++b) {

@@ -165,6 +165,10 @@ class ContinuousBatcher : public StepWork, public Generator {
     std::shared_ptr<const PublishedFamily> family;
     std::vector<std::shared_ptr<GenSequence>> rows;
     KvCache cache;
+    // The rows' task indices, kept while the rows stay the same: the
+    // adapter's per-forward fold table is keyed by this host tensor, so
+    // decode steps of an unchanged batch reuse it.
+    AdapterBatch tasks;
   };
   ContinuousBatcher(const Options& options, std::shared_ptr<const BaseModel> model,
                     DeviceScheduler* scheduler, Resolver resolver, KindCheck kind_check);
