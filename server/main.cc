@@ -76,6 +76,9 @@ ABSL_FLAG(int64_t, max_generate_queue, 256,
 ABSL_FLAG(int64_t, default_max_tokens, 256,
           "decoder servers: max_tokens of a Generate request that gives none");
 ABSL_FLAG(int64_t, num_threads, 0, "torch intra-op threads (0 = torch default)");
+ABSL_FLAG(int64_t, checkpoint_every_steps, 50,
+          "training jobs: a resumable checkpoint every N steps and at each evaluation, under "
+          "<data_dir>/checkpoints/<job id>/ (0 = none: a job running when the server dies fails)");
 ABSL_FLAG(int64_t, shutdown_grace_ms, 5000, "time RPCs get to finish on SIGTERM/SIGINT");
 // Security (README "Security").
 ABSL_FLAG(std::string, auth_tokens, "",
@@ -150,6 +153,7 @@ Server::Options OptionsFromFlags() {
   o.runtime.max_running_sequences = absl::GetFlag(FLAGS_max_running_sequences);
   o.runtime.max_generate_queue = absl::GetFlag(FLAGS_max_generate_queue);
   o.runtime.default_max_tokens = absl::GetFlag(FLAGS_default_max_tokens);
+  o.runtime.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   o.max_queued_jobs = absl::GetFlag(FLAGS_max_queued_jobs);
   o.max_upload_bytes = absl::GetFlag(FLAGS_max_upload_bytes);
   o.metrics_task_labels = absl::GetFlag(FLAGS_metrics_task_labels);

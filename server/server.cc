@@ -56,6 +56,10 @@ class RefreshingExecutor : public JobExecutor {
   bool CanResume(const JobRecord& job) override {
     return runtime_->job_executor()->CanResume(job);
   }
+  absl::StatusOr<std::vector<JobCheckpointInfo>> ListCheckpoints(
+      const std::string& job_id) override {
+    return runtime_->job_executor()->ListCheckpoints(job_id);
+  }
 
  private:
   Runtime* runtime_;

@@ -407,6 +407,12 @@ absl::StatusOr<JobRecord> JobManager::GetJob(const std::string& id, const Caller
   return Outgoing(GetVisible(id, caller));
 }
 
+absl::StatusOr<std::vector<JobCheckpointInfo>> JobManager::ListJobCheckpoints(
+    const std::string& id, const Caller& caller) {
+  RETURN_IF_ERROR(GetVisible(id, caller).status());
+  return executor_->ListCheckpoints(id);
+}
+
 absl::StatusOr<std::vector<JobRecord>> JobManager::ListJobs(std::optional<JobState> state,
                                                             int64_t page_size,
                                                             const std::string& page_token,

@@ -133,6 +133,10 @@ class JobManager {
   // to the caller's tenant.
   absl::StatusOr<JobRecord> CreateJob(const JobSpec& spec, const Caller& caller = Caller::Local());
   absl::StatusOr<JobRecord> GetJob(const std::string& id, const Caller& caller = Caller::Local());
+  // The job's resumable checkpoints (JobExecutor::ListCheckpoints), oldest
+  // first; NOT_FOUND when the caller cannot see the job.
+  absl::StatusOr<std::vector<JobCheckpointInfo>> ListJobCheckpoints(
+      const std::string& id, const Caller& caller = Caller::Local());
   absl::StatusOr<std::vector<JobRecord>> ListJobs(std::optional<JobState> state, int64_t page_size,
                                                   const std::string& page_token,
                                                   std::string* next_page_token,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <filesystem>
 #include <atomic>
 #include <numeric>
 #include <optional>
@@ -24,6 +25,7 @@
 #include "server/jobs/job_validation.h"
 #include "server/runtime/base_model.h"
 #include "server/training/adapter_binding.h"
+#include "server/training/checkpoint.h"
 #include "server/training/encoder_objective.h"
 #include "server/training/heads.h"
 #include "server/training/eval_scores.h"
@@ -154,6 +156,12 @@ absl::StatusOr<std::optional<GenerationDataset>> LoadGenerationDataset(Store* st
   return std::optional<GenerationDataset>(std::move(*data));
 }
 
+// Where a job's resumable checkpoints live ("" when they are off).
+std::string JobCheckpointDir(const RuntimeJobExecutor::Options& o, const std::string& job_id) {
+  if (o.checkpoint_dir.empty() || o.checkpoint_every_steps <= 0 || job_id.empty()) return "";
+  return (std::filesystem::path(o.checkpoint_dir) / job_id).string();
+}
+
 class TrainingJob : public TrainingTask {
  public:
   TrainingJob(PreparedJob prepared, JobExecutor::EmitFn emit,
@@ -178,6 +186,12 @@ class TrainingJob : public TrainingTask {
         st = absl::InternalError(absl::StrCat("job setup: ", e.what()));
       }
       if (!st.ok()) return Fail(st);
+      try {
+        st = MaybeResume();
+      } catch (const std::exception& e) {
+        st = absl::InternalError(absl::StrCat("resume: ", e.what()));
+      }
+      if (!st.ok()) return Fail(st);
       return true;
     }
     if (cancel_->load()) trainer_->Cancel();
@@ -188,7 +202,10 @@ class TrainingJob : public TrainingTask {
       more = absl::InternalError(absl::StrCat("training step: ", e.what()));
     }
     if (!more.ok()) return Fail(more.status());
-    if (*more) return true;
+    if (*more) {
+      MaybeCheckpoint();
+      return true;
+    }
     if (trainer_->state() == Trainer::State::kCancelled) return Cancelled();
     absl::Status st;
     try {
@@ -204,6 +221,49 @@ class TrainingJob : public TrainingTask {
   void Emit(JobEvent e) {
     e.time_unix_ms = NowMs();
     if (emit_) emit_(e);
+  }
+  void EmitLog(const std::string& message) {
+    JobEvent e;
+    e.type = JobEvent::Type::kLog;
+    e.message = message;
+    if (trainer_) {
+      e.step = trainer_->step();
+      e.total_steps = trainer_->total_steps();
+    }
+    Emit(std::move(e));
+  }
+  std::string CheckpointDir() const { return JobCheckpointDir(options_, p_.job.id); }
+  // A job started again with a checkpoint continues from the newest one
+  // (server/training/checkpoint.h; a restore that fails fails the job).
+  absl::Status MaybeResume() {
+    const std::string dir = CheckpointDir();
+    if (dir.empty()) return absl::OkStatus();
+    std::optional<TrainerCheckpointInfo> latest = LatestTrainerCheckpoint(dir);
+    if (!latest.has_value()) return absl::OkStatus();
+    RETURN_IF_ERROR(trainer_->RestoreState(latest->path));
+    EmitLog(absl::StrCat("resumed from step ", trainer_->step(), " of ", trainer_->total_steps(),
+                         " (checkpoint ", latest->path, ")"));
+    return absl::OkStatus();
+  }
+  // Every checkpoint_every_steps steps and after each evaluation. A failed
+  // write is reported and training goes on (the previous one stays).
+  void MaybeCheckpoint() {
+    const std::string dir = CheckpointDir();
+    if (dir.empty()) return;
+    const int64_t step = trainer_->step();
+    const bool evaluated = trainer_->last_eval().has_value() && trainer_->last_eval()->step == step;
+    if (step % options_.checkpoint_every_steps != 0 && !evaluated) return;
+    absl::StatusOr<TrainerCheckpointInfo> info;
+    try {
+      info = WriteTrainerCheckpoint(dir, *trainer_);
+    } catch (const std::exception& e) {
+      info = absl::InternalError(e.what());
+    }
+    if (!info.ok()) {
+      EmitLog(absl::StrCat("checkpoint at step ", step, " not saved: ", info.status().ToString()));
+      return;
+    }
+    EmitLog(absl::StrCat("checkpoint saved at step ", step));
   }
   void EmitState(JobState s, const std::string& message) {
     JobEvent e;
@@ -725,6 +785,27 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
     cancel_flags_[job.id] = cancel;
   }
   return scheduler_->AddTrainingTask(std::move(task));
+}
+
+std::string RuntimeJobExecutor::CheckpointDir(const std::string& job_id) const {
+  return JobCheckpointDir(options_, job_id);
+}
+
+absl::StatusOr<std::vector<JobCheckpointInfo>> RuntimeJobExecutor::ListCheckpoints(
+    const std::string& job_id) {
+  std::vector<JobCheckpointInfo> out;
+  const std::string dir = CheckpointDir(job_id);
+  if (dir.empty()) return out;
+  ASSIGN_OR_RETURN(std::vector<TrainerCheckpointInfo> all, ListTrainerCheckpoints(dir));
+  for (const TrainerCheckpointInfo& c : all) {
+    out.push_back({c.step, c.total_steps, c.time_unix_ms, c.metrics});
+  }
+  return out;
+}
+
+bool RuntimeJobExecutor::CanResume(const JobRecord& job) {
+  const std::string dir = CheckpointDir(job.id);
+  return !dir.empty() && LatestTrainerCheckpoint(dir).has_value();
 }
 
 void RuntimeJobExecutor::Cancel(const std::string& job_id) {

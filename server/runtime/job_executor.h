@@ -36,12 +36,25 @@ class RuntimeJobExecutor : public JobExecutor {
   struct Options {
     int64_t max_eval_examples = 2000;  // per evaluation (keeps eval pauses short)
     int64_t progress_every = 10;       // kProgress every N steps (and at least 1/s)
+    // Resumable checkpoints (server/training/checkpoint.h): a job's under
+    // <checkpoint_dir>/<job id>/, written every checkpoint_every_steps steps
+    // and at each evaluation; a job started again (restart recovery, a
+    // replica's take-over) with one continues from the newest. Empty or
+    // <= 0: none.
+    std::string checkpoint_dir;
+    int64_t checkpoint_every_steps = 50;
   };
   RuntimeJobExecutor(const Options& options, Store* store, AdapterRegistry* registry,
                      DeviceScheduler* scheduler, BatchTokenizer tokenizer);
 
   absl::Status Start(const JobRecord& job, EmitFn emit) override;
   void Cancel(const std::string& job_id) override;
+  // True when the job has a readable checkpoint.
+  bool CanResume(const JobRecord& job) override;
+  absl::StatusOr<std::vector<JobCheckpointInfo>> ListCheckpoints(
+      const std::string& job_id) override;
+  // The job's checkpoint directory ("" when checkpoints are off).
+  std::string CheckpointDir(const std::string& job_id) const;
 
  private:
   Options options_;

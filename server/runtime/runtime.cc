@@ -1,5 +1,6 @@
 #include "server/runtime/runtime.h"
 
+#include <filesystem>
 #include <map>
 #include <utility>
 
@@ -93,6 +94,8 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
 
     RuntimeJobExecutor::Options jo;
     jo.max_eval_examples = options.max_eval_examples;
+    jo.checkpoint_dir = (std::filesystem::path(options.data_dir) / "checkpoints").string();
+    jo.checkpoint_every_steps = options.checkpoint_every_steps;
     if (model_->is_decoder()) {
       predictor_ = std::make_unique<WrongKindPredictor>(model_->kind_name());
       // The job executor finds the decoder, its BPE tokenizer, geometry and

@@ -36,6 +36,10 @@ struct RuntimeOptions {
   int64_t train_share = 4;       // training steps in a row while no inference waits
   int64_t max_predict_inputs = 1024;  // inputs per Predict call
   int64_t max_eval_examples = 2000;   // per evaluation during training
+  // Resumable training checkpoints under <data_dir>/checkpoints/<job id>/
+  // every N steps and at each evaluation (0 = none: a job killed mid-way fails
+  // on restart). server/training/checkpoint.h.
+  int64_t checkpoint_every_steps = 50;
   int64_t num_threads = 0;       // torch intra-op threads (0 = torch default)
   bool base_only_inference = false;  // benchmark baseline: Predict skips the adapter
   // Generation (decoder servers): KV-cache budget of the running sequences,

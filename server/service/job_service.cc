@@ -42,6 +42,25 @@ grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJo
   return grpc::Status::OK;
 }
 
+grpc::Status JobServiceImpl::ListJobCheckpoints(grpc::ServerContext* ctx,
+                                                const v1::ListJobCheckpointsRequest* req,
+                                                v1::ListJobCheckpointsResponse* resp) {
+  auto caller = CallerOf(ctx);
+  if (!caller.ok()) return ToGrpcStatus(caller.status());
+  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
+  auto cps = jobs_->ListJobCheckpoints(req->job_id(), *caller);
+  if (!cps.ok()) return ToGrpcStatus(cps.status());
+  for (const JobCheckpointInfo& c : *cps) {
+    v1::JobCheckpoint* out = resp->add_checkpoints();
+    out->set_job_id(req->job_id());
+    out->set_step(c.step);
+    out->set_total_steps(c.total_steps);
+    out->set_time_unix_ms(c.time_unix_ms);
+    for (const auto& [k, v] : c.metrics) (*out->mutable_metrics())[k] = v;
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                                        v1::CancelJobResponse* resp) {
   auto caller = CallerOf(ctx);

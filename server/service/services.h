@@ -38,6 +38,9 @@ class JobServiceImpl final : public v1::JobService::Service {
                         v1::ListJobsResponse* resp) override;
   grpc::Status CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                          v1::CancelJobResponse* resp) override;
+  grpc::Status ListJobCheckpoints(grpc::ServerContext* ctx,
+                                  const v1::ListJobCheckpointsRequest* req,
+                                  v1::ListJobCheckpointsResponse* resp) override;
   grpc::Status StreamJobEvents(grpc::ServerContext* ctx, const v1::StreamJobEventsRequest* req,
                                grpc::ServerWriter<v1::JobEvent>* writer) override;
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace metatt {
 
@@ -134,6 +135,14 @@ struct JobRecord {
   int64_t claim_epoch = 0;
 };
 
+// One resumable training checkpoint of a job (server/training/checkpoint.h).
+struct JobCheckpointInfo {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  int64_t time_unix_ms = 0;
+  std::map<std::string, double> metrics;  // "loss"; at an evaluation "<task>/<metric>", "score"
+};
+
 // The runtime side of a job (implemented in server/runtime on the device
 // thread). The job manager calls Start() from its own thread; the executor
 // reports through `emit` (thread-safe) and finishes with exactly one terminal
@@ -154,6 +163,12 @@ class JobExecutor {
   virtual bool CanResume(const JobRecord& job) {
     (void)job;
     return false;
+  }
+  // The job's resumable checkpoints, oldest first. Default: none.
+  virtual absl::StatusOr<std::vector<JobCheckpointInfo>> ListCheckpoints(
+      const std::string& job_id) {
+    (void)job_id;
+    return std::vector<JobCheckpointInfo>();
   }
 };
 
