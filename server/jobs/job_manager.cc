@@ -57,6 +57,7 @@ JobRecord Outgoing(JobRecord j) {
   }
   const Caller owner{j.tenant, false};
   j.spec.family = FamilyNameFor(owner, j.spec.family);
+  j.failure_reason = WithFamilyNamesFor(owner, std::move(j.failure_reason));
   if (!j.result_family.empty()) j.result_family = FamilyNameFor(owner, j.result_family);
   return j;
 }

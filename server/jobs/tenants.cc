@@ -195,6 +195,15 @@ std::string FamilyNameFor(const Caller& caller, const std::string& key) {
   return FamilyKeyTenant(key) == caller.tenant ? FamilyKeyName(key) : key;
 }
 
+std::string WithFamilyNamesFor(const Caller& caller, std::string text) {
+  if (caller.tenant.empty() || caller.tenant == kDefaultTenant) return text;
+  const std::string prefix = caller.tenant + kFamilyKeySeparator;
+  for (size_t at = text.find(prefix); at != std::string::npos; at = text.find(prefix, at)) {
+    text.erase(at, prefix.size());
+  }
+  return text;
+}
+
 absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant) {
   ASSIGN_OR_RETURN(std::vector<FamilyVersionRecord> all, store->ListFamilyVersionSummaries(""));
   std::map<std::string, const FamilyVersionRecord*> latest;

@@ -94,6 +94,9 @@ std::string FamilyKeyFor(const Caller& caller, const std::string& name);
 // The name a caller sees for a key: its own tenant's families by name, other
 // tenants' (an admin's view) by key.
 std::string FamilyNameFor(const Caller& caller, const std::string& key);
+// `text` (a job's failure reason, an event message) with the keys of the
+// caller's own families written as their names ("<tenant>~x" -> "x").
+std::string WithFamilyNamesFor(const Caller& caller, std::string text);
 
 // Tasks in the latest versions of `tenant`'s families.
 absl::StatusOr<int64_t> CountTenantTasks(Store* store, const std::string& tenant);

@@ -396,6 +396,7 @@ TEST_F(TenantRulesTest, FamilyAccess) {
   EXPECT_EQ((*fa.ListAll(a_))[0].family, "acme~fam-a");  // records carry keys
   EXPECT_EQ(FamilyNameFor(a_, "acme~fam-a"), "fam-a");    // callers see names
   EXPECT_EQ(FamilyNameFor(admin_, "acme~fam-a"), "acme~fam-a");
+  EXPECT_EQ(WithFamilyNamesFor(a_, "published acme~fam-a v2; beta~x"), "published fam-a v2; beta~x");
   EXPECT_EQ(fa.ListAll(admin_)->size(), 2u);
   // "" = the caller's only family, never another tenant's (keys returned).
   EXPECT_EQ(*fa.ResolveForPredict(a_, ""), "acme~fam-a");

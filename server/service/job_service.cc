@@ -90,6 +90,8 @@ grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
     if (msg.has_checkpoint()) {  // the family by the caller's name (tenants.h)
       msg.mutable_checkpoint()->set_family(FamilyNameFor(*caller, e.family));
     }
+    if (msg.has_state()) msg.mutable_state()->set_reason(WithFamilyNamesFor(*caller, e.message));
+    if (msg.has_log()) msg.mutable_log()->set_message(WithFamilyNamesFor(*caller, e.message));
     if (!writer->Write(msg)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the stream");

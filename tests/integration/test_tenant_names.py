@@ -136,6 +136,9 @@ def test_family_names_are_per_tenant(pb, clients):
     # Jobs and events show the caller's names.
     evs = b.events(b_job.id)
     assert [e.checkpoint.family for e in evs if e.WhichOneof("event") == "checkpoint"] == ["x"]
+    reasons = [e.state.reason for e in evs if e.WhichOneof("event") == "state"]
+    assert any("published x v1" in r for r in reasons), reasons
+    assert not any("~" in r for r in reasons), reasons
     # A non-admin cannot reach another tenant's key; an admin names it by key.
     for name in ("acme~x", "beta~x"):
         code, _ = code_and_details(lambda: a.adapters.GetFamily(ad.GetFamilyRequest(family=name)))
