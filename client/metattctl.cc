@@ -3,7 +3,7 @@
 //   metattctl upload FILE --name mrpc --format tsv --has_header
 //       --text_column sentence1 --text_pair_column sentence2 --label_column 0
 //   metattctl jobs create --family glue --task MRPC --dataset ds-... --steps 60 [--follow]
-//   metattctl jobs list [--state RUNNING] | get ID | cancel ID | follow ID
+//   metattctl jobs list [--state RUNNING] | get ID | cancel ID | follow ID | checkpoints ID
 //   metattctl families list | get NAME
 //   metattctl tasks list --family glue   (pages through every task)
 //   metattctl predict --family glue --task MRPC --text "..." [--text_pair "..."]
@@ -43,6 +43,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/time.h"
 #include "client/metattctl_format.h"
 #include "metatt/v1/adapters.grpc.pb.h"
 #include "metatt/v1/datasets.grpc.pb.h"
@@ -535,6 +536,33 @@ int CreateJob(Stubs& s) {
   return 0;
 }
 
+// jobs checkpoints ID: the job's resumable checkpoints (step, time, metrics).
+int JobCheckpoints(Stubs& s, const std::string& id) {
+  ClientContext ctx;
+  SetDeadline(&ctx);
+  v1::ListJobCheckpointsRequest req;
+  req.set_job_id(id);
+  v1::ListJobCheckpointsResponse resp;
+  auto st = s.jobs->ListJobCheckpoints(&ctx, req, &resp);
+  if (!st.ok()) return Fail("jobs checkpoints", st);
+  if (Json()) {
+    for (const auto& c : resp.checkpoints()) PrintJson(c);
+    return 0;
+  }
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& c : resp.checkpoints()) {
+    std::map<std::string, double> sorted(c.metrics().begin(), c.metrics().end());
+    std::vector<std::string> parts;
+    for (const auto& [k, v] : sorted) parts.push_back(absl::StrCat(k, "=", Num(v)));
+    rows.push_back({absl::StrCat(c.step(), "/", c.total_steps()),
+                    absl::FormatTime("%Y-%m-%dT%H:%M:%SZ", absl::FromUnixMillis(c.time_unix_ms()),
+                                     absl::UTCTimeZone()),
+                    absl::StrJoin(parts, " ")});
+  }
+  PrintTable({"STEP", "TIME", "METRICS"}, rows);
+  return 0;
+}
+
 int Jobs(Stubs& s, const std::vector<std::string>& args) {
   std::string sub = args.empty() ? "list" : args[0];
   if (sub == "create") return CreateJob(s);
@@ -567,8 +595,11 @@ int Jobs(Stubs& s, const std::vector<std::string>& args) {
     PrintJobs(ptrs);
     return 0;
   }
-  if (args.size() != 2) return Fail("usage: metattctl jobs create|list|get ID|cancel ID|follow ID");
+  if (args.size() != 2) {
+    return Fail("usage: metattctl jobs create|list|get ID|cancel ID|follow ID|checkpoints ID");
+  }
   if (sub == "follow") return Follow(s, args[1]);
+  if (sub == "checkpoints") return JobCheckpoints(s, args[1]);
   ClientContext ctx;
   SetDeadline(&ctx);
   v1::Job job;
@@ -1048,7 +1079,7 @@ const std::vector<CommandHelp>& Commands() {
       {"datasets", "metattctl datasets list | get ID | delete ID", {}},
       {"jobs",
        "metattctl jobs create --family F --task T --dataset ID [--follow] | list [--state S] | "
-       "get ID | cancel ID | follow ID",
+       "get ID | cancel ID | follow ID | checkpoints ID",
        {"kind", "family", "task", "dataset", "eval_dataset", "eval_fraction", "metric", "form",
         "ranks", "projections", "init", "alpha", "steps", "batch_size", "lr", "weight_decay",
         "warmup_ratio", "grad_clip", "eval_every", "max_length", "patience", "pooling", "seed",

@@ -2,10 +2,12 @@
 checkpoint on restart, SUCCEEDS, and publishes exactly the tensors an
 uninterrupted run with the same seed publishes (bitwise, CPU)."""
 import pathlib
+import subprocess
 
+import grpc
 from safetensors.numpy import load_file
 
-from server_harness import Client, Server, make_rows, tsv_bytes
+from server_harness import Client, Server, build_dir, make_rows, tsv_bytes
 
 STEPS = 120
 EVERY = 5
@@ -59,6 +61,21 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
         assert [cp.step for cp in cps.checkpoints] == sorted(cp.step for cp in cps.checkpoints)
         assert cps.checkpoints and cps.checkpoints[-1].step <= STEPS
         assert all("loss" in cp.metrics for cp in cps.checkpoints)
+        # metattctl jobs checkpoints ID: the same list as a table.
+        ctl = subprocess.run([str(build_dir() / "client" / "metattctl"),
+                              f"--server=127.0.0.1:{s2.port}", "jobs", "checkpoints", job.id],
+                             capture_output=True, text=True, timeout=60)
+        assert ctl.returncode == 0, ctl.stderr
+        lines = ctl.stdout.strip().splitlines()
+        assert lines[0].split() == ["STEP", "TIME", "METRICS"], ctl.stdout
+        assert [ln.split()[0] for ln in lines[1:]] == [
+            f"{cp.step}/{STEPS}" for cp in cps.checkpoints], ctl.stdout
+        # An unknown job: NOT_FOUND.
+        try:
+            c2.jobs.ListJobCheckpoints(j.ListJobCheckpointsRequest(job_id="job-nope"), timeout=30)
+            raise AssertionError("ListJobCheckpoints of an unknown job succeeded")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
     finally:
         s2.stop()
 
