@@ -522,7 +522,8 @@ void Server::Shutdown(absl::string_view cause) {
   // server stops accepting and in-flight RPCs (Predicts in a device batch)
   // get up to shutdown_grace_ms to finish; then the device loop stops the
   // training job between two steps (a step that publishes completes), and the
-  // job, which has no resumable checkpoint, ends FAILED with the reason.
+  // job ends FAILED with the reason unless it has a resumable checkpoint (then
+  // it stays RUNNING and the next start resumes it).
   jobs_->Shutdown();
   if (grpc_server_) {
     grpc_server_->Shutdown(std::chrono::system_clock::now() +

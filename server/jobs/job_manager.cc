@@ -537,6 +537,15 @@ std::optional<std::string> JobManager::FailRunning(const std::string& reason) {
   absl::MutexLock lock(&mu_);
   std::optional<std::string> id = running_;
   if (!id) return std::nullopt;
+  // A job with a resumable checkpoint stays RUNNING: restart recovery (or a
+  // replica's take-over) re-queues it and it continues from the checkpoint.
+  if (auto rec = store_->GetJob(*id); rec.ok() && executor_->CanResume(*rec)) {
+    OnEventLocked(*id, LogEvent("server shut down; the job resumes from its newest checkpoint "
+                                "when a server starts on this store"));
+    running_.reset();
+    UpdateGaugesLocked();
+    return std::nullopt;
+  }
   OnEventLocked(*id, StateEvent(JobState::kFailed, reason));  // resets running_
   UpdateGaugesLocked();
   return id;

@@ -159,7 +159,9 @@ class JobManager {
   void Shutdown();
   // Graceful shutdown, after the executor has stopped (so no step or
   // publication of the job can follow): the job still VALIDATING/RUNNING ends
-  // FAILED with `reason`. Returns its id, if there was one.
+  // FAILED with `reason`, unless the executor can resume it from a
+  // checkpoint (it stays RUNNING for restart recovery). Returns the id of the
+  // job it failed, if any.
   std::optional<std::string> FailRunning(const std::string& reason);
 
  private:

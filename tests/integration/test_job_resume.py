@@ -97,3 +97,29 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         assert a[k].tobytes() == b[k].tobytes(), f"{k} differs after the resume"
+
+
+def test_sigterm_leaves_a_checkpointed_job_to_resume(pb, tmp_path, tiny_model):
+    """A deploy (SIGTERM) of a server whose job has a checkpoint: the job is
+    not failed; the next start resumes it and it SUCCEEDS."""
+    j = pb.jobs_pb2
+    flags = [f"--checkpoint_every_steps={EVERY}", "--num_threads=1"]
+    s = Server(tmp_path / "a", tiny_model, extra=flags).start()
+    c = Client(pb, s.channel())
+    ds = c.upload("s", tsv_bytes(make_rows(64)))
+    job = c.create_job("deployed", "T", ds.id, steps=STEPS, seed=3)
+    for e in c.jobs.StreamJobEvents(j.StreamJobEventsRequest(job_id=job.id), timeout=300):
+        if e.WhichOneof("event") == "log" and e.log.message.startswith("checkpoint saved at step"):
+            s.stop()
+            break
+    assert s.proc.returncode == 0
+    s2 = Server(tmp_path / "a", tiny_model, extra=flags).start()
+    try:
+        c2 = Client(pb, s2.channel())
+        done = c2.wait_state(job.id, (j.SUCCEEDED, j.FAILED, j.CANCELLED), timeout=300)
+        assert done.state == j.SUCCEEDED, done.failure_reason
+        logs = _logs(c2.events(job.id, timeout=60))
+        assert any(m.startswith("server shut down; the job resumes") for m in logs), logs
+        assert sum(m.startswith("resumed from step") for m in logs) == 1, logs
+    finally:
+        s2.stop()

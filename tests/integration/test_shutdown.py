@@ -1,7 +1,8 @@
 """Graceful shutdown on SIGTERM: the server stops accepting, lets the
 Predicts it already accepted finish, ends event streams at once, stops the
 running job between two steps (FAILED with a clear reason, since it has no
-resumable checkpoint), exits 0, and restarts into a valid state: queued jobs
+resumable checkpoint: --checkpoint_every_steps=0 here; test_job_resume.py
+covers a job with one), exits 0, and restarts into a valid state: queued jobs
 still run, published families still serve."""
 import signal
 import threading
@@ -24,7 +25,8 @@ def test_sigterm_drains_predicts_and_fails_running_job_with_reason(pb, tmp_path,
     j = pb.jobs_pb2
     inf = pb.inference_pb2
     # One row per device batch, so a 1024-input Predict takes a while to drain.
-    extra = ["--max_batch_size=1", "--max_queue=8192", f"--shutdown_grace_ms={GRACE_MS}"]
+    extra = ["--max_batch_size=1", "--max_queue=8192", f"--shutdown_grace_ms={GRACE_MS}",
+             "--checkpoint_every_steps=0"]
     s = Server(tmp_path / "data", tiny_model, extra=extra).start()
     c = Client(pb, s.channel())
     ds = c.upload("d", tsv_bytes(make_rows(48)))
