@@ -670,6 +670,25 @@ void Gateway::Impl::Routes() {
         [this](const httplib::Request& req, httplib::Response& res) {
           JobEvents(req, res, req.matches[1]);
         });
+  // Resumable checkpoints, newest first (OpenAI's order).
+  s.Get(R"(/v1/fine_tuning/jobs/([^/]+)/checkpoints)",
+        [this](const httplib::Request& req, httplib::Response& res) {
+          grpc::ClientContext ctx;
+          if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
+          v1::ListJobCheckpointsRequest r;
+          r.set_job_id(req.matches[1]);
+          v1::ListJobCheckpointsResponse resp;
+          grpc::Status st = jobs->ListJobCheckpoints(&ctx, r, &resp);
+          if (!st.ok()) return ReplyError(res, FromGrpc(st));
+          Json data = Json::array();
+          for (int i = resp.checkpoints_size() - 1; i >= 0; --i) {
+            data.push_back(CheckpointJson(resp.checkpoints(i)));
+          }
+          Json out{{"object", "list"}, {"data", data}, {"has_more", false}};
+          out["first_id"] = data.empty() ? Json(nullptr) : data.front()["id"];
+          out["last_id"] = data.empty() ? Json(nullptr) : data.back()["id"];
+          Reply(res, 200, out);
+        });
 
   s.Get("/v1/models",
         [this](const httplib::Request& req, httplib::Response& res) { ListModels(req, res); });

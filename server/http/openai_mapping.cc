@@ -483,6 +483,18 @@ Json EventJson(const v1::JobEvent& e) {
               {"type", type}};
 }
 
+Json CheckpointJson(const v1::JobCheckpoint& c) {
+  Json metrics = {{"step", c.step()}};
+  for (const auto& [k, v] : c.metrics()) metrics[k == "loss" ? "train_loss" : k] = v;
+  return Json{{"id", absl::StrCat("ftckpt-", c.job_id(), "-", c.step())},
+              {"object", "fine_tuning.job.checkpoint"},
+              {"created_at", Seconds(c.time_unix_ms())},
+              {"fine_tuned_model_checkpoint", nullptr},
+              {"fine_tuning_job_id", c.job_id()},
+              {"metrics", metrics},
+              {"step_number", c.step()}};
+}
+
 // ---- models and classification ----------------------------------------------------
 
 Json ModelJson(const std::string& id, int64_t created_unix_ms, const Json& metatt) {

@@ -79,6 +79,11 @@ Json JobJson(const v1::Job& job, const JobView& view);
 std::string EventId(const std::string& job_id, int64_t sequence);
 std::optional<int64_t> EventSequence(const std::string& event_id);
 Json EventJson(const v1::JobEvent& e);
+// A resumable checkpoint as OpenAI's fine_tuning.job.checkpoint (id
+// ftckpt-<job id>-<step>; metrics.step, metrics.train_loss, and an
+// evaluation's metrics under our names). fine_tuned_model_checkpoint is null:
+// a checkpoint is for resuming, not a servable model.
+Json CheckpointJson(const v1::JobCheckpoint& c);
 
 // ---- models and classification ------------------------------------------------
 Json ModelJson(const std::string& id, int64_t created_unix_ms, const Json& metatt);

@@ -144,5 +144,26 @@ TEST(OpenAiMapping, ClassificationRequestCrossesInputsAndModels) {
   EXPECT_EQ(e->param, "model");
 }
 
+TEST(OpenAiMapping, CheckpointObject) {
+  v1::JobCheckpoint c;
+  c.set_job_id("job-1");
+  c.set_step(50);
+  c.set_total_steps(200);
+  c.set_time_unix_ms(1712211699000);
+  (*c.mutable_metrics())["loss"] = 0.25;
+  (*c.mutable_metrics())["sst2/accuracy"] = 0.875;
+  Json j = CheckpointJson(c);
+  EXPECT_EQ(j["object"], "fine_tuning.job.checkpoint");
+  EXPECT_EQ(j["id"], "ftckpt-job-1-50");
+  EXPECT_EQ(j["created_at"], 1712211699);
+  EXPECT_EQ(j["fine_tuning_job_id"], "job-1");
+  EXPECT_EQ(j["step_number"], 50);
+  EXPECT_TRUE(j["fine_tuned_model_checkpoint"].is_null());
+  EXPECT_EQ(j["metrics"]["step"], 50);
+  EXPECT_EQ(j["metrics"]["train_loss"], 0.25);
+  EXPECT_EQ(j["metrics"]["sst2/accuracy"], 0.875);
+  EXPECT_FALSE(j["metrics"].contains("loss"));
+}
+
 }  // namespace
 }  // namespace metatt::http

@@ -70,6 +70,22 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
         assert lines[0].split() == ["STEP", "TIME", "METRICS"], ctl.stdout
         assert [ln.split()[0] for ln in lines[1:]] == [
             f"{cp.step}/{STEPS}" for cp in cps.checkpoints], ctl.stdout
+        # The HTTP gateway: OpenAI's fine_tuning.job.checkpoint objects, newest
+        # first, read with the official client.
+        import openai
+        from http_harness import Gateway
+        gw = Gateway(s2.port).start()
+        try:
+            oa = openai.OpenAI(base_url=gw.url, api_key="unused", max_retries=0, timeout=60)
+            page = oa.fine_tuning.jobs.checkpoints.list(job.id)
+            got = [(cp.step_number, cp.metrics.step, cp.fine_tuning_job_id, cp.object)
+                   for cp in page.data]
+            assert got == [(cp.step, cp.step, job.id, "fine_tuning.job.checkpoint")
+                           for cp in reversed(cps.checkpoints)], got
+            assert page.data[0].id == f"ftckpt-{job.id}-{cps.checkpoints[-1].step}"
+            assert page.data[0].metrics.train_loss == cps.checkpoints[-1].metrics["loss"]
+        finally:
+            gw.stop()
         # An unknown job: NOT_FOUND.
         try:
             c2.jobs.ListJobCheckpoints(j.ListJobCheckpointsRequest(job_id="job-nope"), timeout=30)
