@@ -50,7 +50,7 @@ RecipeOverrides RecipeOverridesFromSpec(const JobSpec& spec) {
 absl::StatusOr<Recipe> ResolveJobRecipe(const JobSpec& spec, const std::string& family_form) {
   RecipeOverrides o = RecipeOverridesFromSpec(spec);
   if (!family_form.empty()) o.form = family_form;
-  return ResolveRecipe(o);
+  return ResolveRecipe(o, /*adds_task=*/spec.kind == JobKind::kAddTask);
 }
 
 }  // namespace metatt

@@ -69,7 +69,7 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
   return r;
 }
 
-absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o) {
+absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o, bool adds_task) {
   const std::string form = o.form && !o.form->empty() ? *o.form : DefaultForm();
   absl::StatusOr<Recipe> base = DefaultRecipe(form);
   if (!base.ok()) return base.status();
@@ -82,6 +82,7 @@ absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o) {
   if (o.init && !o.init->empty()) r.init = *o.init;
   take(r.alpha, o.alpha);
   if (o.new_task_init && !o.new_task_init->empty()) r.new_task_init = *o.new_task_init;
+  if (adds_task && r.form != "lora") r.learning_rate *= kAddTaskLearningRateMultiplier;
   take(r.learning_rate, o.learning_rate);
   take(r.inner_lr_multiplier, o.inner_lr_multiplier);
   take(r.head_lr_multiplier, o.head_lr_multiplier);

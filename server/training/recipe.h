@@ -88,7 +88,15 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form);
 // job validator's business, server/jobs/job_validation.h). Steps: max_steps
 // set -> it (0: by epochs); else epochs set -> by epochs (max_steps = 0);
 // else the recipe's.
-absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& overrides);
+// `adds_task`: the run adds tasks to an existing family with its shared
+// cores frozen (only the new r x r slices and heads train); an unset learning
+// rate is then kAddTaskLearningRateMultiplier x the form's default.
+absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& overrides, bool adds_task = false);
+
+// A frozen-core add-task trains ~r^2 + head parameters: at 4x the rate the
+// added STS-B reached 82.8 / 81.2 (seeds 0, 1) against 79.5 / 77.3 at 1x
+// (bench/results/cpu-quality/add_task_probe.{json,md}).
+inline constexpr double kAddTaskLearningRateMultiplier = 4.0;
 
 // One line listing every resolved field, "name=value", with " (auto)" after
 // the ones the user left unset; the job executor emits it as a job event and

@@ -129,3 +129,22 @@ TEST(Recipe, DescribeMarksAutoFields) {
 
 }  // namespace
 }  // namespace metatt
+
+namespace metatt {
+namespace {
+
+TEST(RecipeTest, AddTaskDefaultsToAHigherLearningRateUnlessSet) {
+  auto base = ResolveRecipe(RecipeOverrides{});
+  auto add = ResolveRecipe(RecipeOverrides{}, /*adds_task=*/true);
+  ASSERT_TRUE(base.ok() && add.ok());
+  EXPECT_DOUBLE_EQ(add->learning_rate, base->learning_rate * kAddTaskLearningRateMultiplier);
+  EXPECT_EQ(add->ranks, base->ranks);  // nothing else moves
+  RecipeOverrides set;
+  set.learning_rate = 1e-3;
+  auto add_set = ResolveRecipe(set, /*adds_task=*/true);
+  ASSERT_TRUE(add_set.ok());
+  EXPECT_DOUBLE_EQ(add_set->learning_rate, 1e-3);  // a rate the user set is kept
+}
+
+}  // namespace
+}  // namespace metatt

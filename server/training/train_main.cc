@@ -527,7 +527,8 @@ absl::Status Main() {
   ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
   ASSIGN_OR_RETURN(const RecipeOverrides overrides, OverridesFromFlags());
-  ASSIGN_OR_RETURN(const Recipe recipe, ResolveRecipe(overrides));
+  ASSIGN_OR_RETURN(const Recipe recipe,
+                   ResolveRecipe(overrides, /*adds_task=*/!absl::GetFlag(FLAGS_base_family).empty()));
   if (IsLlamaDir(model_dir)) return DecoderMain(model_dir, device, overrides, recipe);
   std::cout << DescribeRecipe(recipe, overrides) << "\n";
   ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData(recipe.seed));
