@@ -76,6 +76,10 @@ def parse_args():
                    help="start no new run after this many seconds (0: none); finished runs are kept")
     p.add_argument("--throughput_steps", type=int, default=0,
                    help="before the table: ours (MetaTT-4D, LoRA) vs PEFT on MRPC for N steps, one at a time")
+    p.add_argument("--merge", default="",
+                   help="comma-separated quality.json files of earlier invocations (same protocol): "
+                        "run nothing, combine their cells (a later file wins a cell both have) and "
+                        "write the table for --rows/--tasks/--seeds (row OLD=NEW in --rows renames)")
     p.add_argument("--peft_task", default="", help=argparse.SUPPRESS)  # internal: one PEFT run
     p.add_argument("--peft_out", default="", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -355,10 +359,76 @@ def summarize(table, rows, tasks, seeds):
     return out
 
 
+def write_table(args, table, rows, tasks, seeds, tput, errors, skipped):
+    """quality.md: one line per row, mean +- std over seeds per task."""
+    summary = summarize(table, rows, tasks, seeds)
+
+    def cell(v):
+        if v["mean"] is None:
+            return "n/a"
+        return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" + (f" ({v['n']})" if v["n"] < len(seeds) else "")
+
+    lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
+             f"train_limit={args.train_limit}, max_eval={args.max_eval}, max_length={args.max_length}, "
+             f"batch={args.batch_size}, pooling={args.pooling}, seeds={args.seeds}, device={args.device}, "
+             f"runs side by side={args.jobs}); cells: mean ± std over seeds (n if fewer ran)", "",
+             "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) +
+             " | mean | adapter params | train ex/s |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for row in rows:
+        per = table.get(row, {})
+        flat = [v for t in per.values() for v in t.values()]
+        params = next((v.get("trainable_adapter_parameters") or v.get("adapter_parameters")
+                       for v in flat if v.get("adapter_parameters")), "")
+        eps = sorted(v["train_examples_per_second"] for v in flat if v.get("train_examples_per_second"))
+        eps_s = f"{eps[len(eps) // 2]:.0f}" if eps else ""
+        cells = [cell(summary[row][t]) for t in tasks] + [cell(summary[row]["task_mean"])]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} | {eps_s} |")
+    if tput:
+        lines += ["", "Training examples/s, one run at a time (MRPC, "
+                  f"{args.throughput_steps} steps): " +
+                  ", ".join(f"{k} {v:.0f}" for k, v in tput.items() if v)]
+    if errors or skipped:
+        lines += ["", f"errors: {errors}", f"skipped (deadline): {skipped}"]
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def merge(args):
+    """--merge: the table of cells measured by earlier invocations."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    seeds = [int(x) for x in args.seeds.split(",") if x != ""]
+    rows, rename = [], {}
+    for r in (r for r in args.rows.split(",") if r):
+        old, _, new = r.partition("=")
+        rows.append(new or old)
+        rename[old] = new or old
+        rename.setdefault(new or old, new or old)
+    table, sources = {}, []
+    for path in args.merge.split(","):
+        with open(path) as f:
+            doc = json.load(f)
+        sources.append({"file": path, "settings": doc.get("settings")})
+        for row, per in doc.get("rows", {}).items():
+            if row not in rename:
+                continue
+            for t, cells in per.items():
+                table.setdefault(rename[row], {}).setdefault(t, {}).update(cells)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump({"settings": vars(args), "merged_from": sources,
+                   "summary": summarize(table, rows, tasks, seeds), "rows": table}, f, indent=2)
+    write_table(args, table, rows, tasks, seeds, {}, [], [])
+
+
 def main():
     args = parse_args()
     if args.peft_task:
         peft_row(args, args.peft_task, args.peft_out)
+        return
+    if args.merge:
+        merge(args)
         return
     import concurrent.futures
     import threading
@@ -418,38 +488,7 @@ def main():
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(go, units))
     save()
-    summary = summarize(table, rows, tasks, seeds)
-
-    def cell(v):
-        if v["mean"] is None:
-            return "n/a"
-        return f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" + (f" ({v['n']})" if v["n"] < len(seeds) else "")
-
-    lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
-             f"train_limit={args.train_limit}, max_eval={args.max_eval}, max_length={args.max_length}, "
-             f"batch={args.batch_size}, pooling={args.pooling}, seeds={args.seeds}, device={args.device}, "
-             f"runs side by side={args.jobs}); cells: mean ± std over seeds (n if fewer ran)", "",
-             "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) +
-             " | mean | adapter params | train ex/s |",
-             "|---|" + "---|" * (len(tasks) + 3)]
-    for row in rows:
-        per = table.get(row, {})
-        flat = [v for t in per.values() for v in t.values()]
-        params = next((v.get("trainable_adapter_parameters") or v.get("adapter_parameters")
-                       for v in flat if v.get("adapter_parameters")), "")
-        eps = sorted(v["train_examples_per_second"] for v in flat if v.get("train_examples_per_second"))
-        eps_s = f"{eps[len(eps) // 2]:.0f}" if eps else ""
-        cells = [cell(summary[row][t]) for t in tasks] + [cell(summary[row]["task_mean"])]
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {params} | {eps_s} |")
-    if tput:
-        lines += ["", "Training examples/s, one run at a time (MRPC, "
-                  f"{args.throughput_steps} steps): " +
-                  ", ".join(f"{k} {v:.0f}" for k, v in tput.items() if v)]
-    if errors or skipped:
-        lines += ["", f"errors: {errors}", f"skipped (deadline): {skipped}"]
-    with open(os.path.join(args.out, "quality.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args, table, rows, tasks, seeds, tput, errors, skipped)
 
 
 if __name__ == "__main__":

@@ -89,12 +89,7 @@ def main():
             print(f"{key}: FAILED {e}", flush=True)
             return
         ev = res.get("final_eval") or {}
-        metrics = ev.get("metrics", {})
-        scores = {}
-        for t in ts:
-            # One task: metrics are the task's; several: metrics[task].
-            m = metrics if len(ts) == 1 else metrics.get(t)
-            scores[t] = 100.0 * m[qb.PRIMARY[t]] if m and qb.PRIMARY[t] in m else None
+        scores = scores_of(ev, ts)
         with lock:
             results[key] = {"scores": scores, "seconds": res.get("seconds"),
                             "examples_per_second": res.get("train_examples_per_second"),
@@ -105,6 +100,17 @@ def main():
     with cf.ThreadPoolExecutor(max_workers=args.jobs) as ex:
         list(ex.map(one, work))
     save()
+
+
+def scores_of(ev, ts):
+    """Primary score x100 per task of a result.json evaluation: a family run
+    (several tasks, or a task added to a family) nests metrics by task."""
+    metrics = ev.get("metrics", {})
+    scores = {}
+    for t in ts:
+        m = metrics.get(t) if isinstance(metrics.get(t), dict) else metrics
+        scores[t] = 100.0 * m[qb.PRIMARY[t]] if m and qb.PRIMARY[t] in m else None
+    return scores
 
 
 def write_md(args, sets, variants, seeds, results):
