@@ -376,13 +376,19 @@ absl::StatusOr<TrainerCheckpointInfo> WriteTrainerCheckpoint(const std::string& 
   RETURN_IF_ERROR(trainer.SaveState(path));
   ASSIGN_OR_RETURN(json state, ReadStateHeader(path));
   TrainerCheckpointInfo info = InfoFromSummary(path, state.value("summary", json::object()));
-  // Prune: keep the newest `keep`.
+  // Prune: keep the newest `keep`; drop scratch files a killed process left.
   ASSIGN_OR_RETURN(std::vector<TrainerCheckpointInfo> all, ListTrainerCheckpoints(dir));
   const size_t k = static_cast<size_t>(std::max(1, keep));
-  if (all.size() > k) {
-    for (size_t i = 0; i + k < all.size(); ++i) std::filesystem::remove(all[i].path, ec);
-    RETURN_IF_ERROR(SyncDirectory(dir));
+  bool removed = false;
+  for (size_t i = 0; i + k < all.size(); ++i) removed |= std::filesystem::remove(all[i].path, ec);
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("step-", 0) == 0 && name.find(".ckpt.tmp.") != std::string::npos) {
+      std::error_code rm;
+      removed |= std::filesystem::remove(entry.path(), rm);
+    }
   }
+  if (removed) RETURN_IF_ERROR(SyncDirectory(dir));
   return info;
 }
 

@@ -5,6 +5,7 @@
 #include "server/training/checkpoint.h"
 
 #include <filesystem>
+#include <fstream>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -191,6 +192,10 @@ TEST(TrainerCheckpointTest, ResumeAfterDmrgSweepIsBitIdentical) {
 TEST(TrainerCheckpointTest, KeepsNewestAndLists) {
   const std::string dir = TempDir("list");
   TrainRun r = Make(Opts(), TTForm::k4D, false, 1);
+  // A scratch file of a process killed mid-write: removed by the next write.
+  std::filesystem::create_directories(dir);
+  const auto scratch = std::filesystem::path(dir) / "step-000000001.ckpt.tmp.999";
+  { std::ofstream(scratch) << "half"; }
   for (int64_t i = 1; i <= 8; ++i) {
     ASSERT_TRUE(*r.trainer->Step());
     if (i % 2 == 0) ASSERT_TRUE(WriteTrainerCheckpoint(dir, *r.trainer, 2).ok());
@@ -198,6 +203,7 @@ TEST(TrainerCheckpointTest, KeepsNewestAndLists) {
   auto all = ListTrainerCheckpoints(dir);
   ASSERT_TRUE(all.ok()) << all.status();
   ASSERT_EQ(all->size(), 2u);
+  EXPECT_FALSE(std::filesystem::exists(scratch));
   EXPECT_EQ((*all)[0].step, 6);
   EXPECT_EQ((*all)[1].step, 8);
   // Step 8 had an evaluation (eval_every 4): its metrics are listed.
