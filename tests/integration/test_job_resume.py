@@ -3,11 +3,12 @@ checkpoint on restart, SUCCEEDS, and publishes exactly the tensors an
 uninterrupted run with the same seed publishes (bitwise, CPU)."""
 import pathlib
 import subprocess
+import sys
 
 import grpc
 from safetensors.numpy import load_file
 
-from server_harness import Client, Server, build_dir, make_rows, tsv_bytes
+from server_harness import ROOT, Client, Server, build_dir, make_rows, tsv_bytes
 
 STEPS = 120
 EVERY = 5
@@ -86,6 +87,12 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
             assert page.data[0].metrics.train_loss == cps.checkpoints[-1].metrics["loss"]
         finally:
             gw.stop()
+        # The Python client (client/python).
+        sys.path.insert(0, str(ROOT / "client" / "python"))
+        from metatt_client import Client as PyClient
+        py = PyClient(f"127.0.0.1:{s2.port}", timeout=60)
+        assert [cp.step for cp in py.list_checkpoints(job.id)] == [
+            cp.step for cp in cps.checkpoints]
         # An unknown job: NOT_FOUND.
         try:
             c2.jobs.ListJobCheckpoints(j.ListJobCheckpointsRequest(job_id="job-nope"), timeout=30)

@@ -216,6 +216,12 @@ class Client:
                 return out
             req.page_token = resp.next_page_token
 
+    def list_checkpoints(self, job_id: str, timeout: Optional[float] = None):
+        """The job's resumable checkpoints (step, total_steps, time_unix_ms, metrics), oldest first."""
+        return list(_call(self.jobs.ListJobCheckpoints,
+                          jobs_pb2.ListJobCheckpointsRequest(job_id=job_id),
+                          timeout=self._deadline(timeout)).checkpoints)
+
     def cancel(self, job_id: str, timeout: Optional[float] = None):
         return _call(self.jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id),
                      timeout=self._deadline(timeout)).job
