@@ -26,6 +26,12 @@
 //
 // A job's checkpoints: <dir>/step-<K>.ckpt (K zero-padded), newest kept,
 // older ones pruned after each write.
+//
+// Size: the adapter's whole snapshot is written (twice once a best
+// evaluation exists), frozen tensors included. For an add-task job on a
+// large family that is O(family size) per checkpoint; writing only the
+// trainable tensors (and taking the frozen ones from the family version on
+// restore) is not done yet.
 #pragma once
 
 #include <cstdint>
