@@ -198,7 +198,9 @@ TEST(TrainerCheckpointTest, KeepsNewestAndLists) {
   { std::ofstream(scratch) << "half"; }
   for (int64_t i = 1; i <= 8; ++i) {
     ASSERT_TRUE(*r.trainer->Step());
-    if (i % 2 == 0) ASSERT_TRUE(WriteTrainerCheckpoint(dir, *r.trainer, 2).ok());
+    if (i % 2 == 0) {
+      ASSERT_TRUE(WriteTrainerCheckpoint(dir, *r.trainer, 2).ok());
+    }
   }
   auto all = ListTrainerCheckpoints(dir);
   ASSERT_TRUE(all.ok()) << all.status();
