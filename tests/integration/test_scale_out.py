@@ -14,7 +14,11 @@ LEASE_MS = 2000
 def replica(pb, shared_dir, model, uri, name):
     s = Server(shared_dir, model, extra=[
         f"--store={uri}", f"--replica_id={name}", f"--job_lease_ms={LEASE_MS}",
-        "--job_poll_ms=100", "--registry_poll_ms=200"]).start()
+        "--job_poll_ms=100", "--registry_poll_ms=200",
+        # Without checkpoints: this test checks that a dead replica's job is
+        # failed with the reason. (With them the survivor resumes it from the
+        # shared data directory; test_job_resume.py covers resuming.)
+        "--checkpoint_every_steps=0"]).start()
     return s, Client(pb, s.channel())
 
 
