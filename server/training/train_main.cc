@@ -253,6 +253,28 @@ absl::StatusOr<std::vector<Projection>> ParseProjections(const std::vector<std::
   return out;
 }
 
+// The adapter's size fields of result.json (encoder and decoder runs alike).
+void AddAdapterSize(const MetaTTAdapter* metatt, const LoraAdapter* lora, nlohmann::json* result) {
+  if (metatt) {
+    (*result)["adapter_parameters"] = metatt->NumParameters();
+    (*result)["trainable_adapter_parameters"] = metatt->NumTrainableParameters();
+    (*result)["ranks"] = metatt->config().BondRanks();
+  } else if (lora) {
+    (*result)["adapter_parameters"] = lora->NumParameters();
+  }
+}
+
+// Before --out is written: the best evaluation's tensors back in place (when
+// there was one) and the directory made.
+void PrepareOutput(Trainer& trainer, const std::string& out) {
+  if (trainer.best_eval()) {
+    absl::Status st = trainer.RestoreBest();
+    if (!st.ok()) std::cout << "note: saving the final tensors (" << st.message() << ")\n";
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(out, ec);
+}
+
 nlohmann::json EvalJson(const EvalEvent& e) {
   nlohmann::json j;
   j["step"] = e.step;
@@ -492,21 +514,10 @@ absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
   result["losses"] = trainer->losses();
   if (trainer->last_eval()) result["final_eval"] = EvalJson(*trainer->last_eval());
   if (trainer->best_eval()) result["best_eval"] = EvalJson(*trainer->best_eval());
-  if (metatt) {
-    result["adapter_parameters"] = metatt->NumParameters();
-    result["trainable_adapter_parameters"] = metatt->NumTrainableParameters();
-    result["ranks"] = metatt->config().BondRanks();
-  } else if (lora) {
-    result["adapter_parameters"] = lora->NumParameters();
-  }
+  AddAdapterSize(metatt.get(), lora.get(), &result);
   const std::string out = absl::GetFlag(FLAGS_out);
   if (!out.empty()) {
-    if (trainer->best_eval()) {
-      absl::Status st = trainer->RestoreBest();
-      if (!st.ok()) std::cout << "note: saving the final tensors (" << st.message() << ")\n";
-    }
-    std::error_code ec;
-    std::filesystem::create_directories(out, ec);
+    PrepareOutput(*trainer, out);
     if (metatt) {
       for (const auto& t : trainer->tasks()) family_tasks.push_back(t.name);
       RETURN_IF_ERROR(SaveFamily(out, *metatt, family_tasks, old_heads, model_dir, fingerprint));
@@ -696,22 +707,11 @@ absl::Status Main() {
     sweeps.push_back(js);
   }
   result["sweeps"] = sweeps;
-  if (metatt) {
-    result["adapter_parameters"] = metatt->NumParameters();
-    result["trainable_adapter_parameters"] = metatt->NumTrainableParameters();
-    result["ranks"] = metatt->config().BondRanks();
-  } else if (lora) {
-    result["adapter_parameters"] = lora->NumParameters();
-  }
+  AddAdapterSize(metatt.get(), lora.get(), &result);
 
   const std::string out = absl::GetFlag(FLAGS_out);
   if (!out.empty()) {
-    if (trainer->best_eval()) {
-      absl::Status st = trainer->RestoreBest();
-      if (!st.ok()) std::cout << "note: saving the final tensors (" << st.message() << ")\n";
-    }
-    std::error_code ec;
-    std::filesystem::create_directories(out, ec);
+    PrepareOutput(*trainer, out);
     std::map<std::string, torch::Tensor> heads = old_heads;
     for (const auto& t : trainer->tasks()) {
       heads[t.name + ".weight"] = t.head->weight.detach();
