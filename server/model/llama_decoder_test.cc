@@ -10,47 +10,15 @@
 #include "adapters/family_io.h"
 #include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
+#include "server/model/test_util.h"
 
 namespace metatt {
 namespace {
 
-LlamaConfig TinyConfig(bool tied = false) {
-  LlamaConfig c;
-  c.vocab_size = 40;
-  c.hidden_size = 24;
-  c.intermediate_size = 40;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 6;
-  c.num_key_value_heads = 2;  // grouped-query attention, 3 query heads per kv head
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 1000.0;
-  c.max_position_embeddings = 64;
-  c.tie_word_embeddings = tied;
-  return c;
-}
+LlamaConfig TinyConfig(bool tied = false) { return TinyLlamaConfig(tied); }
 
 std::map<std::string, torch::Tensor> RandomWeights(const LlamaConfig& c, uint64_t seed = 0) {
-  torch::manual_seed(seed);
-  const int64_t D = c.hidden_size, I = c.intermediate_size;
-  auto r = [](std::vector<int64_t> s, double std) { return torch::randn(s) * std; };
-  std::map<std::string, torch::Tensor> t = {
-      {"model.embed_tokens.weight", r({c.vocab_size, D}, 1.0)},
-      {"model.norm.weight", 1 + r({D}, 0.1)}};
-  if (!c.tie_word_embeddings) t["lm_head.weight"] = r({c.vocab_size, D}, 0.2);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    t[p + "input_layernorm.weight"] = 1 + r({D}, 0.1);
-    t[p + "post_attention_layernorm.weight"] = 1 + r({D}, 0.1);
-    t[p + "self_attn.q_proj.weight"] = r({c.q_width(), D}, 0.2);
-    t[p + "self_attn.k_proj.weight"] = r({c.kv_width(), D}, 0.2);
-    t[p + "self_attn.v_proj.weight"] = r({c.kv_width(), D}, 0.2);
-    t[p + "self_attn.o_proj.weight"] = r({D, c.q_width()}, 0.2);
-    t[p + "mlp.gate_proj.weight"] = r({I, D}, 0.2);
-    t[p + "mlp.up_proj.weight"] = r({I, D}, 0.2);
-    t[p + "mlp.down_proj.weight"] = r({D, I}, 0.2);
-  }
-  return t;
+  return RandomLlamaWeights(c, seed);
 }
 
 std::shared_ptr<LlamaDecoder> Tiny(bool tied = false) {

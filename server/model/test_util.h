@@ -1,5 +1,6 @@
-// Test helper: random weights for a BERT config, named like Hugging Face's
-// BertModel state dict, for tiny encoders built with BertEncoder::FromTensors.
+// Test helpers: random weights for tiny BERT and Llama configs, named like
+// Hugging Face's BertModel / LlamaForCausalLM state dicts, for models built
+// with BertEncoder::FromTensors / LlamaDecoder::FromTensors.
 #pragma once
 
 #include <map>
@@ -10,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/model/bert_config.h"
+#include "server/model/llama_config.h"
 
 namespace metatt {
 
@@ -47,6 +49,57 @@ inline std::map<std::string, torch::Tensor> RandomBertWeights(const BertConfig& 
       t[p + n + ".weight"] = torch::ones({D});
       t[p + n + ".bias"] = torch::zeros({D});
     }
+  }
+  return t;
+}
+
+// The tiny Llama of the decoder, generator and LM-trainer tests: 2 layers,
+// hidden 24, 6 query heads over 2 key/value heads (grouped-query attention,
+// q is 24 wide and k/v 8), vocabulary 40.
+inline LlamaConfig TinyLlamaConfig(bool tied = false) {
+  LlamaConfig c;
+  c.vocab_size = 40;
+  c.hidden_size = 24;
+  c.intermediate_size = 40;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 6;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 1000.0;
+  c.max_position_embeddings = 64;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+struct RandomLlamaOptions {
+  double weight_std = 0.2;   // every projection
+  double lm_head_std = 0.2;  // untied configs only
+};
+
+// Seeds torch with `seed`, then draws embeddings, final norm, the LM head
+// (untied configs) and every layer in order.
+inline std::map<std::string, torch::Tensor> RandomLlamaWeights(const LlamaConfig& c,
+                                                               uint64_t seed = 0,
+                                                               const RandomLlamaOptions& o = {}) {
+  torch::manual_seed(seed);
+  const int64_t D = c.hidden_size, I = c.intermediate_size;
+  auto r = [](std::vector<int64_t> s, double std) { return torch::randn(s) * std; };
+  std::map<std::string, torch::Tensor> t = {{"model.embed_tokens.weight", r({c.vocab_size, D}, 1.0)},
+                                            {"model.norm.weight", 1 + r({D}, 0.1)}};
+  if (!c.tie_word_embeddings) t["lm_head.weight"] = r({c.vocab_size, D}, o.lm_head_std);
+  const double w = o.weight_std;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    t[p + "input_layernorm.weight"] = 1 + r({D}, 0.1);
+    t[p + "post_attention_layernorm.weight"] = 1 + r({D}, 0.1);
+    t[p + "self_attn.q_proj.weight"] = r({c.q_width(), D}, w);
+    t[p + "self_attn.k_proj.weight"] = r({c.kv_width(), D}, w);
+    t[p + "self_attn.v_proj.weight"] = r({c.kv_width(), D}, w);
+    t[p + "self_attn.o_proj.weight"] = r({D, c.q_width()}, w);
+    t[p + "mlp.gate_proj.weight"] = r({I, D}, w);
+    t[p + "mlp.up_proj.weight"] = r({I, D}, w);
+    t[p + "mlp.down_proj.weight"] = r({D, I}, w);
   }
   return t;
 }

@@ -13,45 +13,15 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "adapters/metatt_adapter.h"
+#include "server/model/test_util.h"
 
 namespace metatt {
 namespace {
 
-LlamaConfig TinyConfig() {
-  LlamaConfig c;
-  c.vocab_size = 40;
-  c.hidden_size = 24;
-  c.intermediate_size = 40;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 6;
-  c.num_key_value_heads = 2;  // grouped-query attention
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 1000.0;
-  c.max_position_embeddings = 64;
-  return c;
-}
+LlamaConfig TinyConfig() { return TinyLlamaConfig(); }
 
 std::map<std::string, torch::Tensor> RandomWeights(const LlamaConfig& c, uint64_t seed) {
-  torch::manual_seed(seed);
-  const int64_t D = c.hidden_size, I = c.intermediate_size;
-  auto r = [](std::vector<int64_t> s, double std) { return torch::randn(s) * std; };
-  std::map<std::string, torch::Tensor> t = {{"model.embed_tokens.weight", r({c.vocab_size, D}, 1.0)},
-                                            {"model.norm.weight", 1 + r({D}, 0.1)},
-                                            {"lm_head.weight", r({c.vocab_size, D}, 0.5)}};
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    t[p + "input_layernorm.weight"] = 1 + r({D}, 0.1);
-    t[p + "post_attention_layernorm.weight"] = 1 + r({D}, 0.1);
-    t[p + "self_attn.q_proj.weight"] = r({c.q_width(), D}, 0.3);
-    t[p + "self_attn.k_proj.weight"] = r({c.kv_width(), D}, 0.3);
-    t[p + "self_attn.v_proj.weight"] = r({c.kv_width(), D}, 0.3);
-    t[p + "self_attn.o_proj.weight"] = r({D, c.q_width()}, 0.3);
-    t[p + "mlp.gate_proj.weight"] = r({I, D}, 0.3);
-    t[p + "mlp.up_proj.weight"] = r({I, D}, 0.3);
-    t[p + "mlp.down_proj.weight"] = r({D, I}, 0.3);
-  }
-  return t;
+  return RandomLlamaWeights(c, seed, {.weight_std = 0.3, .lm_head_std = 0.5});
 }
 
 const std::vector<Projection> kAllLlama = {Projection::kQuery,      Projection::kKey,
