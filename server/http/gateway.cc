@@ -11,6 +11,8 @@
 #include <condition_variable>
 #include <cstdio>
 #include <fstream>
+#include <memory>
+#include <optional>
 #include <mutex>
 #include <regex>
 #include <sstream>
@@ -143,6 +145,13 @@ struct Gateway::Impl {
   void ListModels(const httplib::Request& req, httplib::Response& res);
   void GetModel(const httplib::Request& req, httplib::Response& res, const std::string& id);
   void Classify(const httplib::Request& req, httplib::Response& res);
+  void Complete(const httplib::Request& req, httplib::Response& res, bool chat);
+  void SetGenerateDeadline(grpc::ClientContext* ctx) const {
+    if (o.generate_timeout_s > 0) {
+      ctx->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(o.generate_timeout_s * 1000)));
+    }
+  }
 };
 
 // ---- files ---------------------------------------------------------------------
@@ -586,6 +595,125 @@ void Gateway::Impl::Classify(const httplib::Request& req, httplib::Response& res
   Reply(res, 200, out);
 }
 
+// ---- chat and text completions ----------------------------------------------------------
+
+namespace {
+
+std::string NewCompletionId(bool chat) {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t boot = static_cast<uint64_t>(
+      std::chrono::system_clock::now().time_since_epoch().count());
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%012llx%08llx",
+                static_cast<unsigned long long>(boot & 0xffffffffffffull),
+                static_cast<unsigned long long>(counter.fetch_add(1)));
+  return std::string(chat ? "chatcmpl-" : "cmpl-") + buf;
+}
+
+// One streamed completion: the GenerateStream call and what has gone out.
+// The reader is declared after the context so it is destroyed first.
+struct CompletionStream {
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateChunk>> reader;
+  std::optional<v1::GenerateChunk> pending;  // read before the status line went out
+  bool first = true;                         // the next chunk carries delta.role
+  bool finished = false;                     // Finish() called
+  v1::GenerateUsage usage;
+};
+
+}  // namespace
+
+// POST /v1/chat/completions and /v1/completions onto Generate (unary) or
+// GenerateStream (stream: true, as server-sent events). The first chunk is
+// read before the HTTP status goes out, so a refused request (unknown model,
+// bad parameter, a model of the other kind) is an ordinary error response;
+// a failure after that ends the event stream with an error event. When the
+// HTTP client goes away mid-stream, the next write fails and the gRPC call is
+// cancelled, which frees the sequence's slot on the server.
+void Gateway::Impl::Complete(const httplib::Request& req, httplib::Response& res, bool chat) {
+  auto body = Body(req, res);
+  if (!body) return;
+  auto cr = std::make_shared<CompletionRequest>();
+  if (auto e = ParseCompletionRequest(*body, chat, o.base_model, cr.get())) {
+    return ReplyError(res, *e);
+  }
+  const std::string id = NewCompletionId(chat);
+  const int64_t created = std::chrono::duration_cast<std::chrono::seconds>(
+                              std::chrono::system_clock::now().time_since_epoch())
+                              .count();
+  if (!cr->stream) {
+    grpc::ClientContext ctx;
+    if (auto e = Context(req, &ctx, /*unary=*/false)) return ReplyError(res, *e);
+    SetGenerateDeadline(&ctx);
+    v1::GenerateResponse resp;
+    grpc::Status st = inference->Generate(&ctx, cr->req, &resp);
+    if (!st.ok()) return ReplyError(res, GenerateError(st, *cr));
+    return Reply(res, 200, CompletionJson(resp, *cr, id, created));
+  }
+
+  auto s = std::make_shared<CompletionStream>();
+  if (auto e = Context(req, &s->ctx, /*unary=*/false)) return ReplyError(res, *e);
+  SetGenerateDeadline(&s->ctx);
+  s->reader = inference->GenerateStream(&s->ctx, cr->req);
+  v1::GenerateChunk first;
+  if (s->reader->Read(&first)) {
+    s->pending = std::move(first);
+  } else {
+    s->finished = true;
+    grpc::Status st = s->reader->Finish();
+    if (!st.ok()) return ReplyError(res, GenerateError(st, *cr));
+  }
+  res.status = 200;
+  res.set_header("Cache-Control", "no-cache");
+  res.set_header("X-Accel-Buffering", "no");
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [s, cr, id, created](size_t, httplib::DataSink& sink) {
+        auto send = [&](const std::string& data) {
+          const std::string ev = SseEvent(data);
+          return sink.write(ev.data(), ev.size());
+        };
+        v1::GenerateChunk c;
+        bool have = false;
+        if (s->pending) {
+          c = std::move(*s->pending);
+          s->pending.reset();
+          have = true;
+        } else if (!s->finished) {
+          have = s->reader->Read(&c);
+        }
+        if (have) {
+          if (!c.finish_reason().empty()) s->usage = c.usage();
+          const bool first = s->first;
+          s->first = false;
+          // false: the client is gone; the releaser cancels the call.
+          return send(CompletionChunkJson(c, *cr, id, created, first).dump());
+        }
+        if (!s->finished) {
+          s->finished = true;
+          grpc::Status st = s->reader->Finish();
+          if (!st.ok()) {
+            send(ErrorBody(GenerateError(st, *cr)).dump());
+            sink.done();
+            return true;
+          }
+        }
+        if (cr->include_usage) send(UsageChunkJson(s->usage, *cr, id, created).dump());
+        send("[DONE]");
+        sink.done();
+        return true;
+      },
+      [s](bool) {
+        if (s->finished) return;
+        s->ctx.TryCancel();
+        v1::GenerateChunk drain;
+        while (s->reader->Read(&drain)) {
+        }
+        s->finished = true;
+        (void)s->reader->Finish();
+      });
+}
+
 // ---- routes ----------------------------------------------------------------------------
 
 void Gateway::Impl::Routes() {
@@ -698,23 +826,13 @@ void Gateway::Impl::Routes() {
   s.Post("/v1/classifications",
          [this](const httplib::Request& req, httplib::Response& res) { Classify(req, res); });
 
-  // Decoder families (chat and text completions) are not served yet.
-  auto not_yet = [](const httplib::Request& req, httplib::Response& res) {
-    Json body = Json::parse(req.body, nullptr, false);
-    std::string model = body.is_object() && body.contains("model") && body["model"].is_string()
-                            ? body["model"].get<std::string>()
-                            : "";
-    ReplyError(res, ApiError{400,
-                             absl::StrCat("model kind not supported yet: ", req.path,
-                                          " needs a decoder family, and this server serves "
-                                          "encoder families only",
-                                          model.empty() ? "" : " ('" + model + "')",
-                                          "; use POST /v1/classifications with a family:task "
-                                          "model"),
-                             "model", "model_kind_not_supported"});
-  };
-  s.Post("/v1/chat/completions", not_yet);
-  s.Post("/v1/completions", not_yet);
+  // Decoder families: chat and text completions, unary or streamed (SSE).
+  s.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    Complete(req, res, /*chat=*/true);
+  });
+  s.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    Complete(req, res, /*chat=*/false);
+  });
 
   s.Get("/healthz", [](const httplib::Request&, httplib::Response& res) {
     Reply(res, 200, Json{{"status", "ok"}});

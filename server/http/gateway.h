@@ -32,6 +32,9 @@ struct GatewayOptions {
   // --server_tls_ca, is refused unless this is set.
   bool insecure_allow_open_network = false;
   double rpc_timeout_s = 60;      // deadline of unary gRPC calls (0 = none)
+  // Deadline of a chat/text completion (Generate, GenerateStream; 0 = none):
+  // generation on a CPU can outlast rpc_timeout_s.
+  double generate_timeout_s = 600;
   int64_t events_quiet_ms = 250;  // a running job's event list ends after this much quiet
   int64_t max_body_bytes = 256ll << 20;
 };

@@ -35,6 +35,8 @@ ABSL_FLAG(bool, insecure_allow_open_network, false,
           "DANGEROUS: serve a non-loopback --listen without TLS, or call a non-loopback --server "
           "without TLS (bearer tokens in plaintext)");
 ABSL_FLAG(double, rpc_timeout, 60, "deadline of the gateway's unary gRPC calls, seconds (0 = none)");
+ABSL_FLAG(double, generate_timeout, 600,
+          "deadline of a chat or text completion (Generate / GenerateStream), seconds (0 = none)");
 ABSL_FLAG(int64_t, events_quiet_ms, 250,
           "a running job's event list holds what the server sent before this much quiet");
 ABSL_FLAG(int64_t, max_body_bytes, 256ll << 20, "largest HTTP request body (uploads included)");
@@ -56,6 +58,7 @@ int main(int argc, char** argv) {
   o.server_tls_key = absl::GetFlag(FLAGS_server_tls_key);
   o.insecure_allow_open_network = absl::GetFlag(FLAGS_insecure_allow_open_network);
   o.rpc_timeout_s = absl::GetFlag(FLAGS_rpc_timeout);
+  o.generate_timeout_s = absl::GetFlag(FLAGS_generate_timeout);
   o.events_quiet_ms = absl::GetFlag(FLAGS_events_quiet_ms);
   o.max_body_bytes = absl::GetFlag(FLAGS_max_body_bytes);
 

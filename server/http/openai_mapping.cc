@@ -177,9 +177,11 @@ std::optional<ApiError> DatasetHeaderFor(const std::string& filename, const std:
     h->set_label_kind(v1::CLASSIFICATION);
   } else if (label_kind == "regression") {
     h->set_label_kind(v1::REGRESSION);
+  } else if (label_kind == "generation") {
+    h->set_label_kind(v1::GENERATION);
   } else {
     return BadRequest("label_kind", "label_kind: '" + label_kind +
-                                        "' is not one of classification, regression");
+                                        "' is not one of classification, regression, generation");
   }
   const std::string lower = absl::AsciiStrToLower(filename);
   if (absl::EndsWith(lower, ".tsv") || absl::EndsWith(lower, ".csv")) {
@@ -196,12 +198,12 @@ std::optional<ApiError> DatasetHeaderFor(const std::string& filename, const std:
   h->set_format(v1::JSONL);
   Json first = Json::parse(first_line, nullptr, false);
   if (first.is_object()) {
-    if (first.contains("messages") || first.contains("prompt")) {
-      return ApiError{400,
-                      "file: chat or prompt/completion JSONL trains decoder families, and this "
-                      "server's model kind is not supported yet for them; encoder families train "
-                      "on JSONL lines {\"text\": ..., \"label\": ...} (optional \"text_pair\")",
-                      "file", "model_kind_not_supported"};
+    // Chat (`messages`), prompt/completion and instruction records train
+    // decoder families: a generation dataset, its format detected per record
+    // by the server (a decoder server; an encoder server refuses the job).
+    if (label_kind.empty() &&
+        (first.contains("messages") || first.contains("prompt") || first.contains("instruction"))) {
+      h->set_label_kind(v1::GENERATION);
     }
     if (first.contains("text_pair")) h->set_text_pair_column("text_pair");
   }
@@ -223,7 +225,9 @@ Json FileJson(const v1::Dataset& d) {
               {"metatt",
                {{"rows", d.num_rows()},
                 {"format", absl::AsciiStrToLower(v1::DataFormat_Name(d.format()))},
-                {"label_kind", d.label_kind() == v1::REGRESSION ? "regression" : "classification"},
+                {"label_kind", d.label_kind() == v1::REGRESSION   ? "regression"
+                               : d.label_kind() == v1::GENERATION ? "generation"
+                                                                  : "classification"},
                 {"labels", labels},
                 {"sha256", d.sha256()}}}};
 }
@@ -508,8 +512,10 @@ Json ModelJson(const std::string& id, int64_t created_unix_ms, const Json& metat
 Json TaskModelJson(const v1::FamilyVersion& v, const v1::Task& t) {
   Json labels = Json::array();
   for (const auto& l : t.label_names()) labels.push_back(l);
+  // Display only: a decoder family's config names the llama architecture.
+  const bool decoder = absl::StrContains(v.config_json(), "\"llama\"");
   return ModelJson(absl::StrCat(v.family(), ":", t.name()), v.created_unix_ms(),
-                   {{"kind", "encoder"},
+                   {{"kind", decoder ? "decoder" : "encoder"},
                     {"family", v.family()},
                     {"version", v.version()},
                     {"form", v.form()},
@@ -615,5 +621,355 @@ Json ClassificationJson(const v1::PredictResponse& resp,
   }
   return Json{{"object", "list"}, {"data", data}, {"server_seconds", resp.server_seconds()}};
 }
+
+// ---- chat and text completions ------------------------------------------------------
+
+namespace {
+
+bool Truthy(const Json& body, const char* key) {
+  auto it = body.find(key);
+  return it != body.end() && it->is_boolean() && it->get<bool>();
+}
+
+bool Present(const Json& body, const char* key) {
+  auto it = body.find(key);
+  return it != body.end() && !it->is_null();
+}
+
+std::optional<ApiError> OptionalNumber(const Json& body, const std::string& key,
+                                       std::optional<double>* out) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (!it->is_number()) return BadRequest(key, key + ": must be a number");
+  *out = it->get<double>();
+  return std::nullopt;
+}
+
+std::optional<ApiError> OptionalInt(const Json& body, const std::string& key,
+                                    const std::string& param, std::optional<int64_t>* out) {
+  auto it = body.find(key);
+  if (it == body.end() || it->is_null()) return std::nullopt;
+  if (it->is_number_float() && it->get<double>() == std::floor(it->get<double>()) &&
+      std::abs(it->get<double>()) < 9e15) {
+    *out = static_cast<int64_t>(it->get<double>());
+    return std::nullopt;
+  }
+  if (!it->is_number_integer()) return BadRequest(param, param + ": must be an integer");
+  *out = it->get<int64_t>();
+  return std::nullopt;
+}
+
+// A message's content: a string, or a list of {"type": "text", "text": ...}
+// parts (joined); null counts as empty.
+std::optional<ApiError> MessageContent(const Json& c, const std::string& param, std::string* out) {
+  if (c.is_null()) return std::nullopt;
+  if (c.is_string()) {
+    *out = c.get<std::string>();
+    return std::nullopt;
+  }
+  if (!c.is_array()) return BadRequest(param, param + ": a string or a list of text parts");
+  for (size_t i = 0; i < c.size(); ++i) {
+    const std::string pp = absl::StrCat(param, "[", i, "]");
+    const Json& part = c[i];
+    if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+        !part.contains("text") || !part["text"].is_string()) {
+      return BadRequest(pp, pp + ": only {\"type\": \"text\", \"text\": ...} parts are supported "
+                                 "(this model reads text only)");
+    }
+    *out += part["text"].get<std::string>();
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+std::optional<ApiError> ParseCompletionRequest(const Json& body, bool chat,
+                                               const std::string& base_model,
+                                               CompletionRequest* out) {
+  if (!body.is_object()) return BadRequest("", "the request body must be a JSON object");
+  out->chat = chat;
+  v1::GenerateRequest& g = out->req;
+  // model: family:task, or the base model itself (no adapter).
+  if (auto e = OptionalString(body, "model", &out->model)) return e;
+  if (out->model.empty()) {
+    return BadRequest("model", "model: required (family:task, or the base model '" + base_model +
+                                   "'; GET /v1/models lists them)");
+  }
+  std::string family, task;
+  if (out->model == base_model) {
+    // family "" and task "": the base model without an adapter.
+  } else if (SplitModelId(out->model, &family, &task)) {
+    g.set_family(family);
+    g.set_task(task);
+  } else {
+    return ApiError{404,
+                    absl::StrCat("The model '", out->model, "' does not exist: use family:task "
+                                 "or the base model '", base_model, "' (GET /v1/models lists them)"),
+                    "model", "model_not_found"};
+  }
+
+  // The input.
+  if (chat) {
+    if (Present(body, "prompt")) {
+      return BadRequest("prompt", "prompt: POST /v1/chat/completions takes messages; "
+                                  "POST /v1/completions takes a prompt");
+    }
+    auto m = body.find("messages");
+    if (m == body.end() || m->is_null()) return BadRequest("messages", "messages: required");
+    if (!m->is_array() || m->empty()) {
+      return BadRequest("messages", "messages: a non-empty list of {\"role\", \"content\"}");
+    }
+    v1::ChatMessages* msgs = g.mutable_messages();
+    for (size_t i = 0; i < m->size(); ++i) {
+      const std::string param = absl::StrCat("messages[", i, "]");
+      const Json& x = (*m)[i];
+      if (!x.is_object()) return BadRequest(param, param + ": must be an object");
+      auto role = x.find("role");
+      if (role == x.end() || !role->is_string()) {
+        return BadRequest(param + ".role", param + ".role: required string");
+      }
+      if (Present(x, "tool_calls") || Present(x, "function_call")) {
+        return BadRequest(param + ".tool_calls", param + ".tool_calls: tools are not supported");
+      }
+      v1::ChatMessage* cm = msgs->add_messages();
+      // OpenAI's newer name for the system role.
+      cm->set_role(role->get<std::string>() == "developer" ? "system" : role->get<std::string>());
+      auto content = x.find("content");
+      if (content != x.end()) {
+        if (auto e = MessageContent(*content, param + ".content", cm->mutable_content())) return e;
+      }
+    }
+  } else {
+    if (Present(body, "messages")) {
+      return BadRequest("messages", "messages: POST /v1/completions takes a prompt; "
+                                    "POST /v1/chat/completions takes messages");
+    }
+    auto p = body.find("prompt");
+    if (p == body.end() || p->is_null()) return BadRequest("prompt", "prompt: required");
+    if (p->is_string()) {
+      g.set_prompt(p->get<std::string>());
+    } else if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) {
+      g.set_prompt((*p)[0].get<std::string>());
+    } else {
+      return BadRequest("prompt", "prompt: a string (or a list of exactly one string; token "
+                                  "lists and several prompts are not supported)");
+    }
+    if (Truthy(body, "echo")) return BadRequest("echo", "echo: not supported");
+    std::optional<int64_t> best_of;
+    if (auto e = OptionalInt(body, "best_of", "best_of", &best_of)) return e;
+    if (best_of && *best_of != 1) return BadRequest("best_of", "best_of: only 1 is supported");
+    std::string suffix;
+    if (auto e = OptionalString(body, "suffix", &suffix)) return e;
+    if (!suffix.empty()) return BadRequest("suffix", "suffix: not supported");
+  }
+
+  // Fields with no equivalent in the gRPC API.
+  std::optional<int64_t> n;
+  if (auto e = OptionalInt(body, "n", "n", &n)) return e;
+  if (n && *n != 1) return BadRequest("n", "n: only 1 choice per request is supported");
+  if (chat ? Truthy(body, "logprobs") : Present(body, "logprobs")) {
+    return BadRequest("logprobs", "logprobs: not supported");
+  }
+  if (Present(body, "top_logprobs")) return BadRequest("top_logprobs", "top_logprobs: not supported");
+  for (const char* k : {"tools", "functions"}) {
+    auto it = body.find(k);
+    if (it != body.end() && !it->is_null() && !(it->is_array() && it->empty())) {
+      return BadRequest(k, std::string(k) + ": tools are not supported");
+    }
+  }
+  if (auto it = body.find("response_format"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || it->value("type", "") != "text") {
+      return BadRequest("response_format", "response_format: only {\"type\": \"text\"} is "
+                                           "supported");
+    }
+  }
+  if (auto it = body.find("logit_bias"); it != body.end() && !it->is_null() &&
+                                         !(it->is_object() && it->empty())) {
+    return BadRequest("logit_bias", "logit_bias: not supported");
+  }
+  for (const char* k : {"presence_penalty", "frequency_penalty"}) {
+    std::optional<double> v;
+    if (auto e = OptionalNumber(body, k, &v)) return e;
+    if (v && *v != 0) return BadRequest(k, std::string(k) + ": not supported (only 0)");
+  }
+
+  // Sampling. OpenAI's temperature defaults to 1; the proto's 0 is greedy.
+  std::optional<double> temperature, top_p;
+  if (auto e = OptionalNumber(body, "temperature", &temperature)) return e;
+  g.set_temperature(temperature ? static_cast<float>(*temperature) : 1.0f);
+  if (auto e = OptionalNumber(body, "top_p", &top_p)) return e;
+  if (top_p) g.set_top_p(static_cast<float>(*top_p));
+  std::optional<int64_t> max_tokens, max_completion_tokens;
+  if (auto e = OptionalInt(body, "max_tokens", "max_tokens", &max_tokens)) return e;
+  if (auto e = OptionalInt(body, "max_completion_tokens", "max_completion_tokens",
+                           &max_completion_tokens)) {
+    return e;
+  }
+  if (max_tokens && max_completion_tokens && *max_tokens != *max_completion_tokens) {
+    return BadRequest("max_completion_tokens",
+                      "max_completion_tokens: differs from max_tokens; give one of them");
+  }
+  if (max_completion_tokens) {
+    out->max_tokens_param = "max_completion_tokens";
+    max_tokens = max_completion_tokens;
+  }
+  if (max_tokens) {
+    // 0 would mean "the server's default" in the proto: pass -1 so the
+    // server refuses it (naming max_tokens) as OpenAI does.
+    g.set_max_tokens(*max_tokens == 0 ? -1 : *max_tokens);
+  }
+  if (auto s = body.find("seed"); s != body.end() && !s->is_null()) {
+    if (!s->is_number_integer() || s->get<int64_t>() < 0) {
+      return BadRequest("seed", "seed: must be a non-negative integer");
+    }
+    g.set_seed(s->get<uint64_t>());
+  }
+  if (auto st = body.find("stop"); st != body.end() && !st->is_null()) {
+    if (st->is_string()) {
+      g.add_stop(st->get<std::string>());
+    } else if (st->is_array()) {
+      for (size_t i = 0; i < st->size(); ++i) {
+        if (!(*st)[i].is_string()) {
+          return BadRequest(absl::StrCat("stop[", i, "]"),
+                            absl::StrCat("stop[", i, "]: must be a string"));
+        }
+        g.add_stop((*st)[i].get<std::string>());
+      }
+    } else {
+      return BadRequest("stop", "stop: a string or a list of strings");
+    }
+  }
+
+  // Streaming.
+  if (auto s = body.find("stream"); s != body.end() && !s->is_null()) {
+    if (!s->is_boolean()) return BadRequest("stream", "stream: must be a boolean");
+    out->stream = s->get<bool>();
+  }
+  if (auto so = body.find("stream_options"); so != body.end() && !so->is_null()) {
+    if (!so->is_object()) return BadRequest("stream_options", "stream_options: must be an object");
+    if (!out->stream) {
+      return BadRequest("stream_options", "stream_options: only with stream: true");
+    }
+    if (auto iu = so->find("include_usage"); iu != so->end() && !iu->is_null()) {
+      if (!iu->is_boolean()) {
+        return BadRequest("stream_options.include_usage",
+                          "stream_options.include_usage: must be a boolean");
+      }
+      out->include_usage = iu->get<bool>();
+    }
+  }
+
+  // The extension object: {"top_k", "version"}.
+  if (auto mt = body.find("metatt"); mt != body.end() && !mt->is_null()) {
+    if (!mt->is_object()) return BadRequest("metatt", "metatt: must be an object");
+    for (const auto& [k, v] : mt->items()) {
+      if (k != "top_k" && k != "version") {
+        return BadRequest("metatt." + k, "metatt." + k + ": unknown field (known: top_k, version)");
+      }
+    }
+    std::optional<int64_t> top_k, version;
+    if (auto e = OptionalInt(*mt, "top_k", "metatt.top_k", &top_k)) return e;
+    if (auto e = OptionalInt(*mt, "version", "metatt.version", &version)) return e;
+    if (top_k) g.set_top_k(*top_k);
+    if (version) g.set_version(*version);
+  }
+  return std::nullopt;
+}
+
+std::string GenerateParamOf(const std::string& f, const CompletionRequest& r) {
+  if (f == "family" || f == "task" || f == "Generate" || f == "GenerateStream") return "model";
+  if (f == "top_k") return "metatt.top_k";
+  if (f == "version") return "metatt.version";
+  if (f == "max_tokens") return r.max_tokens_param;
+  if (f == "prompt" || absl::StartsWith(f, "messages")) {
+    if (!r.chat) return "prompt";
+    return f == "prompt" ? "messages" : f;
+  }
+  return f;
+}
+
+ApiError GenerateError(const grpc::Status& st, const CompletionRequest& r) {
+  ApiError e = FromGrpc(st);
+  const std::string& m = st.error_message();
+  size_t colon = m.find(": ");
+  if (!e.param.empty() && colon != std::string::npos) e.param = GenerateParamOf(m.substr(0, colon), r);
+  if (st.error_code() == grpc::StatusCode::NOT_FOUND) {
+    e.param = "model";
+    e.code = "model_not_found";
+  } else if (st.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+    e.param = "model";  // a model of the other kind (an encoder family or server)
+  }
+  return e;
+}
+
+Json UsageJson(const v1::GenerateUsage& u) {
+  return Json{{"prompt_tokens", u.prompt_tokens()},
+              {"completion_tokens", u.completion_tokens()},
+              {"total_tokens", u.prompt_tokens() + u.completion_tokens()}};
+}
+
+namespace {
+
+Json FinishReason(const std::string& r) { return r.empty() ? Json(nullptr) : Json(r); }
+
+Json CompletionEnvelope(const CompletionRequest& r, const std::string& id, int64_t created_s,
+                        bool chunk) {
+  Json out = {{"id", id},
+              {"object", r.chat ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                                : "text_completion"},
+              {"created", created_s},
+              {"model", r.model},
+              {"system_fingerprint", nullptr}};
+  return out;
+}
+
+}  // namespace
+
+Json CompletionJson(const v1::GenerateResponse& resp, const CompletionRequest& r,
+                    const std::string& id, int64_t created_s) {
+  Json out = CompletionEnvelope(r, id, created_s, false);
+  Json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", FinishReason(resp.finish_reason())}};
+  if (r.chat) {
+    choice["message"] = {{"role", "assistant"}, {"content", resp.text()}, {"refusal", nullptr}};
+  } else {
+    choice["text"] = resp.text();
+  }
+  out["choices"] = Json::array({choice});
+  out["usage"] = UsageJson(resp.usage());
+  out["metatt"] = {{"family", resp.family()},
+                   {"version", resp.version()},
+                   {"task", resp.task()},
+                   {"task_index", resp.task_index()},
+                   {"time_to_first_token_seconds", resp.time_to_first_token_seconds()},
+                   {"server_seconds", resp.server_seconds()}};
+  return out;
+}
+
+Json CompletionChunkJson(const v1::GenerateChunk& c, const CompletionRequest& r,
+                         const std::string& id, int64_t created_s, bool first) {
+  Json out = CompletionEnvelope(r, id, created_s, true);
+  Json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", FinishReason(c.finish_reason())}};
+  if (r.chat) {
+    Json delta = Json::object();
+    if (first) delta["role"] = "assistant";
+    delta["content"] = c.text();
+    choice["delta"] = delta;
+  } else {
+    choice["text"] = c.text();
+  }
+  out["choices"] = Json::array({choice});
+  if (r.include_usage) out["usage"] = nullptr;
+  return out;
+}
+
+Json UsageChunkJson(const v1::GenerateUsage& u, const CompletionRequest& r, const std::string& id,
+                    int64_t created_s) {
+  Json out = CompletionEnvelope(r, id, created_s, true);
+  out["choices"] = Json::array();
+  out["usage"] = UsageJson(u);
+  return out;
+}
+
+std::string SseEvent(const std::string& data) { return "data: " + data + "\n\n"; }
 
 }  // namespace metatt::http

@@ -99,4 +99,44 @@ std::optional<ApiError> ParseClassification(const Json& body, v1::PredictRequest
 Json ClassificationJson(const v1::PredictResponse& resp,
                         const std::vector<std::pair<int, std::string>>& rows);
 
+// ---- chat and text completions (decoder families) ----------------------------------
+// POST /v1/chat/completions (chat = true: `messages`) and POST /v1/completions
+// (`prompt`) onto GenerateRequest. `model` is `family:task`, or `base_model`
+// for the base model without an adapter; anything else is 404
+// model_not_found. OpenAI's defaults where the proto's zero means something
+// else: temperature left out = 1 (OpenAI's default; 0 = greedy). MetaTT's own
+// fields go in the extension object `metatt`: {"top_k", "version"}. Fields
+// with no gRPC equivalent (n > 1, logprobs, tools, echo, ...) are refused
+// naming them; ranges are the server's to check.
+struct CompletionRequest {
+  bool chat = false;
+  std::string model;  // as the client gave it (echoed in every response object)
+  bool stream = false;
+  bool include_usage = false;                    // stream_options.include_usage
+  std::string max_tokens_param = "max_tokens";   // or max_completion_tokens
+  v1::GenerateRequest req;
+};
+std::optional<ApiError> ParseCompletionRequest(const Json& body, bool chat,
+                                               const std::string& base_model,
+                                               CompletionRequest* out);
+// A failed Generate/GenerateStream as an OpenAI error naming the request's
+// field (GenerateParamOf): NOT_FOUND is 404 model_not_found, a model of the
+// other kind (FAILED_PRECONDITION) names `model`.
+ApiError GenerateError(const grpc::Status& st, const CompletionRequest& r);
+std::string GenerateParamOf(const std::string& grpc_field, const CompletionRequest& r);
+
+Json UsageJson(const v1::GenerateUsage& u);
+// The non-streamed answer: chat.completion or text_completion.
+Json CompletionJson(const v1::GenerateResponse& resp, const CompletionRequest& r,
+                    const std::string& id, int64_t created_s);
+// One streamed GenerateChunk as chat.completion.chunk (first: delta.role too)
+// or a text_completion chunk.
+Json CompletionChunkJson(const v1::GenerateChunk& c, const CompletionRequest& r,
+                         const std::string& id, int64_t created_s, bool first);
+// The last chunk of a stream with stream_options.include_usage: no choices.
+Json UsageChunkJson(const v1::GenerateUsage& u, const CompletionRequest& r,
+                    const std::string& id, int64_t created_s);
+// A server-sent event carrying `data` ("data: <data>\n\n").
+std::string SseEvent(const std::string& data);
+
 }  // namespace metatt::http

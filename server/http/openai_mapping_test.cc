@@ -121,10 +121,192 @@ TEST(OpenAiMapping, UploadHeaderFromTheFirstLine) {
   EXPECT_EQ(h2.format(), v1::TSV);
   EXPECT_EQ(h2.label_kind(), v1::REGRESSION);
   EXPECT_EQ(h2.text_pair_column(), "");
-  v1::DatasetHeader h3;
-  auto e = DatasetHeaderFor("chat.jsonl", R"({"messages": []})", "", &h3);
+  // Chat, prompt/completion and instruction lines: a generation dataset.
+  for (const char* line : {R"({"messages": [{"role": "user", "content": "hi"}]})",
+                           R"({"prompt": "a", "completion": "b"})",
+                           R"({"instruction": "a", "input": "", "output": "b"})"}) {
+    v1::DatasetHeader h3;
+    ASSERT_FALSE(DatasetHeaderFor("chat.jsonl", line, "", &h3));
+    EXPECT_EQ(h3.label_kind(), v1::GENERATION) << line;
+    EXPECT_EQ(h3.format(), v1::JSONL);
+  }
+  v1::DatasetHeader h4;
+  ASSERT_FALSE(DatasetHeaderFor("chat.json", "[", "generation", &h4));
+  EXPECT_EQ(h4.label_kind(), v1::GENERATION);
+  v1::DatasetHeader h5;
+  auto e = DatasetHeaderFor("x.jsonl", "{}", "poetry", &h5);
   ASSERT_TRUE(e);
-  EXPECT_EQ(e->code, "model_kind_not_supported");
+  EXPECT_EQ(e->param, "label_kind");
+}
+
+TEST(OpenAiMapping, ChatRequestMapsOntoGenerate) {
+  CompletionRequest cr;
+  ASSERT_FALSE(ParseCompletionRequest(Json::parse(R"({
+      "model": "fam:qa", "stream": true, "stream_options": {"include_usage": true},
+      "messages": [{"role": "developer", "content": "Be brief."},
+                   {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                {"type": "text", "text": "there"}]}],
+      "max_completion_tokens": 7, "temperature": 0, "top_p": 0.9, "seed": 11,
+      "stop": ["\n", "END"], "n": 1, "metatt": {"top_k": 40, "version": 2}})"),
+                                      /*chat=*/true, "base", &cr));
+  const v1::GenerateRequest& g = cr.req;
+  EXPECT_TRUE(cr.chat && cr.stream && cr.include_usage);
+  EXPECT_EQ(cr.model, "fam:qa");
+  EXPECT_EQ(g.family(), "fam");
+  EXPECT_EQ(g.task(), "qa");
+  EXPECT_EQ(g.version(), 2);
+  ASSERT_EQ(g.messages().messages_size(), 2);
+  EXPECT_EQ(g.messages().messages(0).role(), "system");
+  EXPECT_EQ(g.messages().messages(1).content(), "Hi there");
+  EXPECT_EQ(g.max_tokens(), 7);
+  EXPECT_EQ(cr.max_tokens_param, "max_completion_tokens");
+  EXPECT_EQ(g.temperature(), 0.0f);
+  EXPECT_FLOAT_EQ(g.top_p(), 0.9f);
+  EXPECT_EQ(g.top_k(), 40);
+  ASSERT_TRUE(g.has_seed());
+  EXPECT_EQ(g.seed(), 11u);
+  ASSERT_EQ(g.stop_size(), 2);
+  EXPECT_EQ(g.stop(1), "END");
+}
+
+TEST(OpenAiMapping, CompletionRequestDefaultsAndBaseModel) {
+  CompletionRequest cr;
+  ASSERT_FALSE(ParseCompletionRequest(
+      Json::parse(R"({"model": "base", "prompt": ["Once"], "stop": "."})"), false, "base", &cr));
+  EXPECT_FALSE(cr.chat || cr.stream);
+  EXPECT_EQ(cr.req.family(), "");
+  EXPECT_EQ(cr.req.task(), "");
+  EXPECT_EQ(cr.req.prompt(), "Once");
+  EXPECT_EQ(cr.req.temperature(), 1.0f);  // OpenAI's default
+  EXPECT_EQ(cr.req.max_tokens(), 0);      // the server's default
+  EXPECT_FALSE(cr.req.has_seed());
+  EXPECT_EQ(cr.req.stop(0), ".");
+  CompletionRequest zero;
+  ASSERT_FALSE(ParseCompletionRequest(
+      Json::parse(R"({"model": "f:t", "prompt": "x", "max_tokens": 0})"), false, "base", &zero));
+  EXPECT_EQ(zero.req.max_tokens(), -1);  // refused by the server, not its default
+}
+
+TEST(OpenAiMapping, CompletionRequestErrorsNameTheField) {
+  struct Case {
+    const char* body;
+    bool chat;
+    int status;
+    const char* param;
+  } cases[] = {
+      {R"({"messages": [{"role": "user", "content": "x"}]})", true, 400, "model"},
+      {R"({"model": "nocolon", "messages": [{"role": "user", "content": "x"}]})", true, 404,
+       "model"},
+      {R"({"model": "f:t"})", true, 400, "messages"},
+      {R"({"model": "f:t", "messages": []})", true, 400, "messages"},
+      {R"({"model": "f:t", "messages": [{"content": "x"}]})", true, 400, "messages[0].role"},
+      {R"({"model": "f:t", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+       true, 400, "messages[0].content[0]"},
+      {R"({"model": "f:t"})", false, 400, "prompt"},
+      {R"({"model": "f:t", "prompt": [1, 2]})", false, 400, "prompt"},
+      {R"({"model": "f:t", "prompt": "x", "temperature": "hot"})", false, 400, "temperature"},
+      {R"({"model": "f:t", "prompt": "x", "n": 2})", false, 400, "n"},
+      {R"({"model": "f:t", "prompt": "x", "seed": -1})", false, 400, "seed"},
+      {R"({"model": "f:t", "prompt": "x", "stop": [1]})", false, 400, "stop[0]"},
+      {R"({"model": "f:t", "prompt": "x", "stream": "yes"})", false, 400, "stream"},
+      {R"({"model": "f:t", "prompt": "x", "stream_options": {"include_usage": true}})", false,
+       400, "stream_options"},
+      {R"({"model": "f:t", "prompt": "x", "metatt": {"top_q": 1}})", false, 400, "metatt.top_q"},
+      {R"({"model": "f:t", "prompt": "x", "metatt": {"top_k": 1.5}})", false, 400,
+       "metatt.top_k"},
+      {R"({"model": "f:t", "messages": [{"role": "user", "content": "x"}], "tools": [{}]})", true,
+       400, "tools"},
+      {R"({"model": "f:t", "messages": [{"role": "user", "content": "x"}], "logprobs": true})",
+       true, 400, "logprobs"},
+      {R"({"model": "f:t", "prompt": "x", "max_tokens": 3, "max_completion_tokens": 4})", false,
+       400, "max_completion_tokens"},
+  };
+  for (const auto& c : cases) {
+    CompletionRequest cr;
+    auto e = ParseCompletionRequest(Json::parse(c.body), c.chat, "base", &cr);
+    ASSERT_TRUE(e) << c.body;
+    EXPECT_EQ(e->status, c.status) << c.body;
+    EXPECT_EQ(e->param, c.param) << c.body;
+  }
+}
+
+TEST(OpenAiMapping, GenerateErrorsNameTheRequestField) {
+  CompletionRequest chat;
+  chat.chat = true;
+  chat.max_tokens_param = "max_completion_tokens";
+  CompletionRequest text;
+  auto err = [](grpc::StatusCode code, const char* msg, const CompletionRequest& r) {
+    return GenerateError(grpc::Status(code, msg), r);
+  };
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "temperature: must be in [0, 100]", text).param,
+            "temperature");
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "top_k: negative", text).param,
+            "metatt.top_k");
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens: negative", chat).param,
+            "max_completion_tokens");
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "prompt: 9000 tokens; ...", chat).param,
+            "messages");
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "prompt: 9000 tokens; ...", text).param,
+            "prompt");
+  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "messages[1].role: empty", chat).param,
+            "messages[1].role");
+  ApiError nf = err(grpc::StatusCode::NOT_FOUND, "family 'x' not found", chat);
+  EXPECT_EQ(nf.status, 404);
+  EXPECT_EQ(nf.param, "model");
+  EXPECT_EQ(nf.code, "model_not_found");
+  ApiError kind = err(grpc::StatusCode::FAILED_PRECONDITION,
+                      "Generate: this server holds an encoder base model", chat);
+  EXPECT_EQ(kind.status, 400);
+  EXPECT_EQ(kind.param, "model");
+  EXPECT_EQ(err(grpc::StatusCode::RESOURCE_EXHAUSTED, "queue full", text).status, 429);
+  EXPECT_EQ(err(grpc::StatusCode::UNAUTHENTICATED, "unknown token", text).status, 401);
+}
+
+TEST(OpenAiMapping, CompletionObjects) {
+  CompletionRequest chat;
+  chat.chat = true;
+  chat.model = "fam:qa";
+  v1::GenerateResponse resp;
+  resp.set_text("Paris.");
+  resp.set_finish_reason("stop");
+  resp.mutable_usage()->set_prompt_tokens(20);
+  resp.mutable_usage()->set_completion_tokens(3);
+  Json j = CompletionJson(resp, chat, "chatcmpl-1", 1700000000);
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["model"], "fam:qa");
+  EXPECT_EQ(j["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(j["choices"][0]["message"]["content"], "Paris.");
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(j["usage"]["total_tokens"], 23);
+
+  CompletionRequest text;
+  text.model = "base";
+  Json t = CompletionJson(resp, text, "cmpl-1", 1);
+  EXPECT_EQ(t["object"], "text_completion");
+  EXPECT_EQ(t["choices"][0]["text"], "Paris.");
+  EXPECT_FALSE(t["choices"][0].contains("message"));
+
+  v1::GenerateChunk c;
+  c.set_text("Par");
+  chat.include_usage = true;
+  Json first = CompletionChunkJson(c, chat, "chatcmpl-1", 1, /*first=*/true);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  EXPECT_EQ(first["choices"][0]["delta"]["content"], "Par");
+  EXPECT_TRUE(first["choices"][0]["finish_reason"].is_null());
+  EXPECT_TRUE(first.contains("usage") && first["usage"].is_null());
+  c.set_text("is.");
+  c.set_finish_reason("length");
+  Json last = CompletionChunkJson(c, chat, "chatcmpl-1", 1, /*first=*/false);
+  EXPECT_FALSE(last["choices"][0]["delta"].contains("role"));
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
+  Json usage = UsageChunkJson(resp.usage(), chat, "chatcmpl-1", 1);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 3);
+  Json tc = CompletionChunkJson(c, text, "cmpl-1", 1, true);
+  EXPECT_EQ(tc["object"], "text_completion");
+  EXPECT_EQ(tc["choices"][0]["text"], "is.");
+  EXPECT_EQ(SseEvent("[DONE]"), "data: [DONE]\n\n");
 }
 
 TEST(OpenAiMapping, ClassificationRequestCrossesInputsAndModels) {
