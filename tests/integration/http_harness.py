@@ -69,3 +69,26 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def make_tiny_decoder(out, smol_dir, max_positions=4096):
+    """A random 2-layer Llama (GQA, hidden 32) saved by transformers, carrying
+    SmolLM2's tokenizer and chat template (as test_generation_jobs.py makes
+    one); `max_positions` is its context."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smol_dir / f).exists():
+            shutil.copy(smol_dir / f, out / f)
+    return out

@@ -189,13 +189,19 @@ def test_errors_in_openai_shape(stack):
     with pytest.raises(openai.BadRequestError) as e:
         client.files.create(file=("t.jsonl", b'{"text": "a", "label": 1}\n'), purpose="batch")
     assert e.value.param == "purpose"
+    # Chat and text completions need a decoder: this gateway fronts an encoder
+    # server, whose Generate refuses (FAILED_PRECONDITION naming the model
+    # kind): 400 naming `model`, streamed or not (test_http_generate.py
+    # covers decoder servers).
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="sent:SENT", stream=stream,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert e.value.param == "model" and e.value.code == "failed_precondition"
+        assert "encoder" in e.value.message and "Predict" in e.value.message, e.value.message
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="sent:SENT",
-                                       messages=[{"role": "user", "content": "hi"}])
-    assert e.value.code == "model_kind_not_supported" and "not supported yet" in e.value.message
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="sent:SENT", prompt="hi")
-    assert e.value.code == "model_kind_not_supported"
+        client.completions.create(model=BASE, prompt="hi")
+    assert e.value.param == "model" and "encoder" in e.value.message
     # A malformed file: the server names the bad line, nothing is stored.
     with pytest.raises(openai.BadRequestError) as e:
         client.files.create(file=("bad.jsonl", b'{"text": "a", "label": 1}\nnot json\n'),
