@@ -109,6 +109,13 @@ def test_openai_sdk_file_job_events_models_classify(stack, tmp_path):
     assert ids[0] == BASE and "sent:SENT" in ids
     m = client.models.retrieve("sent:SENT")
     assert m.model_extra["metatt"]["labels"] == ["0", "1"]
+    assert m.model_extra["metatt"]["kind"] == "encoder"
+    # An encoder family cannot chat: 400 naming `model` (the server's
+    # FAILED_PRECONDITION says to use Predict).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="sent:SENT",
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert e.value.param == "model" and "Predict" in e.value.message, e.value.message
 
     # Classification (requests): two inputs, one a sentence pair.
     r = requests.post(gw.url + "/classifications", headers={"Authorization": f"Bearer {TOKEN}"},
@@ -195,13 +202,25 @@ def test_errors_in_openai_shape(stack):
     # covers decoder servers).
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="sent:SENT", stream=stream,
+            client.chat.completions.create(model=BASE, stream=stream,
                                            messages=[{"role": "user", "content": "hi"}])
         assert e.value.param == "model" and e.value.code == "failed_precondition"
         assert "encoder" in e.value.message and "Predict" in e.value.message, e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=BASE, prompt="hi")
     assert e.value.param == "model" and "encoder" in e.value.message
+    # Chat-format JSONL uploads as a generation dataset; a job on this
+    # encoder server fails, naming the model kind.
+    chat = "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": "a"}]}) + "\n"
+                   for i in range(8)).encode()
+    f = client.files.create(file=("chat.jsonl", chat), purpose="fine-tune")
+    assert f.model_extra["metatt"]["label_kind"] == "generation" and f.model_extra["metatt"][
+        "rows"] == 8
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, suffix="chat:x")
+    failed = wait_status(client, job.id, {"failed", "succeeded", "cancelled"}, timeout=120)
+    assert failed.status == "failed" and "generation dataset" in failed.error.message, failed
+    assert "encoder" in failed.error.message
     # A malformed file: the server names the bad line, nothing is stored.
     with pytest.raises(openai.BadRequestError) as e:
         client.files.create(file=("bad.jsonl", b'{"text": "a", "label": 1}\nnot json\n'),
