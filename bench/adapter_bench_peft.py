@@ -1,6 +1,6 @@
 """PEFT LoRA inference throughput in PyTorch, same settings as adapter_bench.cc.
 
-MiniLM (default /work/main/models/all-MiniLM-L6-v2), batch 32, seq 128,
+MiniLM (default <repo>/models/all-MiniLM-L6-v2), batch 32, seq 128,
 torch.no_grad, 2 threads; base model alone and PEFT LoRA r=8 (alpha 16) on
 query/value, unmerged. Rounds are interleaved; medians reported. JSON to
 stdout and bench/out/adapter_bench_peft.json.
@@ -17,7 +17,7 @@ import torch
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model_dir", default=os.environ.get(
-        "METATT_MODEL_DIR", "/work/main/models/all-MiniLM-L6-v2"))
+        "METATT_MODEL_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "all-MiniLM-L6-v2")))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)

@@ -34,7 +34,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, binary, shared_dir
+from conftest import ROOT, binary, random_text, shared_dir
 
 TOOL_REL = "server/model/metatt-bpe-tokenize"
 
@@ -127,37 +127,9 @@ def fuzz_strings(n=3000, seed=1234):
     """Random strings mixing words, digits, spaces, special-token fragments and
     code points from every plane (assigned or not; no surrogates)."""
     rng = random.Random(seed)
-    pools = [
-        (0x20, 0x7E), (0x00, 0x20), (0x80, 0x24F), (0x300, 0x36F), (0x370, 0x52F),
-        (0x590, 0x6FF), (0x900, 0xDFF), (0x1100, 0x11FF), (0x1AB0, 0x1AFF),
-        (0x1DC0, 0x1FFF), (0x2000, 0x2BFF), (0x2E00, 0x2E7F), (0x3000, 0x30FF),
-        (0x3400, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xF8FF), (0xF900, 0xFFFF),
-        (0x10000, 0x1FFFF), (0x1D100, 0x1D1FF), (0x1F300, 0x1FAFF),
-        (0x20000, 0x323AF), (0xE0000, 0xE01EF), (0xF0000, 0x10FFFF),
-    ]
     words = ["the", " the", "café", "'s", "'ll", " 's", "123", " 4", "½", "\t", "\n", "\r\n",
              "  ", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "|>", "Ġ", "Ċ", "Ã©"]
-
-    def rand_cp():
-        lo, hi = rng.choice(pools)
-        while True:
-            cp = rng.randint(lo, hi)
-            if not 0xD800 <= cp <= 0xDFFF:
-                return cp
-
-    out = []
-    for _ in range(n):
-        parts = []
-        for _ in range(rng.randint(0, 40)):
-            r = rng.random()
-            if r < 0.35:
-                parts.append(rng.choice(words))
-            elif r < 0.5:
-                parts.append(" ")
-            else:
-                parts.append(chr(rand_cp()))
-        out.append("".join(parts))
-    return out
+    return [random_text(rng, words, 40) for _ in range(n)]
 
 
 def run_tool(requests, model=None):

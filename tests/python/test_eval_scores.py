@@ -8,7 +8,9 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-BUILD = os.environ.get("METATT_BUILD_DIR", "/work/main/build")
+from conftest import build_dir
+
+BUILD = str(build_dir())
 TOOL = os.path.join(BUILD, "server", "training", "metatt-eval-scores")
 
 

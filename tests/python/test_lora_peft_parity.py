@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import build_dir
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-BUILD_DIR = os.environ.get("METATT_BUILD_DIR", "/work/main/build")
+BUILD_DIR = str(build_dir())
 TOOL = os.path.join(BUILD_DIR, "server", "model", "metatt-lora-forward")
 
 

@@ -4,9 +4,9 @@ plus synthetic stress strings and a seeded random-code-point fuzz.
 
 Env:
   METATT_BUILD_DIR   build dir holding server/model/metatt-tokenize
-                     (default /work/main/build)
-  METATT_MODEL_DIR   model dir (default /work/main/models/all-MiniLM-L6-v2)
-  METATT_SHARED_DIR  shared dir with data/glue (default /work/shared)
+                     (default <repo>/build)
+  METATT_MODEL_DIR   model dir (default <repo>/models/all-MiniLM-L6-v2)
+  METATT_SHARED_DIR  shared dir with data/glue (default <repo>/../shared)
 
 All inputs go through one metatt-tokenize process (JSONL in / out).
 """
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CODE_POINT_POOLS, build_dir, model_dir, random_text, shared_dir
+
 MAX_LENGTH = 128
-BUILD_DIR = Path(os.environ.get("METATT_BUILD_DIR", "/work/main/build"))
-MODEL_DIR = Path(os.environ.get("METATT_MODEL_DIR", "/work/main/models/all-MiniLM-L6-v2"))
-GLUE_DIR = Path(os.environ.get("METATT_SHARED_DIR", "/work/shared")) / "data" / "glue"
+BUILD_DIR = build_dir()
+MODEL_DIR = model_dir()
+GLUE_DIR = shared_dir() / "data" / "glue"
 TOOL = BUILD_DIR / "server" / "model" / "metatt-tokenize"
 
 # task -> (columns, has_header); MRPC's header starts with a UTF-8 BOM.
@@ -102,37 +104,13 @@ def fuzz_inputs(n=3000, seed=1234):
     """Random strings mixing ASCII, Latin, combining marks, CJK, and random
     code points from every plane (assigned or not; no surrogates)."""
     rng = random.Random(seed)
-    pools = [
-        (0x20, 0x7E), (0x00, 0x20), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x52F),
-        (0x590, 0x6FF), (0x900, 0xDFF), (0x1100, 0x11FF), (0x1AB0, 0x1AFF),
-        (0x1DC0, 0x1FFF), (0x2000, 0x2BFF), (0x2E00, 0x2E7F), (0x3000, 0x30FF),
-        (0x3400, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xF8FF), (0xF900, 0xFFFF),
-        (0x10000, 0x1FFFF), (0x1D100, 0x1D1FF), (0x1F300, 0x1FAFF),
-        (0x20000, 0x323AF), (0xE0000, 0xE01EF), (0xF0000, 0x10FFFF),
-    ]
-
-    def rand_cp():
-        lo, hi = rng.choice(pools)
-        while True:
-            cp = rng.randint(lo, hi)
-            if not 0xD800 <= cp <= 0xDFFF:
-                return cp
-
-    def rand_text():
-        out = []
-        for _ in range(rng.randint(0, 60)):
-            r = rng.random()
-            if r < 0.35:
-                out.append(rng.choice(["the", "café", "naïve", "un", "##", "aff", "able", "ß"]))
-            elif r < 0.5:
-                out.append(" ")
-            else:
-                out.append(chr(rand_cp()))
-        return "".join(out)
-
+    # WordPiece's Latin pool starts after the C1 controls.
+    pools = [(0xA0, 0x24F) if p == (0x80, 0x24F) else p for p in CODE_POINT_POOLS]
+    words = ["the", "café", "naïve", "un", "##", "aff", "able", "ß"]
     rows = []
     for i in range(n):
-        rows.append((rand_text(), rand_text() if i % 3 == 0 else None))
+        first = random_text(rng, words, 60, pools)
+        rows.append((first, random_text(rng, words, 60, pools) if i % 3 == 0 else None))
     return rows
 
 

@@ -11,7 +11,9 @@ import subprocess
 
 import pytest
 
-BUILD = os.environ.get("METATT_BUILD_DIR", "/work/main/build")
+from conftest import build_dir
+
+BUILD = str(build_dir())
 TOOL = os.path.join(BUILD, "server", "training", "metatt-train")
 REPO = os.environ.get("METATT_SOURCE_DIR", os.path.dirname(os.path.dirname(
     os.path.dirname(os.path.abspath(__file__)))))
