@@ -315,6 +315,10 @@ class Chaos:
         src = pathlib.Path(os.environ.get("METATT_BUILD_DIR", ROOT / "build")) / "server" / "metatt-server"
         (self.work / "bin" / "server").mkdir(parents=True)
         shutil.copy2(src, self.work / "bin" / "server" / "metatt-server")
+        self.binary = {"path": str(src), "sha256": sha256(src.read_bytes())[:16],
+                       "modified_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(src.stat().st_mtime)),
+                       "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                  capture_output=True, text=True).stdout.strip()}
         os.environ["METATT_BUILD_DIR"] = str(self.work / "bin")
         self.model = tiny_model(self.work / "model", WORDS)
         self.data = self.work / "data"
@@ -401,6 +405,7 @@ class Chaos:
             "seed": self.args.seed, "minutes_requested": self.args.minutes,
             "wall_seconds": round(wall, 1), "tenants": self.args.tenants,
             "model": "random tiny BERT (2 layers, hidden 32), CPU",
+            "binary": self.binary,
             "requests_served": sum(self.served.values()),
             "served_by_rpc": dict(sorted(self.served.items())),
             "faults_injected": sum(self.faults.values()),
