@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -55,7 +56,9 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
 }
 
 absl::Status WriteFileAtomically(const std::string& path, const std::string& bytes) {
-  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  // Unique per call: two threads writing one path never share a scratch file.
+  static std::atomic<uint64_t> seq{0};
+  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid(), ".", seq++);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) return absl::InternalError(absl::StrCat("create ", tmp, ": ", strerror(errno)));
   size_t done = 0;

@@ -17,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/file_io.h"
 #include "base/status_macros.h"
 #include "server/store/job_json.h"
 #include "server/store/json_slice.h"
@@ -109,6 +110,20 @@ UPDATE family_versions SET family = tenant || '~' || family
     R"sql(
 ALTER TABLE jobs ADD COLUMN claim_epoch BIGINT NOT NULL DEFAULT 0;
 )sql",
+    // 6: the blob store (blob_store.h): family version files, uploaded
+    // datasets and job checkpoints, so replicas share no directory. Stored
+    // uncompressed out of line (tensors do not compress); size and FNV-1a 64
+    // are checked on every read.
+    R"sql(
+CREATE TABLE blobs (
+  key TEXT COLLATE "C" PRIMARY KEY,
+  bytes BYTEA NOT NULL,
+  size BIGINT NOT NULL,
+  fnv1a64 TEXT NOT NULL,
+  updated_unix_ms BIGINT NOT NULL
+);
+ALTER TABLE blobs ALTER COLUMN bytes SET STORAGE EXTERNAL;
+)sql",
 };
 
 // Any number; every replica uses the same one to serialise migrations.
@@ -196,11 +211,23 @@ bool WaitSocket(PGconn* conn, short events, std::chrono::steady_clock::time_poin
 // One statement, answered within g_statement_timeout_ms: sent and read
 // asynchronously; past the deadline the connection is shut down (the next
 // call reconnects) and the statement fails UNAVAILABLE.
+// `binary_params` (optional, one flag per parameter): send those as bytes
+// (bytea); `binary_result`: read every column in binary format.
 absl::StatusOr<Result> Exec(PGconn* conn, const std::string& sql,
-                            const std::vector<Param>& params = {}) {
+                            const std::vector<Param>& params = {},
+                            const std::vector<int>& binary_params = {},
+                            bool binary_result = false) {
   std::vector<const char*> values;
+  std::vector<int> lengths;
   values.reserve(params.size());
-  for (const Param& p : params) values.push_back(p ? p->c_str() : nullptr);
+  for (const Param& p : params) {
+    values.push_back(p ? p->data() : nullptr);
+    lengths.push_back(p ? static_cast<int>(p->size()) : 0);
+  }
+  std::vector<int> formats(params.size(), 0);
+  for (size_t i = 0; i < binary_params.size() && i < formats.size(); ++i) {
+    formats[i] = binary_params[i];
+  }
   const int64_t timeout_ms = g_statement_timeout_ms.load();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   auto timed_out = [&]() -> absl::Status {
@@ -213,7 +240,8 @@ absl::StatusOr<Result> Exec(PGconn* conn, const std::string& sql,
     return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
   }
   if (PQsendQueryParams(conn, sql.c_str(), static_cast<int>(values.size()), nullptr,
-                        values.data(), nullptr, nullptr, /*resultFormat=*/0) == 0) {
+                        values.data(), lengths.data(), formats.data(),
+                        /*resultFormat=*/binary_result ? 1 : 0) == 0) {
     return absl::UnavailableError(absl::StrCat("postgresql: ", ConnError(conn)));
   }
   PQsetnonblocking(conn, 1);
@@ -338,6 +366,99 @@ absl::StatusOr<std::unique_ptr<PostgresStore>> PostgresStore::Create(const std::
   RETURN_IF_ERROR(store->Migrate());
   return store;
 }
+
+// ---- Blobs ------------------------------------------------------------------
+
+class PostgresStore::Blobs : public BlobStore {
+ public:
+  explicit Blobs(PostgresStore* store) : s_(store) {}
+
+  absl::Status Put(const std::string& key, const std::string& bytes,
+                   const std::string& fence_job) override {
+    RETURN_IF_ERROR(ValidateBlobKey(key));
+    absl::MutexLock lock(&s_->mu_);
+    RETURN_IF_ERROR(s_->EnsureConnected());
+    const std::string upsert =
+        "INSERT INTO blobs(key, bytes, size, fnv1a64, updated_unix_ms) VALUES ($1, $2, $3, $4, "
+        "(extract(epoch from now()) * 1000)::bigint) ON CONFLICT (key) DO UPDATE SET "
+        "bytes = EXCLUDED.bytes, size = EXCLUDED.size, fnv1a64 = EXCLUDED.fnv1a64, "
+        "updated_unix_ms = EXCLUDED.updated_unix_ms";
+    const std::vector<Param> params = {P(key), P(bytes), P(static_cast<int64_t>(bytes.size())),
+                                       P(Fnv1a64Hex(bytes))};
+    absl::Status st;
+    if (!fence_job.empty() && s_->FenceLocked(fence_job)) {
+      // The epoch check (job row locked until commit) and the write, together.
+      Transaction tx(s_->conn_);
+      RETURN_IF_ERROR(tx.status());
+      RETURN_IF_ERROR(s_->CheckFenceLocked(fence_job, absl::StrCat("write of blob ", key).c_str()));
+      st = Exec(s_->conn_, upsert, params, {0, 1}).status();
+      if (st.ok()) st = tx.Commit();
+    } else {
+      st = Exec(s_->conn_, upsert, params, {0, 1}).status();
+    }
+    if (!st.ok()) return absl::Status(st.code(), absl::StrCat("blob ", key, ": ", st.message()));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::string> Get(const std::string& key) override {
+    RETURN_IF_ERROR(ValidateBlobKey(key));
+    absl::MutexLock lock(&s_->mu_);
+    RETURN_IF_ERROR(s_->EnsureConnected());
+    // Binary results: the bytes as stored; size as text (no int8 decoding).
+    ASSIGN_OR_RETURN(Result r, Exec(s_->conn_,
+                                    "SELECT bytes, size::text, fnv1a64 FROM blobs WHERE key = $1",
+                                    {P(key)}, {}, /*binary_result=*/true));
+    if (r.rows() == 0) {
+      return absl::NotFoundError(absl::StrCat("blob ", key, " not found in ", Describe()));
+    }
+    std::string bytes = r.Text(0, 0);
+    if (std::to_string(bytes.size()) != r.Text(0, 1) || Fnv1a64Hex(bytes) != r.Text(0, 2)) {
+      return absl::DataLossError(absl::StrCat("blob ", key, " in ", Describe(),
+                                              ": the bytes do not match their recorded size "
+                                              "and hash"));
+    }
+    return bytes;
+  }
+
+  absl::StatusOr<bool> Exists(const std::string& key) override {
+    RETURN_IF_ERROR(ValidateBlobKey(key));
+    absl::MutexLock lock(&s_->mu_);
+    RETURN_IF_ERROR(s_->EnsureConnected());
+    ASSIGN_OR_RETURN(Result r, Exec(s_->conn_, "SELECT 1 FROM blobs WHERE key = $1", {P(key)}));
+    return r.rows() > 0;
+  }
+
+  absl::StatusOr<std::vector<std::string>> List(const std::string& prefix) override {
+    absl::MutexLock lock(&s_->mu_);
+    RETURN_IF_ERROR(s_->EnsureConnected());
+    // The key column's "C" collation: byte order, and a range scan of the
+    // primary key finds a prefix.
+    ASSIGN_OR_RETURN(Result r, Exec(s_->conn_,
+                                    "SELECT key FROM blobs WHERE starts_with(key, $1) "
+                                    "ORDER BY key",
+                                    {P(prefix)}));
+    std::vector<std::string> out;
+    for (int i = 0; i < r.rows(); ++i) out.push_back(r.Text(i, 0));
+    return out;
+  }
+
+  absl::Status Delete(const std::string& key) override {
+    RETURN_IF_ERROR(ValidateBlobKey(key));
+    absl::MutexLock lock(&s_->mu_);
+    RETURN_IF_ERROR(s_->EnsureConnected());
+    return Exec(s_->conn_, "DELETE FROM blobs WHERE key = $1", {P(key)}).status();
+  }
+
+  std::string Describe() const override { return "postgresql"; }
+
+ private:
+  PostgresStore* s_;
+};
+
+PostgresStore::PostgresStore(std::string uri, pg_conn* conn)
+    : uri_(std::move(uri)), conn_(conn), blobs_(new Blobs(this)) {}
+
+BlobStore* PostgresStore::blob_store() { return blobs_.get(); }
 
 PostgresStore::~PostgresStore() {
   absl::MutexLock lock(&mu_);

@@ -17,6 +17,11 @@
 // Fencing (Store::HoldFence): jobs.claim_epoch is raised by every claim and
 // take-over; writes for a job this replica holds a fence on carry the epoch
 // and are refused when it is stale.
+//
+// blob_store(): a BlobStore (blob_store.h) in the same database (table
+// `blobs`, migration 6: bytea, size and FNV-1a 64 checked on every read), on
+// the same connection, timeouts and fences: a Put for a fenced job is
+// refused once the job was taken over.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +33,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/store/blob_store.h"
 #include "server/store/store.h"
 
 struct pg_conn;
@@ -94,8 +100,12 @@ class PostgresStore : public Store {
   void DropFence(const std::string& job_id) override;
   absl::Status Ping() override;
 
+  // The blob store on this database and connection (owned by the store).
+  BlobStore* blob_store();
+
  private:
-  PostgresStore(std::string uri, pg_conn* conn) : uri_(std::move(uri)), conn_(conn) {}
+  class Blobs;
+  PostgresStore(std::string uri, pg_conn* conn);
   // FAILED_PRECONDITION when this replica holds a fence on `job_id` and the
   // job's claim_epoch is no longer it. Locks the job row (FOR SHARE) until
   // the caller's transaction ends, so a take-over waits for the write.
@@ -111,6 +121,7 @@ class PostgresStore : public Store {
   absl::Mutex mu_;
   pg_conn* conn_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> fences_ ABSL_GUARDED_BY(mu_);  // job id -> claim epoch
+  std::unique_ptr<Blobs> blobs_;
 };
 
 }  // namespace metatt

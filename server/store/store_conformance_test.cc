@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <random>
 #include <set>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "server/jobs/job_manager.h"
+#include "server/store/blob_store.h"
 #include "server/store/pg_test_server.h"
 #include "server/store/postgres_store.h"
 #include "server/store/sqlite_store.h"
@@ -475,17 +477,19 @@ TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 1, 7)).ok());
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("old", 2, 0)).ok());
   store_.reset();
-  // PostgreSQL has one more: the jobs' claim_epoch (fencing tokens).
+  // PostgreSQL has two more: the jobs' claim_epoch (fencing tokens) and the
+  // blobs table.
   const char* undo =
       GetParam() == "sqlite"
           ? "ALTER TABLE family_versions DROP COLUMN parent_version; "
             "ALTER TABLE family_versions DROP COLUMN task_count; "
             "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 3 FROM "
             "schema_migrations);"
-          : "ALTER TABLE jobs DROP COLUMN claim_epoch; "
+          : "DROP TABLE blobs; "
+            "ALTER TABLE jobs DROP COLUMN claim_epoch; "
             "ALTER TABLE family_versions DROP COLUMN parent_version; "
             "ALTER TABLE family_versions DROP COLUMN task_count; "
-            "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 4 FROM "
+            "DELETE FROM schema_migrations WHERE version > (SELECT MAX(version) - 5 FROM "
             "schema_migrations);";
   if (GetParam() == "sqlite") {
     sqlite3* db = nullptr;
@@ -689,8 +693,8 @@ TEST(PostgresStore, MigratesOnceAndRefusesBadUris) {
   std::thread tb([&] { b = std::move(PostgresStore::Create(*uri)).value(); });
   ta.join();
   tb.join();
-  EXPECT_EQ(*a->SchemaVersion(), 5);
-  EXPECT_EQ(*b->SchemaVersion(), 5);
+  EXPECT_EQ(*a->SchemaVersion(), 6);
+  EXPECT_EQ(*b->SchemaVersion(), 6);
   auto unreachable = PostgresStore::Create("postgresql://postgres@127.0.0.1:1/none");
   EXPECT_TRUE(absl::IsUnavailable(unreachable.status())) << unreachable.status();
 }
@@ -924,6 +928,195 @@ TEST(SharedJobManager, RefusesAStoreOfOneProcess) {
   auto m = JobManager::Create(o, s->get(), &ex);
   EXPECT_TRUE(absl::IsInvalidArgument(m.status())) << m.status();
 }
+
+// ---- The BlobStore contract (blob_store.h): the local directory (SQLite
+// mode's layout) and PostgreSQL's blobs table ----------------------------------
+
+class BlobStoreConformance : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "dir") {
+      dir_ = std::filesystem::temp_directory_path() /
+             ("blob_conformance_" + std::to_string(std::random_device{}()));
+      blobs_ = Reopen();
+    } else {
+      auto uri = PgEnv::Get().NewDatabase();
+      ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
+      uri_ = *uri;
+      blobs_ = Reopen();
+    }
+    ASSERT_NE(blobs_, nullptr);
+  }
+  void TearDown() override {
+    blobs_ = nullptr;
+    pg_.clear();
+    local_.clear();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  // A fresh store object on the same directory or database (another
+  // process, a restart, another replica).
+  BlobStore* Reopen() {
+    if (GetParam() == "dir") {
+      auto s = LocalBlobStore::Create(dir_.string());
+      if (!s.ok()) return nullptr;
+      local_.push_back(std::move(*s));
+      return local_.back().get();
+    }
+    auto s = PostgresStore::Create(uri_);
+    if (!s.ok()) return nullptr;
+    pg_.push_back(std::move(*s));
+    return pg_.back()->blob_store();
+  }
+  static std::string Bytes(size_t n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::string out(n, '\0');
+    for (char& c : out) c = static_cast<char>(rng() & 0xff);
+    return out;
+  }
+
+  std::filesystem::path dir_;
+  std::string uri_;
+  std::vector<std::unique_ptr<LocalBlobStore>> local_;
+  std::vector<std::unique_ptr<PostgresStore>> pg_;
+  BlobStore* blobs_ = nullptr;
+};
+
+TEST_P(BlobStoreConformance, PutGetListDeleteRoundTrip) {
+  const std::string bin = std::string("a\0b\xff\x00z", 6);  // NULs and high bytes survive
+  ASSERT_TRUE(blobs_->Put("families/glue/v1-x/cores.safetensors", bin).ok());
+  ASSERT_TRUE(blobs_->Put("families/glue/v1-x/family.json", "{}").ok());
+  ASSERT_TRUE(blobs_->Put("families/glue2/v1-y/family.json", "{\"n\":2}").ok());
+  ASSERT_TRUE(blobs_->Put("datasets/ds-1/data.tsv", "").ok());  // empty is a value
+  EXPECT_EQ(*blobs_->Get("families/glue/v1-x/cores.safetensors"), bin);
+  EXPECT_EQ(*blobs_->Get("datasets/ds-1/data.tsv"), "");
+  EXPECT_TRUE(*blobs_->Exists("families/glue/v1-x/family.json"));
+  EXPECT_FALSE(*blobs_->Exists("families/glue/v2-x/family.json"));
+  // A plain string prefix, sorted; a sibling with a longer name is not under "glue/".
+  EXPECT_THAT(*blobs_->List("families/glue/"),
+              ElementsAre("families/glue/v1-x/cores.safetensors", "families/glue/v1-x/family.json"));
+  EXPECT_THAT(*blobs_->List("families/glue"),
+              ElementsAre("families/glue/v1-x/cores.safetensors", "families/glue/v1-x/family.json",
+                          "families/glue2/v1-y/family.json"));
+  EXPECT_TRUE(blobs_->List("checkpoints/")->empty());
+  // Put replaces the whole value.
+  ASSERT_TRUE(blobs_->Put("families/glue/v1-x/family.json", "{\"v\":2}").ok());
+  EXPECT_EQ(*blobs_->Get("families/glue/v1-x/family.json"), "{\"v\":2}");
+  // Missing: NOT_FOUND naming the key. Delete is idempotent.
+  auto missing = blobs_->Get("families/glue/v9-z/family.json");
+  EXPECT_TRUE(absl::IsNotFound(missing.status())) << missing.status();
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("families/glue/v9-z/family.json"));
+  ASSERT_TRUE(blobs_->Delete("families/glue/v1-x/family.json").ok());
+  ASSERT_TRUE(blobs_->Delete("families/glue/v1-x/family.json").ok());
+  EXPECT_FALSE(*blobs_->Exists("families/glue/v1-x/family.json"));
+  EXPECT_THAT(*blobs_->List("families/glue/"), ElementsAre("families/glue/v1-x/cores.safetensors"));
+}
+
+TEST_P(BlobStoreConformance, KeysFollowOneRule) {
+  for (const char* bad : {"", "/abs", "a//b", "a/../b", "./a", "a/", "a b", "a/x.tmp.12",
+                          "a\\b", "a/\xc3\xa9"}) {
+    auto st = blobs_->Put(bad, "x");
+    EXPECT_TRUE(absl::IsInvalidArgument(st)) << "'" << bad << "': " << st;
+    EXPECT_TRUE(absl::IsInvalidArgument(blobs_->Get(bad).status())) << bad;
+  }
+  // Tenant-scoped family keys ('~') and every id the server makes are fine.
+  EXPECT_TRUE(blobs_->Put("families/acme~glue/v3-0f/appended.json", "{}").ok());
+  EXPECT_TRUE(blobs_->Put("checkpoints/job-0123abcd/step-000000050.ckpt", "c").ok());
+  EXPECT_TRUE(ValidateBlobKey(std::string(1024, 'a')).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(ValidateBlobKey(std::string(1025, 'a'))));
+}
+
+TEST_P(BlobStoreConformance, LargeValuesAreDurableAcrossReopening) {
+  const std::string big = Bytes(3 << 20, 7);  // a checkpoint-sized value
+  ASSERT_TRUE(blobs_->Put("checkpoints/job-1/step-000000050.ckpt", big).ok());
+  BlobStore* other = Reopen();  // another replica, or the same one restarted
+  ASSERT_NE(other, nullptr);
+  auto got = other->Get("checkpoints/job-1/step-000000050.ckpt");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(*got == big);
+  EXPECT_THAT(*other->List("checkpoints/job-1/"),
+              ElementsAre("checkpoints/job-1/step-000000050.ckpt"));
+}
+
+TEST_P(BlobStoreConformance, ConcurrentWritersOfOneKeyLeaveOneWholeValue) {
+  const std::string a = Bytes(1 << 20, 1), b = Bytes(1 << 20, 2);
+  BlobStore* other = Reopen();
+  ASSERT_NE(other, nullptr);
+  std::thread ta([&] {
+    for (int i = 0; i < 5; ++i) EXPECT_TRUE(blobs_->Put("datasets/ds-x/data.tsv", a).ok());
+  });
+  std::thread tb([&] {
+    for (int i = 0; i < 5; ++i) EXPECT_TRUE(other->Put("datasets/ds-x/data.tsv", b).ok());
+  });
+  ta.join();
+  tb.join();
+  auto got = blobs_->Get("datasets/ds-x/data.tsv");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(*got == a || *got == b);  // never a mix
+}
+
+// The directory store: a write cut off before its rename (a crash) leaves the
+// previous value, and its scratch file is no key.
+TEST(LocalBlobStore, InterruptedWriteLeavesThePreviousValue) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("blob_local_" + std::to_string(std::random_device{}()));
+  auto s = LocalBlobStore::Create(dir.string());
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->Put("datasets/ds-1/data.tsv", "old").ok());
+  // Today's layout: the key is the file under the root.
+  EXPECT_TRUE(std::filesystem::is_regular_file(dir / "datasets/ds-1/data.tsv"));
+  std::ofstream(dir / "datasets/ds-1/data.tsv.tmp.999") << "half of the n";
+  EXPECT_EQ(*(*s)->Get("datasets/ds-1/data.tsv"), "old");
+  EXPECT_THAT(*(*s)->List("datasets/"), ElementsAre("datasets/ds-1/data.tsv"));
+  std::filesystem::remove_all(dir);
+}
+
+// PostgreSQL: the bytes are checked against their recorded size and hash on
+// every read; a checkpoint write of a job this replica lost is refused.
+TEST(PostgresBlobStore, CorruptBytesAreDataLossAndStaleFencesAreRefused) {
+  auto uri = PgEnv::Get().NewDatabase();
+  ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
+  auto a = PostgresStore::Create(*uri);
+  auto b = PostgresStore::Create(*uri);
+  ASSERT_TRUE(a.ok() && b.ok());
+  BlobStore* blobs = (*a)->blob_store();
+  ASSERT_TRUE(blobs->Put("datasets/ds-1/data.tsv", "label\ttext\n1\tgood\n").ok());
+  {
+    PGconn* c = PQconnectdb(uri->c_str());
+    ASSERT_EQ(PQstatus(c), CONNECTION_OK) << PQerrorMessage(c);
+    PGresult* r = PQexec(c, "UPDATE blobs SET bytes = 'rotten'::bytea WHERE key = 'datasets/ds-1/data.tsv'");
+    EXPECT_EQ(PQresultStatus(r), PGRES_COMMAND_OK) << PQerrorMessage(c);
+    PQclear(r);
+    PQfinish(c);
+  }
+  auto got = (*b)->blob_store()->Get("datasets/ds-1/data.tsv");
+  EXPECT_TRUE(absl::IsDataLoss(got.status())) << got.status();
+  EXPECT_THAT(std::string(got.status().message()), HasSubstr("datasets/ds-1/data.tsv"));
+
+  JobRecord j;
+  j.id = "job-c";
+  j.spec.family = "fam";
+  ASSERT_TRUE((*a)->CreateJob(j).ok());
+  auto claimed = (*a)->ClaimNextJob("A", 1);
+  ASSERT_TRUE(claimed.ok()) << claimed.status();
+  (*a)->HoldFence("job-c", claimed->claim_epoch);
+  const std::string key = "checkpoints/job-c/step-000000010.ckpt";
+  ASSERT_TRUE(blobs->Put(key, "a@10", "job-c").ok());  // still the holder
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::string prev;
+  auto taken = (*b)->TakeOverExpiredJob("B", 60000, &prev);
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  (*b)->HoldFence("job-c", taken->claim_epoch);
+  ASSERT_TRUE((*b)->blob_store()->Put(key, "b@10", "job-c").ok());
+  auto st = blobs->Put(key, "a@10 again", "job-c");
+  EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("stale fencing token"));
+  EXPECT_EQ(*(*b)->blob_store()->Get(key), "b@10");  // A's late write did not land
+  // Writes that belong to no job are not fenced.
+  EXPECT_TRUE(blobs->Put("families/fam/v1-a/family.json", "{}").ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BlobStoreConformance, ::testing::Values("dir", "postgresql"),
+                         [](const auto& info) { return info.param; });
 
 INSTANTIATE_TEST_SUITE_P(Backends, StoreConformance, ::testing::Values("sqlite", "postgresql"),
                          [](const auto& info) { return info.param; });
