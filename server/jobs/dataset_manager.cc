@@ -13,6 +13,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "base/file_io.h"
 #include "base/status_macros.h"
 #include "server/jobs/ids.h"
 #include "server/jobs/job_validation.h"
@@ -98,6 +99,47 @@ absl::Status VerifyDatasetFile(const DatasetRecord& d, absl::string_view field) 
         ", recorded at upload ", d.sha256, "; upload it again"));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadDatasetBytes(const DatasetRecord& d, BlobStore* blobs,
+                                             const std::string& cache_dir,
+                                             absl::string_view field) {
+  if (!IsBlobRef(d.path)) {
+    absl::StatusOr<std::string> bytes = ReadFileToString(d.path);
+    if (!bytes.ok()) {
+      return absl::Status(bytes.status().code(), absl::StrCat(field, ": ", bytes.status().message()));
+    }
+    return bytes;
+  }
+  const std::string key = BlobKeyOf(d.path);
+  if (blobs == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, ": dataset ", d.id, " is stored in a blob store (", d.path,
+        ") and this server runs without one (--blob_store)"));
+  }
+  const fs::path cached = fs::path(cache_dir) / key;
+  std::error_code ec;
+  if (fs::is_regular_file(cached, ec)) {
+    absl::StatusOr<std::string> bytes = ReadFileToString(cached.string());
+    if (bytes.ok() && Sha256Hex(*bytes) == d.sha256) return bytes;
+    fs::remove(cached, ec);  // a torn or rotten copy: fetch it again
+  }
+  absl::StatusOr<std::string> bytes = blobs->Get(key);
+  if (!bytes.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(field, ": dataset ", d.id, " cannot be read (",
+                                                      bytes.status().message(),
+                                                      "); upload it again"));
+  }
+  const std::string got = Sha256Hex(*bytes);
+  if (got != d.sha256) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        field, ": dataset ", d.id, " is corrupt: the sha256 of blob ", key, " is ", got,
+        ", recorded at upload ", d.sha256, "; upload it again"));
+  }
+  fs::create_directories(cached.parent_path(), ec);
+  // A copy that cannot be cached is still used.
+  if (!ec) WriteFileAtomically(cached.string(), *bytes).IgnoreError();
+  return bytes;
 }
 
 std::string Sha256Hex(const std::string& bytes) {
@@ -225,9 +267,23 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
     return st;
   }
   d.path = (final_dir / file).string();
+  std::string blob_key;
+  if (options_.blobs != nullptr) {
+    // Every replica reads it from the blob store; the file above is this
+    // replica's cached copy. Stored before the record: nothing recorded is
+    // missing.
+    blob_key = absl::StrCat("datasets/", d.id, "/", file);
+    st = options_.blobs->Put(blob_key, bytes);
+    if (!st.ok()) {
+      fs::remove_all(final_dir, ec);
+      return absl::Status(st.code(), absl::StrCat("dataset '", header.name, "': ", st.message()));
+    }
+    d.path = BlobRef(blob_key);
+  }
   st = store_->PutDataset(d);
   if (!st.ok()) {
     fs::remove_all(final_dir, ec);
+    if (!blob_key.empty()) options_.blobs->Delete(blob_key).IgnoreError();
     return st;
   }
   return d;
@@ -283,7 +339,15 @@ absl::Status DatasetManager::Delete(const std::string& id, const Caller& caller)
   ASSIGN_OR_RETURN(DatasetRecord d, Get(id, caller));
   RETURN_IF_ERROR(store_->DeleteDataset(id));
   std::error_code ec;
-  fs::path dir = fs::path(d.path).parent_path();
+  fs::path file = d.path;
+  if (IsBlobRef(d.path)) {
+    // The record is gone: the blob goes next (a failure leaves an orphan
+    // object, never a record without bytes), then this replica's copy.
+    // Other replicas' cached copies stay until their data directory goes.
+    if (options_.blobs != nullptr) options_.blobs->Delete(BlobKeyOf(d.path)).IgnoreError();
+    file = fs::path(options_.data_dir) / BlobKeyOf(d.path);
+  }
+  fs::path dir = file.parent_path();
   if (dir.filename() == d.id) fs::remove_all(dir, ec);  // only what Upload wrote
   return absl::OkStatus();
 }

@@ -1,7 +1,8 @@
 // Dataset uploads: validates the bytes with an injected parser (all-or-nothing:
 // a malformed file is refused with every bad line and nothing is stored),
-// writes them atomically under <data_dir>/datasets/<id>/, records sha256, rows
-// and label vocabulary in the Store. Torch-free: the real parser
+// writes them atomically under <data_dir>/datasets/<id>/ (and, with a blob
+// store, as a blob: DatasetManagerOptions::blobs), records sha256, rows and
+// label vocabulary in the Store. Torch-free: the real parser
 // (server/training/dataset.h) is injected by main through DatasetParseFn.
 #pragma once
 
@@ -14,8 +15,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "server/store/store.h"
 #include "server/jobs/tenants.h"
+#include "server/store/blob_store.h"
+#include "server/store/store.h"
 
 namespace metatt {
 
@@ -33,6 +35,12 @@ using DatasetParseFn = std::function<absl::StatusOr<ParsedDatasetInfo>(
 
 struct DatasetManagerOptions {
   std::string data_dir;                    // datasets go to <data_dir>/datasets/
+  // Not owned. Set (PostgreSQL replicas without a shared directory): the
+  // bytes are also stored as the blob "datasets/<id>/data.<format>" before
+  // the record, whose path is then "blob:datasets/<id>/data.<format>", and
+  // <data_dir>/datasets/ is this replica's read-through cache. Null: the
+  // file under <data_dir>/datasets/ is the dataset (path: that file).
+  BlobStore* blobs = nullptr;
   int64_t max_upload_bytes = 256ll << 20;  // RESOURCE_EXHAUSTED above this
   DatasetParseFn parse;                    // required
   std::function<int64_t()> now_unix_ms;    // tests inject a clock
@@ -62,6 +70,17 @@ std::string Sha256Hex(const std::string& bytes);
 // at a time). FAILED_PRECONDITION "<field>: dataset <id> ..." when the file is
 // missing, unreadable or changed (bit rot, a partial restore, a hand edit).
 absl::Status VerifyDatasetFile(const DatasetRecord& d, absl::string_view field);
+
+// The bytes of dataset `d` for a job. A local path is read as it is (the job
+// manager checked its hash when the job was created: VerifyDatasetFile). A
+// blob reference is read through the copy under
+// <cache_dir>/datasets/<id>/ (downloaded when missing), checked against the
+// recorded sha256: FAILED_PRECONDITION "<field>: dataset <id> ..." naming the
+// blob when it is missing or corrupt (a corrupt cached copy is fetched again
+// first).
+absl::StatusOr<std::string> ReadDatasetBytes(const DatasetRecord& d, BlobStore* blobs,
+                                             const std::string& cache_dir,
+                                             absl::string_view field);
 
 // fsync of `dir` itself, so that the entries created or renamed in it are
 // durable. INTERNAL naming the directory and the errno on failure.

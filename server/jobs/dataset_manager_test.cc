@@ -119,6 +119,55 @@ namespace metatt {
 namespace {
 
 // The durability helper of Upload: fsync of a directory's own entries.
+// A blob store (PostgreSQL replicas without a shared directory; a
+// LocalBlobStore on another directory stands in for it here): the upload is
+// stored as a blob named in the record, another replica with its own data
+// directory reads it through its cache, checked against the sha256, and a
+// delete removes the blob.
+TEST_F(DatasetManagerTest, BlobStoreHoldsTheBytesAndOtherReplicasReadThroughTheirCache) {
+  auto blobs = LocalBlobStore::Create((dir_ / "blobs").string());
+  ASSERT_TRUE(blobs.ok()) << blobs.status();
+  DatasetManagerOptions o;
+  o.data_dir = (dir_ / "replica-a").string();
+  o.max_upload_bytes = 1000;
+  o.parse = FakeDatasetParse;
+  o.blobs = blobs->get();
+  auto a = DatasetManager::Create(o, store_.get());
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string bytes = "good movie\tpos\nbad movie\tneg\n";
+  auto d = (*a)->Upload(Header(), bytes);
+  ASSERT_TRUE(d.ok()) << d.status();
+  const std::string key = "datasets/" + d->id + "/data.tsv";
+  EXPECT_EQ(d->path, "blob:" + key);
+  EXPECT_EQ(*(*blobs)->Get(key), bytes);
+  EXPECT_EQ(store_->GetDataset(d->id)->path, "blob:" + key);
+
+  // Replica B: nothing cached yet; the read fetches, checks and caches it.
+  const std::string cache_b = (dir_ / "replica-b").string();
+  auto got = ReadDatasetBytes(*d, blobs->get(), cache_b, "tasks[0].dataset_id");
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, bytes);
+  EXPECT_TRUE(fs::is_regular_file(fs::path(cache_b) / key));
+  // A rotten cached copy is fetched again.
+  std::ofstream(fs::path(cache_b) / key, std::ios::trunc) << "rotten";
+  EXPECT_EQ(*ReadDatasetBytes(*d, blobs->get(), cache_b, "f"), bytes);
+  // A rotten blob is refused, naming the dataset and the blob.
+  ASSERT_TRUE((*blobs)->Put(key, "bad movie\tpos\n").ok());
+  fs::remove(fs::path(cache_b) / key);
+  auto bad = ReadDatasetBytes(*d, blobs->get(), cache_b, "tasks[0].dataset_id");
+  EXPECT_TRUE(absl::IsFailedPrecondition(bad.status())) << bad.status();
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("tasks[0].dataset_id: dataset " + d->id + " is corrupt"));
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(key));
+  // Without a blob store the reference is refused with the reason.
+  auto none = ReadDatasetBytes(*d, nullptr, cache_b, "f");
+  EXPECT_TRUE(absl::IsFailedPrecondition(none.status())) << none.status();
+
+  ASSERT_TRUE((*a)->Delete(d->id).ok());
+  EXPECT_FALSE(*(*blobs)->Exists(key));
+  EXPECT_FALSE(fs::exists(dir_ / "replica-a" / "datasets" / d->id));
+}
+
 TEST(SyncDirectoryEntriesTest, SyncsADirectoryAndNamesAMissingOne) {
   namespace fs = std::filesystem;
   fs::path dir = fs::temp_directory_path() /
