@@ -378,8 +378,11 @@ def write_table(args, table, rows, tasks, seeds, tput, errors, skipped):
     for row in rows:
         per = table.get(row, {})
         flat = [v for t in per.values() for v in t.values()]
-        params = next((v.get("trainable_adapter_parameters") or v.get("adapter_parameters")
-                       for v in flat if v.get("adapter_parameters")), "")
+        # Every cell of a row must have trained the same adapter: a merge of
+        # runs whose defaults differed shows up here instead of hiding.
+        counts = sorted({v.get("trainable_adapter_parameters") or v.get("adapter_parameters")
+                         for v in flat if v.get("adapter_parameters")})
+        params = counts[0] if len(counts) == 1 else ("MIXED " + "/".join(map(str, counts)) if counts else "")
         eps = sorted(v["train_examples_per_second"] for v in flat if v.get("train_examples_per_second"))
         eps_s = f"{eps[len(eps) // 2]:.0f}" if eps else ""
         cells = [cell(summary[row][t]) for t in tasks] + [cell(summary[row]["task_mean"])]

@@ -81,10 +81,11 @@ def main():
         key, ts, flags, sd = item
         a = argparse.Namespace(**vars(args))
         a.seed = sd
+        # Protocol steps first, so that a variant's own --steps/--eval_every wins.
         steps = [f"--steps={args.steps * len(ts)}", f"--eval_every={args.steps * len(ts)}"]
         out_dir = os.path.join(runs_dir, key.replace("|", "_"))
         try:
-            res = qb.run_train(a, [f"--task={','.join(ts)}"] + flags + steps, out_dir)
+            res = qb.run_train(a, [f"--task={','.join(ts)}"] + steps + flags, out_dir)
         except RuntimeError as e:
             print(f"{key}: FAILED {e}", flush=True)
             return

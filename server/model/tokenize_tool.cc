@@ -18,18 +18,19 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "server/model/model_dir.h"
 #include "server/model/tokenizer.h"
 
 namespace {
 std::string DefaultModelDir() {
-  const char* env = std::getenv("METATT_MODEL_DIR");
-  return env != nullptr && *env != '\0' ? env : "/work/main/models/all-MiniLM-L6-v2";
+  auto dir = metatt::ResolveModelDir("");
+  return dir.ok() ? *dir : "";
 }
 }  // namespace
 
 ABSL_FLAG(std::string, model_dir, DefaultModelDir(),
           "Model dir (tokenizer.json or vocab.txt) or tokenizer file; default "
-          "$METATT_MODEL_DIR");
+          "$METATT_MODEL_DIR, else the repository's models/all-MiniLM-L6-v2");
 ABSL_FLAG(std::string, input, "-", "JSONL input file, '-' for stdin");
 ABSL_FLAG(std::string, output, "-", "JSONL output file, '-' for stdout");
 ABSL_FLAG(int, max_length, 128, "Truncation length (<= 0: none)");

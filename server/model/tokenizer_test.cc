@@ -1,4 +1,5 @@
 #include "server/model/tokenizer.h"
+#include "server/model/model_dir.h"
 
 #include <cstdlib>
 #include <filesystem>
@@ -263,11 +264,9 @@ TEST(WordPieceTokenizerTest, BadInputsGiveClearStatus) {
 
 // Against the real model when present (ids checked with HF's fast tokenizer).
 TEST(WordPieceTokenizerTest, RealModelMatchesHuggingFace) {
-  const char* env = std::getenv("METATT_MODEL_DIR");
-  std::string dir = env != nullptr && *env != '\0' ? env : "/work/main/models/all-MiniLM-L6-v2";
-  if (!std::filesystem::exists(dir + "/tokenizer.json")) {
-    GTEST_SKIP() << "no model at " << dir;
-  }
+  auto resolved = ResolveModelDir("");
+  if (!resolved.ok()) GTEST_SKIP() << resolved.status();
+  const std::string dir = *resolved;
   auto t = WordPieceTokenizer::Create(dir);
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->vocab_size(), 30522u);

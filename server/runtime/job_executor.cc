@@ -25,6 +25,7 @@
 #include "server/jobs/job_validation.h"
 #include "server/runtime/base_model.h"
 #include "server/training/adapter_binding.h"
+#include "server/training/adapter_config.h"
 #include "server/training/checkpoint.h"
 #include "server/training/encoder_objective.h"
 #include "server/training/heads.h"
@@ -63,66 +64,10 @@ struct PreparedJob {
   std::vector<PreparedTask> tasks;
 };
 
-// The adapter fields of a resolved recipe (ranges of user-set values were
-// checked by ValidateJobSpec; MetaTTConfig::Validate checks the rest).
-absl::StatusOr<MetaTTConfig> ConfigFromRecipe(const Recipe& r, const BaseModel& model,
-                                              int64_t num_tasks) {
-  MetaTTConfig c;
-  auto form = ParseTTForm(r.form);
-  if (!form.ok()) return Prefixed(form.status(), "adapter.form");
-  c.form = *form;
-  c.ranks = r.ranks;
-  c.projections.clear();
-  for (size_t i = 0; i < r.projections.size(); ++i) {
-    auto p = ParseProjection(r.projections[i]);
-    if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
-    c.projections.push_back(*p);
-  }
-  c.init = r.init;
-  if (r.alpha > 0) c.alpha = r.alpha;
-  c.num_tasks = c.form == TTForm::k4Plus1D ? num_tasks : 1;
-  if (model.is_decoder()) {
-    // The decoder's geometry (q|k|v with grouped-query k/v, o, gate|up, down).
-    c.SetModel(model.geometry);
-    c.num_heads = model.decoder->config().num_attention_heads;
-  } else {
-    const BertConfig& base = model.encoder->config();
-    c.d_in = c.d_out = base.hidden_size;
-    c.d_ffn = base.intermediate_size;  // ffn_up / ffn_down projections
-    c.num_layers = base.num_hidden_layers;
-    c.num_heads = base.num_attention_heads;
-  }
-  RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
-  return c;
-}
-
-// Form lora: r = ranks[0], alpha, projections, init (peft | random).
-absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const BaseModel& model) {
-  LoraConfig c;
-  c.rank = r.ranks.empty() ? 8 : r.ranks[0];
-  c.alpha = r.alpha > 0 ? r.alpha : static_cast<double>(c.rank);  // 0: alpha = r
-  c.init = r.init;
-  c.projections.clear();
-  for (size_t i = 0; i < r.projections.size(); ++i) {
-    auto p = ParseProjection(r.projections[i]);
-    if (!p.ok()) return Prefixed(p.status(), absl::StrCat("adapter.projections[", i, "]"));
-    c.projections.push_back(*p);
-  }
-  if (model.is_decoder()) {
-    c.SetModel(model.geometry);
-  } else {
-    const BertConfig& base = model.encoder->config();
-    c.num_layers = base.num_hidden_layers;
-    c.hidden_size = base.hidden_size;
-    c.intermediate_size = base.intermediate_size;
-  }
-  RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
-  return c;
-}
-
 absl::StatusOr<Dataset> LoadDataset(Store* store, const std::string& id,
                                     const std::vector<std::string>& vocab,
-                                    const std::string& field) {
+                                    const std::string& field,
+                                    const RuntimeJobExecutor::Options& o) {
   auto rec = store->GetDataset(id);
   if (!rec.ok()) return Prefixed(rec.status(), field);
   auto spec = DatasetSpecFromRecord(*rec);
@@ -656,10 +601,12 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
     }
     ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec));
     if (p.recipe.form == "lora") {
-      ASSIGN_OR_RETURN(p.lora, LoraConfigFromRecipe(p.recipe, *model));
+      // The adapter fields of the resolved recipe (ranges of user-set values
+      // were checked by ValidateJobSpec; the configs' Validate checks the rest).
+      ASSIGN_OR_RETURN(p.lora, LoraConfigFromRecipe(p.recipe, model->geometry));
     } else {
-      ASSIGN_OR_RETURN(p.config,
-                       ConfigFromRecipe(p.recipe, *model, static_cast<int64_t>(spec.tasks.size())));
+      ASSIGN_OR_RETURN(p.config, MetaTTConfigFromRecipe(p.recipe, model->geometry,
+                                                        static_cast<int64_t>(spec.tasks.size())));
     }
   }
   // Generation tasks: prompt + completion need more tokens than a sentence.

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/model/model_dir.h"
 
 namespace metatt {
 namespace {
@@ -187,8 +188,12 @@ TEST(DatasetTest, EmptyFileRefused) {
 }
 
 std::string GlueDir() {
-  const char* shared = std::getenv("METATT_SHARED_DIR");
-  return absl::StrCat(shared ? shared : "/work/shared", "/data/glue/");
+  auto shared = ResolveSharedDir();
+  if (!shared.ok()) {
+    ADD_FAILURE() << shared.status();
+    return "";
+  }
+  return absl::StrCat(*shared, "/data/glue/");
 }
 
 struct GlueCase {

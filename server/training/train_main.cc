@@ -13,7 +13,7 @@
 //
 // A decoder (--model_dir of a Llama-architecture model, config.json
 // model_type "llama") trains generation tasks instead (lm_objective.h):
-//   metatt-train --model_dir=models/SmolLM2-135M-Instruct --task=ARC-Easy \
+//   metatt-train --model_dir=models/SmolLM2-135M-Instruct --task=ARC-Easy
 //       --train_limit=500 --max_eval=200 --steps=200 --out=/tmp/arc
 //   metatt-train --model_dir=... --train=a.jsonl --eval=b.jsonl --gen_format=chat
 // --task names sets of the commonsense folder (--commonsense_dir; ARC-Easy,
@@ -43,6 +43,7 @@
 #include "base/status_macros.h"
 #include "server/model/model_dir.h"
 #include "server/training/adapter_binding.h"
+#include "server/training/adapter_config.h"
 #include "base/file_io.h"
 #include "server/training/eval_scores.h"
 #include "server/training/generation_dataset.h"
@@ -53,7 +54,7 @@
 ABSL_FLAG(std::string, model_dir, "", "base model directory (default: ResolveModelDir)");
 ABSL_FLAG(std::string, device, "auto", "auto|cpu|cuda");
 ABSL_FLAG(std::string, task, "", "GLUE task(s): MRPC, CoLA, SST-2, STS-B; comma-separated for multi-task");
-ABSL_FLAG(std::string, glue_dir, "", "GLUE data dir (default $METATT_SHARED_DIR/data/glue or /work/shared/data/glue)");
+ABSL_FLAG(std::string, glue_dir, "", "GLUE data dir (default <shared>/data/glue: $METATT_SHARED_DIR, else shared/ beside the repo)");
 ABSL_FLAG(std::string, train, "", "custom train file (instead of --task)");
 ABSL_FLAG(std::string, eval, "", "custom eval file");
 ABSL_FLAG(std::string, task_name, "custom", "name of the custom task");
@@ -65,7 +66,7 @@ ABSL_FLAG(std::string, pair_col, "", "optional second text column");
 ABSL_FLAG(std::string, label_col, "1", "label column");
 ABSL_FLAG(std::string, label_kind, "classification", "classification|regression");
 ABSL_FLAG(std::string, metric, "", "primary metric (default: GLUE's / accuracy / pearson_spearman)");
-ABSL_FLAG(std::string, adapter, "metatt", "metatt|lora");
+ABSL_FLAG(std::string, adapter, "metatt", "metatt|lora (lora = --form=lora: the LoRA recipe's defaults)");
 // Recipe flags: unset = the server's default for the form (DefaultRecipe in
 // server/training/recipe.cc, the one definition; jobs use the same).
 #define RECIPE_DEFAULT " (default: server/form default, server/training/recipe.cc)"
@@ -111,8 +112,8 @@ ABSL_FLAG(int64_t, log_every, 1, "print a progress line every N steps");
 ABSL_FLAG(std::string, out, "", "output directory");
 // Decoder (generation) tasks.
 ABSL_FLAG(std::string, commonsense_dir, "",
-          "commonsense data dir (default $METATT_SHARED_DIR/data/commonsense or "
-          "/work/shared/data/commonsense)");
+          "commonsense data dir (default <shared>/data/commonsense: $METATT_SHARED_DIR, else "
+          "shared/ beside the repo)");
 ABSL_FLAG(std::string, gen_format, "auto",
           "decoder datasets: auto|prompt_completion|instruction|chat");
 ABSL_FLAG(int64_t, max_new_tokens, metatt::kDefaultDecoderMaxNewTokens,
@@ -124,14 +125,16 @@ ABSL_FLAG(bool, eval_only, false,
 namespace metatt {
 namespace {
 
-std::string GlueDir() {
-  std::string d = absl::GetFlag(FLAGS_glue_dir);
-  if (!d.empty()) return d;
-  const char* shared = std::getenv("METATT_SHARED_DIR");
-  return absl::StrCat(shared ? shared : "/work/shared", "/data/glue");
+// --glue_dir / --commonsense_dir, else <shared>/data/<sub> (ResolveSharedDir).
+absl::StatusOr<std::string> DataDir(const std::string& flag_value, const std::string& sub) {
+  if (!flag_value.empty()) return flag_value;
+  ASSIGN_OR_RETURN(std::string shared, ResolveSharedDir());
+  return absl::StrCat(shared, "/data/", sub);
 }
 
-void Subsample(Dataset* ds, int64_t limit, uint64_t seed) {
+// A seeded random subset of `limit` rows (Dataset or GenerationDataset).
+template <typename DatasetT>
+void Subsample(DatasetT* ds, int64_t limit, uint64_t seed) {
   if (limit <= 0 || static_cast<int64_t>(ds->size()) <= limit) return;
   std::mt19937_64 rng(seed);
   auto& ex = ds->examples;
@@ -185,8 +188,23 @@ absl::StatusOr<RecipeOverrides> OverridesFromFlags() {
     ASSIGN_OR_RETURN(auto sched, ParseSchedule(*s));
     o.rank_schedule = std::move(sched);
   }
+  // --adapter=lora is the recipe form "lora" (its defaults: rank 8 on q,v,
+  // alpha 16, PEFT's init), as a server job with form lora gets.
+  const std::string kind = absl::GetFlag(FLAGS_adapter);
+  if (kind == "lora") {
+    if (o.form && *o.form != "lora") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--adapter=lora with --form=", *o.form, ": LoRA has no MetaTT form"));
+    }
+    o.form = "lora";
+  } else if (kind != "metatt") {
+    return absl::InvalidArgumentError(absl::StrCat("--adapter: unknown '", kind, "' (metatt|lora)"));
+  }
   // An added task extends a (4+1)D family: that form's defaults.
-  if (!absl::GetFlag(FLAGS_base_family).empty()) o.form = "4+1d";
+  if (!absl::GetFlag(FLAGS_base_family).empty()) {
+    if (kind == "lora") return absl::InvalidArgumentError("--base_family: LoRA has no task slices");
+    o.form = "4+1d";
+  }
   return o;
 }
 
@@ -200,15 +218,16 @@ absl::StatusOr<std::vector<TaskData>> LoadData(uint64_t seed) {
   std::vector<TaskData> out;
   const std::string task = absl::GetFlag(FLAGS_task);
   if (!task.empty()) {
+    ASSIGN_OR_RETURN(const std::string glue_dir, DataDir(absl::GetFlag(FLAGS_glue_dir), "glue"));
     for (absl::string_view t : absl::StrSplit(task, ',', absl::SkipEmpty())) {
       ASSIGN_OR_RETURN(std::string name, CanonicalGlueName(std::string(t)));
       ASSIGN_OR_RETURN(DatasetSpec spec, GluePreset(name));
       TaskData d;
       d.name = name;
       spec.origin = absl::StrCat(name, "/train.tsv");
-      ASSIGN_OR_RETURN(d.train, ReadDataset(absl::StrCat(GlueDir(), "/", name, "/train.tsv"), spec));
+      ASSIGN_OR_RETURN(d.train, ReadDataset(absl::StrCat(glue_dir, "/", name, "/train.tsv"), spec));
       spec.origin = absl::StrCat(name, "/dev.tsv");
-      ASSIGN_OR_RETURN(d.eval, ReadDataset(absl::StrCat(GlueDir(), "/", name, "/dev.tsv"), spec));
+      ASSIGN_OR_RETURN(d.eval, ReadDataset(absl::StrCat(glue_dir, "/", name, "/dev.tsv"), spec));
       ASSIGN_OR_RETURN(d.metric, GluePrimaryMetric(name));
       out.push_back(std::move(d));
     }
@@ -240,15 +259,6 @@ absl::StatusOr<std::vector<TaskData>> LoadData(uint64_t seed) {
   for (TaskData& d : out) {
     if (!absl::GetFlag(FLAGS_metric).empty()) d.metric = absl::GetFlag(FLAGS_metric);
     Subsample(&d.train, absl::GetFlag(FLAGS_train_limit), seed);
-  }
-  return out;
-}
-
-absl::StatusOr<std::vector<Projection>> ParseProjections(const std::vector<std::string>& names) {
-  std::vector<Projection> out;
-  for (const std::string& p : names) {
-    ASSIGN_OR_RETURN(Projection proj, ParseProjection(p));
-    out.push_back(proj);
   }
   return out;
 }
@@ -290,21 +300,6 @@ bool IsLlamaDir(const std::string& model_dir) {
   return j.is_object() && j.value("model_type", "") == "llama";
 }
 
-std::string CommonsenseDir() {
-  std::string d = absl::GetFlag(FLAGS_commonsense_dir);
-  if (!d.empty()) return d;
-  const char* shared = std::getenv("METATT_SHARED_DIR");
-  return absl::StrCat(shared ? shared : "/work/shared", "/data/commonsense");
-}
-
-void SubsampleGen(GenerationDataset* ds, int64_t limit, uint64_t seed) {
-  if (limit <= 0 || static_cast<int64_t>(ds->size()) <= limit) return;
-  std::mt19937_64 rng(seed);
-  auto& ex = ds->examples;
-  for (size_t i = ex.size(); i > 1; --i) std::swap(ex[i - 1], ex[rng() % i]);
-  ex.resize(limit);
-}
-
 struct GenTaskData {
   std::string name;
   GenerationDataset train, eval;
@@ -315,6 +310,8 @@ absl::StatusOr<std::vector<GenTaskData>> LoadGenerationData(uint64_t seed) {
   const std::string task = absl::GetFlag(FLAGS_task);
   ASSIGN_OR_RETURN(GenerationFormat format, ParseGenerationFormat(absl::GetFlag(FLAGS_gen_format)));
   if (!task.empty()) {
+    ASSIGN_OR_RETURN(const std::string data_dir,
+                     DataDir(absl::GetFlag(FLAGS_commonsense_dir), "commonsense"));
     for (absl::string_view t : absl::StrSplit(task, ',', absl::SkipEmpty())) {
       ASSIGN_OR_RETURN(std::string name, CanonicalCommonsenseName(std::string(t)));
       GenerationSpec spec;
@@ -323,10 +320,10 @@ absl::StatusOr<std::vector<GenTaskData>> LoadGenerationData(uint64_t seed) {
       d.name = name;
       spec.origin = absl::StrCat(name, "/train.json");
       ASSIGN_OR_RETURN(d.train,
-                       ReadGenerationDataset(absl::StrCat(CommonsenseDir(), "/", name, "/train.json"), spec));
+                       ReadGenerationDataset(absl::StrCat(data_dir, "/", name, "/train.json"), spec));
       spec.origin = absl::StrCat(name, "/test.json");
       ASSIGN_OR_RETURN(d.eval,
-                       ReadGenerationDataset(absl::StrCat(CommonsenseDir(), "/", name, "/test.json"), spec));
+                       ReadGenerationDataset(absl::StrCat(data_dir, "/", name, "/test.json"), spec));
       out.push_back(std::move(d));
     }
   } else {
@@ -343,8 +340,196 @@ absl::StatusOr<std::vector<GenTaskData>> LoadGenerationData(uint64_t seed) {
     }
     out.push_back(std::move(d));
   }
-  for (GenTaskData& d : out) SubsampleGen(&d.train, absl::GetFlag(FLAGS_train_limit), seed);
+  for (GenTaskData& d : out) Subsample(&d.train, absl::GetFlag(FLAGS_train_limit), seed);
   return out;
+}
+
+// The adapter a run trains: a fresh MetaTT or LoRA (adapter_config.h, the
+// rule server jobs use), or new task slices on a loaded (4+1)D family with
+// its shared cores frozen (--base_family).
+struct RunAdapter {
+  std::unique_ptr<MetaTTAdapter> metatt;
+  std::unique_ptr<LoraAdapter> lora;
+  AdapterBinding binding;
+  std::vector<std::string> family_tasks;           // index = adapter task index
+  std::map<std::string, torch::Tensor> old_heads;  // the loaded family's heads
+  int64_t first_task_index = 0;
+};
+
+absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const ModelGeometry& geometry,
+                                          const std::string& fingerprint, torch::Device device,
+                                          uint64_t seed, size_t num_tasks) {
+  RunAdapter a;
+  if (const std::string base = absl::GetFlag(FLAGS_base_family); !base.empty()) {
+    // Frozen: existing tasks and shared cores never train here (no leaf per task).
+    ASSIGN_OR_RETURN(LoadedFamily fam,
+                     LoadFamily(base, fingerprint, device, MetaTTAdapter::Leaves::kFrozen));
+    a.metatt = std::move(fam.adapter);
+    if (a.metatt->config().form != TTForm::k4Plus1D) {
+      return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
+    }
+    a.family_tasks = fam.task_names;
+    a.old_heads = fam.heads;
+    a.metatt->FreezeShared(true);
+    a.first_task_index = a.metatt->num_tasks();
+    ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
+                     MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
+    for (size_t i = 0; i < num_tasks; ++i) RETURN_IF_ERROR(a.metatt->AddTask(init).status());
+    a.binding = BindMetaTT(a.metatt.get());
+    std::cout << "add-task mode: " << num_tasks << " new task slice(s) after "
+              << a.first_task_index << " existing; shared cores frozen ("
+              << a.metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
+  } else if (recipe.form == "lora") {
+    if (num_tasks > 1) return absl::InvalidArgumentError("LoRA trains one task");
+    ASSIGN_OR_RETURN(LoraConfig c, LoraConfigFromRecipe(recipe, geometry));
+    LoraAdapter::Options ao;
+    ao.device = device;
+    ao.seed = seed;
+    ASSIGN_OR_RETURN(a.lora, LoraAdapter::Create(c, ao));
+    a.binding = BindLora(a.lora.get());
+    std::cout << "LoRA r=" << c.rank << " alpha " << c.alpha << " on "
+              << absl::StrJoin(recipe.projections, ",") << ": " << a.lora->NumParameters()
+              << " adapter parameters\n";
+  } else {
+    ASSIGN_OR_RETURN(MetaTTConfig c,
+                     MetaTTConfigFromRecipe(recipe, geometry, static_cast<int64_t>(num_tasks)));
+    if (c.form != TTForm::k4Plus1D && num_tasks > 1) {
+      return absl::InvalidArgumentError("several tasks need --form=4+1d");
+    }
+    MetaTTAdapter::Options ao;
+    ao.device = device;
+    ao.seed = seed;
+    ASSIGN_OR_RETURN(a.metatt, MetaTTAdapter::Create(c, ao));
+    a.binding = BindMetaTT(a.metatt.get());
+    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::StrJoin(recipe.ranks, ",")
+              << " on " << absl::StrJoin(recipe.projections, ",") << ": "
+              << a.metatt->NumParameters() << " adapter parameters\n";
+  }
+  return a;
+}
+
+// The trainer options every run shares (the recipe plus the flags outside it).
+absl::StatusOr<TrainerOptions> RunTrainerOptions(const Recipe& recipe) {
+  ASSIGN_OR_RETURN(TrainerOptions o, TrainerOptionsFromRecipe(recipe));
+  o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
+  o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
+  ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
+  return o;
+}
+
+// One line per progress (every --log_every steps), eval and sweep event; the
+// last progress event's throughput lands in *last.
+TrainerCallbacks PrintingCallbacks(ProgressEvent* last) {
+  TrainerCallbacks cb;
+  const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
+  cb.on_progress = [last, log_every](const ProgressEvent& p) {
+    *last = p;
+    if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
+    std::cout << absl::StrFormat("step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g ", p.step,
+                                 p.total_steps, p.epoch, p.loss, p.lr, p.grad_norm)
+              << (p.tokens_per_second > 0 ? absl::StrFormat("tokens/s %.1f ", p.tokens_per_second)
+                                          : "")
+              << absl::StrFormat("ex/s %.2f eta %.0fs", p.examples_per_second, p.eta_seconds)
+              << std::endl;
+  };
+  cb.on_eval = [](const EvalEvent& e) {
+    for (const auto& [task, m] : e.metrics) {
+      std::string line = absl::StrCat("eval step ", e.step, " ", task);
+      for (const auto& [k, v] : m) absl::StrAppend(&line, " ", k, "=", absl::StrFormat("%.4f", v));
+      std::cout << line << (e.is_best ? " (best)" : "") << std::endl;
+    }
+  };
+  cb.on_sweep = [](const SweepEvent& s) {
+    std::cout << "sweep step " << s.step << " epoch " << s.epoch << " max_rank " << s.max_rank;
+    for (const auto& b : s.bonds) {
+      std::cout << absl::StrFormat(" | bond %d: %d -> %d discarded %.3g", b.bond, b.old_rank,
+                                   b.new_rank, b.discarded_weight);
+    }
+    std::cout << std::endl;
+  };
+  return cb;
+}
+
+// --eval_only: evaluate the fresh adapter (a ze-* init adds nothing: the base
+// model with these prompts) and write result.json.
+absl::Status EvaluateOnly(Trainer& trainer, const TrainerCallbacks& cb, const RunAdapter& a,
+                          nlohmann::json result) {
+  const absl::Time t0 = absl::Now();
+  ASSIGN_OR_RETURN(EvalEvent ev, trainer.Evaluate());
+  cb.on_eval(ev);
+  result["eval_only"] = true;
+  result["seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
+  result["final_eval"] = EvalJson(ev);
+  AddAdapterSize(a.metatt.get(), a.lora.get(), &result);
+  if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
+  }
+  std::cout << "result " << result.dump() << std::endl;
+  return absl::OkStatus();
+}
+
+// Trains, then writes the family (MetaTT: SaveFamily with every head; LoRA:
+// lora.safetensors with the heads) and result.json to --out, and prints the
+// result line. `result` arrives with the model's own fields.
+absl::Status TrainAndSave(Trainer& trainer, RunAdapter& a, const ProgressEvent& last,
+                          const std::string& model_dir, const std::string& fingerprint,
+                          nlohmann::json result) {
+  std::cout << "training " << trainer.total_steps() << " steps (" << trainer.steps_per_epoch()
+            << " per epoch)" << std::endl;
+  const absl::Time t0 = absl::Now();
+  RETURN_IF_ERROR(trainer.Run());
+  result["steps"] = trainer.step();
+  result["seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
+  result["train_examples_per_second"] = last.examples_per_second;
+  if (last.tokens_per_second > 0) result["train_tokens_per_second"] = last.tokens_per_second;
+  result["state"] = trainer.state() == Trainer::State::kFinished       ? "finished"
+                    : trainer.state() == Trainer::State::kEarlyStopped ? "early_stopped"
+                                                                       : "cancelled";
+  result["losses"] = trainer.losses();
+  if (trainer.last_eval()) result["final_eval"] = EvalJson(*trainer.last_eval());
+  if (trainer.best_eval()) result["best_eval"] = EvalJson(*trainer.best_eval());
+  nlohmann::json sweeps = nlohmann::json::array();
+  for (const auto& s : trainer.sweeps()) {
+    nlohmann::json js;
+    js["step"] = s.step;
+    js["max_rank"] = s.max_rank;
+    for (const auto& b : s.bonds) {
+      js["bonds"].push_back({{"bond", b.bond},
+                             {"old_rank", b.old_rank},
+                             {"new_rank", b.new_rank},
+                             {"discarded_weight", b.discarded_weight}});
+    }
+    sweeps.push_back(js);
+  }
+  result["sweeps"] = sweeps;
+  AddAdapterSize(a.metatt.get(), a.lora.get(), &result);
+
+  if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
+    PrepareOutput(trainer, out);
+    std::map<std::string, torch::Tensor> heads = a.old_heads;
+    for (const auto& t : trainer.tasks()) {
+      if (!t.head) continue;  // generation tasks: the LM head is the model's
+      heads[t.name + ".weight"] = t.head->weight.detach();
+      heads[t.name + ".bias"] = t.head->bias.detach();
+    }
+    if (a.metatt) {
+      for (const auto& t : trainer.tasks()) a.family_tasks.push_back(t.name);
+      RETURN_IF_ERROR(SaveFamily(out, *a.metatt, a.family_tasks, heads, model_dir, fingerprint));
+    } else {
+      std::map<std::string, torch::Tensor> all;
+      for (const auto& [n, t] : a.lora->NamedParameters()) all["lora." + n] = t.detach();
+      for (const auto& [n, t] : heads) all["head." + n] = t;
+      RETURN_IF_ERROR(WriteSafetensors(out + "/lora.safetensors", all));
+    }
+    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
+  }
+  nlohmann::json summary = result;
+  summary.erase("losses");
+  std::cout << "result " << summary.dump() << std::endl;
+  return absl::OkStatus();
 }
 
 // Generation tasks on a Llama-architecture decoder: the same Trainer with the
@@ -362,86 +547,19 @@ absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
   auto tokenizer = std::make_shared<const BpeTokenizer>(std::move(tok));
   const std::string fingerprint = decoder->config().Fingerprint();
 
-  ASSIGN_OR_RETURN(TrainerOptions o, TrainerOptionsFromRecipe(recipe));
-  o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
-  o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
-  o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
-  ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
+  ASSIGN_OR_RETURN(TrainerOptions o, RunTrainerOptions(recipe));
   if (o.trainable == TrainableSet::kHeadsOnly) {
     return absl::InvalidArgumentError("--trainable=heads: generation tasks have no heads");
   }
   torch::manual_seed(o.seed);
-
-  std::unique_ptr<MetaTTAdapter> metatt;
-  std::unique_ptr<LoraAdapter> lora;
-  AdapterBinding binding;
-  std::vector<std::string> family_tasks;
-  std::map<std::string, torch::Tensor> old_heads;  // none for decoders; kept by SaveFamily
-  int64_t first_task_index = 0;
-  const std::string kind = absl::GetFlag(FLAGS_adapter);
-  ASSIGN_OR_RETURN(std::vector<Projection> projections, ParseProjections(recipe.projections));
-  if (!absl::GetFlag(FLAGS_base_family).empty()) {
-    ASSIGN_OR_RETURN(LoadedFamily fam, LoadFamily(absl::GetFlag(FLAGS_base_family), fingerprint,
-                                                  device, MetaTTAdapter::Leaves::kFrozen));
-    metatt = std::move(fam.adapter);
-    if (metatt->config().form != TTForm::k4Plus1D) {
-      return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
-    }
-    family_tasks = fam.task_names;
-    old_heads = fam.heads;
-    metatt->FreezeShared(true);
-    first_task_index = metatt->num_tasks();
-    ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
-                     MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
-    for (size_t i = 0; i < data.size(); ++i) RETURN_IF_ERROR(metatt->AddTask(init).status());
-    binding = BindMetaTT(metatt.get());
-    std::cout << "add-task mode: " << data.size() << " new task slice(s) after "
-              << first_task_index << " existing; shared cores frozen ("
-              << metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
-  } else if (kind == "metatt") {
-    MetaTTConfig c;
-    c.SetModel(decoder->geometry());
-    ASSIGN_OR_RETURN(c.form, ParseTTForm(recipe.form));
-    c.ranks = recipe.ranks;
-    c.projections = projections;
-    if (recipe.alpha > 0) c.alpha = recipe.alpha;
-    c.init = recipe.init;
-    c.num_heads = decoder->config().num_attention_heads;
-    c.num_tasks = c.form == TTForm::k4Plus1D ? static_cast<int64_t>(data.size()) : 1;
-    if (c.form != TTForm::k4Plus1D && data.size() > 1) {
-      return absl::InvalidArgumentError("several tasks need --form=4+1d");
-    }
-    MetaTTAdapter::Options ao;
-    ao.device = device;
-    ao.seed = o.seed;
-    ASSIGN_OR_RETURN(metatt, MetaTTAdapter::Create(c, ao));
-    binding = BindMetaTT(metatt.get());
-    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::StrJoin(recipe.ranks, ",")
-              << " on " << absl::StrJoin(recipe.projections, ",") << ": "
-              << metatt->NumParameters() << " adapter parameters\n";
-  } else if (kind == "lora") {
-    if (data.size() > 1) return absl::InvalidArgumentError("LoRA trains one task");
-    LoraConfig c;
-    c.SetModel(decoder->geometry());
-    c.rank = recipe.ranks.front();
-    c.alpha = overrides.alpha && *overrides.alpha > 0 ? *overrides.alpha : 2.0 * c.rank;
-    c.projections = projections;
-    LoraAdapter::Options ao;
-    ao.device = device;
-    ao.seed = o.seed;
-    ASSIGN_OR_RETURN(lora, LoraAdapter::Create(c, ao));
-    binding = BindLora(lora.get());
-    std::cout << "LoRA r=" << c.rank << " on " << absl::StrJoin(recipe.projections, ",") << ": "
-              << lora->NumParameters() << " adapter parameters\n";
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat("--adapter: unknown '", kind, "'"));
-  }
+  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, decoder->geometry(), fingerprint, device,
+                                                o.seed, data.size()));
 
   std::vector<TrainTask> tasks;
   for (size_t i = 0; i < data.size(); ++i) {
     TrainTask t;
     t.name = data[i].name;
-    t.task_index = first_task_index + static_cast<int64_t>(i);
+    t.task_index = a.first_task_index + static_cast<int64_t>(i);
     t.gen_train = std::move(data[i].train);
     t.gen_eval = std::move(data[i].eval);
     if (!absl::GetFlag(FLAGS_metric).empty()) t.primary_metric = absl::GetFlag(FLAGS_metric);
@@ -450,88 +568,15 @@ absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
     tasks.push_back(std::move(t));
   }
 
-  TrainerCallbacks cb;
-  const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
-  double tokens_per_second = 0, examples_per_second = 0;
-  cb.on_progress = [&](const ProgressEvent& p) {
-    tokens_per_second = p.tokens_per_second;
-    examples_per_second = p.examples_per_second;
-    if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
-    std::cout << absl::StrFormat(
-                     "step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g tokens/s %.1f "
-                     "ex/s %.2f eta %.0fs",
-                     p.step, p.total_steps, p.epoch, p.loss, p.lr, p.grad_norm,
-                     p.tokens_per_second, p.examples_per_second, p.eta_seconds)
-              << std::endl;
-  };
-  cb.on_eval = [&](const EvalEvent& e) {
-    for (const auto& [task, m] : e.metrics) {
-      std::string line = absl::StrCat("eval step ", e.step, " ", task);
-      for (const auto& [k, v] : m) absl::StrAppend(&line, " ", k, "=", absl::StrFormat("%.4f", v));
-      std::cout << line << (e.is_best ? " (best)" : "") << std::endl;
-    }
-  };
-  cb.on_sweep = [&](const SweepEvent& s) {
-    std::cout << "sweep step " << s.step << " max_rank " << s.max_rank << std::endl;
-  };
+  ProgressEvent last;
+  const TrainerCallbacks cb = PrintingCallbacks(&last);
   ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
                    Trainer::Create(o, MakeLmObjective(decoder, MakeChatLmTokenizer(tokenizer)),
-                                   binding, std::move(tasks), cb));
-  if (absl::GetFlag(FLAGS_eval_only)) {
-    const absl::Time t0 = absl::Now();
-    ASSIGN_OR_RETURN(EvalEvent ev, trainer->Evaluate());
-    cb.on_eval(ev);
-    nlohmann::json result;
-    result["model"] = "decoder";
-    result["eval_only"] = true;
-    result["seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
-    result["final_eval"] = EvalJson(ev);
-    if (metatt) result["adapter_parameters"] = metatt->NumParameters();
-    const std::string out = absl::GetFlag(FLAGS_out);
-    if (!out.empty()) {
-      std::error_code ec;
-      std::filesystem::create_directories(out, ec);
-      RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
-    }
-    std::cout << "result " << result.dump() << std::endl;
-    return absl::OkStatus();
-  }
-  std::cout << "training " << trainer->total_steps() << " steps (" << trainer->steps_per_epoch()
-            << " per epoch)" << std::endl;
-  const absl::Time t0 = absl::Now();
-  RETURN_IF_ERROR(trainer->Run());
-  const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-
+                                   a.binding, std::move(tasks), cb));
   nlohmann::json result;
   result["model"] = "decoder";
-  result["steps"] = trainer->step();
-  result["seconds"] = seconds;
-  result["train_tokens_per_second"] = tokens_per_second;
-  result["train_examples_per_second"] = examples_per_second;
-  result["state"] = trainer->state() == Trainer::State::kFinished       ? "finished"
-                    : trainer->state() == Trainer::State::kEarlyStopped ? "early_stopped"
-                                                                        : "cancelled";
-  result["losses"] = trainer->losses();
-  if (trainer->last_eval()) result["final_eval"] = EvalJson(*trainer->last_eval());
-  if (trainer->best_eval()) result["best_eval"] = EvalJson(*trainer->best_eval());
-  AddAdapterSize(metatt.get(), lora.get(), &result);
-  const std::string out = absl::GetFlag(FLAGS_out);
-  if (!out.empty()) {
-    PrepareOutput(*trainer, out);
-    if (metatt) {
-      for (const auto& t : trainer->tasks()) family_tasks.push_back(t.name);
-      RETURN_IF_ERROR(SaveFamily(out, *metatt, family_tasks, old_heads, model_dir, fingerprint));
-    } else {
-      std::map<std::string, torch::Tensor> all;
-      for (const auto& [n, t] : lora->NamedParameters()) all["lora." + n] = t.detach();
-      RETURN_IF_ERROR(WriteSafetensors(out + "/lora.safetensors", all));
-    }
-    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
-  }
-  nlohmann::json summary = result;
-  summary.erase("losses");
-  std::cout << "result " << summary.dump() << std::endl;
-  return absl::OkStatus();
+  if (absl::GetFlag(FLAGS_eval_only)) return EvaluateOnly(*trainer, cb, a, std::move(result));
+  return TrainAndSave(*trainer, a, last, model_dir, fingerprint, std::move(result));
 }
 
 absl::Status Main() {
@@ -552,83 +597,10 @@ absl::Status Main() {
   auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(tok));
   const BertConfig& bc = encoder->config();
 
-  ASSIGN_OR_RETURN(TrainerOptions o, TrainerOptionsFromRecipe(recipe));
-  o.max_eval_examples = absl::GetFlag(FLAGS_max_eval);
-  o.truncation.relative_cutoff = absl::GetFlag(FLAGS_rel_cutoff);
-  ASSIGN_OR_RETURN(o.trainable, ParseTrainableSet(absl::GetFlag(FLAGS_trainable)));
+  ASSIGN_OR_RETURN(TrainerOptions o, RunTrainerOptions(recipe));
   torch::manual_seed(o.seed);
-
-  // Adapter.
-  std::unique_ptr<MetaTTAdapter> metatt;
-  std::unique_ptr<LoraAdapter> lora;
-  AdapterBinding binding;
-  std::vector<std::string> family_tasks;  // index = adapter task index
-  std::map<std::string, torch::Tensor> old_heads;
-  int64_t first_task_index = 0;
-  const std::string kind = absl::GetFlag(FLAGS_adapter);
-  ASSIGN_OR_RETURN(std::vector<Projection> projections, ParseProjections(recipe.projections));
-  if (!absl::GetFlag(FLAGS_base_family).empty()) {
-    // Frozen: existing tasks and shared cores never train here (no leaf per task).
-    ASSIGN_OR_RETURN(LoadedFamily fam,
-                     LoadFamily(absl::GetFlag(FLAGS_base_family), bc.Fingerprint(), device,
-                                MetaTTAdapter::Leaves::kFrozen));
-    metatt = std::move(fam.adapter);
-    if (metatt->config().form != TTForm::k4Plus1D) {
-      return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
-    }
-    family_tasks = fam.task_names;
-    old_heads = fam.heads;
-    metatt->FreezeShared(true);
-    first_task_index = metatt->num_tasks();
-    for (size_t i = 0; i < data.size(); ++i) {
-      ASSIGN_OR_RETURN(MetaTTAdapter::NewTaskInit init,
-                       MetaTTAdapter::ParseNewTaskInit(recipe.new_task_init));
-      ASSIGN_OR_RETURN(int64_t idx, metatt->AddTask(init));
-      (void)idx;
-    }
-    binding = BindMetaTT(metatt.get());
-    std::cout << "add-task mode: " << data.size() << " new task slice(s) after "
-              << first_task_index << " existing; shared cores frozen ("
-              << metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
-  } else if (kind == "metatt") {
-    MetaTTConfig c;
-    ASSIGN_OR_RETURN(c.form, ParseTTForm(recipe.form));
-    c.ranks = recipe.ranks;
-    c.projections = projections;
-    if (recipe.alpha > 0) c.alpha = recipe.alpha;
-    c.init = recipe.init;
-    c.num_tasks = c.form == TTForm::k4Plus1D ? static_cast<int64_t>(data.size()) : 1;
-    if (c.form != TTForm::k4Plus1D && data.size() > 1) {
-      return absl::InvalidArgumentError("several tasks need --form=4+1d");
-    }
-    c.d_in = c.d_out = bc.hidden_size;
-    c.num_layers = bc.num_hidden_layers;
-    c.num_heads = bc.num_attention_heads;
-    MetaTTAdapter::Options ao;
-    ao.device = device;
-    ao.seed = o.seed;
-    ASSIGN_OR_RETURN(metatt, MetaTTAdapter::Create(c, ao));
-    binding = BindMetaTT(metatt.get());
-    std::cout << "MetaTT " << TTFormName(c.form) << " ranks " << absl::StrJoin(recipe.ranks, ",")
-              << ": " << metatt->NumParameters() << " adapter parameters\n";
-  } else if (kind == "lora") {
-    if (data.size() > 1) return absl::InvalidArgumentError("LoRA trains one task");
-    LoraConfig c;
-    c.rank = recipe.ranks.front();
-    c.alpha = overrides.alpha && *overrides.alpha > 0 ? *overrides.alpha : 2.0 * c.rank;
-    c.projections = projections;
-    c.num_layers = bc.num_hidden_layers;
-    c.hidden_size = bc.hidden_size;
-    c.intermediate_size = bc.intermediate_size;
-    LoraAdapter::Options ao;
-    ao.device = device;
-    ao.seed = o.seed;
-    ASSIGN_OR_RETURN(lora, LoraAdapter::Create(c, ao));
-    binding = BindLora(lora.get());
-    std::cout << "LoRA r=" << c.rank << ": " << lora->NumParameters() << " adapter parameters\n";
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat("--adapter: unknown '", kind, "'"));
-  }
+  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, encoder->geometry(), bc.Fingerprint(),
+                                                device, o.seed, data.size()));
 
   std::vector<TrainTask> tasks;
   for (size_t i = 0; i < data.size(); ++i) {
@@ -636,7 +608,7 @@ absl::Status Main() {
     TaskHead::Options ho = TaskHead::Options::ForData(d.train, bc.hidden_size, o.seed + 1000 + i, device);
     TrainTask t;
     t.name = d.name;
-    t.task_index = first_task_index + static_cast<int64_t>(i);
+    t.task_index = a.first_task_index + static_cast<int64_t>(i);
     ASSIGN_OR_RETURN(t.head, TaskHead::Create(ho));
     t.train = std::move(d.train);
     t.eval = std::move(d.eval);
@@ -646,92 +618,12 @@ absl::Status Main() {
     tasks.push_back(std::move(t));
   }
 
-  TrainerCallbacks cb;
-  const int64_t log_every = std::max<int64_t>(1, absl::GetFlag(FLAGS_log_every));
-  double train_examples_per_second = 0;  // the trainer's own figure at the last step
-  cb.on_progress = [&](const ProgressEvent& p) {
-    train_examples_per_second = p.examples_per_second;
-    if (p.step % log_every != 0 && p.step != p.total_steps && p.step != 1) return;
-    std::cout << absl::StrFormat(
-                     "step %d/%d epoch %.3f loss %.5f lr %.3g grad_norm %.3g ex/s %.1f eta %.0fs",
-                     p.step, p.total_steps, p.epoch, p.loss, p.lr, p.grad_norm,
-                     p.examples_per_second, p.eta_seconds)
-              << std::endl;
-  };
-  cb.on_eval = [&](const EvalEvent& e) {
-    for (const auto& [task, m] : e.metrics) {
-      std::string line = absl::StrCat("eval step ", e.step, " ", task);
-      for (const auto& [k, v] : m) absl::StrAppend(&line, " ", k, "=", absl::StrFormat("%.4f", v));
-      std::cout << line << (e.is_best ? " (best)" : "") << std::endl;
-    }
-  };
-  cb.on_sweep = [&](const SweepEvent& s) {
-    std::cout << "sweep step " << s.step << " epoch " << s.epoch << " max_rank " << s.max_rank;
-    for (const auto& b : s.bonds) {
-      std::cout << absl::StrFormat(" | bond %d: %d -> %d discarded %.3g", b.bond, b.old_rank,
-                                   b.new_rank, b.discarded_weight);
-    }
-    std::cout << std::endl;
-  };
-
+  ProgressEvent last;
+  const TrainerCallbacks cb = PrintingCallbacks(&last);
   ASSIGN_OR_RETURN(std::unique_ptr<Trainer> trainer,
-                   Trainer::Create(o, encoder, MakeBatchTokenizer(tokenizer), binding,
+                   Trainer::Create(o, encoder, MakeBatchTokenizer(tokenizer), a.binding,
                                    std::move(tasks), cb));
-  std::cout << "training " << trainer->total_steps() << " steps (" << trainer->steps_per_epoch()
-            << " per epoch)" << std::endl;
-  const absl::Time t0 = absl::Now();
-  RETURN_IF_ERROR(trainer->Run());
-  const double seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-
-  nlohmann::json result;
-  result["steps"] = trainer->step();
-  result["seconds"] = seconds;
-  result["train_examples_per_second"] = train_examples_per_second;
-  result["state"] = trainer->state() == Trainer::State::kFinished       ? "finished"
-                    : trainer->state() == Trainer::State::kEarlyStopped ? "early_stopped"
-                                                                        : "cancelled";
-  result["losses"] = trainer->losses();
-  if (trainer->last_eval()) result["final_eval"] = EvalJson(*trainer->last_eval());
-  if (trainer->best_eval()) result["best_eval"] = EvalJson(*trainer->best_eval());
-  nlohmann::json sweeps = nlohmann::json::array();
-  for (const auto& s : trainer->sweeps()) {
-    nlohmann::json js;
-    js["step"] = s.step;
-    js["max_rank"] = s.max_rank;
-    for (const auto& b : s.bonds) {
-      js["bonds"].push_back({{"bond", b.bond},
-                             {"old_rank", b.old_rank},
-                             {"new_rank", b.new_rank},
-                             {"discarded_weight", b.discarded_weight}});
-    }
-    sweeps.push_back(js);
-  }
-  result["sweeps"] = sweeps;
-  AddAdapterSize(metatt.get(), lora.get(), &result);
-
-  const std::string out = absl::GetFlag(FLAGS_out);
-  if (!out.empty()) {
-    PrepareOutput(*trainer, out);
-    std::map<std::string, torch::Tensor> heads = old_heads;
-    for (const auto& t : trainer->tasks()) {
-      heads[t.name + ".weight"] = t.head->weight.detach();
-      heads[t.name + ".bias"] = t.head->bias.detach();
-    }
-    if (metatt) {
-      for (const auto& t : trainer->tasks()) family_tasks.push_back(t.name);
-      RETURN_IF_ERROR(SaveFamily(out, *metatt, family_tasks, heads, model_dir, bc.Fingerprint()));
-    } else {
-      std::map<std::string, torch::Tensor> all;
-      for (const auto& [n, t] : lora->NamedParameters()) all["lora." + n] = t.detach();
-      for (const auto& [n, t] : heads) all["head." + n] = t;
-      RETURN_IF_ERROR(WriteSafetensors(out + "/lora.safetensors", all));
-    }
-    RETURN_IF_ERROR(WriteFileAtomically(out + "/result.json", result.dump(2)));
-  }
-  nlohmann::json summary = result;
-  summary.erase("losses");
-  std::cout << "result " << summary.dump() << std::endl;
-  return absl::OkStatus();
+  return TrainAndSave(*trainer, a, last, model_dir, bc.Fingerprint(), nlohmann::json::object());
 }
 
 }  // namespace
