@@ -33,10 +33,18 @@ ABSL_FLAG(bool, insecure_allow_open_network, false,
           "DANGEROUS: serve a non-loopback --listen without TLS or without tokens, and a "
           "non-loopback --metrics_listen without a password (anyone who reaches the port is admin)."
           " Tokens over plaintext on a non-loopback address stay refused");
-ABSL_FLAG(std::string, data_dir, "./data", "SQLite database, datasets and adapter families");
+ABSL_FLAG(std::string, data_dir, "./data",
+          "SQLite database, datasets, adapter families and checkpoints (with --blob_store=postgres:"
+          " this replica's cache of them)");
 ABSL_FLAG(std::string, store, "sqlite",
           "sqlite (embedded, <data_dir>/metatt.db, one process) or a postgresql://user@host:port/db "
-          "URI: several replicas on one database, sharing --data_dir (README: Scale-out)");
+          "URI: several replicas on one database (README: Scale-out)");
+ABSL_FLAG(std::string, blob_store, "auto",
+          "where family version files, uploaded datasets and job checkpoints live: postgres (the "
+          "PostgreSQL store's blobs table; --data_dir is then each replica's own cache), data_dir "
+          "(files under --data_dir, which PostgreSQL replicas must then share), or dir:PATH (a "
+          "directory, e.g. a shared mount). auto = postgres with a PostgreSQL --store, data_dir "
+          "with SQLite");
 ABSL_FLAG(std::string, replica_id, "",
           "this replica's name in job claims (PostgreSQL store; default <hostname>-<pid>)");
 ABSL_FLAG(int64_t, job_lease_ms, 10000,
@@ -137,6 +145,7 @@ Server::Options OptionsFromFlags() {
   o.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   o.data_dir = absl::GetFlag(FLAGS_data_dir);
   o.store = absl::GetFlag(FLAGS_store);
+  o.blob_store = absl::GetFlag(FLAGS_blob_store);
   o.replica_id = absl::GetFlag(FLAGS_replica_id);
   o.job_lease_ms = absl::GetFlag(FLAGS_job_lease_ms);
   o.job_poll_ms = absl::GetFlag(FLAGS_job_poll_ms);

@@ -265,12 +265,40 @@ absl::Status Server::Init() {
     options_.replica_id = absl::StrCat(host, "-", getpid());
   }
   if (shared_store_) Log(absl::StrCat("PostgreSQL store, replica ", o.replica_id));
+  {
+    std::string mode = o.blob_store;
+    if (mode == "auto") mode = shared_store_ ? "postgres" : "data_dir";
+    if (mode == "postgres") {
+      if (!shared_store_) {
+        return absl::InvalidArgumentError(
+            "--blob_store=postgres needs a PostgreSQL --store (postgresql://...)");
+      }
+      blobs_ = static_cast<PostgresStore*>(store_.get())->blob_store();
+    } else if (absl::StartsWith(mode, "dir:")) {
+      auto local = LocalBlobStore::Create(mode.substr(4));
+      if (!local.ok()) {
+        return absl::Status(local.status().code(),
+                            absl::StrCat("--blob_store: ", local.status().message()));
+      }
+      owned_blobs_ = std::move(*local);
+      blobs_ = owned_blobs_.get();
+    } else if (mode != "data_dir") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--blob_store: '", o.blob_store, "' is not auto, postgres, data_dir or dir:<path>"));
+    }
+    if (blobs_ != nullptr) {
+      Log(absl::StrCat("blob store: ", blobs_->Describe(),
+                       " (family versions, datasets, checkpoints); --data_dir ", o.data_dir,
+                       " is this replica's cache"));
+    }
+  }
 
   metrics_ = MetricsRegistry::Create();
   metrics_->metrics().SetTaskLabelLimit(o.metrics_task_labels);
 
   RuntimeOptions ro = o.runtime;
   ro.data_dir = o.data_dir;
+  ro.blobs = blobs_;
   if (ro.base_only_inference) {
     Log("warning: --inference_base_only: predictions skip the adapter (benchmark baseline)");
   }
@@ -328,6 +356,7 @@ absl::Status Server::Init() {
   DatasetManagerOptions dopt;
   dopt.quotas = quotas;
   dopt.data_dir = o.data_dir;
+  dopt.blobs = blobs_;
   dopt.max_upload_bytes = o.max_upload_bytes;
   dopt.parse = ParseUploadedDataset;
   dopt.max_labels_per_task = o.max_labels_per_task;
@@ -347,7 +376,9 @@ absl::Status Server::Init() {
   jopt.max_rank_times_tasks = o.max_rank_times_tasks;
   jopt.max_labels_per_task = o.max_labels_per_task;
   jopt.max_event_streams = o.max_event_streams;
-  jopt.verify_dataset_files = true;
+  // A dataset in a blob store is checked against its sha256 when a job reads
+  // it (ReadDatasetBytes); a local file when the job is created.
+  jopt.verify_dataset_files = blobs_ == nullptr;
   if (shared_store_) {
     jopt.replica_id = options_.replica_id;
     jopt.lease_ms = o.job_lease_ms;

@@ -54,6 +54,12 @@ class Server {
     std::string metrics_listen = "127.0.0.1:9090";  // "" = no /metrics
     std::string data_dir = "./data";
     std::string store = "sqlite";  // or postgresql://user@host:port/db
+    // Where version files, datasets and checkpoints live (blob_store.h):
+    // "postgres" (the PostgreSQL store's blobs table; data_dir is this
+    // replica's cache), "data_dir" (files under data_dir, shared by the
+    // replicas of a PostgreSQL store), "dir:<path>" (a LocalBlobStore there).
+    // "auto": postgres with a PostgreSQL store, data_dir with SQLite.
+    std::string blob_store = "auto";
     std::string replica_id;        // PostgreSQL: default <hostname>-<pid>
     int64_t job_lease_ms = 10000;
     int64_t job_poll_ms = 250;
@@ -137,6 +143,8 @@ class Server {
   // Destroyed in reverse order: /metrics (which reads the runtime) before the
   // runtime, every user of the store before the store.
   std::unique_ptr<Store> store_;
+  std::unique_ptr<BlobStore> owned_blobs_;  // --blob_store=dir:<path>
+  BlobStore* blobs_ = nullptr;  // null: data_dir holds the bytes (blob_store data_dir)
   std::unique_ptr<Runtime> runtime_;
   std::unique_ptr<MetricsRegistry> metrics_;
   std::unique_ptr<JobExecutor> refreshing_executor_;  // shared store only

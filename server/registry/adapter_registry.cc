@@ -577,7 +577,8 @@ absl::StatusOr<std::unique_ptr<AdapterRegistry>> AdapterRegistry::Create(const O
                                                                          Store* store) {
   if (store == nullptr) return absl::InvalidArgumentError("registry: store is null");
   ASSIGN_OR_RETURN(const torch::ScalarType head_dtype, ParseHeadDtype(options.head_dtype));
-  ASSIGN_OR_RETURN(std::unique_ptr<FamilyCatalog> catalog, FamilyCatalog::Create(options.data_dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<FamilyCatalog> catalog,
+                   FamilyCatalog::Create(options.data_dir, options.blobs));
   return std::unique_ptr<AdapterRegistry>(
       new AdapterRegistry(options, store, head_dtype, std::move(catalog)));
 }
@@ -608,7 +609,7 @@ std::shared_ptr<const PublishedFamily> AdapterRegistry::Resident(const std::stri
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
     const FamilyVersionRecord& record, bool extend_storage) {
-  if (record.parent_version == 0 || FamilyCatalog::HoldsFullFamily(record.path)) {
+  if (record.parent_version == 0 || catalog_->VersionHoldsFullFamily(record.path)) {
     FamilyVersionRecord full = record;
     if (full.parent_version > 0) full.tasks.clear();  // compacted: family.json lists them all
     full.parent_version = 0;
@@ -628,7 +629,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
       return absl::Status(rec.status().code(),
                           absl::StrCat(where, ": parent version: ", rec.status().message()));
     }
-    if (rec->parent_version == 0 || FamilyCatalog::HoldsFullFamily(rec->path)) {
+    if (rec->parent_version == 0 || catalog_->VersionHoldsFullFamily(rec->path)) {
       ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> loaded, LoadVersion(*rec, false));
       base = std::move(loaded);
       extend_storage = false;  // a fresh storage nobody else uses: still safe, but keep it simple
@@ -641,7 +642,9 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
   AppendedTensors add;
   std::vector<std::string> dirs;
   for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-    auto files = FamilyCatalog::ReadAppended(it->path);
+    auto local = catalog_->Fetch(it->path);
+    auto files = local.ok() ? FamilyCatalog::ReadAppended(*local)
+                            : absl::StatusOr<AppendedTensors>(local.status());
     if (!files.ok()) {
       return absl::Status(files.status().code(), absl::StrCat(where, ": ", files.status().message()));
     }
@@ -655,7 +658,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
       }
     }));
     for (const TaskRecord& t : it->tasks) full.tasks.push_back(t);
-    dirs.push_back(it->path);
+    dirs.push_back(*local);
   }
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    AppendToFamily(*base, std::move(full), add, extend_storage));
@@ -667,9 +670,13 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadVersion(
 
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadFullVersion(
     const FamilyVersionRecord& record) {
-  if (IsLoraFamilyDir(record.path)) return LoadLoraVersion(record);
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
-  auto loaded = LoadFamily(record.path, options_.base_model_fingerprint, torch::kCPU,
+  absl::StatusOr<std::string> dir = catalog_->Fetch(record.path);
+  if (!dir.ok()) {
+    return absl::Status(dir.status().code(), absl::StrCat(where, ": ", dir.status().message()));
+  }
+  if (IsLoraFamilyDir(*dir)) return LoadLoraVersion(record);
+  auto loaded = LoadFamily(*dir, options_.base_model_fingerprint, torch::kCPU,
                            MetaTTAdapter::Leaves::kFrozen);
   if (!loaded.ok()) {
     const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
@@ -711,7 +718,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadFullVersio
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(std::move(rec), req.config, req.scale, req.adapter_tensors, weight,
                                bias, req.pooling, req.max_length, options_.device, head_dtype_));
-  fam->full_dir = record.path;
+  fam->full_dir = *dir;
   return fam;
 }
 
@@ -824,16 +831,16 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   record.created_unix_ms = NowMs();
   record.tenant = tenant;  // the store refuses it if the family has another owner
 
-  record.path = catalog_->VersionDir(req.family, version);
+  record.path = catalog_->NewVersionPath(req.family, version);
 
   // Build first: a family that cannot be served is never written.
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(record, req.config, req.scale, req.adapter_tensors, weight, bias,
                                req.pooling, req.max_length, options_.device, head_dtype_,
                                req.lora));
-  fam->full_dir = record.path;
+  fam->full_dir = catalog_->LocalDir(record.path);
   auto written = catalog_->WriteVersion(
-      req.family, version,
+      record.path,
       [&](const std::string& dir) {
         if (fam->adapter.is_lora()) {
           return WriteLoraFamily(dir, *fam->adapter.lora(), record, req.pooling, req.max_length,
@@ -846,7 +853,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   if (!written.ok()) return written.status();
   absl::Status st = store_->PublishFamilyVersion(record);
   if (!st.ok()) {
-    catalog_->RemoveVersion(req.family, version);
+    catalog_->RemoveVersion(record.path);
     return st;
   }
   return Activate(std::move(fam));
@@ -930,7 +937,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishA
   delta.version = version;
   delta.form = base->record.form;
   delta.base_model_fingerprint = base->record.base_model_fingerprint;
-  delta.path = catalog_->VersionDir(req.family, version);
+  delta.path = catalog_->NewVersionPath(req.family, version);
   delta.adapter_parameters = base->record.adapter_parameters + add.task_slices.numel();
   delta.created_by_job = req.created_by_job;
   delta.created_unix_ms = NowMs();
@@ -955,17 +962,17 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishA
                    AppendToFamily(*base, std::move(full), add, /*extend_storage=*/true));
   fam->record.config_json = fam->adapter->config().ToJson().dump();
   delta.config_json = fam->record.config_json;
-  fam->appended_dirs.push_back(delta.path);
+  fam->appended_dirs.push_back(catalog_->LocalDir(delta.path));
   fam->chain_length = base->chain_length + 1;
 
   auto written = catalog_->WriteVersion(
-      req.family, version,
+      delta.path,
       [&](const std::string& dir) { return FamilyCatalog::WriteAppended(dir, add); },
       [&] { return CheckVersionFree(req.family, version); });
   absl::Status st = written.status();
   if (st.ok()) {
     st = store_->PublishFamilyVersion(delta);
-    if (!st.ok()) catalog_->RemoveVersion(req.family, version);
+    if (!st.ok()) catalog_->RemoveVersion(delta.path);
   }
   if (!st.ok()) {
     fam->head_storage->used = T;  // the rows written for it are free again
@@ -1029,11 +1036,13 @@ absl::Status AdapterRegistry::CompactLatest(const std::string& family) {
   }
   if (fam == nullptr || fam->chain_length == 0) return absl::OkStatus();  // deleted or full
   const int64_t version = fam->version();
-  if (!FamilyCatalog::HoldsFullFamily(fam->record.path)) {
+  if (!catalog_->VersionHoldsFullFamily(fam->record.path)) {
+    ASSIGN_OR_RETURN(const std::string dir, catalog_->Fetch(fam->record.path));
     ASSIGN_OR_RETURN(auto exact, fam->ExactHeads());
-    RETURN_IF_ERROR(WriteFullFamily(fam->record.path, *fam->adapter, fam->record,
-                                    fam->pooling_name, fam->max_length, exact.first,
-                                    exact.second));
+    RETURN_IF_ERROR(WriteFullFamily(dir, *fam->adapter, fam->record, fam->pooling_name,
+                                    fam->max_length, exact.first, exact.second));
+    // With a blob store the full files are objects before the row says "full".
+    RETURN_IF_ERROR(catalog_->UploadNewFiles(fam->record.path));
   }
   absl::Status st = store_->CompactFamilyVersion(family, version, fam->record.tasks);
   if (absl::IsNotFound(st)) return absl::OkStatus();  // deleted meanwhile
@@ -1171,7 +1180,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::DeleteTa
 absl::StatusOr<std::map<std::string, std::string>> AdapterRegistry::ExportFiles(
     const std::string& family, int64_t version) {
   ASSIGN_OR_RETURN(std::shared_ptr<const PublishedFamily> fam, Get(family, version));
-  std::string dir = fam->record.path;
+  ASSIGN_OR_RETURN(std::string dir, catalog_->Fetch(fam->record.path));
   std::string scratch;
   if (!FamilyCatalog::HoldsFullFamily(dir)) {
     // An appended version not compacted yet: written in full to a scratch
@@ -1264,7 +1273,8 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
 absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadLoraVersion(
     const FamilyVersionRecord& record) {
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
-  auto loaded = LoadLoraFamily(record.path, options_.base_model_fingerprint);
+  const std::string dir = catalog_->LocalDir(record.path);  // fetched by LoadFullVersion
+  auto loaded = LoadLoraFamily(dir, options_.base_model_fingerprint);
   if (!loaded.ok()) {
     const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
     return absl::Status(loaded.status().code(),
@@ -1302,7 +1312,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadLoraVersio
   ASSIGN_OR_RETURN(std::shared_ptr<PublishedFamily> fam,
                    BuildFamily(std::move(rec), MetaTTConfig(), 1.0, {}, weight, bias, pooling,
                                max_length, options_.device, head_dtype_, loaded->adapter.get()));
-  fam->full_dir = record.path;
+  fam->full_dir = dir;
   return fam;
 }
 

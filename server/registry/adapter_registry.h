@@ -210,6 +210,10 @@ class AdapterRegistry {
 
   struct Options {
     std::string data_dir;  // families live under <data_dir>/families
+    // Not owned. Set: versions live in this blob store and
+    // <data_dir>/families is this replica's read-through cache of them
+    // (family_catalog.h); null: the directory holds them.
+    BlobStore* blobs = nullptr;
     torch::Device device = torch::kCPU;
     std::string base_model_fingerprint;
     // Dtype of the resident stacked heads: float32 | float16 | bfloat16

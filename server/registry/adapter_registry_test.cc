@@ -38,9 +38,11 @@ BertConfig Base() {
 }
 
 std::unique_ptr<AdapterRegistry> MakeRegistry(const std::string& dir, Store* store,
-                                              const std::string& fp = "fp-1") {
+                                              const std::string& fp = "fp-1",
+                                              BlobStore* blobs = nullptr) {
   AdapterRegistry::Options o;
   o.data_dir = dir;
+  o.blobs = blobs;
   o.base_model_fingerprint = fp;
   auto r = AdapterRegistry::Create(o, store);
   EXPECT_TRUE(r.ok()) << r.status();
@@ -782,6 +784,82 @@ TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
   ExpectSameFamily(**restarted->Get("fam", 4), **reg->Get("fam", 4));
   EXPECT_TRUE(replica->Refresh().ok());
   ExpectSameFamily(**replica->Get("fam"), **latest);
+}
+
+// Replicas without a shared directory (PostgreSQL's blob store; a
+// LocalBlobStore on a third directory stands in for it): every version is
+// objects under families/<family>/v<N>-<id>/ named by its record; a replica
+// with its own, empty data directory loads, refreshes, exports and restarts
+// from them, appended and compacted versions included.
+TEST(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlobStore) {
+  ScratchDir dir_a, dir_b, blob_dir;
+  InMemoryStore store;
+  auto blobs = LocalBlobStore::Create(blob_dir.path());
+  ASSERT_TRUE(blobs.ok()) << blobs.status();
+  auto a = MakeRegistry(dir_a.path(), &store, "fp-1", blobs->get());
+  auto b = MakeRegistry(dir_b.path(), &store, "fp-1", blobs->get());
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, Base(), 1)).ok());
+  auto rec = store.GetFamilyVersion("fam", 1);
+  ASSERT_TRUE(rec.ok());
+  ASSERT_TRUE(IsBlobRef(rec->path)) << rec->path;
+  const std::string key = BlobKeyOf(rec->path);
+  EXPECT_THAT(*(*blobs)->List(key + "/"),
+              ::testing::ElementsAre(key + "/cores.safetensors", key + "/family.json"));
+  EXPECT_THAT(*b->Refresh(), ::testing::ElementsAre("fam v1"));
+  ExpectSameFamily(**b->Get("fam"), **a->Get("fam"));
+  // B's copy is a cache in its own data directory.
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(dir_b.path()) / key / "family.json"));
+
+  // An add-task publication on B is served by A; compaction uploads the full files.
+  int64_t version = 1;
+  const int64_t n = AdapterRegistry::kCompactAfter + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    auto v = b->PublishAppend(AppendOne("fam", version, absl::StrCat("t", i), 2, 20 + i));
+    ASSERT_TRUE(v.ok()) << v.status();
+    version = (*v)->version();
+    if (i == 0) {
+      EXPECT_THAT(*a->Refresh(), ::testing::ElementsAre("fam v2"));
+      ExpectSameFamily(**a->Get("fam"), **b->Get("fam"));
+    }
+  }
+  b->WaitForCompactions();
+  bool compacted = false;
+  const auto summaries = store.ListFamilyVersionSummaries("fam");
+  ASSERT_TRUE(summaries.ok());
+  for (const auto& v : *summaries) {
+    if (v.version > 1 && v.parent_version == 0) {
+      compacted = true;
+      EXPECT_TRUE(*(*blobs)->Exists(BlobKeyOf(v.path) + "/family.json")) << v.version;
+    }
+  }
+  EXPECT_TRUE(compacted);
+  ASSERT_TRUE(a->Refresh().ok());
+  ExpectSameFamily(**a->Get("fam"), **b->Get("fam"));
+
+  // A replica started on an empty data directory: everything from the blobs.
+  ScratchDir dir_c;
+  auto c = MakeRegistry(dir_c.path(), &store, "fp-1", blobs->get());
+  auto warnings = c->LoadAll();
+  ASSERT_TRUE(warnings.ok()) << warnings.status();
+  EXPECT_TRUE(warnings->empty()) << ::testing::PrintToString(*warnings);
+  ExpectSameFamily(**c->Get("fam"), **b->Get("fam"));
+  ExpectSameFamily(**c->Get("fam", 3), **b->Get("fam", 3));
+  auto files = c->ExportFiles("fam", 2);
+  ASSERT_TRUE(files.ok()) << files.status();
+  auto imported = c->Import("copy", *files);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  ExpectSameFamily(**imported, **b->Get("fam", 2));
+
+  // A version whose objects are gone fails to load naming them.
+  ScratchDir dir_d;
+  auto d = MakeRegistry(dir_d.path(), &store, "fp-1", blobs->get());
+  ASSERT_TRUE(d->LoadAll().ok());  // the latest version needs no object of v1
+  const auto objects = (*blobs)->List(key + "/");
+  ASSERT_TRUE(objects.ok());
+  for (const auto& k : *objects) ASSERT_TRUE((*blobs)->Delete(k).ok());
+  auto gone = d->Get("fam", 1);
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound) << gone.status();
+  EXPECT_THAT(std::string(gone.status().message()), HasSubstr(key));
 }
 
 TEST(AdapterRegistryTest, Float16AppendedVersionRepublishesExactFloat32Heads) {

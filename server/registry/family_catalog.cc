@@ -10,11 +10,15 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <mutex>
+#include <random>
+#include <vector>
 #include <system_error>
 #include <utility>
 
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/file_io.h"
@@ -78,7 +82,15 @@ void RemoveCrashLeftovers(const fs::path& families) {
       const std::string n = e.path().filename().string();
       if (n.rfind(".tmp-v", 0) != 0) continue;
       const size_t dash = n.find('-', 6);  // after ".tmp-v<N>"
-      if (dash != std::string::npos && stale(e.path(), n.substr(dash + 1), false)) {
+      if (dash == std::string::npos) continue;
+      std::string rest = n.substr(dash + 1);
+      // A blob-store version's scratch: ".tmp-v<N>-<16 hex>-<host>-<pid>".
+      if (rest.size() > 17 && rest[16] == '-' &&
+          std::all_of(rest.begin(), rest.begin() + 16,
+                      [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); })) {
+        rest = rest.substr(17);
+      }
+      if (stale(e.path(), rest, false)) {
         fs::remove_all(e.path(), ec);
       }
     }
@@ -87,7 +99,8 @@ void RemoveCrashLeftovers(const fs::path& families) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<FamilyCatalog>> FamilyCatalog::Create(const std::string& data_dir) {
+absl::StatusOr<std::unique_ptr<FamilyCatalog>> FamilyCatalog::Create(const std::string& data_dir,
+                                                                     BlobStore* blobs) {
   if (data_dir.empty()) return absl::InvalidArgumentError("registry: data_dir is empty");
   const fs::path families = fs::path(data_dir) / "families";
   std::error_code ec;
@@ -97,26 +110,130 @@ absl::StatusOr<std::unique_ptr<FamilyCatalog>> FamilyCatalog::Create(const std::
         absl::StrCat("cannot create ", families.string(), ": ", ec.message()));
   }
   RemoveCrashLeftovers(families);
-  return std::unique_ptr<FamilyCatalog>(new FamilyCatalog(families.string()));
+  return std::unique_ptr<FamilyCatalog>(new FamilyCatalog(data_dir, families.string(), blobs));
 }
 
 std::string FamilyCatalog::VersionDir(const std::string& family, int64_t version) const {
   return (fs::path(families_) / family / absl::StrCat("v", version)).string();
 }
 
+std::string FamilyCatalog::NewVersionPath(const std::string& family, int64_t version) const {
+  if (blobs_ == nullptr) return VersionDir(family, version);
+  static std::mutex mu;
+  static std::mt19937_64 rng{std::random_device{}()};
+  uint64_t r;
+  {
+    std::lock_guard<std::mutex> l(mu);
+    r = rng();
+  }
+  return BlobRef(absl::StrFormat("families/%s/v%d-%016x", family, version, r));
+}
+
+std::string FamilyCatalog::LocalDir(const std::string& path) const {
+  if (!IsBlobRef(path)) return path;
+  return (fs::path(data_dir_) / BlobKeyOf(path)).string();
+}
+
+namespace {
+
+// Metadata files (the commit points) go last.
+void MetadataLast(std::vector<std::string>* names) {
+  std::stable_sort(names->begin(), names->end(), [](const std::string& a, const std::string& b) {
+    const bool ja = absl::EndsWith(a, ".json"), jb = absl::EndsWith(b, ".json");
+    return ja != jb ? jb : a < b;
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> FamilyCatalog::Fetch(const std::string& path) {
+  const std::string dir = LocalDir(path);
+  if (blobs_ == nullptr || !IsBlobRef(path)) return dir;
+  const std::string key = BlobKeyOf(path);
+  ASSIGN_OR_RETURN(std::vector<std::string> keys, blobs_->List(key + "/"));
+  if (keys.empty()) {
+    return absl::NotFoundError(absl::StrCat("version files ", key, "/ not found in the blob store (",
+                                            blobs_->Describe(), ")"));
+  }
+  std::vector<std::string> names;
+  for (const std::string& k : keys) names.push_back(k.substr(key.size() + 1));
+  MetadataLast(&names);
+  bool any = false;
+  for (const std::string& name : names) {
+    bool downloaded = false;
+    RETURN_IF_ERROR(FetchBlobToFile(blobs_, key + "/" + name, dir + "/" + name, &downloaded));
+    any |= downloaded;
+  }
+  if (any) {
+    // The cache's new entries are durable like a published version's.
+    RETURN_IF_ERROR(SyncDirectory(dir));
+    RETURN_IF_ERROR(SyncDirectory(fs::path(dir).parent_path().string()));
+  }
+  return dir;
+}
+
+bool FamilyCatalog::VersionHoldsFullFamily(const std::string& path) {
+  if (HoldsFullFamily(LocalDir(path))) return true;
+  if (blobs_ == nullptr || !IsBlobRef(path)) return false;
+  auto exists = blobs_->Exists(BlobKeyOf(path) + "/family.json");
+  return exists.ok() && *exists;
+}
+
+absl::Status FamilyCatalog::UploadNewFiles(const std::string& path) {
+  if (blobs_ == nullptr || !IsBlobRef(path)) return absl::OkStatus();
+  const std::string key = BlobKeyOf(path);
+  const std::string dir = LocalDir(path);
+  ASSIGN_OR_RETURN(std::vector<std::string> have, blobs_->List(key + "/"));
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (!e.is_regular_file(ec) || !ValidateBlobKey(name).ok()) continue;  // scratch files
+    if (std::find(have.begin(), have.end(), key + "/" + name) == have.end()) names.push_back(name);
+  }
+  if (ec) return absl::InternalError(absl::StrCat("cannot list ", dir, ": ", ec.message()));
+  MetadataLast(&names);
+  for (const std::string& name : names) {
+    ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(dir + "/" + name));
+    RETURN_IF_ERROR(blobs_->Put(key + "/" + name, bytes));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> FamilyCatalog::WriteVersion(
-    const std::string& family, int64_t version,
-    const std::function<absl::Status(const std::string& dir)>& write,
+    const std::string& path, const std::function<absl::Status(const std::string& dir)>& write,
     const std::function<absl::Status()>& before_commit) {
-  const fs::path family_dir = fs::path(families_) / family;
-  const fs::path final_dir = family_dir / absl::StrCat("v", version);
-  const fs::path tmp_dir = family_dir / absl::StrCat(".tmp-v", version, "-", ScratchOwner());
+  const fs::path final_dir = LocalDir(path);
+  const fs::path family_dir = final_dir.parent_path();
+  const fs::path tmp_dir =
+      family_dir / absl::StrCat(".tmp-", final_dir.filename().string(), "-", ScratchOwner());
   std::error_code ec;
   fs::remove_all(tmp_dir, ec);
   fs::create_directories(tmp_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create ", tmp_dir.string()));
   absl::Status st = write(tmp_dir.string());
   if (st.ok()) st = before_commit();
+  std::vector<std::string> uploaded;
+  if (st.ok() && blobs_ != nullptr && IsBlobRef(path)) {
+    // Every object before the Store's row names the version: data first,
+    // metadata last.
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(tmp_dir, ec)) {
+      if (e.is_regular_file()) names.push_back(e.path().filename().string());
+    }
+    if (ec || names.empty()) {
+      st = absl::InternalError(absl::StrCat("cannot list the files of ", tmp_dir.string(), ": ",
+                                            ec ? ec.message() : "none written"));
+    }
+    MetadataLast(&names);
+    for (const std::string& name : st.ok() ? names : std::vector<std::string>{}) {
+      const std::string key = BlobKeyOf(path) + "/" + name;
+      absl::StatusOr<std::string> bytes = ReadFileToString((tmp_dir / name).string());
+      st = bytes.ok() ? blobs_->Put(key, *bytes) : bytes.status();
+      if (!st.ok()) break;
+      uploaded.push_back(key);
+    }
+  }
   if (st.ok()) {
     fs::remove_all(final_dir, ec);  // a leftover of a crash before the Store knew it
     fs::rename(tmp_dir, final_dir, ec);
@@ -132,14 +249,19 @@ absl::StatusOr<std::string> FamilyCatalog::WriteVersion(
   if (!st.ok()) {
     fs::remove_all(tmp_dir, ec);
     fs::remove_all(final_dir, ec);
+    for (const std::string& key : uploaded) blobs_->Delete(key).IgnoreError();
     return st;
   }
   return final_dir.string();
 }
 
-void FamilyCatalog::RemoveVersion(const std::string& family, int64_t version) {
+void FamilyCatalog::RemoveVersion(const std::string& path) {
   std::error_code ec;
-  fs::remove_all(VersionDir(family, version), ec);
+  fs::remove_all(LocalDir(path), ec);
+  if (blobs_ == nullptr || !IsBlobRef(path)) return;
+  auto keys = blobs_->List(BlobKeyOf(path) + "/");
+  if (!keys.ok()) return;
+  for (const std::string& key : *keys) blobs_->Delete(key).IgnoreError();
 }
 
 absl::Status FamilyCatalog::WriteAppended(const std::string& dir, const AppendedTensors& t) {

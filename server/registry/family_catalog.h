@@ -18,6 +18,17 @@
 // and is the commit point. An appended version may later also receive a full
 // family.json + cores.safetensors (compaction): the same logical version,
 // readable without its parents. Torch-free callers never see this file.
+//
+// With a blob store (PostgreSQL replicas without a shared directory,
+// server/store/blob_store.h) a version is the objects under
+// families/<family>/v<N>-<random>/ (one name per publication attempt, so two
+// replicas racing for version N never write each other's objects; the
+// Store's row names the winner's), uploaded before the Store records it,
+// metadata last. Its record's path is "blob:families/<family>/v<N>-<random>"
+// and <data_dir>/families/<family>/v<N>-<random>/ is this replica's
+// read-through cache of it: Fetch() downloads what the cache lacks (versions
+// are immutable, so a cached file is never stale; appended.json and
+// family.json carry the hashes their tensors are checked against on load).
 #pragma once
 
 #include <cstdint>
@@ -29,6 +40,7 @@
 #include <torch/torch.h>
 
 #include "absl/status/statusor.h"
+#include "server/store/blob_store.h"
 
 namespace metatt {
 
@@ -47,20 +59,42 @@ class FamilyCatalog {
  public:
   // Creates <data_dir>/families and removes scratch directories left by a
   // process that died (same host and gone, or untouched for an hour).
-  static absl::StatusOr<std::unique_ptr<FamilyCatalog>> Create(const std::string& data_dir);
+  // `blobs` (not owned; null = the directory holds the versions themselves):
+  // the store versions live in, <data_dir>/families its cache.
+  static absl::StatusOr<std::unique_ptr<FamilyCatalog>> Create(const std::string& data_dir,
+                                                               BlobStore* blobs = nullptr);
 
   std::string VersionDir(const std::string& family, int64_t version) const;
+  bool uses_blobs() const { return blobs_ != nullptr; }
 
-  // Writes version `version` of `family`: `write` fills a scratch directory,
-  // `before_commit` may refuse (e.g. another replica published the version
-  // meanwhile), then the directory is renamed into place and its parent
-  // fsynced. On error nothing is left behind. Returns the version directory.
+  // Where a new version of `family` goes (its record's path): VersionDir,
+  // or a fresh blob reference "blob:families/<family>/v<N>-<random>".
+  std::string NewVersionPath(const std::string& family, int64_t version) const;
+  // The local directory of a record's path (the cache for a blob reference).
+  std::string LocalDir(const std::string& path) const;
+  // The version's files, local: for a blob reference, downloads every object
+  // of the version the cache lacks (NOT_FOUND naming the version when it has
+  // none). Returns LocalDir(path).
+  absl::StatusOr<std::string> Fetch(const std::string& path);
+  // Whether the version holds a full family (family.json): locally, or in
+  // the blob store.
+  bool VersionHoldsFullFamily(const std::string& path);
+  // Uploads the files of LocalDir(path) the blob store lacks (the full files
+  // the compactor adds to an appended version), metadata (*.json) last.
+  // No-op without a blob store.
+  absl::Status UploadNewFiles(const std::string& path);
+
+  // Writes the version at `path` (NewVersionPath): `write` fills a scratch
+  // directory, `before_commit` may refuse (e.g. another replica published the
+  // version meanwhile), then (blob store: every file is uploaded, metadata
+  // last) the directory is renamed into place and its parent fsynced. On
+  // error nothing is left behind. Returns the local version directory.
   absl::StatusOr<std::string> WriteVersion(
-      const std::string& family, int64_t version,
-      const std::function<absl::Status(const std::string& dir)>& write,
+      const std::string& path, const std::function<absl::Status(const std::string& dir)>& write,
       const std::function<absl::Status()>& before_commit);
-  // Removes a version directory (a version the Store refused).
-  void RemoveVersion(const std::string& family, int64_t version);
+  // Removes a version (a version the Store refused): its directory and, for
+  // a blob reference, its objects.
+  void RemoveVersion(const std::string& path);
 
   // An appended version's files, written into `dir` (appended.json last).
   static absl::Status WriteAppended(const std::string& dir, const AppendedTensors& t);
@@ -74,8 +108,11 @@ class FamilyCatalog {
   absl::StatusOr<std::string> MakeImportScratch();
 
  private:
-  explicit FamilyCatalog(std::string families) : families_(std::move(families)) {}
+  FamilyCatalog(std::string data_dir, std::string families, BlobStore* blobs)
+      : data_dir_(std::move(data_dir)), families_(std::move(families)), blobs_(blobs) {}
+  std::string data_dir_;
   std::string families_;  // <data_dir>/families
+  BlobStore* blobs_;      // null: the directory is the store
 };
 
 }  // namespace metatt

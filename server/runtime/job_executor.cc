@@ -20,6 +20,7 @@
 #include "adapters/metatt_config.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
+#include "server/jobs/dataset_manager.h"
 #include "server/jobs/dataset_spec_json.h"
 #include "server/jobs/job_recipe.h"
 #include "server/jobs/job_validation.h"
@@ -74,8 +75,8 @@ absl::StatusOr<Dataset> LoadDataset(Store* store, const std::string& id,
   if (!spec.ok()) return Prefixed(spec.status(), field);
   if (!vocab.empty()) spec->label_vocab = vocab;
   spec->origin = absl::StrCat("dataset ", id);
-  auto bytes = ReadFileToString(rec->path);
-  if (!bytes.ok()) return Prefixed(bytes.status(), field);
+  auto bytes = ReadDatasetBytes(*rec, o.blobs, o.dataset_cache_dir, field);
+  if (!bytes.ok()) return bytes.status();
   auto data = ParseDataset(*bytes, *spec);
   if (!data.ok()) return Prefixed(data.status(), field);
   if (data->examples.empty()) {
@@ -85,17 +86,17 @@ absl::StatusOr<Dataset> LoadDataset(Store* store, const std::string& id,
 }
 
 // A generation dataset (decoder servers): nullopt when the record is not one.
-absl::StatusOr<std::optional<GenerationDataset>> LoadGenerationDataset(Store* store,
-                                                                      const std::string& id,
-                                                                      const std::string& field) {
+absl::StatusOr<std::optional<GenerationDataset>> LoadGenerationDataset(
+    Store* store, const std::string& id, const std::string& field,
+    const RuntimeJobExecutor::Options& o) {
   auto rec = store->GetDataset(id);
   if (!rec.ok()) return Prefixed(rec.status(), field);
   auto spec = GenerationSpecFromJson(rec->spec_json);
   if (!spec.ok()) return Prefixed(spec.status(), absl::StrCat(field, ": dataset ", id));
   if (!spec->has_value()) return std::optional<GenerationDataset>();
   (*spec)->origin = absl::StrCat("dataset ", id);
-  auto bytes = ReadFileToString(rec->path);
-  if (!bytes.ok()) return Prefixed(bytes.status(), field);
+  auto bytes = ReadDatasetBytes(*rec, o.blobs, o.dataset_cache_dir, field);
+  if (!bytes.ok()) return bytes.status();
   auto data = ParseGenerationDataset(*bytes, **spec);
   if (!data.ok()) return Prefixed(data.status(), field);
   return std::optional<GenerationDataset>(std::move(*data));
@@ -105,6 +106,56 @@ absl::StatusOr<std::optional<GenerationDataset>> LoadGenerationDataset(Store* st
 std::string JobCheckpointDir(const RuntimeJobExecutor::Options& o, const std::string& job_id) {
   if (o.checkpoint_dir.empty() || o.checkpoint_every_steps <= 0 || job_id.empty()) return "";
   return (std::filesystem::path(o.checkpoint_dir) / job_id).string();
+}
+
+// With a blob store (Options::blobs) a job's checkpoints are the objects
+// checkpoints/<job id>/step-<K>.ckpt, so any replica can resume the job; its
+// local checkpoint directory is this replica's copy of them.
+std::string CheckpointKeyPrefix(const std::string& job_id) {
+  return absl::StrCat("checkpoints/", job_id, "/");
+}
+
+// Uploads the checkpoint just written to `file` (fenced: refused once another
+// replica took the job over), then drops the objects the local directory
+// pruned.
+absl::Status UploadCheckpoint(BlobStore* blobs, const std::string& job_id, const std::string& dir,
+                              const std::string& file) {
+  namespace fs = std::filesystem;
+  const std::string prefix = CheckpointKeyPrefix(job_id);
+  ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(file));
+  RETURN_IF_ERROR(blobs->Put(prefix + fs::path(file).filename().string(), bytes, job_id));
+  ASSIGN_OR_RETURN(std::vector<std::string> keys, blobs->List(prefix));
+  std::error_code ec;
+  for (const std::string& key : keys) {
+    if (!fs::exists(fs::path(dir) / key.substr(prefix.size()), ec)) {
+      RETURN_IF_ERROR(blobs->Delete(key));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Brings the job's checkpoints from the blob store into `dir` (downloading
+// the ones it lacks); `mirror`: also removes local ones the store does not
+// hold (a copy left from an earlier run here). Returns the stored names.
+absl::StatusOr<std::vector<std::string>> FetchCheckpoints(BlobStore* blobs,
+                                                          const std::string& job_id,
+                                                          const std::string& dir, bool mirror) {
+  namespace fs = std::filesystem;
+  const std::string prefix = CheckpointKeyPrefix(job_id);
+  ASSIGN_OR_RETURN(std::vector<std::string> keys, blobs->List(prefix));
+  std::vector<std::string> names;
+  for (const std::string& key : keys) {
+    names.push_back(key.substr(prefix.size()));
+    RETURN_IF_ERROR(FetchBlobToFile(blobs, key, (fs::path(dir) / names.back()).string()));
+  }
+  std::error_code ec;
+  if (mirror && fs::is_directory(dir, ec)) {
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      const std::string name = e.path().filename().string();
+      if (std::find(names.begin(), names.end(), name) == names.end()) fs::remove(e.path(), ec);
+    }
+  }
+  return names;
 }
 
 class TrainingJob : public TrainingTask {
@@ -183,6 +234,11 @@ class TrainingJob : public TrainingTask {
   absl::Status MaybeResume() {
     const std::string dir = CheckpointDir();
     if (dir.empty()) return absl::OkStatus();
+    if (options_.blobs != nullptr) {
+      // Another replica's checkpoints too (it died, or this job moved here).
+      auto fetched = FetchCheckpoints(options_.blobs, p_.job.id, dir, /*mirror=*/true);
+      if (!fetched.ok()) return Prefixed(fetched.status(), "reading the job's checkpoints");
+    }
     std::optional<TrainerCheckpointInfo> latest = LatestTrainerCheckpoint(dir);
     if (!latest.has_value()) return absl::OkStatus();
     RETURN_IF_ERROR(trainer_->RestoreState(latest->path));
@@ -207,6 +263,14 @@ class TrainingJob : public TrainingTask {
     if (!info.ok()) {
       EmitLog(absl::StrCat("checkpoint at step ", step, " not saved: ", info.status().ToString()));
       return;
+    }
+    if (options_.blobs != nullptr) {
+      absl::Status up = UploadCheckpoint(options_.blobs, p_.job.id, dir, info->path);
+      if (!up.ok()) {
+        EmitLog(absl::StrCat("checkpoint at step ", step, " not saved to the blob store (",
+                             options_.blobs->Describe(), "): ", up.ToString()));
+        return;
+      }
     }
     EmitLog(absl::StrCat("checkpoint saved at step ", step));
   }
@@ -625,7 +689,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
     pt.spec = ts;
     const std::string field = absl::StrCat("tasks[", i, "].dataset_id");
     ASSIGN_OR_RETURN(std::optional<GenerationDataset> gen,
-                     LoadGenerationDataset(store_, ts.dataset_id, field));
+                     LoadGenerationDataset(store_, ts.dataset_id, field, options_));
     if (gen.has_value() != decoder) {
       return absl::FailedPreconditionError(absl::StrCat(
           field, ": dataset ", ts.dataset_id, " is ",
@@ -639,7 +703,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
       if (!ts.eval_dataset_id.empty()) {
         const std::string eval_field = absl::StrCat("tasks[", i, "].eval_dataset_id");
         ASSIGN_OR_RETURN(std::optional<GenerationDataset> ev,
-                         LoadGenerationDataset(store_, ts.eval_dataset_id, eval_field));
+                         LoadGenerationDataset(store_, ts.eval_dataset_id, eval_field, options_));
         if (!ev.has_value()) {
           return absl::FailedPreconditionError(
               absl::StrCat(eval_field, ": not a generation dataset"));
@@ -674,10 +738,12 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
       continue;
     }
     ASSIGN_OR_RETURN(pt.train,
-                     LoadDataset(store_, ts.dataset_id, {}, absl::StrCat("tasks[", i, "].dataset_id")));
+                     LoadDataset(store_, ts.dataset_id, {}, absl::StrCat("tasks[", i, "].dataset_id"),
+                                 options_));
     if (!ts.eval_dataset_id.empty()) {
       ASSIGN_OR_RETURN(pt.eval, LoadDataset(store_, ts.eval_dataset_id, pt.train.label_vocab,
-                                            absl::StrCat("tasks[", i, "].eval_dataset_id")));
+                                            absl::StrCat("tasks[", i, "].eval_dataset_id"),
+                                            options_));
       if (pt.eval.label_kind != pt.train.label_kind) {
         return absl::InvalidArgumentError(absl::StrCat(
             "tasks[", i, "].eval_dataset_id: label kind differs from the train set"));
@@ -743,8 +809,15 @@ absl::StatusOr<std::vector<JobCheckpointInfo>> RuntimeJobExecutor::ListCheckpoin
   std::vector<JobCheckpointInfo> out;
   const std::string dir = CheckpointDir(job_id);
   if (dir.empty()) return out;
+  std::optional<std::vector<std::string>> stored;  // blob store: what it holds
+  if (options_.blobs != nullptr) {
+    // Not mirrored: the job may be running here, between a write and its upload.
+    ASSIGN_OR_RETURN(stored, FetchCheckpoints(options_.blobs, job_id, dir, /*mirror=*/false));
+  }
   ASSIGN_OR_RETURN(std::vector<TrainerCheckpointInfo> all, ListTrainerCheckpoints(dir));
   for (const TrainerCheckpointInfo& c : all) {
+    const std::string name = std::filesystem::path(c.path).filename().string();
+    if (stored && std::find(stored->begin(), stored->end(), name) == stored->end()) continue;
     out.push_back({c.step, c.total_steps, c.time_unix_ms, c.metrics});
   }
   return out;
@@ -752,7 +825,14 @@ absl::StatusOr<std::vector<JobCheckpointInfo>> RuntimeJobExecutor::ListCheckpoin
 
 bool RuntimeJobExecutor::CanResume(const JobRecord& job) {
   const std::string dir = CheckpointDir(job.id);
-  return !dir.empty() && LatestTrainerCheckpoint(dir).has_value();
+  if (dir.empty()) return false;
+  if (options_.blobs != nullptr) {
+    // Another replica's job (its lease ran out) or this one's from before a
+    // restart: the checkpoints in the blob store decide.
+    auto fetched = FetchCheckpoints(options_.blobs, job.id, dir, /*mirror=*/true);
+    if (!fetched.ok() || fetched->empty()) return false;
+  }
+  return LatestTrainerCheckpoint(dir).has_value();
 }
 
 void RuntimeJobExecutor::Cancel(const std::string& job_id) {

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "server/runtime/scheduler.h"
+#include "server/store/blob_store.h"
 #include "server/store/job_types.h"
 #include "server/store/store.h"
 #include "server/registry/adapter_registry.h"
@@ -43,6 +44,14 @@ class RuntimeJobExecutor : public JobExecutor {
     // <= 0: none.
     std::string checkpoint_dir;
     int64_t checkpoint_every_steps = 50;
+    // Not owned. Set (PostgreSQL replicas without a shared directory): each
+    // checkpoint is also uploaded as checkpoints/<job id>/step-<K>.ckpt
+    // (fenced by the job's claim) and a job resumes from those, so another
+    // replica can resume it; datasets stored as blobs are read through
+    // <dataset_cache_dir>/datasets/ (server/jobs/dataset_manager.h
+    // ReadDatasetBytes).
+    BlobStore* blobs = nullptr;
+    std::string dataset_cache_dir;
   };
   RuntimeJobExecutor(const Options& options, Store* store, AdapterRegistry* registry,
                      DeviceScheduler* scheduler, BatchTokenizer tokenizer);

@@ -78,6 +78,7 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
 
     AdapterRegistry::Options ro;
     ro.data_dir = options.data_dir;
+    ro.blobs = options.blobs;
     ro.device = device;
     ro.base_model_fingerprint = fingerprint_;
     ro.head_dtype = options.head_dtype;
@@ -96,6 +97,8 @@ class RuntimeImpl : public Runtime, public AdapterCatalog {
     jo.max_eval_examples = options.max_eval_examples;
     jo.checkpoint_dir = (std::filesystem::path(options.data_dir) / "checkpoints").string();
     jo.checkpoint_every_steps = options.checkpoint_every_steps;
+    jo.blobs = options.blobs;
+    jo.dataset_cache_dir = options.data_dir;
     if (model_->is_decoder()) {
       predictor_ = std::make_unique<WrongKindPredictor>(model_->kind_name());
       // The job executor finds the decoder, its BPE tokenizer, geometry and

@@ -21,6 +21,7 @@
 #include "server/runtime/model_kind.h"
 #include "server/runtime/predictor_api.h"
 #include "server/jobs/adapter_catalog.h"
+#include "server/store/blob_store.h"
 #include "server/store/job_types.h"
 #include "server/store/store.h"
 
@@ -30,6 +31,10 @@ struct RuntimeOptions {
   std::string model_dir;  // "" = ResolveModelDir rule ($METATT_MODEL_DIR, repo models/)
   std::string device = "auto";  // auto | cpu | cuda | cuda:N
   std::string data_dir = "data";  // families under <data_dir>/families
+  // Not owned. Set: family versions, dataset bytes and job checkpoints live
+  // in this blob store (server/store/blob_store.h) and data_dir is this
+  // replica's read-through cache of them; null: data_dir holds them.
+  BlobStore* blobs = nullptr;
   int64_t max_batch_size = 32;   // rows per forward
   int64_t batch_timeout_ms = 2;  // batching window
   int64_t max_queue = 1024;      // queued rows before RESOURCE_EXHAUSTED
