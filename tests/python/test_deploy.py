@@ -64,9 +64,32 @@ def test_k8s_manifests_are_consistent():
         assert f"--server=localhost:{ports['grpc']}" in cmd, cmd
         assert any(a.startswith("--tls_ca=/etc/metatt/secrets/") for a in cmd), cmd
     assert "nvidia.com/gpu" in c["resources"]["limits"]
-    claim = dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    assert ("PersistentVolumeClaim", claim) in docs
+    # Several replicas on one PostgreSQL, no shared volume: /data is each
+    # pod's emptyDir cache; versions, datasets and checkpoints are in the
+    # database (--blob_store=postgres), which has its own volume.
+    assert dep["spec"]["replicas"] >= 2
+    pod_volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    data = next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/data")
+    assert "emptyDir" in pod_volumes[data], pod_volumes[data]
+    assert not any("persistentVolumeClaim" in v for v in pod_volumes.values())
     flags = docs[("ConfigMap", "metatt-flags")]["data"]["flags"]
+    store = re.search(r"--store=(postgresql://\S+)", flags)
+    assert store and "--blob_store=postgres" in flags, flags
+    db_host = re.match(r"postgresql://[^@]+@([^:/]+)", store.group(1)).group(1)
+    pg = docs[("StatefulSet", db_host)]
+    assert ("Service", db_host) in docs
+    assert pg["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pg_env = {e["name"]: e for e in pg["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e for e in c["env"]}
+    assert "$(POD_NAME)" in " ".join(c["args"]) and "POD_NAME" in env
+    # One password: the database's and every replica's (libpq's PGPASSWORD).
+    pw = env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == pw
+    kust = yaml.safe_load((ROOT / "deploy" / "k8s" / "kustomization.yaml").read_text())
+    assert sorted(kust["resources"]) == sorted(
+        f.name for f in (ROOT / "deploy" / "k8s").glob("*.yaml") if f.name != "kustomization.yaml")
+    pw_files = {g["name"]: g["files"] for g in kust["secretGenerator"]}[pw["name"]]
+    assert any(f.split("=")[0] == pw["key"] for f in pw_files), pw_files
     assert f"--metrics_listen=0.0.0.0:{ports['metrics']}" in flags
     # Secure by default (README "Security"): TLS, tokens and a /metrics password,
     # all from the Secret the kustomization generates and the pod mounts.
