@@ -2,6 +2,7 @@
 # libFuzzer campaign over tests/fuzz/*_fuzzer.cc.
 #
 #   scripts/fuzz.sh [seconds_per_target=60] [target ...]
+#   scripts/fuzz.sh 300 service_fuzzer     the gRPC handlers (tests/fuzz/service_fuzzer.cc)
 #
 # Configures + builds build-fuzz/ from the standalone project tests/fuzz/
 # (clang, -fsanitize=fuzzer,address,undefined; idempotent), then runs every
@@ -14,7 +15,9 @@
 #
 # Env: FUZZ_JOBS (build parallelism, default 2), FUZZ_TORCH=0 skips the
 # LibTorch-linked targets, CXX (default clang++), FUZZ_NO_BUILD=1 reuses the
-# existing binaries.
+# existing binaries, FUZZ_SERVICE=0 skips service_fuzzer (gRPC, protobuf, SQLite).
+# Without clang: ctest's fuzz_replay_* tests (tests/fuzz/replay/) replay every
+# corpus and regression input through the same LLVMFuzzerTestOneInput with g++.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -36,12 +39,15 @@ if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then
     else
       args+=(-DMETATT_FUZZ_TORCH=OFF)
     fi
+    args+=(-DMETATT_FUZZ_SERVICE="$([ "${FUZZ_SERVICE:-1}" = 1 ] && echo ON || echo OFF)")
     log "configuring $BUILD"
     cmake "${args[@]}" >/dev/null
   fi
-  log "building (-j$JOBS)"
+  log "building (-j$JOBS) ${*:-every target}"
   t0=$(date +%s)
-  cmake --build "$BUILD" -j"$JOBS"
+  # Only the named targets when some are named; serialised with other builds
+  # on this machine (one lock), niced.
+  flock /tmp/metatt-build.lock nice -n 10 cmake --build "$BUILD" -j"$JOBS" ${1:+--target "$@"}
   log "build took $(( $(date +%s) - t0 ))s"
 fi
 

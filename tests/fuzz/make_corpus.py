@@ -216,12 +216,158 @@ def requests():
     write(t, "upload_jsonl", b"\x02" + json.dumps(specs["jsonl"]).encode() + b'\x00{"text":"a","label":1}\n')
 
 
+# ---- service_fuzzer: sequences of gRPC requests (tests/fuzz/service_fuzzer.cc) ----
+# A minimal protobuf wire encoder (stdlib only): a message is a list of
+# (field number, value) with int -> varint, bytes/str -> length-delimited,
+# list -> embedded message.
+
+def _varint(n):
+    n &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def pb(fields):
+    out = bytearray()
+    for num, v in fields:
+        if isinstance(v, bool) or isinstance(v, int):
+            out += _varint(num << 3) + _varint(int(v))
+        elif isinstance(v, float):
+            out += _varint(num << 3 | 1) + struct.pack("<d", v)
+        else:
+            if isinstance(v, str):
+                v = v.encode("utf-8")
+            elif isinstance(v, list):
+                v = pb(v)
+            out += _varint(num << 3 | 2) + _varint(len(v)) + v
+    return bytes(out)
+
+
+def stream(*msgs):
+    return b"".join(struct.pack("<H", len(m)) + m for m in msgs)
+
+
+# Callers and RPC selectors of service_fuzzer.cc.
+ALPHA, BETA, ADMIN, WRONG = 0, 1, 2, 3
+(UPLOAD, GET_DS, LIST_DS, DEL_DS, CREATE_JOB, GET_JOB, LIST_JOBS, CANCEL_JOB, CHECKPOINTS,
+ STREAM, LIST_FAM, GET_FAM, LIST_TASKS, DEL_TASK, EXPORT, IMPORT, PREDICT) = range(17)
+
+
+def op(caller, rpc, payload=b""):
+    return bytes([caller, rpc]) + struct.pack("<H", len(payload)) + payload
+
+
+def upload(name, data, header=None):
+    h = header if header is not None else [(1, name), (2, 1), (3, True), (4, "sentence"), (6, "label")]
+    chunks = [pb([(2, data[i:i + 40])]) for i in range(0, len(data), 40)]
+    return stream(pb([(1, h)]), *chunks)
+
+
+def job(family, dataset_ref, kind=1, steps=20, key=""):
+    spec = [(1, kind), (2, family), (3, [(1, "sst2"), (2, dataset_ref)]),
+            (4, [(1, "4+1d"), (2, 4)]), (5, [(1, steps), (2, 8)])]
+    req = [(1, spec)]
+    if key:
+        req.append((2, key))
+    return pb(req)
+
+
+def family_import(name, tasks, as_name=""):
+    meta = json.dumps({"name": name, "tasks": tasks}).encode()
+    msgs = []
+    if as_name:
+        msgs.append(pb([(1, as_name)]))
+    msgs.append(pb([(2, [(1, "family.json"), (2, len(meta)), (3, meta)])]))
+    msgs.append(pb([(2, [(1, "cores.safetensors"), (2, 4), (3, b"\0\0\0\0")])]))
+    return stream(*msgs)
+
+
+def service():
+    t = "service_fuzzer"
+    sst2 = glue_head("SST-2", 6)  # header "sentence<TAB>label" + 5 rows
+    get = lambda ref: pb([(1, ref)])
+    # Datasets: two tenants upload, list, get each other's, delete.
+    write(t, "datasets_two_tenants", b"".join([
+        op(ALPHA, UPLOAD, upload("a", sst2)), op(BETA, UPLOAD, upload("b", sst2)),
+        op(ALPHA, LIST_DS), op(BETA, LIST_DS), op(ADMIN, LIST_DS),
+        op(ALPHA, GET_DS, get("$d1")), op(BETA, GET_DS, get("$d0")),
+        op(BETA, DEL_DS, get("$d0")), op(ALPHA, DEL_DS, get("$d0")), op(ALPHA, GET_DS, get("$d0")),
+        op(WRONG, LIST_DS), op(WRONG, GET_DS, get("$d1"))]))
+    write(t, "upload_quota", b"".join([op(BETA, UPLOAD, upload("big", sst2 * 12))] +
+                                       [op(BETA, UPLOAD, upload("b%d" % i, sst2)) for i in range(4)]))
+    write(t, "upload_bad_header", b"".join([
+        op(ALPHA, UPLOAD, stream(pb([(2, b"x\t1\n")]))),
+        op(ALPHA, UPLOAD, upload("x", b"a\t1\n", header=[(1, "x"), (2, 3), (4, "text"), (6, "label")])),
+        op(ALPHA, UPLOAD, upload("bad name!", sst2)),
+        op(ALPHA, UPLOAD, upload("r", b"0\t1e39\n", header=[(1, "r"), (4, "0"), (6, "1"), (7, 2)])),
+        op(ALPHA, UPLOAD, stream(pb([(1, [(1, "h")])]), pb([(1, [(1, "h2")])])))]))
+    # Jobs: create, list, get and cancel across tenants, idempotency, quotas.
+    write(t, "jobs_two_tenants", b"".join([
+        op(ALPHA, UPLOAD, upload("a", sst2)), op(BETA, UPLOAD, upload("b", sst2)),
+        op(ALPHA, CREATE_JOB, job("fam", "$d0", key="k1")), op(ALPHA, CREATE_JOB, job("fam", "$d0", key="k1")),
+        op(BETA, CREATE_JOB, job("fam", "$d1")), op(BETA, CREATE_JOB, job("fam", "$d0")),
+        op(ALPHA, LIST_JOBS, pb([(1, 10)])), op(BETA, LIST_JOBS, pb([(3, 3)])), op(ADMIN, LIST_JOBS),
+        op(ALPHA, GET_JOB, get("$j1")), op(BETA, CANCEL_JOB, get("$j0")), op(ALPHA, CHECKPOINTS, get("$j1")),
+        op(BETA, STREAM, get("$j0")), op(ALPHA, CANCEL_JOB, get("$j0")), op(ALPHA, STREAM, get("$j0")),
+        op(ADMIN, CANCEL_JOB, get("$j1")), op(BETA, GET_JOB, get("$j1"))]))
+    write(t, "jobs_invalid", b"".join([
+        op(ALPHA, UPLOAD, upload("a", sst2)),
+        op(ALPHA, CREATE_JOB, job("", "$d0")), op(ALPHA, CREATE_JOB, job("f", "nope")),
+        op(ALPHA, CREATE_JOB, job("f", "$d0", steps=1 << 40)), op(ALPHA, CREATE_JOB, job("f", "$d0", kind=2)),
+        op(ALPHA, CREATE_JOB, job("beta~f", "$d0")), op(ALPHA, CREATE_JOB, job("f", "$d0", kind=9)),
+        op(ALPHA, LIST_JOBS, pb([(1, -1)])), op(ALPHA, LIST_JOBS, pb([(2, "garbage")])),
+        op(ALPHA, GET_JOB, get("")), op(ALPHA, STREAM, get("job_missing"))]))
+    write(t, "jobs_queue_full", b"".join(
+        [op(ALPHA, UPLOAD, upload("a", sst2))] + [op(ALPHA, CREATE_JOB, job("f%d" % i, "$d0")) for i in range(6)]))
+    # Families: import, list, get, tasks, export, delete a task; the same name in two tenants.
+    write(t, "families_two_tenants", b"".join([
+        op(ALPHA, IMPORT, family_import("glue", ["sst2", "mrpc", "cola"])),
+        op(BETA, IMPORT, family_import("glue", ["qnli"])),
+        op(BETA, IMPORT, family_import("other", ["rte"], as_name="secret")),
+        op(ALPHA, LIST_FAM), op(BETA, LIST_FAM), op(ADMIN, LIST_FAM),
+        op(ALPHA, GET_FAM, get("glue")), op(ALPHA, GET_FAM, get("secret")), op(ALPHA, GET_FAM, get("beta~secret")),
+        op(ADMIN, GET_FAM, get("beta~secret")),
+        op(ALPHA, LIST_TASKS, pb([(1, "glue"), (3, 2)])), op(BETA, LIST_TASKS, pb([(1, "secret")])),
+        op(ALPHA, EXPORT, pb([(1, "glue")])), op(ALPHA, EXPORT, pb([(1, "secret")])),
+        op(ALPHA, DEL_TASK, pb([(1, "glue"), (2, "mrpc")])), op(ALPHA, DEL_TASK, pb([(1, "secret"), (2, "rte")])),
+        op(BETA, GET_FAM, get("glue")), op(ALPHA, EXPORT, pb([(1, "glue"), (2, 1)])),
+        op(ALPHA, IMPORT, family_import("glue", ["x"]))]))
+    write(t, "families_invalid", b"".join([
+        op(ALPHA, IMPORT, stream(pb([(1, "x")]))),
+        op(ALPHA, IMPORT, stream(pb([(2, [(1, "../evil"), (3, b"x")])]))),
+        op(ALPHA, IMPORT, stream(pb([(2, [(3, b"x")])]))),
+        op(ALPHA, IMPORT, stream(pb([(2, [(1, "family.json"), (3, b"{}")])]), pb([(1, "late")]))),
+        op(ALPHA, IMPORT, family_import("big", ["t%d" % i for i in range(9)])),
+        op(ALPHA, LIST_TASKS, pb([(1, "glue"), (4, "tok")])), op(ALPHA, LIST_TASKS, pb([(1, "glue"), (3, -1)])),
+        op(ALPHA, DEL_TASK, pb([(1, "glue")])), op(ALPHA, GET_FAM, get("")), op(ALPHA, EXPORT, pb([(1, "glue"), (2, 7)]))]))
+    # Predict: own family, another tenant's, the only family, bad inputs.
+    pin = lambda fam, task, text: [(1, fam), (3, task), (5, text)]
+    write(t, "predict_tenants", b"".join([
+        op(ALPHA, IMPORT, family_import("glue", ["sst2"])), op(BETA, IMPORT, family_import("priv", ["t"])),
+        op(ALPHA, PREDICT, pb([(1, pin("glue", "sst2", "a fine film"))])),
+        op(ALPHA, PREDICT, pb([(1, pin("priv", "t", "x"))])),
+        op(ALPHA, PREDICT, pb([(1, pin("beta~priv", "t", "x"))])),
+        op(ALPHA, PREDICT, pb([(1, pin("", "sst2", "x"))])),
+        op(BETA, PREDICT, pb([(1, pin("", "t", "x")), (1, pin("glue", "sst2", "y"))])),
+        op(ADMIN, PREDICT, pb([(1, pin("alpha~glue", "sst2", "x"))])),
+        op(ALPHA, PREDICT, pb([])), op(WRONG, PREDICT, pb([(1, pin("glue", "sst2", "x"))]))]))
+    write(t, "empty", b"")
+
+
 def main():
     dataset_parser()
     tokenizer()
     safetensors_seeds()
     family()
     requests()
+    service()
     for t in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, t))
         size = sum(os.path.getsize(os.path.join(OUT, t, f)) for f in files)
