@@ -853,7 +853,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Publish(
   if (!written.ok()) return written.status();
   absl::Status st = store_->PublishFamilyVersion(record);
   if (!st.ok()) {
-    catalog_->RemoveVersion(record.path);
+    catalog_->RemoveVersion(record.path, st);
     return st;
   }
   return Activate(std::move(fam));
@@ -972,7 +972,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::PublishA
   absl::Status st = written.status();
   if (st.ok()) {
     st = store_->PublishFamilyVersion(delta);
-    if (!st.ok()) catalog_->RemoveVersion(delta.path);
+    if (!st.ok()) catalog_->RemoveVersion(delta.path, st);
   }
   if (!st.ok()) {
     fam->head_storage->used = T;  // the rows written for it are free again

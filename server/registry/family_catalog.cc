@@ -255,10 +255,14 @@ absl::StatusOr<std::string> FamilyCatalog::WriteVersion(
   return final_dir.string();
 }
 
-void FamilyCatalog::RemoveVersion(const std::string& path) {
+void FamilyCatalog::RemoveVersion(const std::string& path, const absl::Status& refusal) {
   std::error_code ec;
   fs::remove_all(LocalDir(path), ec);
   if (blobs_ == nullptr || !IsBlobRef(path)) return;
+  if (!absl::IsFailedPrecondition(refusal) && !absl::IsAlreadyExists(refusal) &&
+      !absl::IsInvalidArgument(refusal) && !absl::IsNotFound(refusal)) {
+    return;
+  }
   auto keys = blobs_->List(BlobKeyOf(path) + "/");
   if (!keys.ok()) return;
   for (const std::string& key : *keys) blobs_->Delete(key).IgnoreError();

@@ -92,9 +92,13 @@ class FamilyCatalog {
   absl::StatusOr<std::string> WriteVersion(
       const std::string& path, const std::function<absl::Status(const std::string& dir)>& write,
       const std::function<absl::Status()>& before_commit);
-  // Removes a version (a version the Store refused): its directory and, for
-  // a blob reference, its objects.
-  void RemoveVersion(const std::string& path);
+  // Removes a version the Store did not record: its directory and, for a
+  // blob reference, its objects, but only after a definite refusal
+  // (`refusal`: FAILED_PRECONDITION, ALREADY_EXISTS, INVALID_ARGUMENT,
+  // NOT_FOUND). After an unanswered insert (UNAVAILABLE, a timeout) the row
+  // may have been committed: its objects stay (an orphan at worst, never a
+  // recorded version without bytes).
+  void RemoveVersion(const std::string& path, const absl::Status& refusal);
 
   // An appended version's files, written into `dir` (appended.json last).
   static absl::Status WriteAppended(const std::string& dir, const AppendedTensors& t);
