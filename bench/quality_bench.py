@@ -80,6 +80,8 @@ def parse_args():
                    help="comma-separated quality.json files of earlier invocations (same protocol): "
                         "run nothing, combine their cells (a later file wins a cell both have) and "
                         "write the table for --rows/--tasks/--seeds (row OLD=NEW in --rows renames)")
+    p.add_argument("--rescore_sources", action="store_true",
+                   help="with --merge: write the end-of-training scores back into the source files")
     p.add_argument("--peft_task", default="", help=argparse.SUPPRESS)  # internal: one PEFT run
     p.add_argument("--peft_out", default="", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -112,8 +114,12 @@ def run_train(args, flags, out_dir):
     return res
 
 
-def metrics_of(res):
-    ev = res.get("best_eval") or res.get("final_eval") or {}
+def metrics_of(res, which="final_eval"):
+    """Per-task metrics of a run: "final_eval" (the end of training, the
+    table's score: PEFT runs have nothing else) or "best_eval" (the best of
+    metatt-train's evaluations every eval_every steps, a choice made on the
+    dev set itself, kept as best_score for reference)."""
+    ev = res.get(which) or res.get("final_eval") or {}
     return ev.get("metrics", {})
 
 
@@ -371,7 +377,8 @@ def write_table(args, table, rows, tasks, seeds, tput, errors, skipped):
     lines = [f"Quality (GLUE dev, steps={args.steps or 'epochs=' + str(args.epochs)}, "
              f"train_limit={args.train_limit}, max_eval={args.max_eval}, max_length={args.max_length}, "
              f"batch={args.batch_size}, pooling={args.pooling}, seeds={args.seeds}, device={args.device}, "
-             f"runs side by side={args.jobs}); cells: mean ± std over seeds (n if fewer ran)", "",
+             f"runs side by side={args.jobs}); cells: dev score at the end of training, mean ± std over "
+             "seeds (n if fewer ran)", "",
              "| row | " + " | ".join(f"{t} ({PRIMARY[t]})" for t in tasks) +
              " | mean | adapter params | train ex/s |",
              "|---|" + "---|" * (len(tasks) + 3)]
@@ -398,6 +405,28 @@ def write_table(args, table, rows, tasks, seeds, tput, errors, skipped):
     print("\n".join(lines))
 
 
+def rescore_final(settings, row, task, seed, cell):
+    """A cell written before score_kind existed holds the best of the run's
+    dev evaluations: rescore it from the run's result.json (under the
+    invocation's --out) at the end of training. False if that is gone."""
+    if cell.get("score_kind") == "final":
+        return True
+    runs = os.path.join(settings.get("out", ""), "runs", row, f"seed{seed}")
+    for sub in (task, "all"):  # single-task runs, then the multi-task run
+        path = os.path.join(runs, sub, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                res = json.load(f)
+            m = metrics_of(res).get(task, {})
+            if PRIMARY[task] not in m:
+                continue
+            best = metrics_of(res, "best_eval").get(task, {})
+            cell.update({"score": m[PRIMARY[task]], "metrics": m, "score_kind": "final",
+                         "best_score": best.get(PRIMARY[task]), "rescored_from": path})
+            return True
+    return False
+
+
 def merge(args):
     """--merge: the table of cells measured by earlier invocations."""
     tasks = [t for t in args.tasks.split(",") if t]
@@ -408,7 +437,7 @@ def merge(args):
         rows.append(new or old)
         rename[old] = new or old
         rename.setdefault(new or old, new or old)
-    table, sources = {}, []
+    table, sources, dropped = {}, [], []
     for path in args.merge.split(","):
         with open(path) as f:
             doc = json.load(f)
@@ -417,7 +446,16 @@ def merge(args):
             if row not in rename:
                 continue
             for t, cells in per.items():
+                for seed, cell in list(cells.items()):
+                    if not rescore_final(doc.get("settings") or {}, row, t, seed, cell):
+                        dropped.append(f"{path}: {row}/{t}/seed{seed}")
+                        del cells[seed]
                 table.setdefault(rename[row], {}).setdefault(t, {}).update(cells)
+        if args.rescore_sources:
+            with open(path, "w") as f:
+                json.dump(doc, f, indent=2)
+    if dropped:
+        print("cells left out (no end-of-training score):", dropped)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump({"settings": vars(args), "merged_from": sources,
@@ -455,8 +493,10 @@ def main():
 
     def record(row, task, seed, res):
         m = metrics_of(res).get(task, {})
+        best = metrics_of(res, "best_eval").get(task, {})
         table.setdefault(row, {}).setdefault(task, {})[str(seed)] = {
             "primary_metric": PRIMARY[task], "score": m.get(PRIMARY[task]), "metrics": m,
+            "score_kind": "final", "best_score": best.get(PRIMARY[task]),
             "adapter_parameters": res.get("adapter_parameters"),
             "trainable_adapter_parameters": res.get("trainable_adapter_parameters"),
             "seconds": res.get("wall_seconds"),
