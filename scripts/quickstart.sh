@@ -4,7 +4,7 @@
 # family for a few steps, add SST-2 as a second task (shared cores frozen),
 # print predictions of both tasks, stop the server.
 #
-#   scripts/quickstart.sh            # 150 steps per task; a few minutes on 2 cores
+#   scripts/quickstart.sh            # 250 steps per task; a few minutes on 2 cores
 #   STEPS=200 scripts/quickstart.sh
 #
 # Env: METATT_BUILD_DIR (default <repo>/build), METATT_SHARED_DIR (default
@@ -20,7 +20,7 @@ BUILD="${METATT_BUILD_DIR:-$REPO/build}"
 SERVER="$BUILD/server/metatt-server"
 CTL="$BUILD/client/metattctl"
 GLUE="$SHARED/data/glue"
-STEPS="${STEPS:-150}"
+STEPS="${STEPS:-250}"
 for f in "$SERVER" "$CTL" "$GLUE/MRPC/train.tsv" "$GLUE/SST-2/train.tsv"; do
   [[ -e "$f" ]] || { echo "quickstart: missing $f (build with scripts/setup.sh)" >&2; exit 1; }
 done
