@@ -3,17 +3,38 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
+#include <string>
+#include <vector>
 
 #include "base/safetensors.h"
 
 namespace metatt {
 namespace {
 
+// Every directory the tests made; removed when the binary's tests end, so
+// runs leave nothing in the temp directory.
+std::vector<std::string>& MadeDirs() {
+  static auto* dirs = new std::vector<std::string>;
+  return *dirs;
+}
+class RemoveMadeDirs : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    std::error_code ec;
+    for (const std::string& d : MadeDirs()) std::filesystem::remove_all(d, ec);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kRemoveMadeDirs =
+    ::testing::AddGlobalTestEnvironment(new RemoveMadeDirs);
+
 std::string FreshDir(const std::string& name) {
   std::string d = ::testing::TempDir() + "/family_io_" + std::to_string(::getpid()) + "_" + name;
-  std::string cmd = "rm -rf '" + d + "'";
-  EXPECT_EQ(std::system(cmd.c_str()), 0);
+  std::error_code ec;
+  std::filesystem::remove_all(d, ec);
+  EXPECT_FALSE(ec) << d << ": " << ec.message();
+  MadeDirs().push_back(d);
   return d;
 }
 
