@@ -26,11 +26,11 @@ std::string Fnv1a64Hex(const std::string& bytes) {
 
 absl::Status SyncDirectory(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return absl::InternalError(absl::StrCat("open dir ", dir, ": ", strerror(errno)));
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("open dir ", dir));
   const int rc = ::fsync(fd);
   const int err = errno;
   ::close(fd);
-  if (rc != 0) return absl::InternalError(absl::StrCat("fsync dir ", dir, ": ", strerror(err)));
+  if (rc != 0) return absl::ErrnoToStatus(err, absl::StrCat("fsync dir ", dir));
   return absl::OkStatus();
 }
 
@@ -60,7 +60,7 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
   static std::atomic<uint64_t> seq{0};
   std::string tmp = absl::StrCat(path, ".tmp.", ::getpid(), ".", seq++);
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat("create ", tmp, ": ", strerror(errno)));
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("create ", tmp));
   size_t done = 0;
   while (done < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -69,17 +69,19 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& byt
       int e = errno;
       ::close(fd);
       ::unlink(tmp.c_str());
-      return absl::InternalError(absl::StrCat("write ", tmp, ": ", strerror(e)));
+      return absl::ErrnoToStatus(e, absl::StrCat("write ", tmp));
     }
     done += static_cast<size_t>(n);
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    const int e = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat("fsync ", tmp, ": ", strerror(errno)));
+    return absl::ErrnoToStatus(e, absl::StrCat("fsync ", tmp));
   }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = errno;
     ::unlink(tmp.c_str());
-    return absl::InternalError(absl::StrCat("rename to ", path, ": ", strerror(errno)));
+    return absl::ErrnoToStatus(e, absl::StrCat("rename to ", path));
   }
   return SyncDir(path);
 }

@@ -24,19 +24,22 @@ namespace {
 
 absl::Status WriteFileSynced(const fs::path& path, const std::string& bytes) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return absl::InternalError(absl::StrCat("cannot create ", path.string()));
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", path.string()));
   size_t off = 0;
   while (off < bytes.size()) {
     ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
     if (n < 0) {
+      if (errno == EINTR) continue;
+      const int e = errno;
       ::close(fd);
-      return absl::InternalError(absl::StrCat("cannot write ", path.string()));
+      return absl::ErrnoToStatus(e, absl::StrCat("cannot write ", path.string()));
     }
     off += static_cast<size_t>(n);
   }
   if (::fsync(fd) != 0) {
+    const int e = errno;
     ::close(fd);
-    return absl::InternalError(absl::StrCat("cannot fsync ", path.string()));
+    return absl::ErrnoToStatus(e, absl::StrCat("cannot fsync ", path.string()));
   }
   ::close(fd);
   return absl::OkStatus();
@@ -49,15 +52,13 @@ absl::Status WriteFileSynced(const fs::path& path, const std::string& bytes) {
 absl::Status SyncDirectoryEntries(const fs::path& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) {
-    return absl::InternalError(
-        absl::StrCat("cannot open directory ", dir.string(), ": ", std::strerror(errno)));
+    return absl::ErrnoToStatus(errno, absl::StrCat("cannot open directory ", dir.string()));
   }
   const int rc = ::fsync(fd);
   const int err = errno;
   ::close(fd);
   if (rc != 0) {
-    return absl::InternalError(
-        absl::StrCat("cannot fsync directory ", dir.string(), ": ", std::strerror(err)));
+    return absl::ErrnoToStatus(err, absl::StrCat("cannot fsync directory ", dir.string()));
   }
   return absl::OkStatus();
 }
@@ -245,7 +246,7 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   std::error_code ec;
   fs::create_directories(tmp, ec);
   if (ec)
-    return absl::InternalError(absl::StrCat("cannot create ", tmp.string(), ": ", ec.message()));
+    return absl::ErrnoToStatus(ec.value(), absl::StrCat("cannot create ", tmp.string()));
   const std::string file = "data." + d.format;
   // Durable before it is recorded: the file's bytes, its entry in the new
   // directory, then the rename in datasets/ (each fsynced).
@@ -254,8 +255,7 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   if (st.ok()) {
     fs::rename(tmp, final_dir, ec);
     if (ec)
-      st = absl::InternalError(
-          absl::StrCat("cannot rename to ", final_dir.string(), ": ", ec.message()));
+      st = absl::ErrnoToStatus(ec.value(), absl::StrCat("cannot rename to ", final_dir.string()));
   }
   if (!st.ok()) {
     fs::remove_all(tmp, ec);

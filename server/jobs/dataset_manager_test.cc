@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cerrno>
+
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -175,11 +177,14 @@ TEST(SyncDirectoryEntriesTest, SyncsADirectoryAndNamesAMissingOne) {
   fs::create_directories(dir);
   EXPECT_TRUE(SyncDirectoryEntries(dir).ok());
   absl::Status missing = SyncDirectoryEntries(dir / "nope");
-  EXPECT_EQ(missing.code(), absl::StatusCode::kInternal);
+  // The errno decides the code (absl::ErrnoToStatus): ENOENT, ENOTDIR; a
+  // full disk (ENOSPC) is RESOURCE_EXHAUSTED the same way.
+  EXPECT_EQ(missing.code(), absl::ErrnoToStatusCode(ENOENT));
   EXPECT_THAT(std::string(missing.message()), ::testing::HasSubstr((dir / "nope").string()));
   std::ofstream(dir / "file") << "x";
   absl::Status not_dir = SyncDirectoryEntries(dir / "file");  // O_DIRECTORY refuses a file
-  EXPECT_EQ(not_dir.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(not_dir.code(), absl::ErrnoToStatusCode(ENOTDIR));
+  EXPECT_EQ(absl::ErrnoToStatusCode(ENOSPC), absl::StatusCode::kResourceExhausted);
   fs::remove_all(dir);
 }
 

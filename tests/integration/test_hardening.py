@@ -575,6 +575,19 @@ def test_full_disk_fails_the_running_job_with_a_reason(pb, tmp_path, tiny_model)
         assert states[job.id] == j.FAILED and j.RUNNING not in states.values(), states
         leftovers = [str(p) for p in data.rglob("*") if p.name.startswith((".tmp", ".import"))]
         assert leftovers == [], leftovers
+        # An upload on the full disk answers RESOURCE_EXHAUSTED (the code of
+        # ENOSPC), not INTERNAL. Top the disk up first: the failed job's
+        # scratch files are gone.
+        with open(filler, "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        with pytest.raises(grpc.RpcError) as err:
+            c.upload("d2", tsv_bytes(make_rows(40)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+        assert "No space left on device" in err.value.details(), err.value.details()
         # Space again: the job's end is recorded in the store (survives a restart
         # with its own reason, not the restart's).
         filler.unlink()
