@@ -181,6 +181,21 @@ class Client:
         raise AssertionError(f"job {job_id} never reached {states}; last {job}")
 
 
+def import_family(pb, channel, path, family):
+    """ImportFamily of every file of folder `path` as `family`; the version."""
+    a = pb.adapters_pb2
+    stub = pb.adapters_pb2_grpc.AdapterServiceStub(channel)
+
+    def gen():
+        yield a.ImportFamilyRequest(family=family)
+        for name in sorted(os.listdir(path)):
+            data = (pathlib.Path(path) / name).read_bytes()
+            yield a.ImportFamilyRequest(chunk=a.FamilyChunk(file_name=name, file_size=len(data),
+                                                            data=data))
+
+    return stub.ImportFamily(gen(), timeout=120).version
+
+
 def with_token(channel, token):
     """`channel` sending 'authorization: Bearer <token>' on every call (the
     Python client's interceptor)."""

@@ -17,7 +17,7 @@ import urllib.request
 import grpc
 import pytest
 
-from server_harness import ROOT, Server, build_dir
+from server_harness import ROOT, Server, build_dir, import_family
 
 SMOL = ROOT / "models" / "SmolLM2-135M-Instruct"
 PROMPT = "What is the capital of France?"
@@ -36,20 +36,6 @@ def _random_family(out, tasks=2):
                         "--rank=4", "--std=0.5", "--seed=3"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-
-
-def _import(pb, channel, path, family):
-    a = pb.adapters_pb2
-    stub = pb.adapters_pb2_grpc.AdapterServiceStub(channel)
-
-    def gen():
-        yield a.ImportFamilyRequest(family=family)
-        for name in sorted(os.listdir(path)):
-            data = (pathlib.Path(path) / name).read_bytes()
-            yield a.ImportFamilyRequest(chunk=a.FamilyChunk(file_name=name, file_size=len(data),
-                                                            data=data))
-
-    return stub.ImportFamily(gen(), timeout=120).version
 
 
 def _request(pb, family="", task="", max_tokens=12, **kw):
@@ -129,7 +115,7 @@ def test_two_tasks_at_once_cancel_and_restart(pb, tmp_path):
     s = Server(tmp_path / "data", SMOL, extra=["--num_threads=2"]).start(timeout=300)
     try:
         ch = s.channel()
-        v = _import(pb, ch, fam_dir, "gen")
+        v = import_family(pb, ch, fam_dir, "gen")
         assert [t.name for t in v.tasks] == ["t0", "t1"]
         inf = pb.inference_pb2_grpc.InferenceServiceStub(ch)
         # Each task alone first.
@@ -237,7 +223,7 @@ def test_family_of_the_other_model_kind(pb, tmp_path, tiny_model):
     data = tmp_path / "data"
     s = Server(data, tiny_model).start()
     try:
-        _import(pb, s.channel(), tmp_path / "enc", "enc")
+        import_family(pb, s.channel(), tmp_path / "enc", "enc")
     finally:
         s.stop()
     s = Server(data, SMOL, extra=["--num_threads=2"]).start(timeout=300)

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from http_harness import Gateway, make_tiny_decoder
-from server_harness import ROOT, Server, build_dir, with_token
+from server_harness import ROOT, Server, build_dir, import_family, with_token
 
 SMOL = ROOT / "models" / "SmolLM2-135M-Instruct"
 TOKEN = "acme-token-0123456789abcdef"
@@ -42,20 +42,6 @@ QUESTION = "Which option is apple?"
 
 def sha(t):
     return hashlib.sha256(t.encode()).hexdigest()
-
-
-def _import(pb, channel, path, family):
-    a = pb.adapters_pb2
-    stub = pb.adapters_pb2_grpc.AdapterServiceStub(channel)
-
-    def gen():
-        yield a.ImportFamilyRequest(family=family)
-        for name in sorted(os.listdir(path)):
-            data = (pathlib.Path(path) / name).read_bytes()
-            yield a.ImportFamilyRequest(chunk=a.FamilyChunk(file_name=name, file_size=len(data),
-                                                            data=data))
-
-    return stub.ImportFamily(gen(), timeout=120).version
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +63,7 @@ def stack(pb, tmp_path_factory):
     server = Server(d / "data", model, extra=[f"--auth_tokens={tokens}", "--num_threads=1",
                                               "--max_running_sequences=1"]).start(timeout=300)
     ch = with_token(server.channel(), TOKEN)
-    v = _import(pb, ch, d / "fam", "gen")
+    v = import_family(pb, ch, d / "fam", "gen")
     assert [t.name for t in v.tasks] == ["t0", "t1"]
     gw = Gateway(server.port, extra=[f"--base_model={BASE}"]).start()
     yield server, gw, ch
