@@ -1265,7 +1265,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
   ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, "files"));
   req.family = name;
   req.created_by_job = "import";
-  req.tenant = tenant;
+  // The key names its owner (store.h): an admin importing "beta~x" imports
+  // it for tenant beta, not for the admin's own tenant.
+  req.tenant = FamilyKeyTenant(name);
   req.base_version = 0;  // a new family: refused if one appeared meanwhile
   return Publish(req);
 }
@@ -1383,7 +1385,9 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::ImportLo
     req.head_biases.push_back(loaded->heads.at(t.name + ".bias"));
   }
   req.created_by_job = "import";
-  req.tenant = tenant;
+  // The key names its owner (store.h): an admin importing "beta~x" imports
+  // it for tenant beta, not for the admin's own tenant.
+  req.tenant = FamilyKeyTenant(name);
   req.base_version = 0;  // a new family: refused if one appeared meanwhile
   return Publish(req);
 }

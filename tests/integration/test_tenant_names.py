@@ -146,6 +146,13 @@ def test_family_names_are_per_tenant(pb, clients):
     assert families(pb, admin) == ["acme~x", "beta~x", "beta~z"]
     got = admin.adapters.GetFamily(ad.GetFamilyRequest(family="acme~x")).family
     assert got.name == "acme~x" and [t.name for t in got.versions[0].tasks] == ["T"]
+    # An admin importing under another tenant's key imports for that tenant:
+    # B sees "k" by name and serves it; A and the admin's own tenant do not own it.
+    assert import_as(pb, admin, "beta~k", export(pb, a, "x")).family == "beta~k"
+    assert families(pb, b) == ["k", "x", "z"] and families(pb, a) == ["x"]
+    assert b.adapters.GetFamily(ad.GetFamilyRequest(family="k")).family.name == "k"
+    assert b.inference.Predict(inf.PredictRequest(inputs=[
+        inf.PredictInput(family="k", task="T", text="good movie")]), timeout=30).predictions[0].task == "T"
     # Datasets and jobs: B's lists hold only B's.
     d = pb.datasets_pb2
     a_ds = {x.id for x in a.datasets.ListDatasets(d.ListDatasetsRequest()).datasets}
