@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -19,8 +18,6 @@
 #include "absl/strings/str_cat.h"
 #include "base/file_io.h"
 #include "base/status_macros.h"
-#include "server/store/job_json.h"
-#include "server/store/json_slice.h"
 #include "server/store/sql_rows.h"
 
 namespace metatt {
@@ -134,7 +131,6 @@ using Param = std::optional<std::string>;  // nullopt = SQL NULL
 Param P(const std::string& s) { return s; }
 Param P(int64_t v) { return std::to_string(v); }
 Param P(bool b) { return std::string(b ? "true" : "false"); }
-Param NullIfEmpty(const std::string& s) { return s.empty() ? Param() : Param(s); }
 
 // RAII result of one statement.
 class Result {
@@ -159,6 +155,12 @@ class Result {
     const char* code = r_ ? PQresultErrorField(r_, PG_DIAG_SQLSTATE) : nullptr;
     std::string sqlstate = code ? code : "";
     if (sqlstate == "23505") return absl::AlreadyExistsError(absl::StrCat("postgresql: ", msg));
+    // Class 53, insufficient resources: 53100 disk_full, 53200 out_of_memory, ...
+    if (absl::StartsWith(sqlstate, "53")) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("postgresql: ", sqlstate == "53100" ? "the database's disk is full: " : "",
+                       msg, " (SQLSTATE ", sqlstate, ")"));
+    }
     if (PQstatus(conn) != CONNECTION_OK || absl::StartsWith(sqlstate, "08") ||
         absl::StartsWith(sqlstate, "57P")) {
       return absl::UnavailableError(absl::StrCat("postgresql: ", msg));
@@ -281,26 +283,6 @@ absl::StatusOr<Result> Exec(PGconn* conn, const std::string& sql,
   return r;
 }
 
-// BEGIN ... COMMIT, rolled back unless Commit() succeeded.
-class Transaction {
- public:
-  explicit Transaction(PGconn* conn) : conn_(conn) { status_ = Exec(conn, "BEGIN").status(); }
-  ~Transaction() {
-    if (status_.ok() && !committed_) Exec(conn_, "ROLLBACK").status().IgnoreError();
-  }
-  const absl::Status& status() const { return status_; }
-  absl::Status Commit() {
-    RETURN_IF_ERROR(Exec(conn_, "COMMIT").status());
-    committed_ = true;
-    return absl::OkStatus();
-  }
-
- private:
-  PGconn* conn_;
-  absl::Status status_;
-  bool committed_ = false;
-};
-
 // One row of a Result as the shared row mapping reads it (sql_rows.h).
 class PgRow : public SqlRow {
  public:
@@ -314,18 +296,13 @@ class PgRow : public SqlRow {
   int row_;
 };
 
-DatasetRecord ReadDataset(const Result& r, int row) { return DatasetFromRow(PgRow(r, row)); }
-absl::StatusOr<JobRecord> ReadJob(const Result& r, int row) { return JobFromRow(PgRow(r, row)); }
-absl::StatusOr<FamilyVersionRecord> ReadFamily(const Result& r, int row, bool with_tasks,
-                                               int64_t first_task = 0, int64_t max_tasks = -1) {
-  return FamilyFromRow(PgRow(r, row), with_tasks, first_task, max_tasks);
-}
 
-// "$1, $2, ..., $n"
-std::string Placeholders(int n) {
-  std::string out;
-  for (int i = 1; i <= n; ++i) absl::StrAppend(&out, i > 1 ? ", " : "", "$", i);
-  return out;
+// A shared statement's parameter as libpq text.
+Param P(const SqlValue& v) {
+  if (const auto* s = std::get_if<std::string>(&v)) return *s;
+  if (const auto* n = std::get_if<int64_t>(&v)) return P(*n);
+  if (const auto* b = std::get_if<bool>(&v)) return P(*b);
+  return std::nullopt;
 }
 
 // Keeps the server's notices (e.g. "relation already exists, skipping") off stderr.
@@ -388,7 +365,7 @@ class PostgresStore::Blobs : public BlobStore {
     absl::Status st;
     if (!fence_job.empty() && s_->FenceLocked(fence_job)) {
       // The epoch check (job row locked until commit) and the write, together.
-      Transaction tx(s_->conn_);
+      Transaction tx(s_);
       RETURN_IF_ERROR(tx.status());
       RETURN_IF_ERROR(s_->CheckFenceLocked(fence_job, absl::StrCat("write of blob ", key).c_str()));
       st = Exec(s_->conn_, upsert, params, {0, 1}).status();
@@ -478,7 +455,7 @@ absl::Status PostgresStore::EnsureConnected() {
 }
 
 absl::Status PostgresStore::Migrate() {
-  Transaction tx(conn_);
+  Transaction tx(this);
   RETURN_IF_ERROR(tx.status());
   RETURN_IF_ERROR(Exec(conn_, "SELECT pg_advisory_xact_lock($1)", {P(kMigrationLockKey)}).status());
   RETURN_IF_ERROR(Exec(conn_,
@@ -489,11 +466,7 @@ absl::Status PostgresStore::Migrate() {
                    Exec(conn_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"));
   const int64_t current = cur.Int(0, 0);
   const int64_t n = static_cast<int64_t>(sizeof(kMigrations) / sizeof(kMigrations[0]));
-  if (current > n) {
-    return absl::FailedPreconditionError(absl::StrCat("database schema version ", current,
-                                                      " is newer than this server (", n,
-                                                      "); refusing to open it"));
-  }
+  RETURN_IF_ERROR(CheckSchemaNotNewer(current, n));
   for (int64_t v = current; v < n; ++v) {
     // Simple query protocol: one migration may hold several statements.
     Result r(PQexec(conn_, kMigrations[v]));
@@ -507,381 +480,55 @@ absl::Status PostgresStore::Migrate() {
   return tx.Commit();
 }
 
-absl::StatusOr<int> PostgresStore::SchemaVersion() {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r, Exec(conn_, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations"));
-  return static_cast<int>(r.Int(0, 0));
-}
-
-// ---- Datasets ---------------------------------------------------------------
-
-absl::Status PostgresStore::PutDataset(const DatasetRecord& d) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  auto r = Exec(conn_,
-                absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (",
-                             Placeholders(12), ")"),
-                {P(d.id), P(d.name), P(d.format), P(d.spec_json), P(d.sha256), P(d.path),
-                 P(d.num_rows), P(d.size_bytes), P(StringsToJson(d.label_names)),
-                 P(d.regression), P(d.created_unix_ms), P(d.tenant)});
-  if (absl::IsAlreadyExists(r.status())) {
-    return absl::AlreadyExistsError(absl::StrCat("dataset ", d.id, " already exists"));
+absl::StatusOr<int64_t> PostgresStore::RunLocked(const std::string& sql,
+                                                 const std::vector<SqlValue>& params,
+                                                 const RowFn& row) {
+  std::vector<Param> text;
+  text.reserve(params.size());
+  for (const SqlValue& v : params) text.push_back(P(v));
+  ASSIGN_OR_RETURN(Result r, Exec(conn_, sql, text));
+  if (row) {
+    for (int i = 0; i < r.rows(); ++i) RETURN_IF_ERROR(row(PgRow(r, i)));
   }
-  return r.status();
+  return r.affected();  // PQcmdTuples: rows changed, or returned by a SELECT
 }
 
-absl::StatusOr<DatasetRecord> PostgresStore::GetDataset(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ", kDatasetCols, " FROM datasets WHERE id = $1"),
-                                  {P(id)}));
-  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("dataset ", id, " not found"));
-  return ReadDataset(r, 0);
-}
-
-absl::StatusOr<std::vector<DatasetRecord>> PostgresStore::ListDatasets() {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(
-      Result r,
-      Exec(conn_, absl::StrCat("SELECT ", kDatasetCols, " FROM datasets ORDER BY created_unix_ms, id")));
-  std::vector<DatasetRecord> out;
-  for (int i = 0; i < r.rows(); ++i) out.push_back(ReadDataset(r, i));
-  return out;
-}
-
-absl::Status PostgresStore::DeleteDataset(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  Transaction tx(conn_);
-  RETURN_IF_ERROR(tx.status());
-  // Lock the dataset row: a concurrent CreateJob referencing it waits for us.
-  ASSIGN_OR_RETURN(Result ds, Exec(conn_, "SELECT id FROM datasets WHERE id = $1 FOR UPDATE", {P(id)}));
-  if (ds.rows() == 0) return absl::NotFoundError(absl::StrCat("dataset ", id, " not found"));
-  ASSIGN_OR_RETURN(Result ref, Exec(conn_,
-                                    "SELECT job_id FROM job_datasets WHERE dataset_id = $1 "
-                                    "ORDER BY job_id LIMIT 1",
-                                    {P(id)}));
-  if (ref.rows() > 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("dataset ", id, " is referenced by job ", ref.Text(0, 0)));
-  }
-  RETURN_IF_ERROR(Exec(conn_, "DELETE FROM datasets WHERE id = $1", {P(id)}).status());
-  return tx.Commit();
-}
-
-// ---- Jobs -------------------------------------------------------------------
-
-absl::StatusOr<JobRecord> PostgresStore::CreateJob(const JobRecord& j) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  Transaction tx(conn_);
-  RETURN_IF_ERROR(tx.status());
-  // ON CONFLICT DO NOTHING on the key: a concurrent create with the same key
-  // (another replica) waits for the first and then inserts nothing.
-  auto ins_or =
-      Exec(conn_,
-           "INSERT INTO jobs(id, idempotency_key, spec_json, state, failure_reason, "
-           "created_unix_ms, updated_unix_ms, step, total_steps, result_family, result_version, "
-           "tenant) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
-           "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-           {P(j.id), NullIfEmpty(j.spec.idempotency_key), P(JobSpecToJson(j.spec)),
-            P(std::string(JobStateName(j.state))), P(j.failure_reason), P(j.created_unix_ms),
-            P(j.updated_unix_ms), P(j.step), P(j.total_steps), P(j.result_family),
-            P(j.result_version), P(j.tenant)});
-  if (absl::IsAlreadyExists(ins_or.status())) {
-    return absl::AlreadyExistsError(absl::StrCat("job ", j.id, " already exists"));
-  }
-  RETURN_IF_ERROR(ins_or.status());
-  const Result& ins = *ins_or;
-  if (ins.rows() == 0) {
-    ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                    absl::StrCat("SELECT ", JobCols(),
-                                                 " FROM jobs WHERE idempotency_key = $1"),
-                                    {P(j.spec.idempotency_key)}));
-    if (r.rows() == 0) return absl::InternalError("idempotency key conflict without a job");
-    return ReadJob(r, 0);
-  }
-  for (const auto& t : j.spec.tasks) {
-    for (const std::string* ds : {&t.dataset_id, &t.eval_dataset_id}) {
-      if (ds->empty()) continue;
-      RETURN_IF_ERROR(Exec(conn_,
-                           "INSERT INTO job_datasets(job_id, dataset_id) VALUES ($1, $2) "
-                           "ON CONFLICT DO NOTHING",
-                           {P(j.id), P(*ds)})
-                          .status());
-    }
-  }
-  RETURN_IF_ERROR(tx.Commit());
-  return j;
-}
-
-absl::StatusOr<JobRecord> PostgresStore::FindJobByIdempotencyKey(const std::string& key) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ", JobCols(),
-                                               " FROM jobs WHERE idempotency_key = $1"),
-                                  {P(key)}));
-  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("no job with idempotency key ", key));
-  return ReadJob(r, 0);
-}
-
-absl::Status PostgresStore::UpdateJob(const JobRecord& j) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  const std::optional<int64_t> fence = FenceLocked(j.id);
-  std::vector<Param> params = {P(std::string(JobStateName(j.state))), P(j.failure_reason),
-                               P(j.updated_unix_ms), P(j.step), P(j.total_steps),
-                               P(j.result_family), P(j.result_version), P(j.id)};
-  if (fence) params.push_back(P(*fence));
-  // The epoch in the WHERE clause: checked atomically with the write.
-  ASSIGN_OR_RETURN(Result r,
-                   Exec(conn_,
-                        absl::StrCat("UPDATE jobs SET state = $1, failure_reason = $2, "
-                                     "updated_unix_ms = $3, step = $4, total_steps = $5, "
-                                     "result_family = $6, result_version = $7 WHERE id = $8",
-                                     fence ? " AND claim_epoch = $9" : ""),
-                        params));
-  if (r.affected() == 0) {
-    if (fence) RETURN_IF_ERROR(CheckFenceLocked(j.id, "update"));
-    return absl::NotFoundError(absl::StrCat("job ", j.id, " not found"));
-  }
-  return absl::OkStatus();
-}
-
-absl::StatusOr<JobRecord> PostgresStore::GetJob(const std::string& id) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r, Exec(conn_, absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE id = $1"),
-                                  {P(id)}));
-  if (r.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", id, " not found"));
-  return ReadJob(r, 0);
-}
-
-absl::StatusOr<std::vector<JobRecord>> PostgresStore::ListJobs(std::optional<JobState> state,
-                                                               int64_t page_size,
-                                                               const std::string& page_token,
-                                                               std::string* next_page_token) {
-  int64_t after = 0;
-  if (!page_token.empty() && !absl::SimpleAtoi(page_token, &after)) {
-    return absl::InvalidArgumentError(absl::StrCat("page_token: invalid token '", page_token, "'"));
-  }
-  if (page_size <= 0) page_size = 50;
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  std::vector<Param> params = {P(after)};
-  if (state) params.push_back(P(std::string(JobStateName(*state))));
-  params.push_back(P(page_size + 1));
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ", JobCols(), " FROM jobs WHERE seq > $1",
-                                               state ? " AND state = $2 ORDER BY seq LIMIT $3"
-                                                     : " ORDER BY seq LIMIT $2"),
-                                  params));
-  std::vector<JobRecord> out;
-  int64_t last_seq = 0;
-  const bool more = r.rows() > page_size;
-  for (int i = 0; i < r.rows() && i < page_size; ++i) {
-    ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, i));
-    last_seq = r.Int(i, 0);
-    out.push_back(std::move(j));
-  }
-  if (next_page_token) *next_page_token = more ? absl::StrCat(last_seq) : "";
-  return out;
-}
-
-absl::Status PostgresStore::AppendJobEvent(const std::string& job_id, const JobEvent& e) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  const std::string json = JobEventToJson(e);
-  // Two replicas may append to one job at once (a cancel request next to the
-  // holder's progress): the loser of the (job_id, seq) race retries.
-  absl::Status st;
-  for (int attempt = 0; attempt < 8; ++attempt) {
-    if (FenceLocked(job_id)) {
-      // The epoch check (row locked until commit) and the insert, together.
-      Transaction tx(conn_);
-      RETURN_IF_ERROR(tx.status());
-      RETURN_IF_ERROR(CheckFenceLocked(job_id, "event"));
-      st = Exec(conn_,
-                "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
-                "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
-                {P(job_id), P(json)})
-               .status();
-      if (st.ok()) st = tx.Commit();
-    } else {
-      st = Exec(conn_,
-                "INSERT INTO job_events(job_id, seq, event_json) SELECT $1, "
-                "COALESCE(MAX(seq) + 1, 0), $2 FROM job_events WHERE job_id = $1",
-                {P(job_id), P(json)})
-               .status();
-    }
-    if (!absl::IsAlreadyExists(st)) return st;
-  }
-  return st;
-}
-
-absl::StatusOr<std::vector<JobEvent>> PostgresStore::ListJobEvents(const std::string& job_id) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result j, Exec(conn_, "SELECT 1 FROM jobs WHERE id = $1", {P(job_id)}));
-  if (j.rows() == 0) return absl::NotFoundError(absl::StrCat("job ", job_id, " not found"));
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  "SELECT event_json FROM job_events WHERE job_id = $1 ORDER BY seq",
-                                  {P(job_id)}));
-  std::vector<JobEvent> out;
-  for (int i = 0; i < r.rows(); ++i) {
-    ASSIGN_OR_RETURN(JobEvent e, JobEventFromJson(r.Text(i, 0)));
-    out.push_back(std::move(e));
-  }
-  return out;
-}
-
-// ---- Families ---------------------------------------------------------------
-
-absl::Status PostgresStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
-  if (f.family.empty()) return absl::InvalidArgumentError("family: must not be empty");
-  if (f.version <= 0) return absl::InvalidArgumentError("version: must be >= 1");
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  // The compare-and-swap and the insert in one transaction; a transaction
-  // advisory lock on the family key serialises publications of one family
-  // across replicas (a row lock cannot cover a family with no row yet).
-  Transaction tx(conn_);
-  RETURN_IF_ERROR(tx.status());
-  RETURN_IF_ERROR(
-      Exec(conn_, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", {P(f.family)})
-          .status());
-  // A job's version: only while this replica still holds the job's claim.
-  if (!f.created_by_job.empty() && FenceLocked(f.created_by_job)) {
-    RETURN_IF_ERROR(CheckFenceLocked(f.created_by_job, "publication"));
-  }
-  ASSIGN_OR_RETURN(Result cur, Exec(conn_,
-                                    "SELECT version, tenant FROM family_versions WHERE family = $1 "
-                                    "ORDER BY version DESC LIMIT 1",
-                                    {P(f.family)}));
-  const int64_t newest = cur.rows() > 0 ? cur.Int(0, 0) : 0;
-  const std::string owner = cur.rows() > 0 ? cur.Text(0, 1) : "";
-  if (newest >= f.version) {
-    return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
-                                                 " is already published (versions are immutable)"));
-  }
-  RETURN_IF_ERROR(CheckPublication(f.family, f.version, f.tenant, newest, owner));
-  auto r = Exec(conn_,
-                absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
-                             Placeholders(13), ")"),
-                {P(f.family), P(f.version), P(f.form), P(f.config_json),
-                 P(f.base_model_fingerprint), P(f.path), P(f.adapter_parameters),
-                 P(TasksToJson(f.tasks)), P(f.created_by_job), P(f.created_unix_ms), P(f.tenant),
-                 P(TaskCountOf(f)), P(f.parent_version)});
-  if (absl::IsAlreadyExists(r.status())) {
-    return absl::AlreadyExistsError(absl::StrCat("family ", f.family, " version ", f.version,
-                                                 " is already published (versions are immutable)"));
-  }
-  RETURN_IF_ERROR(r.status());
-  return tx.Commit();
-}
-
-absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersions(
-    const std::string& family) {
-  return ListFamilies(family, /*with_tasks=*/true);
-}
-
-absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilyVersionSummaries(
-    const std::string& family) {
-  return ListFamilies(family, /*with_tasks=*/false);
-}
-
-absl::StatusOr<std::vector<FamilyVersionRecord>> PostgresStore::ListFamilies(
-    const std::string& family, bool with_tasks) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  std::vector<Param> params;
-  if (!family.empty()) params.push_back(P(family));
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ",
-                                               with_tasks ? kFamilyCols : kFamilySummaryCols,
-                                               " FROM family_versions",
-                                               family.empty() ? "" : " WHERE family = $1",
-                                               " ORDER BY family, version"),
-                                  params));
-  std::vector<FamilyVersionRecord> out;
-  for (int i = 0; i < r.rows(); ++i) {
-    ASSIGN_OR_RETURN(FamilyVersionRecord f, ReadFamily(r, i, with_tasks));
-    out.push_back(std::move(f));
-  }
-  return out;
-}
-
-absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersion(const std::string& family,
-                                                                    int64_t version) {
-  return GetFamilyVersionTasks(family, version, 0, -1);
-}
-
-absl::StatusOr<FamilyVersionRecord> PostgresStore::GetFamilyVersionTasks(const std::string& family,
-                                                                         int64_t version,
-                                                                         int64_t first_task,
-                                                                         int64_t max_tasks) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r, Exec(conn_,
-                                  absl::StrCat("SELECT ", kFamilyCols,
-                                               " FROM family_versions WHERE family = $1 AND "
-                                               "version = $2"),
-                                  {P(family), P(version)}));
-  if (r.rows() == 0) return FamilyVersionNotFound(family, version);
-  return ReadFamily(r, 0, /*with_tasks=*/true, std::max<int64_t>(first_task, 0), max_tasks);
-}
-
-absl::Status PostgresStore::CompactFamilyVersion(const std::string& family, int64_t version,
-                                                 const std::vector<TaskRecord>& tasks) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r,
-                   Exec(conn_,
-                        "UPDATE family_versions SET tasks_json = $1, task_count = $2, "
-                        "parent_version = 0 WHERE family = $3 AND version = $4",
-                        {P(TasksToJson(tasks)), P(static_cast<int64_t>(tasks.size())), P(family),
-                         P(version)}));
-  if (r.affected() == 0) return FamilyVersionNotFound(family, version);
-  return absl::OkStatus();
-}
-
-absl::Status PostgresStore::DeleteFamily(const std::string& family) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(Result r,
-                   Exec(conn_, "DELETE FROM family_versions WHERE family = $1", {P(family)}));
-  if (r.affected() == 0) return absl::NotFoundError(absl::StrCat("family ", family, " not found"));
-  return absl::OkStatus();
+absl::Status PostgresStore::LockFamilyLocked(const std::string& family) {
+  // A transaction advisory lock on the family key serialises publications of
+  // one family across replicas (a row lock cannot cover a family with no row
+  // yet).
+  return Exec(conn_, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", {P(family)})
+      .status();
 }
 
 // ---- Claims -----------------------------------------------------------------
 
-absl::StatusOr<JobRecord> PostgresStore::ClaimNextJob(const std::string& replica,
-                                                      int64_t lease_ms) {
+absl::StatusOr<JobRecord> PostgresStore::Claim(const std::string& sql, const std::string& replica,
+                                               int64_t lease_ms, const char* none,
+                                               std::string* previous_holder) {
   if (replica.empty()) return absl::InvalidArgumentError("replica: must not be empty");
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(EnsureConnected());
+  ASSIGN_OR_RETURN(Result r, Exec(conn_, sql, {P(replica), P(lease_ms)}));
+  if (r.rows() == 0) return absl::NotFoundError(none);
+  ASSIGN_OR_RETURN(JobRecord j, JobFromRow(PgRow(r, 0)));
+  j.claim_epoch = r.Int(0, 13);
+  if (previous_holder) *previous_holder = r.Text(0, 14);
+  return j;
+}
+
+absl::StatusOr<JobRecord> PostgresStore::ClaimNextJob(const std::string& replica,
+                                                      int64_t lease_ms) {
   // The queue pattern: the subquery locks the oldest claimable row, skipping
   // rows another replica is claiming right now; the UPDATE takes it.
-  ASSIGN_OR_RETURN(
-      Result r,
-      Exec(conn_,
-           absl::StrCat("UPDATE jobs SET claimed_by = $1, cancel_requested = false, "
-                        "lease_until = now() + $2 * interval '1 millisecond', "
-                        "claim_epoch = claim_epoch + 1 "
-                        "WHERE seq = (SELECT seq FROM jobs WHERE state = 'QUEUED' AND "
-                        "claimed_by IS NULL ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
-                        "RETURNING ",
-                        JobCols(), ", claim_epoch"),
-           {P(replica), P(lease_ms)}));
-  if (r.rows() == 0) return absl::NotFoundError("no queued job to claim");
-  ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, 0));
-  j.claim_epoch = r.Int(0, 13);
-  return j;
+  return Claim(absl::StrCat("UPDATE jobs SET claimed_by = $1, cancel_requested = false, "
+                            "lease_until = now() + $2 * interval '1 millisecond', "
+                            "claim_epoch = claim_epoch + 1 "
+                            "WHERE seq = (SELECT seq FROM jobs WHERE state = 'QUEUED' AND "
+                            "claimed_by IS NULL ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                            "RETURNING ",
+                            JobCols(), ", claim_epoch"),
+               replica, lease_ms, "no queued job to claim", nullptr);
 }
 
 absl::StatusOr<bool> PostgresStore::RenewLease(const std::string& job_id,
@@ -933,27 +580,16 @@ absl::Status PostgresStore::ReleaseClaim(const std::string& job_id, const std::s
 absl::StatusOr<JobRecord> PostgresStore::TakeOverExpiredJob(const std::string& replica,
                                                             int64_t lease_ms,
                                                             std::string* previous_holder) {
-  if (replica.empty()) return absl::InvalidArgumentError("replica: must not be empty");
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(EnsureConnected());
-  ASSIGN_OR_RETURN(
-      Result r,
-      Exec(conn_,
-           absl::StrCat("WITH victim AS (SELECT seq, claimed_by AS prev FROM jobs "
-                        "WHERE state IN ('QUEUED', 'VALIDATING', 'RUNNING') AND claimed_by IS "
-                        "NOT NULL AND lease_until < now() ORDER BY seq LIMIT 1 "
-                        "FOR UPDATE SKIP LOCKED) "
-                        "UPDATE jobs j SET claimed_by = $1, "
-                        "lease_until = now() + $2 * interval '1 millisecond', "
-                        "claim_epoch = j.claim_epoch + 1 FROM victim "
-                        "WHERE j.seq = victim.seq RETURNING ",
-                        JobCols("j."), ", victim.prev, j.claim_epoch"),
-           {P(replica), P(lease_ms)}));
-  if (r.rows() == 0) return absl::NotFoundError("no expired claim");
-  if (previous_holder) *previous_holder = r.Text(0, 13);
-  ASSIGN_OR_RETURN(JobRecord j, ReadJob(r, 0));
-  j.claim_epoch = r.Int(0, 14);
-  return j;
+  return Claim(absl::StrCat("WITH victim AS (SELECT seq, claimed_by AS prev FROM jobs "
+                            "WHERE state IN ('QUEUED', 'VALIDATING', 'RUNNING') AND claimed_by IS "
+                            "NOT NULL AND lease_until < now() ORDER BY seq LIMIT 1 "
+                            "FOR UPDATE SKIP LOCKED) "
+                            "UPDATE jobs j SET claimed_by = $1, "
+                            "lease_until = now() + $2 * interval '1 millisecond', "
+                            "claim_epoch = j.claim_epoch + 1 FROM victim "
+                            "WHERE j.seq = victim.seq RETURNING ",
+                            JobCols("j."), ", j.claim_epoch, victim.prev"),
+               replica, lease_ms, "no expired claim", previous_holder);
 }
 
 // ---- Fencing and health -----------------------------------------------------

@@ -6,6 +6,10 @@
 // by the holder; an expired lease lets another replica take the job over
 // (see Store::ClaimNextJob and JobManager's shared mode).
 //
+// The Store operations are SqlStore's (sql_store.h), shared with the SQLite
+// store; this file runs their statements on libpq and adds what only
+// PostgreSQL has (claims, fences, the advisory locks, blobs).
+//
 // One connection guarded by a mutex (the store is never on a hot path); a
 // broken connection is re-established on the next call. Connecting waits at
 // most Timeouts::connect_ms (libpq connect_timeout, unless the URI sets one)
@@ -32,15 +36,14 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "server/store/blob_store.h"
-#include "server/store/store.h"
+#include "server/store/sql_store.h"
 
 struct pg_conn;
 
 namespace metatt {
 
-class PostgresStore : public Store {
+class PostgresStore : public SqlStore {
  public:
   // `uri`: a libpq connection URI, e.g. postgresql://user@127.0.0.1:5432/metatt.
   // Connects and applies every pending migration.
@@ -55,38 +58,6 @@ class PostgresStore : public Store {
 
   // True for "postgresql://..." and "postgres://..." (what --store accepts).
   static bool IsPostgresUri(const std::string& s);
-
-  // Number of applied schema migrations.
-  absl::StatusOr<int> SchemaVersion();
-
-  absl::Status PutDataset(const DatasetRecord& d) override;
-  absl::StatusOr<DatasetRecord> GetDataset(const std::string& id) override;
-  absl::StatusOr<std::vector<DatasetRecord>> ListDatasets() override;
-  absl::Status DeleteDataset(const std::string& id) override;
-
-  absl::StatusOr<JobRecord> CreateJob(const JobRecord& j) override;
-  absl::StatusOr<JobRecord> FindJobByIdempotencyKey(const std::string& key) override;
-  absl::Status UpdateJob(const JobRecord& j) override;
-  absl::StatusOr<JobRecord> GetJob(const std::string& id) override;
-  absl::StatusOr<std::vector<JobRecord>> ListJobs(std::optional<JobState> state, int64_t page_size,
-                                                  const std::string& page_token,
-                                                  std::string* next_page_token) override;
-  absl::Status AppendJobEvent(const std::string& job_id, const JobEvent& e) override;
-  absl::StatusOr<std::vector<JobEvent>> ListJobEvents(const std::string& job_id) override;
-
-  absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) override;
-  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
-      const std::string& family) override;
-  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
-      const std::string& family) override;
-  absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
-                                                       int64_t version) override;
-  absl::StatusOr<FamilyVersionRecord> GetFamilyVersionTasks(const std::string& family,
-                                                            int64_t version, int64_t first_task,
-                                                            int64_t max_tasks) override;
-  absl::Status DeleteFamily(const std::string& family) override;
-  absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
-                                    const std::vector<TaskRecord>& tasks) override;
 
   bool SupportsClaims() const override { return true; }
   absl::StatusOr<JobRecord> ClaimNextJob(const std::string& replica, int64_t lease_ms) override;
@@ -106,19 +77,33 @@ class PostgresStore : public Store {
  private:
   class Blobs;
   PostgresStore(std::string uri, pg_conn* conn);
+  absl::StatusOr<int64_t> RunLocked(const std::string& sql, const std::vector<SqlValue>& params,
+                                    const RowFn& row = nullptr) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  const char* BeginSql() const override { return "BEGIN"; }
+  const char* RowLockClause() const override { return " FOR UPDATE"; }
+  absl::Status ReadyLocked() override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return EnsureConnected();
+  }
   // FAILED_PRECONDITION when this replica holds a fence on `job_id` and the
   // job's claim_epoch is no longer it. Locks the job row (FOR SHARE) until
   // the caller's transaction ends, so a take-over waits for the write.
-  absl::Status CheckFenceLocked(const std::string& job_id, const char* what)
+  absl::Status CheckFenceLocked(const std::string& job_id, const char* what) override
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::optional<int64_t> FenceLocked(const std::string& job_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<int64_t> FenceLocked(const std::string& job_id) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status LockFamilyLocked(const std::string& family) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A claiming UPDATE with parameters $1 replica, $2 lease_ms that returns
+  // JobCols(), claim_epoch and (for a take-over) the previous holder; `none`:
+  // the NOT_FOUND message when it took no job.
+  absl::StatusOr<JobRecord> Claim(const std::string& sql, const std::string& replica,
+                                  int64_t lease_ms, const char* none,
+                                  std::string* previous_holder);
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilies(const std::string& family,
-                                                                bool with_tasks);
   absl::Status EnsureConnected() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string uri_;
-  absl::Mutex mu_;
   pg_conn* conn_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, int64_t> fences_ ABSL_GUARDED_BY(mu_);  // job id -> claim epoch
   std::unique_ptr<Blobs> blobs_;

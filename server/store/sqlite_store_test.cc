@@ -3,6 +3,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sqlite3.h>
 
 #include <filesystem>
 #include <random>
@@ -96,6 +97,26 @@ TEST_F(SqliteStoreTest, RecordsKeepTheirTenant) {
   // Records written without a tenant belong to "default".
   ASSERT_TRUE(store_->PutDataset(Dataset("ds-d")).ok());
   EXPECT_EQ(store_->GetDataset("ds-d")->tenant, "default");
+}
+
+// A full disk is RESOURCE_EXHAUSTED naming the cause, not INTERNAL (issue
+// 17): SQLITE_FULL provoked with a small max_page_count, through the one
+// mapping the store uses for every SQLite call.
+TEST_F(SqliteStoreTest, FullDatabaseIsResourceExhausted) {
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open((dir_ / "full.db").string().c_str(), &db), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE t(x BLOB); PRAGMA max_page_count = 4", nullptr,
+                         nullptr, nullptr),
+            SQLITE_OK);
+  int rc = SQLITE_OK;
+  for (int i = 0; i < 100 && rc == SQLITE_OK; ++i) {
+    rc = sqlite3_exec(db, "INSERT INTO t VALUES (zeroblob(2000))", nullptr, nullptr, nullptr);
+  }
+  ASSERT_EQ(rc, SQLITE_FULL) << sqlite3_errmsg(db);
+  const absl::Status st = SqliteStatus(db, rc, "step");
+  EXPECT_TRUE(absl::IsResourceExhausted(st)) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("full"));
+  sqlite3_close(db);
 }
 
 // The Store contract itself (datasets, jobs, idempotency, paging, events,
