@@ -29,30 +29,13 @@ class SqliteStoreTest : public ::testing::Test {
     store_.reset();
     std::filesystem::remove_all(dir_);
   }
+  // Every field's round trip is store_conformance_test's; these tests read
+  // the label names and the tenant.
   static DatasetRecord Dataset(const std::string& id) {
     DatasetRecord d;
     d.id = id;
-    d.name = "mrpc-train";
-    d.format = "tsv";
-    d.spec_json = R"({"format":"tsv"})";
-    d.sha256 = "abc";
-    d.path = "/x/" + id;
-    d.num_rows = 10;
-    d.size_bytes = 100;
     d.label_names = {"0", "1"};
-    d.created_unix_ms = 5;
     return d;
-  }
-  static JobRecord Job(const std::string& id, const std::string& key = "") {
-    JobRecord j;
-    j.id = id;
-    j.spec.family = "glue";
-    j.spec.tasks.push_back({"MRPC", "ds-1", "", 0.2, "f1"});
-    j.spec.adapter.ranks = {4, 6, 8};
-    j.spec.hparams.rank_schedule = {{1, 4}, {2, 2}};
-    j.spec.idempotency_key = key;
-    j.created_unix_ms = j.updated_unix_ms = 7;
-    return j;
   }
 
   std::filesystem::path dir_;
