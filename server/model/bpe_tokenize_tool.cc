@@ -15,7 +15,6 @@
 //
 //   metatt-bpe-tokenize --model_dir=DIR|tokenizer.json [--input=FILE|-] [--output=FILE|-]
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -23,6 +22,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "server/model/jsonl_streams.h"
 #include "server/model/bpe_tokenizer.h"
 
 ABSL_FLAG(std::string, model_dir, "models/SmolLM2-135M-Instruct",
@@ -91,26 +91,10 @@ int main(int argc, char** argv) {
     std::cerr << "metatt-bpe-tokenize: " << tok.status() << "\n";
     return 1;
   }
-  std::ifstream in_file;
-  std::istream* in = &std::cin;
-  if (absl::GetFlag(FLAGS_input) != "-") {
-    in_file.open(absl::GetFlag(FLAGS_input), std::ios::binary);
-    if (!in_file) {
-      std::cerr << "metatt-bpe-tokenize: cannot open " << absl::GetFlag(FLAGS_input) << "\n";
-      return 1;
-    }
-    in = &in_file;
-  }
-  std::ofstream out_file;
-  std::ostream* out = &std::cout;
-  if (absl::GetFlag(FLAGS_output) != "-") {
-    out_file.open(absl::GetFlag(FLAGS_output), std::ios::binary);
-    if (!out_file) {
-      std::cerr << "metatt-bpe-tokenize: cannot open " << absl::GetFlag(FLAGS_output) << "\n";
-      return 1;
-    }
-    out = &out_file;
-  }
+  metatt::JsonlStreams io;
+  if (!io.Open("metatt-bpe-tokenize", absl::GetFlag(FLAGS_input), absl::GetFlag(FLAGS_output))) return 1;
+  std::istream* in = &io.in();
+  std::ostream* out = &io.out();
   std::string line;
   size_t line_no = 0;
   while (std::getline(*in, line)) {
@@ -128,6 +112,5 @@ int main(int argc, char** argv) {
     }
     *out << answer.dump(-1, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace) << "\n";
   }
-  out->flush();
-  return out->good() ? 0 : 1;
+  return io.Finish();
 }

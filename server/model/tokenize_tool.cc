@@ -8,7 +8,6 @@
 //   metatt-tokenize --model_dir=DIR [--input=FILE|-] [--output=FILE|-]
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -18,6 +17,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "nlohmann/json.hpp"
+#include "server/model/jsonl_streams.h"
 #include "server/model/model_dir.h"
 #include "server/model/tokenizer.h"
 
@@ -44,26 +44,10 @@ int main(int argc, char** argv) {
     std::cerr << "metatt-tokenize: " << tok.status() << "\n";
     return 1;
   }
-  std::ifstream in_file;
-  std::istream* in = &std::cin;
-  if (absl::GetFlag(FLAGS_input) != "-") {
-    in_file.open(absl::GetFlag(FLAGS_input), std::ios::binary);
-    if (!in_file) {
-      std::cerr << "metatt-tokenize: cannot open " << absl::GetFlag(FLAGS_input) << "\n";
-      return 1;
-    }
-    in = &in_file;
-  }
-  std::ofstream out_file;
-  std::ostream* out = &std::cout;
-  if (absl::GetFlag(FLAGS_output) != "-") {
-    out_file.open(absl::GetFlag(FLAGS_output), std::ios::binary);
-    if (!out_file) {
-      std::cerr << "metatt-tokenize: cannot open " << absl::GetFlag(FLAGS_output) << "\n";
-      return 1;
-    }
-    out = &out_file;
-  }
+  metatt::JsonlStreams io;
+  if (!io.Open("metatt-tokenize", absl::GetFlag(FLAGS_input), absl::GetFlag(FLAGS_output))) return 1;
+  std::istream* in = &io.in();
+  std::ostream* out = &io.out();
   const int max_length = absl::GetFlag(FLAGS_max_length);
 
   std::vector<std::pair<std::string, std::optional<std::string>>> inputs;
@@ -103,6 +87,5 @@ int main(int argc, char** argv) {
       write(tok->Encode(a, bv, max_length));
     }
   }
-  out->flush();
-  return out->good() ? 0 : 1;
+  return io.Finish();
 }
