@@ -10,25 +10,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
+#include "server/model/tokenizer_text.h"
 
 namespace metatt {
 namespace {
 
 using json = nlohmann::json;
 
-struct CpRange {
-  char32_t lo, hi;
-};
-
 #include "server/model/bpe_tokenizer_unicode_tables.inc"
-
-template <size_t N>
-bool InRanges(const CpRange (&table)[N], char32_t c) {
-  const CpRange* end = table + N;
-  const CpRange* it =
-      std::upper_bound(table, end, c, [](char32_t v, const CpRange& r) { return v < r.lo; });
-  return it != table && c <= (it - 1)->hi;
-}
 
 // Classes of the GPT-2 split regex. Every code point is exactly one of them;
 // a byte outside valid UTF-8 counts as kOther.
@@ -103,24 +92,6 @@ Utf8Char NextChar(std::string_view s, size_t i) {
   char32_t cp = b0 & (need == 2 ? 0x1F : need == 3 ? 0x0F : 0x07);
   for (int j = 1; j < need; ++j) cp = (cp << 6) | (static_cast<unsigned char>(s[i + j]) & 0x3F);
   return {cp, need, true};
-}
-
-void AppendUtf8(char32_t c, std::string* out) {
-  if (c < 0x80) {
-    out->push_back(static_cast<char>(c));
-  } else if (c < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (c >> 6)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else if (c < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (c >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (c >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  }
 }
 
 // GPT-2's reversible byte <-> printable character map: printable Latin-1
@@ -203,12 +174,7 @@ void SplitGpt2(std::string_view s, std::vector<std::string>* out) {
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("bpe tokenizer: cannot open '", path, "'"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("bpe tokenizer: cannot read '", path, "'"));
-  return ss.str();
+  return ReadTokenizerFile(path, "bpe tokenizer");
 }
 
 // Debian's Abseil has its own string_view type: convert at the boundary.

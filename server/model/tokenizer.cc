@@ -12,13 +12,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "nlohmann/json.hpp"
+#include "server/model/tokenizer_text.h"
 
 namespace metatt {
 namespace {
 
-struct CpRange {
-  char32_t lo, hi;
-};
 struct CccRange {
   char32_t lo, hi;
   uint8_t ccc;
@@ -29,14 +27,6 @@ struct CpMapping {
 };
 
 #include "server/model/tokenizer_unicode_tables.inc"
-
-template <size_t N>
-bool InRanges(const CpRange (&table)[N], char32_t c) {
-  const CpRange* end = table + N;
-  const CpRange* it =
-      std::upper_bound(table, end, c, [](char32_t v, const CpRange& r) { return v < r.lo; });
-  return it != table && c <= (it - 1)->hi;
-}
 
 uint8_t CombiningClass(char32_t c) {
   if (c < 0x300) return 0;
@@ -166,24 +156,6 @@ std::u32string DecodeUtf8(std::string_view s) {
   return out;
 }
 
-void AppendUtf8(char32_t c, std::string* out) {
-  if (c < 0x80) {
-    out->push_back(static_cast<char>(c));
-  } else if (c < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (c >> 6)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else if (c < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (c >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (c >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  }
-}
-
 std::string EncodeUtf8(std::u32string_view s) {
   std::string out;
   out.reserve(s.size());
@@ -192,16 +164,7 @@ std::string EncodeUtf8(std::u32string_view s) {
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::NotFoundError(absl::StrCat("tokenizer: cannot open '", path, "'"));
-  }
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) {
-    return absl::DataLossError(absl::StrCat("tokenizer: error reading '", path, "'"));
-  }
-  return ss.str();
+  return ReadTokenizerFile(path, "tokenizer");
 }
 
 // Leftmost-longest split of `text` on `tokens` (HF AddedVocabulary matching).
