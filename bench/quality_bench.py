@@ -48,7 +48,11 @@ def parse_args():
     p.add_argument("--model_dir", default=os.environ.get("METATT_MODEL_DIR",
                                                          os.path.join(REPO, "models", "all-MiniLM-L6-v2")))
     p.add_argument("--glue_dir", default=os.path.join(shared_dir(), "data", "glue"))
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help="comma-separated GLUE task names, any case (cola = CoLA)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse a run whose out dir already holds result.json (an interrupted "
+                        "table goes on where it stopped)")
     p.add_argument("--rows", default="metatt4d_r8,lora_r8,peft_lora_r8,metatt5d_r8,dmrg_10_to_4,"
                                      "multitask_4p1d,new_task_frozen",
                    help="comma-separated; ROW@LR overrides the learning rate of that row")
@@ -87,6 +91,19 @@ def parse_args():
     return p.parse_args()
 
 
+def canonical_tasks(spec):
+    """'cola,RTE' -> ['CoLA', 'RTE']; an unknown name is an error naming it."""
+    by_lower = {t.lower(): t for t in TASKS}
+    out = []
+    for t in (x.strip() for x in spec.split(",")):
+        if not t:
+            continue
+        if t.lower() not in by_lower:
+            raise SystemExit(f"--tasks: unknown task '{t}' (use {', '.join(TASKS)})")
+        out.append(by_lower[t.lower()])
+    return out
+
+
 def train_rows(args, task):
     n = TRAIN_ROWS[task]
     return min(n, args.train_limit) if args.train_limit > 0 else n
@@ -103,6 +120,11 @@ def common_flags(args):
 def run_train(args, flags, out_dir):
     tool = os.path.join(args.build_dir, "server", "training", "metatt-train")
     cmd = [tool] + common_flags(args) + flags + [f"--out={out_dir}"]
+    done = os.path.join(out_dir, "result.json")
+    if getattr(args, "resume", False) and os.path.exists(done):
+        print("= reusing", done, flush=True)
+        with open(done) as f:
+            return json.load(f)
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -475,7 +497,7 @@ def main():
     import threading
 
     t_start = time.time()
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = canonical_tasks(args.tasks)
     rows = [r for r in args.rows.split(",") if r]
     seeds = [int(x) for x in args.seeds.split(",") if x != ""]
     os.makedirs(args.out, exist_ok=True)
