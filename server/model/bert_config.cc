@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "base/file_io.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
 
@@ -91,14 +92,7 @@ std::string BertConfig::Fingerprint() const {
                                intermediate_size, "|", static_cast<int>(hidden_act), "|",
                                max_position_embeddings, "|", type_vocab_size, "|", pad_token_id);
   // FNV-1a 64: stable across platforms and runs (std::hash is not).
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char ch : s) {
-    h ^= ch;
-    h *= 1099511628211ull;
-  }
-  char buf[17];
-  snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  return Fnv1a64Hex(s);
 }
 
 }  // namespace metatt

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
+#include "server/model/weights.h"
 
 namespace metatt {
 namespace {
@@ -27,26 +28,11 @@ class WeightTable {
 
   absl::StatusOr<torch::Tensor> Get(const std::string& name, std::vector<int64_t> shape,
                                     torch::Device device) const {
-    std::string key = prefix_ + name;
-    auto it = t_.find(key);
-    if (it == t_.end()) {
-      std::string alt = key;
-      if (absl::EndsWith(alt, "LayerNorm.weight")) alt.replace(alt.size() - 6, 6, "gamma");
-      if (absl::EndsWith(alt, "LayerNorm.bias")) alt.replace(alt.size() - 4, 4, "beta");
-      it = t_.find(alt);
-    }
-    if (it == t_.end())
-      return absl::NotFoundError(absl::StrCat("weights: tensor '", key, "' is missing"));
-    const torch::Tensor& w = it->second;
-    if (!w.is_floating_point())
-      return absl::InvalidArgumentError(absl::StrCat("weights: tensor '", key, "' has dtype ",
-                                                     c10::toString(w.scalar_type()),
-                                                     ", expected a floating type"));
-    if (w.sizes().vec() != shape)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "weights: tensor '", key, "' has shape ", c10::str(w.sizes()),
-          " but the config implies ", c10::str(c10::IntArrayRef(shape))));
-    return w.to(device, torch::kFloat32).contiguous().set_requires_grad(false);
+    const std::string key = prefix_ + name;
+    std::string alt = key;
+    if (absl::EndsWith(alt, "LayerNorm.weight")) alt.replace(alt.size() - 6, 6, "gamma");
+    if (absl::EndsWith(alt, "LayerNorm.bias")) alt.replace(alt.size() - 4, 4, "beta");
+    return LoadWeight(t_, key, shape, device, {alt});
   }
 
  private:

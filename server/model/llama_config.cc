@@ -144,14 +144,8 @@ std::string LlamaConfig::Fingerprint() const {
                                num_attention_heads, "|", num_key_value_heads, "|", head_dim, "|",
                                rms_norm_eps, "|", rope_theta, "|", tie_word_embeddings, "|",
                                attention_bias, "|", mlp_bias);
-  uint64_t h = 1469598103934665603ull;  // FNV-1a 64, as BertConfig
-  for (unsigned char ch : s) {
-    h ^= ch;
-    h *= 1099511628211ull;
-  }
-  char buf[17];
-  snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  // FNV-1a 64: stable across platforms and runs (std::hash is not).
+  return Fnv1a64Hex(s);
 }
 
 }  // namespace metatt

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
+#include "server/model/weights.h"
 
 namespace metatt {
 namespace {
@@ -25,20 +26,7 @@ class WeightTable {
   // `name` is relative to the prefix unless `absolute`.
   absl::StatusOr<torch::Tensor> Get(const std::string& name, std::vector<int64_t> shape,
                                     torch::Device device, bool absolute = false) const {
-    const std::string key = absolute ? name : prefix_ + name;
-    auto it = t_.find(key);
-    if (it == t_.end())
-      return absl::NotFoundError(absl::StrCat("weights: tensor '", key, "' is missing"));
-    const torch::Tensor& w = it->second;
-    if (!w.is_floating_point())
-      return absl::InvalidArgumentError(absl::StrCat("weights: tensor '", key, "' has dtype ",
-                                                     c10::toString(w.scalar_type()),
-                                                     ", expected a floating type"));
-    if (w.sizes().vec() != shape)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "weights: tensor '", key, "' has shape ", c10::str(w.sizes()),
-          " but the config implies ", c10::str(c10::IntArrayRef(shape))));
-    return w.to(device, torch::kFloat32).contiguous().set_requires_grad(false);
+    return LoadWeight(t_, absolute ? name : prefix_ + name, shape, device);
   }
 
  private:
