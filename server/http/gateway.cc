@@ -125,6 +125,23 @@ struct Gateway::Impl {
     return Context(req.get_header_value("Authorization"), ctx, unary);
   }
 
+  // One unary RPC, `rpc(ctx)`, with the caller's token and deadline: false
+  // once its error (or the token's) was replied.
+  template <typename Rpc>
+  bool Unary(const httplib::Request& req, httplib::Response& res, Rpc rpc) const {
+    grpc::ClientContext ctx;
+    if (auto e = Context(req, &ctx)) {
+      ReplyError(res, *e);
+      return false;
+    }
+    grpc::Status st = rpc(&ctx);
+    if (!st.ok()) {
+      ReplyError(res, FromGrpc(st));
+      return false;
+    }
+    return true;
+  }
+
   JobView View() const { return JobView{o.base_model, default_lr}; }
 
   static std::optional<Json> Body(const httplib::Request& req, httplib::Response& res) {
@@ -349,11 +366,11 @@ void Gateway::Impl::CreateJob(const httplib::Request& req, httplib::Response& re
   if (jr.req.idempotency_key().empty() && req.has_header("Idempotency-Key")) {
     jr.req.set_idempotency_key(req.get_header_value("Idempotency-Key"));
   }
-  grpc::ClientContext ctx;
-  if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
   v1::CreateJobResponse resp;
-  grpc::Status st = jobs->CreateJob(&ctx, jr.req, &resp);
-  if (!st.ok()) return ReplyError(res, FromGrpc(st));
+  if (!Unary(req, res,
+             [&](grpc::ClientContext* ctx) { return jobs->CreateJob(ctx, jr.req, &resp); })) {
+    return;
+  }
   Reply(res, 200, JobJson(resp.job(), View()));
 }
 
@@ -367,11 +384,11 @@ void Gateway::Impl::ListJobs(const httplib::Request& req, httplib::Response& res
   v1::ListJobsRequest lr;
   lr.set_page_size(100);
   do {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::ListJobsResponse page;
-    grpc::Status st = jobs->ListJobs(&ctx, lr, &page);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res,
+               [&](grpc::ClientContext* ctx) { return jobs->ListJobs(ctx, lr, &page); })) {
+      return;
+    }
     for (const auto& j : page.jobs()) {
       if (!passed) {
         passed = j.id() == after;
@@ -463,11 +480,12 @@ void Gateway::Impl::JobEvents(const httplib::Request& req, httplib::Response& re
 // The base model, then every family's tasks as family:task. A family can hold
 // 10^6 tasks, so the body is streamed (chunked), one ListTasks page at a time.
 void Gateway::Impl::ListModels(const httplib::Request& req, httplib::Response& res) {
-  grpc::ClientContext ctx;
-  if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
   auto families = std::make_shared<v1::ListFamiliesResponse>();
-  grpc::Status st = adapters->ListFamilies(&ctx, {}, families.get());
-  if (!st.ok()) return ReplyError(res, FromGrpc(st));
+  if (!Unary(req, res, [&](grpc::ClientContext* ctx) {
+        return adapters->ListFamilies(ctx, {}, families.get());
+      })) {
+    return;
+  }
   struct State {
     int family = -1;  // -1: the opening and the base model
     std::string page_token;
@@ -721,33 +739,33 @@ void Gateway::Impl::Routes() {
   s.Post("/v1/files", [this](const httplib::Request& req, httplib::Response& res,
                              const httplib::ContentReader& reader) { UploadFile(req, res, reader); });
   s.Get("/v1/files", [this](const httplib::Request& req, httplib::Response& res) {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::ListDatasetsResponse resp;
-    grpc::Status st = datasets->ListDatasets(&ctx, {}, &resp);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res,
+               [&](grpc::ClientContext* ctx) { return datasets->ListDatasets(ctx, {}, &resp); })) {
+      return;
+    }
     Json data = Json::array();
     for (const auto& d : resp.datasets()) data.push_back(FileJson(d));
     Reply(res, 200, Json{{"object", "list"}, {"data", data}, {"has_more", false}});
   });
   s.Get(R"(/v1/files/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::GetDatasetRequest r;
     r.set_dataset_id(req.matches[1]);
     v1::GetDatasetResponse resp;
-    grpc::Status st = datasets->GetDataset(&ctx, r, &resp);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res,
+               [&](grpc::ClientContext* ctx) { return datasets->GetDataset(ctx, r, &resp); })) {
+      return;
+    }
     Reply(res, 200, FileJson(resp.dataset()));
   });
   s.Delete(R"(/v1/files/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::DeleteDatasetRequest r;
     r.set_dataset_id(req.matches[1]);
     v1::DeleteDatasetResponse resp;
-    grpc::Status st = datasets->DeleteDataset(&ctx, r, &resp);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res,
+               [&](grpc::ClientContext* ctx) { return datasets->DeleteDataset(ctx, r, &resp); })) {
+      return;
+    }
     Reply(res, 200, Json{{"id", req.matches[1]}, {"object", "file"}, {"deleted", true}});
   });
 
@@ -757,24 +775,22 @@ void Gateway::Impl::Routes() {
         [this](const httplib::Request& req, httplib::Response& res) { ListJobs(req, res); });
   s.Get(R"(/v1/fine_tuning/jobs/([^/]+))", [this](const httplib::Request& req,
                                                   httplib::Response& res) {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
     v1::GetJobRequest r;
     r.set_job_id(req.matches[1]);
     v1::GetJobResponse resp;
-    grpc::Status st = jobs->GetJob(&ctx, r, &resp);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res, [&](grpc::ClientContext* ctx) { return jobs->GetJob(ctx, r, &resp); })) {
+      return;
+    }
     Reply(res, 200, JobJson(resp.job(), View()));
   });
-  auto cancel = [this](const httplib::Request& req, httplib::Response& res,
-                       const std::string& id) {
-    grpc::ClientContext ctx;
-    if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
+  auto cancel = [this](const httplib::Request& req, httplib::Response& res, const std::string& id) {
     v1::CancelJobRequest r;
     r.set_job_id(id);
     v1::CancelJobResponse resp;
-    grpc::Status st = jobs->CancelJob(&ctx, r, &resp);
-    if (!st.ok()) return ReplyError(res, FromGrpc(st));
+    if (!Unary(req, res,
+               [&](grpc::ClientContext* ctx) { return jobs->CancelJob(ctx, r, &resp); })) {
+      return;
+    }
     Reply(res, 200, JobJson(resp.job(), View()));
   };
   s.Post(R"(/v1/fine_tuning/jobs/([^/]+)/cancel)",
@@ -801,13 +817,14 @@ void Gateway::Impl::Routes() {
   // Resumable checkpoints, newest first (OpenAI's order).
   s.Get(R"(/v1/fine_tuning/jobs/([^/]+)/checkpoints)",
         [this](const httplib::Request& req, httplib::Response& res) {
-          grpc::ClientContext ctx;
-          if (auto e = Context(req, &ctx)) return ReplyError(res, *e);
           v1::ListJobCheckpointsRequest r;
           r.set_job_id(req.matches[1]);
           v1::ListJobCheckpointsResponse resp;
-          grpc::Status st = jobs->ListJobCheckpoints(&ctx, r, &resp);
-          if (!st.ok()) return ReplyError(res, FromGrpc(st));
+          if (!Unary(req, res, [&](grpc::ClientContext* ctx) {
+                return jobs->ListJobCheckpoints(ctx, r, &resp);
+              })) {
+            return;
+          }
           Json data = Json::array();
           for (int i = resp.checkpoints_size() - 1; i >= 0; --i) {
             data.push_back(CheckpointJson(resp.checkpoints(i)));

@@ -55,23 +55,6 @@ def sha256(b):
     return hashlib.sha256(b).hexdigest()
 
 
-def tiny_model(d, words):
-    import torch
-    from transformers import BertConfig, BertModel
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words) + list(letters + ".,!?")
-    vocab += ["##" + c for c in letters]
-    d.mkdir(parents=True)
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                     type_vocab_size=2)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d, safe_serialization=True)
-    return d
-
-
 class Chaos:
     def __init__(self, args):
         self.args = args
@@ -306,12 +289,11 @@ class Chaos:
     # ---- the run --------------------------------------------------------------------
     def run(self):
         import grpc  # noqa: F401
-        from powerloss import load_stubs
-        from server_harness import WORDS
+        from server_harness import WORDS, load_stubs, write_tiny_bert
 
         a = self.args
         self.work = pathlib.Path(tempfile.mkdtemp(prefix="metatt-chaos-"))
-        self.pb = load_stubs(self.work)
+        self.pb = load_stubs(self.work / "stubs")
         src = pathlib.Path(os.environ.get("METATT_BUILD_DIR", ROOT / "build")) / "server" / "metatt-server"
         (self.work / "bin" / "server").mkdir(parents=True)
         shutil.copy2(src, self.work / "bin" / "server" / "metatt-server")
@@ -320,7 +302,7 @@ class Chaos:
                        "git_head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                                   capture_output=True, text=True).stdout.strip()}
         os.environ["METATT_BUILD_DIR"] = str(self.work / "bin")
-        self.model = tiny_model(self.work / "model", WORDS)
+        self.model = write_tiny_bert(self.work / "model", WORDS)
         self.data = self.work / "data"
         self.data.mkdir()
         self.tmpfs = False

@@ -155,14 +155,14 @@ def main():
     ap.add_argument("--max_kill_s", type=float, default=4.0)
     args = ap.parse_args()
 
-    from server_harness import Client, Server, make_rows, tsv_bytes
+    from server_harness import Client, Server, load_stubs, make_rows, tsv_bytes
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="metatt-powerloss-"))
     shim = work / "powerloss_shim.so"
     subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-Wno-format-truncation", "-o", str(shim),
                     str(ROOT / "tests" / "chaos" / "powerloss_shim.c"), "-ldl", "-lpthread"],
                    check=True)
-    pb = load_stubs(work)
+    pb = load_stubs(work / "stubs")
     data = work / "data"
     data.mkdir()
 
@@ -303,29 +303,6 @@ def check(pb, c, data, datasets, families, cores, report, r):
             files[cur] += ch.data
         if files.get("cores.safetensors") != cores:
             report["corrupt"].append({"round": r, "family": name})
-
-
-def load_stubs(work):
-    """The generated gRPC stubs (the same protoc step as tests/integration/conftest.py)."""
-    import importlib
-    import grpc_tools
-    from grpc_tools import protoc
-    out = work / "stubs"
-    out.mkdir()
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
-    rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", *protos])
-    assert rc == 0, "protoc failed"
-    sys.path.insert(0, str(out))
-
-    class Mods:
-        pass
-    m = Mods()
-    for name in ("jobs", "datasets", "adapters", "inference"):
-        setattr(m, f"{name}_pb2", importlib.import_module(f"metatt.v1.{name}_pb2"))
-        setattr(m, f"{name}_pb2_grpc", importlib.import_module(f"metatt.v1.{name}_pb2_grpc"))
-    return m
 
 
 if __name__ == "__main__":

@@ -1,56 +1,23 @@
 """Fixtures of the black-box server tests: Python gRPC stubs generated at test
 time from proto/ with grpc_tools.protoc, a tiny random BERT, a running
 metatt-server and a client. Helpers live in server_harness.py."""
-import importlib
-import pathlib
-import sys
-
 import pytest
 
-from server_harness import ROOT, WORDS, Client, Server
+from server_harness import ROOT, Client, Server, load_stubs, write_tiny_bert
+
+MINILM = ROOT / "models" / "all-MiniLM-L6-v2"
 
 
 @pytest.fixture(scope="session")
 def pb(tmp_path_factory):
     """Namespace with jobs_pb2, jobs_pb2_grpc, datasets_pb2, ... modules."""
-    import grpc_tools
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("stubs")
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
-    rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", *protos])
-    assert rc == 0, "grpc_tools.protoc failed"
-    sys.path.insert(0, str(out))
-
-    class Mods:
-        pass
-
-    m = Mods()
-    for name in ("jobs", "datasets", "adapters", "inference"):
-        setattr(m, f"{name}_pb2", importlib.import_module(f"metatt.v1.{name}_pb2"))
-        setattr(m, f"{name}_pb2_grpc", importlib.import_module(f"metatt.v1.{name}_pb2_grpc"))
-    return m
+    return load_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random 2-layer BERT (hidden 32, 2 heads) with a small WordPiece vocabulary."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path_factory.mktemp("tiny_bert")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list(letters + ".,!?")
-    vocab += ["##" + c for c in letters]
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                     type_vocab_size=2)
-    BertModel(cfg, add_pooling_layer=False).save_pretrained(d, safe_serialization=True)
-    return d
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture
@@ -73,3 +40,34 @@ def server(tmp_path, tiny_model):
 @pytest.fixture
 def client(pb, server):
     return Client(pb, server.channel())
+
+
+# The real base model behind the Python client (client/python), one server
+# per test module: test_export_reader.py, test_peft_interop.py.
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory):
+    """The data dir of the module's minilm_server."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def minilm_server(minilm_data):
+    """metatt-server on models/all-MiniLM-L6-v2 (--batch_timeout_ms=1)."""
+    if not (MINILM / "model.safetensors").exists():
+        pytest.fail(f"{MINILM} missing: scripts/setup.sh lays it out")
+    s = Server(minilm_data, MINILM, extra=["--batch_timeout_ms=1"]).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def mc(minilm_server):
+    """metatt_client.Client (the Python client package) of minilm_server."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "client" / "python"))
+    from metatt_client import Client as PyClient
+
+    c = PyClient(f"127.0.0.1:{minilm_server.port}", timeout=120)
+    yield c
+    c.close()

@@ -1,12 +1,11 @@
 """The real metatt-http gateway (server/http/) on 127.0.0.1:0 in front of a
 real metatt-server (server_harness.Server), for the HTTP/OpenAI tests."""
 import subprocess
-import threading
 import time
 
 import pytest
 
-from server_harness import build_dir
+from server_harness import build_dir, drain_stderr, read_ready_ports
 
 
 def gateway_binary():
@@ -33,16 +32,8 @@ class Gateway:
     def start(self, timeout=30):
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._drain, daemon=True).start()
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.port is None:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("LISTENING "):
-                self.port = int(line.split()[1])
+        drain_stderr(self.proc, self.stderr_lines)
+        self.port = read_ready_ports(self.proc, timeout).get("LISTENING")
         if self.port is None:
             self.stop()
             time.sleep(0.2)
@@ -56,10 +47,6 @@ class Gateway:
     @property
     def url(self):
         return self.base + "/v1"
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

@@ -1,6 +1,8 @@
 """Helpers of the black-box server tests (tests/integration): the real
 metatt-server binary on 127.0.0.1:0, datasets, a typed client. Fixtures are in
 conftest.py."""
+import hashlib
+import json
 import os
 import pathlib
 import random
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -29,6 +32,55 @@ def server_binary() -> pathlib.Path:
     if not p.exists():
         pytest.fail(f"binary {p} not built: cmake --build <build> --target metatt-server")
     return p
+
+
+def load_stubs(out):
+    """The Python gRPC stubs generated from proto/ into the folder `out`
+    (grpc_tools.protoc): a namespace with jobs_pb2, jobs_pb2_grpc,
+    datasets_pb2, ... (the `pb` fixture; the chaos runs call it too)."""
+    import importlib
+
+    import grpc_tools
+    from grpc_tools import protoc
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+    rc = protoc.main(["protoc", f"-I{ROOT / 'proto'}", f"-I{include}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", *protos])
+    assert rc == 0, "grpc_tools.protoc failed"
+    sys.path.insert(0, str(out))
+
+    class Mods:
+        pass
+
+    m = Mods()
+    for name in ("jobs", "datasets", "adapters", "inference"):
+        setattr(m, f"{name}_pb2", importlib.import_module(f"metatt.v1.{name}_pb2"))
+        setattr(m, f"{name}_pb2_grpc", importlib.import_module(f"metatt.v1.{name}_pb2_grpc"))
+    return m
+
+
+def write_tiny_bert(d, words=WORDS):
+    """A random 2-layer BERT (hidden 32, 2 heads) with a small WordPiece
+    vocabulary (`words`, letters, punctuation) written to the folder `d`
+    (the `tiny_model` fixture; the chaos run uses it too)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    d = pathlib.Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words) + list(letters + ".,!?")
+    vocab += ["##" + c for c in letters]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                     type_vocab_size=2)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(d, safe_serialization=True)
+    return d
 
 
 def publish_bench_family(data_dir, model_dir, family, tasks, seed=1):
@@ -61,6 +113,34 @@ def tsv_bytes(rows) -> bytes:
     return ("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows)).encode()
 
 
+def drain_stderr(proc, lines):
+    """Collects `proc`'s stderr lines into `lines` on a daemon thread."""
+    def run():
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def read_ready_ports(proc, timeout):
+    """Reads `proc`'s stdout until its 'LISTENING <port>' line (the ready
+    signal, printed last) or the deadline; returns {"LISTENING": port,
+    "METRICS": port} for those of the two it printed (no LISTENING: it did
+    not start). metatt-server and metatt-http print them alike."""
+    ports = {}
+    deadline = time.time() + timeout
+    while time.time() < deadline and "LISTENING" not in ports:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        for word in ("LISTENING", "METRICS"):
+            if line.startswith(word + " "):
+                ports[word] = int(line.split()[1])
+    return ports
+
+
 class Server:
     """One metatt-server process on 127.0.0.1:0."""
 
@@ -79,26 +159,14 @@ class Server:
                f"--data_dir={self.data_dir}", f"--model_dir={self.model_dir}", "--device=cpu",
                *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.port is None:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("LISTENING "):
-                self.port = int(line.split()[1])
-            elif line.startswith("METRICS "):
-                self.metrics_port = int(line.split()[1])
+        drain_stderr(self.proc, self.stderr_lines)
+        ports = read_ready_ports(self.proc, timeout)
+        self.port = ports.get("LISTENING")
+        self.metrics_port = ports.get("METRICS")
         if self.port is None:
             self.stop()
             pytest.fail("metatt-server did not start:\n" + "\n".join(self.stderr_lines[-30:]))
         return self
-
-    def _drain_stderr(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line.rstrip("\n"))
 
     def channel(self):
         import grpc
@@ -194,6 +262,48 @@ def import_family(pb, channel, path, family):
                                                             data=data))
 
     return stub.ImportFamily(gen(), timeout=120).version
+
+
+def token_entry(tenant, token, role=None):
+    """One entry of an --auth_tokens file: the tenant, its role (None: the
+    server's default, user) and the SHA-256 of its bearer token."""
+    e = {"tenant": tenant, "token_sha256": hashlib.sha256(token.encode()).hexdigest()}
+    if role:
+        e["role"] = role
+    return e
+
+
+def write_tokens(path, entries, tenants=None):
+    """Writes an --auth_tokens file (token_entry entries, optional per-tenant
+    quotas) to `path` and returns the path."""
+    cfg = {"tokens": list(entries)}
+    if tenants:
+        cfg["tenants"] = tenants
+    path = pathlib.Path(path)
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def wait_log(server, needle, timeout=10):
+    """Waits until a line of the server's stderr contains `needle`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(needle in line for line in server.stderr_lines):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no '{needle}' in the log:\n" + "\n".join(server.stderr_lines[-20:]))
+
+
+def metric(server, name, labels=""):
+    """The sum of the server's /metrics samples whose line starts with `name`
+    and contains `labels` (e.g. 'finish_reason="cancelled"')."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def with_token(channel, token):

@@ -9,33 +9,16 @@ import sys
 
 import pytest
 
-from server_harness import ROOT, Server, make_rows, tsv_bytes
+from server_harness import ROOT, make_rows, tsv_bytes
 
 sys.path.insert(0, str(ROOT / "client" / "python"))
 
-from metatt_client import Client  # noqa: E402
 from metatt_client.client import jobs_pb2  # noqa: E402
 from metatt_client.export import FormatError, load_family  # noqa: E402
 
 MINILM = ROOT / "models" / "all-MiniLM-L6-v2"
 TEXTS = ["the movie was very good", "awful plot and a bad actor", "a nice film",
          ("the story was sad", "really quite poor")]
-
-
-@pytest.fixture(scope="module")
-def minilm_server(tmp_path_factory):
-    if not (MINILM / "model.safetensors").exists():
-        pytest.fail(f"{MINILM} missing: scripts/setup.sh lays it out")
-    s = Server(tmp_path_factory.mktemp("data"), MINILM, extra=["--batch_timeout_ms=1"]).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def mc(minilm_server):
-    c = Client(f"127.0.0.1:{minilm_server.port}", timeout=120)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

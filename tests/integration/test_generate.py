@@ -12,12 +12,11 @@ import re
 import subprocess
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 
-from server_harness import ROOT, Server, build_dir, import_family
+from server_harness import ROOT, Server, build_dir, import_family, metric
 
 SMOL = ROOT / "models" / "SmolLM2-135M-Instruct"
 PROMPT = "What is the capital of France?"
@@ -48,16 +47,6 @@ def _request(pb, family="", task="", max_tokens=12, **kw):
 def _stream(stub, req, timeout=300):
     chunks = list(stub.GenerateStream(req, timeout=timeout))
     return "".join(c.text for c in chunks), chunks
-
-
-def _metric(server, name, labels=""):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.fixture
@@ -104,8 +93,8 @@ def test_base_model_streams_unary_and_errors(pb, decoder_server):
         inf.Generate(_request(pb, top_p=1.5), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in e.value.details()
     # Metrics: generated tokens and time to first token.
-    assert _metric(decoder_server, "metatt_generated_tokens_total") >= 2 * last.usage.completion_tokens
-    assert _metric(decoder_server, "metatt_time_to_first_token_seconds_count") >= 3
+    assert metric(decoder_server, "metatt_generated_tokens_total") >= 2 * last.usage.completion_tokens
+    assert metric(decoder_server, "metatt_time_to_first_token_seconds_count") >= 3
 
 
 def test_two_tasks_at_once_cancel_and_restart(pb, tmp_path):
@@ -138,7 +127,7 @@ def test_two_tasks_at_once_cancel_and_restart(pb, tmp_path):
         assert got == alone
         # A stream cancelled mid-way: the server ends the sequence (finish
         # "cancelled" in the metrics) and keeps serving.
-        before = _metric(s, "metatt_generate_requests_total", 'finish_reason="cancelled"')
+        before = metric(s, "metatt_generate_requests_total", 'finish_reason="cancelled"')
         call = inf.GenerateStream(_request(pb, "gen", "t1", max_tokens=400), timeout=300)
         n = 0
         for c in call:
@@ -148,16 +137,16 @@ def test_two_tasks_at_once_cancel_and_restart(pb, tmp_path):
         call.cancel()
         deadline = time.time() + 60
         while time.time() < deadline:
-            if _metric(s, "metatt_generate_requests_total", 'finish_reason="cancelled"') > before:
+            if metric(s, "metatt_generate_requests_total", 'finish_reason="cancelled"') > before:
                 break
             time.sleep(0.2)
-        assert _metric(s, "metatt_generate_requests_total",
+        assert metric(s, "metatt_generate_requests_total",
                        'finish_reason="cancelled"') == before + 1
         t0 = time.time()
         assert _stream(inf, _request(pb, "gen", "t0"))[0] == alone["t0"]
         assert time.time() - t0 < 60
         # The generated-token counter did not count the 400 tokens asked for.
-        assert _metric(s, "metatt_generated_tokens_total") < 200
+        assert metric(s, "metatt_generated_tokens_total") < 200
     finally:
         s.stop()
     # Restart: the family is reloaded and generates the same text.

@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import pytest
 
-from server_harness import ROOT, Client, Server, with_token
+from server_harness import ROOT, Client, Server, token_entry, wait_log, with_token, write_tokens
 
 
 def start_fails(data_dir, model, extra, needle, timeout=60):
@@ -30,15 +30,6 @@ def start_fails(data_dir, model, extra, needle, timeout=60):
     log = "\n".join(s.stderr_lines)
     assert needle in log, log[-3000:]
     return log
-
-
-def wait_log(server, needle, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(needle in line for line in server.stderr_lines):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no '{needle}' in the log:\n" + "\n".join(server.stderr_lines[-20:]))
 
 
 @pytest.fixture(scope="module")
@@ -437,14 +428,10 @@ def test_corrupt_dataset_is_refused_when_a_job_uses_it(pb, tmp_path, tiny_model)
 def test_queue_serves_the_least_recently_served_tenant_first(pb, tmp_path, tiny_model):
     """Tenant a queues three jobs, then tenant b one: b's job runs right after
     a's running one, not behind a's backlog (FIFO within a tenant)."""
-    import hashlib
     from server_harness import make_rows, tsv_bytes
 
     tokens = {"a": "tenant-a-token-0123456789", "b": "tenant-b-token-0123456789"}
-    cfg = {"tokens": [{"tenant": t, "role": "user",
-                       "token_sha256": hashlib.sha256(tok.encode()).hexdigest()}
-                      for t, tok in tokens.items()]}
-    (tmp_path / "tokens.json").write_text(json.dumps(cfg))
+    write_tokens(tmp_path / "tokens.json", [token_entry(t, tok, "user") for t, tok in tokens.items()])
     s = Server(tmp_path / "data", tiny_model,
                extra=[f"--auth_tokens={tmp_path / 'tokens.json'}"]).start()
     try:

@@ -18,13 +18,11 @@ package and by curl:
 
 The encoder-family refusal (400 naming `model`) is in test_http_openai.py,
 whose gateway fronts an encoder server."""
-import hashlib
 import json
 import os
 import pathlib
 import subprocess
 import time
-import urllib.request
 
 import grpc
 import openai
@@ -32,16 +30,13 @@ import pytest
 import requests
 
 from http_harness import Gateway, make_tiny_decoder
-from server_harness import ROOT, Server, build_dir, import_family, with_token
+from server_harness import (ROOT, Server, build_dir, import_family, metric, token_entry,
+                            with_token, write_tokens)
 
 SMOL = ROOT / "models" / "SmolLM2-135M-Instruct"
 TOKEN = "acme-token-0123456789abcdef"
 BASE = "tiny-llama"
 QUESTION = "Which option is apple?"
-
-
-def sha(t):
-    return hashlib.sha256(t.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +52,7 @@ def stack(pb, tmp_path_factory):
                         "--rank=4", "--std=0.5", "--seed=3"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    tokens = d / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [
-        {"tenant": "acme", "role": "user", "token_sha256": sha(TOKEN)}]}))
+    tokens = write_tokens(d / "tokens.json", [token_entry("acme", TOKEN, "user")])
     server = Server(d / "data", model, extra=[f"--auth_tokens={tokens}", "--num_threads=1",
                                               "--max_running_sequences=1"]).start(timeout=300)
     ch = with_token(server.channel(), TOKEN)
@@ -83,16 +76,6 @@ def grpc_generate(pb, ch, family, task, chat=True, text=QUESTION, **kw):
     else:
         kw["prompt"] = text
     return stub.Generate(i.GenerateRequest(family=family, task=task, **kw), timeout=120)
-
-
-def metric(server, name, labels=""):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_chat_stream_equals_grpc_generate(pb, stack):

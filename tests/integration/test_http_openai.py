@@ -4,7 +4,6 @@ real base model (all-MiniLM-L6-v2) with bearer tokens: upload a file, create
 a job, list its events until it succeeds, list models, classify, cancel a
 job, a wrong key (401), errors naming the field, another tenant, and the
 gateway's TLS rules."""
-import hashlib
 import json
 import subprocess
 import time
@@ -14,7 +13,7 @@ import pytest
 import requests
 
 from http_harness import Gateway, gateway_binary
-from server_harness import ROOT, Server, make_rows
+from server_harness import ROOT, Server, make_rows, token_entry, write_tokens
 
 MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
 BASE = "all-MiniLM-L6-v2"
@@ -22,19 +21,13 @@ TOKEN = "acme-token-0123456789abcdef"
 OTHER = "other-token-0123456789abcdef"
 
 
-def sha(t):
-    return hashlib.sha256(t.encode()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if not (MODEL_DIR / "model.safetensors").exists():
         pytest.fail(f"{MODEL_DIR} missing: run scripts/setup.sh")
     d = tmp_path_factory.mktemp("http")
-    tokens = d / "tokens.json"
-    tokens.write_text(json.dumps({"tokens": [
-        {"tenant": "acme", "role": "user", "token_sha256": sha(TOKEN)},
-        {"tenant": "other", "role": "user", "token_sha256": sha(OTHER)}]}))
+    tokens = write_tokens(d / "tokens.json", [token_entry("acme", TOKEN, "user"),
+                                              token_entry("other", OTHER, "user")])
     server = Server(d / "data", MODEL_DIR, extra=[f"--auth_tokens={tokens}"]).start()
     gw = Gateway(server.port).start()
     yield server, gw, d

@@ -29,6 +29,22 @@ def _logs(events):
     return [e.log.message for e in events if e.WhichOneof("event") == "log"]
 
 
+def _first_checkpoint(c, j, job_id):
+    """Follows the job's events to its first 'checkpoint saved at step K' log
+    and returns K (None when the job ended without one)."""
+    for e in c.jobs.StreamJobEvents(j.StreamJobEventsRequest(job_id=job_id), timeout=300):
+        if e.WhichOneof("event") == "log" and e.log.message.startswith("checkpoint saved at step"):
+            return int(e.log.message.split()[-1])
+    return None
+
+
+def _succeeds(c, j, job_id):
+    """Waits for the job to end, asserts it SUCCEEDED and returns its log lines."""
+    done = c.wait_state(job_id, (j.SUCCEEDED, j.FAILED, j.CANCELLED), timeout=300)
+    assert done.state == j.SUCCEEDED, done.failure_reason
+    return _logs(c.events(job_id, timeout=60))
+
+
 def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_model):
     j = pb.jobs_pb2
     flags = [f"--checkpoint_every_steps={EVERY}", "--num_threads=1"]
@@ -39,20 +55,14 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
     c = Client(pb, s.channel())
     ds = c.upload("s", data)
     job = c.create_job("resumed", "T", ds.id, steps=STEPS, seed=3)
-    killed_after = None
-    for e in c.jobs.StreamJobEvents(j.StreamJobEventsRequest(job_id=job.id), timeout=300):
-        if e.WhichOneof("event") == "log" and e.log.message.startswith("checkpoint saved at step"):
-            killed_after = int(e.log.message.split()[-1])
-            s.kill9()
-            break
+    killed_after = _first_checkpoint(c, j, job.id)
     assert killed_after is not None, "no checkpoint event before the job ended"
+    s.kill9()
 
     s2 = Server(tmp_path / "a", tiny_model, extra=flags).start()
     try:
         c2 = Client(pb, s2.channel())
-        done = c2.wait_state(job.id, (j.SUCCEEDED, j.FAILED, j.CANCELLED), timeout=300)
-        assert done.state == j.SUCCEEDED, done.failure_reason
-        logs = _logs(c2.events(job.id, timeout=60))
+        logs = _succeeds(c2, j, job.id)
         resumed = [m for m in logs if m.startswith("resumed from step")]
         assert len(resumed) == 1, logs
         step = int(resumed[0].split()[3])
@@ -108,9 +118,7 @@ def test_kill9_mid_job_resumes_and_matches_uninterrupted_run(pb, tmp_path, tiny_
         c3 = Client(pb, s3.channel())
         ds3 = c3.upload("s", data)
         whole = c3.create_job("resumed", "T", ds3.id, steps=STEPS, seed=3)
-        done = c3.wait_state(whole.id, (j.SUCCEEDED, j.FAILED, j.CANCELLED), timeout=300)
-        assert done.state == j.SUCCEEDED, done.failure_reason
-        assert not any(m.startswith("resumed") for m in _logs(c3.events(whole.id, timeout=60)))
+        assert not any(m.startswith("resumed") for m in _succeeds(c3, j, whole.id))
     finally:
         s3.stop()
 
@@ -131,17 +139,13 @@ def test_sigterm_leaves_a_checkpointed_job_to_resume(pb, tmp_path, tiny_model):
     c = Client(pb, s.channel())
     ds = c.upload("s", tsv_bytes(make_rows(64)))
     job = c.create_job("deployed", "T", ds.id, steps=STEPS, seed=3)
-    for e in c.jobs.StreamJobEvents(j.StreamJobEventsRequest(job_id=job.id), timeout=300):
-        if e.WhichOneof("event") == "log" and e.log.message.startswith("checkpoint saved at step"):
-            s.stop()
-            break
+    assert _first_checkpoint(c, j, job.id) is not None, "no checkpoint event before the job ended"
+    s.stop()
     assert s.proc.returncode == 0
     s2 = Server(tmp_path / "a", tiny_model, extra=flags).start()
     try:
         c2 = Client(pb, s2.channel())
-        done = c2.wait_state(job.id, (j.SUCCEEDED, j.FAILED, j.CANCELLED), timeout=300)
-        assert done.state == j.SUCCEEDED, done.failure_reason
-        logs = _logs(c2.events(job.id, timeout=60))
+        logs = _succeeds(c2, j, job.id)
         assert any(m.startswith("server shut down; the job resumes") for m in logs), logs
         assert sum(m.startswith("resumed from step") for m in logs) == 1, logs
     finally:

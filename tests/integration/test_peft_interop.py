@@ -31,27 +31,6 @@ PROJ = ["q", "k", "v", "o", "ffn_up", "ffn_down"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def minilm_server(data_dir):
-    if not (MINILM / "model.safetensors").exists():
-        pytest.fail(f"{MINILM} missing: scripts/setup.sh lays it out")
-    s = Server(data_dir, MINILM, extra=["--batch_timeout_ms=1"]).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def mc(minilm_server):
-    c = Client(f"127.0.0.1:{minilm_server.port}", timeout=120)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def hf():
     from transformers import AutoModel, AutoTokenizer
     return AutoModel, AutoTokenizer.from_pretrained(str(MINILM))
@@ -206,7 +185,7 @@ def make_peft_folder(path, seed=7):
     return model.eval(), head
 
 
-def test_import_a_peft_folder_trained_elsewhere(mc, minilm_server, data_dir, hf, tmp_path):
+def test_import_a_peft_folder_trained_elsewhere(mc, minilm_server, minilm_data, hf, tmp_path):
     import torch
 
     folder = tmp_path / "elsewhere"
@@ -248,7 +227,7 @@ def test_import_a_peft_folder_trained_elsewhere(mc, minilm_server, data_dir, hf,
     # Published LoRA families reload from disk after a restart.
     before_lr = scores(mc, "lr")
     minilm_server.stop()
-    s2 = Server(data_dir, MINILM).start()
+    s2 = Server(minilm_data, MINILM).start()
     try:
         c2 = Client(f"127.0.0.1:{s2.port}", timeout=120)
         assert (scores(c2, "peftimp", "TOPIC") - want).abs().max().item() < 1e-5

@@ -6,31 +6,25 @@ with the store's insert; otherwise the job fails with the reason and nothing
 is published. Family names are per tenant: tenant B's "x" neither sees nor
 collides with tenant A's "x", and B's answers (messages, timing) are the same
 whether A has an "x" or not."""
-import hashlib
-import json
 import statistics
 import time
 
 import grpc
 import pytest
 
-from server_harness import Client, Server, make_rows, tsv_bytes, with_token
+from server_harness import (Client, Server, make_rows, token_entry, tsv_bytes, with_token,
+                            write_tokens)
 
 TOKENS = {"acme": "acme-token-names-0123456789", "beta": "beta-token-names-0123456789",
           "ops": "ops-token-names-0123456789"}
 
 
-def sha(t):
-    return hashlib.sha256(t.encode()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("names")
-    cfg = {"tokens": [{"tenant": "acme", "token_sha256": sha(TOKENS["acme"])},
-                      {"tenant": "beta", "token_sha256": sha(TOKENS["beta"])},
-                      {"tenant": "ops", "role": "admin", "token_sha256": sha(TOKENS["ops"])}]}
-    (d / "tokens.json").write_text(json.dumps(cfg))
+    write_tokens(d / "tokens.json", [token_entry("acme", TOKENS["acme"]),
+                                     token_entry("beta", TOKENS["beta"]),
+                                     token_entry("ops", TOKENS["ops"], "admin")])
     s = Server(d / "data", tiny_model, extra=[f"--auth_tokens={d / 'tokens.json'}"]).start()
     yield s
     s.stop()

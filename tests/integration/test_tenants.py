@@ -3,30 +3,25 @@ every RPC of every service (another tenant's object is NOT_FOUND with the same
 message as a missing one; lists do not leak), the admin role, quotas and
 global limits naming the limit."""
 import hashlib
-import json
 
 import grpc
 import pytest
 
-from server_harness import Client, Server, make_rows, tsv_bytes, with_token
+from server_harness import (Client, Server, make_rows, token_entry, tsv_bytes, with_token,
+                            write_tokens)
 
 TOKENS = {"acme": "acme-token-0123456789", "beta": "beta-token-0123456789",
           "ops": "ops-admin-token-012345", "quota": "quota-token-012345678"}
 
 
-def sha(t):
-    return hashlib.sha256(t.encode()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("tenants")
-    cfg = {"tokens": [{"tenant": "acme", "role": "user", "token_sha256": sha(TOKENS["acme"])},
-                      {"tenant": "beta", "role": "user", "token_sha256": sha(TOKENS["beta"])},
-                      {"tenant": "ops", "role": "admin", "token_sha256": sha(TOKENS["ops"])},
-                      {"tenant": "quota", "token_sha256": sha(TOKENS["quota"])}],
-           "tenants": {"quota": {"max_dataset_bytes": 3000, "max_concurrent_jobs": 1}}}
-    (d / "tokens.json").write_text(json.dumps(cfg))
+    write_tokens(d / "tokens.json",
+                 [token_entry("acme", TOKENS["acme"], "user"),
+                  token_entry("beta", TOKENS["beta"], "user"),
+                  token_entry("ops", TOKENS["ops"], "admin"), token_entry("quota", TOKENS["quota"])],
+                 tenants={"quota": {"max_dataset_bytes": 3000, "max_concurrent_jobs": 1}})
     s = Server(d / "data", tiny_model, extra=[
         f"--auth_tokens={d / 'tokens.json'}", "--max_predict_inputs=4",
         "--max_job_batch_size=16", "--max_sequence_length=64", "--max_upload_bytes=100000",
@@ -163,7 +158,7 @@ def test_families_tasks_and_predict_are_isolated(pb, clients, world):
 def test_missing_or_bad_token_is_unauthenticated(pb, srv, world):
     raw = srv.channel()
     d, j, ad, inf = pb.datasets_pb2, pb.jobs_pb2, pb.adapters_pb2, pb.inference_pb2
-    for channel in (raw, with_token(raw, "not-a-token"), with_token(raw, sha(TOKENS["acme"]))):
+    for channel in (raw, with_token(raw, "not-a-token"), with_token(raw, hashlib.sha256(TOKENS["acme"].encode()).hexdigest())):
         c = Client(pb, channel)
         calls = [
             lambda: c.datasets.GetDataset(d.GetDatasetRequest(dataset_id=world["dataset"])),

@@ -2,16 +2,15 @@
 in the test; the plaintext default and its start-up warning; metattctl's TLS,
 token and hash-token."""
 import hashlib
-import json
 import os
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
-from server_harness import ROOT, Client, Server, build_dir, with_token
+from server_harness import (ROOT, Client, Server, build_dir, token_entry, wait_log, with_token,
+                            write_tokens)
 
 TOKEN = "tls-test-token-0123456789"
 
@@ -43,9 +42,7 @@ def pki(tmp_path_factory):
     make_leaf(d, "ca", "server", "subjectAltName=DNS:localhost,IP:127.0.0.1")
     make_leaf(d, "ca", "client", "extendedKeyUsage=clientAuth")
     make_leaf(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth")
-    (d / "tokens.json").write_text(json.dumps({"tokens": [
-        {"tenant": "acme", "role": "user",
-         "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}]}))
+    write_tokens(d / "tokens.json", [token_entry("acme", TOKEN, "user")])
     return d
 
 
@@ -66,15 +63,6 @@ def refused(pb, channel):
     with pytest.raises(grpc.RpcError) as e:
         list_datasets(pb, channel)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-
-
-def wait_log(server, needle, timeout=10):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(needle in line for line in server.stderr_lines):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no '{needle}' in the log:\n" + "\n".join(server.stderr_lines[-20:]))
 
 
 def metattctl(*args, stdin=None, env=None):
