@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from server_harness import build_dir, drain_stderr, read_ready_ports
+from server_harness import build_dir, drain_stderr, read_ready_ports, stop_process
 
 
 def gateway_binary():
@@ -50,12 +50,22 @@ class Gateway:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 15)
+
+
+def wait_job_events(client, job_id, timeout=300):
+    """Polls an `openai` client's fine-tuning job events (newest first, as
+    OpenAI lists them) until the newest says the job ended; returns the last
+    page and its messages."""
+    deadline = time.time() + timeout
+    events, messages = None, []
+    while time.time() < deadline:
+        events = client.fine_tuning.jobs.list_events(job_id, limit=100)
+        messages = [e.message for e in events.data]
+        if messages and messages[0].startswith(("Job succeeded", "Job failed", "Job cancelled")):
+            break
+        time.sleep(0.5)
+    return events, messages
 
 
 def make_tiny_decoder(out, smol_dir, max_positions=4096):

@@ -113,6 +113,17 @@ def tsv_bytes(rows) -> bytes:
     return ("sentence\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows)).encode()
 
 
+def stop_process(proc, timeout, ask=None):
+    """Asks `proc` to stop (`ask()`, else SIGTERM), waits up to `timeout`
+    seconds, then kills it."""
+    (ask or proc.terminate)()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def drain_stderr(proc, lines):
     """Collects `proc`'s stderr lines into `lines` on a daemon thread."""
     def run():
@@ -191,18 +202,14 @@ class Server:
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
-            if self.wrapper:  # the wrapper (strace) would detach and leave the server running
-                try:
-                    os.kill(self.server_pid(), signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            else:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 30, self._ask_wrapped_server if self.wrapper else None)
+
+    def _ask_wrapped_server(self):
+        # The wrapper (strace) would detach and leave the server running.
+        try:
+            os.kill(self.server_pid(), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 class Client:
@@ -282,6 +289,13 @@ def write_tokens(path, entries, tenants=None):
     path = pathlib.Path(path)
     path.write_text(json.dumps(cfg))
     return path
+
+
+def tenant_clients(pb, server, tokens):
+    """{name: Client} over one channel to `server`, each sending its own
+    bearer token (`tokens`: name -> token)."""
+    raw = server.channel()
+    return {name: Client(pb, with_token(raw, tok)) for name, tok in tokens.items()}
 
 
 def wait_log(server, needle, timeout=10):

@@ -29,7 +29,7 @@ import openai
 import pytest
 import requests
 
-from http_harness import Gateway, make_tiny_decoder
+from http_harness import Gateway, make_tiny_decoder, wait_job_events
 from server_harness import (ROOT, Server, build_dir, import_family, metric, token_entry,
                             with_token, write_tokens)
 
@@ -313,14 +313,7 @@ def test_sdk_fine_tunes_a_decoder_family_from_chat_jsonl(pb, stack):
         extra_body={"metatt": {"adapter": {"form": "4+1d", "ranks": [4]},
                                "hparams": {"max_length": 64}}})
     assert job.model_extra["metatt"]["spec"]["hparams"]["max_steps"] == "6"
-    deadline = time.time() + 300
-    messages = []
-    while time.time() < deadline:
-        events = client.fine_tuning.jobs.list_events(job.id, limit=100)
-        messages = [e.message for e in events.data]
-        if messages and messages[0].startswith(("Job succeeded", "Job failed", "Job cancelled")):
-            break
-        time.sleep(0.5)
+    events, messages = wait_job_events(client, job.id)
     assert messages[0].startswith("Job succeeded"), messages
     assert any(e.type == "metrics" and e.data.get("step") == 6 for e in events.data), messages
     done = client.fine_tuning.jobs.retrieve(job.id)

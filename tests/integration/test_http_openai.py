@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from http_harness import Gateway, gateway_binary
+from http_harness import Gateway, gateway_binary, wait_job_events
 from server_harness import ROOT, Server, make_rows, token_entry, write_tokens
 
 MODEL_DIR = ROOT / "models" / "all-MiniLM-L6-v2"
@@ -78,14 +78,7 @@ def test_openai_sdk_file_job_events_models_classify(stack, tmp_path):
     assert job.hyperparameters.learning_rate_multiplier == pytest.approx(2.0)
 
     # Poll the events until the job succeeded (newest first, as OpenAI lists them).
-    deadline = time.time() + 300
-    messages = []
-    while time.time() < deadline:
-        events = client.fine_tuning.jobs.list_events(job.id, limit=100)
-        messages = [e.message for e in events.data]
-        if messages and messages[0].startswith(("Job succeeded", "Job failed", "Job cancelled")):
-            break
-        time.sleep(0.5)
+    events, messages = wait_job_events(client, job.id)
     assert messages[0].startswith("Job succeeded"), messages
     assert messages[-1].startswith("Job queued"), messages
     assert any(e.type == "metrics" and e.data["step"] >= 1 for e in events.data)

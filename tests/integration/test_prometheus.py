@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import yaml
 
-from server_harness import ROOT, Client, Server, make_rows, tsv_bytes
+from server_harness import ROOT, Client, Server, make_rows, stop_process, tsv_bytes
 
 DEPLOY = ROOT / "deploy" / "prometheus"
 
@@ -98,12 +98,7 @@ class Prometheus:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 20)
         self.log.close()
 
 

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from server_harness import (Client, Server, make_rows, token_entry, tsv_bytes, with_token,
+from server_harness import (Server, make_rows, tenant_clients, token_entry, tsv_bytes,
                             write_tokens)
 
 TOKENS = {"acme": "acme-token-names-0123456789", "beta": "beta-token-names-0123456789",
@@ -32,8 +32,7 @@ def srv(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def clients(pb, srv):
-    raw = srv.channel()
-    return {name: Client(pb, with_token(raw, tok)) for name, tok in TOKENS.items()}
+    return tenant_clients(pb, srv, TOKENS)
 
 
 def code_and_details(fn):

@@ -7,8 +7,8 @@ import hashlib
 import grpc
 import pytest
 
-from server_harness import (Client, Server, make_rows, token_entry, tsv_bytes, with_token,
-                            write_tokens)
+from server_harness import (Client, Server, make_rows, tenant_clients, token_entry, tsv_bytes,
+                            with_token, write_tokens)
 
 TOKENS = {"acme": "acme-token-0123456789", "beta": "beta-token-0123456789",
           "ops": "ops-admin-token-012345", "quota": "quota-token-012345678"}
@@ -32,8 +32,7 @@ def srv(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def clients(pb, srv):
-    raw = srv.channel()
-    return {name: Client(pb, with_token(raw, tok)) for name, tok in TOKENS.items()}
+    return tenant_clients(pb, srv, TOKENS)
 
 
 @pytest.fixture(scope="module")
