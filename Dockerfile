@@ -4,6 +4,7 @@
 # driver and container toolkit).
 #   docker build -t metatt:cpu .
 #   docker build --build-arg VARIANT=cuda -t metatt:cuda .
+#   scripts/container_smoke.sh    # podman: build the CPU image, smoke it (README "Container")
 ARG BASE=debian:bookworm-slim
 ARG VARIANT=cpu
 
@@ -22,7 +23,15 @@ COPY server/ server/
 COPY client/ client/
 COPY bench/ bench/
 COPY tests/ tests/
-RUN ./scripts/setup.sh && rm -rf build/CMakeFiles
+# Behind a TLS-intercepting proxy pip needs the proxy's CA: mount a bundle
+# holding it and name it, e.g. podman build --volume
+# /etc/ssl/certs/ca-certificates.crt:/etc/ssl/build-ca.crt:ro --build-arg
+# PIP_CERT=/etc/ssl/build-ca.crt (scripts/container_smoke.sh does). Unset: pip's default.
+ARG PIP_CERT
+# Only the three binaries the runtime stage ships (the tests and benchmarks
+# would double the compile time); Release: no debug info in the image.
+RUN METATT_BUILD_TARGETS="metatt-server metattctl metatt-http" BUILD_TYPE=Release \
+    ./scripts/setup.sh && rm -rf build/CMakeFiles
 
 FROM ${BASE} AS runtime-base
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \

@@ -69,6 +69,10 @@ if [ ! -f build/CMakeCache.txt ]; then
 fi
 log "generating Python client stubs (client/python/metatt_client/gen)"
 (cd client/python && "$ROOT/.venv/bin/python" -m metatt_client.codegen >/dev/null)
-log "building"
-cmake --build build -j"$(nproc)"
+# METATT_BUILD_TARGETS (space-separated) builds only those targets: the
+# Dockerfile builds just the three binaries the image ships.
+targets=()
+for t in ${METATT_BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+log "building${METATT_BUILD_TARGETS:+ $METATT_BUILD_TARGETS}"
+cmake --build build -j"$(nproc)" "${targets[@]}"
 log "done"
