@@ -65,3 +65,17 @@ def random_text(rng, words, max_parts, pools=CODE_POINT_POOLS):
                 cp = rng.randint(lo, hi)
             parts.append(chr(cp))
     return "".join(parts)
+
+
+def run_grouped(sets, run):
+    """Runs every item of every set through one call run(items) (one tool
+    process for all of them) and returns {set name: [(item, its output)]} in
+    the sets' order (the tokenizer parity tests)."""
+    names, items = [], []
+    for name, these in sets.items():
+        names += [name] * len(these)
+        items += these
+    by_set = {}
+    for name, item, out in zip(names, items, run(items)):
+        by_set.setdefault(name, []).append((item, out))
+    return by_set

@@ -34,7 +34,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, binary, random_text, shared_dir
+from conftest import ROOT, binary, random_text, run_grouped, shared_dir
 
 TOOL_REL = "server/model/metatt-bpe-tokenize"
 
@@ -168,17 +168,9 @@ def encoded(hf):
     sets = {name: texts_of(rows) for name, rows in commonsense_rows().items()}
     sets["stress"] = stress_strings()
     sets["fuzz"] = fuzz_strings()
-    names, texts = [], []
-    for name, t in sets.items():
-        names += [name] * len(t)
-        texts += t
-    out = run_tool([{"text": t} for t in texts])
-    by_set = {}
-    for name, text, o in zip(names, texts, out):
-        by_set.setdefault(name, ([], []))
-        by_set[name][0].append(text)
-        by_set[name][1].append(o["ids"])
-    return by_set
+    by_set = run_grouped(sets, lambda texts: run_tool([{"text": t} for t in texts]))
+    return {name: ([t for t, _ in pairs], [o["ids"] for _, o in pairs])
+            for name, pairs in by_set.items()}
 
 
 def assert_same_ids(texts, ours, want, what):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CODE_POINT_POOLS, build_dir, model_dir, random_text, shared_dir
+from conftest import CODE_POINT_POOLS, build_dir, model_dir, random_text, run_grouped, shared_dir
 
 MAX_LENGTH = 128
 BUILD_DIR = build_dir()
@@ -152,15 +152,7 @@ def ours():
     sets = glue_sets()
     sets["stress"] = stress_inputs()
     sets["fuzz"] = fuzz_inputs()
-    names, rows = [], []
-    for name, r in sets.items():
-        names += [name] * len(r)
-        rows += r
-    out = run_tool(rows)
-    by_set = {}
-    for name, row, enc in zip(names, rows, out):
-        by_set.setdefault(name, []).append((row, enc))
-    return by_set
+    return run_grouped(sets, run_tool)
 
 
 def hf_encode(hf, rows):
