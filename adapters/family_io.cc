@@ -35,6 +35,32 @@ absl::Status EnsureDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
+// The meta.json fields both family formats (MetaTT, LoRA) write alike: the
+// format version, the adapter's config and scale, the tasks in index order,
+// the head tensors' names, the base model and `extra` (when given).
+nlohmann::json FamilyMeta(nlohmann::json config, double scale,
+                          const std::vector<std::string>& task_names,
+                          const std::map<std::string, torch::Tensor>& heads,
+                          const std::string& base_model_id,
+                          const std::string& base_config_fingerprint,
+                          const nlohmann::json& extra) {
+  nlohmann::json j;
+  j["format_version"] = kFamilyFormatVersion;
+  j["config"] = std::move(config);
+  j["scale"] = scale;
+  nlohmann::json tasks = nlohmann::json::array();
+  for (size_t i = 0; i < task_names.size(); ++i)
+    tasks.push_back({{"name", task_names[i]}, {"index", i}});
+  j["tasks"] = tasks;
+  std::vector<std::string> head_names;
+  for (const auto& [name, t] : heads) head_names.push_back(name);
+  j["heads"] = head_names;
+  j["base_model_id"] = base_model_id;
+  j["base_config_fingerprint"] = base_config_fingerprint;
+  if (!extra.is_null()) j["extra"] = extra;
+  return j;
+}
+
 }  // namespace
 
 absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
@@ -65,24 +91,12 @@ absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
   }
   ASSIGN_OR_RETURN(std::string bytes, SerializeSafetensors(tensors));
 
-  nlohmann::json j;
-  j["format_version"] = kFamilyFormatVersion;
-  j["config"] = adapter.config().ToJson();
-  j["scale"] = adapter.scale();
-  nlohmann::json tasks = nlohmann::json::array();
-  for (size_t i = 0; i < task_names.size(); ++i)
-    tasks.push_back({{"name", task_names[i]}, {"index", i}});
-  j["tasks"] = tasks;
-  std::vector<std::string> head_names;
-  for (const auto& [name, t] : heads) head_names.push_back(name);
-  j["heads"] = head_names;
-  j["base_model_id"] = base_model_id;
-  j["base_config_fingerprint"] = base_config_fingerprint;
+  nlohmann::json j = FamilyMeta(adapter.config().ToJson(), adapter.scale(), task_names, heads,
+                                base_model_id, base_config_fingerprint, extra);
   j["cores_file"] = kCoresFile;
   j["cores_bytes"] = bytes.size();
   j["cores_fnv1a64"] = Fnv1a64Hex(bytes);
   j["dtype"] = c10::toString(adapter.dtype());
-  if (!extra.is_null()) j["extra"] = extra;
 
   RETURN_IF_ERROR(EnsureDir(dir));
   RETURN_IF_ERROR(WriteFileAtomically(dir + "/" + kCoresFile, bytes));
@@ -400,25 +414,13 @@ absl::Status SaveLoraFamily(const std::string& dir, const LoraAdapter& adapter,
   }
   ASSIGN_OR_RETURN(auto files, PeftFiles(adapter, base_model_id));
   ASSIGN_OR_RETURN(files[kFamilyHeadsFile], SerializeSafetensors(head_tensors));
-  nlohmann::json j;
-  j["format_version"] = kFamilyFormatVersion;
-  j["config"] = LoraConfigJson(adapter.config());
-  j["scale"] = adapter.scale();
-  nlohmann::json tasks = nlohmann::json::array();
-  for (size_t i = 0; i < task_names.size(); ++i)
-    tasks.push_back({{"name", task_names[i]}, {"index", i}});
-  j["tasks"] = tasks;
-  std::vector<std::string> head_names;
-  for (const auto& [name, t] : head_tensors) head_names.push_back(name);
-  j["heads"] = head_names;
+  nlohmann::json j = FamilyMeta(LoraConfigJson(adapter.config()), adapter.scale(), task_names,
+                                head_tensors, base_model_id, base_config_fingerprint, extra);
   j["heads_file"] = kFamilyHeadsFile;
-  j["base_model_id"] = base_model_id;
-  j["base_config_fingerprint"] = base_config_fingerprint;
   nlohmann::json fj = nlohmann::json::object();
   for (const auto& [name, bytes] : files)
     fj[name] = {{"bytes", bytes.size()}, {"fnv1a64", Fnv1a64Hex(bytes)}};
   j["files"] = fj;
-  if (!extra.is_null()) j["extra"] = extra;
   RETURN_IF_ERROR(EnsureDir(dir));
   for (const auto& [name, bytes] : files) RETURN_IF_ERROR(WriteFileAtomically(dir + "/" + name, bytes));
   return WriteFileAtomically(dir + "/" + kMetaFile, j.dump(2) + "\n");  // the commit point

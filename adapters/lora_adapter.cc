@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "adapters/adapted_layers.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -27,12 +28,7 @@ double LoraConfig::Scale() const {
                     : alpha / static_cast<double>(rank);
 }
 
-std::vector<int> LoraConfig::AdaptedLayers() const {
-  if (!layers.empty()) return layers;
-  std::vector<int> all(num_layers);
-  for (int i = 0; i < num_layers; ++i) all[i] = i;
-  return all;
-}
+std::vector<int> LoraConfig::AdaptedLayers() const { return LayersOrAll(layers, num_layers); }
 
 ModelGeometry LoraConfig::Geometry() const {
   if (model.has_value()) return *model;

@@ -7,6 +7,7 @@
 #include <map>
 #include <set>
 
+#include "adapters/adapted_layers.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -264,12 +265,7 @@ double MetaTTConfig::Scale() const {
   return Alpha() / static_cast<double>(r.empty() ? 1 : r[0]);
 }
 
-std::vector<int> MetaTTConfig::AdaptedLayers() const {
-  if (!layers.empty()) return layers;
-  std::vector<int> all(num_layers);
-  for (int i = 0; i < num_layers; ++i) all[i] = i;
-  return all;
-}
+std::vector<int> MetaTTConfig::AdaptedLayers() const { return LayersOrAll(layers, num_layers); }
 
 int64_t MetaTTConfig::ParameterCount() const {
   TTShape s;
