@@ -109,19 +109,12 @@ std::vector<Record> SplitDelimited(const std::string& text, char delim, bool quo
 
 std::vector<Record> SplitJsonl(const std::string& text) {
   std::vector<Record> out;
-  size_t pos = 0;
-  int line = 1;
-  while (pos < text.size()) {
-    size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) nl = text.size();
+  ForEachLine(text, [&](int line, std::string l) {
     Record rec;
-    rec.line = line++;
-    std::string l = text.substr(pos, nl - pos);
-    if (!l.empty() && l.back() == '\r') l.pop_back();
+    rec.line = line;
     rec.fields.push_back(std::move(l));
     out.push_back(std::move(rec));
-    pos = nl + 1;
-  }
+  });
   return out;
 }
 
@@ -373,18 +366,7 @@ absl::StatusOr<Dataset> ParseDataset(const std::string& bytes_in, const DatasetS
     rows.push_back(std::move(row));
   }
 
-  if (!bad.empty()) {
-    std::string msg = absl::StrCat(spec.origin, ": ", bad.size(), " bad line",
-                                   bad.size() == 1 ? "" : "s", "; file refused:");
-    for (size_t i = 0; i < bad.size() && i < static_cast<size_t>(kMaxReportedBadLines); ++i) {
-      absl::StrAppend(&msg, "\n  line ", bad[i].line, ": ", bad[i].reason);
-    }
-    if (bad.size() > static_cast<size_t>(kMaxReportedBadLines)) {
-      absl::StrAppend(&msg, "\n  ... and ", bad.size() - kMaxReportedBadLines, " more");
-    }
-    if (bad_lines_out) *bad_lines_out = std::move(bad);
-    return absl::InvalidArgumentError(msg);
-  }
+  if (!bad.empty()) return BadLinesError(spec.origin, "line", std::move(bad), bad_lines_out);
   if (rows.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(spec.origin, ": no examples"));
   }
@@ -432,6 +414,33 @@ absl::StatusOr<Dataset> ParseDataset(const std::string& bytes_in, const DatasetS
     ds.examples.push_back(std::move(e));
   }
   return ds;
+}
+
+void ForEachLine(const std::string& text, const std::function<void(int, std::string)>& fn) {
+  size_t pos = 0;
+  int line = 1;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    std::string l = text.substr(pos, nl - pos);
+    if (!l.empty() && l.back() == '\r') l.pop_back();
+    fn(line++, std::move(l));
+    pos = nl + 1;
+  }
+}
+
+absl::Status BadLinesError(const std::string& origin, const char* unit,
+                           std::vector<BadLine> bad, std::vector<BadLine>* bad_lines_out) {
+  std::string msg = absl::StrCat(origin, ": ", bad.size(), " bad ", unit,
+                                 bad.size() == 1 ? "" : "s", "; file refused:");
+  for (size_t i = 0; i < bad.size() && i < static_cast<size_t>(kMaxReportedBadLines); ++i) {
+    absl::StrAppend(&msg, "\n  line ", bad[i].line, ": ", bad[i].reason);
+  }
+  if (bad.size() > static_cast<size_t>(kMaxReportedBadLines)) {
+    absl::StrAppend(&msg, "\n  ... and ", bad.size() - kMaxReportedBadLines, " more");
+  }
+  if (bad_lines_out) *bad_lines_out = std::move(bad);
+  return absl::InvalidArgumentError(msg);
 }
 
 absl::StatusOr<Dataset> ReadDataset(const std::string& path, DatasetSpec spec) {

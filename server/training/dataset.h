@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -90,5 +91,16 @@ constexpr int kMaxReportedBadLines = 20;
 absl::StatusOr<Dataset> ParseDataset(const std::string& bytes, const DatasetSpec& spec,
                                      std::vector<BadLine>* bad_lines = nullptr);
 absl::StatusOr<Dataset> ReadDataset(const std::string& path, DatasetSpec spec);
+
+// Calls fn(line number from 1, the line) for every '\n'-separated line of
+// `text`, a trailing '\r' dropped (the JSONL readers of both parsers).
+void ForEachLine(const std::string& text, const std::function<void(int, std::string)>& fn);
+
+// The refusal of a file with bad lines (the classification and generation
+// parsers alike): INVALID_ARGUMENT "<origin>: N bad <unit>s; file refused:"
+// listing the first kMaxReportedBadLines; `bad` moves to *bad_lines_out
+// when given. `unit`: "line" or "record".
+absl::Status BadLinesError(const std::string& origin, const char* unit,
+                           std::vector<BadLine> bad, std::vector<BadLine>* bad_lines_out);
 
 }  // namespace metatt

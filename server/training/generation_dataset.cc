@@ -28,17 +28,9 @@ bool IsBlank(std::string_view s) {
 
 std::vector<RawRecord> SplitLines(const std::string& text) {
   std::vector<RawRecord> out;
-  size_t pos = 0;
-  int line = 1;
-  while (pos < text.size()) {
-    size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) nl = text.size();
-    std::string l = text.substr(pos, nl - pos);
-    if (!l.empty() && l.back() == '\r') l.pop_back();
+  ForEachLine(text, [&](int line, std::string l) {
     if (!IsBlank(l)) out.push_back({line, std::move(l), ""});
-    ++line;
-    pos = nl + 1;
-  }
+  });
   return out;
 }
 
@@ -310,18 +302,7 @@ absl::StatusOr<GenerationDataset> ParseGenerationDataset(const std::string& byte
     }
     ds.examples.push_back(std::move(ex));
   }
-  if (!bad.empty()) {
-    std::string msg = absl::StrCat(spec.origin, ": ", bad.size(), " bad record",
-                                   bad.size() == 1 ? "" : "s", "; file refused:");
-    for (size_t i = 0; i < bad.size() && i < static_cast<size_t>(kMaxReportedBadLines); ++i) {
-      absl::StrAppend(&msg, "\n  line ", bad[i].line, ": ", bad[i].reason);
-    }
-    if (bad.size() > static_cast<size_t>(kMaxReportedBadLines)) {
-      absl::StrAppend(&msg, "\n  ... and ", bad.size() - kMaxReportedBadLines, " more");
-    }
-    if (bad_lines_out) *bad_lines_out = std::move(bad);
-    return absl::InvalidArgumentError(msg);
-  }
+  if (!bad.empty()) return BadLinesError(spec.origin, "record", std::move(bad), bad_lines_out);
   if (ds.examples.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(spec.origin, ": no examples"));
   }
