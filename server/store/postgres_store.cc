@@ -296,7 +296,6 @@ class PgRow : public SqlRow {
   int row_;
 };
 
-
 // A shared statement's parameter as libpq text.
 Param P(const SqlValue& v) {
   if (const auto* s = std::get_if<std::string>(&v)) return *s;
@@ -497,8 +496,7 @@ absl::Status PostgresStore::LockFamilyLocked(const std::string& family) {
   // A transaction advisory lock on the family key serialises publications of
   // one family across replicas (a row lock cannot cover a family with no row
   // yet).
-  return Exec(conn_, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", {P(family)})
-      .status();
+  return Exec(conn_, "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", {P(family)}).status();
 }
 
 // ---- Claims -----------------------------------------------------------------

@@ -98,8 +98,7 @@ class PostgresStore : public SqlStore {
   // JobCols(), claim_epoch and (for a take-over) the previous holder; `none`:
   // the NOT_FOUND message when it took no job.
   absl::StatusOr<JobRecord> Claim(const std::string& sql, const std::string& replica,
-                                  int64_t lease_ms, const char* none,
-                                  std::string* previous_holder);
+                                  int64_t lease_ms, const char* none, std::string* previous_holder);
   absl::Status Migrate() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status EnsureConnected() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -68,10 +68,10 @@ absl::Status SqlStore::PutDataset(const DatasetRecord& d) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(ReadyLocked());
   absl::Status st =
-      RunLocked(absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (", Placeholders(12),
-                             ")"),
-                {d.id, d.name, d.format, d.spec_json, d.sha256, d.path, d.num_rows, d.size_bytes,
-                 StringsToJson(d.label_names), d.regression, d.created_unix_ms, d.tenant})
+      RunLocked(
+          absl::StrCat("INSERT INTO datasets(", kDatasetCols, ") VALUES (", Placeholders(12), ")"),
+          {d.id, d.name, d.format, d.spec_json, d.sha256, d.path, d.num_rows, d.size_bytes,
+           StringsToJson(d.label_names), d.regression, d.created_unix_ms, d.tenant})
           .status();
   if (absl::IsAlreadyExists(st)) {
     return absl::AlreadyExistsError(absl::StrCat("dataset ", d.id, " already exists"));
@@ -104,9 +104,9 @@ absl::Status SqlStore::DeleteDataset(const std::string& id) {
   Transaction tx(this);
   RETURN_IF_ERROR(tx.status());
   // Lock the dataset row: a concurrent CreateJob referencing it waits for us.
-  ASSIGN_OR_RETURN(int64_t found, RunLocked(absl::StrCat("SELECT id FROM datasets WHERE id = $1",
-                                                         RowLockClause()),
-                                            {id}));
+  ASSIGN_OR_RETURN(
+      int64_t found,
+      RunLocked(absl::StrCat("SELECT id FROM datasets WHERE id = $1", RowLockClause()), {id}));
   if (found == 0) return absl::NotFoundError(absl::StrCat("dataset ", id, " not found"));
   std::string job;
   RETURN_IF_ERROR(RunLocked("SELECT job_id FROM job_datasets WHERE dataset_id = $1 "
@@ -314,13 +314,12 @@ absl::Status SqlStore::PublishFamilyVersion(const FamilyVersionRecord& f) {
                       .status());
   if (newest >= f.version) return AlreadyPublished(f);
   RETURN_IF_ERROR(CheckPublication(f.family, f.version, f.tenant, newest, owner));
-  absl::Status st =
-      RunLocked(absl::StrCat("INSERT INTO family_versions(", kFamilyCols, ") VALUES (",
-                             Placeholders(13), ")"),
-                {f.family, f.version, f.form, f.config_json, f.base_model_fingerprint, f.path,
-                 f.adapter_parameters, TasksToJson(f.tasks), f.created_by_job, f.created_unix_ms,
-                 f.tenant, TaskCountOf(f), f.parent_version})
-          .status();
+  absl::Status st = RunLocked(absl::StrCat("INSERT INTO family_versions(", kFamilyCols,
+                                           ") VALUES (", Placeholders(13), ")"),
+                              {f.family, f.version, f.form, f.config_json, f.base_model_fingerprint,
+                               f.path, f.adapter_parameters, TasksToJson(f.tasks), f.created_by_job,
+                               f.created_unix_ms, f.tenant, TaskCountOf(f), f.parent_version})
+                        .status();
   if (absl::IsAlreadyExists(st)) return AlreadyPublished(f);
   RETURN_IF_ERROR(st);
   return tx.Commit();
@@ -376,11 +375,11 @@ absl::Status SqlStore::CompactFamilyVersion(const std::string& family, int64_t v
                                             const std::vector<TaskRecord>& tasks) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(ReadyLocked());
-  ASSIGN_OR_RETURN(int64_t changed,
-                   RunLocked("UPDATE family_versions SET tasks_json = $1, task_count = $2, "
-                             "parent_version = 0 WHERE family = $3 AND version = $4",
-                             {TasksToJson(tasks), static_cast<int64_t>(tasks.size()), family,
-                              version}));
+  ASSIGN_OR_RETURN(
+      int64_t changed,
+      RunLocked("UPDATE family_versions SET tasks_json = $1, task_count = $2, "
+                "parent_version = 0 WHERE family = $3 AND version = $4",
+                {TasksToJson(tasks), static_cast<int64_t>(tasks.size()), family, version}));
   if (changed == 0) return FamilyVersionNotFound(family, version);
   return absl::OkStatus();
 }

@@ -25,9 +25,7 @@ namespace metatt {
 
 // One statement parameter: NULL (monostate), text, integer or boolean.
 using SqlValue = std::variant<std::monostate, std::string, int64_t, bool>;
-inline SqlValue NullIfEmpty(const std::string& s) {
-  return s.empty() ? SqlValue() : SqlValue(s);
-}
+inline SqlValue NullIfEmpty(const std::string& s) { return s.empty() ? SqlValue() : SqlValue(s); }
 
 // FAILED_PRECONDITION when the database's schema is newer than the
 // `known` migrations this server has.
@@ -84,9 +82,7 @@ class SqlStore : public Store {
   virtual const char* BeginSql() const = 0;       // starts a write transaction
   virtual const char* RowLockClause() const = 0;  // locks the rows a SELECT read
   // Before every operation (PostgreSQL: re-establishes a broken connection).
-  virtual absl::Status ReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return absl::OkStatus();
-  }
+  virtual absl::Status ReadyLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return absl::OkStatus(); }
   // Fencing (Store::HoldFence): the epoch this store holds for `job_id`, and
   // the check that it is still the job's (FAILED_PRECONDITION otherwise,
   // naming `what` was refused). No fences by default.

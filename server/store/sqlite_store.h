@@ -31,7 +31,8 @@ class SqliteStore : public SqlStore {
 
  protected:
   absl::StatusOr<int64_t> RunLocked(const std::string& sql, const std::vector<SqlValue>& params,
-                                    const RowFn& row = nullptr) override ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                                    const RowFn& row = nullptr) override
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   const char* BeginSql() const override { return "BEGIN IMMEDIATE"; }
   // BEGIN IMMEDIATE already holds the database's one write lock.
   const char* RowLockClause() const override { return ""; }

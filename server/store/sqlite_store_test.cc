@@ -1,5 +1,4 @@
 #include "server/store/sqlite_store.h"
-#include "server/store/job_json.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -7,6 +6,8 @@
 
 #include <filesystem>
 #include <random>
+
+#include "server/store/job_json.h"
 
 namespace metatt {
 namespace {
@@ -88,8 +89,8 @@ TEST_F(SqliteStoreTest, RecordsKeepTheirTenant) {
 TEST_F(SqliteStoreTest, FullDatabaseIsResourceExhausted) {
   sqlite3* db = nullptr;
   ASSERT_EQ(sqlite3_open((dir_ / "full.db").string().c_str(), &db), SQLITE_OK);
-  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE t(x BLOB); PRAGMA max_page_count = 4", nullptr,
-                         nullptr, nullptr),
+  ASSERT_EQ(sqlite3_exec(db, "CREATE TABLE t(x BLOB); PRAGMA max_page_count = 4", nullptr, nullptr,
+                         nullptr),
             SQLITE_OK);
   int rc = SQLITE_OK;
   for (int i = 0; i < 100 && rc == SQLITE_OK; ++i) {
