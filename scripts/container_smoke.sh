@@ -164,17 +164,30 @@ EOF
   log "podman build: --target runtime-cpu -t $IMAGE (nice -n $NICE, --network=host --pull=never)"
   t0=$SECONDS
   set +e
+  # The build context: the committed tree (git archive HEAD), so that others'
+  # uncommitted edits are not built; CONTEXT=worktree builds the working tree.
+  if [[ "${CONTEXT:-head}" == worktree ]]; then
+    ctx="$REPO"
+  else
+    ctx="$WORK/context"
+    rm -rf "$ctx" && mkdir -p "$ctx"
+    git -C "$REPO" archive --format=tar HEAD | tar -x -C "$ctx"
+  fi
+  log "build context: ${CONTEXT:-head} ($ctx, commit $(git rev-parse --short HEAD))"
   nice -n "$NICE" podman build --network=host --pull=never --layers \
     --format docker --build-arg VARIANT=cpu --target runtime-cpu \
     --volume "$WORK/pip-cache:/root/.cache/pip" \
     --volume "$HOST_CA:/etc/ssl/build-ca.crt:ro" --build-arg PIP_CERT=/etc/ssl/build-ca.crt \
-    -t "$IMAGE" -f Dockerfile . 2>&1 \
+    -t "$IMAGE" -f "$ctx/Dockerfile" "$ctx" 2>&1 \
     | tee "$WORK/build.out" | stamp | tee -a "$LOG" >&2
   rc=${PIPESTATUS[0]}
   set -e
   BUILD_S=$((SECONDS - t0))
   # All layers cached: every RUN step is followed by "--> Using cache".
   BUILD_CACHED=$(awk '/^STEP [0-9]+\/[0-9]+: RUN /{r++; getline; if ($0 ~ /Using cache/) c++} END{print (r > 0 && r == c) ? 1 : 0}' "$WORK/build.out")
+  # podman 4.3 can exit 0 when it is stopped by a signal: a build counts only
+  # when it tagged the image.
+  if [[ $rc -eq 0 ]] && ! grep -q '^Successfully tagged' "$WORK/build.out"; then rc=1; fi
   if [[ $rc -ne 0 ]]; then
     FAILED_AT="podman build (status $rc after ${BUILD_S} s)"
     log "podman build FAILED with status $rc after ${BUILD_S} s"
