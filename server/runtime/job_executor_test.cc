@@ -2,28 +2,24 @@
 // task while predictions stream, publish immutable versions.
 #include "server/runtime/job_executor.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <thread>
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/runtime/predictor.h"
-#include "server/registry/test_family.h"
-#include "server/registry/test_util.h"
-#include "server/training/test_util.h"
+#include "server/runtime/test_runtime.h"
 #include "server/training/text_batch.h"
 
 namespace metatt {
 namespace {
 
 using ::testing::HasSubstr;
-using testing_util::InMemoryStore;
-using testing_util::ScratchDir;
 
 bool Terminal(JobState s) {
   return s == JobState::kSucceeded || s == JobState::kFailed || s == JobState::kCancelled;
@@ -67,29 +63,19 @@ class EventLog {
   absl::Notification done_;
 };
 
-class JobExecutorTest : public ::testing::Test {
+class JobExecutorTest : public testing_util::RuntimeTest {
  protected:
   void SetUp() override {
-    encoder_ = testing_util::TinyEncoder(3);
-    ASSERT_NE(encoder_, nullptr);
-    AdapterRegistry::Options ro;
-    ro.data_dir = dir_.path();
-    auto reg = AdapterRegistry::Create(ro, &store_);
-    ASSERT_TRUE(reg.ok()) << reg.status();
-    registry_ = std::move(*reg);
+    ASSERT_NO_FATAL_FAILURE(MakeEncoderAndRegistry(3));
     DeviceScheduler::Options so;
     so.batch_timeout_ms = 1;
     so.train_share = 2;
-    auto s = DeviceScheduler::Create(so, encoder_);
-    ASSERT_TRUE(s.ok()) << s.status();
-    scheduler_ = std::move(*s);
-    auto tok = testing_util::TinyTokenizer();
-    predictor_ = std::make_unique<ScheduledPredictor>(ScheduledPredictor::Options(),
-                                                      registry_.get(), scheduler_.get(), tok);
+    ASSERT_NO_FATAL_FAILURE(StartScheduler(so));
     RuntimeJobExecutor::Options eo;
     eo.progress_every = 5;
-    executor_ = std::make_unique<RuntimeJobExecutor>(eo, &store_, registry_.get(),
-                                                     scheduler_.get(), MakeBatchTokenizer(tok));
+    executor_ =
+        std::make_unique<RuntimeJobExecutor>(eo, &store_, registry_.get(), scheduler_.get(),
+                                             MakeBatchTokenizer(testing_util::TinyTokenizer()));
   }
   void TearDown() override { scheduler_->Shutdown(); }
 
@@ -160,12 +146,6 @@ class JobExecutorTest : public ::testing::Test {
     return predictor_->Predict(in, 0);
   }
 
-  ScratchDir dir_;
-  InMemoryStore store_;
-  std::shared_ptr<BertEncoder> encoder_;
-  std::unique_ptr<AdapterRegistry> registry_;
-  std::unique_ptr<DeviceScheduler> scheduler_;
-  std::unique_ptr<ScheduledPredictor> predictor_;
   std::unique_ptr<RuntimeJobExecutor> executor_;
 };
 

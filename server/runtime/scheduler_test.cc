@@ -1,30 +1,26 @@
 // DeviceScheduler + ScheduledPredictor on a tiny random BERT.
 #include "server/runtime/scheduler.h"
 
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <random>
 #include <thread>
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "server/runtime/large_family.h"
 #include "server/runtime/predictor.h"
-#include "server/registry/test_family.h"
-#include "server/registry/test_util.h"
-#include "server/training/test_util.h"
+#include "server/runtime/test_runtime.h"
 
 namespace metatt {
 namespace {
 
-using testing_util::InMemoryStore;
 using testing_util::RandomFamily;
 using testing_util::RandomSentence;
-using testing_util::ScratchDir;
 
 // Blocks the device thread until released (stands in for a long step).
 class BlockingTask : public TrainingTask {
@@ -57,27 +53,12 @@ class SleepyTask : public TrainingTask {
   std::string id_ = "sleepy";
 };
 
-class SchedulerTest : public ::testing::Test {
+class SchedulerTest : public testing_util::RuntimeTest {
  protected:
   void SetUp() override {
-    encoder_ = testing_util::TinyEncoder(7);
-    ASSERT_NE(encoder_, nullptr);
-    AdapterRegistry::Options ro;
-    ro.data_dir = dir_.path();
-    auto reg = AdapterRegistry::Create(ro, &store_);
-    ASSERT_TRUE(reg.ok()) << reg.status();
-    registry_ = std::move(*reg);
+    ASSERT_NO_FATAL_FAILURE(MakeEncoderAndRegistry(7));
     auto fam = registry_->Publish(RandomFamily("fam", 10, encoder_->config(), 3));
     ASSERT_TRUE(fam.ok()) << fam.status();
-  }
-
-  void StartScheduler(DeviceScheduler::Options so) {
-    auto s = DeviceScheduler::Create(so, encoder_);
-    ASSERT_TRUE(s.ok()) << s.status();
-    scheduler_ = std::move(*s);
-    predictor_ = std::make_unique<ScheduledPredictor>(ScheduledPredictor::Options(),
-                                                      registry_.get(), scheduler_.get(),
-                                                      testing_util::TinyTokenizer());
   }
 
   std::vector<PredictInput> MixedInputs(int n, uint64_t seed) {
@@ -95,13 +76,6 @@ class SchedulerTest : public ::testing::Test {
     }
     return in;
   }
-
-  ScratchDir dir_;
-  InMemoryStore store_;
-  std::shared_ptr<BertEncoder> encoder_;
-  std::unique_ptr<AdapterRegistry> registry_;
-  std::unique_ptr<DeviceScheduler> scheduler_;
-  std::unique_ptr<ScheduledPredictor> predictor_;
 };
 
 void ExpectSameOutput(const PredictOutput& a, const PredictOutput& b, int i) {
