@@ -48,6 +48,17 @@ class JobManagerTest : public ::testing::Test {
     ASSERT_TRUE(m.ok()) << m.status();
     manager_ = std::move(*m);
   }
+  // A restart: the manager again on the same store, with `executor`.
+  void RestartManager(FakeExecutor* executor) {
+    auto m = JobManager::Create({}, store_.get(), executor);
+    ASSERT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+  }
+  // Waits until the executor started job `id` and the manager records it RUNNING.
+  void ExpectRunning(const std::string& id) {
+    ASSERT_TRUE(executor_.WaitStarted(id));
+    ASSERT_EQ(WaitForState(id, JobState::kRunning), JobState::kRunning);
+  }
   static JobSpec Spec(const std::string& family = "glue", const std::string& key = "") {
     JobSpec s;
     s.family = family;
@@ -217,8 +228,7 @@ TEST_F(JobManagerTest, CancelQueuedRunningAndFinished) {
   auto a = manager_->CreateJob(Spec("a"));
   auto b = manager_->CreateJob(Spec("b"));
   ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_TRUE(executor_.WaitStarted(a->id));
-  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
 
   auto cb = manager_->CancelJob(b->id);
   ASSERT_TRUE(cb.ok());
@@ -254,17 +264,14 @@ TEST_F(JobManagerTest, RestartFailsRunningJobsAndKeepsQueuedOnes) {
   auto a = manager_->CreateJob(Spec("a"));
   auto b = manager_->CreateJob(Spec("b"));
   ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_TRUE(executor_.WaitStarted(a->id));
-  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
   manager_.reset();  // "crash": a stays RUNNING in the store
   store_.reset();
   OpenStore();
   EXPECT_EQ(store_->GetJob(a->id)->state, JobState::kRunning);
 
   FakeExecutor fresh;
-  auto m = JobManager::Create({}, store_.get(), &fresh);
-  ASSERT_TRUE(m.ok());
-  manager_ = std::move(*m);
+  ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
   auto ra = manager_->GetJob(a->id);
   EXPECT_EQ(ra->state, JobState::kFailed);
   EXPECT_EQ(ra->failure_reason, kRestartFailureReason);
@@ -278,8 +285,7 @@ TEST_F(JobManagerTest, GracefulShutdownFailsTheRunningJobWithTheReason) {
   auto a = manager_->CreateJob(Spec("a"));
   auto b = manager_->CreateJob(Spec("b"));
   ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_TRUE(executor_.WaitStarted(a->id));
-  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
   manager_->Shutdown();
   EXPECT_EQ(manager_->FailRunning("server shut down"), std::optional<std::string>(a->id));
   EXPECT_EQ(manager_->FailRunning("again"), std::nullopt);
@@ -295,8 +301,7 @@ TEST_F(JobManagerTest, RestartSucceedsARunningJobWhoseVersionWasPublished) {
   StartManager();
   auto a = manager_->CreateJob(Spec("a"));
   ASSERT_TRUE(a.ok());
-  ASSERT_TRUE(executor_.WaitStarted(a->id));
-  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
   manager_.reset();  // "crash" after the publication, before the SUCCEEDED event
   FamilyVersionRecord v;
   v.family = "a";
@@ -306,9 +311,7 @@ TEST_F(JobManagerTest, RestartSucceedsARunningJobWhoseVersionWasPublished) {
   ASSERT_TRUE(store_->PublishFamilyVersion(v).ok());
 
   FakeExecutor fresh;
-  auto m = JobManager::Create({}, store_.get(), &fresh);
-  ASSERT_TRUE(m.ok());
-  manager_ = std::move(*m);
+  ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
   auto ra = manager_->GetJob(a->id);
   EXPECT_EQ(ra->state, JobState::kSucceeded);
   EXPECT_EQ(ra->result_family, "a");
@@ -321,15 +324,12 @@ TEST_F(JobManagerTest, RestartRequeuesResumableJobs) {
   StartManager();
   auto a = manager_->CreateJob(Spec("a"));
   ASSERT_TRUE(a.ok());
-  ASSERT_TRUE(executor_.WaitStarted(a->id));
-  ASSERT_EQ(WaitForState(a->id, JobState::kRunning), JobState::kRunning);
+  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
   manager_.reset();
 
   FakeExecutor fresh;
   fresh.set_can_resume(true);
-  auto m = JobManager::Create({}, store_.get(), &fresh);
-  ASSERT_TRUE(m.ok());
-  manager_ = std::move(*m);
+  ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
   ASSERT_TRUE(fresh.WaitStarted(a->id));
   fresh.Succeed(a->id, "a", 1);
   EXPECT_EQ(manager_->GetJob(a->id)->state, JobState::kSucceeded);
