@@ -205,9 +205,7 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   if (options_.quotas) {
     const int64_t quota = options_.quotas(caller.tenant).max_dataset_bytes;
     if (quota > 0) {
-      ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
-      int64_t used = 0;
-      for (const auto& d : all) used += d.tenant == caller.tenant ? d.size_bytes : 0;
+      ASSIGN_OR_RETURN(const int64_t used, TenantDatasetBytes(caller.tenant));
       if (used + static_cast<int64_t>(bytes.size()) > quota) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "dataset '", header.name, "' (", bytes.size(), " bytes) would bring tenant '",
@@ -289,6 +287,13 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
   return d;
 }
 
+absl::StatusOr<int64_t> DatasetManager::TenantDatasetBytes(const std::string& tenant) {
+  ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
+  int64_t used = 0;
+  for (const auto& d : all) used += d.tenant == tenant ? d.size_bytes : 0;
+  return used;
+}
+
 absl::StatusOr<UploadAllowance> DatasetManager::AllowanceFor(const Caller& caller) {
   UploadAllowance a;
   a.bytes = options_.max_upload_bytes;
@@ -297,9 +302,7 @@ absl::StatusOr<UploadAllowance> DatasetManager::AllowanceFor(const Caller& calle
   if (options_.quotas) {
     const int64_t quota = options_.quotas(caller.tenant).max_dataset_bytes;
     if (quota > 0) {
-      ASSIGN_OR_RETURN(std::vector<DatasetRecord> all, store_->ListDatasets());
-      int64_t used = 0;
-      for (const auto& d : all) used += d.tenant == caller.tenant ? d.size_bytes : 0;
+      ASSIGN_OR_RETURN(const int64_t used, TenantDatasetBytes(caller.tenant));
       const int64_t left = std::max<int64_t>(0, quota - used);
       if (left == 0) {
         return absl::ResourceExhaustedError(absl::StrCat(

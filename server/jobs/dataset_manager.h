@@ -110,6 +110,8 @@ class DatasetManager {
   DatasetManager(DatasetManagerOptions options, Store* store)
       : options_(std::move(options)), store_(store) {}
   int64_t Now() const;
+  // The bytes of datasets `tenant` holds (its max_dataset_bytes quota counts them).
+  absl::StatusOr<int64_t> TenantDatasetBytes(const std::string& tenant);
 
   DatasetManagerOptions options_;
   Store* store_;
