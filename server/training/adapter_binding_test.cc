@@ -14,21 +14,7 @@ using testing_util::TinyEncoder;
 using testing_util::WhitespaceTokenizer;
 
 MetaTTConfig TinyConfig(TTForm form, int64_t rank, const std::string& init) {
-  MetaTTConfig c;
-  c.form = form;
-  c.ranks = {rank};
-  c.d_in = c.d_out = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.init = init;
-  return c;
-}
-
-std::shared_ptr<TaskHead> Head(uint64_t seed) {
-  TaskHead::Options o;
-  o.hidden_size = 16;
-  o.seed = seed;
-  return *TaskHead::Create(o);
+  return testing_util::TinyMetaTTConfig(form, rank, init);
 }
 
 TrainTask Task(const std::string& name, int64_t index, uint64_t seed, const std::string& cue) {
@@ -37,20 +23,11 @@ TrainTask Task(const std::string& name, int64_t index, uint64_t seed, const std:
   t.task_index = index;
   t.train = SyntheticDataset(96, seed, false, cue);
   t.eval = SyntheticDataset(32, seed + 100, false, cue);
-  t.head = Head(seed);
+  t.head = testing_util::TinyHead(seed);
   return t;
 }
 
-TrainerOptions Opts(int64_t steps) {
-  TrainerOptions o;
-  o.steps = steps;
-  o.batch_size = 16;
-  o.lr = 1e-2;
-  o.seed = 3;
-  o.pooling = Pooling::kMean;
-  o.max_length = 32;
-  return o;
-}
+TrainerOptions Opts(int64_t steps) { return testing_util::TinyTrainerOptions(steps, /*seed=*/3); }
 
 TEST(AdapterBindingTest, MetaTTDmrgScheduleShrinksRanks) {
   auto enc = TinyEncoder();
@@ -112,13 +89,7 @@ TEST(AdapterBindingTest, AddTaskModeLeavesSharedCoresBitIdentical) {
 
 TEST(AdapterBindingTest, LoraTrains) {
   auto enc = TinyEncoder();
-  LoraConfig c;
-  c.rank = 4;
-  c.alpha = 8;
-  c.num_layers = 2;
-  c.hidden_size = 16;
-  c.intermediate_size = 32;
-  auto ad = LoraAdapter::Create(c, {});
+  auto ad = LoraAdapter::Create(testing_util::TinyLoraConfig(), {});
   ASSERT_TRUE(ad.ok()) << ad.status();
   auto tr = Trainer::Create(Opts(20), enc, WhitespaceTokenizer(), BindLora(ad->get()),
                             {Task("t", 0, 1, "great")});

@@ -22,22 +22,9 @@ using testing_util::TinyEncoder;
 using testing_util::WhitespaceTokenizer;
 
 MetaTTConfig TinyConfig(TTForm form, int64_t rank) {
-  MetaTTConfig c;
-  c.form = form;
-  c.ranks = {rank};
-  c.d_in = c.d_out = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.init = "normal(0.2)";
+  MetaTTConfig c = testing_util::TinyMetaTTConfig(form, rank, "normal(0.2)");
   c.num_tasks = form == TTForm::k4Plus1D ? 2 : 1;
   return c;
-}
-
-std::shared_ptr<TaskHead> Head(uint64_t seed) {
-  TaskHead::Options o;
-  o.hidden_size = 16;
-  o.seed = seed;
-  return *TaskHead::Create(o);
 }
 
 std::vector<TrainTask> Tasks(int n) {
@@ -48,23 +35,18 @@ std::vector<TrainTask> Tasks(int n) {
     t.task_index = i;
     t.train = SyntheticDataset(72, 1 + i, false, i == 0 ? "great" : "awful");
     t.eval = SyntheticDataset(24, 101 + i, false, i == 0 ? "great" : "awful");
-    t.head = Head(7 + i);
+    t.head = testing_util::TinyHead(7 + i);
     out.push_back(std::move(t));
   }
   return out;
 }
 
 TrainerOptions Opts() {
-  TrainerOptions o;
-  o.steps = 24;  // 72 rows / 16 = 5 steps per epoch (one task); a partial last batch
-  o.batch_size = 16;
-  o.lr = 1e-2;
+  // 72 rows / 16 = 5 steps per epoch (one task); a partial last batch.
+  TrainerOptions o = testing_util::TinyTrainerOptions(/*steps=*/24, /*seed=*/11);
   o.weight_decay = 0.01;
   o.warmup_steps = 3;
-  o.seed = 11;
   o.eval_every = 4;
-  o.pooling = Pooling::kMean;
-  o.max_length = 32;
   return o;
 }
 
@@ -79,12 +61,7 @@ TrainRun Make(const TrainerOptions& o, TTForm form, bool use_lora, int tasks) {
   TrainRun r;
   AdapterBinding b;
   if (use_lora) {
-    LoraConfig c;
-    c.rank = 4;
-    c.alpha = 8;
-    c.num_layers = 2;
-    c.hidden_size = 16;
-    c.intermediate_size = 32;
+    LoraConfig c = testing_util::TinyLoraConfig();
     c.init = "random";
     LoraAdapter::Options lo;
     lo.seed = 5;

@@ -14,6 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "adapters/adapter.h"
+#include "adapters/lora_adapter.h"
+#include "adapters/metatt_config.h"
 #include "server/model/bert_encoder.h"
 #include "server/model/test_util.h"
 #include "server/training/dataset.h"
@@ -40,6 +42,57 @@ inline std::shared_ptr<BertEncoder> TinyEncoder(uint64_t seed = 1) {
   const auto t = RandomBertWeights(c);
   auto e = BertEncoder::FromTensors(c, t, torch::kCPU);
   return e.ok() ? *e : nullptr;
+}
+
+// A LoRA on the tiny encoder's shapes (TinyConfig): rank 4, alpha 8, Q and V
+// of both layers.
+inline LoraConfig TinyLoraConfig() {
+  const BertConfig e = TinyConfig();
+  LoraConfig c;
+  c.rank = 4;
+  c.alpha = 8;
+  c.num_layers = e.num_hidden_layers;
+  c.hidden_size = e.hidden_size;
+  c.intermediate_size = e.intermediate_size;
+  return c;
+}
+
+// A MetaTT config on the tiny encoder's shapes (TinyConfig: width 16, 2
+// layers, 2 heads): `form`, bond rank `rank`, initialisation `init`.
+inline MetaTTConfig TinyMetaTTConfig(TTForm form, int64_t rank, const std::string& init) {
+  const BertConfig e = TinyConfig();
+  MetaTTConfig c;
+  c.form = form;
+  c.ranks = {rank};
+  c.d_in = c.d_out = e.hidden_size;
+  c.num_layers = e.num_hidden_layers;
+  c.num_heads = e.num_attention_heads;
+  c.init = init;
+  return c;
+}
+
+// A task head on the tiny encoder's width: two classes, or a regression head.
+inline std::shared_ptr<TaskHead> TinyHead(uint64_t seed,
+                                          LabelKind kind = LabelKind::kClassification) {
+  TaskHead::Options o;
+  o.kind = kind;
+  o.hidden_size = TinyConfig().hidden_size;
+  o.seed = seed;
+  auto h = TaskHead::Create(o);
+  return h.ok() ? *h : nullptr;
+}
+
+// The options the encoder trainer tests start from: `steps` steps of batch 16
+// at lr 1e-2, mean pooling, sequences of at most 32 tokens.
+inline TrainerOptions TinyTrainerOptions(int64_t steps, uint64_t seed) {
+  TrainerOptions o;
+  o.steps = steps;
+  o.batch_size = 16;
+  o.lr = 1e-2;
+  o.seed = seed;
+  o.pooling = Pooling::kMean;
+  o.max_length = 32;
+  return o;
 }
 
 // [CLS]=1, [SEP]=2, [PAD]=0; words hash (FNV-1a) into ids 4..63.

@@ -17,23 +17,11 @@ using testing_util::TinyEncoder;
 using testing_util::WhitespaceTokenizer;
 
 std::shared_ptr<TaskHead> Head(LabelKind kind, uint64_t seed) {
-  TaskHead::Options o;
-  o.kind = kind;
-  o.num_labels = 2;
-  o.hidden_size = 16;
-  o.seed = seed;
-  auto h = TaskHead::Create(o);
-  return h.ok() ? *h : nullptr;
+  return testing_util::TinyHead(seed, kind);
 }
 
 TrainerOptions BaseOptions() {
-  TrainerOptions o;
-  o.steps = 40;
-  o.batch_size = 16;
-  o.lr = 1e-2;
-  o.seed = 7;
-  o.pooling = Pooling::kMean;
-  o.max_length = 32;
+  TrainerOptions o = testing_util::TinyTrainerOptions(/*steps=*/40, /*seed=*/7);
   o.warmup_steps = 2;
   return o;
 }
