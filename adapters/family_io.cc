@@ -61,6 +61,27 @@ nlohmann::json FamilyMeta(nlohmann::json config, double scale,
   return j;
 }
 
+// INVALID_ARGUMENT "<meta.json path>: field '<f>' <why>".
+absl::Status BadField(const std::string& meta_path, const std::string& f, const std::string& why) {
+  return absl::InvalidArgumentError(absl::StrCat(meta_path, ": field '", f, "' ", why));
+}
+
+// meta.json read and checked as far as both family formats agree: a JSON
+// object written in this build's format_version.
+absl::StatusOr<nlohmann::json> ReadFamilyMeta(const std::string& meta_path) {
+  ASSIGN_OR_RETURN(std::string text, ReadFileToString(meta_path));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(meta_path, ": not valid JSON"));
+  if (!j.contains("format_version") || !j["format_version"].is_number_integer())
+    return BadField(meta_path, "format_version", "is missing");
+  if (j["format_version"].get<int>() != kFamilyFormatVersion)
+    return absl::FailedPreconditionError(
+        absl::StrCat(meta_path, ": format_version ", j["format_version"].get<int>(),
+                     " is not supported (this build reads ", kFamilyFormatVersion, ")"));
+  return j;
+}
+
 }  // namespace
 
 absl::Status SaveFamily(const std::string& dir, const MetaTTAdapter& adapter,
@@ -108,19 +129,10 @@ absl::StatusOr<LoadedFamily> LoadFamily(const std::string& dir,
                                         const std::string& expected_fingerprint,
                                         torch::Device device, MetaTTAdapter::Leaves leaves) {
   const std::string meta_path = dir + "/" + kMetaFile;
-  ASSIGN_OR_RETURN(std::string text, ReadFileToString(meta_path));
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(nlohmann::json j, ReadFamilyMeta(meta_path));
   auto bad = [&](const std::string& f, const std::string& why) {
-    return absl::InvalidArgumentError(absl::StrCat(meta_path, ": field '", f, "' ", why));
+    return BadField(meta_path, f, why);
   };
-  if (j.is_discarded() || !j.is_object())
-    return absl::InvalidArgumentError(absl::StrCat(meta_path, ": not valid JSON"));
-  if (!j.contains("format_version") || !j["format_version"].is_number_integer())
-    return bad("format_version", "is missing");
-  if (j["format_version"].get<int>() != kFamilyFormatVersion)
-    return absl::FailedPreconditionError(
-        absl::StrCat(meta_path, ": format_version ", j["format_version"].get<int>(),
-                     " is not supported (this build reads ", kFamilyFormatVersion, ")"));
   for (const char* f : {"base_model_id", "base_config_fingerprint", "cores_fnv1a64"})
     if (!j.contains(f) || !j[f].is_string()) return bad(f, "must be a string");
   if (!j.contains("cores_bytes") || !j["cores_bytes"].is_number_unsigned())
@@ -441,19 +453,10 @@ absl::StatusOr<LoadedLoraFamily> LoadLoraFamily(const std::string& dir,
   out.has_family_json = ::stat(meta_path.c_str(), &st) == 0;
   LoadPeftOptions opts = options;
   if (out.has_family_json) {
-    ASSIGN_OR_RETURN(std::string text, ReadFileToString(meta_path));
-    j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    ASSIGN_OR_RETURN(j, ReadFamilyMeta(meta_path));
     auto bad = [&](const std::string& f, const std::string& why) {
-      return absl::InvalidArgumentError(absl::StrCat(meta_path, ": field '", f, "' ", why));
+      return BadField(meta_path, f, why);
     };
-    if (j.is_discarded() || !j.is_object())
-      return absl::InvalidArgumentError(absl::StrCat(meta_path, ": not valid JSON"));
-    if (!j.contains("format_version") || !j["format_version"].is_number_integer())
-      return bad("format_version", "is missing");
-    if (j["format_version"].get<int>() != kFamilyFormatVersion)
-      return absl::FailedPreconditionError(
-          absl::StrCat(meta_path, ": format_version ", j["format_version"].get<int>(),
-                       " is not supported (this build reads ", kFamilyFormatVersion, ")"));
     if (!j.contains("config") || !j["config"].is_object() ||
         j["config"].value("form", std::string()) != "lora")
       return bad("config.form", "must be \"lora\" beside a PEFT adapter");
