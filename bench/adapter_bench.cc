@@ -29,6 +29,7 @@
 #include "adapters/lora_adapter.h"
 #include "adapters/metatt_adapter.h"
 #include "base/status_macros.h"
+#include "base/tool_main.h"
 #include "server/model/bert_encoder.h"
 #include "server/model/model_dir.h"
 
@@ -250,11 +251,5 @@ absl::Status Run() {
 }  // namespace metatt
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  absl::Status st = metatt::Run();
-  if (!st.ok()) {
-    std::cerr << "adapter_bench: " << st << "\n";
-    return 1;
-  }
-  return 0;
+  return metatt::ToolMain(argc, argv, "adapter_bench", metatt::Run);
 }

@@ -12,6 +12,7 @@
 #include "adapters/lora_adapter.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
+#include "base/tool_main.h"
 #include "server/model/bert_encoder.h"
 
 ABSL_FLAG(std::string, model_dir, "", "base model directory (config.json + model.safetensors)");
@@ -53,11 +54,5 @@ absl::Status Run() {
 }  // namespace metatt
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  absl::Status st = metatt::Run();
-  if (!st.ok()) {
-    std::cerr << "metatt-lora-forward: " << st << "\n";
-    return 1;
-  }
-  return 0;
+  return metatt::ToolMain(argc, argv, "metatt-lora-forward", metatt::Run);
 }

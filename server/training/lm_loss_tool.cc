@@ -13,6 +13,7 @@
 #include "absl/flags/parse.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
+#include "base/tool_main.h"
 #include "server/model/bert_encoder.h"  // ParseDevice
 #include "server/training/lm_objective.h"
 
@@ -66,11 +67,5 @@ absl::Status Main() {
 }  // namespace metatt
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  absl::Status st = metatt::Main();
-  if (!st.ok()) {
-    std::cerr << "metatt-lm-loss: " << st << std::endl;
-    return 2;
-  }
-  return 0;
+  return metatt::ToolMain(argc, argv, "metatt-lm-loss", metatt::Main, /*failure_code=*/2);
 }
