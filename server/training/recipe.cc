@@ -29,7 +29,14 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
   r.ranks = {16};
   r.projections = {"q", "k", "v", "o"};
   r.init = "ze-id-id-id";
-  r.alpha = 0;  // alpha = r
+  // Scale s = alpha / r = 2 (alpha = 2 r, LoRA's usual pairing), resolved to
+  // an explicit alpha so saved families keep it. At this CPU protocol's budget
+  // MetaTT underfits next to LoRA (its training loss ends higher on every
+  // task); s = 2 fits faster without the instability of a higher learning
+  // rate, while s = 4 sends CoLA to the majority class like lr 5e-3 does
+  // (README Quality, bench/results/cpu-quality/scale_ablation.md).
+  r.alpha = 0;
+  r.default_scale = 2.0;
   r.new_task_init = "identity";
   // Optimisation.
   // 5e-4 (the old default) left MetaTT at the majority class on MRPC and
@@ -61,6 +68,7 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
     r.ranks = {8};
     r.projections = {"q", "v"};
     r.alpha = 16;
+    r.default_scale = 0;  // alpha stays 16 whatever the rank, as in PEFT
     r.init = "peft";
     r.new_task_init = "";
     r.learning_rate = 1e-3;
@@ -82,6 +90,7 @@ absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o, bool adds_task) {
   if (o.projections && !o.projections->empty()) r.projections = *o.projections;
   if (o.init && !o.init->empty()) r.init = *o.init;
   take(r.alpha, o.alpha);
+  if (!o.alpha && r.default_scale > 0 && !r.ranks.empty()) r.alpha = r.default_scale * r.ranks[0];
   if (o.new_task_init && !o.new_task_init->empty()) r.new_task_init = *o.new_task_init;
   if (adds_task && r.form != "lora") r.learning_rate *= kAddTaskLearningRateMultiplier;
   take(r.learning_rate, o.learning_rate);

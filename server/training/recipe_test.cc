@@ -46,6 +46,32 @@ TEST(Recipe, LoraFormHasItsOwnDefaults) {
   EXPECT_EQ(resolved->alpha, 16);
 }
 
+TEST(Recipe, UnsetAlphaFollowsTheRank) {
+  // MetaTT forms: alpha unset = 2 x r1 (scale 2) at the resolved rank.
+  for (const char* form : {"4d", "5d", "4+1d"}) {
+    RecipeOverrides o;
+    o.form = form;
+    auto r = ResolveRecipe(o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->alpha, 2.0 * r->ranks[0]) << form;
+    o.ranks = std::vector<int64_t>{4, 6};
+    r = ResolveRecipe(o);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->alpha, 8.0) << form;
+    o.alpha = 0.0;  // set to 0: the adapter's own default (alpha = r)
+    r = ResolveRecipe(o);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->alpha, 0.0) << form;
+    o.alpha = 5.0;
+    r = ResolveRecipe(o);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ(r->alpha, 5.0) << form;
+  }
+  RecipeOverrides o;
+  o.form = "4d";
+  EXPECT_THAT(DescribeRecipe(*ResolveRecipe(o), o), HasSubstr("alpha=32 (auto)"));
+}
+
 TEST(Recipe, UnsetTakesTheFormDefault) {
   auto r = ResolveRecipe({});
   ASSERT_TRUE(r.ok()) << r.status();
