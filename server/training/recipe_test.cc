@@ -3,6 +3,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
+
 namespace metatt {
 namespace {
 
@@ -47,17 +49,21 @@ TEST(Recipe, LoraFormHasItsOwnDefaults) {
 }
 
 TEST(Recipe, UnsetAlphaFollowsTheRank) {
-  // MetaTT forms: alpha unset = 2 x r1 (scale 2) at the resolved rank.
+  // MetaTT forms: alpha unset = default_scale x r1 at the resolved rank (0:
+  // the adapter's own default, alpha = r); a set alpha, 0 included, is kept.
   for (const char* form : {"4d", "5d", "4+1d"}) {
+    const double s = DefaultRecipe(form)->default_scale;
     RecipeOverrides o;
     o.form = form;
     auto r = ResolveRecipe(o);
     ASSERT_TRUE(r.ok()) << r.status();
-    EXPECT_EQ(r->alpha, 2.0 * r->ranks[0]) << form;
+    EXPECT_EQ(r->alpha, s * r->ranks[0]) << form;
     o.ranks = std::vector<int64_t>{4, 6};
     r = ResolveRecipe(o);
     ASSERT_TRUE(r.ok());
-    EXPECT_EQ(r->alpha, 8.0) << form;
+    EXPECT_EQ(r->alpha, s * 4) << form;
+    EXPECT_THAT(DescribeRecipe(*r, o), HasSubstr(s > 0 ? absl::StrCat("alpha=", s * 4, " (auto)")
+                                                       : std::string("alpha=r (auto)")));
     o.alpha = 0.0;  // set to 0: the adapter's own default (alpha = r)
     r = ResolveRecipe(o);
     ASSERT_TRUE(r.ok());
@@ -67,9 +73,11 @@ TEST(Recipe, UnsetAlphaFollowsTheRank) {
     ASSERT_TRUE(r.ok());
     EXPECT_EQ(r->alpha, 5.0) << form;
   }
+  // LoRA keeps alpha 16 whatever the rank (PEFT's convention).
   RecipeOverrides o;
-  o.form = "4d";
-  EXPECT_THAT(DescribeRecipe(*ResolveRecipe(o), o), HasSubstr("alpha=32 (auto)"));
+  o.form = "lora";
+  o.ranks = std::vector<int64_t>{4};
+  EXPECT_EQ(ResolveRecipe(o)->alpha, 16);
 }
 
 TEST(Recipe, UnsetTakesTheFormDefault) {

@@ -76,7 +76,7 @@ ABSL_FLAG(std::optional<int64_t>, rank, std::nullopt,
 ABSL_FLAG(std::optional<std::string>, projections, std::nullopt,
           "adapted projections, comma-separated" RECIPE_DEFAULT);
 ABSL_FLAG(std::optional<double>, alpha, std::nullopt,
-          "scale numerator, s = alpha / r (MetaTT when unset: 2 r; 0: alpha = r; LoRA: 16)"
+          "scale numerator, s = alpha / r (MetaTT when unset: r; 0: alpha = r; LoRA: 16)"
           RECIPE_DEFAULT);
 ABSL_FLAG(std::optional<std::string>, init, std::nullopt, "MetaTT core init spec" RECIPE_DEFAULT);
 ABSL_FLAG(std::string, base_family, "", "add a task to this saved (4+1)D family (shared cores frozen)");
