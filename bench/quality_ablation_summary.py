@@ -32,10 +32,11 @@ def main():
                          "steps": r.get("steps"), "adapter_parameters": r.get("adapter_parameters"),
                          "train_examples_per_second": r.get("train_examples_per_second")})
     json.dump({"runs": rows}, open(out_json, "w"), indent=2)
-    lines = ["| experiment | row | flags | task | score | train loss (last 60 steps) |", "|---|---|---|---|---|---|"]
+    lines = ["| experiment | row | flags | task | seed | score | train loss (last 60 steps) |",
+             "|---|---|---|---|---|---|---|"]
     for x in rows:
         sc = "n/a" if x["score"] is None else f"{100 * x['score']:.1f}"
-        lines.append(f"| {x['experiment']} | {x['row']} | `{x['flags']}` | {x['task']} | {sc} | "
+        lines.append(f"| {x['experiment']} | {x['row']} | `{x['flags']}` | {x['task']} | {x['seed'][4:]} | {sc} | "
                      f"{x['train_loss_last60']:.3f} |")
     open(out_md, "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
