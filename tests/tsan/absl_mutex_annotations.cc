@@ -24,6 +24,7 @@
 #include <cstdlib>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 
 namespace {
@@ -45,6 +46,7 @@ using absl::Condition;
 using absl::CondVar;
 using absl::Duration;
 using absl::Mutex;
+using absl::Notification;
 using absl::Time;
 
 }  // namespace
@@ -182,6 +184,39 @@ bool _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE(CondVar* 
   bool r = real(cv, mu, t);
   Acquired(mu);
   return r;
+}
+
+// ---- Notification -----------------------------------------------------------
+// Notify() sets its flag inside the library; a waiter that finds it set
+// returns from WaitForNotification* without touching the mutex (the fast
+// path), so the mutex annotations above never order it after the notifier.
+// Notify releases on the notification's address, every wait that returns
+// notified acquires on it.
+void _ZN4absl7debian312Notification6NotifyEv(Notification* n) {
+  METATT_REAL(void (*)(Notification*), _ZN4absl7debian312Notification6NotifyEv);
+  Releasing(n);
+  real(n);
+}
+void _ZNK4absl7debian312Notification19WaitForNotificationEv(const Notification* n) {
+  METATT_REAL(void (*)(const Notification*), _ZNK4absl7debian312Notification19WaitForNotificationEv);
+  real(n);
+  Acquired(n);
+}
+bool _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE(
+    const Notification* n, Duration timeout) {
+  METATT_REAL(bool (*)(const Notification*, Duration),
+              _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE);
+  const bool notified = real(n, timeout);
+  if (notified) Acquired(n);
+  return notified;
+}
+bool _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE(
+    const Notification* n, Time deadline) {
+  METATT_REAL(bool (*)(const Notification*, Time),
+              _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE);
+  const bool notified = real(n, deadline);
+  if (notified) Acquired(n);
+  return notified;
 }
 
 }  // extern "C"
