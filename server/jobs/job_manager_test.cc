@@ -14,8 +14,12 @@
 namespace metatt {
 namespace {
 
+using ::testing::AllOf;
+using ::testing::Each;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
 
 class JobManagerTest : public ::testing::Test {
  protected:
@@ -237,7 +241,12 @@ TEST_F(JobManagerTest, CancelQueuedRunningAndFinished) {
 
   auto ca = manager_->CancelJob(a->id);
   ASSERT_TRUE(ca.ok());
-  EXPECT_THAT(executor_.cancels(), ElementsAre(a->id));
+  // Only a is cancelled. A cancel that lands while the worker is still
+  // returning from Start() is delivered once more by the worker (it cannot
+  // tell whether the executor saw the first), so a may appear twice:
+  // executors treat Cancel as idempotent.
+  EXPECT_THAT(executor_.cancels(), AllOf(Not(IsEmpty()), Each(a->id)));
+  EXPECT_LE(executor_.cancels().size(), 2u);
   EXPECT_EQ(WaitForState(a->id, JobState::kCancelled), JobState::kCancelled);
   EXPECT_TRUE(manager_->CancelJob(a->id).ok());  // no-op
 
