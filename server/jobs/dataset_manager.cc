@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <system_error>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "base/file_io.h"
 #include "base/status_macros.h"
@@ -223,6 +225,18 @@ absl::StatusOr<DatasetRecord> DatasetManager::Upload(const DatasetUpload& header
     limits.max_labels_per_task = options_.max_labels_per_task;
     RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(info.label_names.size()),
                                        absl::StrCat("dataset '", header.name, "' labels"), limits));
+  }
+
+  // Label names travel as JSON (the store's row) and as proto strings (the
+  // API): both need UTF-8, so a file with a label that is not is refused here,
+  // before anything is written (the JSON writer would throw on it).
+  for (size_t i = 0; i < info.label_names.size(); ++i) {
+    try {
+      (void)nlohmann::json(info.label_names[i]).dump();
+    } catch (const nlohmann::json::exception&) {
+      return absl::InvalidArgumentError(absl::StrCat("dataset '", header.name, "' labels: label ",
+                                                     i + 1, " is not valid UTF-8"));
+    }
   }
 
   DatasetRecord d;
