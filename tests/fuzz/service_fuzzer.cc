@@ -622,8 +622,12 @@ class Runner {
     auto r = s_->job_stub->StreamJobEvents(&ctx, *req);
     v1::JobEvent e;
     int n = 0;
-    while (n < 64 && r->Read(&e)) ++n;
-    ctx.TryCancel();
+    bool open = true;
+    while (n < 64 && (open = r->Read(&e))) ++n;
+    // Cancel only a stream still open after 64 events: cancelling one that
+    // ended by itself can race its final status (a wrong token's
+    // UNAUTHENTICATED read as CANCELLED).
+    if (open) ctx.TryCancel();
     auto st = r->Finish();
     CheckStatus(caller, st, "StreamJobEvents");
     if (foreign) {
