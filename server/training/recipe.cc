@@ -34,10 +34,8 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
   // faster and raised four of five tasks on average, but CoLA stayed at the
   // majority class on one seed of three (s = 4: on seed 0 already), so its
   // mean gain (+0.4) is inside the noise and its failure is the one a user
-  // cannot see coming (README Quality, cpu-quality/scale_ablation.md). The
-  // rule stays: default_scale > 0 resolves an unset alpha to s x r1.
+  // cannot see coming (README Quality, cpu-quality/scale_ablation.md).
   r.alpha = 0;
-  r.default_scale = 0;
   r.new_task_init = "identity";
   // Optimisation.
   // 5e-4 (the old default) left MetaTT at the majority class on MRPC and
@@ -69,7 +67,6 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
     r.ranks = {8};
     r.projections = {"q", "v"};
     r.alpha = 16;
-    r.default_scale = 0;  // alpha stays 16 whatever the rank, as in PEFT
     r.init = "peft";
     r.new_task_init = "";
     r.learning_rate = 1e-3;
@@ -91,7 +88,6 @@ absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o, bool adds_task) {
   if (o.projections && !o.projections->empty()) r.projections = *o.projections;
   if (o.init && !o.init->empty()) r.init = *o.init;
   take(r.alpha, o.alpha);
-  if (!o.alpha && r.default_scale > 0 && !r.ranks.empty()) r.alpha = r.default_scale * r.ranks[0];
   if (o.new_task_init && !o.new_task_init->empty()) r.new_task_init = *o.new_task_init;
   if (adds_task && r.form != "lora") r.learning_rate *= kAddTaskLearningRateMultiplier;
   take(r.learning_rate, o.learning_rate);

@@ -30,9 +30,6 @@ struct Recipe {
   std::vector<std::string> projections;  // q k v o (and whatever the adapter accepts)
   std::string init;                      // core init spec, e.g. ze-id-id-id
   double alpha = 0;                      // 0: the adapter's own default (alpha = r)
-  // When a user leaves alpha unset: alpha = default_scale x r1 (the adapter
-  // scale s = alpha / r); 0 leaves `alpha` as the form's default gives it.
-  double default_scale = 0;
   std::string new_task_init;             // add-task slice init: identity | zeros | mean
   // Optimisation.
   double learning_rate = 0;
