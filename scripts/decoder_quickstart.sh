@@ -15,14 +15,8 @@
 # data dir.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Same idempotent set-up as the main quickstart: packages, venv, models, build.
-"$REPO/scripts/setup.sh"
-SHARED="${METATT_SHARED_DIR:-$(dirname "$REPO")/shared}"
-BUILD="${METATT_BUILD_DIR:-$REPO/build}"
-SERVER="$BUILD/server/metatt-server"
+source "$(dirname "${BASH_SOURCE[0]}")/quickstart_lib.sh" decoder_quickstart
 GATEWAY="$BUILD/server/http/metatt-http"
-CTL="$BUILD/client/metattctl"
 PY="$REPO/.venv/bin/python"
 MODEL="$REPO/models/SmolLM2-135M-Instruct"
 BASE_ID="SmolLM2-135M-Instruct"
@@ -31,37 +25,7 @@ STEPS="${STEPS:-30}"
 TRAIN_ROWS="${TRAIN_ROWS:-160}"
 EVAL_ROWS="${EVAL_ROWS:-12}"
 THREADS="${THREADS:-2}"
-for f in "$SERVER" "$GATEWAY" "$CTL" "$PY" "$MODEL/model.safetensors" "$ARC/train.json" \
-         "$ARC/test.json"; do
-  [[ -e "$f" ]] || { echo "decoder_quickstart: missing $f (scripts/setup.sh lays it out)" >&2; exit 1; }
-done
-
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/metatt-decoder-quickstart.XXXXXX")"
-SERVER_PID=""
-GATEWAY_PID=""
-stop_pid() {
-  if [[ -n "$1" ]] && kill -0 "$1" 2>/dev/null; then
-    kill -TERM "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-  fi
-}
-cleanup() {
-  stop_pid "$GATEWAY_PID"
-  stop_pid "$SERVER_PID"
-  if [[ "${KEEP:-0}" == 1 ]]; then echo "data kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-wait_listening() {  # <pid> <stdout file> <log file>
-  for _ in $(seq 1 1500); do
-    grep -q '^LISTENING' "$2" 2>/dev/null && return 0
-    kill -0 "$1" 2>/dev/null || { cat "$3" >&2; return 1; }
-    sleep 0.2
-  done
-  echo "decoder_quickstart: no LISTENING line in $2" >&2
-  return 1
-}
+need "$SERVER" "$GATEWAY" "$CTL" "$PY" "$MODEL/model.safetensors" "$ARC/train.json" "$ARC/test.json"
 
 step "ARC-Easy slices: the first $TRAIN_ROWS training rows, the first $EVAL_ROWS test rows held out"
 "$PY" - "$ARC" "$WORK" "$TRAIN_ROWS" "$EVAL_ROWS" <<'EOF'
@@ -78,13 +42,13 @@ step "starting metatt-server on $BASE_ID (CPU, $THREADS threads, data in $WORK/d
 "$SERVER" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --data_dir="$WORK/data" \
   --model_dir="$MODEL" --device=cpu --num_threads="$THREADS" --kv_cache_mb=256 \
   --max_running_sequences=16 >"$WORK/server.out" 2>"$WORK/server.log" &
-SERVER_PID=$!
-wait_listening "$SERVER_PID" "$WORK/server.out" "$WORK/server.log"
+PIDS+=($!)
+wait_listening "${PIDS[0]}" "$WORK/server.out" "$WORK/server.log"
 PORT="$(awk '/^LISTENING/ {print $2}' "$WORK/server.out")"
 "$GATEWAY" --listen=127.0.0.1:0 --server="127.0.0.1:$PORT" --base_model="$BASE_ID" \
   >"$WORK/gateway.out" 2>"$WORK/gateway.log" &
-GATEWAY_PID=$!
-wait_listening "$GATEWAY_PID" "$WORK/gateway.out" "$WORK/gateway.log"
+PIDS+=($!)
+wait_listening "${PIDS[1]}" "$WORK/gateway.out" "$WORK/gateway.log"
 HTTP_PORT="$(awk '/^LISTENING/ {print $2}' "$WORK/gateway.out")"
 U="http://127.0.0.1:$HTTP_PORT/v1"
 echo "gRPC on 127.0.0.1:$PORT, OpenAI-compatible HTTP on $U"

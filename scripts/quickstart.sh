@@ -12,31 +12,11 @@
 # KEEP=1 keeps the temp data dir.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# Same idempotent set-up as the test command: packages, venv, model, build.
-"$REPO/scripts/setup.sh"
-SHARED="${METATT_SHARED_DIR:-$(dirname "$REPO")/shared}"
-BUILD="${METATT_BUILD_DIR:-$REPO/build}"
-SERVER="$BUILD/server/metatt-server"
-CTL="$BUILD/client/metattctl"
+source "$(dirname "${BASH_SOURCE[0]}")/quickstart_lib.sh" quickstart
 GLUE="$SHARED/data/glue"
 STEPS="${STEPS:-250}"
-for f in "$SERVER" "$CTL" "$GLUE/MRPC/train.tsv" "$GLUE/SST-2/train.tsv"; do
-  [[ -e "$f" ]] || { echo "quickstart: missing $f (build with scripts/setup.sh)" >&2; exit 1; }
-done
+need "$SERVER" "$CTL" "$GLUE/MRPC/train.tsv" "$GLUE/SST-2/train.tsv"
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/metatt-quickstart.XXXXXX")"
-SERVER_PID=""
-cleanup() {
-  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  if [[ "${KEEP:-0}" == 1 ]]; then echo "data kept in $WORK"; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 json_field() { python3 -c "import json,sys; print(json.loads(sys.stdin.readline())['$1'])"; }
 
 step "starting metatt-server (CPU, data in $WORK/data)"
@@ -44,14 +24,9 @@ MODEL_ARGS=()
 [[ -n "${METATT_MODEL_DIR:-}" ]] && MODEL_ARGS=(--model_dir="$METATT_MODEL_DIR")
 "$SERVER" --listen=127.0.0.1:0 --metrics_listen=127.0.0.1:0 --data_dir="$WORK/data" \
   --device=cpu "${MODEL_ARGS[@]}" >"$WORK/server.out" 2>"$WORK/server.log" &
-SERVER_PID=$!
-for _ in $(seq 1 600); do
-  grep -q '^LISTENING' "$WORK/server.out" 2>/dev/null && break
-  kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
-  sleep 0.2
-done
+PIDS+=($!)
+wait_listening "${PIDS[0]}" "$WORK/server.out" "$WORK/server.log"
 PORT="$(awk '/^LISTENING/ {print $2}' "$WORK/server.out")"
-[[ -n "$PORT" ]] || { echo "quickstart: server did not start" >&2; cat "$WORK/server.log" >&2; exit 1; }
 METRICS_PORT="$(awk '/^METRICS/ {print $2}' "$WORK/server.out")"
 echo "gRPC on 127.0.0.1:$PORT, metrics on http://127.0.0.1:$METRICS_PORT/metrics"
 ctl() { "$CTL" --server="127.0.0.1:$PORT" "$@"; }
