@@ -403,6 +403,13 @@ void MetaTTAdapter::RefreshCache() {
         .copy_(om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]));
   }
   cache_place_ = place.reshape({M * R, table_cols_});
+  for (auto& o : cache_out_) o = torch::Tensor();
+  if (config_.form == TTForm::k4Plus1D) {
+    for (int pi = 0; pi < kNumProjections; ++pi)
+      if (proj_index_[pi] >= 0)
+        cache_out_[pi] =
+            om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]).contiguous();
+  }
   cache_table_ = torch::Tensor();
   if (config_.form != TTForm::k4Plus1D) {
     // T[l] = sum_m C[l, m] . E[m]: [L, r1, M * r3] x [M * r3, Ctot].
@@ -420,6 +427,7 @@ void MetaTTAdapter::RefreshCache() {
   cache_key_tasks_ = num_tasks();
   ++fold_stats_.rebuilds;
   rows_table_ = rows_key_ = torch::Tensor();
+  rows_chain_ = chain_key_ = torch::Tensor();
 }
 
 torch::Tensor MetaTTAdapter::FoldRows(const torch::Tensor& slices) const {
@@ -449,19 +457,7 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
     ++fold_stats_.hits;
     return rows_table_;
   }
-  int64_t uniform = 0;  // the task of every row, or -1 when they differ
-  if (host.defined()) {
-    TORCH_CHECK(host.dim() == 1 && host.size(0) == B, "task_index must be [", B, "]");
-    auto acc = host.accessor<int64_t, 1>();
-    int64_t lo = acc[0], hi = acc[0];
-    for (int64_t i = 1; i < B; ++i) {
-      lo = std::min(lo, acc[i]);
-      hi = std::max(hi, acc[i]);
-    }
-    TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
-                " outside [0, ", num_tasks(), ")");
-    uniform = lo == hi ? lo : -1;
-  }
+  const int64_t uniform = host.defined() ? UniformTask(host, B) : 0;
   rows_key_ = host;
   rows_key_version_ = host.defined() ? host._version() : -1;
   // A batch of one task reuses that task's table across forwards.
@@ -482,6 +478,68 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
   rows_rebuilds_ = fold_stats_.rebuilds;
   ++fold_stats_.tables;
   return rows_table_;
+}
+
+int64_t MetaTTAdapter::UniformTask(const torch::Tensor& host, int64_t B) const {
+  TORCH_CHECK(host.dim() == 1 && host.size(0) == B, "task_index must be [", B, "]");
+  auto acc = host.accessor<int64_t, 1>();
+  int64_t lo = acc[0], hi = acc[0];
+  for (int64_t i = 1; i < B; ++i) {
+    lo = std::min(lo, acc[i]);
+    hi = std::max(hi, acc[i]);
+  }
+  TORCH_CHECK(lo >= 0 && hi < num_tasks(), "task_index: task ", lo < 0 ? lo : hi,
+              " outside [0, ", num_tasks(), ")");
+  return lo == hi ? lo : -1;
+}
+
+torch::Tensor MetaTTAdapter::RowChainFor(const AdapterBatch& batch, int64_t B,
+                                         torch::Device device) {
+  if (config_.form != TTForm::k4Plus1D ||
+      (!batch.task_index.defined() && !batch.task_index_host.defined()))
+    return torch::Tensor();
+  torch::Tensor host = batch.HostTaskIndex();
+  // The other layers of the same forward (and decode steps of an unchanged
+  // batch): the same index tensor, same version, no core change since.
+  if (chain_key_.defined() && chain_rebuilds_ == fold_stats_.rebuilds &&
+      chain_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
+      chain_key_version_ == host._version()) {
+    if (rows_chain_.defined()) ++fold_stats_.hits;
+    return rows_chain_;
+  }
+  chain_key_ = host;
+  chain_key_version_ = host._version();
+  chain_rebuilds_ = fold_stats_.rebuilds;
+  rows_chain_ = torch::Tensor();
+  if (UniformTask(host, B) >= 0) return rows_chain_;
+  torch::NoGradGuard no_grad;
+  torch::Tensor index = batch.task_index.defined() && batch.task_index.device() == device
+                            ? batch.task_index
+                            : ToDeviceAsync(host, device);
+  const int64_t L = cache_chain_.size(0), M = cache_chain_.size(1), r1 = cache_chain_.size(2);
+  const int64_t r4 = task_core_.size(2);
+  // [L, M, 1, r1, r3] x [B, r3, r4] -> [L, M, B, r1, r4] -> [L, B, r1, M * r4]
+  rows_chain_ = cache_chain_.unsqueeze(2)
+                    .matmul(task_core_.index_select(0, index))
+                    .permute({0, 2, 3, 1, 4})
+                    .reshape({L, B, r1, M * r4})
+                    .contiguous();
+  ++fold_stats_.chains;
+  return rows_chain_;
+}
+
+void MetaTTAdapter::AddRowChainDelta(const torch::Tensor& z, const torch::Tensor& chain, int pi,
+                                     torch::Tensor y) const {
+  const int64_t r4 = task_core_.size(2);
+  const torch::Tensor u = torch::bmm(z, chain.narrow(-1, proj_index_[pi] * r4, r4));  // [B, S, r4]
+  const int64_t rows = u.size(0) * u.size(1);
+  if (y.dim() == 3 && y.stride(0) == y.size(1) * y.stride(1)) {
+    // [B, S, w] whose rows are evenly strided (a column block of a fused
+    // output): one addmm on the [B * S, w] view.
+    y.view({rows, y.size(2)}).addmm_(u.view({rows, r4}), cache_out_[pi]);
+  } else {
+    y.add_(u.matmul(cache_out_[pi]));
+  }
 }
 
 torch::Tensor MetaTTAdapter::ProjectIn(const torch::Tensor& x, int first) const {
@@ -513,6 +571,18 @@ void MetaTTAdapter::AddDeltas(int layer, const torch::Tensor& x,
   RefreshCache();
   const int64_t B = x.size(0);
   const torch::Tensor z = ProjectIn(x, first);
+  if (x.size(1) <= kRowChainMaxTokens) {
+    const torch::Tensor chain = RowChainFor(batch, B, x.device());
+    if (chain.defined()) {
+      const torch::Tensor c = chain.select(0, l);  // [B, r1, M * r4]
+      for (Projection p : projections) {
+        const int pi = static_cast<int>(p);
+        if (proj_index_[pi] < 0) continue;
+        AddRowChainDelta(z, c, pi, out.narrow(-1, table_col_[pi] - offset, layout_.out_width[pi]));
+      }
+      return;
+    }
+  }
   torch::Tensor w = TableFor(batch, B, x.device()).select(0, l).narrow(-1, offset, width);
   if (w.size(0) != B) w = w.expand({B, w.size(1), w.size(2)});
   out.baddbmm_(z, w);  // one kernel: the matmul and the add
@@ -537,6 +607,18 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
   if (no_grad && fold_enabled_) {
     RefreshCache();
     const torch::Tensor z = ProjectIn(x, first);
+    const torch::Tensor chain =
+        S <= kRowChainMaxTokens ? RowChainFor(batch, B, x.device()) : torch::Tensor();
+    if (chain.defined()) {
+      const torch::Tensor c = chain.select(0, l);  // [B, r1, M * r4]
+      for (size_t i = 0; i < projections.size(); ++i) {
+        const int pi = static_cast<int>(projections[i]);
+        if (proj_index_[pi] < 0) continue;
+        out[i] = torch::zeros({B, S, layout_.out_width[pi]}, z.options());
+        AddRowChainDelta(z, c, pi, out[i]);
+      }
+      return out;
+    }
     const torch::Tensor table = TableFor(batch, B, x.device()).select(0, l);  // [R, r1, Ctot]
     for (size_t i = 0; i < projections.size(); ++i) {
       const int pi = static_cast<int>(projections[i]);

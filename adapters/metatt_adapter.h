@@ -70,8 +70,12 @@ class MetaTTAdapter : public EncoderAdapter {
   struct FoldStats {
     int64_t rebuilds = 0;  // chain/out caches rebuilt (cores changed)
     int64_t tables = 0;    // fold tables built (4D/5D: per rebuild; 4+1D: per forward)
-    int64_t hits = 0;      // adapted-layer calls served by an existing table
+    int64_t hits = 0;      // adapted-layer calls served by an existing table or row chain
+    int64_t chains = 0;    // 4+1D row chains built (mixed-task batches of few tokens per row)
   };
+  // A mixed-task 4+1D batch with at most this many tokens per row (a decode
+  // step: one) skips the per-row fold table: see RowChainFor().
+  static constexpr int64_t kRowChainMaxTokens = 4;
 
   static absl::StatusOr<std::unique_ptr<MetaTTAdapter>> Create(const MetaTTConfig& config,
                                                                const Options& options);
@@ -174,6 +178,20 @@ class MetaTTAdapter : public EncoderAdapter {
   // or B (one block per row).
   torch::Tensor TableFor(const AdapterBatch& batch, int64_t B, torch::Device device);
   torch::Tensor FoldRows(const torch::Tensor& slices) const;  // [R, r3, r4] -> table
+  // 4+1D, a batch whose rows name different tasks: the per-row chains
+  // C[l, m] . GT[task(b)], [L, B, r1, M * r4] (the fold table before the
+  // output core), built once per forward; undefined when the batch has no
+  // index or one task for every row (the table serves those). Per call the
+  // output core is applied per projection: a decode step then costs
+  // L * M * B * r1 * r4 to prepare instead of the table's
+  // L * B * r1 * M * r4 * Ctot, and reads r4 x D_out per projection instead
+  // of a B x r1 x Ctot table.
+  torch::Tensor RowChainFor(const AdapterBatch& batch, int64_t B, torch::Device device);
+  // The task of every row of `host` [B], or -1 when they differ (range-checked).
+  int64_t UniformTask(const torch::Tensor& host, int64_t B) const;
+  // y += (z . chain[:, :, block m]) . out_m for projection pi (4+1D row chains).
+  void AddRowChainDelta(const torch::Tensor& z, const torch::Tensor& chain, int pi,
+                        torch::Tensor y) const;
   // Z = X . G1 for a call whose first adapted projection is `first`.
   torch::Tensor ProjectIn(const torch::Tensor& x, int first) const;
 
@@ -207,6 +225,7 @@ class MetaTTAdapter : public EncoderAdapter {
   torch::Tensor cache_chain_;  // [L, M, r1, r3], scaled
   torch::Tensor cache_g1t_;    // G1^T [r1, in_rows], contiguous
   torch::Tensor cache_place_;  // E: [M * r_last, Ctot], output core per projection block
+  torch::Tensor cache_out_[kNumProjections];  // 4+1D: output core of projection pi, [r4, D_out]
   torch::Tensor cache_table_;  // 4D/5D: [L, 1, r1, Ctot]
   bool fold_enabled_ = true;
   FoldStats fold_stats_;
@@ -219,6 +238,12 @@ class MetaTTAdapter : public EncoderAdapter {
   int64_t rows_key_task_ = -1;
   int64_t rows_rebuilds_ = -1;
   torch::Tensor rows_table_;
+  // 4+1D row chains, keyed like rows_table_ (an undefined chain under a
+  // matching key records "one task: use the table").
+  torch::Tensor chain_key_;
+  int64_t chain_key_version_ = -1;
+  int64_t chain_rebuilds_ = -1;
+  torch::Tensor rows_chain_;
 };
 
 }  // namespace metatt

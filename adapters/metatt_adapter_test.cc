@@ -477,6 +477,86 @@ TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
   EXPECT_TRUE(torch::allclose(down, down_want, 1e-12, 1e-12));
 }
 
+// A decode step (one token per row) of a batch whose rows name different
+// tasks: per-row chains instead of the per-row fold table, one build per
+// forward, the same numbers as the unfolded chain (and as the table path a
+// longer row takes), through Deltas and the fused AddDeltas, following slice
+// and core updates.
+TEST(MetaTTAdapterTest, FewTokenMixedBatchUsesRowChainsAndEqualsUnfolded) {
+  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4);
+  c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnUp,
+                   Projection::kFfnDown};
+  c.d_ffn = 20;
+  auto a = Make(c, 3);
+  torch::NoGradGuard no_grad;
+  const std::vector<Projection> up = {Projection::kFfnUp}, down = {Projection::kFfnDown};
+  AdapterBatch batch = AdapterBatch::FromHost(torch::tensor({3, 0, 3, 1, 2}, torch::kInt64),
+                                              torch::kCPU);
+  auto forward = [&](int64_t S, const AdapterBatch& b) {
+    torch::Tensor x = torch::randn({5, S, kD}, torch::kFloat64);
+    torch::Tensor u = torch::randn({5, S, 20}, torch::kFloat64);
+    for (int layer : {0, 1, 2}) {
+      auto d = a->Deltas(layer, x, kAsk, b);
+      for (size_t i : {0u, 2u}) {
+        if (layer == 1) {
+          EXPECT_FALSE(d[i].defined());
+          continue;
+        }
+        EXPECT_TRUE(torch::allclose(d[i], Unfolded(*a, layer, kAsk, x, b.task_index, i), 1e-12,
+                                    1e-13))
+            << "S " << S << " layer " << layer << " projection " << i;
+      }
+      // Fused outputs: Q|K|V (K not adapted: its block stays as it was), up, down.
+      torch::Tensor qkv = torch::randn({5, S, 3 * kD}, torch::kFloat64);
+      torch::Tensor want = qkv.clone();
+      torch::Tensor gu = torch::randn({5, S, 20}, torch::kFloat64), gu_want = gu.clone();
+      torch::Tensor dn = torch::randn({5, S, kD}, torch::kFloat64), dn_want = dn.clone();
+      if (layer != 1) {
+        want.narrow(-1, 0, kD).add_(Unfolded(*a, layer, kAsk, x, b.task_index, 0));
+        want.narrow(-1, 2 * kD, kD).add_(Unfolded(*a, layer, kAsk, x, b.task_index, 2));
+        gu_want.add_(Unfolded(*a, layer, up, x, b.task_index, 0));
+        dn_want.add_(Unfolded(*a, layer, down, u, b.task_index, 0));
+      }
+      a->AddDeltas(layer, x, kAsk, b, qkv);
+      a->AddDeltas(layer, x, up, b, gu);
+      a->AddDeltas(layer, u, down, b, dn);
+      EXPECT_TRUE(torch::allclose(qkv, want, 1e-12, 1e-12)) << "S " << S << " layer " << layer;
+      EXPECT_TRUE(torch::allclose(gu, gu_want, 1e-12, 1e-12)) << "S " << S << " layer " << layer;
+      EXPECT_TRUE(torch::allclose(dn, dn_want, 1e-12, 1e-12)) << "S " << S << " layer " << layer;
+    }
+  };
+  forward(1, batch);
+  EXPECT_EQ(a->fold_stats().chains, 1);  // one build for every call of the forward
+  EXPECT_EQ(a->fold_stats().tables, 0);  // and no per-row table
+  forward(MetaTTAdapter::kRowChainMaxTokens, batch);  // same batch: reused
+  EXPECT_EQ(a->fold_stats().chains, 1);
+  EXPECT_EQ(a->fold_stats().tables, 0);
+  forward(MetaTTAdapter::kRowChainMaxTokens + 1, batch);  // a longer row: the table
+  EXPECT_EQ(a->fold_stats().chains, 1);
+  EXPECT_EQ(a->fold_stats().tables, 1);
+  // An in-place update of one of the batch's slices, then of a shared core.
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "task.3") t.mul_(-2.0);
+  forward(1, batch);
+  EXPECT_EQ(a->fold_stats().chains, 2);
+  for (auto& [name, t] : a->NamedParameters())
+    if (name == "out") t.add_(0.05);
+  forward(1, batch);
+  EXPECT_EQ(a->fold_stats().chains, 3);
+  // One task on every row: the task's table (R = 1), no chain.
+  forward(1, AdapterBatch::FromHost(torch::tensor({2, 2, 2, 2, 2}, torch::kInt64), torch::kCPU));
+  EXPECT_EQ(a->fold_stats().chains, 3);
+  // A new task appended between steps, and an index edited in place.
+  ASSERT_TRUE(a->AddTask().ok());
+  torch::Tensor host = torch::tensor({4, 0, 4, 1, 2}, torch::kInt64);
+  AdapterBatch edited = AdapterBatch::FromHost(host, torch::kCPU);
+  forward(1, edited);
+  edited.task_index_host.copy_(torch::tensor({1, 4, 0, 2, 3}, torch::kInt64));
+  edited.task_index.copy_(edited.task_index_host);
+  forward(1, edited);
+  EXPECT_EQ(a->fold_stats().chains, 5);
+}
+
 TEST(MetaTTAdapterTest, FoldFollowsCoreUpdatesAddTaskAndTruncation) {
   auto a = Make(SmallConfig(TTForm::k4Plus1D, {5}, 3));
   torch::NoGradGuard no_grad;
@@ -557,17 +637,26 @@ TEST(MetaTTAdapterTest, ServedFamilyStoresTaskSlicesAsOneTensor) {
 
 TEST(MetaTTAdapterTest, FoldIsNeverUsedWhenGradIsNeeded) {
   auto a = Make(SmallConfig(TTForm::k4Plus1D, {3}, 2));
-  torch::Tensor x = torch::randn({2, 3, kD}, torch::kFloat64);
+  // Rows longer than kRowChainMaxTokens (a table), and one token (a row chain).
+  torch::Tensor x = torch::randn({2, MetaTTAdapter::kRowChainMaxTokens + 1, kD}, torch::kFloat64);
+  torch::Tensor x1 = torch::randn({2, 1, kD}, torch::kFloat64);
   torch::Tensor tasks = torch::tensor({1, 0}, torch::kInt64);
   {
     torch::NoGradGuard no_grad;
-    a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // builds a table
+    a->Deltas(0, x, kAsk, AdapterBatch{tasks});   // builds a table
+    a->Deltas(0, x1, kAsk, AdapterBatch{tasks});  // builds row chains
   }
   const int64_t tables = a->fold_stats().tables, hits = a->fold_stats().hits;
+  const int64_t chains = a->fold_stats().chains;
   ASSERT_GT(tables, 0);
-  auto d = a->Deltas(0, x, kAsk, AdapterBatch{tasks});  // grad mode (default)
-  EXPECT_TRUE(d[0].requires_grad());
+  ASSERT_GT(chains, 0);
+  for (const torch::Tensor& in : {x1, x}) {
+    auto d1 = a->Deltas(0, in, kAsk, AdapterBatch{tasks});  // grad mode (default)
+    EXPECT_TRUE(d1[0].requires_grad());
+  }
+  auto d = a->Deltas(0, x, kAsk, AdapterBatch{tasks});
   EXPECT_EQ(a->fold_stats().tables, tables);
+  EXPECT_EQ(a->fold_stats().chains, chains);
   EXPECT_EQ(a->fold_stats().hits, hits);
   d[0].sum().backward();
   torch::optim::SGD opt(a->TrainableParameters(), torch::optim::SGDOptions(0.5));
