@@ -8,17 +8,6 @@
 namespace metatt {
 namespace {
 
-BertConfig TinyConfig() {
-  BertConfig c;
-  c.vocab_size = 30;
-  c.hidden_size = 16;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 24;
-  c.max_position_embeddings = 32;
-  return c;
-}
-
 std::map<std::string, torch::Tensor> RandomWeights(const BertConfig& c) {
   torch::manual_seed(0);
   return RandomBertWeights(c, {/*embedding_std=*/1.0, /*weight_std=*/0.1, /*bias_std=*/0.1});
@@ -44,7 +33,7 @@ TEST(BertConfig, ParsesAndNamesBadFields) {
 }
 
 TEST(BertEncoder, WrongShapeAndDtypeNameTheTensor) {
-  BertConfig c = TinyConfig();
+  BertConfig c = TinyBertConfig();
   auto w = RandomWeights(c);
   w["encoder.layer.1.attention.self.key.weight"] = torch::randn({16, 15});
   auto e = BertEncoder::FromTensors(c, w, torch::kCPU);
@@ -65,7 +54,7 @@ TEST(BertEncoder, WrongShapeAndDtypeNameTheTensor) {
 }
 
 TEST(BertEncoder, PaddingDoesNotChangeRealTokens) {
-  BertConfig c = TinyConfig();
+  BertConfig c = TinyBertConfig();
   auto e = BertEncoder::FromTensors(c, RandomWeights(c), torch::kCPU);
   ASSERT_TRUE(e.ok()) << e.status();
   torch::Tensor ids = torch::tensor({{2, 5, 7, 9}}, torch::kInt64);
@@ -82,13 +71,13 @@ TEST(BertEncoder, PaddingDoesNotChangeRealTokens) {
 }
 
 TEST(BertEncoder, BadInputsAreInvalidArgument) {
-  BertConfig c = TinyConfig();
+  BertConfig c = TinyBertConfig();
   auto e = BertEncoder::FromTensors(c, RandomWeights(c), torch::kCPU);
   ASSERT_TRUE(e.ok());
   auto r = (*e)->Forward({torch::tensor({{1, 99}}, torch::kInt64), {}, {}});
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("input_ids"), std::string::npos);
-  r = (*e)->Forward({torch::ones({1, 40}, torch::kInt64), {}, {}});
+  r = (*e)->Forward({torch::ones({1, 65}, torch::kInt64), {}, {}});
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("max_position_embeddings"), std::string::npos);
   r = (*e)->Forward({torch::ones({1, 4}, torch::kInt64), {}, torch::ones({1, 3}, torch::kInt64)});

@@ -1,4 +1,4 @@
-// Test helpers: random weights for tiny BERT and Llama configs, named like
+// Test helpers: tiny BERT and Llama configs and random weights for them, named like
 // Hugging Face's BertModel / LlamaForCausalLM state dicts, for models built
 // with BertEncoder::FromTensors / LlamaDecoder::FromTensors.
 #pragma once
@@ -14,6 +14,21 @@
 #include "server/model/llama_config.h"
 
 namespace metatt {
+
+// The tiny BERT of the encoder, trainer, runtime and registry tests: 2
+// layers, hidden 16 (2 heads), FFN 32, vocabulary 64 (testing_util's
+// TinyVocab and WordId), 64 positions.
+inline BertConfig TinyBertConfig() {
+  BertConfig c;
+  c.vocab_size = 64;
+  c.hidden_size = 16;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.intermediate_size = 32;
+  c.max_position_embeddings = 64;
+  c.type_vocab_size = 2;
+  return c;
+}
 
 struct RandomBertOptions {
   double embedding_std = 0.2;

@@ -27,16 +27,6 @@ using testing_util::InMemoryStore;
 using testing_util::RandomFamily;
 using testing_util::ScratchDir;
 
-BertConfig Base() {
-  BertConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 16;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 32;
-  return c;
-}
-
 std::unique_ptr<AdapterRegistry> MakeRegistry(const std::string& dir, Store* store,
                                               const std::string& fp = "fp-1",
                                               BlobStore* blobs = nullptr) {
@@ -53,7 +43,7 @@ TEST(AdapterRegistryTest, PublishWritesVersionAndResolves) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  auto v1 = reg->Publish(RandomFamily("fam", 6, Base(), 1));
+  auto v1 = reg->Publish(RandomFamily("fam", 6, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok()) << v1.status();
   EXPECT_EQ((*v1)->version(), 1);
   EXPECT_EQ((*v1)->num_tasks(), 6);
@@ -81,7 +71,7 @@ TEST(AdapterRegistryTest, PublishWritesVersionAndResolves) {
   EXPECT_EQ(reg->Resolve("fam", 7, "task0", -1).status().code(), absl::StatusCode::kNotFound);
 
   // Version 2 replaces the latest at once; version 1 stays reachable.
-  auto v2 = reg->Publish(RandomFamily("fam", 7, Base(), 2));
+  auto v2 = reg->Publish(RandomFamily("fam", 7, TinyBertConfig(), 2));
   ASSERT_TRUE(v2.ok()) << v2.status();
   EXPECT_EQ((*v2)->version(), 2);
   r = reg->Resolve("fam", 0, "task6", -1);
@@ -104,11 +94,11 @@ TEST(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
   std::shared_ptr<const PublishedFamily> published;
   {
     auto reg = MakeRegistry(dir.path(), &store);
-    ASSERT_TRUE(reg->Publish(RandomFamily("a", 3, Base(), 1)).ok());
-    auto p = reg->Publish(RandomFamily("a", 5, Base(), 2));
+    ASSERT_TRUE(reg->Publish(RandomFamily("a", 3, TinyBertConfig(), 1)).ok());
+    auto p = reg->Publish(RandomFamily("a", 5, TinyBertConfig(), 2));
     ASSERT_TRUE(p.ok());
     published = *p;
-    ASSERT_TRUE(reg->Publish(RandomFamily("b", 2, Base(), 3)).ok());
+    ASSERT_TRUE(reg->Publish(RandomFamily("b", 2, TinyBertConfig(), 3)).ok());
   }
   auto reg = MakeRegistry(dir.path(), &store);
   auto warnings = reg->LoadAll();
@@ -135,7 +125,7 @@ TEST(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
   EXPECT_EQ(reg->Resolve("", 0, "task0", -1).status().code(),
             absl::StatusCode::kInvalidArgument);
   // The next publish continues the numbering.
-  auto v3 = reg->Publish(RandomFamily("a", 5, Base(), 4));
+  auto v3 = reg->Publish(RandomFamily("a", 5, TinyBertConfig(), 4));
   ASSERT_TRUE(v3.ok());
   EXPECT_EQ((*v3)->version(), 3);
 }
@@ -147,7 +137,7 @@ TEST(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
   InMemoryStore store;
   auto a = MakeRegistry(dir.path(), &store);
   auto b = MakeRegistry(dir.path(), &store);
-  ASSERT_TRUE(a->Publish(RandomFamily("fam", 2, Base(), 1)).ok());
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 2, TinyBertConfig(), 1)).ok());
   EXPECT_EQ(b->Resolve("fam", 0, "task1", -1).status().code(), absl::StatusCode::kNotFound);
   auto changed = b->Refresh();
   ASSERT_TRUE(changed.ok()) << changed.status();
@@ -157,7 +147,7 @@ TEST(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
   std::shared_ptr<const PublishedFamily> held = r->family;  // an in-flight request
   EXPECT_TRUE(b->Refresh()->empty());                      // nothing new: no reload
 
-  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, Base(), 2)).ok());
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, TinyBertConfig(), 2)).ok());
   EXPECT_THAT(*b->Refresh(), ::testing::ElementsAre("fam v2"));
   r = b->Resolve("fam", 0, "task2", -1);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -174,7 +164,7 @@ TEST(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
   InMemoryStore store;
   {
     auto reg = MakeRegistry(dir.path(), &store, "fp-1");
-    ASSERT_TRUE(reg->Publish(RandomFamily("a", 2, Base(), 1)).ok());
+    ASSERT_TRUE(reg->Publish(RandomFamily("a", 2, TinyBertConfig(), 1)).ok());
   }
   auto reg = MakeRegistry(dir.path(), &store, "fp-2");
   auto warnings = reg->LoadAll();
@@ -214,12 +204,12 @@ TEST(AdapterRegistryTest, RejectsBadRequests) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  auto req = RandomFamily("../evil", 2, Base(), 1);
+  auto req = RandomFamily("../evil", 2, TinyBertConfig(), 1);
   EXPECT_EQ(reg->Publish(req).status().code(), absl::StatusCode::kInvalidArgument);
-  req = RandomFamily("ok", 2, Base(), 1);
+  req = RandomFamily("ok", 2, TinyBertConfig(), 1);
   req.head_weights.pop_back();
   EXPECT_EQ(reg->Publish(req).status().code(), absl::StatusCode::kInvalidArgument);
-  req = RandomFamily("ok", 2, Base(), 1);
+  req = RandomFamily("ok", 2, TinyBertConfig(), 1);
   req.tasks[1].name = "task0";  // duplicate
   EXPECT_THAT(reg->Publish(req).status().message(), HasSubstr("duplicate task name task0"));
   auto recs = store.ListFamilyVersions("");
@@ -232,7 +222,7 @@ TEST(AdapterRegistryTest, DeleteTaskPublishesVersionWithoutIt) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  auto v1 = reg->Publish(RandomFamily("fam", 4, Base(), 1));
+  auto v1 = reg->Publish(RandomFamily("fam", 4, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok());
   auto v2 = reg->DeleteTask("fam", "task1");
   ASSERT_TRUE(v2.ok()) << v2.status();
@@ -264,7 +254,7 @@ TEST(AdapterRegistryTest, ExportImportRoundTrip) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  auto v1 = reg->Publish(RandomFamily("fam", 3, Base(), 1));
+  auto v1 = reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok());
   auto files = reg->ExportFiles("fam", 0);
   ASSERT_TRUE(files.ok()) << files.status();
@@ -409,7 +399,7 @@ TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFa
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  const BertConfig base = Base();
+  const BertConfig base = TinyBertConfig();
   PublishRequest spec = RandomFamily("unused", 2, base, 4);
   auto lib = MetaTTAdapter::FromTensors(spec.config, spec.scale, spec.adapter_tensors);
   ASSERT_TRUE(lib.ok()) << lib.status();
@@ -607,7 +597,7 @@ TEST(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
 TEST(AdapterRegistryTest, Float16RegistryRepublishesExactFloat32Heads) {
   ScratchDir dir;
   InMemoryStore store;
-  const PublishRequest req = RandomFamily("fam", 5, Base(), 4);
+  const PublishRequest req = RandomFamily("fam", 5, TinyBertConfig(), 4);
   {
     auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
     ASSERT_NE(reg, nullptr);
@@ -648,7 +638,7 @@ AppendRequest AppendOne(const std::string& family, int64_t base, const std::stri
   r.num_labels = num_labels;
   for (int64_t l = 0; l < num_labels; ++l) r.label_names.push_back(absl::StrCat("L", l));
   req.tasks.push_back(r);
-  req.head_weights.push_back(torch::randn({num_labels, Base().hidden_size}));
+  req.head_weights.push_back(torch::randn({num_labels, TinyBertConfig().hidden_size}));
   req.head_biases.push_back(torch::randn({num_labels}));
   req.created_by_job = "job-" + task;
   return req;
@@ -677,7 +667,7 @@ TEST(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  auto v1 = reg->Publish(RandomFamily("fam", 3, Base(), 1));
+  auto v1 = reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok()) << v1.status();
   const AppendRequest add = AppendOne("fam", 1, "new", 4, 7);
   auto v2 = reg->PublishAppend(add);
@@ -715,7 +705,7 @@ TEST(AdapterRegistryTest, PublishAppendRefusesAStaleBaseOrADuplicateName) {
   ScratchDir dir;
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
-  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 2, Base(), 1)).ok());
+  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 2, TinyBertConfig(), 1)).ok());
   ASSERT_TRUE(reg->PublishAppend(AppendOne("fam", 1, "x", 2, 1)).ok());
   // A second job that also trained on v1: the family moved on.
   auto stale = reg->PublishAppend(AppendOne("fam", 1, "y", 2, 2));
@@ -736,7 +726,7 @@ TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
   InMemoryStore store;
   auto reg = MakeRegistry(dir.path(), &store);
   auto replica = MakeRegistry(dir.path(), &store);
-  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 3, Base(), 1)).ok());
+  ASSERT_TRUE(reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1)).ok());
   ASSERT_TRUE(replica->LoadAll().ok());
   int64_t version = 1;
   const int64_t n = AdapterRegistry::kCompactAfter + 2;
@@ -798,7 +788,7 @@ TEST(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlo
   ASSERT_TRUE(blobs.ok()) << blobs.status();
   auto a = MakeRegistry(dir_a.path(), &store, "fp-1", blobs->get());
   auto b = MakeRegistry(dir_b.path(), &store, "fp-1", blobs->get());
-  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, Base(), 1)).ok());
+  ASSERT_TRUE(a->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1)).ok());
   auto rec = store.GetFamilyVersion("fam", 1);
   ASSERT_TRUE(rec.ok());
   ASSERT_TRUE(IsBlobRef(rec->path)) << rec->path;
@@ -865,7 +855,7 @@ TEST(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlo
 TEST(AdapterRegistryTest, Float16AppendedVersionRepublishesExactFloat32Heads) {
   ScratchDir dir;
   InMemoryStore store;
-  const PublishRequest req = RandomFamily("fam", 3, Base(), 4);
+  const PublishRequest req = RandomFamily("fam", 3, TinyBertConfig(), 4);
   auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
   ASSERT_NE(reg, nullptr);
   ASSERT_TRUE(reg->Publish(req).ok());

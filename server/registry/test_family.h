@@ -1,5 +1,5 @@
 // Test helpers (torch): a random 4+1D family publish request and a tiny
-// WordPiece vocabulary matching testing_util::TinyConfig (64 ids).
+// WordPiece vocabulary matching TinyBertConfig (64 ids).
 #pragma once
 
 #include <memory>
@@ -18,13 +18,15 @@
 namespace metatt {
 namespace testing_util {
 
-// Task t has 2 + t % 3 labels, except every 5th task (t % 5 == 4): regression.
-inline PublishRequest RandomFamily(const std::string& name, int64_t num_tasks,
-                                   const BertConfig& base, uint64_t seed) {
+// The adapter of the random test families: (4+1)D, bond rank `rank` on Q and
+// V of `base`, `num_tasks` task slices, cores drawn with `seed` (torch is
+// seeded with it too, for what the caller draws next).
+inline absl::StatusOr<std::unique_ptr<MetaTTAdapter>> RandomFamilyAdapter(
+    const BertConfig& base, int64_t num_tasks, uint64_t seed, int64_t rank = 4) {
   torch::manual_seed(seed);
   MetaTTConfig c;
   c.form = TTForm::k4Plus1D;
-  c.ranks = {4};
+  c.ranks = {rank};
   c.projections = {Projection::kQuery, Projection::kValue};
   c.init = "normal(0.5)";
   c.num_tasks = num_tasks;
@@ -33,7 +35,13 @@ inline PublishRequest RandomFamily(const std::string& name, int64_t num_tasks,
   c.num_heads = base.num_attention_heads;
   MetaTTAdapter::Options o;
   o.seed = seed;
-  auto adapter = MetaTTAdapter::Create(c, o);
+  return MetaTTAdapter::Create(c, o);
+}
+
+// Task t has 2 + t % 3 labels, except every 5th task (t % 5 == 4): regression.
+inline PublishRequest RandomFamily(const std::string& name, int64_t num_tasks,
+                                   const BertConfig& base, uint64_t seed) {
+  auto adapter = RandomFamilyAdapter(base, num_tasks, seed);
   PublishRequest req;
   req.family = name;
   req.config = (*adapter)->config();

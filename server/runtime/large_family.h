@@ -13,6 +13,7 @@
 #include "adapters/metatt_adapter.h"
 #include "server/model/bert_config.h"
 #include "server/registry/adapter_registry.h"
+#include "server/registry/test_family.h"
 
 namespace metatt {
 namespace testing_util {
@@ -20,19 +21,8 @@ namespace testing_util {
 inline absl::StatusOr<PublishRequest> LargeFamily(const std::string& name, int64_t num_tasks,
                                                   const BertConfig& base, uint64_t seed,
                                                   int64_t rank = 4) {
-  torch::manual_seed(seed);
-  MetaTTConfig c;
-  c.form = TTForm::k4Plus1D;
-  c.ranks = {rank};
-  c.projections = {Projection::kQuery, Projection::kValue};
-  c.init = "normal(0.5)";
-  c.num_tasks = 1;  // shared cores only; the task slices come from one tensor below
-  c.d_in = c.d_out = base.hidden_size;
-  c.num_layers = base.num_hidden_layers;
-  c.num_heads = base.num_attention_heads;
-  MetaTTAdapter::Options o;
-  o.seed = seed;
-  auto adapter = MetaTTAdapter::Create(c, o);
+  // Shared cores only; the task slices come from one tensor below.
+  auto adapter = RandomFamilyAdapter(base, /*num_tasks=*/1, seed, rank);
   if (!adapter.ok()) return adapter.status();
   PublishRequest req;
   req.family = name;

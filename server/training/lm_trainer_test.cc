@@ -83,6 +83,14 @@ GenerationDataset ReverseTask() {
   return ds;
 }
 
+// The training task "rev" over ReverseTask().
+TrainTask RevTask() {
+  TrainTask t;
+  t.name = "rev";
+  t.gen_train = ReverseTask();
+  return t;
+}
+
 // A task whose completion is always the same word (learnable in a few steps).
 GenerationDataset ConstantTask(const std::string& word) {
   GenerationDataset ds;
@@ -195,11 +203,8 @@ TEST(LmTrainer, MetaTT4DOnEveryProjectionReducesTheCompletionLoss) {
   const LmTokenizer tok = LetterTokenizer();
   auto a = MetaTTAdapter::Create(AllProjections(*d, TTForm::k4D));
   ASSERT_TRUE(a.ok()) << a.status();
-  const GenerationDataset train = ReverseTask();
-  const double before = TaskLoss(*d, tok, train, a->get());
-  TrainTask t;
-  t.name = "rev";
-  t.gen_train = train;
+  const TrainTask t = RevTask();
+  const double before = TaskLoss(*d, tok, t.gen_train, a->get());
   std::vector<double> tokens_per_second;
   TrainerCallbacks cb;
   cb.on_progress = [&](const ProgressEvent& p) {
@@ -208,7 +213,7 @@ TEST(LmTrainer, MetaTT4DOnEveryProjectionReducesTheCompletionLoss) {
   auto tr = Trainer::Create(Options(60), MakeLmObjective(d, tok), BindMetaTT(a->get()), {t}, cb);
   ASSERT_TRUE(tr.ok()) << tr.status();
   ASSERT_TRUE((*tr)->Run().ok());
-  const double after = TaskLoss(*d, tok, train, a->get());
+  const double after = TaskLoss(*d, tok, t.gen_train, a->get());
   EXPECT_LT(after, 0.5 * before) << before << " -> " << after;
   EXPECT_LT((*tr)->losses().back(), (*tr)->losses().front());
   ASSERT_FALSE(tokens_per_second.empty());
@@ -225,15 +230,12 @@ TEST(LmTrainer, LoraOnLlamaGeometryTrains) {
   c.projections = {Projection::kQuery, Projection::kValue};
   auto a = LoraAdapter::Create(c, LoraAdapter::Options());
   ASSERT_TRUE(a.ok()) << a.status();
-  const GenerationDataset train = ReverseTask();
-  const double before = TaskLoss(*d, tok, train, a->get());
-  TrainTask t;
-  t.name = "rev";
-  t.gen_train = train;
+  const TrainTask t = RevTask();
+  const double before = TaskLoss(*d, tok, t.gen_train, a->get());
   auto tr = Trainer::Create(Options(40), MakeLmObjective(d, tok), BindLora(a->get()), {t});
   ASSERT_TRUE(tr.ok()) << tr.status();
   ASSERT_TRUE((*tr)->Run().ok());
-  EXPECT_LT(TaskLoss(*d, tok, train, a->get()), 0.7 * before);
+  EXPECT_LT(TaskLoss(*d, tok, t.gen_train, a->get()), 0.7 * before);
 }
 
 TEST(LmTrainer, FiveDimensionalFormRefusesGroupedQueryKV) {
@@ -248,9 +250,7 @@ TEST(LmTrainer, FiveDimensionalFormRefusesGroupedQueryKV) {
   c.projections = {Projection::kQuery, Projection::kAttnOutput};
   auto a = MetaTTAdapter::Create(c);
   ASSERT_TRUE(a.ok()) << a.status();
-  TrainTask t;
-  t.name = "rev";
-  t.gen_train = ReverseTask();
+  const TrainTask t = RevTask();
   const double before = TaskLoss(*d, LetterTokenizer(), t.gen_train, a->get());
   auto tr = Trainer::Create(Options(30), MakeLmObjective(d, LetterTokenizer()),
                             BindMetaTT(a->get()), {t});
@@ -319,9 +319,7 @@ TEST(LmTrainer, RefusesHeadsAndBadMetrics) {
   auto d = TinyDecoder();
   auto a = MetaTTAdapter::Create(AllProjections(*d, TTForm::k4D));
   ASSERT_TRUE(a.ok());
-  TrainTask t;
-  t.name = "rev";
-  t.gen_train = ReverseTask();
+  TrainTask t = RevTask();
   t.gen_eval = ReverseTask();  // no answers
   t.primary_metric = "answer_accuracy";
   auto tr = Trainer::Create(Options(1), MakeLmObjective(d, LetterTokenizer()), BindMetaTT(a->get()),

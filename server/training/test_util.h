@@ -24,30 +24,18 @@
 namespace metatt {
 namespace testing_util {
 
-inline BertConfig TinyConfig() {
-  BertConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 16;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 32;
-  c.max_position_embeddings = 64;
-  c.type_vocab_size = 2;
-  return c;
-}
-
 inline std::shared_ptr<BertEncoder> TinyEncoder(uint64_t seed = 1) {
   torch::manual_seed(seed);
-  const BertConfig c = TinyConfig();
+  const BertConfig c = TinyBertConfig();
   const auto t = RandomBertWeights(c);
   auto e = BertEncoder::FromTensors(c, t, torch::kCPU);
   return e.ok() ? *e : nullptr;
 }
 
-// A LoRA on the tiny encoder's shapes (TinyConfig): rank 4, alpha 8, Q and V
+// A LoRA on the tiny encoder's shapes (TinyBertConfig): rank 4, alpha 8, Q and V
 // of both layers.
 inline LoraConfig TinyLoraConfig() {
-  const BertConfig e = TinyConfig();
+  const BertConfig e = TinyBertConfig();
   LoraConfig c;
   c.rank = 4;
   c.alpha = 8;
@@ -57,10 +45,10 @@ inline LoraConfig TinyLoraConfig() {
   return c;
 }
 
-// A MetaTT config on the tiny encoder's shapes (TinyConfig: width 16, 2
+// A MetaTT config on the tiny encoder's shapes (TinyBertConfig: width 16, 2
 // layers, 2 heads): `form`, bond rank `rank`, initialisation `init`.
 inline MetaTTConfig TinyMetaTTConfig(TTForm form, int64_t rank, const std::string& init) {
-  const BertConfig e = TinyConfig();
+  const BertConfig e = TinyBertConfig();
   MetaTTConfig c;
   c.form = form;
   c.ranks = {rank};
@@ -76,7 +64,7 @@ inline std::shared_ptr<TaskHead> TinyHead(uint64_t seed,
                                           LabelKind kind = LabelKind::kClassification) {
   TaskHead::Options o;
   o.kind = kind;
-  o.hidden_size = TinyConfig().hidden_size;
+  o.hidden_size = TinyBertConfig().hidden_size;
   o.seed = seed;
   auto h = TaskHead::Create(o);
   return h.ok() ? *h : nullptr;
