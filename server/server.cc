@@ -359,7 +359,7 @@ absl::Status Server::Init() {
   dopt.blobs = blobs_;
   dopt.max_upload_bytes = o.max_upload_bytes;
   dopt.parse = ParseUploadedDataset;
-  dopt.max_labels_per_task = o.max_labels_per_task;
+  dopt.max_labels_per_task = o.job_limits.max_labels_per_task;
   auto datasets = DatasetManager::Create(dopt, store_.get());
   if (!datasets.ok()) return datasets.status();
   datasets_ = std::move(*datasets);
@@ -369,12 +369,7 @@ absl::Status Server::Init() {
   job_metrics_ = std::make_unique<JobMetrics>(&metrics_->metrics());
   jopt.observer = job_metrics_.get();
   jopt.quotas = quotas;
-  jopt.max_batch_size = o.max_job_batch_size;
-  jopt.max_sequence_length = o.max_sequence_length;
-  jopt.max_tasks_per_job = o.max_tasks_per_job;
-  jopt.max_steps = o.max_steps;
-  jopt.max_rank_times_tasks = o.max_rank_times_tasks;
-  jopt.max_labels_per_task = o.max_labels_per_task;
+  jopt.limits = o.job_limits;
   jopt.max_event_streams = o.max_event_streams;
   // A dataset in a blob store is checked against its sha256 when a job reads
   // it (ReadDatasetBytes); a local file when the job is created.

@@ -86,14 +86,10 @@ class Server {
     TenantQuotas default_quotas;  // --quota_* flags
     int64_t max_request_bytes = 64 << 20;
     int64_t max_predict_inputs = 1024;
-    int64_t max_job_batch_size = 4096;
-    int64_t max_sequence_length = 4096;
-    // What one request may make the server hold (job_validation.h defaults;
+    // A job's hparams (--max_job_batch_size, --max_sequence_length) and what
+    // one job or dataset may make the server hold (job_validation.h defaults;
     // INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit; 0 = none).
-    int64_t max_tasks_per_job = kDefaultMaxTasksPerJob;
-    int64_t max_steps = kDefaultMaxSteps;
-    int64_t max_rank_times_tasks = kDefaultMaxRankTimesTasks;
-    int64_t max_labels_per_task = kDefaultMaxLabelsPerTask;
+    JobLimits job_limits = JobLimits::ServerDefaults();
     int64_t max_import_bytes = 1ll << 30;
     // Connections (gRPC channel arguments and resource quota; 0 = gRPC's default).
     int64_t max_event_streams = 1000;      // open StreamJobEvents, server-wide

@@ -7,10 +7,10 @@
 
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <sstream>
 
 #include "server/store/sqlite_store.h"
+#include "server/store/store_test_util.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {
@@ -20,15 +20,10 @@ namespace fs = std::filesystem;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-class DatasetManagerTest : public ::testing::Test {
+class DatasetManagerTest : public testing_util::SqliteStoreFixture {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("dataset_manager_test_" + std::to_string(std::random_device{}()));
-    fs::create_directories(dir_);
-    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
-    ASSERT_TRUE(s.ok()) << s.status();
-    store_ = std::move(*s);
+    SqliteStoreFixture::SetUp();
     DatasetManagerOptions o;
     o.data_dir = (dir_ / "data").string();
     o.max_upload_bytes = 1000;
@@ -37,7 +32,10 @@ class DatasetManagerTest : public ::testing::Test {
     ASSERT_TRUE(m.ok()) << m.status();
     manager_ = std::move(*m);
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override {
+    manager_.reset();
+    SqliteStoreFixture::TearDown();
+  }
   size_t FilesUnderDatasets() {
     size_t n = 0;
     for (const auto& e : fs::recursive_directory_iterator(dir_ / "data" / "datasets")) {
@@ -47,8 +45,6 @@ class DatasetManagerTest : public ::testing::Test {
   }
   static DatasetUpload Header() { return {"tiny", "tsv", R"({"format":"tsv"})"}; }
 
-  fs::path dir_;
-  std::unique_ptr<SqliteStore> store_;
   std::unique_ptr<DatasetManager> manager_;
 };
 
@@ -172,8 +168,7 @@ TEST_F(DatasetManagerTest, BlobStoreHoldsTheBytesAndOtherReplicasReadThroughThei
 
 TEST(SyncDirectoryEntriesTest, SyncsADirectoryAndNamesAMissingOne) {
   namespace fs = std::filesystem;
-  fs::path dir = fs::temp_directory_path() /
-                 ("sync_dir_test_" + std::to_string(std::random_device{}()));
+  fs::path dir = testing_util::NewTestDirPath("sync_dir_test_");
   fs::create_directories(dir);
   EXPECT_TRUE(SyncDirectoryEntries(dir).ok());
   absl::Status missing = SyncDirectoryEntries(dir / "nope");

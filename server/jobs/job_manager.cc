@@ -246,13 +246,7 @@ absl::Status JobManager::CheckJobQuotasLocked(const std::string& tenant) {
 absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller) {
   // The rules on the spec itself (job_validation.h), with the server's limits;
   // below, what needs the store: families, tasks and datasets the caller sees.
-  JobLimits limits;
-  limits.max_batch_size = options_.max_batch_size;
-  limits.max_sequence_length = options_.max_sequence_length;
-  limits.max_tasks_per_job = options_.max_tasks_per_job;
-  limits.max_steps = options_.max_steps;
-  limits.max_rank_times_tasks = options_.max_rank_times_tasks;
-  limits.max_labels_per_task = options_.max_labels_per_task;
+  const JobLimits& limits = options_.limits;
   // `spec.family` is the caller's name; the store knows the family by its
   // key in the caller's tenant (tenants.h FamilyKeyFor): another tenant's
   // "x" is neither seen nor in the way, and the lookup is the same either way.
@@ -292,6 +286,19 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
     RETURN_IF_ERROR(ValidateFamilyCapacity(static_cast<int64_t>(existing_tasks.size()) + 1,
                                            max_rank, "spec.adapter.ranks", limits));
   }
+  // A dataset the caller sees (another tenant's reads as not found); errors
+  // are prefixed with `where`.
+  auto visible_dataset = [&](const std::string& id,
+                             const std::string& where) -> absl::StatusOr<DatasetRecord> {
+    auto d = store_->GetDataset(id);
+    if (absl::IsNotFound(d.status()) || (d.ok() && !caller.CanSee(d->tenant))) {
+      d = NotFoundFor("dataset", id);
+    }
+    if (!d.ok()) {
+      return absl::Status(d.status().code(), absl::StrCat(where, ": ", d.status().message()));
+    }
+    return d;
+  };
   for (size_t i = 0; i < spec.tasks.size(); ++i) {
     const JobTaskSpec& t = spec.tasks[i];
     std::string field = absl::StrCat("spec.tasks[", i, "]");
@@ -303,34 +310,18 @@ absl::Status JobManager::ValidateSpec(const JobSpec& spec, const Caller& caller)
         }
       }
     }
-    auto ds = store_->GetDataset(t.dataset_id);
-    if (absl::IsNotFound(ds.status()) || (ds.ok() && !caller.CanSee(ds->tenant))) {
-      ds = NotFoundFor("dataset", t.dataset_id);
-    }
-    if (!ds.ok()) {
-      return absl::Status(ds.status().code(),
-                          absl::StrCat(field, ".dataset_id: ", ds.status().message()));
-    }
+    const std::string ds_field = field + ".dataset_id";
+    ASSIGN_OR_RETURN(const DatasetRecord ds, visible_dataset(t.dataset_id, ds_field));
     // A dataset uploaded under a higher limit (or before there was one).
-    if (!ds->regression) {
-      RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(ds->label_names.size()),
-                                         field + ".dataset_id", limits));
+    if (!ds.regression) {
+      RETURN_IF_ERROR(ValidateLabelCount(static_cast<int64_t>(ds.label_names.size()), ds_field,
+                                         limits));
     }
-    if (options_.verify_dataset_files) {
-      RETURN_IF_ERROR(VerifyDatasetFile(*ds, field + ".dataset_id"));
-    }
+    if (options_.verify_dataset_files) RETURN_IF_ERROR(VerifyDatasetFile(ds, ds_field));
     if (!t.eval_dataset_id.empty()) {
-      auto eds = store_->GetDataset(t.eval_dataset_id);
-      if (absl::IsNotFound(eds.status()) || (eds.ok() && !caller.CanSee(eds->tenant))) {
-        eds = NotFoundFor("dataset", t.eval_dataset_id);
-      }
-      if (!eds.ok()) {
-        return absl::Status(eds.status().code(),
-                            absl::StrCat(field, ".eval_dataset_id: ", eds.status().message()));
-      }
-      if (options_.verify_dataset_files) {
-        RETURN_IF_ERROR(VerifyDatasetFile(*eds, field + ".eval_dataset_id"));
-      }
+      const std::string eval_field = field + ".eval_dataset_id";
+      ASSIGN_OR_RETURN(const DatasetRecord eds, visible_dataset(t.eval_dataset_id, eval_field));
+      if (options_.verify_dataset_files) RETURN_IF_ERROR(VerifyDatasetFile(eds, eval_field));
     }
   }
   return absl::OkStatus();

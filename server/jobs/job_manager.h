@@ -54,14 +54,9 @@ struct JobManagerOptions {
   JobObserver* observer = nullptr;
   // Per-tenant quotas (max_concurrent_jobs, max_queued_jobs, max_tasks); null = none.
   QuotaFn quotas;
-  // Global limits on a job's hparams (INVALID_ARGUMENT naming the limit).
-  int64_t max_batch_size = 4096;
-  int64_t max_sequence_length = 4096;
-  // Bounds on what one job makes the server hold (job_validation.h; 0 = none).
-  int64_t max_tasks_per_job = kDefaultMaxTasksPerJob;
-  int64_t max_steps = kDefaultMaxSteps;
-  int64_t max_rank_times_tasks = kDefaultMaxRankTimesTasks;
-  int64_t max_labels_per_task = kDefaultMaxLabelsPerTask;
+  // Limits on a job's hparams and on what one job makes the server hold
+  // (job_validation.h; INVALID_ARGUMENT naming the limit).
+  JobLimits limits = JobLimits::ServerDefaults();
   // Open StreamJobEvents subscriptions (each holds an RPC thread); Subscribe
   // answers RESOURCE_EXHAUSTED naming max_event_streams beyond it. 0 = none.
   int64_t max_event_streams = 1000;

@@ -4,11 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <random>
 #include <thread>
 
 #include "absl/time/clock.h"
 #include "server/store/sqlite_store.h"
+#include "server/store/store_test_util.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {
@@ -21,13 +21,10 @@ using ::testing::HasSubstr;
 using ::testing::IsEmpty;
 using ::testing::Not;
 
-class JobManagerTest : public ::testing::Test {
+class JobManagerTest : public testing_util::SqliteStoreFixture {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("job_manager_test_" + std::to_string(std::random_device{}()));
-    std::filesystem::create_directories(dir_);
-    OpenStore();
+    SqliteStoreFixture::SetUp();
     DatasetRecord d;
     d.id = "ds-1";
     d.name = "train";
@@ -37,13 +34,7 @@ class JobManagerTest : public ::testing::Test {
   }
   void TearDown() override {
     manager_.reset();
-    store_.reset();
-    std::filesystem::remove_all(dir_);
-  }
-  void OpenStore() {
-    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
-    ASSERT_TRUE(s.ok()) << s.status();
-    store_ = std::move(*s);
+    SqliteStoreFixture::TearDown();
   }
   void StartManager(int64_t max_queued = 16) {
     JobManagerOptions o;
@@ -84,8 +75,6 @@ class JobManagerTest : public ::testing::Test {
     return last;
   }
 
-  std::filesystem::path dir_;
-  std::unique_ptr<SqliteStore> store_;
   FakeExecutor executor_;
   std::unique_ptr<JobManager> manager_;
 };

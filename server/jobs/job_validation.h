@@ -64,6 +64,17 @@ struct JobLimits {
   int64_t max_steps = 0;             // --max_steps
   int64_t max_rank_times_tasks = 0;  // --max_rank_times_tasks
   int64_t max_labels_per_task = 0;   // --max_labels_per_task
+
+  // The server's limits (its flags' defaults): where JobManagerOptions and
+  // Server::Options start.
+  static JobLimits ServerDefaults() {
+    JobLimits l;
+    l.max_tasks_per_job = kDefaultMaxTasksPerJob;
+    l.max_steps = kDefaultMaxSteps;
+    l.max_rank_times_tasks = kDefaultMaxRankTimesTasks;
+    l.max_labels_per_task = kDefaultMaxLabelsPerTask;
+    return l;
+  }
 };
 
 // Everything about `spec` that needs neither the store nor the model: kind vs

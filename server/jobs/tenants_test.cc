@@ -6,12 +6,12 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <random>
 
 #include "absl/time/clock.h"
 #include "server/jobs/dataset_manager.h"
 #include "server/jobs/job_manager.h"
 #include "server/store/sqlite_store.h"
+#include "server/store/store_test_util.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {
@@ -97,15 +97,10 @@ TEST(TenantConfigTest, BadFilesNameTheField) {
 
 // ---- Ownership and quotas in the managers -------------------------------------
 
-class TenantRulesTest : public ::testing::Test {
+class TenantRulesTest : public testing_util::SqliteStoreFixture {
  protected:
   void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("tenants_test_" + std::to_string(std::random_device{}()));
-    std::filesystem::create_directories(dir_);
-    auto s = SqliteStore::Create((dir_ / "metatt.db").string());
-    ASSERT_TRUE(s.ok()) << s.status();
-    store_ = std::move(*s);
+    SqliteStoreFixture::SetUp();
     DatasetManagerOptions o;
     o.data_dir = dir_.string();
     o.parse = FakeDatasetParse;
@@ -117,8 +112,7 @@ class TenantRulesTest : public ::testing::Test {
   void TearDown() override {
     jobs_.reset();
     datasets_.reset();
-    store_.reset();
-    std::filesystem::remove_all(dir_);
+    SqliteStoreFixture::TearDown();
   }
   TenantQuotas Quotas(const std::string& tenant) {
     auto it = quotas_.find(tenant);
@@ -127,8 +121,8 @@ class TenantRulesTest : public ::testing::Test {
   void StartJobs(int64_t max_batch = 4096, int64_t max_len = 4096) {
     JobManagerOptions o;
     o.quotas = [this](const std::string& t) { return Quotas(t); };
-    o.max_batch_size = max_batch;
-    o.max_sequence_length = max_len;
+    o.limits.max_batch_size = max_batch;
+    o.limits.max_sequence_length = max_len;
     auto m = JobManager::Create(o, store_.get(), &executor_);
     ASSERT_TRUE(m.ok()) << m.status();
     jobs_ = std::move(*m);
@@ -168,8 +162,6 @@ class TenantRulesTest : public ::testing::Test {
   const Caller b_{"beta", false};
   const Caller admin_{"ops", true};
   std::map<std::string, TenantQuotas> quotas_;
-  std::filesystem::path dir_;
-  std::unique_ptr<SqliteStore> store_;
   std::unique_ptr<DatasetManager> datasets_;
   FakeExecutor executor_;
   std::unique_ptr<JobManager> jobs_;

@@ -5,9 +5,9 @@
 #include <sqlite3.h>
 
 #include <filesystem>
-#include <random>
 
 #include "server/store/job_json.h"
+#include "server/store/store_test_util.h"
 
 namespace metatt {
 namespace {
@@ -15,21 +15,8 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-class SqliteStoreTest : public ::testing::Test {
+class SqliteStoreTest : public testing_util::SqliteStoreFixture {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("sqlite_store_test_" + std::to_string(std::random_device{}()));
-    std::filesystem::create_directories(dir_);
-    path_ = (dir_ / "metatt.db").string();
-    auto s = SqliteStore::Create(path_);
-    ASSERT_TRUE(s.ok()) << s.status();
-    store_ = std::move(*s);
-  }
-  void TearDown() override {
-    store_.reset();
-    std::filesystem::remove_all(dir_);
-  }
   // Every field's round trip is store_conformance_test's; these tests read
   // the label names and the tenant.
   static DatasetRecord Dataset(const std::string& id) {
@@ -39,20 +26,17 @@ class SqliteStoreTest : public ::testing::Test {
     return d;
   }
 
-  std::filesystem::path dir_;
-  std::string path_;
-  std::unique_ptr<SqliteStore> store_;
 };
 
 TEST_F(SqliteStoreTest, UsesWalAndRecordsMigrations) {
   auto v = store_->SchemaVersion();
   ASSERT_TRUE(v.ok());
   EXPECT_EQ(*v, 5);
-  EXPECT_TRUE(std::filesystem::exists(path_ + "-wal"));
+  EXPECT_TRUE(std::filesystem::exists(db_path() + "-wal"));
   // Reopening applies nothing new and keeps the data.
   ASSERT_TRUE(store_->PutDataset(Dataset("ds-1")).ok());
   store_.reset();
-  auto again = SqliteStore::Create(path_);
+  auto again = SqliteStore::Create(db_path());
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(*(*again)->SchemaVersion(), 5);
   auto d = (*again)->GetDataset("ds-1");

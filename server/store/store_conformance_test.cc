@@ -25,6 +25,7 @@
 #include "server/store/pg_test_server.h"
 #include "server/store/postgres_store.h"
 #include "server/store/sqlite_store.h"
+#include "server/store/store_test_util.h"
 #include "server/jobs/test_util.h"
 
 namespace metatt {
@@ -78,8 +79,7 @@ class StoreConformance : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     if (GetParam() == "sqlite") {
-      dir_ = std::filesystem::temp_directory_path() /
-             ("store_conformance_" + std::to_string(std::random_device{}()));
+      dir_ = testing_util::NewTestDirPath("store_conformance_");
       std::filesystem::create_directories(dir_);
       auto s = SqliteStore::Create((dir_ / "metatt.db").string());
       ASSERT_TRUE(s.ok()) << s.status();
@@ -936,8 +936,7 @@ class BlobStoreConformance : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     if (GetParam() == "dir") {
-      dir_ = std::filesystem::temp_directory_path() /
-             ("blob_conformance_" + std::to_string(std::random_device{}()));
+      dir_ = testing_util::NewTestDirPath("blob_conformance_");
       blobs_ = Reopen();
     } else {
       auto uri = PgEnv::Get().NewDatabase();
@@ -1057,8 +1056,7 @@ TEST_P(BlobStoreConformance, ConcurrentWritersOfOneKeyLeaveOneWholeValue) {
 // The directory store: a write cut off before its rename (a crash) leaves the
 // previous value, and its scratch file is no key.
 TEST(LocalBlobStore, InterruptedWriteLeavesThePreviousValue) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("blob_local_" + std::to_string(std::random_device{}()));
+  const auto dir = testing_util::NewTestDirPath("blob_local_");
   auto s = LocalBlobStore::Create(dir.string());
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_TRUE((*s)->Put("datasets/ds-1/data.tsv", "old").ok());

@@ -280,9 +280,9 @@ struct Stack {
     JobManagerOptions jopt;
     jopt.max_queued_jobs = 4;
     jopt.quotas = quotas;
-    jopt.max_steps = 100000;
-    jopt.max_tasks_per_job = 8;
-    jopt.max_labels_per_task = 64;
+    jopt.limits.max_steps = 100000;
+    jopt.limits.max_tasks_per_job = 8;
+    jopt.limits.max_labels_per_task = 64;
     jopt.max_event_streams = 4;
     jobs = std::move(*JobManager::Create(jopt, store.get(), &executor));
     families = std::make_unique<FamilyAccess>(store.get(), quotas);

@@ -1,0 +1,54 @@
+// Test helpers (torch-free) of the store, job and dataset tests: a fresh
+// folder name per test, and the gtest fixture of tests that run on a SQLite
+// store in such a folder.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+
+#include "server/store/sqlite_store.h"
+
+namespace metatt {
+namespace testing_util {
+
+// <temp dir>/<prefix><random number>: a path no other test uses (not created).
+inline std::filesystem::path NewTestDirPath(const std::string& prefix) {
+  return std::filesystem::temp_directory_path() /
+         (prefix + std::to_string(std::random_device{}()));
+}
+
+// A SQLite store in a fresh folder named after the test suite (dir_, store_
+// on db_path()), both removed after the test. A derived fixture calls
+// SqliteStoreFixture::SetUp() / TearDown() around its own.
+class SqliteStoreFixture : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = NewTestDirPath(std::string(test->test_suite_name()) + "_");
+    std::filesystem::create_directories(dir_);
+    OpenStore();
+  }
+  void TearDown() override {
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  // Opens the store on db_path(); again after the first time: a restart on
+  // the same file.
+  void OpenStore() {
+    auto s = SqliteStore::Create(db_path());
+    ASSERT_TRUE(s.ok()) << s.status();
+    store_ = std::move(*s);
+  }
+  std::string db_path() const { return (dir_ / "metatt.db").string(); }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<SqliteStore> store_;
+};
+
+}  // namespace testing_util
+}  // namespace metatt
