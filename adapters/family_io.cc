@@ -14,6 +14,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "adapters/peft_modules.h"
 #include "base/safetensors.h"
 #include "base/status_macros.h"
 
@@ -260,20 +261,6 @@ absl::StatusOr<std::pair<torch::Tensor, torch::Tensor>> FamilyTaskHead(const Loa
 namespace {
 
 bool IsLlama(const LoraConfig& c) { return c.model.has_value() && c.model->family == "llama"; }
-
-// The module path of a projection inside one transformer layer.
-const char* PeftModule(Projection p, bool llama) {
-  switch (p) {
-    case Projection::kQuery: return llama ? "self_attn.q_proj" : "attention.self.query";
-    case Projection::kKey: return llama ? "self_attn.k_proj" : "attention.self.key";
-    case Projection::kValue: return llama ? "self_attn.v_proj" : "attention.self.value";
-    case Projection::kAttnOutput: return llama ? "self_attn.o_proj" : "attention.output.dense";
-    case Projection::kFfnUp: return llama ? "mlp.up_proj" : "intermediate.dense";
-    case Projection::kFfnDown: return llama ? "mlp.down_proj" : "output.dense";
-    case Projection::kGate: return "mlp.gate_proj";
-  }
-  return "";
-}
 
 // The shortest target_modules entry that names the projection's module
 // (PEFT matches a name when the module's path ends with "." + name).

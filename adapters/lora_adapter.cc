@@ -7,6 +7,7 @@
 #include <set>
 
 #include "adapters/adapted_layers.h"
+#include "adapters/peft_modules.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -82,12 +83,8 @@ absl::Status LoraConfig::Validate() const {
                                              "' is not a projection of the model (",
                                              model->family, ")"));
   }
-  if (model.has_value()) {
-    const std::string why = model->Check();
-    if (!why.empty()) return Bad("model", why);
-    if (model->num_layers != num_layers)
-      return Bad("num_layers", absl::StrCat("(", num_layers, ") differs from the model's ",
-                                            model->num_layers));
+  if (const auto [field, why] = CheckConfigModel(model, num_layers); !field.empty()) {
+    return Bad(field, why);
   }
   std::set<int> seen_l;
   for (int l : layers) {
@@ -288,34 +285,9 @@ absl::Status ParsePeftKey(const std::string& key, int* layer, Projection* proj, 
   if (dot == std::string::npos || !absl::SimpleAtoi(rest.substr(0, dot), layer) || *layer < 0)
     return bad("bad layer index");
   const std::string module = rest.substr(dot + 1);
-  if (module == "attention.self.query")
-    *proj = Projection::kQuery;
-  else if (module == "attention.self.key")
-    *proj = Projection::kKey;
-  else if (module == "attention.self.value")
-    *proj = Projection::kValue;
-  else if (module == "attention.output.dense")
-    *proj = Projection::kAttnOutput;
-  else if (module == "intermediate.dense")
-    *proj = Projection::kFfnUp;
-  else if (module == "output.dense")
-    *proj = Projection::kFfnDown;
-  else if (module == "self_attn.q_proj")
-    *proj = Projection::kQuery;
-  else if (module == "self_attn.k_proj")
-    *proj = Projection::kKey;
-  else if (module == "self_attn.v_proj")
-    *proj = Projection::kValue;
-  else if (module == "self_attn.o_proj")
-    *proj = Projection::kAttnOutput;
-  else if (module == "mlp.gate_proj")
-    *proj = Projection::kGate;
-  else if (module == "mlp.up_proj")
-    *proj = Projection::kFfnUp;
-  else if (module == "mlp.down_proj")
-    *proj = Projection::kFfnDown;
-  else
-    return bad(absl::StrCat("unknown module '", module, "'"));
+  const std::optional<Projection> p = PeftModuleProjection(module);
+  if (!p) return bad(absl::StrCat("unknown module '", module, "'"));
+  *proj = *p;
   return absl::OkStatus();
 }
 

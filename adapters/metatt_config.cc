@@ -305,12 +305,8 @@ absl::Status MetaTTConfig::Validate() const {
   if (projections.empty()) return Bad("projections", "is empty");
   std::set<Projection> seen;
   const ModelGeometry geo = Geometry();
-  if (model.has_value()) {
-    const std::string why = model->Check();
-    if (!why.empty()) return Bad("model", why);
-    if (model->num_layers != num_layers)
-      return Bad("num_layers", absl::StrCat("(", num_layers, ") differs from the model's ",
-                                            model->num_layers));
+  if (const auto [field, why] = CheckConfigModel(model, num_layers); !field.empty()) {
+    return Bad(field, why);
   }
   for (Projection p : projections) {
     if (!model.has_value() && p == Projection::kGate)

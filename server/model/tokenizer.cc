@@ -167,6 +167,18 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ReadTokenizerFile(path, "tokenizer");
 }
 
+// The JSON object in the file at `path` (tokenizer.json, tokenizer_config.json).
+absl::StatusOr<nlohmann::json> ReadJsonObject(const std::string& path) {
+  auto text = ReadFile(path);
+  if (!text.ok()) return text.status();
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokenizer: '", path, "' is not a valid JSON object"));
+  }
+  return j;
+}
+
 // Leftmost-longest split of `text` on `tokens` (HF AddedVocabulary matching).
 // Calls on_text(segment) for unmatched text and on_token(id) for matches.
 template <typename OnText, typename OnToken>
@@ -276,13 +288,9 @@ absl::StatusOr<WordPieceTokenizer> LoadVocabTxt(const std::string& vocab_path,
   WordPieceTokenizer::Options opts;
   std::error_code ec;
   if (!config_path.empty() && std::filesystem::exists(config_path, ec)) {
-    auto cfg_text = ReadFile(config_path);
-    if (!cfg_text.ok()) return cfg_text.status();
-    nlohmann::json cfg = nlohmann::json::parse(*cfg_text, nullptr, false);
-    if (cfg.is_discarded() || !cfg.is_object()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tokenizer: '", config_path, "' is not a valid JSON object"));
-    }
+    auto read = ReadJsonObject(config_path);
+    if (!read.ok()) return read.status();
+    nlohmann::json cfg = std::move(*read);
     try {
       if (cfg.contains("do_lower_case") && cfg["do_lower_case"].is_boolean()) {
         opts.lowercase = cfg["do_lower_case"].get<bool>();
@@ -338,13 +346,9 @@ absl::StatusOr<WordPieceTokenizer> WordPieceTokenizer::Create(const std::string&
   }
   if (!vocab_path.empty()) return LoadVocabTxt(vocab_path, config_path);
 
-  auto text = ReadFile(json_path);
-  if (!text.ok()) return text.status();
-  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tokenizer: '", json_path, "' is not valid JSON"));
-  }
+  auto read = ReadJsonObject(json_path);
+  if (!read.ok()) return read.status();
+  nlohmann::json j = std::move(*read);
   auto bad = [&](const std::string& why) {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer: '", json_path, "': ", why));
   };

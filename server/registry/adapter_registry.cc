@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <iostream>
 #include <limits>
 #include <stdexcept>
@@ -94,15 +95,34 @@ absl::Status StackHeads(const std::vector<torch::Tensor>& weights,
   });
 }
 
-// Task records of a family in the library's format: the registry's records
-// from extra.tasks where present; a family written by metatt-train has none
-// (num_labels from its head, regression = a single output).
-absl::StatusOr<std::vector<TaskRecord>> TaskRecordsOf(const LoadedFamily& lf,
-                                                      const std::string& where) {
+// A stored version that does not load: its code, prefixed with `where` (a
+// FAILED_PRECONDITION is a family trained on another base model).
+absl::Status VersionLoadError(const absl::Status& st, const std::string& where) {
+  const bool other_base = st.code() == absl::StatusCode::kFailedPrecondition;
+  return absl::Status(st.code(),
+                      absl::StrCat(where, other_base ? ": trained on another base model: " : ": ",
+                                   st.message()));
+}
+
+// Imported files that do not load: FAILED_PRECONDITION (another base model)
+// as it is, anything else INVALID_ARGUMENT (the caller's files are bad).
+absl::Status ImportLoadError(const absl::Status& st) {
+  const auto code = st.code() == absl::StatusCode::kFailedPrecondition
+                        ? absl::StatusCode::kFailedPrecondition
+                        : absl::StatusCode::kInvalidArgument;
+  return absl::Status(code, absl::StrCat("files: ", st.message()));
+}
+
+// Task records of a loaded family (either format): the registry's records
+// from extra.tasks where present; a family made elsewhere (metatt-train, a
+// PEFT folder) has none: num_labels from its head, regression = one output.
+absl::StatusOr<std::vector<TaskRecord>> TaskRecordsFrom(
+    const json& extra, const std::vector<std::string>& task_names, const std::string& where,
+    const std::function<absl::StatusOr<int64_t>(int64_t t, const std::string& name)>& num_labels) {
   std::map<int64_t, TaskRecord> by_index;
   try {
-    if (lf.extra.is_object() && lf.extra.contains("tasks") && lf.extra["tasks"].is_array()) {
-      for (const auto& t : lf.extra["tasks"]) {
+    if (extra.is_object() && extra.contains("tasks") && extra["tasks"].is_array()) {
+      for (const auto& t : extra["tasks"]) {
         TaskRecord r = TaskFromJson(t);
         by_index[r.index] = r;
       }
@@ -110,24 +130,37 @@ absl::StatusOr<std::vector<TaskRecord>> TaskRecordsOf(const LoadedFamily& lf,
   } catch (const json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra.tasks: ", e.what()));
   }
-  auto sn = lf.heads.find("stacked.num_labels");
   std::vector<TaskRecord> out;
-  for (int64_t t = 0; t < static_cast<int64_t>(lf.task_names.size()); ++t) {
+  for (int64_t t = 0; t < static_cast<int64_t>(task_names.size()); ++t) {
     auto it = by_index.find(t);
     TaskRecord r = it != by_index.end() ? it->second : TaskRecord();
-    r.name = lf.task_names[t];
+    r.name = task_names[t];
     r.index = t;
-    if (sn != lf.heads.end() && t < sn->second.size(0) && !lf.heads.count(r.name + ".weight")) {
-      r.num_labels = sn->second[t].item<int64_t>();
-    } else {
-      auto head = FamilyTaskHead(lf, t);
-      if (!head.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", head.status().message()));
-      r.num_labels = head->first.size(0);
-    }
+    auto n = num_labels(t, r.name);
+    if (!n.ok()) return n.status();
+    r.num_labels = *n;
     if (it == by_index.end()) r.regression = r.num_labels == 1;
     out.push_back(std::move(r));
   }
   return out;
+}
+
+// Task records of a family in the library's format (heads stacked or per task).
+absl::StatusOr<std::vector<TaskRecord>> TaskRecordsOf(const LoadedFamily& lf,
+                                                      const std::string& where) {
+  auto sn = lf.heads.find("stacked.num_labels");
+  return TaskRecordsFrom(
+      lf.extra, lf.task_names, where,
+      [&](int64_t t, const std::string& name) -> absl::StatusOr<int64_t> {
+        if (sn != lf.heads.end() && t < sn->second.size(0) && !lf.heads.count(name + ".weight")) {
+          return sn->second[t].item<int64_t>();
+        }
+        auto head = FamilyTaskHead(lf, t);
+        if (!head.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat(where, ": ", head.status().message()));
+        }
+        return head->first.size(0);
+      });
 }
 
 // A family in the library's format -> a publish request (tensors on the CPU).
@@ -303,32 +336,13 @@ absl::Status WriteLoraFamily(const std::string& dir, const LoraAdapter& adapter,
                         record.base_model_fingerprint, RegistryExtra(record, pooling, max_length));
 }
 
-// Task records of a LoRA family: extra.tasks where present; a PEFT folder
-// made elsewhere has none (num_labels from its head, 1 output = regression).
+// Task records of a LoRA family (one head per task).
 absl::StatusOr<std::vector<TaskRecord>> LoraTaskRecords(const LoadedLoraFamily& lf,
                                                         const std::string& where) {
-  std::map<int64_t, TaskRecord> by_index;
-  try {
-    if (lf.extra.is_object() && lf.extra.contains("tasks") && lf.extra["tasks"].is_array()) {
-      for (const auto& t : lf.extra["tasks"]) {
-        TaskRecord r = TaskFromJson(t);
-        by_index[r.index] = r;
-      }
-    }
-  } catch (const json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": family.json extra.tasks: ", e.what()));
-  }
-  std::vector<TaskRecord> out;
-  for (int64_t t = 0; t < static_cast<int64_t>(lf.task_names.size()); ++t) {
-    auto it = by_index.find(t);
-    TaskRecord r = it != by_index.end() ? it->second : TaskRecord();
-    r.name = lf.task_names[t];
-    r.index = t;
-    r.num_labels = lf.heads.at(r.name + ".weight").size(0);
-    if (it == by_index.end()) r.regression = r.num_labels == 1;
-    out.push_back(std::move(r));
-  }
-  return out;
+  return TaskRecordsFrom(lf.extra, lf.task_names, where,
+                         [&](int64_t, const std::string& name) -> absl::StatusOr<int64_t> {
+                           return lf.heads.at(name + ".weight").size(0);
+                         });
 }
 
 // Builds the in-memory family from tensors (any device).
@@ -678,12 +692,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadFullVersio
   if (IsLoraFamilyDir(*dir)) return LoadLoraVersion(record);
   auto loaded = LoadFamily(*dir, options_.base_model_fingerprint, torch::kCPU,
                            MetaTTAdapter::Leaves::kFrozen);
-  if (!loaded.ok()) {
-    const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
-    return absl::Status(loaded.status().code(),
-                        absl::StrCat(where, other_base ? ": trained on another base model: " : ": ",
-                                     loaded.status().message()));
-  }
+  if (!loaded.ok()) return VersionLoadError(loaded.status(), where);
   const LoadedFamily& lf = *loaded;
   const int64_t T = static_cast<int64_t>(lf.task_names.size());
   torch::Tensor weight, bias;
@@ -1256,12 +1265,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::Import(
     loaded = st;
   }
   fs::remove_all(scratch, ec);
-  if (!loaded.ok()) {
-    const auto code = loaded.status().code() == absl::StatusCode::kFailedPrecondition
-                          ? absl::StatusCode::kFailedPrecondition
-                          : absl::StatusCode::kInvalidArgument;
-    return absl::Status(code, absl::StrCat("files: ", loaded.status().message()));
-  }
+  if (!loaded.ok()) return ImportLoadError(loaded.status());
   ASSIGN_OR_RETURN(PublishRequest req, RequestFromLoaded(*loaded, "files"));
   req.family = name;
   req.created_by_job = "import";
@@ -1277,12 +1281,7 @@ absl::StatusOr<std::shared_ptr<PublishedFamily>> AdapterRegistry::LoadLoraVersio
   const std::string where = absl::StrCat("family ", record.family, " v", record.version);
   const std::string dir = catalog_->LocalDir(record.path);  // fetched by LoadFullVersion
   auto loaded = LoadLoraFamily(dir, options_.base_model_fingerprint);
-  if (!loaded.ok()) {
-    const bool other_base = loaded.status().code() == absl::StatusCode::kFailedPrecondition;
-    return absl::Status(loaded.status().code(),
-                        absl::StrCat(where, other_base ? ": trained on another base model: " : ": ",
-                                     loaded.status().message()));
-  }
+  if (!loaded.ok()) return VersionLoadError(loaded.status(), where);
   std::string pooling = "mean";
   int64_t max_length = 128;
   try {
@@ -1348,12 +1347,7 @@ absl::StatusOr<std::shared_ptr<const PublishedFamily>> AdapterRegistry::ImportLo
               : absl::StatusOr<LoadedLoraFamily>(st);
   std::error_code ec;
   fs::remove_all(scratch, ec);
-  if (!loaded.ok()) {
-    const auto code = loaded.status().code() == absl::StatusCode::kFailedPrecondition
-                          ? absl::StatusCode::kFailedPrecondition
-                          : absl::StatusCode::kInvalidArgument;
-    return absl::Status(code, absl::StrCat("files: ", loaded.status().message()));
-  }
+  if (!loaded.ok()) return ImportLoadError(loaded.status());
   std::string name = family;
   if (name.empty() && loaded->extra.is_object() && loaded->extra.contains("family") &&
       loaded->extra["family"].is_string()) {

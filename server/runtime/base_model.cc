@@ -26,15 +26,26 @@ absl::StatusOr<std::string> ReadModelType(const std::string& model_dir) {
   return j["model_type"].get<std::string>();
 }
 
+namespace {
+
+// What either model tells about itself (both expose the same accessors).
+template <typename Model>
+std::shared_ptr<BaseModel> Describe(ModelKind kind, const Model& model) {
+  auto m = std::make_shared<BaseModel>();
+  m->kind = kind;
+  m->model_type = model.config().model_type;
+  m->model_dir = model.model_dir();
+  m->device = model.device();
+  m->geometry = model.geometry();
+  m->fingerprint = model.config().Fingerprint();
+  return m;
+}
+
+}  // namespace
+
 std::shared_ptr<const BaseModel> BaseModel::Encoder(
     std::shared_ptr<const BertEncoder> encoder, std::shared_ptr<const WordPieceTokenizer> tok) {
-  auto m = std::make_shared<BaseModel>();
-  m->kind = ModelKind::kEncoder;
-  m->model_type = encoder->config().model_type;
-  m->model_dir = encoder->model_dir();
-  m->device = encoder->device();
-  m->geometry = encoder->geometry();
-  m->fingerprint = encoder->config().Fingerprint();
+  auto m = Describe(ModelKind::kEncoder, *encoder);
   m->encoder = std::move(encoder);
   m->wordpiece = std::move(tok);
   return m;
@@ -42,13 +53,7 @@ std::shared_ptr<const BaseModel> BaseModel::Encoder(
 
 std::shared_ptr<const BaseModel> BaseModel::Decoder(std::shared_ptr<const LlamaDecoder> decoder,
                                                     std::shared_ptr<const BpeTokenizer> tok) {
-  auto m = std::make_shared<BaseModel>();
-  m->kind = ModelKind::kDecoder;
-  m->model_type = decoder->config().model_type;
-  m->model_dir = decoder->model_dir();
-  m->device = decoder->device();
-  m->geometry = decoder->geometry();
-  m->fingerprint = decoder->config().Fingerprint();
+  auto m = Describe(ModelKind::kDecoder, *decoder);
   m->decoder = std::move(decoder);
   m->bpe = std::move(tok);
   return m;

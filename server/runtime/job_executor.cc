@@ -39,6 +39,37 @@ namespace {
 
 using json = nlohmann::json;
 
+// The deterministic train/eval split of a task with no eval set: `all`'s
+// examples in an order shuffled by `seed`, the first fraction * n (at least
+// one, at most n - 1) held out. Both halves keep what else `all` carries
+// (a Dataset's label kind and vocabulary).
+template <typename D>
+void SeededSplit(double fraction, uint64_t seed, D* all, D* eval) {
+  std::vector<size_t> order(all->size());
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 rng(seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  size_t n_eval = static_cast<size_t>(fraction * all->size());
+  n_eval = std::max<size_t>(1, std::min(n_eval, all->size() - 1));
+  auto examples = std::move(all->examples);
+  all->examples.clear();
+  *eval = *all;
+  for (size_t k = 0; k < order.size(); ++k) {
+    (k < n_eval ? eval : all)->examples.push_back(std::move(examples[order[k]]));
+  }
+}
+
+// `fn()`'s result, or INTERNAL "<what>: <first line of the exception>" when it
+// throws (TorchTry): the job's stages run LibTorch on the user's data.
+template <typename Fn>
+auto Caught(const char* what, Fn&& fn) -> decltype(fn()) {
+  using T = decltype(fn());
+  std::optional<T> result;
+  const absl::Status thrown = TorchTry(what, [&] { result.emplace(fn()); });
+  if (!thrown.ok()) return T(thrown);
+  return *std::move(result);
+}
+
 absl::Status Prefixed(const absl::Status& st, const std::string& field) {
   if (st.ok()) return st;
   return absl::Status(st.code(), absl::StrCat(field, ": ", st.message()));
@@ -175,40 +206,20 @@ class TrainingJob : public TrainingTask {
       started_ = true;
       if (cancel_->load()) return Cancelled();
       EmitState(JobState::kRunning, "");
-      absl::Status st;
-      try {
-        st = Setup();
-      } catch (const std::exception& e) {
-        st = absl::InternalError(absl::StrCat("job setup: ", e.what()));
-      }
-      if (!st.ok()) return Fail(st);
-      try {
-        st = MaybeResume();
-      } catch (const std::exception& e) {
-        st = absl::InternalError(absl::StrCat("resume: ", e.what()));
-      }
+      absl::Status st = Caught("job setup", [&] { return Setup(); });
+      if (st.ok()) st = Caught("resume", [&] { return MaybeResume(); });
       if (!st.ok()) return Fail(st);
       return true;
     }
     if (cancel_->load()) trainer_->Cancel();
-    absl::StatusOr<bool> more;
-    try {
-      more = trainer_->Step();
-    } catch (const std::exception& e) {
-      more = absl::InternalError(absl::StrCat("training step: ", e.what()));
-    }
+    const absl::StatusOr<bool> more = Caught("training step", [&] { return trainer_->Step(); });
     if (!more.ok()) return Fail(more.status());
     if (*more) {
       MaybeCheckpoint();
       return true;
     }
     if (trainer_->state() == Trainer::State::kCancelled) return Cancelled();
-    absl::Status st;
-    try {
-      st = Publish();
-    } catch (const std::exception& e) {
-      st = absl::InternalError(absl::StrCat("publish: ", e.what()));
-    }
+    const absl::Status st = Caught("publish", [&] { return Publish(); });
     if (!st.ok()) return Fail(st);
     return false;
   }
@@ -254,12 +265,8 @@ class TrainingJob : public TrainingTask {
     const int64_t step = trainer_->step();
     const bool evaluated = trainer_->last_eval().has_value() && trainer_->last_eval()->step == step;
     if (step % options_.checkpoint_every_steps != 0 && !evaluated) return;
-    absl::StatusOr<TrainerCheckpointInfo> info;
-    try {
-      info = WriteTrainerCheckpoint(dir, *trainer_);
-    } catch (const std::exception& e) {
-      info = absl::InternalError(e.what());
-    }
+    const absl::StatusOr<TrainerCheckpointInfo> info =
+        Caught("write", [&] { return WriteTrainerCheckpoint(dir, *trainer_); });
     if (!info.ok()) {
       EmitLog(absl::StrCat("checkpoint at step ", step, " not saved: ", info.status().ToString()));
       return;
@@ -710,19 +717,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
         }
         pt.gen_eval = std::move(*ev);
       } else if (ts.eval_fraction > 0 && pt.gen_train.size() >= 2) {
-        // Deterministic split by the job's seed, as for encoder tasks.
-        std::vector<size_t> order(pt.gen_train.size());
-        std::iota(order.begin(), order.end(), 0);
-        std::mt19937_64 rng(hp.seed + i);
-        std::shuffle(order.begin(), order.end(), rng);
-        size_t n_eval = static_cast<size_t>(ts.eval_fraction * pt.gen_train.size());
-        n_eval = std::max<size_t>(1, std::min(n_eval, pt.gen_train.size() - 1));
-        GenerationDataset train, eval;
-        for (size_t k = 0; k < order.size(); ++k) {
-          (k < n_eval ? eval : train).examples.push_back(std::move(pt.gen_train.examples[order[k]]));
-        }
-        pt.gen_train = std::move(train);
-        pt.gen_eval = std::move(eval);
+        SeededSplit(ts.eval_fraction, hp.seed + i, &pt.gen_train, &pt.gen_eval);
       }
       if (!ts.metric.empty() && ts.metric != "answer_accuracy" && ts.metric != "exact_match") {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -749,21 +744,7 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
             "tasks[", i, "].eval_dataset_id: label kind differs from the train set"));
       }
     } else if (ts.eval_fraction > 0 && pt.train.size() >= 2) {
-      // Deterministic split by the job's seed.
-      std::vector<size_t> order(pt.train.size());
-      std::iota(order.begin(), order.end(), 0);
-      std::mt19937_64 rng(hp.seed + i);
-      std::shuffle(order.begin(), order.end(), rng);
-      size_t n_eval = static_cast<size_t>(ts.eval_fraction * pt.train.size());
-      n_eval = std::max<size_t>(1, std::min(n_eval, pt.train.size() - 1));
-      Dataset train, eval;
-      train.label_kind = eval.label_kind = pt.train.label_kind;
-      train.label_vocab = eval.label_vocab = pt.train.label_vocab;
-      for (size_t k = 0; k < order.size(); ++k) {
-        (k < n_eval ? eval : train).examples.push_back(std::move(pt.train.examples[order[k]]));
-      }
-      pt.train = std::move(train);
-      pt.eval = std::move(eval);
+      SeededSplit(ts.eval_fraction, hp.seed + i, &pt.train, &pt.eval);
     } else {
       pt.eval.label_kind = pt.train.label_kind;
       pt.eval.label_vocab = pt.train.label_vocab;

@@ -35,13 +35,24 @@ std::map<std::string, torch::Tensor> Snapshot(
   return m;
 }
 
-}  // namespace
-
-AdapterBinding BindMetaTT(MetaTTAdapter* a) {
+// What both adapters bind alike: their trainable parameters, and snapshots of
+// their named tensors restored in place.
+template <typename A>
+AdapterBinding BindParameters(A* a) {
   AdapterBinding b;
   b.adapter = a;
   b.trainable_parameters = [a] { return a->TrainableParameters(); };
   b.snapshot = [a] { return Snapshot(a->NamedParameters()); };
+  b.restore = [a](const std::map<std::string, torch::Tensor>& snap) {
+    return CopyInto(a->NamedParameters(), snap);
+  };
+  return b;
+}
+
+}  // namespace
+
+AdapterBinding BindMetaTT(MetaTTAdapter* a) {
+  AdapterBinding b = BindParameters(a);
   b.restore = [a](const std::map<std::string, torch::Tensor>& snap) {
     RETURN_IF_ERROR(CopyInto(a->NamedParameters(), snap));
     a->MarkCoresChanged();
@@ -65,15 +76,6 @@ AdapterBinding BindMetaTT(MetaTTAdapter* a) {
   return b;
 }
 
-AdapterBinding BindLora(LoraAdapter* a) {
-  AdapterBinding b;
-  b.adapter = a;
-  b.trainable_parameters = [a] { return a->TrainableParameters(); };
-  b.snapshot = [a] { return Snapshot(a->NamedParameters()); };
-  b.restore = [a](const std::map<std::string, torch::Tensor>& snap) {
-    return CopyInto(a->NamedParameters(), snap);
-  };
-  return b;
-}
+AdapterBinding BindLora(LoraAdapter* a) { return BindParameters(a); }
 
 }  // namespace metatt

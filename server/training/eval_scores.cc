@@ -178,27 +178,37 @@ std::string ExtractAnswer(const std::string& generated, const std::string& gold)
   return found;
 }
 
-double AnswerAccuracy(const std::vector<std::string>& generated,
-                      const std::vector<std::string>& gold) {
-  const size_t n = std::min(generated.size(), gold.size());
-  if (n == 0) return 0.0;
-  size_t hit = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const std::string g = absl::AsciiStrToLower(absl::StripAsciiWhitespace(gold[i]));
-    if (!g.empty() && ExtractAnswer(generated[i], gold[i]) == g) ++hit;
-  }
-  return static_cast<double>(hit) / static_cast<double>(n);
-}
+namespace {
 
-double ExactMatch(const std::vector<std::string>& generated,
-                  const std::vector<std::string>& reference) {
+// The fraction of the first min(sizes) pairs for which `match(generated,
+// reference)` holds (0 when there are none).
+template <typename Match>
+double MatchFraction(const std::vector<std::string>& generated,
+                     const std::vector<std::string>& reference, Match match) {
   const size_t n = std::min(generated.size(), reference.size());
   if (n == 0) return 0.0;
   size_t hit = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (absl::StripAsciiWhitespace(generated[i]) == absl::StripAsciiWhitespace(reference[i])) ++hit;
+    if (match(generated[i], reference[i])) ++hit;
   }
   return static_cast<double>(hit) / static_cast<double>(n);
+}
+
+}  // namespace
+
+double AnswerAccuracy(const std::vector<std::string>& generated,
+                      const std::vector<std::string>& gold) {
+  return MatchFraction(generated, gold, [](const std::string& out, const std::string& answer) {
+    const std::string g = absl::AsciiStrToLower(absl::StripAsciiWhitespace(answer));
+    return !g.empty() && ExtractAnswer(out, answer) == g;
+  });
+}
+
+double ExactMatch(const std::vector<std::string>& generated,
+                  const std::vector<std::string>& reference) {
+  return MatchFraction(generated, reference, [](const std::string& out, const std::string& ref) {
+    return absl::StripAsciiWhitespace(out) == absl::StripAsciiWhitespace(ref);
+  });
 }
 
 }  // namespace metatt
