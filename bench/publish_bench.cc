@@ -36,6 +36,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "base/tool_main.h"
 #include "server/registry/adapter_registry.h"
 #include "server/runtime/large_family.h"
 #include "server/store/sqlite_store.h"
@@ -67,7 +68,7 @@ int64_t RssMiB() {
   return rss * 4096 / (1 << 20);
 }
 
-int Run() {
+absl::Status Run() {
   BertConfig base;  // all-MiniLM-L6-v2's shapes
   base.hidden_size = 384;
   base.num_hidden_layers = 6;
@@ -77,32 +78,25 @@ int Run() {
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_tasks), ',')) {
     int64_t T = 0;
     if (!absl::SimpleAtoi(s, &T) || T < 1) {
-      std::fprintf(stderr, "--tasks: '%s' is not a size\n", std::string(s).c_str());
-      return 2;
+      return absl::InvalidArgumentError(absl::StrCat("--tasks: '", s, "' is not a size"));
     }
     const fs::path dir = fs::temp_directory_path() / absl::StrCat("metatt-publish-bench-", T);
     fs::remove_all(dir);
     fs::create_directories(dir);
     auto store = SqliteStore::Create((dir / "metatt.db").string());
-    if (!store.ok()) {
-      std::fprintf(stderr, "%s\n", store.status().ToString().c_str());
-      return 1;
-    }
+    if (!store.ok()) return store.status();
     AdapterRegistry::Options o;
     o.data_dir = dir.string();
     o.base_model_fingerprint = "bench";
     json row = {{"tasks", T}};
     {
       auto reg = AdapterRegistry::Create(o, store->get());
-      if (!reg.ok()) return 1;
+      if (!reg.ok()) return reg.status();
       auto req = testing_util::LargeFamily("fam", T, base, 1, /*rank=*/8);
-      if (!req.ok()) return 1;
+      if (!req.ok()) return req.status();
       absl::Time t0 = absl::Now();
       auto v1 = (*reg)->Publish(*req);
-      if (!v1.ok()) {
-        std::fprintf(stderr, "publish: %s\n", v1.status().ToString().c_str());
-        return 1;
-      }
+      if (!v1.ok()) return v1.status();
       row["initial_publish_s"] = Seconds(t0);
       const bool full_baseline = T <= absl::GetFlag(FLAGS_full_baseline_max);
       if (!full_baseline) req = absl::InternalError("not kept");  // its heads: GiBs at 10^6
@@ -122,16 +116,10 @@ int Run() {
         add.head_biases.push_back(torch::zeros({2}));
         t0 = absl::Now();
         auto v = (*reg)->PublishAppend(add);
-        if (!v.ok()) {
-          std::fprintf(stderr, "append: %s\n", v.status().ToString().c_str());
-          return 1;
-        }
+        if (!v.ok()) return v.status();
         auto resolved = (*reg)->Resolve("fam", 0, r.name, -1);
         append_s.push_back(Seconds(t0));
-        if (!resolved.ok()) {
-          std::fprintf(stderr, "resolve: %s\n", resolved.status().ToString().c_str());
-          return 1;
-        }
+        if (!resolved.ok()) return resolved.status();
         version = (*v)->version();
       }
       row["append_publish_to_servable_s"] = {{"p50", Percentile(append_s, 0.5)},
@@ -153,10 +141,8 @@ int Run() {
         auto full = (*reg)->Publish(*req);
         auto resolved = (*reg)->Resolve("fam", 0, "full-republish", -1);
         row["full_publish_to_servable_s"] = Seconds(t0);
-        if (!full.ok() || !resolved.ok()) {
-          std::fprintf(stderr, "full publish: %s\n", full.status().ToString().c_str());
-          return 1;
-        }
+        if (!full.ok()) return full.status();
+        if (!resolved.ok()) return resolved.status();
       }
       row["rss_mib"] = RssMiB();
     }
@@ -166,7 +152,10 @@ int Run() {
       const absl::Time t0 = absl::Now();
       auto warnings = (*reg)->LoadAll();
       row["reload_s"] = Seconds(t0);
-      if (!warnings.ok() || !warnings->empty()) return 1;
+      if (!warnings.ok()) return warnings.status();
+      if (!warnings->empty()) {
+        return absl::InternalError(absl::StrCat("reload: ", warnings->front()));
+      }
     }
     malloc_trim(0);
     fs::remove_all(dir);
@@ -182,13 +171,12 @@ int Run() {
   fs::create_directories(fs::path(absl::GetFlag(FLAGS_out)).parent_path());
   std::ofstream(absl::GetFlag(FLAGS_out)) << out.dump(2) << "\n";
   std::printf("wrote %s\n", absl::GetFlag(FLAGS_out).c_str());
-  return 0;
+  return absl::OkStatus();
 }
 
 }  // namespace
 }  // namespace metatt
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  return metatt::Run();
+  return metatt::ToolMain(argc, argv, "metatt-bench-publish", metatt::Run);
 }

@@ -34,6 +34,8 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "base/status_macros.h"
+#include "base/tool_main.h"
 #include "server/runtime/large_family.h"
 #include "server/runtime/predictor.h"
 #include "server/runtime/scheduler.h"
@@ -87,23 +89,18 @@ nlohmann::json Measure(ScheduledPredictor& p, const std::string& family, int64_t
           {"mean_ms", std::accumulate(ms.begin(), ms.end(), 0.0) / ms.size()}};
 }
 
-int Run() {
+absl::Status Run() {
   if (absl::GetFlag(FLAGS_num_threads) > 0) {
     torch::set_num_threads(static_cast<int>(absl::GetFlag(FLAGS_num_threads)));
   }
   auto model_dir = ResolveModelDir(absl::GetFlag(FLAGS_model_dir));
-  if (!model_dir.ok()) {
-    std::fprintf(stderr, "%s\n", model_dir.status().ToString().c_str());
-    return 1;
-  }
+  if (!model_dir.ok()) return model_dir.status();
   BertEncoder::Options eo;
   eo.model_dir = *model_dir;
   auto encoder = BertEncoder::Create(eo);
   auto tok = WordPieceTokenizer::Create(*model_dir);
-  if (!encoder.ok() || !tok.ok()) {
-    std::fprintf(stderr, "cannot load %s\n", model_dir->c_str());
-    return 1;
-  }
+  if (!encoder.ok()) return encoder.status();
+  if (!tok.ok()) return tok.status();
   auto tokenizer = std::make_shared<const WordPieceTokenizer>(std::move(*tok));
   testing_util::ScratchDir dir;
   testing_util::InMemoryStore store;
@@ -111,19 +108,17 @@ int Run() {
   ro.data_dir = dir.path();
   ro.head_dtype = absl::GetFlag(FLAGS_head_dtype);
   auto registry = AdapterRegistry::Create(ro, &store);
-  if (!registry.ok()) {
-    std::fprintf(stderr, "%s\n", registry.status().ToString().c_str());
-    return 1;
-  }
+  if (!registry.ok()) return registry.status();
   auto sched = DeviceScheduler::Create(DeviceScheduler::Options(), *encoder);
-  if (!sched.ok()) return 1;
+  if (!sched.ok()) return sched.status();
   ScheduledPredictor predictor(ScheduledPredictor::Options(), registry->get(), sched->get(),
                                tokenizer);
   const int64_t batch = absl::GetFlag(FLAGS_batch), iters = absl::GetFlag(FLAGS_iters);
   const BertConfig& cfg = (*encoder)->config();
 
   auto small = testing_util::LargeFamily("small", 1, cfg, 1);
-  if (!small.ok() || !(*registry)->Publish(*small).ok()) return 1;
+  if (!small.ok()) return small.status();
+  RETURN_IF_ERROR((*registry)->Publish(*small).status());
   nlohmann::json r;
   r["model"] = cfg.Fingerprint();
   r["model_dir"] = *model_dir;
@@ -143,12 +138,8 @@ int Run() {
   const absl::Time t0 = absl::Now();
   {
     auto big = testing_util::LargeFamily("big", n, cfg, 2);
-    if (!big.ok()) return 1;
-    auto pub = (*registry)->Publish(*big);
-    if (!pub.ok()) {
-      std::fprintf(stderr, "%s\n", pub.status().ToString().c_str());
-      return 1;
-    }
+    if (!big.ok()) return big.status();
+    RETURN_IF_ERROR((*registry)->Publish(*big).status());
   }
   r["big_build_publish_seconds"] = absl::ToDoubleSeconds(absl::Now() - t0);
   r["big_resident_growth_untrimmed_mib"] =
@@ -195,13 +186,12 @@ int Run() {
     f << text << "\n";
     std::printf("wrote %s\n", out.c_str());
   }
-  return 0;
+  return absl::OkStatus();
 }
 
 }  // namespace
 }  // namespace metatt
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  return metatt::Run();
+  return metatt::ToolMain(argc, argv, "metatt-bench-resident", metatt::Run);
 }
