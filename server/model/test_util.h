@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "absl/strings/str_cat.h"
+#include "adapters/metatt_config.h"
 #include "server/model/bert_config.h"
 #include "server/model/llama_config.h"
 
@@ -84,6 +85,24 @@ inline LlamaConfig TinyLlamaConfig(bool tied = false) {
   c.rope_theta = 1000.0;
   c.max_position_embeddings = 64;
   c.tie_word_embeddings = tied;
+  return c;
+}
+
+// Every projection of a Llama layer: q, k, v, o, gate, up, down.
+inline const std::vector<Projection> kAllLlamaProjections = {
+    Projection::kQuery, Projection::kKey,   Projection::kValue,  Projection::kAttnOutput,
+    Projection::kGate,  Projection::kFfnUp, Projection::kFfnDown};
+
+// A MetaTT config on every projection of a Llama geometry `g`: `form`, bond
+// rank `rank`, `num_tasks` task slices, the default initialisation.
+inline MetaTTConfig LlamaMetaTTConfig(const ModelGeometry& g, TTForm form, int64_t rank,
+                                      int64_t num_tasks = 1) {
+  MetaTTConfig c;
+  c.SetModel(g);
+  c.form = form;
+  c.ranks = {rank};
+  c.projections = kAllLlamaProjections;
+  c.num_tasks = num_tasks;
   return c;
 }
 

@@ -24,19 +24,9 @@ std::map<std::string, torch::Tensor> RandomWeights(const LlamaConfig& c, uint64_
   return RandomLlamaWeights(c, seed, {.weight_std = 0.3, .lm_head_std = 0.5});
 }
 
-const std::vector<Projection> kAllLlama = {Projection::kQuery,      Projection::kKey,
-                                           Projection::kValue,      Projection::kAttnOutput,
-                                           Projection::kGate,       Projection::kFfnUp,
-                                           Projection::kFfnDown};
-
 // A two-task (4+1)D family over every projection, random cores.
 std::shared_ptr<const PublishedFamily> TwoTaskFamily(const LlamaDecoder& dec) {
-  MetaTTConfig c;
-  c.SetModel(dec.geometry());
-  c.form = TTForm::k4Plus1D;
-  c.ranks = {4};
-  c.projections = kAllLlama;
-  c.num_tasks = 2;
+  MetaTTConfig c = LlamaMetaTTConfig(dec.geometry(), TTForm::k4Plus1D, /*rank=*/4, 2);
   c.init = "normal(0.4)";
   auto a = MetaTTAdapter::Create(c, {torch::kFloat32, torch::kCPU, 13});
   EXPECT_TRUE(a.ok()) << a.status();

@@ -100,15 +100,7 @@ GenerationDataset ConstantTask(const std::string& word) {
 }
 
 MetaTTConfig AllProjections(const LlamaDecoder& d, TTForm form, int64_t tasks = 1) {
-  MetaTTConfig c;
-  c.SetModel(d.geometry());
-  c.form = form;
-  c.ranks = {4};
-  c.projections = {Projection::kQuery, Projection::kKey,  Projection::kValue,
-                   Projection::kAttnOutput, Projection::kGate, Projection::kFfnUp,
-                   Projection::kFfnDown};
-  c.num_tasks = tasks;
-  return c;
+  return LlamaMetaTTConfig(d.geometry(), form, /*rank=*/4, tasks);
 }
 
 TrainerOptions Options(int64_t steps) {
