@@ -268,6 +268,7 @@ DecoderOutput LlamaDecoder::ForwardUnchecked(const DecoderInput& in, KvCache* ca
   }
   DecoderOutput out;
   out.hidden = RmsNorm(x, final_norm_, c.rms_norm_eps);
+  if (options.skip_logits) return out;
   if (options.last_logits_only) {
     // The last real slot of each row (the last slot when a row has none).
     torch::Tensor last = (mask * torch::arange(1, S + 1, i64)).amax(1) - 1;
@@ -279,6 +280,10 @@ DecoderOutput LlamaDecoder::ForwardUnchecked(const DecoderInput& in, KvCache* ca
     out.logits = torch::linear(out.hidden, lm_head_);
   }
   return out;
+}
+
+torch::Tensor LlamaDecoder::Logits(const torch::Tensor& hidden) const {
+  return torch::linear(hidden, lm_head_);
 }
 
 absl::StatusOr<torch::Tensor> LlamaDecoder::GreedyGenerate(const DecoderInput& prompt,

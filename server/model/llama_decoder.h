@@ -53,6 +53,10 @@ struct KvCache {
 struct DecoderForwardOptions {
   // Logits only for the last real slot of every row (generation): [B, 1, V].
   bool last_logits_only = false;
+  // No logits at all (out.logits undefined): the caller projects the hidden
+  // states it needs with Logits(), e.g. a loss over completion tokens only,
+  // so the [B, S, vocab] product is not paid for the prompt positions.
+  bool skip_logits = false;
 };
 
 struct DecoderOutput {
@@ -89,6 +93,9 @@ class LlamaDecoder {
                                                int64_t eos_token_id = -1,
                                                EncoderAdapter* adapter = nullptr,
                                                const AdapterBatch& batch = {}) const;
+
+  // The LM head on hidden states after the final norm: [..., D] -> [..., vocab].
+  torch::Tensor Logits(const torch::Tensor& hidden) const;
 
   const LlamaConfig& config() const { return config_; }
   // What adapters need to know (adapters/model_geometry.h): the groups are

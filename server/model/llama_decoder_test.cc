@@ -154,6 +154,30 @@ TEST(LlamaDecoder, PaddingLeftOrRightLeavesRealTokensAlone) {
   EXPECT_FALSE(torch::allclose(s->logits[0].narrow(0, 1, 3), lb->logits[0], 1e-3, 1e-3));
 }
 
+// skip_logits: no [B, S, vocab] product; Logits() on the hidden states gives
+// the same numbers as the full forward (tied and untied heads).
+TEST(LlamaDecoder, SkipLogitsThenLogitsOfChosenRowsEqualsFullForward) {
+  for (bool tied : {false, true}) {
+    auto d = Tiny(tied);
+    ASSERT_NE(d, nullptr);
+    torch::NoGradGuard ng;
+    torch::Tensor ids = torch::tensor({{3, 7, 1, 9, 12}, {0, 0, 5, 8, 2}}, torch::kInt64);
+    torch::Tensor mask = torch::tensor({{1, 1, 1, 1, 1}, {0, 0, 1, 1, 1}}, torch::kInt64);
+    auto full = d->Forward({ids, mask});
+    DecoderForwardOptions o;
+    o.skip_logits = true;
+    auto hid = d->Forward({ids, mask}, nullptr, nullptr, {}, o);
+    ASSERT_TRUE(full.ok() && hid.ok());
+    EXPECT_FALSE(hid->logits.defined());
+    EXPECT_TRUE(torch::equal(hid->hidden, full->hidden));
+    torch::Tensor rows = torch::tensor({1, 4, 7, 9}, torch::kInt64);  // of the 10 positions
+    const int64_t D = hid->hidden.size(-1);
+    torch::Tensor got = d->Logits(hid->hidden.reshape({-1, D}).index_select(0, rows));
+    torch::Tensor want = full->logits.reshape({10, -1}).index_select(0, rows);
+    EXPECT_TRUE(torch::allclose(got, want, 1e-6, 1e-6)) << "tied " << tied;
+  }
+}
+
 // Decoding through the KV cache (token by token, or in chunks) equals one
 // full forward, with left padding in the batch.
 TEST(LlamaDecoder, KvCacheEqualsFullForward) {

@@ -263,20 +263,25 @@ absl::StatusOr<torch::Tensor> CompletionLoss(const LlamaDecoder& decoder, const 
     in.attention_mask = batch.attention_mask.to(dev);
     labels = batch.labels.to(dev);
   }));
-  ASSIGN_OR_RETURN(DecoderOutput out, decoder.Forward(in, nullptr, adapter, ab));
+  // Hidden states only: the LM head ([D] -> vocab, the largest single product
+  // of a step) runs below on the completion positions, a few of each row.
+  DecoderForwardOptions hidden_only;
+  hidden_only.skip_logits = true;
+  ASSIGN_OR_RETURN(DecoderOutput out, decoder.Forward(in, nullptr, adapter, ab, hidden_only));
   torch::Tensor loss;
   RETURN_IF_ERROR(TorchTry("LM loss", [&] {
     const int64_t S = labels.size(1);
-    const int64_t V = out.logits.size(-1);
+    const int64_t D = out.hidden.size(-1);
     // Position s predicts token s + 1; keep the positions whose next token
-    // is a completion token, so only those rows of the logits enter the loss.
+    // is a completion token, so only those rows reach the LM head and the loss.
     torch::Tensor next = labels.slice(1, 1, S).reshape({-1});
     torch::Tensor keep = next.ne(kIgnore).nonzero().squeeze(1);
     if (keep.numel() == 0) {
       throw std::runtime_error("no completion token in the batch (all truncated?)");
     }
     torch::Tensor logits =
-        out.logits.slice(1, 0, S - 1).reshape({-1, V}).index_select(0, keep).to(torch::kFloat);
+        decoder.Logits(out.hidden.slice(1, 0, S - 1).reshape({-1, D}).index_select(0, keep))
+            .to(torch::kFloat);
     loss = torch::nn::functional::cross_entropy(logits, next.index_select(0, keep));
   }));
   return loss;
