@@ -528,18 +528,25 @@ torch::Tensor MetaTTAdapter::RowChainFor(const AdapterBatch& batch, int64_t B,
   return rows_chain_;
 }
 
+namespace {
+// y [B, S, w] += z [B, S, k] . w2 [k, w] (w2 shared by every row). Where y's
+// rows are evenly strided (the whole fused output, or a column block of it):
+// one addmm on the [B * S, w] view, with no [B, k, w] expansion of w2.
+void AddSharedMatmul(torch::Tensor y, const torch::Tensor& z, const torch::Tensor& w2) {
+  const int64_t rows = z.size(0) * z.size(1);
+  if (y.dim() == 3 && y.stride(0) == y.size(1) * y.stride(1) && z.is_contiguous()) {
+    y.view({rows, y.size(2)}).addmm_(z.view({rows, z.size(2)}), w2);
+  } else {
+    y.add_(z.matmul(w2));
+  }
+}
+}  // namespace
+
 void MetaTTAdapter::AddRowChainDelta(const torch::Tensor& z, const torch::Tensor& chain, int pi,
                                      torch::Tensor y) const {
   const int64_t r4 = task_core_.size(2);
   const torch::Tensor u = torch::bmm(z, chain.narrow(-1, proj_index_[pi] * r4, r4));  // [B, S, r4]
-  const int64_t rows = u.size(0) * u.size(1);
-  if (y.dim() == 3 && y.stride(0) == y.size(1) * y.stride(1)) {
-    // [B, S, w] whose rows are evenly strided (a column block of a fused
-    // output): one addmm on the [B * S, w] view.
-    y.view({rows, y.size(2)}).addmm_(u.view({rows, r4}), cache_out_[pi]);
-  } else {
-    y.add_(u.matmul(cache_out_[pi]));
-  }
+  AddSharedMatmul(y, u, cache_out_[pi]);
 }
 
 torch::Tensor MetaTTAdapter::ProjectIn(const torch::Tensor& x, int first) const {
@@ -571,7 +578,7 @@ void MetaTTAdapter::AddDeltas(int layer, const torch::Tensor& x,
   RefreshCache();
   const int64_t B = x.size(0);
   const torch::Tensor z = ProjectIn(x, first);
-  if (x.size(1) <= kRowChainMaxTokens) {
+  if (row_chains_enabled_ && x.size(1) <= kRowChainMaxTokens) {
     const torch::Tensor chain = RowChainFor(batch, B, x.device());
     if (chain.defined()) {
       const torch::Tensor c = chain.select(0, l);  // [B, r1, M * r4]
@@ -584,7 +591,10 @@ void MetaTTAdapter::AddDeltas(int layer, const torch::Tensor& x,
     }
   }
   torch::Tensor w = TableFor(batch, B, x.device()).select(0, l).narrow(-1, offset, width);
-  if (w.size(0) != B) w = w.expand({B, w.size(1), w.size(2)});
+  if (w.size(0) != B) {
+    AddSharedMatmul(out, z, w[0]);  // one table for every row (single task, or 4D/5D)
+    return;
+  }
   out.baddbmm_(z, w);  // one kernel: the matmul and the add
 }
 
@@ -608,7 +618,8 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
     RefreshCache();
     const torch::Tensor z = ProjectIn(x, first);
     const torch::Tensor chain =
-        S <= kRowChainMaxTokens ? RowChainFor(batch, B, x.device()) : torch::Tensor();
+        row_chains_enabled_ && S <= kRowChainMaxTokens ? RowChainFor(batch, B, x.device())
+                                                        : torch::Tensor();
     if (chain.defined()) {
       const torch::Tensor c = chain.select(0, l);  // [B, r1, M * r4]
       for (size_t i = 0; i < projections.size(); ++i) {
@@ -624,8 +635,7 @@ std::vector<torch::Tensor> MetaTTAdapter::Deltas(int layer, const torch::Tensor&
       const int pi = static_cast<int>(projections[i]);
       if (proj_index_[pi] < 0) continue;
       torch::Tensor w = table.narrow(-1, table_col_[pi], layout_.out_width[pi]);
-      if (w.size(0) != B) w = w.expand({B, w.size(1), w.size(2)});
-      out[i] = torch::bmm(z, w);  // [B, S, D_out]
+      out[i] = w.size(0) != B ? z.matmul(w[0]) : torch::bmm(z, w);  // [B, S, D_out]
     }
     return out;
   }

@@ -151,6 +151,9 @@ class MetaTTAdapter : public EncoderAdapter {
   // Inference (GradMode off) path: folded (default) or the unfolded chain
   // (Z . C) . G4 that training uses; for tests and the bench.
   void SetInferenceFold(bool on) { fold_enabled_ = on; }
+  // Whether few-token mixed-task batches use row chains (default) or the
+  // per-row fold table as longer rows do; for tests and the bench.
+  void SetRowChains(bool on) { row_chains_enabled_ = on; }
   const FoldStats& fold_stats() const { return fold_stats_; }
   // Bytes held by the stored task core and the trainable task leaves.
   int64_t TaskStorageBytes() const;
@@ -228,6 +231,7 @@ class MetaTTAdapter : public EncoderAdapter {
   torch::Tensor cache_out_[kNumProjections];  // 4+1D: output core of projection pi, [r4, D_out]
   torch::Tensor cache_table_;  // 4D/5D: [L, 1, r1, Ctot]
   bool fold_enabled_ = true;
+  bool row_chains_enabled_ = true;
   FoldStats fold_stats_;
   // 4+1D: the current forward's table, keyed by the batch's host index
   // tensor (held, so its identity cannot be reused while cached) and its

@@ -555,6 +555,12 @@ TEST(MetaTTAdapterTest, FewTokenMixedBatchUsesRowChainsAndEqualsUnfolded) {
   edited.task_index.copy_(edited.task_index_host);
   forward(1, edited);
   EXPECT_EQ(a->fold_stats().chains, 5);
+  // Row chains off (the bench's comparison): the same numbers from the table.
+  a->SetRowChains(false);
+  const int64_t tables = a->fold_stats().tables;
+  forward(1, batch);
+  EXPECT_EQ(a->fold_stats().chains, 5);
+  EXPECT_EQ(a->fold_stats().tables, tables + 1);
 }
 
 TEST(MetaTTAdapterTest, FoldFollowsCoreUpdatesAddTaskAndTruncation) {
