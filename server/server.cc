@@ -462,11 +462,8 @@ absl::Status Server::Start() {
     quota.SetMaxThreads(static_cast<int>(std::min<int64_t>(o.max_rpc_threads, INT32_MAX)));
     builder.SetResourceQuota(quota);
   }
-  InstallAuthentication(&builder, authenticator_.get());
-  builder.RegisterService(job_service_.get());
-  builder.RegisterService(dataset_service_.get());
-  builder.RegisterService(adapter_service_.get());
-  builder.RegisterService(inference_service_.get());
+  RegisterServices(&builder, authenticator_.get(), job_service_.get(), dataset_service_.get(),
+                   adapter_service_.get(), inference_service_.get());
   grpc_server_ = builder.BuildAndStart();
   if (!grpc_server_ || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", o.listen));

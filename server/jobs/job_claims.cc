@@ -176,22 +176,7 @@ void JobManager::SharedDispatchLoop() {
       }
       job = *cur;
     }
-    const std::string id = job.id;
-    absl::Status st = executor_->Start(job, [this, id](const JobEvent& e) { OnEvent(id, e); });
-    bool cancel_now = false;
-    {
-      absl::MutexLock lock(&mu_);
-      if (!st.ok()) {
-        if (running_ == id) {
-          OnEventLocked(id, Event(JobEvent::Type::kState, JobState::kFailed,
-                                  std::string(st.message())));
-          UpdateGaugesLocked();
-        }
-      } else {
-        cancel_now = running_ == id && cancel_requested_.count(id) > 0;
-      }
-    }
-    if (cancel_now) executor_->Cancel(id);
+    StartOnExecutor(job);
   }
 }
 

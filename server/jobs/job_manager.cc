@@ -691,22 +691,26 @@ void JobManager::DispatchLoop() {
       job = *rec;
       job.state = JobState::kValidating;
     }
-    const std::string id = job.id;
-    absl::Status st = executor_->Start(job, [this, id](const JobEvent& e) { OnEvent(id, e); });
-    bool cancel = false;
-    {
-      absl::MutexLock lock(&mu_);
-      if (!st.ok()) {
-        if (running_ == id) {
-          OnEventLocked(id, StateEvent(JobState::kFailed, std::string(st.message())));
-          UpdateGaugesLocked();
-        }
-      } else {
-        cancel = running_ == id && cancel_requested_.count(id) > 0;
-      }
-    }
-    if (cancel) executor_->Cancel(id);
+    StartOnExecutor(job);
   }
+}
+
+void JobManager::StartOnExecutor(const JobRecord& job) {
+  const std::string id = job.id;
+  absl::Status st = executor_->Start(job, [this, id](const JobEvent& e) { OnEvent(id, e); });
+  bool cancel = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!st.ok()) {
+      if (running_ == id) {
+        OnEventLocked(id, StateEvent(JobState::kFailed, std::string(st.message())));
+        UpdateGaugesLocked();
+      }
+    } else {
+      cancel = running_ == id && cancel_requested_.count(id) > 0;
+    }
+  }
+  if (cancel) executor_->Cancel(id);
 }
 
 void JobManager::Shutdown() {

@@ -164,6 +164,10 @@ class JobManager {
   JobManager(JobManagerOptions options, Store* store, JobExecutor* executor);
   absl::Status Recover();
   void DispatchLoop();
+  // Hands the job that is now running_ to the executor (mu_ not held); fails
+  // it when the executor refuses it, and passes on a cancel that arrived
+  // meanwhile. Both dispatch loops end with it.
+  void StartOnExecutor(const JobRecord& job) ABSL_LOCKS_EXCLUDED(mu_);
   void OnEvent(const std::string& job_id, JobEvent e);
   void OnEventLocked(const std::string& job_id, JobEvent e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unsubscribe(JobEventSubscription* sub);

@@ -67,11 +67,8 @@ class ServiceTest : public ::testing::Test {
     iopt.metrics = &metrics_->metrics();
     inference_service_ = std::make_unique<InferenceServiceImpl>(iopt);
     grpc::ServerBuilder b;
-    InstallAuthentication(&b, nullptr);  // authentication off: every caller is Caller::Local()
-    b.RegisterService(job_service_.get());
-    b.RegisterService(dataset_service_.get());
-    b.RegisterService(adapter_service_.get());
-    b.RegisterService(inference_service_.get());
+    RegisterServices(&b, /*auth=*/nullptr, job_service_.get(), dataset_service_.get(),
+                     adapter_service_.get(), inference_service_.get());
     server_ = b.BuildAndStart();
     auto channel = server_->InProcessChannel(grpc::ChannelArguments());
     job_stub_ = v1::JobService::NewStub(channel);

@@ -126,4 +126,17 @@ class InferenceServiceImpl final : public v1::InferenceService::Service {
   InferenceServiceOptions options_;
 };
 
+// The four services on `builder`, behind the authentication interceptor
+// (`auth` null: authentication off, every caller is Caller::Local()): the
+// server, the service test and the service fuzzer mount them the same way.
+inline void RegisterServices(grpc::ServerBuilder* builder, const Authenticator* auth,
+                             JobServiceImpl* jobs, DatasetServiceImpl* datasets,
+                             AdapterServiceImpl* adapters, InferenceServiceImpl* inference) {
+  InstallAuthentication(builder, auth);
+  builder->RegisterService(jobs);
+  builder->RegisterService(datasets);
+  builder->RegisterService(adapters);
+  builder->RegisterService(inference);
+}
+
 }  // namespace metatt

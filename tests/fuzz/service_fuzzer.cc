@@ -301,11 +301,8 @@ struct Stack {
     iopt.families = families.get();
     inference_service = std::make_unique<InferenceServiceImpl>(iopt);
     grpc::ServerBuilder b;
-    InstallAuthentication(&b, auth.get());
-    b.RegisterService(job_service.get());
-    b.RegisterService(dataset_service.get());
-    b.RegisterService(adapter_service.get());
-    b.RegisterService(inference_service.get());
+    RegisterServices(&b, auth.get(), job_service.get(), dataset_service.get(),
+                     adapter_service.get(), inference_service.get());
     server = b.BuildAndStart();
     FUZZ_CHECK(server != nullptr);
     auto channel = server->InProcessChannel(grpc::ChannelArguments());
