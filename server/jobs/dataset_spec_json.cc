@@ -3,22 +3,15 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "base/enum_names.h"
 #include "base/status_macros.h"
 
 namespace metatt {
 
 namespace {
-const char* FormatName(DataFormat f) {
-  switch (f) {
-    case DataFormat::kTsv:
-      return "tsv";
-    case DataFormat::kCsv:
-      return "csv";
-    case DataFormat::kJsonl:
-      return "jsonl";
-  }
-  return "tsv";
-}
+constexpr EnumName<DataFormat> kFormatNames[] = {
+    {DataFormat::kTsv, "tsv"}, {DataFormat::kCsv, "csv"}, {DataFormat::kJsonl, "jsonl"}};
+const char* FormatName(DataFormat f) { return NameOf(kFormatNames, f, "tsv"); }
 std::string ColumnSpec(const ColumnRef& c) {
   return c.name.empty() ? std::to_string(c.index) : c.name;
 }

@@ -6,36 +6,31 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "base/enum_names.h"
 
 namespace metatt {
 namespace {
 
 using nlohmann::json;
 
-const char* EventTypeName(JobEvent::Type t) {
-  switch (t) {
-    case JobEvent::Type::kState:
-      return "state";
-    case JobEvent::Type::kProgress:
-      return "progress";
-    case JobEvent::Type::kEval:
-      return "eval";
-    case JobEvent::Type::kSweep:
-      return "sweep";
-    case JobEvent::Type::kCheckpoint:
-      return "checkpoint";
-    case JobEvent::Type::kLog:
-      return "log";
-  }
-  return "log";
-}
+constexpr EnumName<JobEvent::Type> kEventTypes[] = {
+    {JobEvent::Type::kState, "state"},
+    {JobEvent::Type::kProgress, "progress"},
+    {JobEvent::Type::kEval, "eval"},
+    {JobEvent::Type::kSweep, "sweep"},
+    {JobEvent::Type::kCheckpoint, "checkpoint"},
+    {JobEvent::Type::kLog, "log"},
+};
+constexpr EnumName<JobKind> kJobKinds[] = {
+    {JobKind::kTrainFamily, "TRAIN_FAMILY"},
+    {JobKind::kAddTask, "ADD_TASK"},
+    {JobKind::kMultiTask, "MULTI_TASK"},
+};
+
+const char* EventTypeName(JobEvent::Type t) { return NameOf(kEventTypes, t, "log"); }
 
 std::optional<JobEvent::Type> EventTypeFromName(const std::string& n) {
-  for (auto t : {JobEvent::Type::kState, JobEvent::Type::kProgress, JobEvent::Type::kEval,
-                 JobEvent::Type::kSweep, JobEvent::Type::kCheckpoint, JobEvent::Type::kLog}) {
-    if (n == EventTypeName(t)) return t;
-  }
-  return std::nullopt;
+  return ValueOf(kEventTypes, n);
 }
 
 template <typename T>
@@ -76,32 +71,9 @@ int64_t AsInt(const json& v, const char* field) {
 
 }  // namespace
 
-std::optional<JobState> JobStateFromName(const std::string& name) {
-  for (auto s : {JobState::kQueued, JobState::kValidating, JobState::kRunning, JobState::kSucceeded,
-                 JobState::kFailed, JobState::kCancelled}) {
-    if (name == JobStateName(s)) return s;
-  }
-  return std::nullopt;
-}
+const char* JobKindName(JobKind k) { return NameOf(kJobKinds, k, "TRAIN_FAMILY"); }
 
-const char* JobKindName(JobKind k) {
-  switch (k) {
-    case JobKind::kTrainFamily:
-      return "TRAIN_FAMILY";
-    case JobKind::kAddTask:
-      return "ADD_TASK";
-    case JobKind::kMultiTask:
-      return "MULTI_TASK";
-  }
-  return "TRAIN_FAMILY";
-}
-
-std::optional<JobKind> JobKindFromName(const std::string& name) {
-  for (auto k : {JobKind::kTrainFamily, JobKind::kAddTask, JobKind::kMultiTask}) {
-    if (name == JobKindName(k)) return k;
-  }
-  return std::nullopt;
-}
+std::optional<JobKind> JobKindFromName(const std::string& name) { return ValueOf(kJobKinds, name); }
 
 std::string JobSpecToJson(const JobSpec& s) {
   json j;

@@ -12,8 +12,8 @@
 
 namespace metatt {
 
-std::optional<JobState> JobStateFromName(const std::string& name);  // "QUEUED" ...
-const char* JobKindName(JobKind k);                                 // "TRAIN_FAMILY" ...
+// JobStateFromName is beside JobStateName in job_types.h.
+const char* JobKindName(JobKind k);  // "TRAIN_FAMILY" ...
 std::optional<JobKind> JobKindFromName(const std::string& name);
 
 std::string JobSpecToJson(const JobSpec& spec);

@@ -1,23 +1,21 @@
 #include "server/store/job_types.h"
 
+#include "base/enum_names.h"
+
 namespace metatt {
 
-const char* JobStateName(JobState s) {
-  switch (s) {
-    case JobState::kQueued:
-      return "QUEUED";
-    case JobState::kValidating:
-      return "VALIDATING";
-    case JobState::kRunning:
-      return "RUNNING";
-    case JobState::kSucceeded:
-      return "SUCCEEDED";
-    case JobState::kFailed:
-      return "FAILED";
-    case JobState::kCancelled:
-      return "CANCELLED";
-  }
-  return "UNKNOWN";
+namespace {
+constexpr EnumName<JobState> kJobStates[] = {
+    {JobState::kQueued, "QUEUED"},   {JobState::kValidating, "VALIDATING"},
+    {JobState::kRunning, "RUNNING"}, {JobState::kSucceeded, "SUCCEEDED"},
+    {JobState::kFailed, "FAILED"},   {JobState::kCancelled, "CANCELLED"},
+};
+}  // namespace
+
+const char* JobStateName(JobState s) { return NameOf(kJobStates, s, "UNKNOWN"); }
+
+std::optional<JobState> JobStateFromName(const std::string& name) {
+  return ValueOf(kJobStates, name);
 }
 
 bool IsTerminal(JobState s) {

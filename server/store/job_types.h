@@ -18,6 +18,7 @@ namespace metatt {
 
 enum class JobState { kQueued, kValidating, kRunning, kSucceeded, kFailed, kCancelled };
 const char* JobStateName(JobState s);  // "QUEUED", ...
+std::optional<JobState> JobStateFromName(const std::string& name);
 bool IsTerminal(JobState s);
 
 enum class JobKind {

@@ -16,6 +16,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/enum_names.h"
 #include "base/file_io.h"
 #include "base/status_macros.h"
 
@@ -170,19 +171,23 @@ std::string ColumnRef::DebugString() const {
   return name.empty() ? absl::StrCat("column ", index) : absl::StrCat("column '", name, "'");
 }
 
+namespace {
+constexpr EnumName<DataFormat> kDataFormats[] = {{DataFormat::kTsv, "tsv"},
+                                                 {DataFormat::kCsv, "csv"},
+                                                 {DataFormat::kJsonl, "jsonl"},
+                                                 {DataFormat::kJsonl, "ndjson"}};
+constexpr EnumName<LabelKind> kLabelKinds[] = {{LabelKind::kClassification, "classification"},
+                                               {LabelKind::kRegression, "regression"}};
+}  // namespace
+
 absl::StatusOr<DataFormat> ParseDataFormat(const std::string& name) {
-  std::string n = absl::AsciiStrToLower(name);
-  if (n == "tsv") return DataFormat::kTsv;
-  if (n == "csv") return DataFormat::kCsv;
-  if (n == "jsonl" || n == "ndjson") return DataFormat::kJsonl;
+  if (auto f = ValueOfIgnoringCase(kDataFormats, name)) return *f;
   return absl::InvalidArgumentError(absl::StrCat("unknown data format '", name,
                                                  "' (tsv, csv or jsonl)"));
 }
 
 absl::StatusOr<LabelKind> ParseLabelKind(const std::string& name) {
-  std::string n = absl::AsciiStrToLower(name);
-  if (n == "classification") return LabelKind::kClassification;
-  if (n == "regression") return LabelKind::kRegression;
+  if (auto k = ValueOfIgnoringCase(kLabelKinds, name)) return *k;
   return absl::InvalidArgumentError(absl::StrCat("unknown label kind '", name,
                                                  "' (classification or regression)"));
 }
@@ -201,35 +206,28 @@ absl::StatusOr<std::string> CanonicalGlueName(const std::string& task_name) {
 
 absl::StatusOr<DatasetSpec> GluePreset(const std::string& task_name) {
   ASSIGN_OR_RETURN(std::string name, CanonicalGlueName(task_name));
+  // GLUE's TSV columns: header row, sentence, sentence pair (-1: none), label.
+  struct GlueColumns {
+    const char* name;
+    bool has_header;
+    int text, text_pair, label;
+  };
+  static constexpr GlueColumns kGlue[] = {
+      {"MRPC", true, 3, 4, 0}, {"CoLA", false, 3, -1, 1}, {"SST-2", true, 0, -1, 1},
+      {"RTE", true, 1, 2, 3},  {"STS-B", true, 7, 8, 9},
+  };
   DatasetSpec s;
   s.format = DataFormat::kTsv;
   s.quoting = false;
   s.origin = name;
-  if (name == "MRPC") {
-    s.has_header = true;
-    s.text = ColumnRef::Index(3);
-    s.text_pair = ColumnRef::Index(4);
-    s.label = ColumnRef::Index(0);
-  } else if (name == "CoLA") {
-    s.has_header = false;
-    s.text = ColumnRef::Index(3);
-    s.label = ColumnRef::Index(1);
-  } else if (name == "SST-2") {
-    s.has_header = true;
-    s.text = ColumnRef::Index(0);
-    s.label = ColumnRef::Index(1);
-  } else if (name == "RTE") {
-    s.has_header = true;
-    s.text = ColumnRef::Index(1);
-    s.text_pair = ColumnRef::Index(2);
-    s.label = ColumnRef::Index(3);
-  } else {  // STS-B
-    s.has_header = true;
-    s.text = ColumnRef::Index(7);
-    s.text_pair = ColumnRef::Index(8);
-    s.label = ColumnRef::Index(9);
-    s.label_kind = LabelKind::kRegression;
+  for (const GlueColumns& g : kGlue) {
+    if (name != g.name) continue;
+    s.has_header = g.has_header;
+    s.text = ColumnRef::Index(g.text);
+    if (g.text_pair >= 0) s.text_pair = ColumnRef::Index(g.text_pair);
+    s.label = ColumnRef::Index(g.label);
   }
+  if (name == "STS-B") s.label_kind = LabelKind::kRegression;
   if (name == "RTE")
     s.label_vocab = {"not_entailment", "entailment"};
   else if (s.label_kind == LabelKind::kClassification)

@@ -6,8 +6,8 @@
 #include <set>
 
 #include "absl/status/status.h"
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "base/enum_names.h"
 #include "base/status_macros.h"
 #include "server/training/encoder_objective.h"
 #include "server/training/eval_scores.h"
@@ -15,10 +15,11 @@
 namespace metatt {
 
 absl::StatusOr<TrainableSet> ParseTrainableSet(const std::string& name) {
-  std::string n = absl::AsciiStrToLower(name);
-  if (n == "all") return TrainableSet::kAll;
-  if (n == "adapter") return TrainableSet::kAdapterOnly;
-  if (n == "heads" || n == "head") return TrainableSet::kHeadsOnly;
+  static constexpr EnumName<TrainableSet> kSets[] = {{TrainableSet::kAll, "all"},
+                                                     {TrainableSet::kAdapterOnly, "adapter"},
+                                                     {TrainableSet::kHeadsOnly, "heads"},
+                                                     {TrainableSet::kHeadsOnly, "head"}};
+  if (auto t = ValueOfIgnoringCase(kSets, name)) return *t;
   return absl::InvalidArgumentError(absl::StrCat("unknown trainable set '", name,
                                                  "' (all, adapter or heads)"));
 }
