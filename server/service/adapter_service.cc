@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/jobs/task_pages.h"
-#include "server/service/grpc_status.h"
+#include "server/service/handler.h"
 #include "server/service/proto_convert.h"
 #include "server/service/services.h"
 
@@ -42,6 +42,23 @@ void ToProtoWithCount(const Caller& caller, const FamilyVersionRecord& head,
   out->set_task_count(head.task_count);
 }
 
+// A family as `caller` sees it (`name`: the caller's name for it, `key`: the
+// stored one): its latest version, its warning and `versions`, each holding
+// only its first tasks (inlined: only those are read) and their full count.
+absl::Status FamilyToProto(FamilyAccess* families, const Caller& caller, const std::string& name,
+                           const std::string& key, const std::vector<int64_t>& versions,
+                           v1::Family* out) {
+  out->set_name(name);
+  out->set_latest_version(versions.back());
+  out->set_warning(families->Warning(key));
+  for (int64_t version : versions) {
+    auto head = families->Version(caller, name, version, kInlineFamilyTasks);
+    if (!head.ok()) return head.status();
+    ToProtoWithCount(caller, **head, out->add_versions());
+  }
+  return absl::OkStatus();
+}
+
 // The files of a published version, read from its directory.
 absl::StatusOr<std::vector<FamilyFile>> ReadVersionFiles(const FamilyVersionRecord& v) {
   namespace fs = std::filesystem;
@@ -68,177 +85,161 @@ absl::StatusOr<std::vector<FamilyFile>> ReadVersionFiles(const FamilyVersionReco
 grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
                                               const v1::ListFamiliesRequest*,
                                               v1::ListFamiliesResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto all = options_.families->ListAll(*caller);  // summaries: no task lists
-  if (!all.ok()) return ToGrpcStatus(all.status());
-  // Ordered by (family, version): the last record of each family is its latest.
-  std::map<std::string, const FamilyVersionRecord*> latest;
-  for (const auto& v : *all) latest[v.family] = &v;
-  for (const auto& [key, v] : latest) {
-    const std::string name = FamilyNameFor(*caller, key);
-    // Its first tasks are inlined: only those are read.
-    auto head = options_.families->Version(*caller, name, v->version, kInlineFamilyTasks);
-    if (!head.ok()) return ToGrpcStatus(head.status());
-    auto* f = resp->add_families();
-    f->set_name(name);
-    f->set_latest_version(v->version);
-    f->set_warning(options_.families->Warning(key));
-    ToProtoWithCount(*caller, **head, f->add_versions());
-  }
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    auto all = options_.families->ListAll(caller);  // summaries: no task lists
+    if (!all.ok()) return all.status();
+    // Ordered by (family, version): the last record of each family is its latest.
+    std::map<std::string, const FamilyVersionRecord*> latest;
+    for (const auto& v : *all) latest[v.family] = &v;
+    for (const auto& [key, v] : latest) {
+      absl::Status st = FamilyToProto(options_.families, caller, FamilyNameFor(caller, key), key,
+                                      {v->version}, resp->add_families());
+      if (!st.ok()) return st;
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
                                            const v1::GetFamilyRequest* req,
                                            v1::GetFamilyResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
-  auto versions = options_.families->Versions(*caller, req->family());  // summaries
-  if (!versions.ok()) return ToGrpcStatus(versions.status());
-  auto* f = resp->mutable_family();
-  f->set_name(req->family());
-  f->set_latest_version(versions->back().version);
-  f->set_warning(options_.families->Warning(versions->back().family));
-  for (const auto& v : *versions) {
-    // Every version inlines its first tasks: only those are read.
-    auto head = options_.families->Version(*caller, req->family(), v.version, kInlineFamilyTasks);
-    if (!head.ok()) return ToGrpcStatus(head.status());
-    ToProtoWithCount(*caller, **head, f->add_versions());
-  }
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->family().empty()) return absl::InvalidArgumentError("family: required");
+    auto versions = options_.families->Versions(caller, req->family());  // summaries
+    if (!versions.ok()) return versions.status();
+    std::vector<int64_t> numbers;
+    for (const auto& v : *versions) numbers.push_back(v.version);
+    return FamilyToProto(options_.families, caller, req->family(), versions->back().family,
+                         numbers, resp->mutable_family());
+  });
 }
 
 grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
                                            const v1::ListTasksRequest* req,
                                            v1::ListTasksResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->family().empty()) return ToGrpcStatus(absl::InvalidArgumentError("family: required"));
-  auto version = TaskPageVersion(req->version(), req->page_token());
-  if (!version.ok()) return ToGrpcStatus(version.status());
-  // The one version (cached by FamilyAccess while pages are read), not all.
-  auto v = options_.families->Version(*caller, req->family(), *version);
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  const FamilyVersionRecord& rec = **v;
-  auto page = PageTaskRange(rec, req->page_size(), req->page_token());
-  if (!page.ok()) return ToGrpcStatus(page.status());
-  resp->set_family(FamilyNameFor(*caller, rec.family));
-  resp->set_version(rec.version);
-  resp->set_task_count(static_cast<int64_t>(rec.tasks.size()));
-  for (int64_t i = page->begin; i < page->end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
-  resp->set_next_page_token(page->next_page_token);
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->family().empty()) return absl::InvalidArgumentError("family: required");
+    auto version = TaskPageVersion(req->version(), req->page_token());
+    if (!version.ok()) return version.status();
+    // The one version (cached by FamilyAccess while pages are read), not all.
+    auto v = options_.families->Version(caller, req->family(), *version);
+    if (!v.ok()) return v.status();
+    const FamilyVersionRecord& rec = **v;
+    auto page = PageTaskRange(rec, req->page_size(), req->page_token());
+    if (!page.ok()) return page.status();
+    resp->set_family(FamilyNameFor(caller, rec.family));
+    resp->set_version(rec.version);
+    resp->set_task_count(static_cast<int64_t>(rec.tasks.size()));
+    for (int64_t i = page->begin; i < page->end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
+    resp->set_next_page_token(page->next_page_token);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
                                             const v1::DeleteTaskRequest* req,
                                             v1::DeleteTaskResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->task().empty()) return ToGrpcStatus(absl::InvalidArgumentError("task: required"));
-  auto v = FindVersion(options_.families, *caller, req->family(), 0);
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  bool found = std::any_of((*v)->tasks.begin(), (*v)->tasks.end(),
-                           [&](const TaskRecord& t) { return t.name == req->task(); });
-  if (!found) {
-    return ToGrpcStatus(absl::NotFoundError(
-        absl::StrCat("family '", req->family(), "' has no task '", req->task(), "'")));
-  }
-  if (options_.catalog == nullptr) {
-    return ToGrpcStatus(absl::UnimplementedError("DeleteTask: this server has no adapter catalog"));
-  }
-  const std::string& key = (*v)->family;
-  auto nv = options_.catalog->DeleteTask(key, req->task());
-  if (!nv.ok()) return ToGrpcStatus(nv.status());
-  if (options_.on_family_changed) options_.on_family_changed(key);
-  ToCallerProto(*caller, *nv, resp->mutable_version());
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->task().empty()) return absl::InvalidArgumentError("task: required");
+    auto v = FindVersion(options_.families, caller, req->family(), 0);
+    if (!v.ok()) return v.status();
+    bool found = std::any_of((*v)->tasks.begin(), (*v)->tasks.end(),
+                             [&](const TaskRecord& t) { return t.name == req->task(); });
+    if (!found) {
+      return absl::NotFoundError(
+          absl::StrCat("family '", req->family(), "' has no task '", req->task(), "'"));
+    }
+    if (options_.catalog == nullptr) {
+      return absl::UnimplementedError("DeleteTask: this server has no adapter catalog");
+    }
+    const std::string& key = (*v)->family;
+    auto nv = options_.catalog->DeleteTask(key, req->task());
+    if (!nv.ok()) return nv.status();
+    if (options_.on_family_changed) options_.on_family_changed(key);
+    ToCallerProto(caller, *nv, resp->mutable_version());
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
                                               const v1::ExportFamilyRequest* req,
                                               grpc::ServerWriter<v1::FamilyChunk>* writer) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto v = FindVersion(options_.families, *caller, req->family(), req->version());
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  absl::StatusOr<std::vector<FamilyFile>> files;
-  if (options_.catalog != nullptr) {
-    files = options_.catalog->ExportFamily((*v)->family, (*v)->version);
-  } else {
-    files = ReadVersionFiles(**v);
-  }
-  if (!files.ok()) return ToGrpcStatus(files.status());
-  for (const FamilyFile& f : *files) {
-    size_t off = 0;
-    do {
-      if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
-      v1::FamilyChunk c;
-      if (off == 0) {
-        c.set_file_name(f.name);
-        c.set_file_size(static_cast<int64_t>(f.bytes.size()));
-      }
-      size_t n = std::min(kChunkBytes, f.bytes.size() - off);
-      c.set_data(f.bytes.substr(off, n));
-      off += n;
-      if (!writer->Write(c)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-    } while (off < f.bytes.size());
-  }
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    auto v = FindVersion(options_.families, caller, req->family(), req->version());
+    if (!v.ok()) return v.status();
+    absl::StatusOr<std::vector<FamilyFile>> files;
+    if (options_.catalog != nullptr) {
+      files = options_.catalog->ExportFamily((*v)->family, (*v)->version);
+    } else {
+      files = ReadVersionFiles(**v);
+    }
+    if (!files.ok()) return files.status();
+    for (const FamilyFile& f : *files) {
+      size_t off = 0;
+      do {
+        if (ctx->IsCancelled()) return absl::CancelledError("cancelled");
+        v1::FamilyChunk c;
+        if (off == 0) {
+          c.set_file_name(f.name);
+          c.set_file_size(static_cast<int64_t>(f.bytes.size()));
+        }
+        size_t n = std::min(kChunkBytes, f.bytes.size() - off);
+        c.set_data(f.bytes.substr(off, n));
+        off += n;
+        if (!writer->Write(c)) return absl::CancelledError("client went away");
+      } while (off < f.bytes.size());
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
                                               grpc::ServerReader<v1::ImportFamilyRequest>* reader,
                                               v1::ImportFamilyResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (auto q = options_.families->CheckImportQuota(*caller); !q.ok()) return ToGrpcStatus(q);
-  v1::ImportFamilyRequest msg;
-  std::string family;
-  std::vector<FamilyFile> files;
-  int64_t total = 0;
-  bool first = true;
-  while (reader->Read(&msg)) {
-    if (msg.part_case() == v1::ImportFamilyRequest::kFamily) {
-      if (!first) {
-        return ToGrpcStatus(
-            absl::InvalidArgumentError("family: only the first message may name the family"));
-      }
-      family = msg.family();
-    } else if (msg.part_case() == v1::ImportFamilyRequest::kChunk) {
-      const auto& c = msg.chunk();
-      if (!c.file_name().empty()) {
-        if (c.file_name().find('/') != std::string::npos || c.file_name() == "..") {
-          return ToGrpcStatus(absl::InvalidArgumentError(
-              absl::StrCat("chunk.file_name: '", c.file_name(), "' must be a plain file name")));
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (auto q = options_.families->CheckImportQuota(caller); !q.ok()) return q;
+    v1::ImportFamilyRequest msg;
+    std::string family;
+    std::vector<FamilyFile> files;
+    int64_t total = 0;
+    bool first = true;
+    while (reader->Read(&msg)) {
+      if (msg.part_case() == v1::ImportFamilyRequest::kFamily) {
+        if (!first) {
+          return absl::InvalidArgumentError("family: only the first message may name the family");
         }
-        files.push_back({c.file_name(), ""});
-      } else if (files.empty()) {
-        return ToGrpcStatus(
-            absl::InvalidArgumentError("chunk.file_name: the first chunk of a file names it"));
+        family = msg.family();
+      } else if (msg.part_case() == v1::ImportFamilyRequest::kChunk) {
+        const auto& c = msg.chunk();
+        if (!c.file_name().empty()) {
+          if (c.file_name().find('/') != std::string::npos || c.file_name() == "..") {
+            return absl::InvalidArgumentError(
+                absl::StrCat("chunk.file_name: '", c.file_name(), "' must be a plain file name"));
+          }
+          files.push_back({c.file_name(), ""});
+        } else if (files.empty()) {
+          return absl::InvalidArgumentError("chunk.file_name: the first chunk of a file names it");
+        }
+        total += static_cast<int64_t>(c.data().size());
+        if (total > options_.max_import_bytes) {
+          return absl::ResourceExhaustedError(
+              absl::StrCat("import exceeds max_import_bytes=", options_.max_import_bytes));
+        }
+        files.back().bytes += c.data();
       }
-      total += static_cast<int64_t>(c.data().size());
-      if (total > options_.max_import_bytes) {
-        return ToGrpcStatus(absl::ResourceExhaustedError(
-            absl::StrCat("import exceeds max_import_bytes=", options_.max_import_bytes)));
-      }
-      files.back().bytes += c.data();
+      first = false;
     }
-    first = false;
-  }
-  if (files.empty()) return ToGrpcStatus(absl::InvalidArgumentError("chunk: no files were sent"));
-  if (options_.catalog == nullptr) {
-    return ToGrpcStatus(
-        absl::UnimplementedError("ImportFamily: this server has no adapter catalog"));
-  }
-  // "" = the name in family.json, which the catalog puts in the caller's tenant.
-  auto v = options_.catalog->ImportFamily(FamilyKeyFor(*caller, family), files, caller->tenant);
-  if (!v.ok()) return ToGrpcStatus(v.status());
-  if (options_.on_family_changed) options_.on_family_changed(v->family);
-  ToCallerProto(*caller, *v, resp->mutable_version());
-  return grpc::Status::OK;
+    if (files.empty()) return absl::InvalidArgumentError("chunk: no files were sent");
+    if (options_.catalog == nullptr) {
+      return absl::UnimplementedError("ImportFamily: this server has no adapter catalog");
+    }
+    // "" = the name in family.json, which the catalog puts in the caller's tenant.
+    auto v = options_.catalog->ImportFamily(FamilyKeyFor(caller, family), files, caller.tenant);
+    if (!v.ok()) return v.status();
+    if (options_.on_family_changed) options_.on_family_changed(v->family);
+    ToCallerProto(caller, *v, resp->mutable_version());
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace metatt

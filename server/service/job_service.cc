@@ -1,4 +1,4 @@
-#include "server/service/grpc_status.h"
+#include "server/service/handler.h"
 #include "server/service/proto_convert.h"
 #include "server/service/services.h"
 
@@ -6,95 +6,86 @@ namespace metatt {
 
 grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                                        v1::CreateJobResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto spec = FromProto(req->spec());
-  if (!spec.ok()) return ToGrpcStatus(spec.status());
-  spec->idempotency_key = req->idempotency_key();
-  auto job = jobs_->CreateJob(*spec, *caller);
-  if (!job.ok()) return ToGrpcStatus(job.status());
-  ToProto(*job, resp->mutable_job());
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    auto spec = FromProto(req->spec());
+    if (!spec.ok()) return spec.status();
+    spec->idempotency_key = req->idempotency_key();
+    return AnswerWith(jobs_->CreateJob(*spec, caller), resp->mutable_job());
+  });
 }
 
 grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRequest* req,
                                     v1::GetJobResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto job = jobs_->GetJob(req->job_id(), *caller);
-  if (!job.ok()) return ToGrpcStatus(job.status());
-  ToProto(*job, resp->mutable_job());
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
+    return AnswerWith(jobs_->GetJob(req->job_id(), caller), resp->mutable_job());
+  });
 }
 
 grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                       v1::ListJobsResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  auto state = FromProto(req->state());
-  if (!state.ok()) return ToGrpcStatus(state.status());
-  std::string next;
-  auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next, *caller);
-  if (!jobs.ok()) return ToGrpcStatus(jobs.status());
-  for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
-  resp->set_next_page_token(next);
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    auto state = FromProto(req->state());
+    if (!state.ok()) return state.status();
+    std::string next;
+    auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next, caller);
+    if (!jobs.ok()) return jobs.status();
+    for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+    resp->set_next_page_token(next);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status JobServiceImpl::ListJobCheckpoints(grpc::ServerContext* ctx,
                                                 const v1::ListJobCheckpointsRequest* req,
                                                 v1::ListJobCheckpointsResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto cps = jobs_->ListJobCheckpoints(req->job_id(), *caller);
-  if (!cps.ok()) return ToGrpcStatus(cps.status());
-  for (const JobCheckpointInfo& c : *cps) {
-    v1::JobCheckpoint* out = resp->add_checkpoints();
-    out->set_job_id(req->job_id());
-    out->set_step(c.step);
-    out->set_total_steps(c.total_steps);
-    out->set_time_unix_ms(c.time_unix_ms);
-    for (const auto& [k, v] : c.metrics) (*out->mutable_metrics())[k] = v;
-  }
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
+    auto cps = jobs_->ListJobCheckpoints(req->job_id(), caller);
+    if (!cps.ok()) return cps.status();
+    for (const JobCheckpointInfo& c : *cps) {
+      v1::JobCheckpoint* out = resp->add_checkpoints();
+      out->set_job_id(req->job_id());
+      out->set_step(c.step);
+      out->set_total_steps(c.total_steps);
+      out->set_time_unix_ms(c.time_unix_ms);
+      for (const auto& [k, v] : c.metrics) (*out->mutable_metrics())[k] = v;
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const v1::CancelJobRequest* req,
                                        v1::CancelJobResponse* resp) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto job = jobs_->CancelJob(req->job_id(), *caller);
-  if (!job.ok()) return ToGrpcStatus(job.status());
-  ToProto(*job, resp->mutable_job());
-  return grpc::Status::OK;
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
+    return AnswerWith(jobs_->CancelJob(req->job_id(), caller), resp->mutable_job());
+  });
 }
 
 grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
                                              const v1::StreamJobEventsRequest* req,
                                              grpc::ServerWriter<v1::JobEvent>* writer) {
-  auto caller = CallerOf(ctx);
-  if (!caller.ok()) return ToGrpcStatus(caller.status());
-  if (req->job_id().empty()) return ToGrpcStatus(absl::InvalidArgumentError("job_id: required"));
-  auto sub = jobs_->Subscribe(req->job_id(), *caller);
-  if (!sub.ok()) return ToGrpcStatus(sub.status());
-  JobEvent e;
-  while (!ctx->IsCancelled()) {
-    auto r = (*sub)->Next(&e, absl::Milliseconds(200));
-    if (r == JobEventSubscription::Result::kEnd) return grpc::Status::OK;
-    if (r == JobEventSubscription::Result::kTimeout) continue;
-    v1::JobEvent msg;
-    ToProto(req->job_id(), (*sub)->sequence(), e, &msg);
-    if (msg.has_checkpoint()) {  // the family by the caller's name (tenants.h)
-      msg.mutable_checkpoint()->set_family(FamilyNameFor(*caller, e.family));
+  return Serve(ctx, [&](const Caller& caller) -> absl::Status {
+    if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
+    auto sub = jobs_->Subscribe(req->job_id(), caller);
+    if (!sub.ok()) return sub.status();
+    JobEvent e;
+    while (!ctx->IsCancelled()) {
+      auto r = (*sub)->Next(&e, absl::Milliseconds(200));
+      if (r == JobEventSubscription::Result::kEnd) return absl::OkStatus();
+      if (r == JobEventSubscription::Result::kTimeout) continue;
+      v1::JobEvent msg;
+      ToProto(req->job_id(), (*sub)->sequence(), e, &msg);
+      if (msg.has_checkpoint()) {  // the family by the caller's name (tenants.h)
+        msg.mutable_checkpoint()->set_family(FamilyNameFor(caller, e.family));
+      }
+      if (msg.has_state()) msg.mutable_state()->set_reason(WithFamilyNamesFor(caller, e.message));
+      if (msg.has_log()) msg.mutable_log()->set_message(WithFamilyNamesFor(caller, e.message));
+      if (!writer->Write(msg)) return absl::CancelledError("client went away");
     }
-    if (msg.has_state()) msg.mutable_state()->set_reason(WithFamilyNamesFor(*caller, e.message));
-    if (msg.has_log()) msg.mutable_log()->set_message(WithFamilyNamesFor(*caller, e.message));
-    if (!writer->Write(msg)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-  }
-  return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled the stream");
+    return absl::CancelledError("client cancelled the stream");
+  });
 }
 
 }  // namespace metatt

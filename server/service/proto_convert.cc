@@ -1,5 +1,8 @@
 #include "server/service/proto_convert.h"
 
+#include <optional>
+#include <utility>
+
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -7,61 +10,57 @@
 
 namespace metatt {
 
-v1::JobState ToProto(JobState s) {
-  switch (s) {
-    case JobState::kQueued:
-      return v1::QUEUED;
-    case JobState::kValidating:
-      return v1::VALIDATING;
-    case JobState::kRunning:
-      return v1::RUNNING;
-    case JobState::kSucceeded:
-      return v1::SUCCEEDED;
-    case JobState::kFailed:
-      return v1::FAILED;
-    case JobState::kCancelled:
-      return v1::CANCELLED;
-  }
-  return v1::JOB_STATE_UNSPECIFIED;
+namespace {
+
+// One table per enum: our value (or the store's name) and its wire value.
+constexpr std::pair<JobState, v1::JobState> kStates[] = {
+    {JobState::kQueued, v1::QUEUED},   {JobState::kValidating, v1::VALIDATING},
+    {JobState::kRunning, v1::RUNNING}, {JobState::kSucceeded, v1::SUCCEEDED},
+    {JobState::kFailed, v1::FAILED},   {JobState::kCancelled, v1::CANCELLED},
+};
+constexpr std::pair<JobKind, v1::JobKind> kKinds[] = {
+    {JobKind::kTrainFamily, v1::TRAIN_FAMILY},
+    {JobKind::kAddTask, v1::ADD_TASK},
+    {JobKind::kMultiTask, v1::MULTI_TASK},
+};
+constexpr std::pair<const char*, v1::DataFormat> kFormats[] = {
+    {"tsv", v1::TSV}, {"csv", v1::CSV}, {"jsonl", v1::JSONL}};
+constexpr std::pair<const char*, v1::LabelKind> kLabelKinds[] = {
+    {"classification", v1::CLASSIFICATION}, {"regression", v1::REGRESSION}};
+
+// The wire value of `ours` in `table`, or nullopt.
+template <typename A, typename B, size_t N, typename K>
+std::optional<B> WireOf(const std::pair<A, B> (&table)[N], const K& ours) {
+  for (const auto& [a, b] : table)
+    if (ours == a) return b;
+  return std::nullopt;
 }
 
+// Our value of `wire` in `table`, or nullopt (an unknown or unspecified value).
+template <typename A, typename B, size_t N>
+std::optional<A> OursOf(const std::pair<A, B> (&table)[N], B wire) {
+  for (const auto& [a, b] : table)
+    if (wire == b) return a;
+  return std::nullopt;
+}
+
+}  // namespace
+
+v1::JobState ToProto(JobState s) { return WireOf(kStates, s).value_or(v1::JOB_STATE_UNSPECIFIED); }
+
 absl::StatusOr<std::optional<JobState>> FromProto(v1::JobState s) {
-  switch (s) {
-    case v1::JOB_STATE_UNSPECIFIED:
-      return std::optional<JobState>();
-    case v1::QUEUED:
-      return std::optional<JobState>(JobState::kQueued);
-    case v1::VALIDATING:
-      return std::optional<JobState>(JobState::kValidating);
-    case v1::RUNNING:
-      return std::optional<JobState>(JobState::kRunning);
-    case v1::SUCCEEDED:
-      return std::optional<JobState>(JobState::kSucceeded);
-    case v1::FAILED:
-      return std::optional<JobState>(JobState::kFailed);
-    case v1::CANCELLED:
-      return std::optional<JobState>(JobState::kCancelled);
-    default:
-      break;
-  }
+  if (s == v1::JOB_STATE_UNSPECIFIED) return std::optional<JobState>();
+  if (auto state = OursOf(kStates, s)) return state;
   return absl::InvalidArgumentError(absl::StrCat("state: unknown value ", static_cast<int>(s)));
 }
 
 absl::StatusOr<JobSpec> FromProto(const v1::JobSpec& p) {
   JobSpec s;
-  switch (p.kind()) {
-    case v1::JOB_KIND_UNSPECIFIED:
-    case v1::TRAIN_FAMILY:
-      s.kind = JobKind::kTrainFamily;
-      break;
-    case v1::ADD_TASK:
-      s.kind = JobKind::kAddTask;
-      break;
-    case v1::MULTI_TASK:
-      s.kind = JobKind::kMultiTask;
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("spec.kind: unknown value ", p.kind()));
+  const v1::JobKind kind = p.kind() == v1::JOB_KIND_UNSPECIFIED ? v1::TRAIN_FAMILY : p.kind();
+  if (auto k = OursOf(kKinds, kind)) {
+    s.kind = *k;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("spec.kind: unknown value ", p.kind()));
   }
   s.family = p.family();
   for (const auto& t : p.tasks()) {
@@ -104,17 +103,7 @@ absl::StatusOr<JobSpec> FromProto(const v1::JobSpec& p) {
 }
 
 void ToProto(const JobSpec& s, v1::JobSpec* p) {
-  switch (s.kind) {
-    case JobKind::kTrainFamily:
-      p->set_kind(v1::TRAIN_FAMILY);
-      break;
-    case JobKind::kAddTask:
-      p->set_kind(v1::ADD_TASK);
-      break;
-    case JobKind::kMultiTask:
-      p->set_kind(v1::MULTI_TASK);
-      break;
-  }
+  p->set_kind(WireOf(kKinds, s.kind).value_or(v1::TRAIN_FAMILY));
   p->set_family(s.family);
   for (const auto& t : s.tasks) {
     auto* pt = p->add_tasks();
@@ -223,40 +212,26 @@ void ToProto(const std::string& job_id, int64_t sequence, const JobEvent& e, v1:
 absl::StatusOr<DatasetUpload> FromProto(const v1::DatasetHeader& h) {
   DatasetUpload u;
   u.name = h.name();
-  switch (h.format()) {
-    case v1::DATA_FORMAT_UNSPECIFIED:
-    case v1::TSV:
-      u.format = "tsv";
-      break;
-    case v1::CSV:
-      u.format = "csv";
-      break;
-    case v1::JSONL:
-      u.format = "jsonl";
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat("header.format: unknown value ", h.format()));
+  const v1::DataFormat format = h.format() == v1::DATA_FORMAT_UNSPECIFIED ? v1::TSV : h.format();
+  if (auto f = OursOf(kFormats, format)) {
+    u.format = *f;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("header.format: unknown value ", h.format()));
   }
-  std::string kind;
-  switch (h.label_kind()) {
-    case v1::LABEL_KIND_UNSPECIFIED:
-    case v1::CLASSIFICATION:
-      kind = "classification";
-      break;
-    case v1::REGRESSION:
-      kind = "regression";
-      break;
-    case v1::GENERATION: {  // prompt -> completion records; no columns
-      nlohmann::json g;
-      g["format"] = u.format;
-      g["label_kind"] = "generation";
-      g["generation_format"] = h.generation_format().empty() ? "auto" : h.generation_format();
-      u.spec_json = g.dump();
-      return u;
-    }
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("header.label_kind: unknown value ", h.label_kind()));
+  if (h.label_kind() == v1::GENERATION) {  // prompt -> completion records; no columns
+    nlohmann::json g;
+    g["format"] = u.format;
+    g["label_kind"] = "generation";
+    g["generation_format"] = h.generation_format().empty() ? "auto" : h.generation_format();
+    u.spec_json = g.dump();
+    return u;
+  }
+  const v1::LabelKind label_kind =
+      h.label_kind() == v1::LABEL_KIND_UNSPECIFIED ? v1::CLASSIFICATION : h.label_kind();
+  const std::optional<const char*> kind = OursOf(kLabelKinds, label_kind);
+  if (!kind) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.label_kind: unknown value ", h.label_kind()));
   }
   if (h.text_column().empty()) return absl::InvalidArgumentError("header.text_column: required");
   if (h.label_column().empty()) return absl::InvalidArgumentError("header.label_column: required");
@@ -266,7 +241,7 @@ absl::StatusOr<DatasetUpload> FromProto(const v1::DatasetHeader& h) {
   j["text_column"] = h.text_column();
   if (!h.text_pair_column().empty()) j["text_pair_column"] = h.text_pair_column();
   j["label_column"] = h.label_column();
-  j["label_kind"] = kind;
+  j["label_kind"] = *kind;
   j["quoting"] = h.quoting();
   if (h.label_vocab_size() > 0) {
     j["label_vocab"] = std::vector<std::string>(h.label_vocab().begin(), h.label_vocab().end());
@@ -278,7 +253,7 @@ absl::StatusOr<DatasetUpload> FromProto(const v1::DatasetHeader& h) {
 void ToProto(const DatasetRecord& d, v1::Dataset* p) {
   p->set_id(d.id);
   p->set_name(d.name);
-  p->set_format(d.format == "csv" ? v1::CSV : d.format == "jsonl" ? v1::JSONL : v1::TSV);
+  p->set_format(WireOf(kFormats, d.format).value_or(v1::TSV));
   p->set_sha256(d.sha256);
   p->set_num_rows(d.num_rows);
   p->set_size_bytes(d.size_bytes);
