@@ -31,12 +31,14 @@
 #include <sstream>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/reflection.h"
 #include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -138,6 +140,25 @@ int Fail(const std::string& what) {
   return 2;
 }
 
+// The flags that name one of a few values: each word with its value.
+constexpr std::pair<const char*, v1::DataFormat> kFormats[] = {
+    {"tsv", v1::TSV}, {"csv", v1::CSV}, {"jsonl", v1::JSONL}};
+constexpr std::pair<const char*, v1::JobKind> kKinds[] = {
+    {"train", v1::TRAIN_FAMILY}, {"add_task", v1::ADD_TASK}, {"multi_task", v1::MULTI_TASK}};
+
+// The value that `flag`'s `word` names in `choices`, else an error that lists them.
+template <typename E, size_t N>
+absl::StatusOr<E> Choice(const char* flag, const std::pair<const char*, E> (&choices)[N],
+                         const std::string& word) {
+  std::vector<std::string> words;
+  for (const auto& [w, v] : choices) {
+    if (word == w) return v;
+    words.push_back(w);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(flag, ": '", word, "' is not one of ", absl::StrJoin(words, ", ")));
+}
+
 int Fail(const std::string& what, const grpc::Status& st) {
   static const char* kNames[] = {"OK",
                                  "CANCELLED",
@@ -194,6 +215,24 @@ void PrintJson(const google::protobuf::Message& m) {
 }
 
 bool Json() { return absl::GetFlag(FLAGS_json); }
+
+// With --json, every item as a line of JSON (true); false: print a table.
+template <typename Items>
+bool PrintedAsJson(const Items& items) {
+  if (!Json()) return false;
+  for (const auto& m : items) PrintJson(m);
+  return true;
+}
+
+// One object: JSON with --json, else its table (`table`: PrintDatasets, PrintJobs).
+template <typename M>
+void PrintOne(const M& m, void (*table)(const std::vector<const M*>&)) {
+  if (Json()) {
+    PrintJson(m);
+  } else {
+    table({&m});
+  }
+}
 
 std::string StateName(v1::JobState s) { return v1::JobState_Name(s); }
 
@@ -272,15 +311,9 @@ int Upload(Stubs& s, const std::vector<std::string>& args) {
     std::string ext = base.substr(base.find_last_of('.') + 1);
     format = ext == "csv" ? "csv" : ext == "jsonl" || ext == "json" ? "jsonl" : "tsv";
   }
-  if (format == "tsv") {
-    h->set_format(v1::TSV);
-  } else if (format == "csv") {
-    h->set_format(v1::CSV);
-  } else if (format == "jsonl") {
-    h->set_format(v1::JSONL);
-  } else {
-    return Fail(absl::StrCat("--format: '", format, "' is not one of tsv, csv, jsonl"));
-  }
+  const auto data_format = Choice("--format", kFormats, format);
+  if (!data_format.ok()) return Fail(std::string(data_format.status().message()));
+  h->set_format(*data_format);
   h->set_has_header(absl::GetFlag(FLAGS_has_header));
   h->set_text_column(absl::GetFlag(FLAGS_text_column));
   h->set_text_pair_column(absl::GetFlag(FLAGS_text_pair_column));
@@ -312,11 +345,7 @@ int Upload(Stubs& s, const std::vector<std::string>& args) {
   writer->WritesDone();
   grpc::Status st = writer->Finish();
   if (!st.ok()) return Fail(absl::StrCat("upload ", path), st);
-  if (Json()) {
-    PrintJson(resp.dataset());
-  } else {
-    PrintDatasets({&resp.dataset()});
-  }
+  PrintOne(resp.dataset(), PrintDatasets);
   return 0;
 }
 
@@ -328,10 +357,7 @@ int Datasets(Stubs& s, const std::vector<std::string>& args) {
     v1::ListDatasetsResponse resp;
     auto st = s.datasets->ListDatasets(&ctx, {}, &resp);
     if (!st.ok()) return Fail("datasets list", st);
-    if (Json()) {
-      for (const auto& d : resp.datasets()) PrintJson(d);
-      return 0;
-    }
+    if (PrintedAsJson(resp.datasets())) return 0;
     std::vector<const v1::Dataset*> ds;
     for (const auto& d : resp.datasets()) ds.push_back(&d);
     PrintDatasets(ds);
@@ -344,11 +370,7 @@ int Datasets(Stubs& s, const std::vector<std::string>& args) {
     v1::GetDatasetResponse resp;
     auto st = s.datasets->GetDataset(&ctx, req, &resp);
     if (!st.ok()) return Fail("datasets get", st);
-    if (Json()) {
-      PrintJson(resp.dataset());
-    } else {
-      PrintDatasets({&resp.dataset()});
-    }
+    PrintOne(resp.dataset(), PrintDatasets);
     return 0;
   }
   if (sub == "delete") {
@@ -453,11 +475,7 @@ int Follow(Stubs& s, const std::string& id) {
     v1::GetJobResponse final_job;
     st = s.jobs->GetJob(&get_ctx, get, &final_job);
     if (!st.ok()) return Fail(absl::StrCat("jobs get ", id), st);
-    if (Json()) {
-      PrintJson(final_job.job());
-    } else {
-      PrintJobs({&final_job.job()});
-    }
+    PrintOne(final_job.job(), PrintJobs);
     state = final_job.job().state();
   }
   if (state == v1::FAILED) return 1;
@@ -469,15 +487,9 @@ int CreateJob(Stubs& s) {
   v1::CreateJobRequest req;
   v1::JobSpec* spec = req.mutable_spec();
   const std::string kind = absl::GetFlag(FLAGS_kind);
-  if (kind == "train") {
-    spec->set_kind(v1::TRAIN_FAMILY);
-  } else if (kind == "add_task") {
-    spec->set_kind(v1::ADD_TASK);
-  } else if (kind == "multi_task") {
-    spec->set_kind(v1::MULTI_TASK);
-  } else {
-    return Fail(absl::StrCat("--kind: '", kind, "' is not one of train, add_task, multi_task"));
-  }
+  const auto job_kind = Choice("--kind", kKinds, kind);
+  if (!job_kind.ok()) return Fail(std::string(job_kind.status().message()));
+  spec->set_kind(*job_kind);
   spec->set_family(absl::GetFlag(FLAGS_family));
   auto tasks = absl::GetFlag(FLAGS_task);
   auto datasets = absl::GetFlag(FLAGS_dataset);
@@ -528,11 +540,7 @@ int CreateJob(Stubs& s) {
     if (!Json()) std::fprintf(stderr, "created %s\n", resp.job().id().c_str());
     return Follow(s, resp.job().id());
   }
-  if (Json()) {
-    PrintJson(resp.job());
-  } else {
-    PrintJobs({&resp.job()});
-  }
+  PrintOne(resp.job(), PrintJobs);
   return 0;
 }
 
@@ -545,10 +553,7 @@ int JobCheckpoints(Stubs& s, const std::string& id) {
   v1::ListJobCheckpointsResponse resp;
   auto st = s.jobs->ListJobCheckpoints(&ctx, req, &resp);
   if (!st.ok()) return Fail("jobs checkpoints", st);
-  if (Json()) {
-    for (const auto& c : resp.checkpoints()) PrintJson(c);
-    return 0;
-  }
+  if (PrintedAsJson(resp.checkpoints())) return 0;
   std::vector<std::vector<std::string>> rows;
   for (const auto& c : resp.checkpoints()) {
     std::map<std::string, double> sorted(c.metrics().begin(), c.metrics().end());
@@ -586,10 +591,7 @@ int Jobs(Stubs& s, const std::vector<std::string>& args) {
       for (const auto& j : resp.jobs()) all.push_back(j);
       req.set_page_token(resp.next_page_token());
     } while (!req.page_token().empty());
-    if (Json()) {
-      for (const auto& j : all) PrintJson(j);
-      return 0;
-    }
+    if (PrintedAsJson(all)) return 0;
     std::vector<const v1::Job*> ptrs;
     for (const auto& j : all) ptrs.push_back(&j);
     PrintJobs(ptrs);
@@ -620,11 +622,7 @@ int Jobs(Stubs& s, const std::vector<std::string>& args) {
     return Fail(absl::StrCat("jobs: unknown command '", sub, "'"));
   }
   if (!st.ok()) return Fail(absl::StrCat("jobs ", sub), st);
-  if (Json()) {
-    PrintJson(job);
-  } else {
-    PrintJobs({&job});
-  }
+  PrintOne(job, PrintJobs);
   return 0;
 }
 
@@ -791,10 +789,7 @@ int Families(Stubs& s, const std::vector<std::string>& args) {
     v1::ListFamiliesResponse resp;
     auto st = s.adapters->ListFamilies(&ctx, {}, &resp);
     if (!st.ok()) return Fail("families list", st);
-    if (Json()) {
-      for (const auto& f : resp.families()) PrintJson(f);
-      return 0;
-    }
+    if (PrintedAsJson(resp.families())) return 0;
     std::vector<std::vector<std::string>> rows;
     for (const auto& f : resp.families()) {
       if (f.versions_size() == 0) continue;

@@ -12,7 +12,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "tests/fuzz/fuzz_check.h"
 #include <nlohmann/json.hpp>
@@ -20,7 +22,6 @@
 #include "server/jobs/dataset_spec_json.h"
 #include "server/jobs/job_validation.h"
 #include "server/store/job_json.h"
-
 
 namespace {
 
@@ -37,6 +38,20 @@ bool HasHugeFloat(const nlohmann::json& j) {
   return false;
 }
 
+// The invariant: a spec that parses serialises to JSON that parses back to
+// the same serialisation. The parsed spec, or nullopt when `text` does not parse.
+template <typename T>
+std::optional<T> RoundTrip(absl::StatusOr<T> (*parse)(const std::string&),
+                           std::string (*write)(const T&), const std::string& text) {
+  absl::StatusOr<T> value = parse(text);
+  if (!value.ok()) return std::nullopt;
+  const std::string json = write(*value);
+  absl::StatusOr<T> again = parse(json);
+  FUZZ_CHECK(again.ok());
+  FUZZ_CHECK(write(*again) == json);
+  return *std::move(value);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -48,23 +63,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const auto j = nlohmann::json::parse(rest, nullptr, /*allow_exceptions=*/false);
         if (HasHugeFloat(j)) return 0;
       }
-      auto spec = metatt::JobSpecFromJson(rest);
-      if (!spec.ok()) return 0;
-      const std::string json = metatt::JobSpecToJson(*spec);
-      auto again = metatt::JobSpecFromJson(json);
-      FUZZ_CHECK(again.ok());
-      FUZZ_CHECK(metatt::JobSpecToJson(*again) == json);
+      auto spec = RoundTrip(metatt::JobSpecFromJson, metatt::JobSpecToJson, rest);
+      if (!spec) return 0;
       // The one validator runs on whatever parses (no crash, no UB).
       (void)metatt::ValidateJobSpec(*spec);
       break;
     }
     case 1: {
-      auto spec = metatt::DatasetSpecFromJson(rest);
-      if (!spec.ok()) return 0;
-      const std::string json = metatt::DatasetSpecToJson(*spec);
-      auto again = metatt::DatasetSpecFromJson(json);
-      FUZZ_CHECK(again.ok());
-      FUZZ_CHECK(metatt::DatasetSpecToJson(*again) == json);
+      (void)RoundTrip(metatt::DatasetSpecFromJson, metatt::DatasetSpecToJson, rest);
       break;
     }
     default: {

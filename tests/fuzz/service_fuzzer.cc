@@ -41,6 +41,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -367,10 +368,8 @@ class Runner {
       FUZZ_CHECK(last_listed_datasets_ == want);
       v1::ListJobsRequest lj;
       lj.set_page_size(1000);
-      grpc::ClientContext ctx;
-      Auth(&ctx, c);
       v1::ListJobsResponse r;
-      auto st = s_->job_stub->ListJobs(&ctx, lj, &r);
+      auto st = Call(c, s_->job_stub.get(), &v1::JobService::Stub::ListJobs, lj, &r, nullptr);
       FUZZ_CHECK(st.ok());
       std::set<std::string> jobs_seen, jobs_want;
       for (const auto& j : r.jobs()) jobs_seen.insert(j.id());
@@ -385,6 +384,47 @@ class Runner {
   void Auth(grpc::ClientContext* ctx, int caller) {
     ctx->AddMetadata("authorization", std::string("Bearer ") + kTokens[caller]);
     ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  }
+  // A unary RPC as `caller`; `name` set: its status checked against the
+  // documented set (CheckStatus).
+  template <typename Stub, typename Req, typename Resp>
+  grpc::Status Call(int caller, Stub* stub,
+                    grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*),
+                    const Req& req, Resp* resp, const char* name) {
+    grpc::ClientContext ctx;
+    Auth(&ctx, caller);
+    grpc::Status st = (stub->*rpc)(&ctx, req, resp);
+    if (name != nullptr) CheckStatus(caller, st, name);
+    return st;
+  }
+  // A client-streaming RPC as `caller`: `payload` holds its requests, each
+  // after a two-byte little-endian length; nothing is sent (nullopt) when one
+  // does not parse. Its status is checked against the documented set.
+  template <typename Stub, typename Req, typename Resp>
+  std::optional<grpc::Status> ClientStream(
+      int caller, Stub* stub,
+      std::unique_ptr<grpc::ClientWriter<Req>> (Stub::*rpc)(grpc::ClientContext*, Resp*),
+      const std::string& payload, Resp* resp, const char* name) {
+    std::vector<Req> msgs;
+    for (size_t off = 0; off + 2 <= payload.size();) {
+      size_t n = static_cast<uint8_t>(payload[off]) | (static_cast<uint8_t>(payload[off + 1]) << 8);
+      off += 2;
+      n = std::min(n, payload.size() - off);
+      Req m;
+      if (!m.ParseFromString(payload.substr(off, n))) return std::nullopt;
+      msgs.push_back(std::move(m));
+      off += n;
+    }
+    grpc::ClientContext ctx;
+    Auth(&ctx, caller);
+    auto w = (stub->*rpc)(&ctx, resp);
+    for (const auto& m : msgs) {
+      if (!w->Write(m)) break;
+    }
+    w->WritesDone();
+    grpc::Status st = w->Finish();
+    CheckStatus(caller, st, name);
+    return st;
   }
   bool User(int caller) const { return caller < kAdmin; }
   // The caller that may see an object created by `owner`.
@@ -433,40 +473,21 @@ class Runner {
 
   // ---- datasets ----
   void Upload(int caller, const std::string& payload) {
-    std::vector<v1::UploadDatasetRequest> msgs;
-    for (size_t off = 0; off + 2 <= payload.size();) {
-      size_t n = static_cast<uint8_t>(payload[off]) | (static_cast<uint8_t>(payload[off + 1]) << 8);
-      off += 2;
-      n = std::min(n, payload.size() - off);
-      v1::UploadDatasetRequest m;
-      if (!m.ParseFromString(payload.substr(off, n))) return;
-      msgs.push_back(std::move(m));
-      off += n;
-    }
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::UploadDatasetResponse resp;
-    auto w = s_->dataset_stub->UploadDataset(&ctx, &resp);
-    for (const auto& m : msgs) {
-      if (!w->Write(m)) break;
-    }
-    w->WritesDone();
-    auto st = w->Finish();
-    CheckStatus(caller, st, "UploadDataset");
-    if (st.ok()) {
-      FUZZ_CHECK(!resp.dataset().id().empty());
-      FUZZ_CHECK(!owned_.datasets.count(resp.dataset().id()));
-      owned_.datasets[resp.dataset().id()] = caller;
-      owned_.dataset_order.push_back(resp.dataset().id());
-    }
+    const auto st = ClientStream(caller, s_->dataset_stub.get(),
+                                 &v1::DatasetService::Stub::UploadDataset, payload, &resp,
+                                 "UploadDataset");
+    if (!st || !st->ok()) return;
+    FUZZ_CHECK(!resp.dataset().id().empty());
+    FUZZ_CHECK(!owned_.datasets.count(resp.dataset().id()));
+    owned_.datasets[resp.dataset().id()] = caller;
+    owned_.dataset_order.push_back(resp.dataset().id());
   }
   void GetDataset(int caller, v1::GetDatasetRequest* req) {
     Resolve(req->mutable_dataset_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::GetDatasetResponse resp;
-    auto st = s_->dataset_stub->GetDataset(&ctx, *req, &resp);
-    CheckStatus(caller, st, "GetDataset");
+    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::GetDataset, *req,
+                   &resp, "GetDataset");
     if (Foreign(caller, owned_.datasets, req->dataset_id())) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
     }
@@ -483,11 +504,9 @@ class Runner {
     FUZZ_CHECK(!owned_.deleted_datasets.count(id));
   }
   void ListDatasets(int caller) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListDatasetsResponse resp;
-    auto st = s_->dataset_stub->ListDatasets(&ctx, v1::ListDatasetsRequest(), &resp);
-    CheckStatus(caller, st, "ListDatasets");
+    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::ListDatasets,
+                   v1::ListDatasetsRequest(), &resp, "ListDatasets");
     last_listed_datasets_.clear();
     for (const auto& d : resp.datasets()) {
       CheckDatasetVisible(caller, d.id());
@@ -496,11 +515,9 @@ class Runner {
   }
   void DeleteDataset(int caller, v1::DeleteDatasetRequest* req) {
     Resolve(req->mutable_dataset_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::DeleteDatasetResponse resp;
-    auto st = s_->dataset_stub->DeleteDataset(&ctx, *req, &resp);
-    CheckStatus(caller, st, "DeleteDataset");
+    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::DeleteDataset, *req,
+                   &resp, "DeleteDataset");
     if (Foreign(caller, owned_.datasets, req->dataset_id())) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
     }
@@ -524,11 +541,9 @@ class Runner {
   }
   void CreateJob(int caller, v1::CreateJobRequest* req) {
     for (auto& t : *req->mutable_spec()->mutable_tasks()) Resolve(t.mutable_dataset_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::CreateJobResponse resp;
-    auto st = s_->job_stub->CreateJob(&ctx, *req, &resp);
-    CheckStatus(caller, st, "CreateJob");
+    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::CreateJob, *req, &resp,
+                   "CreateJob");
     if (User(caller)) {
       for (const auto& t : req->spec().tasks()) {
         // A job may not train on another tenant's dataset.
@@ -549,11 +564,9 @@ class Runner {
   }
   void GetJob(int caller, v1::GetJobRequest* req) {
     Resolve(req->mutable_job_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::GetJobResponse resp;
-    auto st = s_->job_stub->GetJob(&ctx, *req, &resp);
-    CheckStatus(caller, st, "GetJob");
+    auto st =
+        Call(caller, s_->job_stub.get(), &v1::JobService::Stub::GetJob, *req, &resp, "GetJob");
     if (Foreign(caller, owned_.jobs, req->job_id())) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
     }
@@ -561,11 +574,9 @@ class Runner {
   }
   void ListJobs(int caller, v1::ListJobsRequest* req) {
     if (req->page_size() < 0 || req->page_size() > 1000) req->set_page_size(1000);
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListJobsResponse resp;
-    auto st = s_->job_stub->ListJobs(&ctx, *req, &resp);
-    CheckStatus(caller, st, "ListJobs");
+    auto st =
+        Call(caller, s_->job_stub.get(), &v1::JobService::Stub::ListJobs, *req, &resp, "ListJobs");
     for (const auto& j : resp.jobs()) CheckJobVisible(caller, j);
   }
   void CancelJob(int caller, v1::CancelJobRequest* req) {
@@ -573,11 +584,9 @@ class Runner {
     const bool foreign = Foreign(caller, owned_.jobs, req->job_id());
     std::string before;
     if (foreign) before = JobState(req->job_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::CancelJobResponse resp;
-    auto st = s_->job_stub->CancelJob(&ctx, *req, &resp);
-    CheckStatus(caller, st, "CancelJob");
+    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::CancelJob, *req, &resp,
+                   "CancelJob");
     if (foreign) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
       // Not cancelled by it (the dispatcher may have started it meanwhile).
@@ -597,11 +606,9 @@ class Runner {
   }
   void Checkpoints(int caller, v1::ListJobCheckpointsRequest* req) {
     Resolve(req->mutable_job_id());
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListJobCheckpointsResponse resp;
-    auto st = s_->job_stub->ListJobCheckpoints(&ctx, *req, &resp);
-    CheckStatus(caller, st, "ListJobCheckpoints");
+    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::ListJobCheckpoints, *req,
+                   &resp, "ListJobCheckpoints");
     if (Foreign(caller, owned_.jobs, req->job_id())) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
     }
@@ -658,11 +665,9 @@ class Runner {
     FUZZ_CHECK(owned_.families.count(key));
   }
   void ListFamilies(int caller) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListFamiliesResponse resp;
-    auto st = s_->adapter_stub->ListFamilies(&ctx, v1::ListFamiliesRequest(), &resp);
-    CheckStatus(caller, st, "ListFamilies");
+    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListFamilies,
+                   v1::ListFamiliesRequest(), &resp, "ListFamilies");
     for (const auto& f : resp.families()) CheckFamilyVisible(caller, f.name());
   }
   // A user naming a family it does not own that another tenant owns under
@@ -702,22 +707,19 @@ class Runner {
     }
   }
   grpc::Status CallGetFamily(int caller, const v1::GetFamilyRequest& req, int64_t*) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::GetFamilyResponse resp;
-    return s_->adapter_stub->GetFamily(&ctx, req, &resp);
+    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::GetFamily, req, &resp,
+                nullptr);
   }
   grpc::Status CallListTasks(int caller, const v1::ListTasksRequest& req, int64_t*) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListTasksResponse resp;
-    return s_->adapter_stub->ListTasks(&ctx, req, &resp);
+    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListTasks, req, &resp,
+                nullptr);
   }
   grpc::Status CallDeleteTask(int caller, const v1::DeleteTaskRequest& req, int64_t*) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::DeleteTaskResponse resp;
-    return s_->adapter_stub->DeleteTask(&ctx, req, &resp);
+    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::DeleteTask, req, &resp,
+                nullptr);
   }
   grpc::Status CallExport(int caller, const v1::ExportFamilyRequest& req, int64_t* chunks) {
     grpc::ClientContext ctx;
@@ -728,29 +730,23 @@ class Runner {
     return r->Finish();
   }
   void GetFamily(int caller, v1::GetFamilyRequest* req) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::GetFamilyResponse resp;
-    auto st = s_->adapter_stub->GetFamily(&ctx, *req, &resp);
-    CheckStatus(caller, st, "GetFamily");
+    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::GetFamily, *req,
+                   &resp, "GetFamily");
     SameAsMissing(caller, *req, st, &Runner::CallGetFamily);
     if (st.ok()) CheckFamilyVisible(caller, req->family());
   }
   void ListTasks(int caller, v1::ListTasksRequest* req) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ListTasksResponse resp;
-    auto st = s_->adapter_stub->ListTasks(&ctx, *req, &resp);
-    CheckStatus(caller, st, "ListTasks");
+    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListTasks, *req,
+                   &resp, "ListTasks");
     SameAsMissing(caller, *req, st, &Runner::CallListTasks);
     if (st.ok()) CheckFamilyVisible(caller, resp.family());
   }
   void DeleteTask(int caller, v1::DeleteTaskRequest* req) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::DeleteTaskResponse resp;
-    auto st = s_->adapter_stub->DeleteTask(&ctx, *req, &resp);
-    CheckStatus(caller, st, "DeleteTask");
+    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::DeleteTask, *req,
+                   &resp, "DeleteTask");
     SameAsMissing(caller, *req, st, &Runner::CallDeleteTask);
     if (st.ok()) CheckFamilyVisible(caller, resp.version().family());
   }
@@ -763,39 +759,20 @@ class Runner {
     if (st.ok()) CheckFamilyVisible(caller, req->family());
   }
   void Import(int caller, const std::string& payload) {
-    std::vector<v1::ImportFamilyRequest> msgs;
-    for (size_t off = 0; off + 2 <= payload.size();) {
-      size_t n = static_cast<uint8_t>(payload[off]) | (static_cast<uint8_t>(payload[off + 1]) << 8);
-      off += 2;
-      n = std::min(n, payload.size() - off);
-      v1::ImportFamilyRequest m;
-      if (!m.ParseFromString(payload.substr(off, n))) return;
-      msgs.push_back(std::move(m));
-      off += n;
-    }
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::ImportFamilyResponse resp;
-    auto w = s_->adapter_stub->ImportFamily(&ctx, &resp);
-    for (const auto& m : msgs) {
-      if (!w->Write(m)) break;
-    }
-    w->WritesDone();
-    auto st = w->Finish();
-    CheckStatus(caller, st, "ImportFamily");
-    if (st.ok()) {
-      const std::string key = KeyFor(caller, resp.version().family());
-      // A user's import lands in its own tenant.
-      if (User(caller)) FUZZ_CHECK(FamilyKeyTenant(key) == kTenants[caller]);
-      owned_.families[key].insert(caller);
-    }
+    const auto st = ClientStream(caller, s_->adapter_stub.get(),
+                                 &v1::AdapterService::Stub::ImportFamily, payload, &resp,
+                                 "ImportFamily");
+    if (!st || !st->ok()) return;
+    const std::string key = KeyFor(caller, resp.version().family());
+    // A user's import lands in its own tenant.
+    if (User(caller)) FUZZ_CHECK(FamilyKeyTenant(key) == kTenants[caller]);
+    owned_.families[key].insert(caller);
   }
   void Predict(int caller, v1::PredictRequest* req) {
-    grpc::ClientContext ctx;
-    Auth(&ctx, caller);
     v1::PredictResponse resp;
-    auto st = s_->inference_stub->Predict(&ctx, *req, &resp);
-    CheckStatus(caller, st, "Predict");
+    auto st = Call(caller, s_->inference_stub.get(), &v1::InferenceService::Stub::Predict, *req,
+                   &resp, "Predict");
     for (const std::string& key : s_->predictor.TakeFamilies()) {
       // What reached the predictor is a family the caller may use.
       if (User(caller) && FamilyKeyTenant(key) != kTenants[caller]) {
