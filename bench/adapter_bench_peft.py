@@ -13,17 +13,14 @@ import time
 
 import torch
 
+import bench_args
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model_dir", default=os.environ.get(
-        "METATT_MODEL_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "all-MiniLM-L6-v2")))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    bench_args.model_dir_flag(ap)
+    bench_args.forward_flags(ap, iters=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/out/adapter_bench_peft.json")
     args = ap.parse_args()
 

@@ -13,19 +13,17 @@ import time
 import torch
 from transformers import AutoModel
 
+import bench_args
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    bench_args.forward_flags(ap, iters=10)
     args = ap.parse_args()
     build = pathlib.Path(os.environ.get("METATT_BUILD_DIR", ROOT / "build"))
-    model = os.environ.get("METATT_MODEL_DIR", str(ROOT / "models" / "all-MiniLM-L6-v2"))
+    model = bench_args.default_model_dir()
     ours = json.loads(subprocess.run(
         [str(build / "bench" / "metatt-bench-encoder"), f"--model_dir={model}",
          f"--device={args.device}", f"--batch={args.batch}", f"--seq={args.seq}",

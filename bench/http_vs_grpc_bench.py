@@ -20,6 +20,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "client" / "python"))
+import bench_args  # noqa: E402
 from load_bench import start_listening, start_server  # noqa: E402
 from metatt_client import Client  # noqa: E402
 from metatt_client.client import inference_pb2  # noqa: E402
@@ -33,8 +34,7 @@ def pct(v, q):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default=str(ROOT / "build"))
-    p.add_argument("--model_dir", default=os.environ.get(
-        "METATT_MODEL_DIR", str(ROOT / "models" / "all-MiniLM-L6-v2")))
+    bench_args.model_dir_flag(p)
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "http_vs_grpc.json"))
     a = p.parse_args()

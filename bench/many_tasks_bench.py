@@ -27,6 +27,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "client" / "python"))
+import bench_args  # noqa: E402
 from load_bench import start_server  # noqa: E402
 from metatt_client import Client  # noqa: E402
 from metatt_client.client import inference_pb2  # noqa: E402
@@ -37,8 +38,7 @@ TEXT = "the film was a quiet , patient study of people who rarely say what they 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default=str(ROOT / "build"))
-    p.add_argument("--model_dir", default=os.environ.get(
-        "METATT_MODEL_DIR", str(ROOT / "models" / "all-MiniLM-L6-v2")))
+    bench_args.model_dir_flag(p)
     p.add_argument("--tasks", default="1,10,100")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--num_threads", type=int, default=2)
