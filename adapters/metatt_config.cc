@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "adapters/tensor_train.h"
+#include "base/enum_names.h"
 #include "base/status_macros.h"
 
 namespace metatt {
@@ -55,26 +56,19 @@ absl::StatusOr<CoreInit> ParseOneInit(const std::string& code) {
                                   "' (use ze|zeros, id|identity, or|orthogonal, no, normal(STD))"));
 }
 
+// The forms' names; "(4+1)d" and "4plus1d" are aliases of 4+1d.
+constexpr EnumName<TTForm> kTTForms[] = {{TTForm::k4D, "4d"},
+                                         {TTForm::k5D, "5d"},
+                                         {TTForm::k4Plus1D, "4+1d"},
+                                         {TTForm::k4Plus1D, "(4+1)d"},
+                                         {TTForm::k4Plus1D, "4plus1d"}};
+
 }  // namespace
 
-const char* TTFormName(TTForm form) {
-  switch (form) {
-    case TTForm::k4D:
-      return "4d";
-    case TTForm::k5D:
-      return "5d";
-    case TTForm::k4Plus1D:
-      return "4+1d";
-  }
-  return "?";
-}
+const char* TTFormName(TTForm form) { return NameOf(kTTForms, form, "?"); }
 
 absl::StatusOr<TTForm> ParseTTForm(const std::string& name) {
-  std::string n = name;
-  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  if (n == "4d") return TTForm::k4D;
-  if (n == "5d") return TTForm::k5D;
-  if (n == "4+1d" || n == "(4+1)d" || n == "4plus1d") return TTForm::k4Plus1D;
+  if (auto form = ValueOfIgnoringCase(kTTForms, name)) return *form;
   return Bad("form", absl::StrCat("'", name, "' is not one of 4d, 5d, 4+1d"));
 }
 

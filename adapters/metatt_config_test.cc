@@ -145,5 +145,21 @@ TEST(MetaTTConfigTest, ParameterCountFormulas) {
   EXPECT_EQ(MetaTTParameterCount(s), D * 2 + L * 2 * 3 + M * 3 * 4 + T * 4 * 5 + 5 * D);
 }
 
+TEST(MetaTTConfigTest, FormNamesAndAliases) {
+  for (TTForm f : {TTForm::k4D, TTForm::k5D, TTForm::k4Plus1D}) {
+    auto back = ParseTTForm(TTFormName(f));
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(*back, f);
+  }
+  EXPECT_STREQ(TTFormName(TTForm::k4Plus1D), "4+1d");
+  for (const char* alias : {"4+1D", "(4+1)d", "4PLUS1D"}) {
+    auto f = ParseTTForm(alias);
+    ASSERT_TRUE(f.ok()) << alias;
+    EXPECT_EQ(*f, TTForm::k4Plus1D);
+  }
+  EXPECT_EQ(ParseTTForm("3d").status().message(),
+            "metatt config: field 'form' '3d' is not one of 4d, 5d, 4+1d");
+}
+
 }  // namespace
 }  // namespace metatt
