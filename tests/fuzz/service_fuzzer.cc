@@ -462,6 +462,11 @@ class Runner {
     auto it = m.find(id);
     return User(caller) && it != m.end() && it->second != caller;
   }
+  // Another tenant's object is answered like a missing one.
+  void NotFoundIfForeign(int caller, const std::map<std::string, int>& m, const std::string& id,
+                         const grpc::Status& st) const {
+    if (Foreign(caller, m, id)) FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
+  }
 
   template <typename Req, typename Resp>
   void Unary(int caller, const std::string& payload,
@@ -488,9 +493,7 @@ class Runner {
     v1::GetDatasetResponse resp;
     auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::GetDataset, *req,
                    &resp, "GetDataset");
-    if (Foreign(caller, owned_.datasets, req->dataset_id())) {
-      FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
-    }
+    NotFoundIfForeign(caller, owned_.datasets, req->dataset_id(), st);
     if (st.ok()) CheckDatasetVisible(caller, resp.dataset().id());
   }
   void CheckDatasetVisible(int caller, const std::string& id) {
@@ -518,9 +521,7 @@ class Runner {
     v1::DeleteDatasetResponse resp;
     auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::DeleteDataset, *req,
                    &resp, "DeleteDataset");
-    if (Foreign(caller, owned_.datasets, req->dataset_id())) {
-      FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
-    }
+    NotFoundIfForeign(caller, owned_.datasets, req->dataset_id(), st);
     if (st.ok()) {
       CheckDatasetVisible(caller, req->dataset_id());
       owned_.deleted_datasets.insert(req->dataset_id());
@@ -567,9 +568,7 @@ class Runner {
     v1::GetJobResponse resp;
     auto st =
         Call(caller, s_->job_stub.get(), &v1::JobService::Stub::GetJob, *req, &resp, "GetJob");
-    if (Foreign(caller, owned_.jobs, req->job_id())) {
-      FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
-    }
+    NotFoundIfForeign(caller, owned_.jobs, req->job_id(), st);
     if (st.ok()) CheckJobVisible(caller, resp.job());
   }
   void ListJobs(int caller, v1::ListJobsRequest* req) {
@@ -609,9 +608,7 @@ class Runner {
     v1::ListJobCheckpointsResponse resp;
     auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::ListJobCheckpoints, *req,
                    &resp, "ListJobCheckpoints");
-    if (Foreign(caller, owned_.jobs, req->job_id())) {
-      FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
-    }
+    NotFoundIfForeign(caller, owned_.jobs, req->job_id(), st);
   }
   void Stream(int caller, v1::StreamJobEventsRequest* req) {
     Resolve(req->mutable_job_id());
