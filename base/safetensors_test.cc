@@ -11,6 +11,14 @@ std::string TempPath(const std::string& name) {
   return ::testing::TempDir() + "/" + name + "." + std::to_string(::getpid());
 }
 
+// A safetensors file made by hand: the 8-byte header length (headers under
+// 256 bytes), `header`, then `data_bytes` zero bytes of data.
+std::string FileWithHeader(const std::string& header, size_t data_bytes) {
+  std::string f(8, '\0');
+  f[0] = static_cast<char>(header.size());
+  return f + header + std::string(data_bytes, '\0');
+}
+
 TEST(Safetensors, RoundTripIsBitExactForEveryDtype) {
   std::map<std::string, torch::Tensor> t = {
       {"f32", torch::randn({3, 4})},
@@ -64,19 +72,13 @@ TEST(Safetensors, CorruptHeadersAreRefused) {
   EXPECT_NE(g.status().message().find("JSON"), std::string::npos);
   EXPECT_FALSE(ParseSafetensors("abc", "short").ok());
   // Shape not matching byte count.
-  std::string h = R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})";
-  std::string f(8, '\0');
-  f[0] = static_cast<char>(h.size());
-  f += h + std::string(8, '\0');
-  auto s = ParseSafetensors(f, "s");
+  auto s = ParseSafetensors(
+      FileWithHeader(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "s");
   ASSERT_FALSE(s.ok());
   EXPECT_NE(s.status().message().find("'w'"), std::string::npos);
   // Unknown dtype.
-  std::string h2 = R"({"w":{"dtype":"F8_E9","shape":[1],"data_offsets":[0,1]}})";
-  std::string f2(8, '\0');
-  f2[0] = static_cast<char>(h2.size());
-  f2 += h2 + std::string(1, '\0');
-  auto d = ParseSafetensors(f2, "d");
+  auto d = ParseSafetensors(
+      FileWithHeader(R"({"w":{"dtype":"F8_E9","shape":[1],"data_offsets":[0,1]}})", 1), "d");
   ASSERT_FALSE(d.ok());
   EXPECT_NE(d.status().message().find("dtype"), std::string::npos);
 }

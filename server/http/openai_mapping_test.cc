@@ -238,18 +238,23 @@ TEST(OpenAiMapping, GenerateErrorsNameTheRequestField) {
   auto err = [](grpc::StatusCode code, const char* msg, const CompletionRequest& r) {
     return GenerateError(grpc::Status(code, msg), r);
   };
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "temperature: must be in [0, 100]", text).param,
-            "temperature");
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "top_k: negative", text).param,
-            "metatt.top_k");
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "max_tokens: negative", chat).param,
-            "max_completion_tokens");
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "prompt: 9000 tokens; ...", chat).param,
-            "messages");
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "prompt: 9000 tokens; ...", text).param,
-            "prompt");
-  EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, "messages[1].role: empty", chat).param,
-            "messages[1].role");
+  // INVALID_ARGUMENT: the server's message, the request it answers, the param.
+  const struct {
+    const char* message;
+    const CompletionRequest& request;
+    const char* param;
+  } kInvalid[] = {
+      {"temperature: must be in [0, 100]", text, "temperature"},
+      {"top_k: negative", text, "metatt.top_k"},
+      {"max_tokens: negative", chat, "max_completion_tokens"},
+      {"prompt: 9000 tokens; ...", chat, "messages"},
+      {"prompt: 9000 tokens; ...", text, "prompt"},
+      {"messages[1].role: empty", chat, "messages[1].role"},
+  };
+  for (const auto& c : kInvalid) {
+    EXPECT_EQ(err(grpc::StatusCode::INVALID_ARGUMENT, c.message, c.request).param, c.param)
+        << c.message;
+  }
   ApiError nf = err(grpc::StatusCode::NOT_FOUND, "family 'x' not found", chat);
   EXPECT_EQ(nf.status, 404);
   EXPECT_EQ(nf.param, "model");

@@ -12,7 +12,20 @@
 namespace metatt {
 namespace {
 
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+
+// A parse that must fail: its bad lines, and their line numbers.
+std::vector<BadLine> BadLinesOf(const std::string& text, const DatasetSpec& spec) {
+  std::vector<BadLine> bad;
+  EXPECT_FALSE(ParseDataset(text, spec, &bad).ok()) << text;
+  return bad;
+}
+std::vector<int> Lines(const std::vector<BadLine>& bad) {
+  std::vector<int> lines;
+  for (const BadLine& b : bad) lines.push_back(b.line);
+  return lines;
+}
 
 DatasetSpec TsvSpec() {
   DatasetSpec s;
@@ -77,24 +90,16 @@ TEST(DatasetTest, ManyBadLinesListsFirstTwentyAndCount) {
 TEST(DatasetTest, RegressionLabelsMustBeFiniteNumbers) {
   DatasetSpec s = TsvSpec();
   s.label_kind = LabelKind::kRegression;
-  std::vector<BadLine> bad;
-  auto ds = ParseDataset("sentence\tlabel\na\t1.5\nb\tfoo\nc\tnan\nd\t4\n", s, &bad);
-  ASSERT_FALSE(ds.ok());
-  ASSERT_EQ(bad.size(), 2u);
-  EXPECT_EQ(bad[0].line, 3);
+  const std::vector<BadLine> bad = BadLinesOf("sentence\tlabel\na\t1.5\nb\tfoo\nc\tnan\nd\t4\n", s);
+  ASSERT_THAT(Lines(bad), ElementsAre(3, 4));
   EXPECT_THAT(bad[0].reason, HasSubstr("bad label 'foo'"));
-  EXPECT_EQ(bad[1].line, 4);
   auto good = ParseDataset("sentence\tlabel\na\t1.5\nd\t4\n", s);
   ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_FLOAT_EQ(good->examples[0].label_value, 1.5f);
   EXPECT_EQ(good->num_labels(), 1);
   // Regression for the fuzzer's finding: finite as double, inf as float.
-  std::vector<BadLine> big;
-  auto inf = ParseDataset("sentence\tlabel\na\t1e39\nb\t-1e300\nc\t3e38\n", s, &big);
-  ASSERT_FALSE(inf.ok());
-  ASSERT_EQ(big.size(), 2u);
-  EXPECT_EQ(big[0].line, 2);
-  EXPECT_EQ(big[1].line, 3);
+  const std::vector<BadLine> big = BadLinesOf("sentence\tlabel\na\t1e39\nb\t-1e300\nc\t3e38\n", s);
+  ASSERT_THAT(Lines(big), ElementsAre(2, 3));
 }
 
 TEST(DatasetTest, StringLabelsSortedAndFixedVocabEnforced) {
@@ -104,11 +109,8 @@ TEST(DatasetTest, StringLabelsSortedAndFixedVocabEnforced) {
   EXPECT_EQ(ds->label_vocab, (std::vector<std::string>{"neg", "neutral", "pos"}));
   EXPECT_EQ(ds->examples[0].label_id, 2);
   s.label_vocab = ds->label_vocab;
-  std::vector<BadLine> bad;
-  auto eval = ParseDataset("sentence\tlabel\nx\tpos\ny\tother\n", s, &bad);
-  ASSERT_FALSE(eval.ok());
-  ASSERT_EQ(bad.size(), 1u);
-  EXPECT_EQ(bad[0].line, 3);
+  const std::vector<BadLine> bad = BadLinesOf("sentence\tlabel\nx\tpos\ny\tother\n", s);
+  ASSERT_THAT(Lines(bad), ElementsAre(3));
   EXPECT_THAT(bad[0].reason, HasSubstr("'other'"));
 }
 
@@ -133,12 +135,8 @@ TEST(DatasetTest, CsvQuotingSpansLinesAndLineNumbersFollow) {
       "\"say \"\"hi\"\"\",b,0\n"                 // line 4
       "only,two\n"                               // line 5: missing y
       "\"unterminated,x,1\n";                    // line 6
-  std::vector<BadLine> bad;
-  auto ds = ParseDataset(csv, s, &bad);
-  ASSERT_FALSE(ds.ok());
-  ASSERT_EQ(bad.size(), 2u);
-  EXPECT_EQ(bad[0].line, 5);
-  EXPECT_EQ(bad[1].line, 6);
+  const std::vector<BadLine> bad = BadLinesOf(csv, s);
+  ASSERT_THAT(Lines(bad), ElementsAre(5, 6));
   EXPECT_THAT(bad[1].reason, HasSubstr("unterminated"));
   auto ok = ParseDataset(csv.substr(0, csv.find("only,two")), s);
   ASSERT_TRUE(ok.ok()) << ok.status();
@@ -154,16 +152,12 @@ TEST(DatasetTest, Jsonl) {
   s.format = DataFormat::kJsonl;
   s.text = ColumnRef::Name("text");
   s.label = ColumnRef::Name("label");
-  std::vector<BadLine> bad;
-  auto ds = ParseDataset(
-      "{\"text\": \"good\", \"label\": 1}\n\n{\"text\": \"x\"}\nnot json\n{\"text\":\"\",\"label\":0}\n",
-      s, &bad);
-  ASSERT_FALSE(ds.ok());
-  ASSERT_EQ(bad.size(), 3u);
-  EXPECT_EQ(bad[0].line, 3);
+  const std::vector<BadLine> bad = BadLinesOf(
+      "{\"text\": \"good\", \"label\": 1}\n\n{\"text\": \"x\"}\nnot "
+      "json\n{\"text\":\"\",\"label\":0}\n",
+      s);
+  ASSERT_THAT(Lines(bad), ElementsAre(3, 4, 5));
   EXPECT_THAT(bad[0].reason, HasSubstr("missing key 'label'"));
-  EXPECT_EQ(bad[1].line, 4);
-  EXPECT_EQ(bad[2].line, 5);
   auto ok = ParseDataset("{\"text\": \"good\", \"label\": 1}\n{\"text\": \"bad\", \"label\": 0}", s);
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->size(), 2u);
