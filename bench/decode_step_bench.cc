@@ -92,9 +92,16 @@ absl::Status Run() {
       c.projections.push_back(static_cast<Projection>(p));
   c.num_tasks = T;
   c.init = "normal(0.1)";
-  ASSIGN_OR_RETURN(std::unique_ptr<MetaTTAdapter> adapter,
+  ASSIGN_OR_RETURN(std::unique_ptr<MetaTTAdapter> trained,
                    MetaTTAdapter::Create(c, {torch::kFloat32, torch::kCPU, 1}));
-  for (auto& p : adapter->TrainableParameters()) p.requires_grad_(false);
+  // Served the way the registry serves a family: frozen leaves, the task
+  // slices in one stored core (no per-task leaf).
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [name, t] : trained->NamedParameters()) tensors[name] = t.detach();
+  ASSIGN_OR_RETURN(std::unique_ptr<MetaTTAdapter> adapter,
+                   MetaTTAdapter::FromTensors(trained->config(), trained->scale(), tensors,
+                                              torch::kCPU, MetaTTAdapter::Leaves::kFrozen));
+  trained.reset();
 
   nlohmann::json out = {{"benchmark", "decode_step"},
                         {"model", std::filesystem::path(dir).filename().string()},
