@@ -1,6 +1,8 @@
 """Flags the Python benchmarks share, defined once.
 
 model_dir_flag: --model_dir, $METATT_MODEL_DIR or the repository's MiniLM.
+shared_dir: the shared data folder, $METATT_SHARED_DIR or ../shared beside the
+repository (the rule of server/model/model_dir.h's ResolveSharedDir).
 forward_flags: the shape and threads of a forward-pass benchmark, the settings
 of the C++ benches it is compared with (batch 32, sequence 128, 2 threads,
 CPU).
@@ -12,6 +14,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def default_model_dir():
     return os.environ.get("METATT_MODEL_DIR", os.path.join(REPO, "models", "all-MiniLM-L6-v2"))
+
+
+def shared_dir():
+    return os.environ.get("METATT_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
 
 
 def model_dir_flag(ap):

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import bench_args
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 OURS = {
@@ -135,8 +137,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
     p.add_argument("--build_dir", default=str(ROOT / "build"))
-    p.add_argument("--data_dir", default=os.environ.get(
-        "METATT_COMMONSENSE_DIR", str(ROOT.parent / "shared" / "data" / "commonsense")))
+    p.add_argument("--data_dir", default=os.path.join(bench_args.shared_dir(), "data",
+                                                      "commonsense"))
     p.add_argument("--set", default="ARC-Easy")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--steps", type=int, default=6)

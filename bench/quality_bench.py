@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+import bench_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["MRPC", "CoLA", "SST-2", "STS-B", "RTE"]
 PRIMARY = {"MRPC": "f1_acc", "CoLA": "mcc", "SST-2": "accuracy", "STS-B": "pearson_spearman",
@@ -37,17 +39,11 @@ PRIMARY = {"MRPC": "f1_acc", "CoLA": "mcc", "SST-2": "accuracy", "STS-B": "pears
 TRAIN_ROWS = {"MRPC": 3668, "CoLA": 8551, "SST-2": 67349, "STS-B": 5749, "RTE": 2490}
 
 
-def shared_dir():
-    """../shared beside the repository, or $METATT_SHARED_DIR."""
-    return os.environ.get("METATT_SHARED_DIR", os.path.join(os.path.dirname(REPO), "shared"))
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build_dir", default=os.environ.get("METATT_BUILD_DIR", os.path.join(REPO, "build")))
-    p.add_argument("--model_dir", default=os.environ.get("METATT_MODEL_DIR",
-                                                         os.path.join(REPO, "models", "all-MiniLM-L6-v2")))
-    p.add_argument("--glue_dir", default=os.path.join(shared_dir(), "data", "glue"))
+    bench_args.model_dir_flag(p)
+    p.add_argument("--glue_dir", default=os.path.join(bench_args.shared_dir(), "data", "glue"))
     p.add_argument("--tasks", default=",".join(TASKS),
                    help="comma-separated GLUE task names, any case (cola = CoLA)")
     p.add_argument("--resume", action="store_true",

@@ -20,15 +20,15 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_args  # noqa: E402
 import quality_bench as qb  # noqa: E402  (same protocol flags, PRIMARY metrics, mean_std)
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build_dir", default=os.environ.get("METATT_BUILD_DIR", os.path.join(qb.REPO, "build")))
-    p.add_argument("--model_dir", default=os.environ.get("METATT_MODEL_DIR",
-                                                         os.path.join(qb.REPO, "models", "all-MiniLM-L6-v2")))
-    p.add_argument("--glue_dir", default=os.path.join(qb.shared_dir(), "data", "glue"))
+    bench_args.model_dir_flag(p)
+    p.add_argument("--glue_dir", default=os.path.join(bench_args.shared_dir(), "data", "glue"))
     p.add_argument("--task_sets", required=True, help="comma-separated; a set is TASK+TASK+...")
     p.add_argument("--variant", action="append", required=True, help="NAME=FLAGS")
     p.add_argument("--seeds", default="0,1,2")
