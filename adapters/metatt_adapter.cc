@@ -396,20 +396,15 @@ void MetaTTAdapter::RefreshCache() {
   const int64_t M = proj_.size(1), R = om.size(0);
   torch::Tensor place = torch::zeros({M, R, table_cols_}, om.options());
   for (int pi = 0; pi < kNumProjections; ++pi) {
+    cache_out_[pi] = torch::Tensor();
     const int m = proj_index_[pi];
     if (m < 0) continue;
-    place[m]
-        .narrow(1, table_col_[pi], layout_.out_width[pi])
-        .copy_(om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]));
+    const torch::Tensor o = om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]);
+    place[m].narrow(1, table_col_[pi], layout_.out_width[pi]).copy_(o);
+    // 4+1D row chains apply each projection's block on its own.
+    if (config_.form == TTForm::k4Plus1D) cache_out_[pi] = o.contiguous();
   }
   cache_place_ = place.reshape({M * R, table_cols_});
-  for (auto& o : cache_out_) o = torch::Tensor();
-  if (config_.form == TTForm::k4Plus1D) {
-    for (int pi = 0; pi < kNumProjections; ++pi)
-      if (proj_index_[pi] >= 0)
-        cache_out_[pi] =
-            om.narrow(1, layout_.out_offset[pi], layout_.out_width[pi]).contiguous();
-  }
   cache_table_ = torch::Tensor();
   if (config_.form != TTForm::k4Plus1D) {
     // T[l] = sum_m C[l, m] . E[m]: [L, r1, M * r3] x [M * r3, Ctot].
@@ -426,8 +421,8 @@ void MetaTTAdapter::RefreshCache() {
   cache_key_core_ = task_core_.defined() ? task_core_._version() : 0;
   cache_key_tasks_ = num_tasks();
   ++fold_stats_.rebuilds;
-  rows_table_ = rows_key_ = torch::Tensor();
-  rows_chain_ = chain_key_ = torch::Tensor();
+  rows_table_ = rows_chain_ = torch::Tensor();
+  rows_key_ = chain_key_ = BatchKey();
 }
 
 torch::Tensor MetaTTAdapter::FoldRows(const torch::Tensor& slices) const {
@@ -451,15 +446,12 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
   torch::Tensor host = indexed ? batch.HostTaskIndex() : torch::Tensor();
   const bool fresh = rows_table_.defined() && rows_rebuilds_ == fold_stats_.rebuilds;
   // The other layers of the same forward: the same index tensor.
-  if (fresh && host.defined() && rows_key_.defined() &&
-      rows_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
-      rows_key_version_ == host._version()) {
+  if (fresh && rows_key_.Same(host)) {
     ++fold_stats_.hits;
     return rows_table_;
   }
   const int64_t uniform = host.defined() ? UniformTask(host, B) : 0;
-  rows_key_ = host;
-  rows_key_version_ = host.defined() ? host._version() : -1;
+  rows_key_.Hold(host);
   // A batch of one task reuses that task's table across forwards.
   if (fresh && uniform >= 0 && rows_key_task_ == uniform) {
     ++fold_stats_.hits;
@@ -469,15 +461,20 @@ torch::Tensor MetaTTAdapter::TableFor(const AdapterBatch& batch, int64_t B,
   if (uniform >= 0) {
     rows_table_ = FoldRows(task_core_.narrow(0, uniform, 1));  // [L, 1, r1, Ctot]
   } else {
-    torch::Tensor index = batch.task_index.defined() && batch.task_index.device() == device
-                              ? batch.task_index
-                              : ToDeviceAsync(host, device);
-    rows_table_ = FoldRows(task_core_.index_select(0, index));  // [L, B, r1, Ctot]
+    rows_table_ =
+        FoldRows(task_core_.index_select(0, IndexOn(batch, host, device)));  // [L, B, r1, Ctot]
   }
   rows_key_task_ = uniform;
   rows_rebuilds_ = fold_stats_.rebuilds;
   ++fold_stats_.tables;
   return rows_table_;
+}
+
+torch::Tensor MetaTTAdapter::IndexOn(const AdapterBatch& batch, const torch::Tensor& host,
+                                     torch::Device device) {
+  return batch.task_index.defined() && batch.task_index.device() == device
+             ? batch.task_index
+             : ToDeviceAsync(host, device);
 }
 
 int64_t MetaTTAdapter::UniformTask(const torch::Tensor& host, int64_t B) const {
@@ -501,26 +498,20 @@ torch::Tensor MetaTTAdapter::RowChainFor(const AdapterBatch& batch, int64_t B,
   torch::Tensor host = batch.HostTaskIndex();
   // The other layers of the same forward (and decode steps of an unchanged
   // batch): the same index tensor, same version, no core change since.
-  if (chain_key_.defined() && chain_rebuilds_ == fold_stats_.rebuilds &&
-      chain_key_.unsafeGetTensorImpl() == host.unsafeGetTensorImpl() &&
-      chain_key_version_ == host._version()) {
+  if (chain_rebuilds_ == fold_stats_.rebuilds && chain_key_.Same(host)) {
     if (rows_chain_.defined()) ++fold_stats_.hits;
     return rows_chain_;
   }
-  chain_key_ = host;
-  chain_key_version_ = host._version();
+  chain_key_.Hold(host);
   chain_rebuilds_ = fold_stats_.rebuilds;
   rows_chain_ = torch::Tensor();
   if (UniformTask(host, B) >= 0) return rows_chain_;
   torch::NoGradGuard no_grad;
-  torch::Tensor index = batch.task_index.defined() && batch.task_index.device() == device
-                            ? batch.task_index
-                            : ToDeviceAsync(host, device);
   const int64_t L = cache_chain_.size(0), M = cache_chain_.size(1), r1 = cache_chain_.size(2);
   const int64_t r4 = task_core_.size(2);
   // [L, M, 1, r1, r3] x [B, r3, r4] -> [L, M, B, r1, r4] -> [L, B, r1, M * r4]
   rows_chain_ = cache_chain_.unsqueeze(2)
-                    .matmul(task_core_.index_select(0, index))
+                    .matmul(task_core_.index_select(0, IndexOn(batch, host, device)))
                     .permute({0, 2, 3, 1, 4})
                     .reshape({L, B, r1, M * r4})
                     .contiguous();

@@ -233,19 +233,33 @@ class MetaTTAdapter : public EncoderAdapter {
   bool fold_enabled_ = true;
   bool row_chains_enabled_ = true;
   FoldStats fold_stats_;
-  // 4+1D: the current forward's table, keyed by the batch's host index
-  // tensor (held, so its identity cannot be reused while cached) and its
-  // version; a batch of one task also by that task (kept across forwards);
-  // both with the rebuild count.
-  torch::Tensor rows_key_;
-  int64_t rows_key_version_ = -1;
+  // A batch's host index tensor (held, so its identity cannot be reused
+  // while cached) and its version: what the per-forward caches are keyed by.
+  struct BatchKey {
+    torch::Tensor host;
+    int64_t version = -1;
+    bool Same(const torch::Tensor& h) const {
+      return h.defined() && host.defined() &&
+             host.unsafeGetTensorImpl() == h.unsafeGetTensorImpl() && version == h._version();
+    }
+    void Hold(const torch::Tensor& h) {
+      host = h;
+      version = h.defined() ? h._version() : -1;
+    }
+  };
+  // The batch's task index on `device` (the uploaded copy when it is there).
+  static torch::Tensor IndexOn(const AdapterBatch& batch, const torch::Tensor& host,
+                               torch::Device device);
+  // 4+1D: the current forward's table, keyed by the batch; a batch of one
+  // task also by that task (kept across forwards); both with the rebuild
+  // count.
+  BatchKey rows_key_;
   int64_t rows_key_task_ = -1;
   int64_t rows_rebuilds_ = -1;
   torch::Tensor rows_table_;
   // 4+1D row chains, keyed like rows_table_ (an undefined chain under a
   // matching key records "one task: use the table").
-  torch::Tensor chain_key_;
-  int64_t chain_key_version_ = -1;
+  BatchKey chain_key_;
   int64_t chain_rebuilds_ = -1;
   torch::Tensor rows_chain_;
 };
