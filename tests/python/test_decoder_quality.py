@@ -20,6 +20,7 @@ Fails (never skips) when a binary is missing; skips only when set-up has not
 laid out models/SmolLM2-135M-Instruct (its tokenizer) or the commonsense data.
 """
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -143,3 +144,44 @@ def test_rows_and_batch_order_equal_metatt_train(tiny_model, data_dir, tmp_path,
     first = [dqp.build_row(*dqp.encode_example(tok, r), 256) for r in train[:limit]]
     other = losses_of(hf, tok, first, [list(range(batch))])
     assert abs(other[0] - theirs[0]) > 1e-3
+
+
+def test_every_row_gets_the_same_protocol(monkeypatch, tmp_path):
+    """The commands the table would run (nothing runs): PEFT and metatt-train
+    get the same rows, steps, batch, max length, tokens and seed; multi-task
+    and the add-task bases get n_sets x steps."""
+    launched = []
+
+    def fake_launch(args, cmd, run_dir):
+        flags = {}
+        for c in map(str, cmd):  # the last value of a flag wins, as in absl
+            k, eq, v = c.partition("=")
+            if k.startswith("--"):
+                flags[k] = v if eq else True
+        launched.append((pathlib.Path(run_dir).relative_to(tmp_path).as_posix(), flags))
+        return {}
+
+    monkeypatch.setattr(decoder_quality, "launch", fake_launch)
+    args = decoder_quality.parse_args(["--protocol", "gpu", "--out", str(tmp_path)])
+    sets = decoder_quality.SETS
+    for row in decoder_quality.ALL_ROWS:
+        for _, _, thunk in decoder_quality.row_units(args, row, sets, tmp_path / "runs", 2):
+            thunk()
+    by_dir = dict(launched)
+    common = ("--train_limit", "--max_eval", "--batch_size", "--max_length", "--max_new_tokens",
+              "--seed", "--warmup_ratio")
+    peft = by_dir["runs/peft_lora_r8/seed2/BoolQ"]
+    for d in ("runs/lora_r8/seed2/BoolQ", "runs/metatt4d/seed2/BoolQ",
+              "runs/new_task_frozen/seed2/BoolQ"):
+        assert {k: by_dir[d][k] for k in common + ("--steps",)} == \
+            {k: peft[k] for k in common + ("--steps",)}, d
+    assert peft["--steps"] == "125" and peft["--seed"] == "2" and peft["--lr"] == "0.001"
+    assert by_dir["runs/lora_r8/seed2/BoolQ"]["--lr"] == "0.001"
+    assert by_dir["runs/multitask_4p1d/seed2/all"]["--steps"] == "375"
+    assert by_dir["runs/multitask_4p1d/seed2/all"]["--task"] == ",".join(sets)
+    base = by_dir["runs/new_task_frozen/seed2/base_without_BoolQ"]
+    assert base["--steps"] == "250" and base["--task"] == "ARC-Easy,OpenBookQA"
+    add = by_dir["runs/new_task_frozen/seed2/BoolQ"]
+    assert add["--base_family"].endswith("base_without_BoolQ") and add["--task"] == "BoolQ"
+    assert by_dir["runs/zero_shot/BoolQ"]["--eval_only"] is True
+    assert len(launched) == 3 + 3 + 1 + 6 + 3 + 3
