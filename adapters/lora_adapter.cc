@@ -7,6 +7,7 @@
 #include <set>
 
 #include "adapters/adapted_layers.h"
+#include "adapters/named_parameters.h"
 #include "adapters/peft_modules.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -232,17 +233,10 @@ std::vector<std::pair<std::string, torch::Tensor>> LoraAdapter::NamedParameters(
 }
 
 std::vector<torch::Tensor> LoraAdapter::TrainableParameters() const {
-  std::vector<torch::Tensor> out;
-  for (auto& [n, t] : NamedParameters())
-    if (t.requires_grad()) out.push_back(t);
-  return out;
+  return RequiringGrad(NamedParameters());
 }
 
-int64_t LoraAdapter::NumParameters() const {
-  int64_t n = 0;
-  for (auto& [name, t] : NamedParameters()) n += t.numel();
-  return n;
-}
+int64_t LoraAdapter::NumParameters() const { return TotalNumel(NamedParameters()); }
 
 absl::StatusOr<torch::Tensor> LoraAdapter::DenseDelta(int layer, Projection projection) const {
   auto it = factors_.find({layer, projection});

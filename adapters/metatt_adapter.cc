@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "adapters/named_parameters.h"
 #include "absl/strings/str_cat.h"
 #include "base/status_macros.h"
 
@@ -293,10 +294,7 @@ std::vector<std::pair<std::string, torch::Tensor>> MetaTTAdapter::NamedParameter
 }
 
 std::vector<torch::Tensor> MetaTTAdapter::TrainableParameters() const {
-  std::vector<torch::Tensor> out;
-  for (auto& [n, t] : NamedParameters())
-    if (t.requires_grad()) out.push_back(t);
-  return out;
+  return RequiringGrad(NamedParameters());
 }
 
 std::vector<torch::Tensor> MetaTTAdapter::InnerParameters() const {
@@ -309,11 +307,7 @@ std::vector<torch::Tensor> MetaTTAdapter::InnerParameters() const {
   return out;
 }
 
-int64_t MetaTTAdapter::NumParameters() const {
-  int64_t n = 0;
-  for (auto& [name, t] : NamedParameters()) n += t.numel();
-  return n;
-}
+int64_t MetaTTAdapter::NumParameters() const { return TotalNumel(NamedParameters()); }
 
 int64_t MetaTTAdapter::NumTrainableParameters() const {
   int64_t n = 0;

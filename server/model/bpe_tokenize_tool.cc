@@ -85,19 +85,14 @@ json Handle(const metatt::BpeTokenizer& tok, const json& j) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  std::ios::sync_with_stdio(false);
-  auto tok = metatt::BpeTokenizer::Create(absl::GetFlag(FLAGS_model_dir));
-  if (!tok.ok()) {
-    std::cerr << "metatt-bpe-tokenize: " << tok.status() << "\n";
-    return 1;
-  }
+  const auto tok = metatt::BpeTokenizer::Create(absl::GetFlag(FLAGS_model_dir));
   metatt::JsonlStreams io;
-  if (!io.Open("metatt-bpe-tokenize", absl::GetFlag(FLAGS_input), absl::GetFlag(FLAGS_output))) return 1;
-  std::istream* in = &io.in();
-  std::ostream* out = &io.out();
+  if (!io.Start("metatt-bpe-tokenize", tok, absl::GetFlag(FLAGS_input),
+                absl::GetFlag(FLAGS_output)))
+    return 1;
   std::string line;
   size_t line_no = 0;
-  while (std::getline(*in, line)) {
+  while (std::getline(io.in(), line)) {
     ++line_no;
     json j = json::parse(line, nullptr, false);
     json answer;
@@ -110,7 +105,7 @@ int main(int argc, char** argv) {
         answer = {{"error", "line " + std::to_string(line_no) + ": " + e.what()}};
       }
     }
-    *out << answer.dump(-1, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace) << "\n";
+    io.out() << answer.dump(-1, ' ', /*ensure_ascii=*/true, json::error_handler_t::replace) << "\n";
   }
   return io.Finish();
 }

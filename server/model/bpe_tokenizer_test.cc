@@ -258,47 +258,36 @@ void ExpectRefused(const json& j, const std::string& field) {
 }
 
 TEST(BpeTokenizerTest, RefusesWhatItDoesNotImplementNamingTheField) {
+  // Each case sets one JSON pointer of the tiny tokenizer ("-": appended).
+  struct Refusal {
+    const char* pointer;
+    json value;
+    const char* field;  // what the refusal must name
+  };
+  const std::vector<Refusal> refusals = {
+      {"/normalizer", {{"type", "NFC"}}, "normalizer"},
+      {"/pre_tokenizer", {{"type", "Metaspace"}}, "pre_tokenizer.type"},
+      {"/pre_tokenizer",
+       {{"type", "Sequence"}, {"pretokenizers", json::array({{{"type", "Split"}}})}},
+       "pre_tokenizer.pretokenizers[0].type"},
+      {"/model/type", "WordPiece", "model.type"},
+      {"/model/byte_fallback", true, "model.byte_fallback"},
+      {"/model/dropout", 0.1, "model.dropout"},
+      {"/model/merges/-", json::array({"c", "zz"}), "model.merges[9]"},
+      {"/model/merges/-", 42, "model.merges[9]"},
+      {"/model/vocab/x", "seven", "model.vocab"},
+      {"/model/unk_token", "<unk>", "model.unk_token"},
+      {"/added_tokens/1/lstrip", true, "added_tokens[1].lstrip"},
+      {"/decoder", {{"type", "Metaspace"}}, "decoder.type"},
+      {"/post_processor", {{"type", "RobertaProcessing"}}, "post_processor.type"},
+  };
+  for (const Refusal& r : refusals) {
+    SCOPED_TRACE(r.pointer);
+    json j = TinyTokenizer();
+    j[json::json_pointer(r.pointer)] = r.value;
+    ExpectRefused(j, r.field);
+  }
   json j = TinyTokenizer();
-  j["normalizer"] = {{"type", "NFC"}};
-  ExpectRefused(j, "normalizer");
-  j = TinyTokenizer();
-  j["pre_tokenizer"] = {{"type", "Metaspace"}};
-  ExpectRefused(j, "pre_tokenizer.type");
-  j = TinyTokenizer();
-  j["pre_tokenizer"] = {{"type", "Sequence"},
-                        {"pretokenizers", json::array({{{"type", "Split"}}})}};
-  ExpectRefused(j, "pre_tokenizer.pretokenizers[0].type");
-  j = TinyTokenizer();
-  j["model"]["type"] = "WordPiece";
-  ExpectRefused(j, "model.type");
-  j = TinyTokenizer();
-  j["model"]["byte_fallback"] = true;
-  ExpectRefused(j, "model.byte_fallback");
-  j = TinyTokenizer();
-  j["model"]["dropout"] = 0.1;
-  ExpectRefused(j, "model.dropout");
-  j = TinyTokenizer();
-  j["model"]["merges"].push_back(json::array({"c", "zz"}));
-  ExpectRefused(j, "model.merges[9]");
-  j = TinyTokenizer();
-  j["model"]["merges"].push_back(42);
-  ExpectRefused(j, "model.merges[9]");
-  j = TinyTokenizer();
-  j["model"]["vocab"]["x"] = "seven";
-  ExpectRefused(j, "model.vocab");
-  j = TinyTokenizer();
-  j["model"]["unk_token"] = "<unk>";
-  ExpectRefused(j, "model.unk_token");
-  j = TinyTokenizer();
-  j["added_tokens"][1]["lstrip"] = true;
-  ExpectRefused(j, "added_tokens[1].lstrip");
-  j = TinyTokenizer();
-  j["decoder"] = {{"type", "Metaspace"}};
-  ExpectRefused(j, "decoder.type");
-  j = TinyTokenizer();
-  j["post_processor"] = {{"type", "RobertaProcessing"}};
-  ExpectRefused(j, "post_processor.type");
-  j = TinyTokenizer();
   j.erase("model");
   ExpectRefused(j, "model");
 

@@ -15,6 +15,8 @@
 #include "absl/strings/str_split.h"
 #include "adapters/lora_adapter.h"
 #include "base/safetensors.h"
+#include "base/status_macros.h"
+#include "base/tool_main.h"
 #include "server/model/bert_encoder.h"  // ParseDevice
 #include "server/model/llama_decoder.h"
 
@@ -27,42 +29,34 @@ ABSL_FLAG(int64_t, max_new_tokens, 0, "greedy tokens to generate (0: none)");
 ABSL_FLAG(int64_t, eos_token_id, -1, "stop token for generation (-1: none)");
 ABSL_FLAG(std::string, peft_dir, "", "optional PEFT LoRA adapter directory");
 
-int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
-  auto fail = [](const absl::Status& s) {
-    std::cerr << "metatt-decode: " << s << "\n";
-    return 1;
-  };
+namespace metatt {
+namespace {
+
+absl::Status Run() {
   if (absl::GetFlag(FLAGS_model_dir).empty())
-    return fail(absl::InvalidArgumentError("--model_dir is required"));
-  auto device = metatt::ParseDevice(absl::GetFlag(FLAGS_device));
-  if (!device.ok()) return fail(device.status());
-  auto dec = metatt::LlamaDecoder::Create({absl::GetFlag(FLAGS_model_dir), *device});
-  if (!dec.ok()) return fail(dec.status());
-  std::unique_ptr<metatt::LoraAdapter> lora;
+    return absl::InvalidArgumentError("--model_dir is required");
+  ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
+  ASSIGN_OR_RETURN(auto dec, LlamaDecoder::Create({absl::GetFlag(FLAGS_model_dir), device}));
+  std::unique_ptr<LoraAdapter> lora;
   if (!absl::GetFlag(FLAGS_peft_dir).empty()) {
-    metatt::LoadPeftOptions po;
-    po.device = *device;
-    po.num_layers = (*dec)->config().num_hidden_layers;
-    po.hidden_size = (*dec)->config().hidden_size;
-    po.model = (*dec)->geometry();
-    auto a = metatt::LoadPeftAdapter(absl::GetFlag(FLAGS_peft_dir), po);
-    if (!a.ok()) return fail(a.status());
-    lora = std::move(*a);
+    LoadPeftOptions po;
+    po.device = device;
+    po.num_layers = dec->config().num_hidden_layers;
+    po.hidden_size = dec->config().hidden_size;
+    po.model = dec->geometry();
+    ASSIGN_OR_RETURN(lora, LoadPeftAdapter(absl::GetFlag(FLAGS_peft_dir), po));
   }
-  metatt::EncoderAdapter* adapter = lora.get();
-  auto in = metatt::ReadSafetensors(absl::GetFlag(FLAGS_inputs));
-  if (!in.ok()) return fail(in.status());
+  EncoderAdapter* adapter = lora.get();
+  ASSIGN_OR_RETURN(SafetensorsFile in, ReadSafetensors(absl::GetFlag(FLAGS_inputs)));
   auto get = [&](const char* name) {
-    auto it = in->tensors.find(name);
-    return it == in->tensors.end() ? torch::Tensor() : it->second.to(torch::kInt64);
+    auto it = in.tensors.find(name);
+    return it == in.tensors.end() ? torch::Tensor() : it->second.to(torch::kInt64);
   };
-  metatt::DecoderInput input{get("input_ids"), get("attention_mask")};
+  DecoderInput input{get("input_ids"), get("attention_mask")};
   torch::NoGradGuard no_grad;
-  auto full = (*dec)->Forward(input, nullptr, adapter);
-  if (!full.ok()) return fail(full.status());
-  std::map<std::string, torch::Tensor> out = {{"logits", full->logits.cpu()},
-                                              {"hidden", full->hidden.cpu()}};
+  ASSIGN_OR_RETURN(auto full, dec->Forward(input, nullptr, adapter));
+  std::map<std::string, torch::Tensor> out = {{"logits", full.logits.cpu()},
+                                              {"hidden", full.hidden.cpu()}};
   const int64_t S = input.input_ids.size(1);
   torch::Tensor mask =
       input.attention_mask.defined() ? input.attention_mask : torch::ones_like(input.input_ids);
@@ -70,27 +64,31 @@ int main(int argc, char** argv) {
                                                absl::SkipEmpty())) {
     int64_t n = 0;
     if (!absl::SimpleAtoi(part, &n) || n < 1)
-      return fail(absl::InvalidArgumentError("--chunks: entries must be positive integers"));
-    metatt::KvCache cache;
+      return absl::InvalidArgumentError("--chunks: entries must be positive integers");
+    KvCache cache;
     std::vector<torch::Tensor> pieces;
     for (int64_t s = 0; s < S; s += n) {
       const int64_t w = std::min(n, S - s);
-      auto o = (*dec)->Forward({input.input_ids.narrow(1, s, w), mask.narrow(1, s, w)}, &cache,
-                               adapter);
-      if (!o.ok()) return fail(o.status());
-      pieces.push_back(o->logits.cpu());
+      ASSIGN_OR_RETURN(auto o, dec->Forward({input.input_ids.narrow(1, s, w), mask.narrow(1, s, w)},
+                                            &cache, adapter));
+      pieces.push_back(o.logits.cpu());
     }
     out[absl::StrCat("logits_chunk", n)] = torch::cat(pieces, 1);
   }
   if (absl::GetFlag(FLAGS_max_new_tokens) > 0) {
-    auto g = (*dec)->GreedyGenerate(input, absl::GetFlag(FLAGS_max_new_tokens),
-                                    absl::GetFlag(FLAGS_eos_token_id), adapter);
-    if (!g.ok()) return fail(g.status());
-    out["generated"] = *g;
+    ASSIGN_OR_RETURN(out["generated"],
+                     dec->GreedyGenerate(input, absl::GetFlag(FLAGS_max_new_tokens),
+                                         absl::GetFlag(FLAGS_eos_token_id), adapter));
   }
-  auto st = metatt::WriteSafetensors(absl::GetFlag(FLAGS_out), out);
-  if (!st.ok()) return fail(st);
-  std::cerr << "metatt-decode: " << input.input_ids.size(0) << " sequences on " << device->str()
+  RETURN_IF_ERROR(WriteSafetensors(absl::GetFlag(FLAGS_out), out));
+  std::cerr << "metatt-decode: " << input.input_ids.size(0) << " sequences on " << device.str()
             << "\n";
-  return 0;
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace metatt
+
+int main(int argc, char** argv) {
+  return metatt::ToolMain(argc, argv, "metatt-decode", metatt::Run);
 }

@@ -1,10 +1,13 @@
 // The input and output of a JSONL tool (metatt-tokenize, metatt-bpe-tokenize):
-// a file each, or "-" for stdin / stdout. Header-only, torch-free.
+// a file each, or "-" for stdin / stdout, and the tool's start (its
+// tokenizer made, the streams open). Header-only, torch-free.
 #pragma once
 
 #include <fstream>
 #include <iostream>
 #include <string>
+
+#include "absl/status/statusor.h"
 
 namespace metatt {
 
@@ -23,6 +26,19 @@ class JsonlStreams {
       out_ = &out_file_;
     }
     return true;
+  }
+  // A tool's start: unsynchronised stdio, then `made` (the tool's tokenizer;
+  // "<tool>: <status>" on stderr when it failed), then Open(). False when
+  // either failed (the tool exits 1).
+  template <typename T>
+  bool Start(const char* tool, const absl::StatusOr<T>& made, const std::string& input,
+             const std::string& output) {
+    std::ios::sync_with_stdio(false);
+    if (!made.ok()) {
+      std::cerr << tool << ": " << made.status() << "\n";
+      return false;
+    }
+    return Open(tool, input, output);
   }
   std::istream& in() { return *in_; }
   std::ostream& out() { return *out_; }

@@ -6,15 +6,13 @@
 #include "absl/strings/str_cat.h"
 #include "base/file_io.h"
 #include "base/status_macros.h"
+#include "server/model/config_json.h"
 
 namespace metatt {
 namespace {
 
 using json = nlohmann::json;
-
-absl::Status Bad(const std::string& origin, const std::string& field, const std::string& why) {
-  return absl::InvalidArgumentError(absl::StrCat(origin, ": field '", field, "' ", why));
-}
+using config_json::Bad;
 
 absl::Status GetInt(const json& j, const std::string& origin, const char* field, bool required,
                     int64_t* out) {
@@ -72,9 +70,7 @@ absl::Status CheckRopeType(const json& r, const std::string& origin, const char*
 
 absl::StatusOr<LlamaConfig> LlamaConfig::FromJson(const std::string& json_text,
                                                   const std::string& origin) {
-  json j = json::parse(json_text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object())
-    return absl::InvalidArgumentError(absl::StrCat(origin, ": not a JSON object"));
+  ASSIGN_OR_RETURN(json j, config_json::ParseObject(json_text, origin));
   LlamaConfig c;
   if (j.contains("model_type")) {
     if (!j["model_type"].is_string()) return Bad(origin, "model_type", "must be a string");

@@ -38,22 +38,16 @@ ABSL_FLAG(bool, batch, false, "Encode all lines as one padded batch");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  std::ios::sync_with_stdio(false);
-  auto tok = metatt::WordPieceTokenizer::Create(absl::GetFlag(FLAGS_model_dir));
-  if (!tok.ok()) {
-    std::cerr << "metatt-tokenize: " << tok.status() << "\n";
-    return 1;
-  }
+  const auto tok = metatt::WordPieceTokenizer::Create(absl::GetFlag(FLAGS_model_dir));
   metatt::JsonlStreams io;
-  if (!io.Open("metatt-tokenize", absl::GetFlag(FLAGS_input), absl::GetFlag(FLAGS_output))) return 1;
-  std::istream* in = &io.in();
-  std::ostream* out = &io.out();
+  if (!io.Start("metatt-tokenize", tok, absl::GetFlag(FLAGS_input), absl::GetFlag(FLAGS_output)))
+    return 1;
   const int max_length = absl::GetFlag(FLAGS_max_length);
 
   std::vector<std::pair<std::string, std::optional<std::string>>> inputs;
   std::string line;
   size_t line_no = 0;
-  while (std::getline(*in, line)) {
+  while (std::getline(io.in(), line)) {
     ++line_no;
     if (line.empty()) continue;
     nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
@@ -76,7 +70,7 @@ int main(int argc, char** argv) {
   auto write = [&](const metatt::Encoding& e) {
     nlohmann::json o = {
         {"ids", e.ids}, {"type_ids", e.type_ids}, {"attention_mask", e.attention_mask}};
-    *out << o.dump() << "\n";
+    io.out() << o.dump() << "\n";
   };
   if (absl::GetFlag(FLAGS_batch)) {
     for (const auto& e : tok->EncodeBatch(inputs, max_length)) write(e);
