@@ -34,9 +34,7 @@
 # Env: ASAN_SERVER_NO_BUILD=1 runs the binaries already built,
 # ASAN_SERVER_JOBS (default 2), METATT_ASAN_SERVER_SRC (default this
 # checkout), METATT_ASAN_SERVER_BUILD_DIR (default <src>/build-asan-server).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" asan-server
 JOBS="${ASAN_SERVER_JOBS:-2}"
 # The sources to build and test: this checkout, or another one (e.g. a
 # `git worktree` of a commit, when the working tree is mid-edit).
@@ -44,7 +42,6 @@ SRC="$(cd "${METATT_ASAN_SERVER_SRC:-$ROOT}" && pwd)"
 BUILD="${METATT_ASAN_SERVER_BUILD_DIR:-$SRC/build-asan-server}"
 CXX_BIN="${CXX:-clang++}"
 command -v "$CXX_BIN" >/dev/null 2>&1 || CXX_BIN=g++
-log() { printf '\033[1m[asan-server]\033[0m %s\n' "$*"; }
 
 DEFAULT_TESTS=(tests/integration/test_server_datasets.py tests/integration/test_server_jobs.py
                tests/integration/test_tenants.py tests/integration/test_tenant_names.py
@@ -55,7 +52,7 @@ if (($#)); then TESTS=("$@"); else TESTS=("${DEFAULT_TESTS[@]}"); fi
 
 mkdir -p "$BUILD" bench/out
 if [ ! -f "$BUILD/build.ninja" ]; then
-  TORCH_PREFIX="$("$ROOT/.venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  TORCH_PREFIX="$(torch_prefix)"
   log "configuring $BUILD (METATT_SANITIZE=ON, $CXX_BIN)"
   cmake -S "$SRC" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_COMPILER="$CXX_BIN" -DMETATT_SANITIZE=ON -DMETATT_BUILD_BENCH=OFF \

@@ -33,23 +33,15 @@
 # Env: WORK (default /var/tmp/metatt-container), IMAGE (default metatt:cpu),
 # GRPC_PORT / METRICS_PORT on the host (defaults 50151 / 59190), STEPS (25),
 # ROWS (300 MRPC training rows), NICE (10: the build runs under nice).
-set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
-WORK="${WORK:-/var/tmp/metatt-container}"
-IMAGE="${IMAGE:-metatt:cpu}"
-BASE="${BASE:-debian:bookworm-slim}"
-GRPC_PORT="${GRPC_PORT:-50151}"
-METRICS_PORT="${METRICS_PORT:-59190}"
-STEPS="${STEPS:-25}"
-ROWS="${ROWS:-300}"
-NICE="${NICE:-10}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" container_smoke
+: "${WORK:=/var/tmp/metatt-container}" "${IMAGE:=metatt:cpu}" "${BASE:=debian:bookworm-slim}"
+: "${GRPC_PORT:=50151}" "${METRICS_PORT:=59190}" "${STEPS:=25}" "${ROWS:=300}" "${NICE:=10}"
 NAME="metatt-smoke-$$"
-OUT="$REPO/bench/results/cpu-container"
+OUT="$ROOT/bench/results/cpu-container"
 LOG="$OUT/container_smoke.log"
 JSON="$OUT/container_smoke.json"
-CTL="$REPO/build/client/metattctl"
-GLUE="${METATT_SHARED_DIR:-$(dirname "$REPO")/shared}/data/glue"
+CTL="$ROOT/build/client/metattctl"
+GLUE="${METATT_SHARED_DIR:-$(dirname "$ROOT")/shared}/data/glue"
 mkdir -p "$WORK" "$OUT"
 
 now() { TZ=UTC printf '%(%Y-%m-%dT%H:%M:%SZ)T' -1; }
@@ -104,8 +96,8 @@ cleanup() {
   fi
   [[ -n "$SECRETS" ]] && rm -rf "$SECRETS"
   [[ $rc -ne 0 && -z "$FAILED_AT" ]] && FAILED_AT="exit status $rc"
-  write_json || log "writing ${JSON#"$REPO"/} FAILED"
-  log "RESULT: $RESULT${FAILED_AT:+ (failed at: $FAILED_AT)}; summary in ${JSON#"$REPO"/}"
+  write_json || log "writing ${JSON#"$ROOT"/} FAILED"
+  log "RESULT: $RESULT${FAILED_AT:+ (failed at: $FAILED_AT)}; summary in ${JSON#"$ROOT"/}"
 }
 trap cleanup EXIT
 
@@ -167,11 +159,11 @@ EOF
   # The build context: the committed tree (git archive HEAD), so that others'
   # uncommitted edits are not built; CONTEXT=worktree builds the working tree.
   if [[ "${CONTEXT:-head}" == worktree ]]; then
-    ctx="$REPO"
+    ctx="$ROOT"
   else
     ctx="$WORK/context"
     rm -rf "$ctx" && mkdir -p "$ctx"
-    git -C "$REPO" archive --format=tar HEAD | tar -x -C "$ctx"
+    git -C "$ROOT" archive --format=tar HEAD | tar -x -C "$ctx"
   fi
   log "build context: ${CONTEXT:-head} ($ctx, commit $(git rev-parse --short HEAD))"
   nice -n "$NICE" podman build --network=host --pull=never --layers \

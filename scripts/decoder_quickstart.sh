@@ -17,7 +17,6 @@ set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/quickstart_lib.sh" decoder_quickstart
 GATEWAY="$BUILD/server/http/metatt-http"
-PY="$REPO/.venv/bin/python"
 MODEL="$REPO/models/SmolLM2-135M-Instruct"
 BASE_ID="SmolLM2-135M-Instruct"
 ARC="$SHARED/data/commonsense/ARC-Easy"

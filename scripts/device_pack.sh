@@ -9,10 +9,12 @@
 #   scripts/device_pack.sh TORCH_VERSION   e.g. 2.11.0 (the GPU machine's torch)
 # Builds the committed HEAD (a git worktree in $DEVCHECK_SRC), not the
 # working tree, so that the pack is exactly a commit.
-set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$ROOT"
-VER="${1:?torch version of the GPU machine, e.g. 2.11.0}"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" device_pack
+(($# == 1)) || {
+  echo "usage: scripts/device_pack.sh TORCH_VERSION (the GPU machine's torch, e.g. 2.11.0)" >&2
+  exit 1
+}
+VER="$1"
 WORK="${DEVCHECK_WORK:-/work/devtorch}"
 BUILD="${DEVCHECK_BUILD:-/work/devbuild}"
 PACK="$ROOT/.devcheck"

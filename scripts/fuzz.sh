@@ -18,15 +18,12 @@
 # existing binaries, FUZZ_SERVICE=0 skips service_fuzzer (gRPC, protobuf, SQLite).
 # Without clang: ctest's fuzz_replay_* tests (tests/fuzz/replay/) replay every
 # corpus and regression input through the same LLVMFuzzerTestOneInput with g++.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" fuzz
 SECONDS_PER_TARGET="${1:-60}"
 shift || true
 BUILD="$ROOT/build-fuzz"
 JOBS="${FUZZ_JOBS:-2}"
 FUZZ_TORCH="${FUZZ_TORCH:-1}"
-log() { printf '\033[1m[fuzz]\033[0m %s\n' "$*"; }
 
 # ---- build ---------------------------------------------------------------------
 if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then
@@ -34,7 +31,7 @@ if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then
     args=(-S tests/fuzz -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
           -DCMAKE_CXX_COMPILER="${CXX:-clang++}")
     if [ "$FUZZ_TORCH" = 1 ]; then
-      TORCH_PREFIX="$("$ROOT/.venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+      TORCH_PREFIX="$(torch_prefix)"
       args+=(-DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DMETATT_FUZZ_TORCH=ON)
     else
       args+=(-DMETATT_FUZZ_TORCH=OFF)

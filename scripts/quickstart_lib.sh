@@ -5,9 +5,9 @@
 #
 # runs the idempotent set-up (scripts/setup.sh: packages, venv, models, build),
 # sets REPO, SHARED (METATT_SHARED_DIR, default <repo>/../shared), BUILD
-# (METATT_BUILD_DIR, default <repo>/build), SERVER, CTL and WORK (a fresh temp
-# dir), and on exit stops every process in PIDS, last started first, then
-# removes WORK (KEEP=1 keeps it). Error messages start with <name>.
+# (METATT_BUILD_DIR, default <repo>/build), SERVER, CTL, PY (the .venv's
+# python) and WORK (a fresh temp dir), and on exit stops every process in
+# PIDS, last started first, then removes WORK (KEEP=1 keeps it). Error messages start with <name>.
 QS_NAME="$1"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$REPO/scripts/setup.sh"
@@ -15,6 +15,7 @@ SHARED="${METATT_SHARED_DIR:-$(dirname "$REPO")/shared}"
 BUILD="${METATT_BUILD_DIR:-$REPO/build}"
 SERVER="$BUILD/server/metatt-server"
 CTL="$BUILD/client/metattctl"
+PY="$REPO/.venv/bin/python"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/metatt-$QS_NAME.XXXXXX")"
 PIDS=()

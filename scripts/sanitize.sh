@@ -18,15 +18,12 @@
 #                           torch-free but whose main-build library
 #                           (metatt_training) links LibTorch.
 # Exit status is non-zero if a build fails, a test fails or a sanitizer reports.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" sanitize
 JOBS="${SANITIZE_JOBS:-2}"
 CXX_BIN="${CXX:-clang++}"
 # setup.sh installs GCC only; GCC's -fsanitize=address,undefined does the same job.
 command -v "$CXX_BIN" >/dev/null 2>&1 || CXX_BIN=g++
 BUILD="${METATT_SANITIZE_BUILD_DIR:-$ROOT/build-asan}"
-log() { printf '\033[1m[sanitize]\033[0m %s\n' "$*"; }
 
 # Torch-free (NO_PCH) unit tests of the main build; a name that is not a target
 # fails the run (a renamed test must be renamed here too).
@@ -47,7 +44,7 @@ rc=0
 t0=$(date +%s)
 top_ok=1
 if [ ! -f "$BUILD/build.ninja" ]; then
-  TORCH_PREFIX="$("$ROOT/.venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  TORCH_PREFIX="$(torch_prefix)"
   log "configuring $BUILD (METATT_SANITIZE=ON)"
   mkdir -p "$BUILD"
   if ! cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian packages, a Python venv in .venv, the MiniLM model
 # converted to safetensors, and a CMake build in build/. Fast when already done.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
-log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" setup
 
 DEB_PKGS=(build-essential cmake ninja-build pkg-config git
   libgrpc++-dev libgrpc-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
@@ -60,7 +57,7 @@ if [ ! -f models/SmolLM2-135M-Instruct/model.safetensors ]; then
   .venv/bin/python scripts/prepare_smollm2.py --out models/SmolLM2-135M-Instruct
 fi
 
-TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+TORCH_PREFIX="$(torch_prefix)"
 BUILD_TYPE="${BUILD_TYPE:-RelWithDebInfo}"
 if [ ! -f build/CMakeCache.txt ]; then
   log "configuring CMake (LibTorch from $TORCH_PREFIX)"

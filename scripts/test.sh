@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set-up (idempotent), then every C++ test (ctest) and every
 # Python test (pytest: parity with transformers/peft, black-box server tests).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" test
 ./scripts/setup.sh
 export METATT_BUILD_DIR="$ROOT/build"
 export METATT_MODEL_DIR="${METATT_MODEL_DIR:-$ROOT/models/all-MiniLM-L6-v2}"

@@ -21,13 +21,10 @@
 # Env: TSAN_JOBS (default 2), METATT_TSAN_BUILD_DIR, TSAN_TORCH=0 leaves the
 # LibTorch-linked tests out (their sanitized build is the slow part),
 # TSAN_NO_BUILD=1 runs the binaries already built.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" tsan
 JOBS="${TSAN_JOBS:-2}"
 BUILD="${METATT_TSAN_BUILD_DIR:-$ROOT/build-tsan}"
 SUPP="$ROOT/tests/tsan/tsan.supp"
-log() { printf '\033[1m[tsan]\033[0m %s\n' "$*"; }
 
 TORCH_FREE=(job_manager_test dataset_manager_test tenants_test sqlite_store_test
             store_conformance_test service_test task_pages_test)
@@ -56,7 +53,7 @@ if [ "$canary_reports" -lt 1 ] || [ "$canary_other" -ne 0 ]; then
 fi
 log "canary: $canary_reports report(s), all on the unguarded counter, none on absl-guarded data"
 if [ ! -f "$BUILD/build.ninja" ]; then
-  TORCH_PREFIX="$("$ROOT/.venv/bin/python" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+  TORCH_PREFIX="$(torch_prefix)"
   log "configuring $BUILD (METATT_TSAN=ON)"
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_COMPILER=clang++ -DMETATT_TSAN=ON -DMETATT_BUILD_BENCH=OFF \

@@ -14,6 +14,9 @@
 // hide races between two readers, which are reads. Await / CondVar::Wait
 // release before waiting and acquire after, as the library does inside.
 //
+// Each entry point is one METATT_SHIM line: its symbol is named once, so the
+// function defined and the library function it calls cannot differ.
+//
 // The names are the Itanium-mangled members of absl::debian3 (Debian 12's
 // libabsl 20220623); a library with another inline namespace fails the link
 // loudly (undefined reference via dlsym -> abort below), never silently.
@@ -22,6 +25,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -42,6 +46,30 @@ Fn Real(const char* name) {
 inline void Acquired(const void* mu) { __tsan_acquire(const_cast<void*>(mu)); }
 inline void Releasing(const void* mu) { __tsan_release(const_cast<void*>(mu)); }
 
+// What an entry point tells TSan, on the mutex's (or notification's) address.
+enum class Sync {
+  kAcquire,         // acquires after the call (held on return)
+  kAcquireIfTrue,   // acquires after the call when it returned true
+  kRelease,         // releases before the call
+  kReleaseAcquire,  // releases before the call, acquires after (waits)
+};
+
+// The library call `call` with `sync` told to TSan on `addr`; its result.
+template <Sync sync, typename Call>
+auto Around(const void* addr, Call call) {
+  constexpr bool kReleases = sync == Sync::kRelease || sync == Sync::kReleaseAcquire;
+  constexpr bool kAcquires = sync == Sync::kAcquire || sync == Sync::kReleaseAcquire;
+  if constexpr (kReleases) Releasing(addr);
+  if constexpr (std::is_void_v<decltype(call())>) {
+    call();
+    if constexpr (kAcquires) Acquired(addr);
+  } else {
+    const auto r = call();
+    if (kAcquires || (sync == Sync::kAcquireIfTrue && r)) Acquired(addr);
+    return r;
+  }
+}
+
 using absl::Condition;
 using absl::CondVar;
 using absl::Duration;
@@ -51,140 +79,61 @@ using absl::Time;
 
 }  // namespace
 
-#define METATT_REAL(type, sym) static const auto real = Real<type>(#sym)
+// Defines the exported `ret sym params`: the library's `sym` called with
+// `args`, `sync` told to TSan on `addr`.
+#define METATT_SHIM(sync, ret, sym, params, args, addr)        \
+  ret sym params {                                              \
+    static const auto real = Real<ret(*) params>(#sym);         \
+    return Around<Sync::sync>(addr, [&] { return real args; }); \
+  }
 
 extern "C" {
 
 // ---- Mutex: lock / unlock --------------------------------------------------------
-void _ZN4absl7debian35Mutex4LockEv(Mutex* mu) {
-  METATT_REAL(void (*)(Mutex*), _ZN4absl7debian35Mutex4LockEv);
-  real(mu);
-  Acquired(mu);
-}
-void _ZN4absl7debian35Mutex10ReaderLockEv(Mutex* mu) {
-  METATT_REAL(void (*)(Mutex*), _ZN4absl7debian35Mutex10ReaderLockEv);
-  real(mu);
-  Acquired(mu);
-}
-bool _ZN4absl7debian35Mutex7TryLockEv(Mutex* mu) {
-  METATT_REAL(bool (*)(Mutex*), _ZN4absl7debian35Mutex7TryLockEv);
-  bool ok = real(mu);
-  if (ok) Acquired(mu);
-  return ok;
-}
-bool _ZN4absl7debian35Mutex13ReaderTryLockEv(Mutex* mu) {
-  METATT_REAL(bool (*)(Mutex*), _ZN4absl7debian35Mutex13ReaderTryLockEv);
-  bool ok = real(mu);
-  if (ok) Acquired(mu);
-  return ok;
-}
-void _ZN4absl7debian35Mutex6UnlockEv(Mutex* mu) {
-  METATT_REAL(void (*)(Mutex*), _ZN4absl7debian35Mutex6UnlockEv);
-  Releasing(mu);
-  real(mu);
-}
-void _ZN4absl7debian35Mutex12ReaderUnlockEv(Mutex* mu) {
-  METATT_REAL(void (*)(Mutex*), _ZN4absl7debian35Mutex12ReaderUnlockEv);
-  Releasing(mu);
-  real(mu);
-}
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex4LockEv, (Mutex* mu), (mu), mu)
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex10ReaderLockEv, (Mutex* mu), (mu), mu)
+METATT_SHIM(kAcquireIfTrue, bool, _ZN4absl7debian35Mutex7TryLockEv, (Mutex* mu), (mu), mu)
+METATT_SHIM(kAcquireIfTrue, bool, _ZN4absl7debian35Mutex13ReaderTryLockEv, (Mutex* mu), (mu), mu)
+METATT_SHIM(kRelease, void, _ZN4absl7debian35Mutex6UnlockEv, (Mutex* mu), (mu), mu)
+METATT_SHIM(kRelease, void, _ZN4absl7debian35Mutex12ReaderUnlockEv, (Mutex* mu), (mu), mu)
 
-// ---- Mutex: lock when a condition holds (acquire after) ----------------------------
-void _ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
-  METATT_REAL(void (*)(Mutex*, const Condition&), _ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE);
-  real(mu, c);
-  Acquired(mu);
-}
-void _ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
-  METATT_REAL(void (*)(Mutex*, const Condition&),
-              _ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE);
-  real(mu, c);
-  Acquired(mu);
-}
-bool _ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE(
-    Mutex* mu, const Condition& c, Duration d) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Duration),
-              _ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE);
-  bool r = real(mu, c, d);
-  Acquired(mu);  // held on return either way
-  return r;
-}
-bool _ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE(
-    Mutex* mu, const Condition& c, Time t) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Time),
-              _ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE);
-  bool r = real(mu, c, t);
-  Acquired(mu);
-  return r;
-}
-bool _ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE(
-    Mutex* mu, const Condition& c, Duration d) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Duration),
-              _ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE);
-  bool r = real(mu, c, d);
-  Acquired(mu);
-  return r;
-}
-bool _ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE(
-    Mutex* mu, const Condition& c, Time t) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Time),
-              _ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE);
-  bool r = real(mu, c, t);
-  Acquired(mu);
-  return r;
-}
+// ---- Mutex: lock when a condition holds (held on return either way) ----------------
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE,
+            (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE,
+            (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kAcquire, bool,
+            _ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE,
+            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kAcquire, bool,
+            _ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE,
+            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
+METATT_SHIM(kAcquire, bool,
+            _ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE,
+            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kAcquire, bool,
+            _ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE,
+            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
 
 // ---- Mutex: await (held on entry and on return; released while waiting) ------------
-void _ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE(Mutex* mu, const Condition& c) {
-  METATT_REAL(void (*)(Mutex*, const Condition&), _ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE);
-  Releasing(mu);
-  real(mu, c);
-  Acquired(mu);
-}
-bool _ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE(
-    Mutex* mu, const Condition& c, Duration d) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Duration),
-              _ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE);
-  Releasing(mu);
-  bool r = real(mu, c, d);
-  Acquired(mu);
-  return r;
-}
-bool _ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE(
-    Mutex* mu, const Condition& c, Time t) {
-  METATT_REAL(bool (*)(Mutex*, const Condition&, Time),
-              _ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE);
-  Releasing(mu);
-  bool r = real(mu, c, t);
-  Acquired(mu);
-  return r;
-}
+METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE,
+            (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kReleaseAcquire, bool,
+            _ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE,
+            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kReleaseAcquire, bool,
+            _ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE,
+            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
 
 // ---- CondVar: wait releases the mutex and takes it back -----------------------------
-void _ZN4absl7debian37CondVar4WaitEPNS0_5MutexE(CondVar* cv, Mutex* mu) {
-  METATT_REAL(void (*)(CondVar*, Mutex*), _ZN4absl7debian37CondVar4WaitEPNS0_5MutexE);
-  Releasing(mu);
-  real(cv, mu);
-  Acquired(mu);
-}
-bool _ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE(CondVar* cv, Mutex* mu,
-                                                                         Duration d) {
-  METATT_REAL(bool (*)(CondVar*, Mutex*, Duration),
-              _ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE);
-  Releasing(mu);
-  bool r = real(cv, mu, d);
-  Acquired(mu);
-  return r;
-}
-bool _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE(CondVar* cv, Mutex* mu,
-                                                                      Time t) {
-  METATT_REAL(bool (*)(CondVar*, Mutex*, Time),
-              _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE);
-  Releasing(mu);
-  bool r = real(cv, mu, t);
-  Acquired(mu);
-  return r;
-}
+METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian37CondVar4WaitEPNS0_5MutexE,
+            (CondVar* cv, Mutex* mu), (cv, mu), mu)
+METATT_SHIM(kReleaseAcquire, bool,
+            _ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE,
+            (CondVar* cv, Mutex* mu, Duration d), (cv, mu, d), mu)
+METATT_SHIM(kReleaseAcquire, bool,
+            _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE,
+            (CondVar* cv, Mutex* mu, Time t), (cv, mu, t), mu)
 
 // ---- Notification -----------------------------------------------------------
 // Notify() sets its flag inside the library; a waiter that finds it set
@@ -192,31 +141,14 @@ bool _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE(CondVar* 
 // path), so the mutex annotations above never order it after the notifier.
 // Notify releases on the notification's address, every wait that returns
 // notified acquires on it.
-void _ZN4absl7debian312Notification6NotifyEv(Notification* n) {
-  METATT_REAL(void (*)(Notification*), _ZN4absl7debian312Notification6NotifyEv);
-  Releasing(n);
-  real(n);
-}
-void _ZNK4absl7debian312Notification19WaitForNotificationEv(const Notification* n) {
-  METATT_REAL(void (*)(const Notification*), _ZNK4absl7debian312Notification19WaitForNotificationEv);
-  real(n);
-  Acquired(n);
-}
-bool _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE(
-    const Notification* n, Duration timeout) {
-  METATT_REAL(bool (*)(const Notification*, Duration),
-              _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE);
-  const bool notified = real(n, timeout);
-  if (notified) Acquired(n);
-  return notified;
-}
-bool _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE(
-    const Notification* n, Time deadline) {
-  METATT_REAL(bool (*)(const Notification*, Time),
-              _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE);
-  const bool notified = real(n, deadline);
-  if (notified) Acquired(n);
-  return notified;
-}
+METATT_SHIM(kRelease, void, _ZN4absl7debian312Notification6NotifyEv, (Notification* n), (n), n)
+METATT_SHIM(kAcquire, void, _ZNK4absl7debian312Notification19WaitForNotificationEv,
+            (const Notification* n), (n), n)
+METATT_SHIM(kAcquireIfTrue, bool,
+            _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE,
+            (const Notification* n, Duration timeout), (n, timeout), n)
+METATT_SHIM(kAcquireIfTrue, bool,
+            _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE,
+            (const Notification* n, Time deadline), (n, deadline), n)
 
 }  // extern "C"
