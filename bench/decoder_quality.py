@@ -13,6 +13,14 @@ rows, the first 100 test rows, 32 steps of 8 = 1.3 epochs; three seeds):
 
   .venv/bin/python bench/decoder_quality.py --protocol cpu          # --seeds 0 for one seed
 
+Cost of the cpu preset, measured 2026-12-07 on the 2-core CPU shared with
+other work (load average 7-8, one thread a run): a MetaTT-4D ARC-Easy run
+trains at 13.6 s a step (0.59 examples/s; PEFT 14.5 s) and scores its 100
+test rows in about 95 s, about 9 minutes in all. A seed of the whole table is
+672 training steps (3 x 32 for each single-set row, 96 for multi-task, 192 +
+96 for the add-task row) and 18 set evaluations: about 3 hours, so three
+seeds take about 9 hours there. The GPU preset has not been timed.
+
 Explicit flags override a preset (--steps, --train_limit, --max_eval,
 --batch_size, --seeds, --device, ...); the protocol actually run is written
 into the JSON and above the md table. --resume reuses every run whose
@@ -55,7 +63,8 @@ true|false of the greedy generation, up to --max_new_tokens, against
                    tests/python/test_decoder_quality.py checks rows, batches
                    and token ids against the built binaries.
 
-Output (--out, default bench/results/cpu-decoder): decoder_quality.json and
+Output (--out, default bench/results/cpu-decoder, with --protocol gpu
+bench/results/gpu-decoder): decoder_quality.json and
 decoder_quality.md; each run's log.txt and result.json under
 runs/<row>/seed<k>/<set>/ (multitask: .../all/; the add-task bases:
 .../base_without_<set>/).
@@ -126,7 +135,8 @@ def parse_args(argv=None):
                    help="start no new run after this many seconds (0: none)")
     p.add_argument("--merge", default="",
                    help="comma-separated decoder_quality.json files: run nothing, combine their cells")
-    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--out", default=None,
+                   help="default bench/results/cpu-decoder (gpu protocol: bench/results/gpu-decoder)")
     args = p.parse_args(argv)
     preset = PRESETS[args.protocol]
     overridden = []
@@ -141,6 +151,8 @@ def parse_args(argv=None):
     if args.parallel:
         args.jobs = max(args.jobs, 3)
     args.overridden = sorted(set(overridden))
+    if args.out is None:
+        args.out = str(OUT if args.protocol == "cpu" else OUT.parent / "gpu-decoder")
     return args
 
 
