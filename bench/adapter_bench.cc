@@ -30,10 +30,9 @@
 #include "adapters/metatt_adapter.h"
 #include "base/status_macros.h"
 #include "base/tool_main.h"
+#include "bench/bench_model_dir.h"
 #include "server/model/bert_encoder.h"
-#include "server/model/model_dir.h"
 
-ABSL_FLAG(std::string, model_dir, "", "base model dir (default: repo models/all-MiniLM-L6-v2)");
 ABSL_FLAG(int, batch, 32, "sequences per batch");
 ABSL_FLAG(int, seq, 128, "tokens per sequence");
 ABSL_FLAG(int, threads, 2, "torch intra-op threads");
@@ -67,7 +66,7 @@ std::string LoadAvg() {
 
 absl::Status Run() {
   torch::set_num_threads(absl::GetFlag(FLAGS_threads));
-  ASSIGN_OR_RETURN(std::string model_dir, ResolveModelDir(absl::GetFlag(FLAGS_model_dir)));
+  ASSIGN_OR_RETURN(std::string model_dir, BenchModelDir());
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(absl::GetFlag(FLAGS_device)));
   // Waits for the device's queued work (timings end there).
   auto sync = [&] {

@@ -9,10 +9,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/bench_model_dir.h"
 #include "server/model/bert_encoder.h"
-#include "server/model/model_dir.h"
 
-ABSL_FLAG(std::string, model_dir, "", "model directory (default: see README)");
 ABSL_FLAG(std::string, device, "auto", "auto | cpu | cuda");
 ABSL_FLAG(int, batch, 32, "batch size");
 ABSL_FLAG(int, seq, 128, "sequence length");
@@ -22,7 +21,7 @@ ABSL_FLAG(int, threads, 2, "intra-op threads");
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
   at::set_num_threads(absl::GetFlag(FLAGS_threads));
-  auto dir = metatt::ResolveModelDir(absl::GetFlag(FLAGS_model_dir));
+  auto dir = metatt::BenchModelDir();
   auto device = metatt::ParseDevice(absl::GetFlag(FLAGS_device));
   if (!dir.ok() || !device.ok()) {
     std::cerr << (dir.ok() ? device.status() : dir.status()) << "\n";

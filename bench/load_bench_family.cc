@@ -15,14 +15,13 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "bench/bench_model_dir.h"
 #include "server/store/sqlite_store.h"
 #include "server/model/bert_config.h"
-#include "server/model/model_dir.h"
 #include "server/registry/adapter_registry.h"
 #include "server/registry/test_family.h"
 
 ABSL_FLAG(std::string, data_dir, "", "server data directory (created)");
-ABSL_FLAG(std::string, model_dir, "", "base model (default: the usual resolution)");
 ABSL_FLAG(std::string, family, "bench", "family name");
 ABSL_FLAG(int64_t, tasks, 100, "task slices");
 ABSL_FLAG(int64_t, seed, 1, "random seed");
@@ -39,7 +38,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "--tasks: must be >= 1\n");
     return 2;
   }
-  auto model_dir = ResolveModelDir(absl::GetFlag(FLAGS_model_dir));
+  auto model_dir = BenchModelDir();
   if (!model_dir.ok()) {
     std::fprintf(stderr, "%s\n", model_dir.status().ToString().c_str());
     return 1;

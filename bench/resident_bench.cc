@@ -36,15 +36,14 @@
 #include "absl/time/clock.h"
 #include "base/status_macros.h"
 #include "base/tool_main.h"
+#include "bench/bench_model_dir.h"
 #include "server/runtime/large_family.h"
 #include "server/runtime/predictor.h"
 #include "server/runtime/scheduler.h"
-#include "server/model/model_dir.h"
 #include "server/model/tokenizer.h"
 #include "server/registry/test_util.h"
 
 ABSL_FLAG(int64_t, tasks, 1000000, "tasks of the big family");
-ABSL_FLAG(std::string, model_dir, "", "base model (default: the usual resolution)");
 ABSL_FLAG(int64_t, batch, 32, "inputs per Predict call");
 ABSL_FLAG(int64_t, iters, 30, "measured calls per case");
 ABSL_FLAG(int64_t, num_threads, 0, "torch threads (0 = default)");
@@ -93,7 +92,7 @@ absl::Status Run() {
   if (absl::GetFlag(FLAGS_num_threads) > 0) {
     torch::set_num_threads(static_cast<int>(absl::GetFlag(FLAGS_num_threads)));
   }
-  auto model_dir = ResolveModelDir(absl::GetFlag(FLAGS_model_dir));
+  auto model_dir = BenchModelDir();
   if (!model_dir.ok()) return model_dir.status();
   BertEncoder::Options eo;
   eo.model_dir = *model_dir;
