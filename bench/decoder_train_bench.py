@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import bench_args
+from decoder_quality_peft import build_row, encode_example, pad_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,19 +81,8 @@ class Peft:
         self.args = args
         tok = AutoTokenizer.from_pretrained(args.model_dir)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.examples = []
-        for r in rows:
-            user = r["instruction"] + (("\n\n" + r["input"]) if r.get("input", "").strip() else "")
-            msgs = [{"role": "user", "content": user}]
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": r["output"]}],
-                                           tokenize=False)
-            assert full.startswith(prompt)
-            p = tok(prompt, add_special_tokens=False)["input_ids"]
-            c = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
-            c = c[: args.max_length - 1]
-            p = p[len(p) - min(len(p), args.max_length - len(c)):]
-            self.examples.append((p, c))
+        # The same ids and truncation as metatt-train (and decoder_quality's PEFT row).
+        self.examples = [build_row(*encode_example(tok, r), args.max_length) for r in rows]
         base = LlamaForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32)
         cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                          lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -112,16 +102,8 @@ class Peft:
         n = len(self.examples)
         for step in range(args.steps):
             batch = [self.examples[(step * args.batch_size + i) % n] for i in range(args.batch_size)]
-            S = max(len(p) + len(c) for p, c in batch)
-            ids = torch.full((len(batch), S), self.pad, dtype=torch.long)
-            labels = torch.full((len(batch), S), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), S), dtype=torch.long)
-            for i, (p, c) in enumerate(batch):
-                seq = p + c
-                ids[i, : len(seq)] = torch.tensor(seq)
-                labels[i, len(p): len(seq)] = torch.tensor(c)
-                mask[i, : len(seq)] = 1
-                tokens += len(seq)
+            ids, mask, labels = (torch.tensor(x) for x in pad_batch(batch, self.pad))
+            tokens += int(mask.sum())
             t0 = time.perf_counter()
             out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
             out.loss.backward()
