@@ -8,6 +8,7 @@ namespace metatt {
 namespace {
 
 constexpr int64_t kD = 12;
+constexpr int64_t kFfn = 20;  // d_ffn where FFN projections are adapted
 
 MetaTTConfig SmallConfig(TTForm form, std::vector<int64_t> ranks, int64_t tasks = 1) {
   MetaTTConfig c;
@@ -22,6 +23,15 @@ MetaTTConfig SmallConfig(TTForm form, std::vector<int64_t> ranks, int64_t tasks 
   c.num_tasks = form == TTForm::k4Plus1D ? tasks : 1;
   c.init = "normal(0.5)";
   c.alpha = 3.0;
+  return c;
+}
+
+// SmallConfig adapting `projections`, FFN ones among them (d_ffn = kFfn).
+MetaTTConfig FfnConfig(TTForm form, std::vector<int64_t> ranks, int64_t tasks,
+                       std::vector<Projection> projections) {
+  MetaTTConfig c = SmallConfig(form, std::move(ranks), tasks);
+  c.projections = std::move(projections);
+  c.d_ffn = kFfn;
   return c;
 }
 
@@ -128,26 +138,25 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(MetaTTAdapterTest, FfnProjectionsUseTheirOwnBoundaryBlocks) {
   for (TTForm form : {TTForm::k4D, TTForm::k4Plus1D}) {
-    MetaTTConfig c = SmallConfig(
+    MetaTTConfig c = FfnConfig(
         form,
-        form == TTForm::k4D ? std::vector<int64_t>{2, 3, 4} : std::vector<int64_t>{2, 3, 4, 5}, 3);
-    c.projections = {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown};
-    c.d_ffn = 20;
+        form == TTForm::k4D ? std::vector<int64_t>{2, 3, 4} : std::vector<int64_t>{2, 3, 4, 5}, 3,
+        {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown});
     auto a = Make(c);
     EXPECT_EQ(a->NumParameters(), c.ParameterCount());
     auto shapes = MetaTTAdapter::ExpectedShapes(c);
-    EXPECT_EQ(shapes["in"][0], kD + 20);
-    EXPECT_EQ(shapes["out"][1], kD + 20);
+    EXPECT_EQ(shapes["in"][0], kD + kFfn);
+    EXPECT_EQ(shapes["out"][1], kD + kFfn);
     torch::Tensor tasks;
     if (form == TTForm::k4Plus1D) tasks = torch::tensor({1, 2, 0}, torch::kInt64);
     torch::Tensor x = torch::randn({3, 4, kD}, torch::kFloat64);
-    torch::Tensor u = torch::randn({3, 4, 20}, torch::kFloat64);
+    torch::Tensor u = torch::randn({3, 4, kFfn}, torch::kFloat64);
     for (bool grad : {true, false}) {
       torch::AutoGradMode mode(grad);
       auto q = a->Deltas(2, x, {Projection::kQuery}, AdapterBatch{tasks});
       auto up = a->Deltas(2, x, {Projection::kFfnUp}, AdapterBatch{tasks});
       auto down = a->Deltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks});
-      EXPECT_EQ(up[0].size(2), 20);
+      EXPECT_EQ(up[0].size(2), kFfn);
       EXPECT_EQ(down[0].size(2), kD);
       EXPECT_TRUE(
           torch::allclose(q[0], DenseDeltas(*a, 2, Projection::kQuery, x, tasks), 1e-10, 1e-12));
@@ -159,7 +168,7 @@ TEST(MetaTTAdapterTest, FfnProjectionsUseTheirOwnBoundaryBlocks) {
   }
   MetaTTConfig bad = SmallConfig(TTForm::k5D, {2});
   bad.projections = {Projection::kFfnUp};
-  bad.d_ffn = 20;
+  bad.d_ffn = kFfn;
   EXPECT_EQ(bad.Validate().code(), absl::StatusCode::kInvalidArgument);
   MetaTTConfig no_ffn_dim = SmallConfig(TTForm::k4D, {2});
   no_ffn_dim.projections = {Projection::kFfnDown};
@@ -391,9 +400,8 @@ TEST_P(FastPathTest, AddDeltasIntoFusedOutputEqualsBasePlusDeltas) {
 TEST(MetaTTAdapterTest, MixedBatchTableIsBuiltOncePerForwardAndFollowsUpdates) {
   // A batch built from host indices gets one fold table for the whole
   // forward, reused by every layer; updates must still show.
-  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4);
-  c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnUp};
-  c.d_ffn = 20;
+  MetaTTConfig c = FfnConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4,
+                             {Projection::kQuery, Projection::kValue, Projection::kFfnUp});
   auto a = Make(c);
   torch::NoGradGuard no_grad;
   torch::Tensor x = torch::randn({4, 5, kD}, torch::kFloat64);
@@ -453,21 +461,20 @@ TEST(MetaTTAdapterTest, MixedBatchTableIsBuiltOncePerForwardAndFollowsUpdates) {
 }
 
 TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
-  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 3);
-  c.projections = {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown};
-  c.d_ffn = 20;
+  MetaTTConfig c = FfnConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 3,
+                             {Projection::kQuery, Projection::kFfnUp, Projection::kFfnDown});
   auto a = Make(c);
   torch::NoGradGuard no_grad;
   torch::Tensor tasks = torch::tensor({1, 2, 0}, torch::kInt64);
   torch::Tensor x = torch::randn({3, 4, kD}, torch::kFloat64);
-  torch::Tensor u = torch::randn({3, 4, 20}, torch::kFloat64);
+  torch::Tensor u = torch::randn({3, 4, kFfn}, torch::kFloat64);
   EXPECT_TRUE(torch::allclose(a->Deltas(2, x, {Projection::kFfnUp}, AdapterBatch{tasks})[0],
                               Unfolded(*a, 2, {Projection::kFfnUp}, x, tasks, 0), 1e-12, 1e-13));
   EXPECT_TRUE(torch::allclose(a->Deltas(2, u, {Projection::kFfnDown}, AdapterBatch{tasks})[0],
                               Unfolded(*a, 2, {Projection::kFfnDown}, u, tasks, 0), 1e-12,
                               1e-13));
   // The encoder's fused calls for the FFN groups.
-  torch::Tensor up = torch::randn({3, 4, 20}, torch::kFloat64), down = torch::randn({3, 4, kD},
+  torch::Tensor up = torch::randn({3, 4, kFfn}, torch::kFloat64), down = torch::randn({3, 4, kD},
                                                                                   torch::kFloat64);
   torch::Tensor up_want = up + Unfolded(*a, 2, {Projection::kFfnUp}, x, tasks, 0);
   torch::Tensor down_want = down + Unfolded(*a, 2, {Projection::kFfnDown}, u, tasks, 0);
@@ -483,10 +490,9 @@ TEST(MetaTTAdapterTest, FoldedFfnBlocksEqualUnfolded) {
 // longer row takes), through Deltas and the fused AddDeltas, following slice
 // and core updates.
 TEST(MetaTTAdapterTest, FewTokenMixedBatchUsesRowChainsAndEqualsUnfolded) {
-  MetaTTConfig c = SmallConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4);
-  c.projections = {Projection::kQuery, Projection::kValue, Projection::kFfnUp,
-                   Projection::kFfnDown};
-  c.d_ffn = 20;
+  MetaTTConfig c = FfnConfig(TTForm::k4Plus1D, {2, 3, 4, 5}, 4,
+                             {Projection::kQuery, Projection::kValue, Projection::kFfnUp,
+                              Projection::kFfnDown});
   auto a = Make(c, 3);
   torch::NoGradGuard no_grad;
   const std::vector<Projection> up = {Projection::kFfnUp}, down = {Projection::kFfnDown};
@@ -494,7 +500,7 @@ TEST(MetaTTAdapterTest, FewTokenMixedBatchUsesRowChainsAndEqualsUnfolded) {
                                               torch::kCPU);
   auto forward = [&](int64_t S, const AdapterBatch& b) {
     torch::Tensor x = torch::randn({5, S, kD}, torch::kFloat64);
-    torch::Tensor u = torch::randn({5, S, 20}, torch::kFloat64);
+    torch::Tensor u = torch::randn({5, S, kFfn}, torch::kFloat64);
     for (int layer : {0, 1, 2}) {
       auto d = a->Deltas(layer, x, kAsk, b);
       for (size_t i : {0u, 2u}) {
@@ -509,7 +515,7 @@ TEST(MetaTTAdapterTest, FewTokenMixedBatchUsesRowChainsAndEqualsUnfolded) {
       // Fused outputs: Q|K|V (K not adapted: its block stays as it was), up, down.
       torch::Tensor qkv = torch::randn({5, S, 3 * kD}, torch::kFloat64);
       torch::Tensor want = qkv.clone();
-      torch::Tensor gu = torch::randn({5, S, 20}, torch::kFloat64), gu_want = gu.clone();
+      torch::Tensor gu = torch::randn({5, S, kFfn}, torch::kFloat64), gu_want = gu.clone();
       torch::Tensor dn = torch::randn({5, S, kD}, torch::kFloat64), dn_want = dn.clone();
       if (layer != 1) {
         want.narrow(-1, 0, kD).add_(Unfolded(*a, layer, kAsk, x, b.task_index, 0));
