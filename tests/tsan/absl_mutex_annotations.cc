@@ -87,6 +87,8 @@ using absl::Time;
     return Around<Sync::sync>(addr, [&] { return real args; }); \
   }
 
+// One entry point per line, a table (clang-format would wrap the long rows).
+// clang-format off
 extern "C" {
 
 // ---- Mutex: lock / unlock --------------------------------------------------------
@@ -98,42 +100,22 @@ METATT_SHIM(kRelease, void, _ZN4absl7debian35Mutex6UnlockEv, (Mutex* mu), (mu), 
 METATT_SHIM(kRelease, void, _ZN4absl7debian35Mutex12ReaderUnlockEv, (Mutex* mu), (mu), mu)
 
 // ---- Mutex: lock when a condition holds (held on return either way) ----------------
-METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE,
-            (Mutex* mu, const Condition& c), (mu, c), mu)
-METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE,
-            (Mutex* mu, const Condition& c), (mu, c), mu)
-METATT_SHIM(kAcquire, bool,
-            _ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE,
-            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
-METATT_SHIM(kAcquire, bool,
-            _ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE,
-            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
-METATT_SHIM(kAcquire, bool,
-            _ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE,
-            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
-METATT_SHIM(kAcquire, bool,
-            _ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE,
-            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex8LockWhenERKNS0_9ConditionE, (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kAcquire, void, _ZN4absl7debian35Mutex14ReaderLockWhenERKNS0_9ConditionE, (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kAcquire, bool, _ZN4absl7debian35Mutex19LockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE, (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kAcquire, bool, _ZN4absl7debian35Mutex20LockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE, (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
+METATT_SHIM(kAcquire, bool, _ZN4absl7debian35Mutex25ReaderLockWhenWithTimeoutERKNS0_9ConditionENS0_8DurationE, (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kAcquire, bool, _ZN4absl7debian35Mutex26ReaderLockWhenWithDeadlineERKNS0_9ConditionENS0_4TimeE, (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
 
 // ---- Mutex: await (held on entry and on return; released while waiting) ------------
-METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE,
-            (Mutex* mu, const Condition& c), (mu, c), mu)
-METATT_SHIM(kReleaseAcquire, bool,
-            _ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE,
-            (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
-METATT_SHIM(kReleaseAcquire, bool,
-            _ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE,
-            (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
+METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian35Mutex5AwaitERKNS0_9ConditionE, (Mutex* mu, const Condition& c), (mu, c), mu)
+METATT_SHIM(kReleaseAcquire, bool, _ZN4absl7debian35Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE, (Mutex* mu, const Condition& c, Duration d), (mu, c, d), mu)
+METATT_SHIM(kReleaseAcquire, bool, _ZN4absl7debian35Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE, (Mutex* mu, const Condition& c, Time t), (mu, c, t), mu)
 
 // ---- CondVar: wait releases the mutex and takes it back -----------------------------
-METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian37CondVar4WaitEPNS0_5MutexE,
-            (CondVar* cv, Mutex* mu), (cv, mu), mu)
-METATT_SHIM(kReleaseAcquire, bool,
-            _ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE,
-            (CondVar* cv, Mutex* mu, Duration d), (cv, mu, d), mu)
-METATT_SHIM(kReleaseAcquire, bool,
-            _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE,
-            (CondVar* cv, Mutex* mu, Time t), (cv, mu, t), mu)
+METATT_SHIM(kReleaseAcquire, void, _ZN4absl7debian37CondVar4WaitEPNS0_5MutexE, (CondVar* cv, Mutex* mu), (cv, mu), mu)
+METATT_SHIM(kReleaseAcquire, bool, _ZN4absl7debian37CondVar15WaitWithTimeoutEPNS0_5MutexENS0_8DurationE, (CondVar* cv, Mutex* mu, Duration d), (cv, mu, d), mu)
+METATT_SHIM(kReleaseAcquire, bool, _ZN4absl7debian37CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE, (CondVar* cv, Mutex* mu, Time t), (cv, mu, t), mu)
 
 // ---- Notification -----------------------------------------------------------
 // Notify() sets its flag inside the library; a waiter that finds it set
@@ -142,13 +124,9 @@ METATT_SHIM(kReleaseAcquire, bool,
 // Notify releases on the notification's address, every wait that returns
 // notified acquires on it.
 METATT_SHIM(kRelease, void, _ZN4absl7debian312Notification6NotifyEv, (Notification* n), (n), n)
-METATT_SHIM(kAcquire, void, _ZNK4absl7debian312Notification19WaitForNotificationEv,
-            (const Notification* n), (n), n)
-METATT_SHIM(kAcquireIfTrue, bool,
-            _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE,
-            (const Notification* n, Duration timeout), (n, timeout), n)
-METATT_SHIM(kAcquireIfTrue, bool,
-            _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE,
-            (const Notification* n, Time deadline), (n, deadline), n)
+METATT_SHIM(kAcquire, void, _ZNK4absl7debian312Notification19WaitForNotificationEv, (const Notification* n), (n), n)
+METATT_SHIM(kAcquireIfTrue, bool, _ZNK4absl7debian312Notification30WaitForNotificationWithTimeoutENS0_8DurationE, (const Notification* n, Duration timeout), (n, timeout), n)
+METATT_SHIM(kAcquireIfTrue, bool, _ZNK4absl7debian312Notification31WaitForNotificationWithDeadlineENS0_4TimeE, (const Notification* n, Time deadline), (n, deadline), n)
 
 }  // extern "C"
+// clang-format on
