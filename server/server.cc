@@ -383,21 +383,18 @@ absl::Status Server::Init() {
   if (!jobs.ok()) return jobs.status();
   jobs_ = std::move(*jobs);
 
-  job_service_ = std::make_unique<JobServiceImpl>(jobs_.get());
-  dataset_service_ = std::make_unique<DatasetServiceImpl>(datasets_.get());
   AdapterServiceOptions aopt;
   aopt.store = store_.get();
   aopt.catalog = runtime_->catalog();
   aopt.families = family_access_.get();
   aopt.max_import_bytes = o.max_import_bytes;
-  adapter_service_ = std::make_unique<AdapterServiceImpl>(aopt);
   InferenceServiceOptions iopt;
   iopt.predictor = runtime_->predictor();
   iopt.generator = runtime_->generator();
   iopt.metrics = &metrics_->metrics();
   iopt.families = family_access_.get();
   iopt.max_inputs = o.max_predict_inputs;
-  inference_service_ = std::make_unique<InferenceServiceImpl>(iopt);
+  services_ = std::make_unique<Services>(jobs_.get(), datasets_.get(), aopt, iopt);
   initialized_ = true;
   return absl::OkStatus();
 }
@@ -462,8 +459,7 @@ absl::Status Server::Start() {
     quota.SetMaxThreads(static_cast<int>(std::min<int64_t>(o.max_rpc_threads, INT32_MAX)));
     builder.SetResourceQuota(quota);
   }
-  RegisterServices(&builder, authenticator_.get(), job_service_.get(), dataset_service_.get(),
-                   adapter_service_.get(), inference_service_.get());
+  services_->Register(&builder, authenticator_.get());
   grpc_server_ = builder.BuildAndStart();
   if (!grpc_server_ || port_ == 0) {
     return absl::UnavailableError(absl::StrCat("--listen: cannot listen on ", o.listen));

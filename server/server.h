@@ -40,10 +40,7 @@ class DatasetManager;
 class JobManager;
 class MetricsRegistry;
 class JobMetrics;
-class JobServiceImpl;
-class DatasetServiceImpl;
-class AdapterServiceImpl;
-class InferenceServiceImpl;
+struct Services;
 class DataDirLock;
 
 class Server {
@@ -150,10 +147,7 @@ class Server {
   std::unique_ptr<DatasetManager> datasets_;
   std::unique_ptr<JobMetrics> job_metrics_;
   std::unique_ptr<JobManager> jobs_;
-  std::unique_ptr<JobServiceImpl> job_service_;
-  std::unique_ptr<DatasetServiceImpl> dataset_service_;
-  std::unique_ptr<AdapterServiceImpl> adapter_service_;
-  std::unique_ptr<InferenceServiceImpl> inference_service_;
+  std::unique_ptr<Services> services_;  // the four gRPC services
   std::unique_ptr<grpc::Server> grpc_server_;
   // /metrics with basic authentication (metrics_password_file); else the
   // MetricsRegistry's own exposer serves it.

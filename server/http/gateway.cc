@@ -10,12 +10,10 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <optional>
 #include <mutex>
 #include <regex>
-#include <sstream>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -24,6 +22,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/pem.h"
 #include "metatt/v1/adapters.grpc.pb.h"
 #include "metatt/v1/datasets.grpc.pb.h"
 #include "metatt/v1/inference.grpc.pb.h"
@@ -46,17 +45,6 @@ std::pair<std::string, std::string> SplitHostPort(const std::string& listen) {
     host = host.substr(1, host.size() - 2);
   }
   return {host, listen.substr(colon + 1)};
-}
-
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (ss.str().find("-----BEGIN") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", path, " is not PEM"));
-  }
-  return ss.str();
 }
 
 void Reply(httplib::Response& res, int status, const Json& body) {
@@ -140,6 +128,18 @@ struct Gateway::Impl {
       return false;
     }
     return true;
+  }
+  // The same for `(stub->*rpc)(ctx, request, &response)`: the response, or
+  // nullopt once the error was replied.
+  template <typename Stub, typename Request, typename Response>
+  std::optional<Response> Call(const httplib::Request& req, httplib::Response& res, Stub* stub,
+                               grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&,
+                                                         Response*),
+                               const Request& request) const {
+    Response resp;
+    auto call = [&](grpc::ClientContext* ctx) { return (stub->*rpc)(ctx, request, &resp); };
+    if (!Unary(req, res, call)) return std::nullopt;
+    return resp;
   }
 
   JobView View() const { return JobView{o.base_model, default_lr}; }
@@ -366,12 +366,9 @@ void Gateway::Impl::CreateJob(const httplib::Request& req, httplib::Response& re
   if (jr.req.idempotency_key().empty() && req.has_header("Idempotency-Key")) {
     jr.req.set_idempotency_key(req.get_header_value("Idempotency-Key"));
   }
-  v1::CreateJobResponse resp;
-  if (!Unary(req, res,
-             [&](grpc::ClientContext* ctx) { return jobs->CreateJob(ctx, jr.req, &resp); })) {
-    return;
+  if (auto resp = Call(req, res, jobs.get(), &v1::JobService::Stub::CreateJob, jr.req)) {
+    Reply(res, 200, JobJson(resp->job(), View()));
   }
-  Reply(res, 200, JobJson(resp.job(), View()));
 }
 
 // OpenAI's cursor paging (`after` = the last id seen, `limit`) over the
@@ -739,34 +736,26 @@ void Gateway::Impl::Routes() {
   s.Post("/v1/files", [this](const httplib::Request& req, httplib::Response& res,
                              const httplib::ContentReader& reader) { UploadFile(req, res, reader); });
   s.Get("/v1/files", [this](const httplib::Request& req, httplib::Response& res) {
-    v1::ListDatasetsResponse resp;
-    if (!Unary(req, res,
-               [&](grpc::ClientContext* ctx) { return datasets->ListDatasets(ctx, {}, &resp); })) {
-      return;
-    }
+    auto resp = Call(req, res, datasets.get(), &v1::DatasetService::Stub::ListDatasets,
+                     v1::ListDatasetsRequest());
+    if (!resp) return;
     Json data = Json::array();
-    for (const auto& d : resp.datasets()) data.push_back(FileJson(d));
+    for (const auto& d : resp->datasets()) data.push_back(FileJson(d));
     Reply(res, 200, Json{{"object", "list"}, {"data", data}, {"has_more", false}});
   });
   s.Get(R"(/v1/files/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
     v1::GetDatasetRequest r;
     r.set_dataset_id(req.matches[1]);
-    v1::GetDatasetResponse resp;
-    if (!Unary(req, res,
-               [&](grpc::ClientContext* ctx) { return datasets->GetDataset(ctx, r, &resp); })) {
-      return;
+    if (auto resp = Call(req, res, datasets.get(), &v1::DatasetService::Stub::GetDataset, r)) {
+      Reply(res, 200, FileJson(resp->dataset()));
     }
-    Reply(res, 200, FileJson(resp.dataset()));
   });
   s.Delete(R"(/v1/files/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
     v1::DeleteDatasetRequest r;
     r.set_dataset_id(req.matches[1]);
-    v1::DeleteDatasetResponse resp;
-    if (!Unary(req, res,
-               [&](grpc::ClientContext* ctx) { return datasets->DeleteDataset(ctx, r, &resp); })) {
-      return;
+    if (Call(req, res, datasets.get(), &v1::DatasetService::Stub::DeleteDataset, r)) {
+      Reply(res, 200, Json{{"id", req.matches[1]}, {"object", "file"}, {"deleted", true}});
     }
-    Reply(res, 200, Json{{"id", req.matches[1]}, {"object", "file"}, {"deleted", true}});
   });
 
   s.Post("/v1/fine_tuning/jobs",
@@ -777,21 +766,16 @@ void Gateway::Impl::Routes() {
                                                   httplib::Response& res) {
     v1::GetJobRequest r;
     r.set_job_id(req.matches[1]);
-    v1::GetJobResponse resp;
-    if (!Unary(req, res, [&](grpc::ClientContext* ctx) { return jobs->GetJob(ctx, r, &resp); })) {
-      return;
+    if (auto resp = Call(req, res, jobs.get(), &v1::JobService::Stub::GetJob, r)) {
+      Reply(res, 200, JobJson(resp->job(), View()));
     }
-    Reply(res, 200, JobJson(resp.job(), View()));
   });
   auto cancel = [this](const httplib::Request& req, httplib::Response& res, const std::string& id) {
     v1::CancelJobRequest r;
     r.set_job_id(id);
-    v1::CancelJobResponse resp;
-    if (!Unary(req, res,
-               [&](grpc::ClientContext* ctx) { return jobs->CancelJob(ctx, r, &resp); })) {
-      return;
+    if (auto resp = Call(req, res, jobs.get(), &v1::JobService::Stub::CancelJob, r)) {
+      Reply(res, 200, JobJson(resp->job(), View()));
     }
-    Reply(res, 200, JobJson(resp.job(), View()));
   };
   s.Post(R"(/v1/fine_tuning/jobs/([^/]+)/cancel)",
          [cancel](const httplib::Request& req, httplib::Response& res) {
@@ -819,15 +803,11 @@ void Gateway::Impl::Routes() {
         [this](const httplib::Request& req, httplib::Response& res) {
           v1::ListJobCheckpointsRequest r;
           r.set_job_id(req.matches[1]);
-          v1::ListJobCheckpointsResponse resp;
-          if (!Unary(req, res, [&](grpc::ClientContext* ctx) {
-                return jobs->ListJobCheckpoints(ctx, r, &resp);
-              })) {
-            return;
-          }
+          auto resp = Call(req, res, jobs.get(), &v1::JobService::Stub::ListJobCheckpoints, r);
+          if (!resp) return;
           Json data = Json::array();
-          for (int i = resp.checkpoints_size() - 1; i >= 0; --i) {
-            data.push_back(CheckpointJson(resp.checkpoints(i)));
+          for (int i = resp->checkpoints_size() - 1; i >= 0; --i) {
+            data.push_back(CheckpointJson(resp->checkpoints(i)));
           }
           Json out{{"object", "list"}, {"data", data}, {"has_more", false}};
           out["first_id"] = data.empty() ? Json(nullptr) : data.front()["id"];
@@ -949,12 +929,11 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Create(const GatewayOptions& o
     if (!ca.ok()) return ca.status();
     so.pem_root_certs = *ca;
     if (!o.server_tls_cert.empty()) {
-      auto cert = ReadPem("server_tls_cert", o.server_tls_cert);
-      if (!cert.ok()) return cert.status();
-      auto key = ReadPem("server_tls_key", o.server_tls_key);
-      if (!key.ok()) return key.status();
-      so.pem_cert_chain = *cert;
-      so.pem_private_key = *key;
+      auto client = ReadPemCertAndKey("server_tls_cert", o.server_tls_cert, "server_tls_key",
+                                      o.server_tls_key);
+      if (!client.ok()) return client.status();
+      so.pem_cert_chain = client->cert_chain;
+      so.pem_private_key = client->private_key;
     }
     creds = grpc::SslCredentials(so);
   }

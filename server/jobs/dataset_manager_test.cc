@@ -32,10 +32,6 @@ class DatasetManagerTest : public testing_util::SqliteStoreFixture {
     ASSERT_TRUE(m.ok()) << m.status();
     manager_ = std::move(*m);
   }
-  void TearDown() override {
-    manager_.reset();
-    SqliteStoreFixture::TearDown();
-  }
   size_t FilesUnderDatasets() {
     size_t n = 0;
     for (const auto& e : fs::recursive_directory_iterator(dir_ / "data" / "datasets")) {

@@ -32,10 +32,6 @@ class JobManagerTest : public testing_util::SqliteStoreFixture {
     d.num_rows = 3;
     ASSERT_TRUE(store_->PutDataset(d).ok());
   }
-  void TearDown() override {
-    manager_.reset();
-    SqliteStoreFixture::TearDown();
-  }
   void StartManager(int64_t max_queued = 16) {
     JobManagerOptions o;
     o.max_queued_jobs = max_queued;
@@ -53,6 +49,20 @@ class JobManagerTest : public testing_util::SqliteStoreFixture {
   void ExpectRunning(const std::string& id) {
     ASSERT_TRUE(executor_.WaitStarted(id));
     ASSERT_EQ(WaitForState(id, JobState::kRunning), JobState::kRunning);
+  }
+  // The manager started, a job of family "a" created and running, and (when
+  // `queued` is given) a job of family "b" queued behind it: their ids.
+  void StartRunningJob(std::string* running, std::string* queued = nullptr) {
+    StartManager();
+    auto a = manager_->CreateJob(Spec("a"));
+    ASSERT_TRUE(a.ok()) << a.status();
+    *running = a->id;
+    if (queued != nullptr) {
+      auto b = manager_->CreateJob(Spec("b"));
+      ASSERT_TRUE(b.ok()) << b.status();
+      *queued = b->id;
+    }
+    ExpectRunning(*running);
   }
   static JobSpec Spec(const std::string& family = "glue", const std::string& key = "") {
     JobSpec s;
@@ -217,31 +227,28 @@ TEST_F(JobManagerTest, IdempotencyKeyReturnsTheSameJob) {
 }
 
 TEST_F(JobManagerTest, CancelQueuedRunningAndFinished) {
-  StartManager();
-  auto a = manager_->CreateJob(Spec("a"));
-  auto b = manager_->CreateJob(Spec("b"));
-  ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
+  std::string a, b;
+  ASSERT_NO_FATAL_FAILURE(StartRunningJob(&a, &b));
 
-  auto cb = manager_->CancelJob(b->id);
+  auto cb = manager_->CancelJob(b);
   ASSERT_TRUE(cb.ok());
   EXPECT_EQ(cb->state, JobState::kCancelled);
   EXPECT_THAT(cb->failure_reason, HasSubstr("queued"));
 
-  auto ca = manager_->CancelJob(a->id);
+  auto ca = manager_->CancelJob(a);
   ASSERT_TRUE(ca.ok());
   // Only a is cancelled. A cancel that lands while the worker is still
   // returning from Start() is delivered once more by the worker (it cannot
   // tell whether the executor saw the first), so a may appear twice:
   // executors treat Cancel as idempotent.
-  EXPECT_THAT(executor_.cancels(), AllOf(Not(IsEmpty()), Each(a->id)));
+  EXPECT_THAT(executor_.cancels(), AllOf(Not(IsEmpty()), Each(a)));
   EXPECT_LE(executor_.cancels().size(), 2u);
-  EXPECT_EQ(WaitForState(a->id, JobState::kCancelled), JobState::kCancelled);
-  EXPECT_TRUE(manager_->CancelJob(a->id).ok());  // no-op
+  EXPECT_EQ(WaitForState(a, JobState::kCancelled), JobState::kCancelled);
+  EXPECT_TRUE(manager_->CancelJob(a).ok());  // no-op
 
   auto c = manager_->CreateJob(Spec("c"));
   ASSERT_TRUE(executor_.WaitStarted(c->id));  // b was skipped
-  EXPECT_THAT(executor_.started(), ElementsAre(a->id, c->id));
+  EXPECT_THAT(executor_.started(), ElementsAre(a, c->id));
   executor_.Succeed(c->id, "c", 1);
   auto cc = manager_->CancelJob(c->id);
   EXPECT_TRUE(absl::IsFailedPrecondition(cc.status()));
@@ -258,59 +265,51 @@ TEST_F(JobManagerTest, StartFailureFailsTheJobWithTheReason) {
 }
 
 TEST_F(JobManagerTest, RestartFailsRunningJobsAndKeepsQueuedOnes) {
-  StartManager();
-  auto a = manager_->CreateJob(Spec("a"));
-  auto b = manager_->CreateJob(Spec("b"));
-  ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
+  std::string a, b;
+  ASSERT_NO_FATAL_FAILURE(StartRunningJob(&a, &b));
   manager_.reset();  // "crash": a stays RUNNING in the store
   store_.reset();
   OpenStore();
-  EXPECT_EQ(store_->GetJob(a->id)->state, JobState::kRunning);
+  EXPECT_EQ(store_->GetJob(a)->state, JobState::kRunning);
 
   FakeExecutor fresh;
   ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
-  auto ra = manager_->GetJob(a->id);
+  auto ra = manager_->GetJob(a);
   EXPECT_EQ(ra->state, JobState::kFailed);
   EXPECT_EQ(ra->failure_reason, kRestartFailureReason);
-  ASSERT_TRUE(fresh.WaitStarted(b->id));
-  EXPECT_THAT(fresh.started(), ElementsAre(b->id));
+  ASSERT_TRUE(fresh.WaitStarted(b));
+  EXPECT_THAT(fresh.started(), ElementsAre(b));
   manager_.reset();  // before `fresh` goes away
 }
 
 TEST_F(JobManagerTest, GracefulShutdownFailsTheRunningJobWithTheReason) {
-  StartManager();
-  auto a = manager_->CreateJob(Spec("a"));
-  auto b = manager_->CreateJob(Spec("b"));
-  ASSERT_TRUE(a.ok() && b.ok());
-  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
+  std::string a, b;
+  ASSERT_NO_FATAL_FAILURE(StartRunningJob(&a, &b));
   manager_->Shutdown();
-  EXPECT_EQ(manager_->FailRunning("server shut down"), std::optional<std::string>(a->id));
+  EXPECT_EQ(manager_->FailRunning("server shut down"), std::optional<std::string>(a));
   EXPECT_EQ(manager_->FailRunning("again"), std::nullopt);
-  executor_.Succeed(a->id, "a", 1);  // a late event of the stopped executor is dropped
-  auto ra = manager_->GetJob(a->id);
+  executor_.Succeed(a, "a", 1);  // a late event of the stopped executor is dropped
+  auto ra = manager_->GetJob(a);
   EXPECT_EQ(ra->state, JobState::kFailed);
   EXPECT_EQ(ra->failure_reason, "server shut down");
-  EXPECT_EQ(manager_->GetJob(b->id)->state, JobState::kQueued);  // runs after the restart
+  EXPECT_EQ(manager_->GetJob(b)->state, JobState::kQueued);  // runs after the restart
   manager_.reset();
 }
 
 TEST_F(JobManagerTest, RestartSucceedsARunningJobWhoseVersionWasPublished) {
-  StartManager();
-  auto a = manager_->CreateJob(Spec("a"));
-  ASSERT_TRUE(a.ok());
-  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
+  std::string a;
+  ASSERT_NO_FATAL_FAILURE(StartRunningJob(&a));
   manager_.reset();  // "crash" after the publication, before the SUCCEEDED event
   FamilyVersionRecord v;
   v.family = "a";
   v.version = 1;
   v.form = "4+1d";
-  v.created_by_job = a->id;
+  v.created_by_job = a;
   ASSERT_TRUE(store_->PublishFamilyVersion(v).ok());
 
   FakeExecutor fresh;
   ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
-  auto ra = manager_->GetJob(a->id);
+  auto ra = manager_->GetJob(a);
   EXPECT_EQ(ra->state, JobState::kSucceeded);
   EXPECT_EQ(ra->result_family, "a");
   EXPECT_EQ(ra->result_version, 1);
@@ -319,18 +318,16 @@ TEST_F(JobManagerTest, RestartSucceedsARunningJobWhoseVersionWasPublished) {
 }
 
 TEST_F(JobManagerTest, RestartRequeuesResumableJobs) {
-  StartManager();
-  auto a = manager_->CreateJob(Spec("a"));
-  ASSERT_TRUE(a.ok());
-  ASSERT_NO_FATAL_FAILURE(ExpectRunning(a->id));
+  std::string a;
+  ASSERT_NO_FATAL_FAILURE(StartRunningJob(&a));
   manager_.reset();
 
   FakeExecutor fresh;
   fresh.set_can_resume(true);
   ASSERT_NO_FATAL_FAILURE(RestartManager(&fresh));
-  ASSERT_TRUE(fresh.WaitStarted(a->id));
-  fresh.Succeed(a->id, "a", 1);
-  EXPECT_EQ(manager_->GetJob(a->id)->state, JobState::kSucceeded);
+  ASSERT_TRUE(fresh.WaitStarted(a));
+  fresh.Succeed(a, "a", 1);
+  EXPECT_EQ(manager_->GetJob(a)->state, JobState::kSucceeded);
   manager_.reset();
 }
 

@@ -24,19 +24,10 @@ RecipeOverrides RecipeOverridesFromSpec(const JobSpec& spec) {
   Take(&o.alpha, a.alpha);
   TakeString(&o.new_task_init, a.new_task_init);
   const HyperParams& h = spec.hparams;
-  Take(&o.max_steps, h.max_steps);
-  Take(&o.batch_size, h.batch_size);
-  Take(&o.learning_rate, h.learning_rate);
-  Take(&o.inner_lr_multiplier, h.inner_lr_multiplier);
-  Take(&o.head_lr_multiplier, h.head_lr_multiplier);
-  Take(&o.weight_decay, h.weight_decay);
-  Take(&o.warmup_ratio, h.warmup_ratio);
-  Take(&o.grad_clip, h.grad_clip);
-  Take(&o.eval_every, h.eval_every);
-  Take(&o.max_length, h.max_length);
-  Take(&o.early_stop_patience, h.early_stop_patience);
+  for (const auto& f : kRealHyperParams) Take(&(o.*f.overrides), h.*f.spec);
+  for (const auto& f : kIntegerHyperParams) Take(&(o.*f.overrides), h.*f.spec);
+  Take(&(o.*kSeedHyperParam.overrides), h.*kSeedHyperParam.spec);
   TakeString(&o.pooling, h.pooling);
-  Take(&o.seed, h.seed);
   if (!h.rank_schedule.empty()) {
     std::vector<std::pair<double, int64_t>> sched;
     for (const auto& [epoch, rank] : h.rank_schedule) {

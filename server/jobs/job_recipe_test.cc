@@ -22,13 +22,8 @@ TEST(JobRecipe, UnsetFieldsTakeTheFormDefaults) {
   auto d = DefaultRecipe(DefaultForm());
   ASSERT_TRUE(d.ok());
   EXPECT_EQ(r->form, DefaultForm());
-  EXPECT_EQ(r->learning_rate, d->learning_rate);
-  EXPECT_EQ(r->max_steps, d->max_steps);
-  EXPECT_EQ(r->ranks, d->ranks);
-  EXPECT_EQ(r->projections, d->projections);
-  EXPECT_EQ(r->seed, d->seed);
-  EXPECT_EQ(r->pooling, d->pooling);
-  EXPECT_EQ(r->max_length, d->max_length);
+  // Every field (DescribeRecipe lists them all) is the default's.
+  EXPECT_EQ(DescribeRecipe(*r, {}), DescribeRecipe(*d, {}));
 
   s.adapter.form = "4d";
   r = ResolveJobRecipe(s);
@@ -85,19 +80,12 @@ TEST(JobRecipe, EveryFormDefaultPassesTheValidator) {
     s.adapter.alpha = d->alpha;
     s.adapter.new_task_init = d->new_task_init;
     HyperParams& h = s.hparams;
-    if (d->max_steps > 0) h.max_steps = d->max_steps;
-    h.batch_size = d->batch_size;
-    h.learning_rate = d->learning_rate;
-    h.inner_lr_multiplier = d->inner_lr_multiplier;
-    h.head_lr_multiplier = d->head_lr_multiplier;
-    h.weight_decay = d->weight_decay;
-    h.warmup_ratio = d->warmup_ratio;
-    h.grad_clip = d->grad_clip;
-    h.eval_every = d->eval_every;
-    h.max_length = d->max_length;
-    h.early_stop_patience = d->early_stop_patience;
+    const Recipe& r = *d;
+    for (const auto& f : kRealHyperParams) h.*f.spec = r.*f.recipe;
+    for (const auto& f : kIntegerHyperParams) h.*f.spec = r.*f.recipe;
+    h.*kSeedHyperParam.spec = r.*kSeedHyperParam.recipe;
+    if (d->max_steps == 0) h.max_steps.reset();  // by epochs: a spec leaves max_steps unset
     h.pooling = d->pooling;
-    h.seed = d->seed;
     EXPECT_TRUE(ValidateJobSpec(s).ok()) << form << ": " << ValidateJobSpec(s);
   }
 }

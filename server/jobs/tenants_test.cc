@@ -109,11 +109,6 @@ class TenantRulesTest : public testing_util::SqliteStoreFixture {
     ASSERT_TRUE(dm.ok()) << dm.status();
     datasets_ = std::move(*dm);
   }
-  void TearDown() override {
-    jobs_.reset();
-    datasets_.reset();
-    SqliteStoreFixture::TearDown();
-  }
   TenantQuotas Quotas(const std::string& tenant) {
     auto it = quotas_.find(tenant);
     return it == quotas_.end() ? TenantQuotas{} : it->second;

@@ -57,74 +57,50 @@ std::unique_ptr<MetricsRegistry> MetricsRegistry::Create() {
   using prometheus::BuildGauge;
   using prometheus::BuildHistogram;
   using prometheus::Histogram;
-  auto& jobs = BuildGauge().Name("metatt_jobs").Help("Jobs by state").Register(r);
-  auto& steps = BuildCounter()
-                    .Name("metatt_job_steps_total")
-                    .Help("Training steps run by all jobs")
-                    .Register(r)
-                    .Add({});
-  auto& loss =
-      BuildGauge().Name("metatt_train_loss").Help("Latest training loss").Register(r).Add({});
-  auto& eps = BuildGauge()
-                  .Name("metatt_train_examples_per_second")
-                  .Help("Training throughput of the running job")
-                  .Register(r)
+  // A metric family by name and help, registered on `r`; `.Add({})` is its
+  // one unlabelled series.
+  auto family = [&r](auto builder, const char* name, const char* help) -> auto& {
+    return builder.Name(name).Help(help).Register(r);
+  };
+  auto& jobs = family(BuildGauge(), "metatt_jobs", "Jobs by state");
+  auto& steps =
+      family(BuildCounter(), "metatt_job_steps_total", "Training steps run by all jobs").Add({});
+  auto& loss = family(BuildGauge(), "metatt_train_loss", "Latest training loss").Add({});
+  auto& eps = family(BuildGauge(), "metatt_train_examples_per_second",
+                     "Training throughput of the running job")
                   .Add({});
-  auto& predict = BuildCounter()
-                      .Name("metatt_predict_requests_total")
-                      .Help("Predict RPCs by status code")
-                      .Register(r);
-  auto& latency = BuildHistogram()
-                      .Name("metatt_predict_latency_seconds")
-                      .Help("Predict RPC latency")
-                      .Register(r)
-                      .Add({}, Histogram::BucketBoundaries{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                           0.1, 0.25, 0.5, 1, 2.5, 5});
-  auto& batch = BuildHistogram()
-                    .Name("metatt_batch_size")
-                    .Help("Rows per device inference batch")
-                    .Register(r)
+  auto& predict =
+      family(BuildCounter(), "metatt_predict_requests_total", "Predict RPCs by status code");
+  auto& latency =
+      family(BuildHistogram(), "metatt_predict_latency_seconds", "Predict RPC latency")
+          .Add({}, Histogram::BucketBoundaries{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                               0.5, 1, 2.5, 5});
+  auto& batch = family(BuildHistogram(), "metatt_batch_size", "Rows per device inference batch")
                     .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256});
-  auto& batch_tasks = BuildHistogram()
-                          .Name("metatt_batch_tasks")
-                          .Help("Distinct tasks per device inference batch")
-                          .Register(r)
+  auto& batch_tasks = family(BuildHistogram(), "metatt_batch_tasks",
+                             "Distinct tasks per device inference batch")
                           .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64});
-  auto& inputs = BuildCounter()
-                     .Name("metatt_predict_inputs_total")
-                     .Help("Predict inputs by task (first K tasks by name, the rest \"other\") "
-                           "and status code")
-                     .Register(r);
-  auto& in_flight = BuildGauge()
-                        .Name("metatt_predict_in_flight")
-                        .Help("Predict RPCs being served right now")
-                        .Register(r)
-                        .Add({});
-  auto& gen_requests = BuildCounter()
-                           .Name("metatt_generate_requests_total")
-                           .Help("Generate RPCs by status code and finish reason")
-                           .Register(r);
-  auto& gen_tokens = BuildCounter()
-                         .Name("metatt_generated_tokens_total")
-                         .Help("Tokens generated (completion tokens of finished generations)")
-                         .Register(r)
+  auto& inputs = family(BuildCounter(), "metatt_predict_inputs_total",
+                        "Predict inputs by task (first K tasks by name, the rest \"other\") "
+                        "and status code");
+  auto& in_flight =
+      family(BuildGauge(), "metatt_predict_in_flight", "Predict RPCs being served right now")
+          .Add({});
+  auto& gen_requests = family(BuildCounter(), "metatt_generate_requests_total",
+                              "Generate RPCs by status code and finish reason");
+  auto& gen_tokens = family(BuildCounter(), "metatt_generated_tokens_total",
+                            "Tokens generated (completion tokens of finished generations)")
                          .Add({});
-  auto& prompt_tokens = BuildCounter()
-                            .Name("metatt_generate_prompt_tokens_total")
-                            .Help("Prompt tokens of finished generations")
-                            .Register(r)
+  auto& prompt_tokens = family(BuildCounter(), "metatt_generate_prompt_tokens_total",
+                               "Prompt tokens of finished generations")
                             .Add({});
-  auto& ttft = BuildHistogram()
-                   .Name("metatt_time_to_first_token_seconds")
-                   .Help("Generate: time from queueing to the first token")
-                   .Register(r)
-                   .Add({}, Histogram::BucketBoundaries{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                        2.5, 5, 10, 30});
-  auto& gen_in_flight = BuildGauge()
-                            .Name("metatt_generate_in_flight")
-                            .Help("Generate RPCs being served right now")
-                            .Register(r)
-                            .Add({});
+  auto& ttft = family(BuildHistogram(), "metatt_time_to_first_token_seconds",
+                      "Generate: time from queueing to the first token")
+                   .Add({}, Histogram::BucketBoundaries{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                                                        5, 10, 30});
+  auto& gen_in_flight =
+      family(BuildGauge(), "metatt_generate_in_flight", "Generate RPCs being served right now")
+          .Add({});
   m->metrics_.reset(new ServerMetrics{jobs, steps, loss, eps, predict, latency, batch, batch_tasks,
                                       inputs, in_flight, gen_requests, gen_tokens, prompt_tokens,
                                       ttft, gen_in_flight, m->task_labels_.get()});

@@ -39,19 +39,24 @@ std::unique_ptr<AdapterRegistry> MakeRegistry(const std::string& dir, Store* sto
   return std::move(*r);
 }
 
-TEST(AdapterRegistryTest, PublishWritesVersionAndResolves) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+// A scratch folder and an in-memory store for the registries of a test.
+class AdapterRegistryTest : public ::testing::Test {
+ protected:
+  ScratchDir dir_;
+  InMemoryStore store_;
+};
+
+TEST_F(AdapterRegistryTest, PublishWritesVersionAndResolves) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto v1 = reg->Publish(RandomFamily("fam", 6, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok()) << v1.status();
   EXPECT_EQ((*v1)->version(), 1);
   EXPECT_EQ((*v1)->num_tasks(), 6);
   // Heads are stacked: one tensor for every task, padded to the widest head.
   EXPECT_EQ((*v1)->head_weight.sizes().vec(), (std::vector<int64_t>{6, 4, 16}));
-  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/fam/v1/cores.safetensors"));
-  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/fam/v1/family.json"));
-  auto recs = store.ListFamilyVersions("fam");
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/families/fam/v1/cores.safetensors"));
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/families/fam/v1/family.json"));
+  auto recs = store_.ListFamilyVersions("fam");
   ASSERT_TRUE(recs.ok());
   ASSERT_EQ(recs->size(), 1u);
   EXPECT_EQ((*recs)[0].tasks.size(), 6u);
@@ -83,24 +88,22 @@ TEST(AdapterRegistryTest, PublishWritesVersionAndResolves) {
   EXPECT_EQ(reg->Resolve("fam", 1, "task6", -1).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(reg->ResidentTasks(), 7);
   // No temporary directories left behind.
-  for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/families/fam")) {
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/families/fam")) {
     EXPECT_THAT(e.path().filename().string(), ::testing::StartsWith("v"));
   }
 }
 
-TEST(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
-  ScratchDir dir;
-  InMemoryStore store;
+TEST_F(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
   std::shared_ptr<const PublishedFamily> published;
   {
-    auto reg = MakeRegistry(dir.path(), &store);
+    auto reg = MakeRegistry(dir_.path(), &store_);
     ASSERT_TRUE(reg->Publish(RandomFamily("a", 3, TinyBertConfig(), 1)).ok());
     auto p = reg->Publish(RandomFamily("a", 5, TinyBertConfig(), 2));
     ASSERT_TRUE(p.ok());
     published = *p;
     ASSERT_TRUE(reg->Publish(RandomFamily("b", 2, TinyBertConfig(), 3)).ok());
   }
-  auto reg = MakeRegistry(dir.path(), &store);
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto warnings = reg->LoadAll();
   ASSERT_TRUE(warnings.ok()) << warnings.status();
   EXPECT_TRUE(warnings->empty());
@@ -132,11 +135,9 @@ TEST(AdapterRegistryTest, LoadAllRestoresLatestVersions) {
 
 // Two replicas on one store and one data directory: what one publishes the
 // other serves after Refresh(); a family deleted from the store is dropped.
-TEST(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto a = MakeRegistry(dir.path(), &store);
-  auto b = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
+  auto a = MakeRegistry(dir_.path(), &store_);
+  auto b = MakeRegistry(dir_.path(), &store_);
   ASSERT_TRUE(a->Publish(RandomFamily("fam", 2, TinyBertConfig(), 1)).ok());
   EXPECT_EQ(b->Resolve("fam", 0, "task1", -1).status().code(), absl::StatusCode::kNotFound);
   auto changed = b->Refresh();
@@ -154,19 +155,17 @@ TEST(AdapterRegistryTest, RefreshSeesVersionsPublishedByAnotherReplica) {
   EXPECT_EQ(r->family->version(), 2);
   EXPECT_EQ(held->version(), 1);  // the swapped-out version stays valid for its holders
 
-  ASSERT_TRUE(store.DeleteFamily("fam").ok());
+  ASSERT_TRUE(store_.DeleteFamily("fam").ok());
   EXPECT_THAT(*b->Refresh(), ::testing::ElementsAre("-fam"));
   EXPECT_EQ(b->Resolve("fam", 0, "task0", -1).status().code(), absl::StatusCode::kNotFound);
 }
 
-TEST(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
-  ScratchDir dir;
-  InMemoryStore store;
+TEST_F(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
   {
-    auto reg = MakeRegistry(dir.path(), &store, "fp-1");
+    auto reg = MakeRegistry(dir_.path(), &store_, "fp-1");
     ASSERT_TRUE(reg->Publish(RandomFamily("a", 2, TinyBertConfig(), 1)).ok());
   }
-  auto reg = MakeRegistry(dir.path(), &store, "fp-2");
+  auto reg = MakeRegistry(dir_.path(), &store_, "fp-2");
   auto warnings = reg->LoadAll();
   ASSERT_TRUE(warnings.ok());
   ASSERT_EQ(warnings->size(), 1u);
@@ -174,36 +173,32 @@ TEST(AdapterRegistryTest, OtherBaseModelIsSkippedWithWarning) {
   EXPECT_TRUE(reg->Latest().empty());
 }
 
-TEST(AdapterRegistryTest, StartRemovesScratchDirsOfDeadProcessesOnly) {
-  ScratchDir dir;
-  InMemoryStore store;
+TEST_F(AdapterRegistryTest, StartRemovesScratchDirsOfDeadProcessesOnly) {
   char host[256] = {0};
   ASSERT_EQ(::gethostname(host, sizeof(host) - 1), 0);
   namespace fs = std::filesystem;
-  const fs::path fam = fs::path(dir.path()) / "families" / "f";
+  const fs::path fam = fs::path(dir_.path()) / "families" / "f";
   // A publication of this host's process that died (pid beyond pid_max), an
   // import scratch dir of it, a live process's publication, and a fresh one
   // of another replica (another host): only the first two are leftovers.
   const fs::path dead = fam / (std::string(".tmp-v2-") + host + "-999999999");
   const fs::path dead_import =
-      fs::path(dir.path()) / "families" / (std::string(".import-") + host + "-999999999-0");
+      fs::path(dir_.path()) / "families" / (std::string(".import-") + host + "-999999999-0");
   const fs::path live = fam / (std::string(".tmp-v3-") + host + "-" + std::to_string(getppid()));
   const fs::path other = fam / ".tmp-v4-another-host-1";
   for (const auto& p : {dead, dead_import, live, other}) {
     fs::create_directories(p);
     ASSERT_TRUE(WriteFileAtomically((p / "family.json").string(), "{").ok());
   }
-  auto reg = MakeRegistry(dir.path(), &store);
+  auto reg = MakeRegistry(dir_.path(), &store_);
   EXPECT_FALSE(fs::exists(dead));
   EXPECT_FALSE(fs::exists(dead_import));
   EXPECT_TRUE(fs::exists(live));
   EXPECT_TRUE(fs::exists(other));
 }
 
-TEST(AdapterRegistryTest, RejectsBadRequests) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, RejectsBadRequests) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto req = RandomFamily("../evil", 2, TinyBertConfig(), 1);
   EXPECT_EQ(reg->Publish(req).status().code(), absl::StatusCode::kInvalidArgument);
   req = RandomFamily("ok", 2, TinyBertConfig(), 1);
@@ -212,16 +207,14 @@ TEST(AdapterRegistryTest, RejectsBadRequests) {
   req = RandomFamily("ok", 2, TinyBertConfig(), 1);
   req.tasks[1].name = "task0";  // duplicate
   EXPECT_THAT(reg->Publish(req).status().message(), HasSubstr("duplicate task name task0"));
-  auto recs = store.ListFamilyVersions("");
+  auto recs = store_.ListFamilyVersions("");
   ASSERT_TRUE(recs.ok());
   EXPECT_TRUE(recs->empty());
-  EXPECT_FALSE(std::filesystem::exists(dir.path() + "/families/ok/v1"));
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/families/ok/v1"));
 }
 
-TEST(AdapterRegistryTest, DeleteTaskPublishesVersionWithoutIt) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, DeleteTaskPublishesVersionWithoutIt) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto v1 = reg->Publish(RandomFamily("fam", 4, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok());
   auto v2 = reg->DeleteTask("fam", "task1");
@@ -250,10 +243,8 @@ TEST(AdapterRegistryTest, DeleteTaskPublishesVersionWithoutIt) {
             absl::StatusCode::kFailedPrecondition);
 }
 
-TEST(AdapterRegistryTest, ExportImportRoundTrip) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, ExportImportRoundTrip) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto v1 = reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok());
   auto files = reg->ExportFiles("fam", 0);
@@ -266,7 +257,7 @@ TEST(AdapterRegistryTest, ExportImportRoundTrip) {
   EXPECT_EQ((*copy)->num_tasks(), 3);
   EXPECT_TRUE(torch::equal((*copy)->head_weight, (*v1)->head_weight));
   ScratchDir other_dir;
-  auto other = MakeRegistry(other_dir.path(), &store, "fp-other");
+  auto other = MakeRegistry(other_dir.path(), &store_, "fp-other");
   EXPECT_EQ(other->Import("x", *files).status().code(), absl::StatusCode::kFailedPrecondition);
   (*files)["family.json"] = "{";
   EXPECT_EQ(reg->Import("y", *files).status().code(), absl::StatusCode::kInvalidArgument);
@@ -285,10 +276,8 @@ void ExpectSameLora(const LoraAdapter& a, const LoraAdapter& b) {
   EXPECT_EQ(a.scale(), b.scale());
 }
 
-TEST(AdapterRegistryTest, LoraFamilyPublishesReloadsExportsImportsAndDeletesTasks) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, LoraFamilyPublishesReloadsExportsImportsAndDeletesTasks) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   LoraConfig c;
   c.rank = 2;
   c.alpha = 4;
@@ -317,7 +306,7 @@ TEST(AdapterRegistryTest, LoraFamilyPublishesReloadsExportsImportsAndDeletesTask
   ASSERT_TRUE((*v1)->adapter.is_lora());
   EXPECT_EQ((*v1)->record.form, "lora");
   EXPECT_EQ((*v1)->record.adapter_parameters, (*lora)->NumParameters());
-  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/families/lf/v1/adapter_config.json"));
+  EXPECT_TRUE(std::filesystem::exists(dir_.path() + "/families/lf/v1/adapter_config.json"));
   ExpectSameLora(**lora, *(*v1)->adapter.lora());
   // Served through the seam: the same deltas as the trained adapter.
   {
@@ -332,7 +321,7 @@ TEST(AdapterRegistryTest, LoraFamilyPublishesReloadsExportsImportsAndDeletesTask
   EXPECT_EQ(r->task, 1);
 
   // A restart reloads it.
-  auto reg2 = MakeRegistry(dir.path(), &store);
+  auto reg2 = MakeRegistry(dir_.path(), &store_);
   ASSERT_TRUE(reg2->LoadAll().ok());
   auto again = reg2->Get("lf", 0);
   ASSERT_TRUE(again.ok()) << again.status();
@@ -395,10 +384,8 @@ void ExpectSameCores(const MetaTTAdapter& a, const MetaTTAdapter& b) {
   }
 }
 
-TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFamily) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFamily) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   const BertConfig base = TinyBertConfig();
   PublishRequest spec = RandomFamily("unused", 2, base, 4);
   auto lib = MetaTTAdapter::FromTensors(spec.config, spec.scale, spec.adapter_tensors);
@@ -423,7 +410,7 @@ TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFa
   ExpectSameCores(*fam.adapter, **lib);
   // Another base model is refused by the library's fingerprint check.
   ScratchDir other_dir;
-  auto other = MakeRegistry(other_dir.path(), &store, "fp-other");
+  auto other = MakeRegistry(other_dir.path(), &store_, "fp-other");
   EXPECT_EQ(other->Import("lib", ReadFamilyFiles(lib_dir.path())).status().code(),
             absl::StatusCode::kFailedPrecondition);
 
@@ -462,7 +449,7 @@ TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFa
   EXPECT_TRUE(torch::equal((*ext)->TaskHeadTensors(2).first, (*pub)->TaskHeadTensors(2).first));
 
   // A fresh registry on the same store reloads every version from disk.
-  auto again = MakeRegistry(dir.path(), &store);
+  auto again = MakeRegistry(dir_.path(), &store_);
   auto warnings = again->LoadAll();
   ASSERT_TRUE(warnings.ok());
   EXPECT_TRUE(warnings->empty());
@@ -471,25 +458,53 @@ TEST(AdapterRegistryTest, LibraryFamilyImportsAndPublishedVersionLoadsWithLoadFa
   EXPECT_TRUE(torch::equal((*reloaded)->head_weight, (*ext)->head_weight));
 }
 
+// A registry keeping its heads in `head_dtype`, with `publish` published
+// when given; null (and a test failure) when either fails.
 std::unique_ptr<AdapterRegistry> MakeRegistryWithHeads(const std::string& dir, Store* store,
-                                                       const std::string& head_dtype) {
+                                                       const std::string& head_dtype,
+                                                       const PublishRequest* publish = nullptr) {
   AdapterRegistry::Options o;
   o.data_dir = dir;
   o.base_model_fingerprint = "fp-1";
   o.head_dtype = head_dtype;
   auto r = AdapterRegistry::Create(o, store);
   EXPECT_TRUE(r.ok()) << r.status();
-  return r.ok() ? std::move(*r) : nullptr;
+  if (!r.ok()) return nullptr;
+  if (publish != nullptr) {
+    auto published = (*r)->Publish(*publish);
+    EXPECT_TRUE(published.ok()) << published.status();
+    if (!published.ok()) return nullptr;
+  }
+  return std::move(*r);
 }
 
-TEST(AdapterRegistryTest, InvalidHeadDtypeIsRefusedNamingIt) {
-  ScratchDir dir;
-  InMemoryStore store;
+// DeleteTask(family, task), then the files of the version it published
+// loaded back from disk (not the registry's resident copy); that version in
+// `*published` when given.
+absl::StatusOr<LoadedFamily> DeleteTaskAndLoad(
+    AdapterRegistry* reg, const std::string& family, const std::string& task,
+    std::shared_ptr<const PublishedFamily>* published = nullptr) {
+  auto v = reg->DeleteTask(family, task);
+  if (!v.ok()) return v.status();
+  if (published != nullptr) *published = *v;
+  return LoadFamily((*v)->record.path, "fp-1");
+}
+
+// Task `t`'s head in `family` is exactly (`weight`, `bias`).
+void ExpectExactHead(const LoadedFamily& family, int64_t t, const torch::Tensor& weight,
+                     const torch::Tensor& bias) {
+  auto h = FamilyTaskHead(family, t);
+  ASSERT_TRUE(h.ok()) << h.status();
+  EXPECT_TRUE(torch::equal(h->first, weight)) << "task " << t;
+  EXPECT_TRUE(torch::equal(h->second, bias)) << "task " << t;
+}
+
+TEST_F(AdapterRegistryTest, InvalidHeadDtypeIsRefusedNamingIt) {
   for (const std::string bad : {"float8", "fp16", ""}) {
     AdapterRegistry::Options o;
-    o.data_dir = dir.path();
+    o.data_dir = dir_.path();
     o.head_dtype = bad;
-    auto r = AdapterRegistry::Create(o, &store);
+    auto r = AdapterRegistry::Create(o, &store_);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(r.status().message(), HasSubstr("head_dtype"));
@@ -502,7 +517,7 @@ TEST(AdapterRegistryTest, InvalidHeadDtypeIsRefusedNamingIt) {
 
 // float16 heads: half the resident head bytes, the same predictions (within
 // float16 rounding) through the scheduler the server uses, and float32 files.
-TEST(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
+TEST_F(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
   auto encoder = testing_util::TinyEncoder(5);
   ASSERT_NE(encoder, nullptr);
   ScratchDir dir32, dir16;
@@ -594,35 +609,27 @@ TEST(AdapterRegistryTest, Float16HeadsHalveBytesAndPredictLikeFloat32) {
 
 // Republishing from a float16 registry (DeleteTask; reload with LoadAll)
 // starts from the float32 heads on disk, not the rounded resident copy.
-TEST(AdapterRegistryTest, Float16RegistryRepublishesExactFloat32Heads) {
-  ScratchDir dir;
-  InMemoryStore store;
+TEST_F(AdapterRegistryTest, Float16RegistryRepublishesExactFloat32Heads) {
   const PublishRequest req = RandomFamily("fam", 5, TinyBertConfig(), 4);
-  {
-    auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
-    ASSERT_NE(reg, nullptr);
-    ASSERT_TRUE(reg->Publish(req).ok());
-  }
-  auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
+  // Published by one registry, closed, reloaded by the next.
+  ASSERT_NE(MakeRegistryWithHeads(dir_.path(), &store_, "float16", &req), nullptr);
+  auto reg = MakeRegistryWithHeads(dir_.path(), &store_, "float16");
   ASSERT_NE(reg, nullptr);
   auto warnings = reg->LoadAll();
   ASSERT_TRUE(warnings.ok()) << warnings.status();
   auto v1 = reg->Get("fam");
   ASSERT_TRUE(v1.ok()) << v1.status();
   EXPECT_EQ((*v1)->head_weight.scalar_type(), torch::kFloat16);
-  auto v2 = reg->DeleteTask("fam", "task1");
-  ASSERT_TRUE(v2.ok()) << v2.status();
-  auto loaded = LoadFamily((*v2)->record.path, "fp-1");
+  std::shared_ptr<const PublishedFamily> v2;
+  auto loaded = DeleteTaskAndLoad(reg.get(), "fam", "task1", &v2);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   const std::vector<int64_t> kept = {0, 2, 3, 4};
   for (size_t t = 0; t < kept.size(); ++t) {
-    auto h = FamilyTaskHead(*loaded, static_cast<int64_t>(t));
-    ASSERT_TRUE(h.ok()) << h.status();
-    EXPECT_TRUE(torch::equal(h->first, req.head_weights[kept[t]])) << t;
-    EXPECT_TRUE(torch::equal(h->second, req.head_biases[kept[t]])) << t;
+    ExpectExactHead(*loaded, static_cast<int64_t>(t), req.head_weights[kept[t]],
+                    req.head_biases[kept[t]]);
   }
-  EXPECT_EQ((*v2)->task_by_name.at("task2"), 1);
-  EXPECT_EQ((*v2)->task_by_name.count("task1"), 0u);
+  EXPECT_EQ(v2->task_by_name.at("task2"), 1);
+  EXPECT_EQ(v2->task_by_name.count("task1"), 0u);
 }
 
 // An add-task publication: only the new slice + head, on top of v`base`.
@@ -663,10 +670,8 @@ void ExpectSameFamily(const PublishedFamily& a, const PublishedFamily& b) {
   }
 }
 
-TEST(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   auto v1 = reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1));
   ASSERT_TRUE(v1.ok()) << v1.status();
   const AppendRequest add = AppendOne("fam", 1, "new", 4, 7);
@@ -686,13 +691,13 @@ TEST(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->task, 3);
   // The Store holds only the appended task; the whole list is rebuilt.
-  auto rec = store.GetFamilyVersion("fam", 2);
+  auto rec = store_.GetFamilyVersion("fam", 2);
   ASSERT_TRUE(rec.ok());
   EXPECT_EQ(rec->parent_version, 1);
   ASSERT_EQ(rec->tasks.size(), 1u);
   EXPECT_EQ(rec->tasks[0].index, 3);
   EXPECT_EQ(rec->task_count, 4);
-  auto full = store.GetFamilyVersionFull("fam", 2);
+  auto full = store_.GetFamilyVersionFull("fam", 2);
   ASSERT_TRUE(full.ok());
   ASSERT_EQ(full->tasks.size(), 4u);
   EXPECT_EQ(full->tasks[3].name, "new");
@@ -701,10 +706,8 @@ TEST(AdapterRegistryTest, PublishAppendWritesOnlyTheNewTaskAndServesIt) {
   EXPECT_FALSE(FamilyCatalog::HoldsFullFamily(rec->path));
 }
 
-TEST(AdapterRegistryTest, PublishAppendRefusesAStaleBaseOrADuplicateName) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, PublishAppendRefusesAStaleBaseOrADuplicateName) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
   ASSERT_TRUE(reg->Publish(RandomFamily("fam", 2, TinyBertConfig(), 1)).ok());
   ASSERT_TRUE(reg->PublishAppend(AppendOne("fam", 1, "x", 2, 1)).ok());
   // A second job that also trained on v1: the family moved on.
@@ -717,15 +720,13 @@ TEST(AdapterRegistryTest, PublishAppendRefusesAStaleBaseOrADuplicateName) {
             absl::StatusCode::kFailedPrecondition);
   // Nothing was published by the refused requests.
   EXPECT_EQ((*reg->Get("fam"))->version(), 2);
-  EXPECT_EQ(store.ListFamilyVersionSummaries("fam")->size(), 2u);
+  EXPECT_EQ(store_.ListFamilyVersionSummaries("fam")->size(), 2u);
 }
 
 // Restart, another replica, export and compaction all see the same family.
-TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
-  ScratchDir dir;
-  InMemoryStore store;
-  auto reg = MakeRegistry(dir.path(), &store);
-  auto replica = MakeRegistry(dir.path(), &store);
+TEST_F(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
+  auto reg = MakeRegistry(dir_.path(), &store_);
+  auto replica = MakeRegistry(dir_.path(), &store_);
   ASSERT_TRUE(reg->Publish(RandomFamily("fam", 3, TinyBertConfig(), 1)).ok());
   ASSERT_TRUE(replica->LoadAll().ok());
   int64_t version = 1;
@@ -753,20 +754,20 @@ TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
   ExpectSameFamily(**imported, **v5);
   // The compactor wrote a full version once the chain reached kCompactAfter.
   reg->WaitForCompactions();
-  auto summaries = store.ListFamilyVersionSummaries("fam");
+  auto summaries = store_.ListFamilyVersionSummaries("fam");
   ASSERT_TRUE(summaries.ok());
   bool compacted = false;
   for (const auto& s : *summaries) {
     if (s.version > 1 && s.parent_version == 0) {
       compacted = true;
       EXPECT_TRUE(FamilyCatalog::HoldsFullFamily(s.path)) << s.version;
-      auto full = store.GetFamilyVersion("fam", s.version);
+      auto full = store_.GetFamilyVersion("fam", s.version);
       EXPECT_EQ(static_cast<int64_t>(full->tasks.size()), full->task_count);
     }
   }
   EXPECT_TRUE(compacted);
   // A restart rebuilds the latest version from files and records.
-  auto restarted = MakeRegistry(dir.path(), &store);
+  auto restarted = MakeRegistry(dir_.path(), &store_);
   auto warnings = restarted->LoadAll();
   ASSERT_TRUE(warnings.ok()) << warnings.status();
   EXPECT_TRUE(warnings->empty());
@@ -781,7 +782,7 @@ TEST(AdapterRegistryTest, AppendedVersionsReloadRefreshExportAndCompact) {
 // objects under families/<family>/v<N>-<id>/ named by its record; a replica
 // with its own, empty data directory loads, refreshes, exports and restarts
 // from them, appended and compacted versions included.
-TEST(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlobStore) {
+TEST_F(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlobStore) {
   ScratchDir dir_a, dir_b, blob_dir;
   InMemoryStore store;
   auto blobs = LocalBlobStore::Create(blob_dir.path());
@@ -852,24 +853,16 @@ TEST(AdapterRegistryTest, ReplicasWithSeparateDataDirsShareVersionsThroughTheBlo
   EXPECT_THAT(std::string(gone.status().message()), HasSubstr(key));
 }
 
-TEST(AdapterRegistryTest, Float16AppendedVersionRepublishesExactFloat32Heads) {
-  ScratchDir dir;
-  InMemoryStore store;
+TEST_F(AdapterRegistryTest, Float16AppendedVersionRepublishesExactFloat32Heads) {
   const PublishRequest req = RandomFamily("fam", 3, TinyBertConfig(), 4);
-  auto reg = MakeRegistryWithHeads(dir.path(), &store, "float16");
+  auto reg = MakeRegistryWithHeads(dir_.path(), &store_, "float16", &req);
   ASSERT_NE(reg, nullptr);
-  ASSERT_TRUE(reg->Publish(req).ok());
   const AppendRequest add = AppendOne("fam", 1, "new", 3, 5);
   ASSERT_TRUE(reg->PublishAppend(add).ok());
   // ExactHeads of an appended version reads v1's files, then v2's.
-  auto v3 = reg->DeleteTask("fam", "task1");
-  ASSERT_TRUE(v3.ok()) << v3.status();
-  auto loaded = LoadFamily((*v3)->record.path, "fp-1");
+  auto loaded = DeleteTaskAndLoad(reg.get(), "fam", "task1");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
-  auto h = FamilyTaskHead(*loaded, 2);  // task0, task2, new
-  ASSERT_TRUE(h.ok()) << h.status();
-  EXPECT_TRUE(torch::equal(h->first, add.head_weights[0]));
-  EXPECT_TRUE(torch::equal(h->second, add.head_biases[0]));
+  ExpectExactHead(*loaded, 2, add.head_weights[0], add.head_biases[0]);  // task0, task2, new
 }
 
 TEST(TaskNameIndexTest, FindsEveryNameAndRejectsDuplicates) {

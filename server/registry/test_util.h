@@ -22,15 +22,11 @@ namespace testing_util {
 class InMemoryStore : public Store {
  public:
   absl::Status PutDataset(const DatasetRecord& d) override {
-    std::lock_guard<std::mutex> l(mu_);
-    datasets_[d.id] = d;
+    Put(&datasets_, d);
     return absl::OkStatus();
   }
   absl::StatusOr<DatasetRecord> GetDataset(const std::string& id) override {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = datasets_.find(id);
-    if (it == datasets_.end()) return absl::NotFoundError(absl::StrCat("dataset ", id));
-    return it->second;
+    return Find(datasets_, "dataset", id);
   }
   absl::StatusOr<std::vector<DatasetRecord>> ListDatasets() override {
     std::lock_guard<std::mutex> l(mu_);
@@ -44,20 +40,15 @@ class InMemoryStore : public Store {
     return absl::OkStatus();
   }
   absl::StatusOr<JobRecord> CreateJob(const JobRecord& j) override {
-    std::lock_guard<std::mutex> l(mu_);
-    jobs_[j.id] = j;
+    Put(&jobs_, j);
     return j;
   }
   absl::Status UpdateJob(const JobRecord& j) override {
-    std::lock_guard<std::mutex> l(mu_);
-    jobs_[j.id] = j;
+    Put(&jobs_, j);
     return absl::OkStatus();
   }
   absl::StatusOr<JobRecord> GetJob(const std::string& id) override {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = jobs_.find(id);
-    if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job ", id));
-    return it->second;
+    return Find(jobs_, "job", id);
   }
   absl::StatusOr<std::vector<JobRecord>> ListJobs(std::optional<JobState> state, int64_t,
                                                   const std::string&,
@@ -81,10 +72,8 @@ class InMemoryStore : public Store {
   }
   absl::Status PublishFamilyVersion(const FamilyVersionRecord& f) override {
     std::lock_guard<std::mutex> l(mu_);
-    for (const auto& v : families_) {
-      if (v.family == f.family && v.version == f.version) {
-        return absl::AlreadyExistsError(absl::StrCat(f.family, " v", f.version));
-      }
+    if (FindVersionLocked(f.family, f.version) != nullptr) {
+      return absl::AlreadyExistsError(absl::StrCat(f.family, " v", f.version));
     }
     families_.push_back(f);
     if (f.parent_version == 0) families_.back().task_count = static_cast<int64_t>(f.tasks.size());
@@ -93,35 +82,25 @@ class InMemoryStore : public Store {
   absl::Status CompactFamilyVersion(const std::string& family, int64_t version,
                                     const std::vector<TaskRecord>& tasks) override {
     std::lock_guard<std::mutex> l(mu_);
-    for (auto& v : families_) {
-      if (v.family == family && v.version == version) {
-        v.tasks = tasks;
-        v.task_count = static_cast<int64_t>(tasks.size());
-        v.parent_version = 0;
-        return absl::OkStatus();
-      }
-    }
-    return FamilyVersionNotFound(family, version);
+    FamilyVersionRecord* v = FindVersionLocked(family, version);
+    if (v == nullptr) return FamilyVersionNotFound(family, version);
+    v->tasks = tasks;
+    v->task_count = static_cast<int64_t>(tasks.size());
+    v->parent_version = 0;
+    return absl::OkStatus();
   }
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersionSummaries(
       const std::string& family) override {
-    std::lock_guard<std::mutex> l(mu_);
-    std::vector<FamilyVersionRecord> out;
-    for (const auto& v : families_) {
-      if (!family.empty() && v.family != family) continue;
-      FamilyVersionRecord s = v;  // no task list, as the real stores
-      s.tasks.clear();
-      out.push_back(std::move(s));
-    }
+    auto out = ListFamilyVersions(family);
+    for (FamilyVersionRecord& s : *out) s.tasks.clear();  // no task list, as the real stores
     return out;
   }
   absl::StatusOr<FamilyVersionRecord> GetFamilyVersion(const std::string& family,
                                                        int64_t version) override {
     std::lock_guard<std::mutex> l(mu_);
-    for (const auto& v : families_) {
-      if (v.family == family && v.version == version) return v;
-    }
-    return FamilyVersionNotFound(family, version);
+    const FamilyVersionRecord* v = FindVersionLocked(family, version);
+    if (v == nullptr) return FamilyVersionNotFound(family, version);
+    return *v;
   }
   absl::StatusOr<std::vector<FamilyVersionRecord>> ListFamilyVersions(
       const std::string& family) override {
@@ -141,6 +120,29 @@ class InMemoryStore : public Store {
   }
 
  private:
+  // Datasets and jobs by id.
+  template <typename Record>
+  void Put(std::map<std::string, Record>* records, const Record& r) {
+    std::lock_guard<std::mutex> l(mu_);
+    (*records)[r.id] = r;
+  }
+  template <typename Record>
+  absl::StatusOr<Record> Find(const std::map<std::string, Record>& records, const char* what,
+                              const std::string& id) {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = records.find(id);
+    if (it == records.end()) return absl::NotFoundError(absl::StrCat(what, " ", id));
+    return it->second;
+  }
+
+  // The record of `family` v`version`, or null; mu_ held.
+  FamilyVersionRecord* FindVersionLocked(const std::string& family, int64_t version) {
+    for (auto& v : families_) {
+      if (v.family == family && v.version == version) return &v;
+    }
+    return nullptr;
+  }
+
   std::mutex mu_;
   std::map<std::string, DatasetRecord> datasets_;
   std::map<std::string, JobRecord> jobs_;

@@ -61,6 +61,20 @@ class SchedulerTest : public testing_util::RuntimeTest {
     ASSERT_TRUE(fam.ok()) << fam.status();
   }
 
+  // The scheduler with `so` and no batch timeout, its device thread occupied
+  // by a BlockingTask until the test releases it: requests queue behind it.
+  // Null, and a test failure, when the scheduler refuses the task.
+  std::shared_ptr<BlockingTask> StartBusy(DeviceScheduler::Options so = {}) {
+    so.batch_timeout_ms = 0;
+    StartScheduler(so);
+    auto blocker = std::make_shared<BlockingTask>();
+    const absl::Status st = scheduler_->AddTrainingTask(blocker);
+    EXPECT_TRUE(st.ok()) << st;
+    if (!st.ok()) return nullptr;
+    blocker->entered.WaitForNotification();
+    return blocker;
+  }
+
   std::vector<PredictInput> MixedInputs(int n, uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::vector<PredictInput> in(n);
@@ -232,11 +246,8 @@ TEST_F(SchedulerTest, TaskPublishedWhileRequestsStreamIsServedAtOnce) {
 TEST_F(SchedulerTest, FullQueueIsResourceExhausted) {
   DeviceScheduler::Options so;
   so.max_queue = 4;
-  so.batch_timeout_ms = 0;
-  StartScheduler(so);
-  auto blocker = std::make_shared<BlockingTask>();
-  ASSERT_TRUE(scheduler_->AddTrainingTask(blocker).ok());
-  blocker->entered.WaitForNotification();  // the device thread is busy now
+  auto blocker = StartBusy(so);
+  ASSERT_NE(blocker, nullptr);
   std::atomic<int> ok{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 2; ++t) {
@@ -255,15 +266,11 @@ TEST_F(SchedulerTest, FullQueueIsResourceExhausted) {
 }
 
 TEST_F(SchedulerTest, DeadlineExceededLeavesNothingBehind) {
-  DeviceScheduler::Options so;
-  so.batch_timeout_ms = 0;
-  StartScheduler(so);
+  auto blocker = StartBusy();
+  ASSERT_NE(blocker, nullptr);
   auto fam = registry_->Get("fam");
   ASSERT_TRUE(fam.ok());
   const long baseline = fam->use_count();
-  auto blocker = std::make_shared<BlockingTask>();
-  ASSERT_TRUE(scheduler_->AddTrainingTask(blocker).ok());
-  blocker->entered.WaitForNotification();
   const absl::Time start = absl::Now();
   auto st = predictor_->Predict(MixedInputs(3, 2),
                                 absl::ToUnixMillis(absl::Now() + absl::Milliseconds(100)))
@@ -286,17 +293,13 @@ TEST_F(SchedulerTest, DeadlineExceededLeavesNothingBehind) {
 }
 
 TEST_F(SchedulerTest, CancelledCallerIsWithdrawnAndItsRowsNeverRun) {
-  DeviceScheduler::Options so;
-  so.batch_timeout_ms = 0;
-  StartScheduler(so);
+  auto blocker = StartBusy();  // requests stay queued
+  ASSERT_NE(blocker, nullptr);
   std::atomic<int64_t> rows_run{0};
   scheduler_->SetBatchObserver([&](const BatchStats& s) { rows_run += s.batch_size; });
   auto fam = registry_->Get("fam");
   ASSERT_TRUE(fam.ok());
   const long baseline = fam->use_count();
-  auto blocker = std::make_shared<BlockingTask>();
-  ASSERT_TRUE(scheduler_->AddTrainingTask(blocker).ok());
-  blocker->entered.WaitForNotification();  // the device is busy: requests stay queued
   std::atomic<bool> cancel{false};
   absl::Status st;
   absl::Time returned;
@@ -468,12 +471,8 @@ TEST_F(SchedulerTest, PredictionsKeepCompletingWhileTrainingRuns) {
 }
 
 TEST_F(SchedulerTest, ShutdownFailsQueuedRequests) {
-  DeviceScheduler::Options so;
-  so.batch_timeout_ms = 0;
-  StartScheduler(so);
-  auto blocker = std::make_shared<BlockingTask>();
-  ASSERT_TRUE(scheduler_->AddTrainingTask(blocker).ok());
-  blocker->entered.WaitForNotification();
+  auto blocker = StartBusy();
+  ASSERT_NE(blocker, nullptr);
   absl::Status st;
   std::thread t([&] { st = predictor_->Predict(MixedInputs(1, 1), 0).status(); });
   while (scheduler_->queue_depth() < 1) absl::SleepFor(absl::Milliseconds(1));

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "base/status_macros.h"
 #include "server/jobs/task_pages.h"
 #include "server/service/handler.h"
 #include "server/service/proto_convert.h"
@@ -52,9 +53,8 @@ absl::Status FamilyToProto(FamilyAccess* families, const Caller& caller, const s
   out->set_latest_version(versions.back());
   out->set_warning(families->Warning(key));
   for (int64_t version : versions) {
-    auto head = families->Version(caller, name, version, kInlineFamilyTasks);
-    if (!head.ok()) return head.status();
-    ToProtoWithCount(caller, **head, out->add_versions());
+    ASSIGN_OR_RETURN(auto head, families->Version(caller, name, version, kInlineFamilyTasks));
+    ToProtoWithCount(caller, *head, out->add_versions());
   }
   return absl::OkStatus();
 }
@@ -86,11 +86,11 @@ grpc::Status AdapterServiceImpl::ListFamilies(grpc::ServerContext* ctx,
                                               const v1::ListFamiliesRequest*,
                                               v1::ListFamiliesResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
-    auto all = options_.families->ListAll(caller);  // summaries: no task lists
-    if (!all.ok()) return all.status();
-    // Ordered by (family, version): the last record of each family is its latest.
+    // Summaries (no task lists), ordered by (family, version): the last
+    // record of each family is its latest.
+    ASSIGN_OR_RETURN(const auto all, options_.families->ListAll(caller));
     std::map<std::string, const FamilyVersionRecord*> latest;
-    for (const auto& v : *all) latest[v.family] = &v;
+    for (const auto& v : all) latest[v.family] = &v;
     for (const auto& [key, v] : latest) {
       absl::Status st = FamilyToProto(options_.families, caller, FamilyNameFor(caller, key), key,
                                       {v->version}, resp->add_families());
@@ -105,11 +105,11 @@ grpc::Status AdapterServiceImpl::GetFamily(grpc::ServerContext* ctx,
                                            v1::GetFamilyResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
     if (req->family().empty()) return absl::InvalidArgumentError("family: required");
-    auto versions = options_.families->Versions(caller, req->family());  // summaries
-    if (!versions.ok()) return versions.status();
+    ASSIGN_OR_RETURN(const auto versions,  // summaries
+                     options_.families->Versions(caller, req->family()));
     std::vector<int64_t> numbers;
-    for (const auto& v : *versions) numbers.push_back(v.version);
-    return FamilyToProto(options_.families, caller, req->family(), versions->back().family,
+    for (const auto& v : versions) numbers.push_back(v.version);
+    return FamilyToProto(options_.families, caller, req->family(), versions.back().family,
                          numbers, resp->mutable_family());
   });
 }
@@ -119,19 +119,16 @@ grpc::Status AdapterServiceImpl::ListTasks(grpc::ServerContext* ctx,
                                            v1::ListTasksResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
     if (req->family().empty()) return absl::InvalidArgumentError("family: required");
-    auto version = TaskPageVersion(req->version(), req->page_token());
-    if (!version.ok()) return version.status();
+    ASSIGN_OR_RETURN(const int64_t version, TaskPageVersion(req->version(), req->page_token()));
     // The one version (cached by FamilyAccess while pages are read), not all.
-    auto v = options_.families->Version(caller, req->family(), *version);
-    if (!v.ok()) return v.status();
-    const FamilyVersionRecord& rec = **v;
-    auto page = PageTaskRange(rec, req->page_size(), req->page_token());
-    if (!page.ok()) return page.status();
+    ASSIGN_OR_RETURN(const auto v, options_.families->Version(caller, req->family(), version));
+    const FamilyVersionRecord& rec = *v;
+    ASSIGN_OR_RETURN(const auto page, PageTaskRange(rec, req->page_size(), req->page_token()));
     resp->set_family(FamilyNameFor(caller, rec.family));
     resp->set_version(rec.version);
     resp->set_task_count(static_cast<int64_t>(rec.tasks.size()));
-    for (int64_t i = page->begin; i < page->end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
-    resp->set_next_page_token(page->next_page_token);
+    for (int64_t i = page.begin; i < page.end; ++i) ToProto(rec.tasks[i], resp->add_tasks());
+    resp->set_next_page_token(page.next_page_token);
     return absl::OkStatus();
   });
 }
@@ -141,9 +138,8 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
                                             v1::DeleteTaskResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
     if (req->task().empty()) return absl::InvalidArgumentError("task: required");
-    auto v = FindVersion(options_.families, caller, req->family(), 0);
-    if (!v.ok()) return v.status();
-    bool found = std::any_of((*v)->tasks.begin(), (*v)->tasks.end(),
+    ASSIGN_OR_RETURN(const auto v, FindVersion(options_.families, caller, req->family(), 0));
+    bool found = std::any_of(v->tasks.begin(), v->tasks.end(),
                              [&](const TaskRecord& t) { return t.name == req->task(); });
     if (!found) {
       return absl::NotFoundError(
@@ -152,11 +148,10 @@ grpc::Status AdapterServiceImpl::DeleteTask(grpc::ServerContext* ctx,
     if (options_.catalog == nullptr) {
       return absl::UnimplementedError("DeleteTask: this server has no adapter catalog");
     }
-    const std::string& key = (*v)->family;
-    auto nv = options_.catalog->DeleteTask(key, req->task());
-    if (!nv.ok()) return nv.status();
+    const std::string& key = v->family;
+    ASSIGN_OR_RETURN(const auto nv, options_.catalog->DeleteTask(key, req->task()));
     if (options_.on_family_changed) options_.on_family_changed(key);
-    ToCallerProto(caller, *nv, resp->mutable_version());
+    ToCallerProto(caller, nv, resp->mutable_version());
     return absl::OkStatus();
   });
 }
@@ -165,13 +160,13 @@ grpc::Status AdapterServiceImpl::ExportFamily(grpc::ServerContext* ctx,
                                               const v1::ExportFamilyRequest* req,
                                               grpc::ServerWriter<v1::FamilyChunk>* writer) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
-    auto v = FindVersion(options_.families, caller, req->family(), req->version());
-    if (!v.ok()) return v.status();
+    ASSIGN_OR_RETURN(const auto v,
+                     FindVersion(options_.families, caller, req->family(), req->version()));
     absl::StatusOr<std::vector<FamilyFile>> files;
     if (options_.catalog != nullptr) {
-      files = options_.catalog->ExportFamily((*v)->family, (*v)->version);
+      files = options_.catalog->ExportFamily(v->family, v->version);
     } else {
-      files = ReadVersionFiles(**v);
+      files = ReadVersionFiles(*v);
     }
     if (!files.ok()) return files.status();
     for (const FamilyFile& f : *files) {
@@ -234,10 +229,10 @@ grpc::Status AdapterServiceImpl::ImportFamily(grpc::ServerContext* ctx,
       return absl::UnimplementedError("ImportFamily: this server has no adapter catalog");
     }
     // "" = the name in family.json, which the catalog puts in the caller's tenant.
-    auto v = options_.catalog->ImportFamily(FamilyKeyFor(caller, family), files, caller.tenant);
-    if (!v.ok()) return v.status();
-    if (options_.on_family_changed) options_.on_family_changed(v->family);
-    ToCallerProto(caller, *v, resp->mutable_version());
+    ASSIGN_OR_RETURN(const auto v, options_.catalog->ImportFamily(FamilyKeyFor(caller, family),
+                                                                  files, caller.tenant));
+    if (options_.on_family_changed) options_.on_family_changed(v.family);
+    ToCallerProto(caller, v, resp->mutable_version());
     return absl::OkStatus();
   });
 }

@@ -3,9 +3,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/support/server_interceptor.h>
 
-#include <fstream>
 #include <mutex>
-#include <sstream>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -13,21 +11,11 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "base/pem.h"
 #include "server/service/grpc_status.h"
 
 namespace metatt {
 namespace {
-
-absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat("--", flag, ": cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  if (ss.str().find("-----BEGIN") == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", path, " is not PEM"));
-  }
-  return ss.str();
-}
 
 // Each RPC's authenticated caller, keyed by its context, from the
 // interceptor's first hook until the RPC's interceptors are destroyed.
@@ -154,12 +142,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
   }
   grpc::SslServerCredentialsOptions opts(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  auto cert = ReadPem("tls_cert", files.cert);
-  if (!cert.ok()) return cert.status();
-  auto key = ReadPem("tls_key", files.key);
-  if (!key.ok()) return key.status();
-  pair.cert_chain = *cert;
-  pair.private_key = *key;
+  auto server = ReadPemCertAndKey("tls_cert", files.cert, "tls_key", files.key);
+  if (!server.ok()) return server.status();
+  pair.cert_chain = server->cert_chain;
+  pair.private_key = server->private_key;
   opts.pem_key_cert_pairs.push_back(pair);
   if (!files.client_ca.empty()) {
     auto ca = ReadPem("tls_client_ca", files.client_ca);

@@ -1,3 +1,4 @@
+#include "base/status_macros.h"
 #include "server/service/handler.h"
 #include "server/service/proto_convert.h"
 #include "server/service/services.h"
@@ -7,10 +8,9 @@ namespace metatt {
 grpc::Status JobServiceImpl::CreateJob(grpc::ServerContext* ctx, const v1::CreateJobRequest* req,
                                        v1::CreateJobResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
-    auto spec = FromProto(req->spec());
-    if (!spec.ok()) return spec.status();
-    spec->idempotency_key = req->idempotency_key();
-    return AnswerWith(jobs_->CreateJob(*spec, caller), resp->mutable_job());
+    ASSIGN_OR_RETURN(JobSpec spec, FromProto(req->spec()));
+    spec.idempotency_key = req->idempotency_key();
+    return AnswerWith(jobs_->CreateJob(spec, caller), resp->mutable_job());
   });
 }
 
@@ -25,12 +25,11 @@ grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const v1::GetJobRe
 grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                       v1::ListJobsResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
-    auto state = FromProto(req->state());
-    if (!state.ok()) return state.status();
+    ASSIGN_OR_RETURN(const auto state, FromProto(req->state()));
     std::string next;
-    auto jobs = jobs_->ListJobs(*state, req->page_size(), req->page_token(), &next, caller);
-    if (!jobs.ok()) return jobs.status();
-    for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+    ASSIGN_OR_RETURN(const auto jobs,
+                     jobs_->ListJobs(state, req->page_size(), req->page_token(), &next, caller));
+    for (const auto& j : jobs) ToProto(j, resp->add_jobs());
     resp->set_next_page_token(next);
     return absl::OkStatus();
   });
@@ -41,9 +40,8 @@ grpc::Status JobServiceImpl::ListJobCheckpoints(grpc::ServerContext* ctx,
                                                 v1::ListJobCheckpointsResponse* resp) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
     if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
-    auto cps = jobs_->ListJobCheckpoints(req->job_id(), caller);
-    if (!cps.ok()) return cps.status();
-    for (const JobCheckpointInfo& c : *cps) {
+    ASSIGN_OR_RETURN(const auto checkpoints, jobs_->ListJobCheckpoints(req->job_id(), caller));
+    for (const JobCheckpointInfo& c : checkpoints) {
       v1::JobCheckpoint* out = resp->add_checkpoints();
       out->set_job_id(req->job_id());
       out->set_step(c.step);
@@ -68,15 +66,14 @@ grpc::Status JobServiceImpl::StreamJobEvents(grpc::ServerContext* ctx,
                                              grpc::ServerWriter<v1::JobEvent>* writer) {
   return Serve(ctx, [&](const Caller& caller) -> absl::Status {
     if (req->job_id().empty()) return absl::InvalidArgumentError("job_id: required");
-    auto sub = jobs_->Subscribe(req->job_id(), caller);
-    if (!sub.ok()) return sub.status();
+    ASSIGN_OR_RETURN(const auto sub, jobs_->Subscribe(req->job_id(), caller));
     JobEvent e;
     while (!ctx->IsCancelled()) {
-      auto r = (*sub)->Next(&e, absl::Milliseconds(200));
+      auto r = sub->Next(&e, absl::Milliseconds(200));
       if (r == JobEventSubscription::Result::kEnd) return absl::OkStatus();
       if (r == JobEventSubscription::Result::kTimeout) continue;
       v1::JobEvent msg;
-      ToProto(req->job_id(), (*sub)->sequence(), e, &msg);
+      ToProto(req->job_id(), sub->sequence(), e, &msg);
       if (msg.has_checkpoint()) {  // the family by the caller's name (tenants.h)
         msg.mutable_checkpoint()->set_family(FamilyNameFor(caller, e.family));
       }

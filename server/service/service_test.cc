@@ -1,20 +1,25 @@
 // The services over an in-process gRPC channel with the real SQLite store,
 // job and dataset managers, a FakeExecutor and a fake Predictor.
 #include <gmock/gmock.h>
+#include <google/protobuf/text_format.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <random>
 #include <thread>
 #include <tuple>
 
+#include <nlohmann/json.hpp>
+
+#include "server/store/job_json.h"
 #include "server/store/sqlite_store.h"
+#include "server/store/store_test_util.h"
 #include "server/jobs/test_util.h"
 #include "server/monitoring/server_metrics.h"
 #include "server/service/grpc_status.h"
+#include "server/service/in_process.h"
 #include "server/service/proto_convert.h"
 #include "server/service/services.h"
 
@@ -45,46 +50,31 @@ class FakePredictor : public Predictor {
   }
 };
 
-class ServiceTest : public ::testing::Test {
+class ServiceTest : public testing_util::SqliteStoreFixture {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("service_test_" + std::to_string(std::random_device{}()));
-    fs::create_directories(dir_);
-    store_ = std::move(*SqliteStore::Create((dir_ / "metatt.db").string()));
+    SqliteStoreFixture::SetUp();
     DatasetManagerOptions dopt;
     dopt.data_dir = (dir_ / "data").string();
     dopt.parse = FakeDatasetParse;
     datasets_ = std::move(*DatasetManager::Create(dopt, store_.get()));
     jobs_ = std::move(*JobManager::Create({}, store_.get(), &executor_));
     metrics_ = MetricsRegistry::Create();
-    job_service_ = std::make_unique<JobServiceImpl>(jobs_.get());
-    dataset_service_ = std::make_unique<DatasetServiceImpl>(datasets_.get());
     AdapterServiceOptions aopt;
     aopt.store = store_.get();
-    adapter_service_ = std::make_unique<AdapterServiceImpl>(aopt);
     InferenceServiceOptions iopt;
     iopt.predictor = &predictor_;
     iopt.metrics = &metrics_->metrics();
-    inference_service_ = std::make_unique<InferenceServiceImpl>(iopt);
-    grpc::ServerBuilder b;
-    RegisterServices(&b, /*auth=*/nullptr, job_service_.get(), dataset_service_.get(),
-                     adapter_service_.get(), inference_service_.get());
-    server_ = b.BuildAndStart();
-    auto channel = server_->InProcessChannel(grpc::ChannelArguments());
-    job_stub_ = v1::JobService::NewStub(channel);
-    dataset_stub_ = v1::DatasetService::NewStub(channel);
-    adapter_stub_ = v1::AdapterService::NewStub(channel);
-    inference_stub_ = v1::InferenceService::NewStub(channel);
+    services_ = std::make_unique<Services>(jobs_.get(), datasets_.get(), aopt, iopt);
+    rpc_ = std::make_unique<InProcessServer>(services_.get(), /*auth=*/nullptr);
   }
   void TearDown() override {
     jobs_->Shutdown();
-    server_->Shutdown();
-    jobs_.reset();
-    fs::remove_all(dir_);
+    rpc_->server->Shutdown();
   }
   grpc::Status Upload(const std::string& bytes, v1::UploadDatasetResponse* resp) {
     grpc::ClientContext ctx;
-    auto w = dataset_stub_->UploadDataset(&ctx, resp);
+    auto w = rpc_->datasets->UploadDataset(&ctx, resp);
     v1::UploadDatasetRequest h;
     h.mutable_header()->set_name("tiny");
     h.mutable_header()->set_text_column("0");
@@ -98,23 +88,45 @@ class ServiceTest : public ::testing::Test {
     w->WritesDone();
     return w->Finish();
   }
+  // One unary RPC as the local caller, in a context of its own.
+  template <typename Stub, typename Request, typename Response>
+  static grpc::Status Call(Stub* stub,
+                           grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&,
+                                                     Response*),
+                           const Request& req, Response* resp) {
+    grpc::ClientContext ctx;
+    return (stub->*rpc)(&ctx, req, resp);
+  }
+  // The same with the request in protobuf text format and the response
+  // dropped: an RPC that only its status answers.
+  template <typename Stub, typename Request, typename Response>
+  static grpc::Status Send(Stub* stub,
+                           grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Request&,
+                                                     Response*),
+                           const std::string& request_text) {
+    Request req;
+    EXPECT_TRUE(google::protobuf::TextFormat::ParseFromString(request_text, &req))
+        << request_text;
+    Response resp;
+    return Call(stub, rpc, req, &resp);
+  }
+  // Publishes `f` in the store, then lists the families over gRPC.
+  v1::ListFamiliesResponse PublishAndList(const FamilyVersionRecord& f) {
+    EXPECT_TRUE(store_->PublishFamilyVersion(f).ok());
+    v1::ListFamiliesResponse resp;
+    auto st = Call(rpc_->adapters.get(), &v1::AdapterService::Stub::ListFamilies,
+                   v1::ListFamiliesRequest(), &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return resp;
+  }
 
-  fs::path dir_;
-  std::unique_ptr<SqliteStore> store_;
   std::unique_ptr<DatasetManager> datasets_;
   FakeExecutor executor_;
   FakePredictor predictor_;
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<MetricsRegistry> metrics_;
-  std::unique_ptr<JobServiceImpl> job_service_;
-  std::unique_ptr<DatasetServiceImpl> dataset_service_;
-  std::unique_ptr<AdapterServiceImpl> adapter_service_;
-  std::unique_ptr<InferenceServiceImpl> inference_service_;
-  std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<v1::JobService::Stub> job_stub_;
-  std::unique_ptr<v1::DatasetService::Stub> dataset_stub_;
-  std::unique_ptr<v1::AdapterService::Stub> adapter_stub_;
-  std::unique_ptr<v1::InferenceService::Stub> inference_stub_;
+  std::unique_ptr<Services> services_;
+  std::unique_ptr<InProcessServer> rpc_;
 };
 
 // proto3 `optional` presence: a field set to 0 is used where 0 means
@@ -132,17 +144,14 @@ TEST(ProtoConvertTest, HyperParametersFollowPresence) {
   p.mutable_adapter()->set_new_task_init("zeros");
   auto s = FromProto(p);
   ASSERT_TRUE(s.ok()) << s.status();
-  EXPECT_TRUE(s->hparams.weight_decay.is_set());
-  EXPECT_EQ(s->hparams.weight_decay.value(), 0);
-  EXPECT_TRUE(s->hparams.eval_every.is_set());
-  EXPECT_TRUE(s->hparams.seed.is_set());
-  EXPECT_FALSE(s->hparams.max_steps.is_set());
-  EXPECT_FALSE(s->hparams.learning_rate.is_set());
-  EXPECT_FALSE(s->hparams.grad_clip.is_set());
-  EXPECT_FALSE(s->adapter.alpha.is_set());
-  EXPECT_EQ(s->hparams.head_lr_multiplier.value(), 3);
-  EXPECT_FALSE(s->hparams.inner_lr_multiplier.is_set());
-  EXPECT_EQ(s->adapter.new_task_init, "zeros");
+  // Exactly these fields are set (0 included), with these values: the spec
+  // as the store keeps it (job_json.h writes the set fields only).
+  const auto kept = nlohmann::json::parse(JobSpecToJson(*s));
+  EXPECT_EQ(kept["hparams"], nlohmann::json::parse(R"({"weight_decay": 0, "eval_every": 0,
+                                                       "seed": 0, "head_lr_multiplier": 3})"))
+      << kept.dump();
+  EXPECT_EQ(kept["adapter"], nlohmann::json::parse(R"({"new_task_init": "zeros"})"))
+      << kept.dump();
   v1::JobSpec back;
   ToProto(*s, &back);
   EXPECT_TRUE(back.hparams().has_weight_decay());
@@ -182,25 +191,19 @@ TEST_F(ServiceTest, UploadCreateStreamToSuccess) {
   req.mutable_spec()->mutable_hparams()->set_max_steps(4);
   req.set_idempotency_key("k");
   v1::CreateJobResponse created;
-  {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(job_stub_->CreateJob(&ctx, req, &created).ok());
-  }
+  ASSERT_TRUE(Call(rpc_->jobs.get(), &v1::JobService::Stub::CreateJob, req, &created).ok());
   EXPECT_EQ(created.job().state(), v1::QUEUED);
   EXPECT_EQ(created.job().spec().adapter().form(), "4+1d");  // server default
   EXPECT_EQ(created.job().total_steps(), 4);
-  {
-    v1::CreateJobResponse again;
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(job_stub_->CreateJob(&ctx, req, &again).ok());
-    EXPECT_EQ(again.job().id(), created.job().id());
-  }
+  v1::CreateJobResponse again;
+  ASSERT_TRUE(Call(rpc_->jobs.get(), &v1::JobService::Stub::CreateJob, req, &again).ok());
+  EXPECT_EQ(again.job().id(), created.job().id());
   const std::string id = created.job().id();
   ASSERT_TRUE(executor_.WaitStarted(id));
   grpc::ClientContext sctx;
   v1::StreamJobEventsRequest sreq;
   sreq.set_job_id(id);
-  auto reader = job_stub_->StreamJobEvents(&sctx, sreq);
+  auto reader = rpc_->jobs->StreamJobEvents(&sctx, sreq);
   std::thread driver([&] {
     for (int s = 1; s <= 4; ++s) executor_.Progress(id, s, 4, 1.0 / s);
     executor_.Succeed(id, "glue", 1);
@@ -224,7 +227,7 @@ TEST_F(ServiceTest, UploadCreateStreamToSuccess) {
   lreq.set_state(v1::SUCCEEDED);
   v1::ListJobsResponse list;
   grpc::ClientContext lctx;
-  ASSERT_TRUE(job_stub_->ListJobs(&lctx, lreq, &list).ok());
+  ASSERT_TRUE(rpc_->jobs->ListJobs(&lctx, lreq, &list).ok());
   ASSERT_EQ(list.jobs_size(), 1);
   EXPECT_EQ(list.jobs(0).result_family(), "glue");
 }
@@ -237,57 +240,32 @@ TEST_F(ServiceTest, MalformedUploadNamesLinesAndStoresNothing) {
   EXPECT_THAT(st.error_message(), HasSubstr("line 4"));
   v1::ListDatasetsResponse list;
   grpc::ClientContext ctx;
-  ASSERT_TRUE(dataset_stub_->ListDatasets(&ctx, {}, &list).ok());
+  ASSERT_TRUE(rpc_->datasets->ListDatasets(&ctx, {}, &list).ok());
   EXPECT_EQ(list.datasets_size(), 0);
 }
 
 TEST_F(ServiceTest, ErrorsMapToCodes) {
-  {
-    v1::GetJobRequest req;
-    req.set_job_id("job-nope");
-    v1::GetJobResponse resp;
-    grpc::ClientContext ctx;
-    EXPECT_EQ(job_stub_->GetJob(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  using Code = grpc::StatusCode;
+  const std::tuple<grpc::Status, Code, std::string> cases[] = {
+      {Send(rpc_->jobs.get(), &v1::JobService::Stub::GetJob, R"(job_id: "job-nope")"),
+       Code::NOT_FOUND, "job-nope"},
+      {Send(rpc_->jobs.get(), &v1::JobService::Stub::CreateJob, R"(spec { family: "glue" })"),
+       Code::INVALID_ARGUMENT, "spec.tasks"},
+      {Send(rpc_->adapters.get(), &v1::AdapterService::Stub::ListTasks, R"(family: "nope")"),
+       Code::NOT_FOUND, "nope"},
+      {Send(rpc_->inference.get(), &v1::InferenceService::Stub::Predict,
+            R"(inputs { family: "glue" task: "CoLA" text: "hello" })"),
+       Code::NOT_FOUND, "CoLA"},
+      {Send(rpc_->inference.get(), &v1::InferenceService::Stub::Predict,
+            R"(inputs { text: "no task" })"),
+       Code::INVALID_ARGUMENT, "inputs[0]"},
+  };
+  for (const auto& [st, code, part] : cases) {
+    EXPECT_EQ(st.error_code(), code) << part << ": " << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr(part));
   }
-  {
-    v1::CreateJobRequest req;
-    req.mutable_spec()->set_family("glue");
-    v1::CreateJobResponse resp;
-    grpc::ClientContext ctx;
-    auto st = job_stub_->CreateJob(&ctx, req, &resp);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_THAT(st.error_message(), HasSubstr("spec.tasks"));
-  }
-  {
-    v1::ListTasksRequest req;
-    req.set_family("nope");
-    v1::ListTasksResponse resp;
-    grpc::ClientContext ctx;
-    EXPECT_EQ(adapter_stub_->ListTasks(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
-  }
-  {
-    v1::PredictRequest req;
-    auto* in = req.add_inputs();
-    in->set_family("glue");
-    in->set_task("CoLA");
-    in->set_text("hello");
-    v1::PredictResponse resp;
-    grpc::ClientContext ctx;
-    auto st = inference_stub_->Predict(&ctx, req, &resp);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
-    EXPECT_THAT(st.error_message(), HasSubstr("CoLA"));
-    EXPECT_THAT(metrics_->Render(),
-                HasSubstr("metatt_predict_requests_total{code=\"NOT_FOUND\"} 1"));
-  }
-  {
-    v1::PredictRequest req;
-    req.add_inputs()->set_text("no task");
-    v1::PredictResponse resp;
-    grpc::ClientContext ctx;
-    auto st = inference_stub_->Predict(&ctx, req, &resp);
-    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_THAT(st.error_message(), HasSubstr("inputs[0]"));
-  }
+  EXPECT_THAT(metrics_->Render(),
+              HasSubstr("metatt_predict_requests_total{code=\"NOT_FOUND\"} 1"));
 }
 
 TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
@@ -303,13 +281,7 @@ TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
   f.config_json = R"({"ranks":[8,8,8]})";
   f.adapter_parameters = 777;
   f.tasks.push_back({"MRPC", 0, 2, false, {"0", "1"}, {{"f1", 0.8}}});
-  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
-
-  v1::ListFamiliesResponse fams;
-  {
-    grpc::ClientContext ctx;
-    ASSERT_TRUE(adapter_stub_->ListFamilies(&ctx, {}, &fams).ok());
-  }
+  const v1::ListFamiliesResponse fams = PublishAndList(f);
   ASSERT_EQ(fams.families_size(), 1);
   EXPECT_EQ(fams.families(0).versions(0).adapter_parameters(), 777);
   EXPECT_EQ(fams.families(0).versions(0).ranks_size(), 3);
@@ -319,7 +291,7 @@ TEST_F(ServiceTest, FamiliesListAndExportFromTheStore) {
   v1::ExportFamilyRequest req;
   req.set_family("glue");
   grpc::ClientContext ctx;
-  auto reader = adapter_stub_->ExportFamily(&ctx, req);
+  auto reader = rpc_->adapters->ExportFamily(&ctx, req);
   std::map<std::string, std::string> files;
   std::string current;
   v1::FamilyChunk c;
@@ -347,11 +319,8 @@ TEST_F(ServiceTest, LargeFamilyInlinesFirstTasksAndListTasksPages) {
     t.num_labels = 2;
     f.tasks.push_back(std::move(t));
   }
-  ASSERT_TRUE(store_->PublishFamilyVersion(f).ok());
   {
-    grpc::ClientContext ctx;
-    v1::ListFamiliesResponse resp;
-    ASSERT_TRUE(adapter_stub_->ListFamilies(&ctx, {}, &resp).ok());
+    const v1::ListFamiliesResponse resp = PublishAndList(f);
     ASSERT_EQ(resp.families_size(), 1);
     EXPECT_EQ(resp.families(0).versions(0).task_count(), 250);
     ASSERT_EQ(resp.families(0).versions(0).tasks_size(), 100);
@@ -362,7 +331,7 @@ TEST_F(ServiceTest, LargeFamilyInlinesFirstTasksAndListTasksPages) {
     v1::GetFamilyRequest req;
     req.set_family("big");
     v1::GetFamilyResponse resp;
-    ASSERT_TRUE(adapter_stub_->GetFamily(&ctx, req, &resp).ok());
+    ASSERT_TRUE(rpc_->adapters->GetFamily(&ctx, req, &resp).ok());
     EXPECT_EQ(resp.family().versions(0).task_count(), 250);
     EXPECT_EQ(resp.family().versions(0).tasks_size(), 100);
   }
@@ -374,7 +343,7 @@ TEST_F(ServiceTest, LargeFamilyInlinesFirstTasksAndListTasksPages) {
   do {
     grpc::ClientContext ctx;
     v1::ListTasksResponse resp;
-    auto st = adapter_stub_->ListTasks(&ctx, req, &resp);
+    auto st = rpc_->adapters->ListTasks(&ctx, req, &resp);
     ASSERT_TRUE(st.ok()) << st.error_message();
     EXPECT_EQ(resp.task_count(), 250);
     EXPECT_EQ(resp.version(), 1);
@@ -394,7 +363,7 @@ TEST_F(ServiceTest, LargeFamilyInlinesFirstTasksAndListTasksPages) {
     v1::ListTasksResponse resp;
     req.set_page_size(size);
     req.set_page_token(token);
-    auto st = adapter_stub_->ListTasks(&ctx, req, &resp);
+    auto st = rpc_->adapters->ListTasks(&ctx, req, &resp);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << token;
     EXPECT_THAT(st.error_message(), HasSubstr(field));
   }

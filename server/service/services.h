@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "metatt/v1/adapters.grpc.pb.h"
 #include "metatt/v1/datasets.grpc.pb.h"
@@ -126,17 +127,30 @@ class InferenceServiceImpl final : public v1::InferenceService::Service {
   InferenceServiceOptions options_;
 };
 
-// The four services on `builder`, behind the authentication interceptor
-// (`auth` null: authentication off, every caller is Caller::Local()): the
-// server, the service test and the service fuzzer mount them the same way.
-inline void RegisterServices(grpc::ServerBuilder* builder, const Authenticator* auth,
-                             JobServiceImpl* jobs, DatasetServiceImpl* datasets,
-                             AdapterServiceImpl* adapters, InferenceServiceImpl* inference) {
-  InstallAuthentication(builder, auth);
-  builder->RegisterService(jobs);
-  builder->RegisterService(datasets);
-  builder->RegisterService(adapters);
-  builder->RegisterService(inference);
-}
+// The four services over their cores, built and mounted together: the
+// server, the service test and the service fuzzer each hold one.
+struct Services {
+  Services(JobManager* jobs, DatasetManager* datasets, AdapterServiceOptions adapter_options,
+           InferenceServiceOptions inference_options)
+      : job(jobs),
+        dataset(datasets),
+        adapter(std::move(adapter_options)),
+        inference(inference_options) {}
+
+  // The four on `builder`, behind the authentication interceptor (`auth`
+  // null: authentication off, every caller is Caller::Local()).
+  void Register(grpc::ServerBuilder* builder, const Authenticator* auth) {
+    InstallAuthentication(builder, auth);
+    builder->RegisterService(&job);
+    builder->RegisterService(&dataset);
+    builder->RegisterService(&adapter);
+    builder->RegisterService(&inference);
+  }
+
+  JobServiceImpl job;
+  DatasetServiceImpl dataset;
+  AdapterServiceImpl adapter;
+  InferenceServiceImpl inference;
+};
 
 }  // namespace metatt

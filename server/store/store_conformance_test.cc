@@ -97,6 +97,12 @@ class StoreConformance : public ::testing::TestWithParam<std::string> {
     store_.reset();
     if (!dir_.empty()) std::filesystem::remove_all(dir_);
   }
+  // The family's version summaries (none, and a test failure, on an error).
+  std::vector<FamilyVersionRecord> Summaries(const std::string& family) {
+    auto summaries = store_->ListFamilyVersionSummaries(family);
+    EXPECT_TRUE(summaries.ok()) << summaries.status();
+    return summaries.ok() ? *std::move(summaries) : std::vector<FamilyVersionRecord>{};
+  }
   static DatasetRecord Dataset(const std::string& id) {
     DatasetRecord d;
     d.id = id;
@@ -406,23 +412,21 @@ TEST_P(StoreConformance, FamilySummariesCarryTaskCountsAndNoTasks) {
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("glue", 1, 3)).ok());
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("glue", 2, 5)).ok());
   ASSERT_TRUE(store_->PublishFamilyVersion(VersionWithTasks("other", 1, 1)).ok());
-  auto glue = store_->ListFamilyVersionSummaries("glue");
-  ASSERT_TRUE(glue.ok()) << glue.status();
-  ASSERT_EQ(glue->size(), 2u);
-  EXPECT_EQ((*glue)[0].version, 1);
-  EXPECT_EQ((*glue)[0].task_count, 3);
-  EXPECT_EQ((*glue)[1].version, 2);
-  EXPECT_EQ((*glue)[1].task_count, 5);
-  EXPECT_EQ((*glue)[1].adapter_parameters, 20);
-  EXPECT_EQ((*glue)[1].created_by_job, "job-2");
-  EXPECT_EQ((*glue)[1].tenant, "acme");
-  EXPECT_EQ((*glue)[1].path, "/data/glue");
-  for (const auto& v : *glue) EXPECT_TRUE(v.tasks.empty()) << "v" << v.version;
-  auto all = store_->ListFamilyVersionSummaries("");
-  ASSERT_TRUE(all.ok()) << all.status();
-  ASSERT_EQ(all->size(), 3u);
-  EXPECT_EQ((*all)[2].family, "other");
-  EXPECT_EQ((*all)[2].task_count, 1);
+  const auto glue = Summaries("glue");
+  ASSERT_EQ(glue.size(), 2u);
+  EXPECT_EQ(glue[0].version, 1);
+  EXPECT_EQ(glue[0].task_count, 3);
+  EXPECT_EQ(glue[1].version, 2);
+  EXPECT_EQ(glue[1].task_count, 5);
+  EXPECT_EQ(glue[1].adapter_parameters, 20);
+  EXPECT_EQ(glue[1].created_by_job, "job-2");
+  EXPECT_EQ(glue[1].tenant, "acme");
+  EXPECT_EQ(glue[1].path, "/data/glue");
+  for (const auto& v : glue) EXPECT_TRUE(v.tasks.empty()) << "v" << v.version;
+  const auto all = Summaries("");
+  ASSERT_EQ(all.size(), 3u);
+  EXPECT_EQ(all[2].family, "other");
+  EXPECT_EQ(all[2].task_count, 1);
   // Full listings carry the count too.
   auto full = store_->ListFamilyVersions("glue");
   ASSERT_TRUE(full.ok()) << full.status();
@@ -517,12 +521,11 @@ TEST_P(StoreConformance, MigrationCountsTasksOfRowsWrittenBeforeTaskCount) {
   }
   // The per-tenant key migration moved tenant acme's "old" to its key.
   EXPECT_TRUE(store_->ListFamilyVersionSummaries("old")->empty());
-  auto old = store_->ListFamilyVersionSummaries("acme~old");
-  ASSERT_TRUE(old.ok()) << old.status();
-  ASSERT_EQ(old->size(), 2u);
-  EXPECT_EQ((*old)[0].task_count, 7);
-  EXPECT_EQ((*old)[1].task_count, 0);
-  EXPECT_EQ((*old)[0].path, "/data/old");  // the files stay where they are
+  const auto old = Summaries("acme~old");
+  ASSERT_EQ(old.size(), 2u);
+  EXPECT_EQ(old[0].task_count, 7);
+  EXPECT_EQ(old[1].task_count, 0);
+  EXPECT_EQ(old[0].path, "/data/old");  // the files stay where they are
   auto full = store_->GetFamilyVersion("acme~old", 1);
   ASSERT_TRUE(full.ok()) << full.status();
   EXPECT_EQ(full->tasks.size(), 7u);
@@ -543,12 +546,11 @@ TEST_P(StoreConformance, AppendedVersionsChainToTheirParentsAndCompact) {
     add.task_count = v + 2;  // the whole family's: 4, 5
     ASSERT_TRUE(store_->PublishFamilyVersion(add).ok());
   }
-  auto summaries = store_->ListFamilyVersionSummaries("fam");
-  ASSERT_TRUE(summaries.ok()) << summaries.status();
-  ASSERT_EQ(summaries->size(), 3u);
-  EXPECT_EQ((*summaries)[2].task_count, 5);
-  EXPECT_EQ((*summaries)[2].parent_version, 2);
-  EXPECT_EQ((*summaries)[0].parent_version, 0);
+  const auto summaries = Summaries("fam");
+  ASSERT_EQ(summaries.size(), 3u);
+  EXPECT_EQ(summaries[2].task_count, 5);
+  EXPECT_EQ(summaries[2].parent_version, 2);
+  EXPECT_EQ(summaries[0].parent_version, 0);
   auto v3 = store_->GetFamilyVersion("fam", 3);
   ASSERT_TRUE(v3.ok()) << v3.status();
   ASSERT_EQ(v3->tasks.size(), 1u);
@@ -699,59 +701,84 @@ TEST(PostgresStore, MigratesOnceAndRefusesBadUris) {
   EXPECT_TRUE(absl::IsUnavailable(unreachable.status())) << unreachable.status();
 }
 
+// Two replicas' stores (a, b) on one new PostgreSQL database.
+struct TwoReplicas {
+  std::string uri;
+  std::unique_ptr<PostgresStore> a, b;
+};
+void OpenTwoReplicas(TwoReplicas* r) {
+  auto uri = PgEnv::Get().NewDatabase();
+  ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
+  r->uri = *uri;
+  auto a = PostgresStore::Create(r->uri);
+  auto b = PostgresStore::Create(r->uri);
+  ASSERT_TRUE(a.ok() && b.ok());
+  r->a = std::move(*a);
+  r->b = std::move(*b);
+}
+
+// Replica `replica` claims the next queued job (`job_id`) on `store`, or,
+// with `take_over`, the job whose lease has lapsed; it holds the claim's
+// fencing token from then on: `*epoch`.
+void ClaimAndHoldFence(PostgresStore* store, const std::string& replica,
+                       const std::string& job_id, bool take_over, int64_t* epoch) {
+  std::string prev;
+  auto claimed = take_over ? store->TakeOverExpiredJob(replica, 60000, &prev)
+                           : store->ClaimNextJob(replica, 1);
+  ASSERT_TRUE(claimed.ok()) << claimed.status();
+  ASSERT_EQ(claimed->id, job_id);
+  *epoch = claimed->claim_epoch;
+  store->HoldFence(job_id, *epoch);
+}
+
 // Fencing tokens (issue 17, hole 4): replica A paused past its lease; B took
 // the job over. Every write A still makes for the job is refused, its
 // publication included, and B's go through.
 TEST(PostgresStore, StaleFencingTokensAreRefused) {
-  auto uri = PgEnv::Get().NewDatabase();
-  ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
-  auto a = PostgresStore::Create(*uri);
-  auto b = PostgresStore::Create(*uri);
-  ASSERT_TRUE(a.ok() && b.ok());
+  TwoReplicas r;
+  ASSERT_NO_FATAL_FAILURE(OpenTwoReplicas(&r));
+  PostgresStore* a = r.a.get();
+  PostgresStore* b = r.b.get();
   JobRecord j;
   j.id = "job-f";
   j.spec.family = "fam";
   j.tenant = "acme";
-  ASSERT_TRUE((*a)->CreateJob(j).ok());
-  auto claimed = (*a)->ClaimNextJob("A", 1);
-  ASSERT_TRUE(claimed.ok()) << claimed.status();
-  EXPECT_EQ(claimed->claim_epoch, 1);
-  (*a)->HoldFence("job-f", claimed->claim_epoch);
+  ASSERT_TRUE(a->CreateJob(j).ok());
+  int64_t epoch = 0;
+  ASSERT_NO_FATAL_FAILURE(ClaimAndHoldFence(a, "A", "job-f", /*take_over=*/false, &epoch));
+  EXPECT_EQ(epoch, 1);
   j.state = JobState::kRunning;
-  ASSERT_TRUE((*a)->UpdateJob(j).ok());  // still the holder
-  ASSERT_TRUE((*a)->AppendJobEvent("job-f", JobEvent{}).ok());
+  ASSERT_TRUE(a->UpdateJob(j).ok());  // still the holder
+  ASSERT_TRUE(a->AppendJobEvent("job-f", JobEvent{}).ok());
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  std::string prev;
-  auto taken = (*b)->TakeOverExpiredJob("B", 60000, &prev);
-  ASSERT_TRUE(taken.ok()) << taken.status();
-  EXPECT_EQ(taken->claim_epoch, 2);
-  (*b)->HoldFence("job-f", taken->claim_epoch);
+  ASSERT_NO_FATAL_FAILURE(ClaimAndHoldFence(b, "B", "job-f", /*take_over=*/true, &epoch));
+  EXPECT_EQ(epoch, 2);
   // A, with epoch 1: refused, naming the stale token.
   j.state = JobState::kSucceeded;
-  auto st = (*a)->UpdateJob(j);
+  auto st = a->UpdateJob(j);
   EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
   EXPECT_THAT(std::string(st.message()), HasSubstr("stale fencing token"));
-  EXPECT_TRUE(absl::IsFailedPrecondition((*a)->AppendJobEvent("job-f", JobEvent{})));
-  EXPECT_TRUE(absl::IsFailedPrecondition((*a)->RenewLease("job-f", "A", 60000).status()));
+  EXPECT_TRUE(absl::IsFailedPrecondition(a->AppendJobEvent("job-f", JobEvent{})));
+  EXPECT_TRUE(absl::IsFailedPrecondition(a->RenewLease("job-f", "A", 60000).status()));
   FamilyVersionRecord v;
   v.family = "acme~fam";
   v.version = 1;
   v.tenant = "acme";
   v.created_by_job = "job-f";
-  st = (*a)->PublishFamilyVersion(v);
+  st = a->PublishFamilyVersion(v);
   EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
   EXPECT_THAT(std::string(st.message()), HasSubstr("publication was refused"));
-  EXPECT_TRUE((*b)->ListFamilyVersionSummaries("acme~fam")->empty());
+  EXPECT_TRUE(b->ListFamilyVersionSummaries("acme~fam")->empty());
   // B, the holder: its writes go through; the job ends once, as B says.
   j.state = JobState::kFailed;
   j.failure_reason = "taken over";
-  ASSERT_TRUE((*b)->UpdateJob(j).ok());
-  ASSERT_TRUE((*b)->AppendJobEvent("job-f", JobEvent{}).ok());
-  EXPECT_EQ((*a)->GetJob("job-f")->state, JobState::kFailed);
-  EXPECT_EQ((*a)->ListJobEvents("job-f")->size(), 2u);  // A's first and B's
+  ASSERT_TRUE(b->UpdateJob(j).ok());
+  ASSERT_TRUE(b->AppendJobEvent("job-f", JobEvent{}).ok());
+  EXPECT_EQ(a->GetJob("job-f")->state, JobState::kFailed);
+  EXPECT_EQ(a->ListJobEvents("job-f")->size(), 2u);  // A's first and B's
   // Without a fence (another replica's cancel, the embedded store) writes are as before.
-  (*a)->DropFence("job-f");
-  EXPECT_TRUE((*a)->AppendJobEvent("job-f", JobEvent{}).ok());
+  a->DropFence("job-f");
+  EXPECT_TRUE(a->AppendJobEvent("job-f", JobEvent{}).ok());
 }
 
 // Store timeouts: a server that accepts the connection and never answers
@@ -1071,44 +1098,39 @@ TEST(LocalBlobStore, InterruptedWriteLeavesThePreviousValue) {
 // PostgreSQL: the bytes are checked against their recorded size and hash on
 // every read; a checkpoint write of a job this replica lost is refused.
 TEST(PostgresBlobStore, CorruptBytesAreDataLossAndStaleFencesAreRefused) {
-  auto uri = PgEnv::Get().NewDatabase();
-  ASSERT_TRUE(uri.ok()) << "PostgreSQL could not start: " << uri.status();
-  auto a = PostgresStore::Create(*uri);
-  auto b = PostgresStore::Create(*uri);
-  ASSERT_TRUE(a.ok() && b.ok());
-  BlobStore* blobs = (*a)->blob_store();
+  TwoReplicas r;
+  ASSERT_NO_FATAL_FAILURE(OpenTwoReplicas(&r));
+  PostgresStore* a = r.a.get();
+  PostgresStore* b = r.b.get();
+  BlobStore* blobs = a->blob_store();
   ASSERT_TRUE(blobs->Put("datasets/ds-1/data.tsv", "label\ttext\n1\tgood\n").ok());
   {
-    PGconn* c = PQconnectdb(uri->c_str());
+    PGconn* c = PQconnectdb(r.uri.c_str());
     ASSERT_EQ(PQstatus(c), CONNECTION_OK) << PQerrorMessage(c);
     PGresult* r = PQexec(c, "UPDATE blobs SET bytes = 'rotten'::bytea WHERE key = 'datasets/ds-1/data.tsv'");
     EXPECT_EQ(PQresultStatus(r), PGRES_COMMAND_OK) << PQerrorMessage(c);
     PQclear(r);
     PQfinish(c);
   }
-  auto got = (*b)->blob_store()->Get("datasets/ds-1/data.tsv");
+  auto got = b->blob_store()->Get("datasets/ds-1/data.tsv");
   EXPECT_TRUE(absl::IsDataLoss(got.status())) << got.status();
   EXPECT_THAT(std::string(got.status().message()), HasSubstr("datasets/ds-1/data.tsv"));
 
   JobRecord j;
   j.id = "job-c";
   j.spec.family = "fam";
-  ASSERT_TRUE((*a)->CreateJob(j).ok());
-  auto claimed = (*a)->ClaimNextJob("A", 1);
-  ASSERT_TRUE(claimed.ok()) << claimed.status();
-  (*a)->HoldFence("job-c", claimed->claim_epoch);
+  ASSERT_TRUE(a->CreateJob(j).ok());
+  int64_t epoch = 0;
+  ASSERT_NO_FATAL_FAILURE(ClaimAndHoldFence(a, "A", "job-c", /*take_over=*/false, &epoch));
   const std::string key = "checkpoints/job-c/step-000000010.ckpt";
   ASSERT_TRUE(blobs->Put(key, "a@10", "job-c").ok());  // still the holder
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  std::string prev;
-  auto taken = (*b)->TakeOverExpiredJob("B", 60000, &prev);
-  ASSERT_TRUE(taken.ok()) << taken.status();
-  (*b)->HoldFence("job-c", taken->claim_epoch);
-  ASSERT_TRUE((*b)->blob_store()->Put(key, "b@10", "job-c").ok());
+  ASSERT_NO_FATAL_FAILURE(ClaimAndHoldFence(b, "B", "job-c", /*take_over=*/true, &epoch));
+  ASSERT_TRUE(b->blob_store()->Put(key, "b@10", "job-c").ok());
   auto st = blobs->Put(key, "a@10 again", "job-c");
   EXPECT_TRUE(absl::IsFailedPrecondition(st)) << st;
   EXPECT_THAT(std::string(st.message()), HasSubstr("stale fencing token"));
-  EXPECT_EQ(*(*b)->blob_store()->Get(key), "b@10");  // A's late write did not land
+  EXPECT_EQ(*b->blob_store()->Get(key), "b@10");  // A's late write did not land
   // Writes that belong to no job are not fenced.
   EXPECT_TRUE(blobs->Put("families/fam/v1-a/family.json", "{}").ok());
 }

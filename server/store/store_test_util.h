@@ -23,8 +23,10 @@ inline std::filesystem::path NewTestDirPath(const std::string& prefix) {
 }
 
 // A SQLite store in a fresh folder named after the test suite (dir_, store_
-// on db_path()), both removed after the test. A derived fixture calls
-// SqliteStoreFixture::SetUp() / TearDown() around its own.
+// on db_path()). A derived fixture calls SqliteStoreFixture::SetUp() before
+// its own. The store is closed and the folder removed by the destructor,
+// after every member of the derived fixture (the managers over the store) is
+// gone: a derived fixture needs no TearDown to release them first.
 class SqliteStoreFixture : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -33,9 +35,10 @@ class SqliteStoreFixture : public ::testing::Test {
     std::filesystem::create_directories(dir_);
     OpenStore();
   }
-  void TearDown() override {
+  ~SqliteStoreFixture() override {
     store_.reset();
-    std::filesystem::remove_all(dir_);
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
   }
   // Opens the store on db_path(); again after the first time: a restart on
   // the same file.

@@ -79,12 +79,8 @@ TEST(Recipe, UnsetTakesTheFormDefault) {
   auto d = DefaultRecipe(DefaultForm());
   ASSERT_TRUE(d.ok());
   EXPECT_EQ(r->form, DefaultForm());
-  EXPECT_EQ(r->learning_rate, d->learning_rate);
-  EXPECT_EQ(r->ranks, d->ranks);
-  EXPECT_EQ(r->projections, d->projections);
-  EXPECT_EQ(r->max_steps, d->max_steps);
-  EXPECT_EQ(r->pooling, d->pooling);
-  EXPECT_EQ(r->seed, d->seed);
+  // Every field (DescribeRecipe lists them all) is the default's.
+  EXPECT_EQ(DescribeRecipe(*r, {}), DescribeRecipe(*d, {}));
 
   RecipeOverrides o;
   o.form = "5d";

@@ -58,6 +58,7 @@
 #include "server/jobs/tenants.h"
 #include "server/jobs/test_util.h"
 #include "server/service/auth.h"
+#include "server/service/in_process.h"
 #include "server/service/services.h"
 #include "server/store/sqlite_store.h"
 #include "tests/fuzz/fuzz_check.h"
@@ -252,15 +253,8 @@ struct Stack {
   std::unique_ptr<JobManager> jobs;
   std::unique_ptr<FamilyAccess> families;
   std::unique_ptr<StoreCatalog> catalog;
-  std::unique_ptr<JobServiceImpl> job_service;
-  std::unique_ptr<DatasetServiceImpl> dataset_service;
-  std::unique_ptr<AdapterServiceImpl> adapter_service;
-  std::unique_ptr<InferenceServiceImpl> inference_service;
-  std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<v1::JobService::Stub> job_stub;
-  std::unique_ptr<v1::DatasetService::Stub> dataset_stub;
-  std::unique_ptr<v1::AdapterService::Stub> adapter_stub;
-  std::unique_ptr<v1::InferenceService::Stub> inference_stub;
+  std::unique_ptr<Services> services;
+  std::unique_ptr<InProcessServer> rpc;
 
   explicit Stack(const fs::path& root) : dir(root) {
     fs::remove_all(dir);
@@ -288,33 +282,22 @@ struct Stack {
     jobs = std::move(*JobManager::Create(jopt, store.get(), &executor));
     families = std::make_unique<FamilyAccess>(store.get(), quotas);
     catalog = std::make_unique<StoreCatalog>(store.get(), dir / "families");
-    job_service = std::make_unique<JobServiceImpl>(jobs.get());
-    dataset_service = std::make_unique<DatasetServiceImpl>(datasets.get());
     AdapterServiceOptions aopt;
     aopt.store = store.get();
     aopt.catalog = catalog.get();
     aopt.max_import_bytes = 16384;
     aopt.families = families.get();
-    adapter_service = std::make_unique<AdapterServiceImpl>(aopt);
     InferenceServiceOptions iopt;
     iopt.predictor = &predictor;
     iopt.max_inputs = 16;
     iopt.families = families.get();
-    inference_service = std::make_unique<InferenceServiceImpl>(iopt);
-    grpc::ServerBuilder b;
-    RegisterServices(&b, auth.get(), job_service.get(), dataset_service.get(),
-                     adapter_service.get(), inference_service.get());
-    server = b.BuildAndStart();
-    FUZZ_CHECK(server != nullptr);
-    auto channel = server->InProcessChannel(grpc::ChannelArguments());
-    job_stub = v1::JobService::NewStub(channel);
-    dataset_stub = v1::DatasetService::NewStub(channel);
-    adapter_stub = v1::AdapterService::NewStub(channel);
-    inference_stub = v1::InferenceService::NewStub(channel);
+    services = std::make_unique<Services>(jobs.get(), datasets.get(), aopt, iopt);
+    rpc = std::make_unique<InProcessServer>(services.get(), auth.get());
+    FUZZ_CHECK(rpc->server != nullptr);
   }
   ~Stack() {
     jobs->Shutdown();
-    server->Shutdown(std::chrono::system_clock::now());
+    rpc->server->Shutdown(std::chrono::system_clock::now());
     jobs.reset();
     std::error_code ec;
     fs::remove_all(dir, ec);
@@ -369,7 +352,7 @@ class Runner {
       v1::ListJobsRequest lj;
       lj.set_page_size(1000);
       v1::ListJobsResponse r;
-      auto st = Call(c, s_->job_stub.get(), &v1::JobService::Stub::ListJobs, lj, &r, nullptr);
+      auto st = Call(c, s_->rpc->jobs.get(), &v1::JobService::Stub::ListJobs, lj, &r, nullptr);
       FUZZ_CHECK(st.ok());
       std::set<std::string> jobs_seen, jobs_want;
       for (const auto& j : r.jobs()) jobs_seen.insert(j.id());
@@ -479,7 +462,7 @@ class Runner {
   // ---- datasets ----
   void Upload(int caller, const std::string& payload) {
     v1::UploadDatasetResponse resp;
-    const auto st = ClientStream(caller, s_->dataset_stub.get(),
+    const auto st = ClientStream(caller, s_->rpc->datasets.get(),
                                  &v1::DatasetService::Stub::UploadDataset, payload, &resp,
                                  "UploadDataset");
     if (!st || !st->ok()) return;
@@ -491,7 +474,7 @@ class Runner {
   void GetDataset(int caller, v1::GetDatasetRequest* req) {
     Resolve(req->mutable_dataset_id());
     v1::GetDatasetResponse resp;
-    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::GetDataset, *req,
+    auto st = Call(caller, s_->rpc->datasets.get(), &v1::DatasetService::Stub::GetDataset, *req,
                    &resp, "GetDataset");
     NotFoundIfForeign(caller, owned_.datasets, req->dataset_id(), st);
     if (st.ok()) CheckDatasetVisible(caller, resp.dataset().id());
@@ -508,7 +491,7 @@ class Runner {
   }
   void ListDatasets(int caller) {
     v1::ListDatasetsResponse resp;
-    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::ListDatasets,
+    auto st = Call(caller, s_->rpc->datasets.get(), &v1::DatasetService::Stub::ListDatasets,
                    v1::ListDatasetsRequest(), &resp, "ListDatasets");
     last_listed_datasets_.clear();
     for (const auto& d : resp.datasets()) {
@@ -519,7 +502,7 @@ class Runner {
   void DeleteDataset(int caller, v1::DeleteDatasetRequest* req) {
     Resolve(req->mutable_dataset_id());
     v1::DeleteDatasetResponse resp;
-    auto st = Call(caller, s_->dataset_stub.get(), &v1::DatasetService::Stub::DeleteDataset, *req,
+    auto st = Call(caller, s_->rpc->datasets.get(), &v1::DatasetService::Stub::DeleteDataset, *req,
                    &resp, "DeleteDataset");
     NotFoundIfForeign(caller, owned_.datasets, req->dataset_id(), st);
     if (st.ok()) {
@@ -543,7 +526,7 @@ class Runner {
   void CreateJob(int caller, v1::CreateJobRequest* req) {
     for (auto& t : *req->mutable_spec()->mutable_tasks()) Resolve(t.mutable_dataset_id());
     v1::CreateJobResponse resp;
-    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::CreateJob, *req, &resp,
+    auto st = Call(caller, s_->rpc->jobs.get(), &v1::JobService::Stub::CreateJob, *req, &resp,
                    "CreateJob");
     if (User(caller)) {
       for (const auto& t : req->spec().tasks()) {
@@ -567,7 +550,7 @@ class Runner {
     Resolve(req->mutable_job_id());
     v1::GetJobResponse resp;
     auto st =
-        Call(caller, s_->job_stub.get(), &v1::JobService::Stub::GetJob, *req, &resp, "GetJob");
+        Call(caller, s_->rpc->jobs.get(), &v1::JobService::Stub::GetJob, *req, &resp, "GetJob");
     NotFoundIfForeign(caller, owned_.jobs, req->job_id(), st);
     if (st.ok()) CheckJobVisible(caller, resp.job());
   }
@@ -575,7 +558,7 @@ class Runner {
     if (req->page_size() < 0 || req->page_size() > 1000) req->set_page_size(1000);
     v1::ListJobsResponse resp;
     auto st =
-        Call(caller, s_->job_stub.get(), &v1::JobService::Stub::ListJobs, *req, &resp, "ListJobs");
+        Call(caller, s_->rpc->jobs.get(), &v1::JobService::Stub::ListJobs, *req, &resp, "ListJobs");
     for (const auto& j : resp.jobs()) CheckJobVisible(caller, j);
   }
   void CancelJob(int caller, v1::CancelJobRequest* req) {
@@ -584,7 +567,7 @@ class Runner {
     std::string before;
     if (foreign) before = JobState(req->job_id());
     v1::CancelJobResponse resp;
-    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::CancelJob, *req, &resp,
+    auto st = Call(caller, s_->rpc->jobs.get(), &v1::JobService::Stub::CancelJob, *req, &resp,
                    "CancelJob");
     if (foreign) {
       FUZZ_CHECK(st.error_code() == grpc::StatusCode::NOT_FOUND);
@@ -599,14 +582,14 @@ class Runner {
     v1::GetJobRequest req;
     req.set_job_id(id);
     v1::GetJobResponse resp;
-    auto st = s_->job_stub->GetJob(&ctx, req, &resp);
+    auto st = s_->rpc->jobs->GetJob(&ctx, req, &resp);
     FUZZ_CHECK(st.ok());
     return v1::JobState_Name(resp.job().state());
   }
   void Checkpoints(int caller, v1::ListJobCheckpointsRequest* req) {
     Resolve(req->mutable_job_id());
     v1::ListJobCheckpointsResponse resp;
-    auto st = Call(caller, s_->job_stub.get(), &v1::JobService::Stub::ListJobCheckpoints, *req,
+    auto st = Call(caller, s_->rpc->jobs.get(), &v1::JobService::Stub::ListJobCheckpoints, *req,
                    &resp, "ListJobCheckpoints");
     NotFoundIfForeign(caller, owned_.jobs, req->job_id(), st);
   }
@@ -620,7 +603,7 @@ class Runner {
     // (sanitized) run does not turn it into DEADLINE_EXCEEDED.
     ctx.set_deadline(std::chrono::system_clock::now() +
                      std::chrono::milliseconds(foreign ? 5000 : 30));
-    auto r = s_->job_stub->StreamJobEvents(&ctx, *req);
+    auto r = s_->rpc->jobs->StreamJobEvents(&ctx, *req);
     v1::JobEvent e;
     int n = 0;
     bool open = true;
@@ -663,7 +646,7 @@ class Runner {
   }
   void ListFamilies(int caller) {
     v1::ListFamiliesResponse resp;
-    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListFamilies,
+    auto st = Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::ListFamilies,
                    v1::ListFamiliesRequest(), &resp, "ListFamilies");
     for (const auto& f : resp.families()) CheckFamilyVisible(caller, f.name());
   }
@@ -705,44 +688,44 @@ class Runner {
   }
   grpc::Status CallGetFamily(int caller, const v1::GetFamilyRequest& req, int64_t*) {
     v1::GetFamilyResponse resp;
-    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::GetFamily, req, &resp,
+    return Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::GetFamily, req, &resp,
                 nullptr);
   }
   grpc::Status CallListTasks(int caller, const v1::ListTasksRequest& req, int64_t*) {
     v1::ListTasksResponse resp;
-    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListTasks, req, &resp,
+    return Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::ListTasks, req, &resp,
                 nullptr);
   }
   grpc::Status CallDeleteTask(int caller, const v1::DeleteTaskRequest& req, int64_t*) {
     v1::DeleteTaskResponse resp;
-    return Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::DeleteTask, req, &resp,
+    return Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::DeleteTask, req, &resp,
                 nullptr);
   }
   grpc::Status CallExport(int caller, const v1::ExportFamilyRequest& req, int64_t* chunks) {
     grpc::ClientContext ctx;
     Auth(&ctx, caller);
-    auto r = s_->adapter_stub->ExportFamily(&ctx, req);
+    auto r = s_->rpc->adapters->ExportFamily(&ctx, req);
     v1::FamilyChunk c;
     while (r->Read(&c)) ++*chunks;
     return r->Finish();
   }
   void GetFamily(int caller, v1::GetFamilyRequest* req) {
     v1::GetFamilyResponse resp;
-    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::GetFamily, *req,
+    auto st = Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::GetFamily, *req,
                    &resp, "GetFamily");
     SameAsMissing(caller, *req, st, &Runner::CallGetFamily);
     if (st.ok()) CheckFamilyVisible(caller, req->family());
   }
   void ListTasks(int caller, v1::ListTasksRequest* req) {
     v1::ListTasksResponse resp;
-    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::ListTasks, *req,
+    auto st = Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::ListTasks, *req,
                    &resp, "ListTasks");
     SameAsMissing(caller, *req, st, &Runner::CallListTasks);
     if (st.ok()) CheckFamilyVisible(caller, resp.family());
   }
   void DeleteTask(int caller, v1::DeleteTaskRequest* req) {
     v1::DeleteTaskResponse resp;
-    auto st = Call(caller, s_->adapter_stub.get(), &v1::AdapterService::Stub::DeleteTask, *req,
+    auto st = Call(caller, s_->rpc->adapters.get(), &v1::AdapterService::Stub::DeleteTask, *req,
                    &resp, "DeleteTask");
     SameAsMissing(caller, *req, st, &Runner::CallDeleteTask);
     if (st.ok()) CheckFamilyVisible(caller, resp.version().family());
@@ -757,7 +740,7 @@ class Runner {
   }
   void Import(int caller, const std::string& payload) {
     v1::ImportFamilyResponse resp;
-    const auto st = ClientStream(caller, s_->adapter_stub.get(),
+    const auto st = ClientStream(caller, s_->rpc->adapters.get(),
                                  &v1::AdapterService::Stub::ImportFamily, payload, &resp,
                                  "ImportFamily");
     if (!st || !st->ok()) return;
@@ -768,7 +751,7 @@ class Runner {
   }
   void Predict(int caller, v1::PredictRequest* req) {
     v1::PredictResponse resp;
-    auto st = Call(caller, s_->inference_stub.get(), &v1::InferenceService::Stub::Predict, *req,
+    auto st = Call(caller, s_->rpc->inference.get(), &v1::InferenceService::Stub::Predict, *req,
                    &resp, "Predict");
     for (const std::string& key : s_->predictor.TakeFamilies()) {
       // What reached the predictor is a family the caller may use.
