@@ -1,6 +1,8 @@
 #include "adapters/model_geometry.h"
 
 #include <set>
+#include <utility>
+#include <vector>
 
 namespace metatt {
 
@@ -63,16 +65,28 @@ std::string ModelGeometry::Check() const {
   return "";
 }
 
-ModelGeometry ModelGeometry::Bert(int64_t num_layers, int64_t d_in, int64_t d_out, int64_t d_ffn,
-                                  int64_t num_heads) {
+namespace {
+
+// A geometry with its family, sizes and call groups; no projection widths yet.
+ModelGeometry Blank(const char* family, int64_t num_layers, int64_t num_heads,
+                    std::vector<std::vector<Projection>> groups) {
   ModelGeometry g;
-  g.family = "bert";
+  g.family = family;
   g.num_layers = num_layers;
   g.num_heads = num_heads;
-  g.groups = {{Projection::kQuery, Projection::kKey, Projection::kValue},
-              {Projection::kAttnOutput},
-              {Projection::kFfnUp},
-              {Projection::kFfnDown}};
+  g.groups = std::move(groups);
+  return g;
+}
+
+}  // namespace
+
+ModelGeometry ModelGeometry::Bert(int64_t num_layers, int64_t d_in, int64_t d_out, int64_t d_ffn,
+                                  int64_t num_heads) {
+  ModelGeometry g = Blank("bert", num_layers, num_heads,
+                          {{Projection::kQuery, Projection::kKey, Projection::kValue},
+                           {Projection::kAttnOutput},
+                           {Projection::kFfnUp},
+                           {Projection::kFfnDown}});
   for (Projection p : {Projection::kQuery, Projection::kKey, Projection::kValue,
                        Projection::kAttnOutput})
     g.projection[static_cast<int>(p)] = {d_in, d_out, kHiddenPort, kHiddenPort};
@@ -83,14 +97,11 @@ ModelGeometry ModelGeometry::Bert(int64_t num_layers, int64_t d_in, int64_t d_ou
 
 ModelGeometry ModelGeometry::Llama(int64_t num_layers, int64_t hidden, int64_t d_ffn,
                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  ModelGeometry g;
-  g.family = "llama";
-  g.num_layers = num_layers;
-  g.num_heads = num_heads;
-  g.groups = {{Projection::kQuery, Projection::kKey, Projection::kValue},
-              {Projection::kAttnOutput},
-              {Projection::kGate, Projection::kFfnUp},
-              {Projection::kFfnDown}};
+  ModelGeometry g = Blank("llama", num_layers, num_heads,
+                          {{Projection::kQuery, Projection::kKey, Projection::kValue},
+                           {Projection::kAttnOutput},
+                           {Projection::kGate, Projection::kFfnUp},
+                           {Projection::kFfnDown}});
   const int64_t qw = num_heads * head_dim, kw = num_kv_heads * head_dim;
   // A width equal to the hidden size shares the residual stream's port.
   const int q_port = qw == hidden ? kHiddenPort : kQueryHeadsPort;
