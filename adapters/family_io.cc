@@ -357,7 +357,19 @@ absl::StatusOr<std::map<std::string, std::string>> PeftFiles(const LoraAdapter& 
   // "output.dense" also ends "attention.output.dense": a list would adapt O too.
   const bool ambiguous = !llama && adapted.count(Projection::kFfnDown) &&
                          !adapted.count(Projection::kAttnOutput);
-  nlohmann::json cfg;
+  nlohmann::json cfg = {{"peft_type", "LORA"},
+                        {"task_type", nullptr},
+                        {"r", c.rank},
+                        {"lora_alpha", c.alpha},
+                        {"use_rslora", c.use_rslora},
+                        {"lora_dropout", 0.0},
+                        {"bias", "none"},
+                        {"fan_in_fan_out", false},
+                        {"use_dora", false},
+                        {"init_lora_weights", true},
+                        {"inference_mode", true},
+                        {"modules_to_save", nullptr},
+                        {"base_model_name_or_path", base_model_id}};
   if (all_layers && !ambiguous) {
     std::vector<std::string> targets;
     for (Projection p : c.projections) targets.push_back(PeftTarget(p, llama));
@@ -371,19 +383,6 @@ absl::StatusOr<std::map<std::string, std::string>> PeftFiles(const LoraAdapter& 
         absl::StrCat("(.*\\.)?", llama ? "layers" : "encoder\\.layer", "\\.(",
                      absl::StrJoin(ls, "|"), ")\\.(", absl::StrJoin(mods, "|"), ")");
   }
-  cfg["peft_type"] = "LORA";
-  cfg["task_type"] = nullptr;
-  cfg["r"] = c.rank;
-  cfg["lora_alpha"] = c.alpha;
-  cfg["use_rslora"] = c.use_rslora;
-  cfg["lora_dropout"] = 0.0;
-  cfg["bias"] = "none";
-  cfg["fan_in_fan_out"] = false;
-  cfg["use_dora"] = false;
-  cfg["init_lora_weights"] = true;
-  cfg["inference_mode"] = true;
-  cfg["modules_to_save"] = nullptr;
-  cfg["base_model_name_or_path"] = base_model_id;
   return std::map<std::string, std::string>{{kPeftConfigFile, cfg.dump(2) + "\n"},
                                             {kPeftWeightsFile, std::move(weights)}};
 }
