@@ -381,13 +381,14 @@ class Runner {
     return st;
   }
   // A client-streaming RPC as `caller`: `payload` holds its requests, each
-  // after a two-byte little-endian length; nothing is sent (nullopt) when one
-  // does not parse. Its status is checked against the documented set.
+  // after a two-byte little-endian length; nothing is sent when one does not
+  // parse. Its status is checked against the documented set; the response
+  // when it succeeded, else nullopt.
   template <typename Stub, typename Req, typename Resp>
-  std::optional<grpc::Status> ClientStream(
+  std::optional<Resp> ClientStream(
       int caller, Stub* stub,
       std::unique_ptr<grpc::ClientWriter<Req>> (Stub::*rpc)(grpc::ClientContext*, Resp*),
-      const std::string& payload, Resp* resp, const char* name) {
+      const std::string& payload, const char* name) {
     std::vector<Req> msgs;
     for (size_t off = 0; off + 2 <= payload.size();) {
       size_t n = static_cast<uint8_t>(payload[off]) | (static_cast<uint8_t>(payload[off + 1]) << 8);
@@ -400,14 +401,16 @@ class Runner {
     }
     grpc::ClientContext ctx;
     Auth(&ctx, caller);
-    auto w = (stub->*rpc)(&ctx, resp);
+    Resp resp;
+    auto w = (stub->*rpc)(&ctx, &resp);
     for (const auto& m : msgs) {
       if (!w->Write(m)) break;
     }
     w->WritesDone();
     grpc::Status st = w->Finish();
     CheckStatus(caller, st, name);
-    return st;
+    if (!st.ok()) return std::nullopt;
+    return resp;
   }
   bool User(int caller) const { return caller < kAdmin; }
   // The caller that may see an object created by `owner`.
@@ -461,15 +464,15 @@ class Runner {
 
   // ---- datasets ----
   void Upload(int caller, const std::string& payload) {
-    v1::UploadDatasetResponse resp;
-    const auto st = ClientStream(caller, s_->rpc->datasets.get(),
-                                 &v1::DatasetService::Stub::UploadDataset, payload, &resp,
-                                 "UploadDataset");
-    if (!st || !st->ok()) return;
-    FUZZ_CHECK(!resp.dataset().id().empty());
-    FUZZ_CHECK(!owned_.datasets.count(resp.dataset().id()));
-    owned_.datasets[resp.dataset().id()] = caller;
-    owned_.dataset_order.push_back(resp.dataset().id());
+    const auto uploaded = ClientStream(caller, s_->rpc->datasets.get(),
+                                       &v1::DatasetService::Stub::UploadDataset, payload,
+                                       "UploadDataset");
+    if (!uploaded) return;
+    const std::string& id = uploaded->dataset().id();
+    FUZZ_CHECK(!id.empty());
+    FUZZ_CHECK(!owned_.datasets.count(id));
+    owned_.datasets[id] = caller;
+    owned_.dataset_order.push_back(id);
   }
   void GetDataset(int caller, v1::GetDatasetRequest* req) {
     Resolve(req->mutable_dataset_id());
@@ -739,12 +742,11 @@ class Runner {
     if (st.ok()) CheckFamilyVisible(caller, req->family());
   }
   void Import(int caller, const std::string& payload) {
-    v1::ImportFamilyResponse resp;
-    const auto st = ClientStream(caller, s_->rpc->adapters.get(),
-                                 &v1::AdapterService::Stub::ImportFamily, payload, &resp,
-                                 "ImportFamily");
-    if (!st || !st->ok()) return;
-    const std::string key = KeyFor(caller, resp.version().family());
+    const auto imported = ClientStream(caller, s_->rpc->adapters.get(),
+                                       &v1::AdapterService::Stub::ImportFamily, payload,
+                                       "ImportFamily");
+    if (!imported) return;
+    const std::string key = KeyFor(caller, imported->version().family());
     // A user's import lands in its own tenant.
     if (User(caller)) FUZZ_CHECK(FamilyKeyTenant(key) == kTenants[caller]);
     owned_.families[key].insert(caller);
