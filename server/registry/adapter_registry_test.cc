@@ -16,6 +16,7 @@
 #include "server/runtime/predictor.h"
 #include "server/runtime/scheduler.h"
 #include "server/registry/test_family.h"
+#include "server/registry/test_fixture.h"
 #include "server/registry/test_util.h"
 #include "server/training/test_util.h"
 
@@ -39,12 +40,7 @@ std::unique_ptr<AdapterRegistry> MakeRegistry(const std::string& dir, Store* sto
   return std::move(*r);
 }
 
-// A scratch folder and an in-memory store for the registries of a test.
-class AdapterRegistryTest : public ::testing::Test {
- protected:
-  ScratchDir dir_;
-  InMemoryStore store_;
-};
+class AdapterRegistryTest : public testing_util::ScratchStoreTest {};
 
 TEST_F(AdapterRegistryTest, PublishWritesVersionAndResolves) {
   auto reg = MakeRegistry(dir_.path(), &store_);

@@ -11,6 +11,7 @@
 
 #include "server/registry/adapter_registry.h"
 #include "server/registry/test_family.h"
+#include "server/registry/test_fixture.h"
 #include "server/registry/test_util.h"
 #include "server/runtime/predictor.h"
 #include "server/runtime/scheduler.h"
@@ -19,7 +20,7 @@
 namespace metatt {
 namespace testing_util {
 
-class RuntimeTest : public ::testing::Test {
+class RuntimeTest : public ScratchStoreTest {
  protected:
   // The encoder (TinyEncoder(seed)) and the registry; call from SetUp and
   // return when a fatal failure was recorded.
@@ -42,8 +43,6 @@ class RuntimeTest : public ::testing::Test {
         ScheduledPredictor::Options(), registry_.get(), scheduler_.get(), TinyTokenizer());
   }
 
-  ScratchDir dir_;
-  InMemoryStore store_;
   std::shared_ptr<BertEncoder> encoder_;
   std::unique_ptr<AdapterRegistry> registry_;
   std::unique_ptr<DeviceScheduler> scheduler_;
