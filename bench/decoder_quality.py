@@ -72,7 +72,6 @@ runs/<row>/seed<k>/<set>/ (multitask: .../all/; the add-task bases:
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import pathlib
 import platform
@@ -82,6 +81,7 @@ import threading
 import time
 
 import bench_args
+from quality_bench import summarize
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "cpu-decoder"
@@ -285,38 +285,6 @@ def row_units(args, row, sets, runs, seed, first_seed=True):
     return units
 
 
-def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
-def summarize(table, rows, sets, seeds):
-    """row -> {set: {mean, std, n}, set_mean: {...}}: per-set mean/std over the
-    seeds; the mean over sets computed per seed (complete seeds only), then
-    its mean/std."""
-    out = {}
-    for row in rows:
-        per = table.get(row, {})
-        r = {}
-        for t in sets:
-            xs = [per.get(t, {}).get(str(s), {}).get("score") for s in seeds]
-            m, d = mean_std(xs)
-            r[t] = {"mean": m, "std": d, "n": sum(x is not None for x in xs)}
-        per_seed = []
-        for s in seeds:
-            xs = [per.get(t, {}).get(str(s), {}).get("score") for t in sets]
-            if all(x is not None for x in xs):
-                per_seed.append(sum(xs) / len(xs))
-        m, d = mean_std(per_seed)
-        r["set_mean"] = {"mean": m, "std": d, "n": len(per_seed)}
-        out[row] = r
-    return out
-
-
 def params_cell(cells):
     total = sorted({c.get("adapter_parameters") for c in cells if c.get("adapter_parameters") is not None})
     train = sorted({c.get("trainable_adapter_parameters") for c in cells
@@ -332,7 +300,7 @@ def params_cell(cells):
 def write_outputs(args, protocol, table, rows, sets, seeds, errors, skipped, extra=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(table, rows, sets, seeds)
+    summary = summarize(table, rows, sets, seeds, mean_key="set_mean")
     doc = {"protocol": protocol, "summary": summary, "rows": table, "errors": errors,
            "skipped": skipped, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     doc.update(extra or {})

@@ -361,9 +361,10 @@ def mean_std(xs):
     return m, sd
 
 
-def summarize(table, rows, tasks, seeds):
-    """row -> {task: {mean, std, n}, mean5: {...}}: per-task mean/std over the
-    seeds, and the mean over tasks computed per seed (then mean/std of that)."""
+def summarize(table, rows, tasks, seeds, mean_key="task_mean"):
+    """row -> {task: {mean, std, n}, mean_key: {...}}: per-task mean/std over
+    the seeds, and the mean over tasks computed per seed (complete seeds only),
+    then its mean/std. decoder_quality.py's table (sets as tasks) uses it too."""
     out = {}
     for row in rows:
         per = table.get(row, {})
@@ -378,7 +379,7 @@ def summarize(table, rows, tasks, seeds):
             if all(x is not None for x in xs):
                 per_seed.append(sum(xs) / len(xs))
         m, d = mean_std(per_seed)
-        r["task_mean"] = {"mean": m, "std": d, "n": len(per_seed)}
+        r[mean_key] = {"mean": m, "std": d, "n": len(per_seed)}
         out[row] = r
     return out
 
