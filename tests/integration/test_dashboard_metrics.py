@@ -166,8 +166,12 @@ def name_declared(name, types):
     """`name` (or the histogram family it is a series of) has a # TYPE line on
     the scrape, or, for a labelled family with no series yet (prometheus-cpp
     then prints nothing for it), is a family the server's source registers."""
-    # Every family server_metrics.cc registers is named by a "metatt_..." literal.
-    fams = set(types) | set(re.findall(r'"(metatt_[a-z0-9_]+)"', SERVER_METRICS_SRC))
+    # server_metrics.cc registers a family as family(BuildX(), "name", help)
+    # (or with prometheus-cpp's builder, .Name("name")).
+    registered = re.findall(
+        r'family\(\s*Build[A-Za-z]+\(\),\s*"(metatt_[a-z0-9_]+)"|\.Name\("(metatt_[a-z0-9_]+)"\)',
+        SERVER_METRICS_SRC)
+    fams = set(types) | {a or b for a, b in registered}
     return name in fams or any(name == f + s for f in fams for s in HISTOGRAM_SUFFIXES)
 
 
