@@ -101,6 +101,8 @@ ABSL_FLAG(std::optional<double>, lr, std::nullopt, "learning rate" SERVER_DEFAUL
 ABSL_FLAG(std::optional<double>, weight_decay, std::nullopt, "AdamW weight decay" SERVER_DEFAULT);
 ABSL_FLAG(std::optional<double>, warmup_ratio, std::nullopt,
           "warm-up fraction of the steps" SERVER_DEFAULT);
+ABSL_FLAG(std::optional<double>, head_first_ratio, std::nullopt,
+          "first fraction of the steps training the heads only" SERVER_DEFAULT);
 ABSL_FLAG(std::optional<double>, grad_clip, std::nullopt, "gradient clip norm" SERVER_DEFAULT);
 ABSL_FLAG(std::optional<int64_t>, eval_every, std::nullopt, "evaluate every N steps" SERVER_DEFAULT);
 ABSL_FLAG(std::optional<int64_t>, max_length, std::nullopt,
@@ -522,6 +524,7 @@ int CreateJob(Stubs& s) {
   if (auto v = absl::GetFlag(FLAGS_lr)) h->set_learning_rate(*v);
   if (auto v = absl::GetFlag(FLAGS_weight_decay)) h->set_weight_decay(*v);
   if (auto v = absl::GetFlag(FLAGS_warmup_ratio)) h->set_warmup_ratio(*v);
+  if (auto v = absl::GetFlag(FLAGS_head_first_ratio)) h->set_head_first_ratio(*v);
   if (auto v = absl::GetFlag(FLAGS_grad_clip)) h->set_grad_clip(*v);
   if (auto v = absl::GetFlag(FLAGS_eval_every)) h->set_eval_every(*v);
   if (auto v = absl::GetFlag(FLAGS_max_length)) h->set_max_length(*v);
@@ -1077,7 +1080,7 @@ const std::vector<CommandHelp>& Commands() {
        "get ID | cancel ID | follow ID | checkpoints ID",
        {"kind", "family", "task", "dataset", "eval_dataset", "eval_fraction", "metric", "form",
         "ranks", "projections", "init", "alpha", "steps", "batch_size", "lr", "weight_decay",
-        "warmup_ratio", "grad_clip", "eval_every", "max_length", "patience", "pooling", "seed",
+        "warmup_ratio", "head_first_ratio", "grad_clip", "eval_every", "max_length", "patience", "pooling", "seed",
         "idempotency_key", "follow", "state", "page_size"}},
       {"families",
        "metattctl families list | get NAME | export NAME DIR [--version N] | import DIR "

@@ -29,7 +29,8 @@ struct NumericHyperParam {
 inline constexpr NumericHyperParam<double> kRealHyperParams[] = {
     METATT_HYPER_PARAM(learning_rate), METATT_HYPER_PARAM(inner_lr_multiplier),
     METATT_HYPER_PARAM(head_lr_multiplier), METATT_HYPER_PARAM(weight_decay),
-    METATT_HYPER_PARAM(warmup_ratio), METATT_HYPER_PARAM(grad_clip)};
+    METATT_HYPER_PARAM(warmup_ratio), METATT_HYPER_PARAM(head_first_ratio),
+    METATT_HYPER_PARAM(grad_clip)};
 inline constexpr NumericHyperParam<int64_t> kIntegerHyperParams[] = {
     METATT_HYPER_PARAM(max_steps), METATT_HYPER_PARAM(batch_size),
     METATT_HYPER_PARAM(eval_every), METATT_HYPER_PARAM(max_length),

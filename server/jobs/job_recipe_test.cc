@@ -48,6 +48,7 @@ TEST(JobRecipe, SetFieldsAreKept) {
   s.hparams.max_steps = 30;
   s.hparams.pooling = "cls";
   s.hparams.head_lr_multiplier = 4.0;
+  s.hparams.head_first_ratio = 0.1;
   s.hparams.rank_schedule = {{1, 2}};
   ASSERT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
   auto r = ResolveJobRecipe(s);
@@ -62,6 +63,7 @@ TEST(JobRecipe, SetFieldsAreKept) {
   EXPECT_EQ(r->max_steps, 30);
   EXPECT_EQ(r->pooling, "cls");
   EXPECT_EQ(r->head_lr_multiplier, 4.0);
+  EXPECT_EQ(r->head_first_ratio, 0.1);
   ASSERT_EQ(r->rank_schedule.size(), 1u);
   EXPECT_EQ(r->rank_schedule[0].first, 1.0);
   EXPECT_EQ(r->rank_schedule[0].second, 2);

@@ -168,6 +168,10 @@ absl::Status ValidateJobSpec(const JobSpec& spec, const JobLimits& limits) {
   if (h.warmup_ratio.is_set() && !(h.warmup_ratio.value() >= 0 && h.warmup_ratio.value() <= 1)) {
     return bad("warmup_ratio", "must be in [0, 1]");
   }
+  if (h.head_first_ratio.is_set() &&
+      !(h.head_first_ratio.value() >= 0 && h.head_first_ratio.value() < 1)) {
+    return bad("head_first_ratio", "must be in [0, 1) (the adapter must get some steps)");
+  }
   if (h.grad_clip.is_set() && !(h.grad_clip.value() >= 0)) {
     return bad("grad_clip", "must be >= 0 (0 = off)");
   }

@@ -154,6 +154,11 @@ TEST(JobValidationTest, HyperParamsAndLimits) {
   s.hparams.warmup_ratio = 2;
   EXPECT_THAT(Message(s), HasSubstr("spec.hparams.warmup_ratio"));
   s = Valid();
+  s.hparams.head_first_ratio = 1.0;  // the adapter would never train
+  EXPECT_THAT(Message(s), HasSubstr("spec.hparams.head_first_ratio"));
+  s.hparams.head_first_ratio = 0.1;
+  EXPECT_TRUE(ValidateJobSpec(s).ok());
+  s = Valid();
   s.hparams.rank_schedule = {{0, 0}};
   EXPECT_THAT(Message(s), HasSubstr("spec.hparams.rank_schedule[0]"));
   s.hparams.rank_schedule = {{1, 4}};

@@ -91,6 +91,7 @@ absl::StatusOr<JobSpec> FromProto(const v1::JobSpec& p) {
   if (h.has_max_length() && h.max_length() != 0) o.max_length = h.max_length();
   if (h.has_weight_decay()) o.weight_decay = h.weight_decay();
   if (h.has_warmup_ratio()) o.warmup_ratio = h.warmup_ratio();
+  if (h.has_head_first_ratio()) o.head_first_ratio = h.head_first_ratio();
   if (h.has_grad_clip()) o.grad_clip = h.grad_clip();
   if (h.has_eval_every()) o.eval_every = h.eval_every();
   if (h.has_early_stop_patience()) o.early_stop_patience = h.early_stop_patience();
@@ -128,6 +129,7 @@ void ToProto(const JobSpec& s, v1::JobSpec* p) {
   if (o.learning_rate.is_set()) h->set_learning_rate(o.learning_rate.value());
   if (o.weight_decay.is_set()) h->set_weight_decay(o.weight_decay.value());
   if (o.warmup_ratio.is_set()) h->set_warmup_ratio(o.warmup_ratio.value());
+  if (o.head_first_ratio.is_set()) h->set_head_first_ratio(o.head_first_ratio.value());
   if (o.grad_clip.is_set()) h->set_grad_clip(o.grad_clip.value());
   if (o.eval_every.is_set()) h->set_eval_every(o.eval_every.value());
   if (o.max_length.is_set()) h->set_max_length(o.max_length.value());

@@ -141,6 +141,7 @@ TEST(ProtoConvertTest, HyperParametersFollowPresence) {
   h->set_seed(0);
   h->set_max_steps(0);  // never valid: read as unset, as older clients send it
   h->set_head_lr_multiplier(3);
+  h->set_head_first_ratio(0.1);
   p.mutable_adapter()->set_new_task_init("zeros");
   auto s = FromProto(p);
   ASSERT_TRUE(s.ok()) << s.status();
@@ -148,7 +149,8 @@ TEST(ProtoConvertTest, HyperParametersFollowPresence) {
   // as the store keeps it (job_json.h writes the set fields only).
   const auto kept = nlohmann::json::parse(JobSpecToJson(*s));
   EXPECT_EQ(kept["hparams"], nlohmann::json::parse(R"({"weight_decay": 0, "eval_every": 0,
-                                                       "seed": 0, "head_lr_multiplier": 3})"))
+                                                       "seed": 0, "head_lr_multiplier": 3,
+                                                       "head_first_ratio": 0.1})"))
       << kept.dump();
   EXPECT_EQ(kept["adapter"], nlohmann::json::parse(R"({"new_task_init": "zeros"})"))
       << kept.dump();
@@ -159,6 +161,7 @@ TEST(ProtoConvertTest, HyperParametersFollowPresence) {
   EXPECT_FALSE(back.hparams().has_max_steps());
   EXPECT_FALSE(back.adapter().has_alpha());
   EXPECT_DOUBLE_EQ(back.hparams().head_lr_multiplier(), 3);
+  EXPECT_DOUBLE_EQ(back.hparams().head_first_ratio(), 0.1);
   EXPECT_EQ(back.adapter().new_task_init(), "zeros");
 }
 

@@ -109,6 +109,7 @@ std::string JobSpecToJson(const JobSpec& s) {
   Put(hp, "head_lr_multiplier", h.head_lr_multiplier);
   Put(hp, "weight_decay", h.weight_decay);
   Put(hp, "warmup_ratio", h.warmup_ratio);
+  Put(hp, "head_first_ratio", h.head_first_ratio);
   Put(hp, "grad_clip", h.grad_clip);
   Put(hp, "eval_every", h.eval_every);
   Put(hp, "max_length", h.max_length);
@@ -164,6 +165,7 @@ absl::StatusOr<JobSpec> JobSpecFromJson(const std::string& text) {
       GetAuto(h, "head_lr_multiplier", &p.head_lr_multiplier);
       GetAuto(h, "weight_decay", &p.weight_decay);
       GetAuto(h, "warmup_ratio", &p.warmup_ratio);
+      GetAuto(h, "head_first_ratio", &p.head_first_ratio);
       GetAuto(h, "grad_clip", &p.grad_clip);
       GetAuto(h, "eval_every", &p.eval_every);
       GetAuto(h, "max_length", &p.max_length);

@@ -83,6 +83,7 @@ struct HyperParams {
   Auto<double> head_lr_multiplier;
   Auto<double> weight_decay;
   Auto<double> warmup_ratio;
+  Auto<double> head_first_ratio;
   Auto<double> grad_clip;            // 0 = off
   Auto<int64_t> eval_every;          // 0 = at the end only
   Auto<int64_t> max_length;

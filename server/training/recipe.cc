@@ -46,6 +46,7 @@ absl::StatusOr<Recipe> DefaultRecipe(absl::string_view form) {
   r.head_lr_multiplier = 2.0;
   r.weight_decay = 0.0;
   r.warmup_ratio = 0.06;
+  r.head_first_ratio = 0.0;
   r.grad_clip = 1.0;
   r.max_steps = 200;
   r.epochs = 1.0;
@@ -95,6 +96,7 @@ absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o, bool adds_task) {
   take(r.head_lr_multiplier, o.head_lr_multiplier);
   take(r.weight_decay, o.weight_decay);
   take(r.warmup_ratio, o.warmup_ratio);
+  take(r.head_first_ratio, o.head_first_ratio);
   take(r.grad_clip, o.grad_clip);
   if (o.max_steps) {
     r.max_steps = *o.max_steps;
@@ -131,6 +133,7 @@ std::string DescribeRecipe(const Recipe& r, const RecipeOverrides& o) {
   add("head_lr_multiplier", absl::StrCat(r.head_lr_multiplier), o.head_lr_multiplier.has_value());
   add("weight_decay", absl::StrCat(r.weight_decay), o.weight_decay.has_value());
   add("warmup_ratio", absl::StrCat(r.warmup_ratio), o.warmup_ratio.has_value());
+  add("head_first_ratio", absl::StrCat(r.head_first_ratio), o.head_first_ratio.has_value());
   add("grad_clip", absl::StrCat(r.grad_clip), o.grad_clip.has_value());
   if (r.max_steps > 0) {
     add("max_steps", absl::StrCat(r.max_steps), o.max_steps.has_value());

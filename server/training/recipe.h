@@ -37,6 +37,7 @@ struct Recipe {
   double head_lr_multiplier = 0;   // task heads train at lr * this
   double weight_decay = 0;
   double warmup_ratio = 0;
+  double head_first_ratio = 0;     // first fraction of the steps: heads only, adapter held
   double grad_clip = 0;            // 0: no clipping
   int64_t max_steps = 0;           // > 0: optimizer steps; 0: `epochs` passes
   double epochs = 0;
@@ -60,7 +61,7 @@ struct RecipeOverrides {
   std::optional<double> alpha;
   std::optional<std::string> new_task_init;
   std::optional<double> learning_rate, inner_lr_multiplier, head_lr_multiplier, weight_decay,
-      warmup_ratio, grad_clip;
+      warmup_ratio, grad_clip, head_first_ratio;
   std::optional<int64_t> max_steps;  // set (even 0) wins over epochs; 0 then means "epochs"
   std::optional<double> epochs;      // set without max_steps: train by epochs
   std::optional<int64_t> batch_size, eval_every, max_length;

@@ -94,6 +94,9 @@ ABSL_FLAG(std::optional<double>, inner_lr_multiplier, std::nullopt,
 ABSL_FLAG(std::optional<double>, weight_decay, std::nullopt, "AdamW weight decay" RECIPE_DEFAULT);
 ABSL_FLAG(std::optional<double>, warmup_ratio, std::nullopt,
           "warm-up fraction of the steps" RECIPE_DEFAULT);
+ABSL_FLAG(std::optional<double>, head_first_ratio, std::nullopt,
+          "first fraction of the steps training the heads only (the adapter then "
+          "warms up)" RECIPE_DEFAULT);
 ABSL_FLAG(std::optional<double>, grad_clip, std::nullopt,
           "gradient clip norm (0: off)" RECIPE_DEFAULT);
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "seed" RECIPE_DEFAULT);
@@ -179,6 +182,7 @@ absl::StatusOr<RecipeOverrides> OverridesFromFlags() {
   o.inner_lr_multiplier = absl::GetFlag(FLAGS_inner_lr_multiplier);
   o.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   o.warmup_ratio = absl::GetFlag(FLAGS_warmup_ratio);
+  o.head_first_ratio = absl::GetFlag(FLAGS_head_first_ratio);
   o.grad_clip = absl::GetFlag(FLAGS_grad_clip);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.eval_every = absl::GetFlag(FLAGS_eval_every);

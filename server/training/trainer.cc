@@ -35,6 +35,7 @@ absl::StatusOr<TrainerOptions> TrainerOptionsFromRecipe(const Recipe& r) {
   o.weight_decay = r.weight_decay;
   o.warmup_ratio = r.warmup_ratio;
   o.warmup_steps = -1;
+  o.head_first_ratio = r.head_first_ratio;
   o.grad_clip_norm = r.grad_clip;
   o.seed = r.seed;
   o.eval_every = r.eval_every;
@@ -114,6 +115,7 @@ absl::Status Trainer::Init() {
   warmup_ = o.warmup_steps >= 0 ? o.warmup_steps
                                 : static_cast<int64_t>(std::llround(o.warmup_ratio * total_steps_));
   warmup_ = std::min(warmup_, total_steps_);
+  head_first_ = std::min<int64_t>(total_steps_, std::llround(o.head_first_ratio * total_steps_));
   std::stable_sort(options_.rank_schedule.begin(), options_.rank_schedule.end(),
                    [](const RankScheduleEntry& a, const RankScheduleEntry& b) {
                      return a.epoch < b.epoch;
@@ -309,8 +311,17 @@ absl::StatusOr<double> Trainer::TrainStep() {
       grad_norm = std::sqrt(sq);
     }
     auto& groups = optimizer_->param_groups();
+    // The adapter's groups (ids 0, 1) wait for the heads-only steps, then
+    // ramp up over the warm-up length.
+    double adapter_ramp = 1.0;
+    if (head_first_ > 0) {
+      adapter_ramp = step_ < head_first_ ? 0.0
+                                         : std::min(1.0, static_cast<double>(step_ - head_first_ + 1) /
+                                                             static_cast<double>(std::max<int64_t>(1, warmup_)));
+    }
     for (size_t i = 0; i < groups.size(); ++i) {
-      const double mult = i < group_multiplier_.size() ? group_multiplier_[i] : 1.0;
+      double mult = i < group_multiplier_.size() ? group_multiplier_[i] : 1.0;
+      if (i < group_ids_.size() && group_ids_[i] < 2) mult *= adapter_ramp;
       static_cast<torch::optim::AdamWOptions&>(groups[i].options()).lr(lr * mult);
     }
     optimizer_->step();

@@ -116,6 +116,10 @@ struct TrainerOptions {
   double weight_decay = 0.0;
   double warmup_ratio = 0.0;  // used when warmup_steps < 0
   int64_t warmup_steps = -1;
+  // The first head_first_ratio of the steps train the heads only (the
+  // adapter's groups at lr 0); the adapter then warms up over its own
+  // warm-up length from that step. 0: everything trains from step 0.
+  double head_first_ratio = 0.0;
   bool linear_decay = true;
   double grad_clip_norm = 1.0;  // <= 0: no clipping
   uint64_t seed = 0;
@@ -290,6 +294,7 @@ class Trainer {
   static constexpr int kNumGroups = 3;     // adapter, adapter inner cores, heads
   std::vector<int> group_ids_;            // which of them the optimizer holds, in order
   std::vector<double> group_multiplier_;  // per optimizer param group
+  int64_t head_first_ = 0;                 // steps before the adapter trains
   std::vector<std::pair<int, int64_t>> pool_;  // (task, example) of every train row
   std::vector<size_t> order_;
   size_t cursor_ = 0;

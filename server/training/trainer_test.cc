@@ -171,6 +171,32 @@ TEST(TrainerTest, HeadsOnlyLeavesAdapterBitIdentical) {
   EXPECT_FALSE(torch::equal(head_before, s.trainer->tasks()[0].head->weight));
 }
 
+TEST(TrainerTest, HeadFirstHoldsTheAdapterThenWarmsItUp) {
+  TrainerOptions o = BaseOptions();
+  o.steps = 10;
+  o.warmup_steps = 2;
+  o.head_first_ratio = 0.3;  // steps 1-3 (of 10) train the heads only
+  Fixture* fs = nullptr;
+  std::vector<torch::Tensor> start;
+  std::vector<bool> adapter_still;  // per step: adapter equal to its start
+  TrainerCallbacks cb;
+  cb.on_progress = [&](const ProgressEvent&) {
+    auto now = fs->adapter->Params();
+    bool same = true;
+    for (size_t i = 0; i < start.size(); ++i) same = same && torch::equal(start[i], now[i]);
+    adapter_still.push_back(same);
+  };
+  Fixture s = Make(o, cb);
+  fs = &s;
+  for (const auto& p : s.adapter->Params()) start.push_back(p.detach().clone());
+  auto head_start = s.trainer->tasks()[0].head->weight.detach().clone();
+  ASSERT_TRUE(s.trainer->Run().ok());
+  ASSERT_EQ(adapter_still.size(), 10u);
+  EXPECT_TRUE(adapter_still[0] && adapter_still[1] && adapter_still[2]);
+  EXPECT_FALSE(adapter_still[3]);  // the adapter's first step (half its rate)
+  EXPECT_FALSE(torch::equal(head_start, s.trainer->tasks()[0].head->weight));
+}
+
 TEST(TrainerTest, MultiTaskBatchesMixTasksAndEvaluateEach) {
   TrainerOptions o = BaseOptions();
   o.steps = 10;
