@@ -158,7 +158,7 @@ std::vector<torch::Tensor> Trainer::CollectGroup(int group) const {
   auto add = [&](const torch::Tensor& p) {
     if (p.defined() && p.requires_grad()) out.push_back(p);
   };
-  if (group < 2 && options_.trainable != TrainableSet::kHeadsOnly) {
+  if (group != kHeadGroup && options_.trainable != TrainableSet::kHeadsOnly) {
     std::set<void*> inner;
     if (adapter_.inner_parameters)
       for (const auto& p : adapter_.inner_parameters()) inner.insert(p.unsafeGetTensorImpl());
@@ -169,7 +169,7 @@ std::vector<torch::Tensor> Trainer::CollectGroup(int group) const {
       if ((inner.count(key) > 0) == (group == 1)) add(p);
     }
   }
-  if (group == 2 && options_.trainable != TrainableSet::kAdapterOnly) {
+  if (group == kHeadGroup && options_.trainable != TrainableSet::kAdapterOnly) {
     for (const auto& t : tasks_) {
       if (t.head == nullptr) continue;  // generation tasks: the LM head is the model's
       add(t.head->weight);
@@ -229,6 +229,13 @@ double Trainer::LearningRate(int64_t step) const {
   if (!options_.linear_decay) return lr;
   const double span = static_cast<double>(std::max<int64_t>(1, total_steps_ - warmup_));
   return lr * std::max(0.0, static_cast<double>(total_steps_ - step) / span);
+}
+
+double Trainer::AdapterRateScale(int64_t step) const {
+  if (head_first_ == 0) return 1.0;
+  if (step < head_first_) return 0.0;
+  return std::min(1.0, static_cast<double>(step - head_first_ + 1) /
+                           static_cast<double>(std::max<int64_t>(1, warmup_)));
 }
 
 absl::Status Trainer::MaybeSweep() {
@@ -311,17 +318,10 @@ absl::StatusOr<double> Trainer::TrainStep() {
       grad_norm = std::sqrt(sq);
     }
     auto& groups = optimizer_->param_groups();
-    // The adapter's groups (ids 0, 1) wait for the heads-only steps, then
-    // ramp up over the warm-up length.
-    double adapter_ramp = 1.0;
-    if (head_first_ > 0) {
-      adapter_ramp = step_ < head_first_ ? 0.0
-                                         : std::min(1.0, static_cast<double>(step_ - head_first_ + 1) /
-                                                             static_cast<double>(std::max<int64_t>(1, warmup_)));
-    }
+    const double adapter_scale = AdapterRateScale(step_);
     for (size_t i = 0; i < groups.size(); ++i) {
       double mult = i < group_multiplier_.size() ? group_multiplier_[i] : 1.0;
-      if (i < group_ids_.size() && group_ids_[i] < 2) mult *= adapter_ramp;
+      if (i < group_ids_.size() && group_ids_[i] != kHeadGroup) mult *= adapter_scale;
       static_cast<torch::optim::AdamWOptions&>(groups[i].options()).lr(lr * mult);
     }
     optimizer_->step();

@@ -278,6 +278,9 @@ class Trainer {
   std::vector<torch::Tensor> CollectParameters() const;
   std::vector<torch::Tensor> CollectGroup(int group) const;
   double LearningRate(int64_t step) const;
+  // Multiplies LearningRate for the adapter's groups: 0 during the
+  // heads-only steps (head_first_ratio), then a ramp over the warm-up length.
+  double AdapterRateScale(int64_t step) const;
   absl::Status MaybeSweep();
   absl::StatusOr<double> TrainStep();
   absl::Status EvaluateAndTrack();
@@ -292,6 +295,7 @@ class Trainer {
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   std::vector<torch::Tensor> params_;
   static constexpr int kNumGroups = 3;     // adapter, adapter inner cores, heads
+  static constexpr int kHeadGroup = 2;
   std::vector<int> group_ids_;            // which of them the optimizer holds, in order
   std::vector<double> group_multiplier_;  // per optimizer param group
   int64_t head_first_ = 0;                 // steps before the adapter trains
