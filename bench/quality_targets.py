@@ -129,9 +129,7 @@ def judge(doc, args):
         out["targets"][name] = {"factor": factor, "allowed": allowed, "verdict": verdict,
                                 "best": judged[0] if judged else None, "candidates": cands}
 
-    per = {t: task_gap(rows, t, args.default_row, args.baseline) for t in tasks}
-    for t, g in per.items():
-        g["verdict"] = _verdict(g["gap"], 2.0, len(g["seeds"]), args.min_seeds, g.get("spread"))
+    per = _per_task(rows, tasks, args.default_row, args.baseline, 2.0, args.min_seeds)
     out["targets"]["no_task_2_behind"] = {"row": args.default_row, "allowed": 2.0, "per_task": per,
                                           "verdict": _all(per)}
 
@@ -140,14 +138,20 @@ def judge(doc, args):
         "row": args.multitask, "reference": args.default_row, "allowed": 0.5, **g,
         "verdict": _verdict(g["gap"], 0.5, len(g["seeds"]), args.min_seeds)}
 
-    per = {t: task_gap(rows, t, args.added, args.multitask) for t in tasks}
-    for t, g in per.items():
-        g["verdict"] = _verdict(g["gap"], 2.0, len(g["seeds"]), args.min_seeds, g.get("spread"))
+    per = _per_task(rows, tasks, args.added, args.multitask, 2.0, args.min_seeds)
     gaps = [g["gap"] for g in per.values() if g["gap"] is not None]
     out["targets"]["added_within_2"] = {"row": args.added, "reference": args.multitask, "allowed": 2.0,
                                         "per_task": per, "mean_gap": statistics.mean(gaps) if gaps else None,
                                         "verdict": _all(per)}
     return out
+
+
+def _per_task(rows, tasks, row, base, allowed, min_seeds):
+    """task -> task_gap with its verdict (the seed-spread allowance applies)."""
+    per = {t: task_gap(rows, t, row, base) for t in tasks}
+    for g in per.values():
+        g["verdict"] = _verdict(g["gap"], allowed, len(g["seeds"]), min_seeds, g.get("spread"))
+    return per
 
 
 def _all(per):
