@@ -201,7 +201,7 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
       if (!writer->Write(c)) stream_broken = true;  // Finish() says why
     }
   };
-  auto start = [&]() -> bool {
+  auto start = [&]() {
     std::string first = pending.substr(0, pending.find('\n'));
     if (!first.empty() && first.back() == '\r') first.pop_back();
     v1::UploadDatasetRequest h;
@@ -209,32 +209,36 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
     if (auto e = DatasetHeaderFor(filename, first, kind == fields.end() ? "" : kind->second,
                                   h.mutable_header())) {
       error = e;
-      return false;
+      return;
     }
     writer = datasets->UploadDataset(&ctx, &resp);
     if (!writer->Write(h)) stream_broken = true;
     buffer.swap(pending);
     flush(false);
-    return true;
   };
-  auto feed = [&](const char* data, size_t n) -> bool {
+  auto feed = [&](const char* data, size_t n) {
+    if (error || stream_broken) return;  // refused: drop the rest
     if (writer) {
       buffer.append(data, n);
       flush(false);
-      return !stream_broken;
+      return;
     }
     pending.append(data, n);
-    if (pending.find('\n') != std::string::npos || pending.size() > kMaxFirstLine) return start();
-    return true;
+    if (pending.find('\n') != std::string::npos || pending.size() > kMaxFirstLine) start();
   };
 
+  // The callbacks never stop the read: a refused upload is still read to its
+  // end (at most --max_body_bytes) and dropped. httplib keeps the connection
+  // alive after the reply, so an unread rest of the body would be parsed as
+  // the next request on it and answered with a bare 400.
   reader(
       [&](const httplib::MultipartFormData& f) {
         part = f.name;
+        if (error) return true;
         if (part == "file") {
           if (saw_file) {
             error = BadRequest("file", "file: give one file per upload");
-            return false;
+            return true;
           }
           saw_file = true;
           filename = f.filename;
@@ -243,18 +247,15 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
         if (part == "file" && fields.count("purpose") > 0 && fields.at("purpose") != "fine-tune") {
           error = BadRequest("purpose", "purpose: '" + fields["purpose"] +
                                             "' is not supported; use fine-tune");
-          return false;
         }
         return true;
       },
       [&](const char* data, size_t n) {
-        if (part == "file") return feed(data, n);
-        if (part == "purpose" || part == "label_kind") {
+        if (part == "file") {
+          feed(data, n);
+        } else if (!error && (part == "purpose" || part == "label_kind")) {
           fields[part].append(data, n);
-          if (fields[part].size() > kMaxFormField) {
-            error = BadRequest(part, part + ": too long");
-            return false;
-          }
+          if (fields[part].size() > kMaxFormField) error = BadRequest(part, part + ": too long");
         }
         return true;  // other fields are ignored
       });
@@ -265,9 +266,7 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
                                             "' is not supported; use fine-tune"
                                       : "purpose: required (fine-tune)");
   }
-  if (!error && !writer && !start()) {
-    // DatasetHeaderFor refused the first line (error is set).
-  }
+  if (!error && !writer) start();  // a file of one line, no newline
   if (error) {
     if (writer) ctx.TryCancel();  // nothing is stored: the upload never finishes
     if (writer) (void)writer->Finish();

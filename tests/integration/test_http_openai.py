@@ -162,6 +162,60 @@ def test_openai_sdk_trains_a_lora_family(stack):
     assert r.json()["data"][0]["scores"] == pytest.approx(want, abs=1e-6)
 
 
+def _raw_exchange(port, payloads, timeout=10):
+    """Sends each payload on one TCP connection (stopping if the server has
+    closed it) and returns every byte the server wrote until it closed the
+    connection or went quiet for `timeout` seconds."""
+    import socket
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for p in payloads:
+            try:
+                s.sendall(p)
+            except OSError:
+                break
+            time.sleep(0.5)
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except OSError:  # a reset after the close, or the quiet timeout
+            pass
+    return got
+
+
+def test_rejected_upload_does_not_poison_the_connection(stack):
+    """An upload refused before its body is read (purpose is not fine-tune)
+    leaves the rest of the body on the socket; on a kept-alive connection the
+    next request used to be parsed from those bytes and answered with
+    httplib's bare 400. The gateway reads a refused body to its end, so the
+    next request on the connection gets its own answer."""
+    _, gw, _ = stack
+    boundary = "metattboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            f"batch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"t.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + jsonl(make_rows(2000, seed=5)) + f"\r\n--{boundary}--\r\n".encode()
+    assert len(body) > 64 * 1024  # far more than one read of the server's buffer
+    upload = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+              f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    models = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    got = _raw_exchange(gw.port, [upload, models.encode()]).decode("utf-8", "replace")
+    head, _, rest = got.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400 "), got[:500]
+    length = int(next(line.split(":", 1)[1] for line in head.split("\r\n")
+                      if line.lower().startswith("content-length:")))
+    assert json.loads(rest[:length])["error"]["param"] == "purpose", rest[:length]
+    # The next reply on the connection is the model list (streamed in chunks),
+    # and nothing else follows it.
+    second = rest[length:]
+    assert second.startswith("HTTP/1.1 200 "), second[:500]
+    assert f'"id":"{BASE}"' in second and second.count("HTTP/1.1 ") == 1, second[:1000]
+
+
 def test_errors_in_openai_shape(stack):
     _, gw, _ = stack
     with pytest.raises(openai.AuthenticationError) as e:
