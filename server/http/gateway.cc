@@ -177,14 +177,24 @@ struct Gateway::Impl {
 // first line picks the header (format, text_pair), then 256 KiB chunks
 // follow. Form fields `purpose` (must be fine-tune) and `label_kind` are
 // read from the other parts (label_kind must come before `file`).
+//
+// A refused upload's body is still read to its end (at most --max_body_bytes)
+// and dropped: httplib keeps the connection alive after the reply, and an
+// unread rest of the body would be parsed as the next request on it and
+// answered with a bare 400.
 void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& res,
                                const httplib::ContentReader& reader) {
   if (!req.is_multipart_form_data()) {
+    reader([](const char*, size_t) { return true; });
     return ReplyError(res, BadRequest("file", "POST /v1/files takes multipart/form-data with a "
                                               "`file` part and purpose=fine-tune"));
   }
   grpc::ClientContext ctx;
-  if (auto e = Context(req, &ctx, /*unary=*/false)) return ReplyError(res, *e);
+  if (auto e = Context(req, &ctx, /*unary=*/false)) {
+    reader([](const httplib::MultipartFormData&) { return true; },
+           [](const char*, size_t) { return true; });
+    return ReplyError(res, *e);
+  }
   std::map<std::string, std::string> fields;
   std::string part, filename, pending, buffer;
   v1::UploadDatasetResponse resp;
@@ -227,10 +237,7 @@ void Gateway::Impl::UploadFile(const httplib::Request& req, httplib::Response& r
     if (pending.find('\n') != std::string::npos || pending.size() > kMaxFirstLine) start();
   };
 
-  // The callbacks never stop the read: a refused upload is still read to its
-  // end (at most --max_body_bytes) and dropped. httplib keeps the connection
-  // alive after the reply, so an unread rest of the body would be parsed as
-  // the next request on it and answered with a bare 400.
+  // The callbacks never stop the read (above: a refused body is dropped).
   reader(
       [&](const httplib::MultipartFormData& f) {
         part = f.name;

@@ -186,29 +186,34 @@ def _raw_exchange(port, payloads, timeout=10):
     return got
 
 
-def test_rejected_upload_does_not_poison_the_connection(stack):
-    """An upload refused before its body is read (purpose is not fine-tune)
-    leaves the rest of the body on the socket; on a kept-alive connection the
-    next request used to be parsed from those bytes and answered with
-    httplib's bare 400. The gateway reads a refused body to its end, so the
-    next request on the connection gets its own answer."""
+@pytest.mark.parametrize("purpose,token,param", [
+    ("batch", TOKEN, "purpose"),                          # refused at the file part
+    ("fine-tune", "wrong-key-0123456789abcdef", None),    # refused by the server (401)
+    ("fine-tune", "cl\u00e9-0123456789abcdef", None),     # refused before reading (401)
+])
+def test_rejected_upload_does_not_poison_the_connection(stack, purpose, token, param):
+    """An upload refused before its body is read (purpose is not fine-tune, a
+    wrong or malformed key) used to leave the rest of the body on the socket; on a
+    kept-alive connection the next request was parsed from those bytes and
+    answered with httplib's bare 400. The gateway reads a refused body to its
+    end, so the next request on the connection gets its own answer."""
     _, gw, _ = stack
     boundary = "metattboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
-            f"batch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"{purpose}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
             f"filename=\"t.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n"
             ).encode() + jsonl(make_rows(2000, seed=5)) + f"\r\n--{boundary}--\r\n".encode()
     assert len(body) > 64 * 1024  # far more than one read of the server's buffer
-    upload = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+    upload = (f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
               f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     models = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
     got = _raw_exchange(gw.port, [upload, models.encode()]).decode("utf-8", "replace")
     head, _, rest = got.partition("\r\n\r\n")
-    assert head.startswith("HTTP/1.1 400 "), got[:500]
+    assert head.startswith("HTTP/1.1 400 " if param else "HTTP/1.1 401 "), got[:500]
     length = int(next(line.split(":", 1)[1] for line in head.split("\r\n")
                       if line.lower().startswith("content-length:")))
-    assert json.loads(rest[:length])["error"]["param"] == "purpose", rest[:length]
+    assert json.loads(rest[:length])["error"]["param"] == param, rest[:length]
     # The next reply on the connection is the model list (streamed in chunks),
     # and nothing else follows it.
     second = rest[length:]
