@@ -5,6 +5,7 @@ a job, list its events until it succeeds, list models, classify, cancel a
 job, a wrong key (401), errors naming the field, another tenant, and the
 gateway's TLS rules."""
 import json
+import socket
 import subprocess
 import time
 
@@ -166,7 +167,6 @@ def _raw_exchange(port, payloads, timeout=10):
     """Sends each payload on one TCP connection (stopping if the server has
     closed it) and returns every byte the server wrote until it closed the
     connection or went quiet for `timeout` seconds."""
-    import socket
     got = b""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         for p in payloads:
