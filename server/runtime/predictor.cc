@@ -105,6 +105,11 @@ absl::StatusOr<std::vector<PredictOutput>> ScheduledPredictor::Predict(
   if (request->deadline <= absl::Now()) {
     return absl::DeadlineExceededError("deadline passed before the request was queued");
   }
+  // A caller that left while its inputs were resolved and tokenised (a
+  // burst of cancelled large calls, say) never takes a place in the queue.
+  if (cancelled && cancelled()) {
+    return absl::CancelledError("the caller cancelled the request before it was queued");
+  }
   absl::Status st = scheduler_->Submit(request);
   if (!st.ok()) return st;
   // Wait for the batch; poll the caller's cancellation meanwhile. A request

@@ -323,6 +323,25 @@ TEST_F(SchedulerTest, CancelledCallerIsWithdrawnAndItsRowsNeverRun) {
   EXPECT_TRUE(out.ok()) << out.status();
 }
 
+TEST_F(SchedulerTest, CallerGoneBeforeQueueingTakesNoPlaceInTheQueue) {
+  auto blocker = StartBusy();  // anything queued would stay queued
+  ASSERT_NE(blocker, nullptr);
+  std::atomic<int64_t> rows_run{0};
+  scheduler_->SetBatchObserver([&](const BatchStats& s) { rows_run += s.batch_size; });
+  int64_t polls = 0;
+  auto st = predictor_->Predict(MixedInputs(4, 4), 0, [&] {
+                         ++polls;
+                         return true;
+                       }).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kCancelled) << st;
+  EXPECT_NE(st.message().find("before it was queued"), std::string::npos) << st;
+  EXPECT_EQ(polls, 1);
+  EXPECT_EQ(scheduler_->queue_depth(), 0);
+  blocker->release.Notify();
+  ASSERT_TRUE(predictor_->Predict(MixedInputs(1, 4), 0).ok());
+  EXPECT_EQ(rows_run.load(), 1) << "rows of a caller that had left ran on the device";
+}
+
 TEST_F(SchedulerTest, BaseOnlyModeSkipsTheAdapterButKeepsTheHeads) {
   DeviceScheduler::Options so;
   so.base_only = true;
