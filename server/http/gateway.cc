@@ -68,6 +68,20 @@ bool IsTerminal(v1::JobState s) {
   return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED;
 }
 
+// The learning rate a job with `spec` gets when it sets none, which OpenAI's
+// learning_rate_multiplier scales: ResolveRecipe's (server/training/recipe.h,
+// the one rule) for the spec's form, an added task's being higher. An added
+// task's family is 4+1d; an unknown form (refused by the server) reads as
+// the default form's.
+double DefaultLearningRate(const v1::JobSpec& spec) {
+  const bool adds_task = spec.kind() == v1::ADD_TASK;
+  RecipeOverrides o;
+  o.form = adds_task ? "4+1d" : spec.adapter().form();
+  absl::StatusOr<Recipe> r = ResolveRecipe(o, adds_task);
+  if (!r.ok()) r = ResolveRecipe(RecipeOverrides{}, adds_task);
+  return r.ok() ? r->learning_rate : 0;
+}
+
 }  // namespace
 
 bool IsLoopbackAddress(const std::string& listen) {
@@ -88,7 +102,6 @@ struct Gateway::Impl {
   std::unique_ptr<v1::DatasetService::Stub> datasets;
   std::unique_ptr<v1::AdapterService::Stub> adapters;
   std::unique_ptr<v1::InferenceService::Stub> inference;
-  double default_lr = 0;
 
   // The caller's bearer token, forwarded as gRPC metadata, and the unary
   // deadline. A header gRPC cannot carry is refused here.
@@ -142,7 +155,7 @@ struct Gateway::Impl {
     return resp;
   }
 
-  JobView View() const { return JobView{o.base_model, default_lr}; }
+  JobView View() const { return JobView{o.base_model, DefaultLearningRate}; }
 
   static std::optional<Json> Body(const httplib::Request& req, httplib::Response& res) {
     Json body = Json::parse(req.body, nullptr, false);
@@ -350,7 +363,7 @@ void Gateway::Impl::CreateJob(const httplib::Request& req, httplib::Response& re
   if (!recipe.ok()) recipe = DefaultRecipe(DefaultForm());
   v1::HyperParams* h = spec->mutable_hparams();
   if (jr.learning_rate_multiplier) {
-    h->set_learning_rate(*jr.learning_rate_multiplier * recipe->learning_rate);
+    h->set_learning_rate(*jr.learning_rate_multiplier * DefaultLearningRate(*spec));
   }
   if (jr.n_epochs) {
     grpc::ClientContext ctx;
@@ -951,8 +964,6 @@ absl::StatusOr<std::unique_ptr<Gateway>> Gateway::Create(const GatewayOptions& o
   impl->datasets = v1::DatasetService::NewStub(impl->channel);
   impl->adapters = v1::AdapterService::NewStub(impl->channel);
   impl->inference = v1::InferenceService::NewStub(impl->channel);
-  auto recipe = DefaultRecipe(DefaultForm());
-  impl->default_lr = recipe.ok() ? recipe->learning_rate : 0;
   impl->Routes();
   std::unique_ptr<Gateway> g(new Gateway());
   g->impl_ = std::move(impl);

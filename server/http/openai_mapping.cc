@@ -371,14 +371,15 @@ Json JobJson(const v1::Job& job, const JobView& view) {
   const bool terminal =
       job.state() == v1::SUCCEEDED || job.state() == v1::FAILED || job.state() == v1::CANCELLED;
   const std::string task = spec.tasks_size() > 0 ? spec.tasks(0).task_name() : "";
+  const double default_lr = view.default_learning_rate ? view.default_learning_rate(spec) : 0;
   Json hp = {{"n_epochs", "auto"},
              {"batch_size", spec.hparams().has_batch_size() && spec.hparams().batch_size() > 0
                                 ? Json(spec.hparams().batch_size())
                                 : Json("auto")},
              {"learning_rate_multiplier",
               spec.hparams().has_learning_rate() && spec.hparams().learning_rate() > 0 &&
-                      view.default_learning_rate > 0
-                  ? Json(spec.hparams().learning_rate() / view.default_learning_rate)
+                      default_lr > 0
+                  ? Json(spec.hparams().learning_rate() / default_lr)
                   : Json("auto")}};
   Json out = {
       {"id", job.id()},

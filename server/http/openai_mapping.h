@@ -9,6 +9,7 @@
 #include <grpcpp/support/status.h>
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -69,8 +70,11 @@ struct JobRequest {
 std::optional<ApiError> ParseJobRequest(const Json& body, JobRequest* out);
 
 struct JobView {
-  std::string base_model;        // `model` of a job that trains a new family
-  double default_learning_rate;  // learning_rate_multiplier = learning_rate / this
+  std::string base_model;  // `model` of a job that trains a new family
+  // The learning rate a job with this spec gets when it sets none (its form's,
+  // and an added task's is higher): learning_rate_multiplier = learning_rate /
+  // this. 0: the multiplier shows as "auto".
+  std::function<double(const v1::JobSpec&)> default_learning_rate;
 };
 std::string JobStatus(v1::JobState s);
 Json JobJson(const v1::Job& job, const JobView& view);

@@ -89,13 +89,27 @@ TEST(OpenAiMapping, JobAndEventObjects) {
   job.mutable_spec()->set_family("sent");
   job.mutable_spec()->add_tasks()->set_task_name("SST-2");
   job.mutable_spec()->mutable_hparams()->set_learning_rate(5e-3);
-  Json j = JobJson(job, JobView{"base", 2.5e-3});
+  Json j = JobJson(job, JobView{"base", [](const v1::JobSpec& s) {
+                                  return s.kind() == v1::ADD_TASK ? 1e-2 : 2.5e-3;
+                                }});
   EXPECT_EQ(j["status"], "succeeded");
   EXPECT_EQ(j["fine_tuned_model"], "sent:SST-2");
   EXPECT_EQ(j["model"], "base");
   EXPECT_EQ(j["finished_at"], 9);
   EXPECT_DOUBLE_EQ(j["hyperparameters"]["learning_rate_multiplier"].get<double>(), 2.0);
   EXPECT_EQ(j["hyperparameters"]["batch_size"], "auto");
+  {  // The multiplier is relative to the default of the job's own kind.
+    v1::Job add = job;
+    add.mutable_spec()->set_kind(v1::ADD_TASK);
+    add.mutable_spec()->mutable_hparams()->set_learning_rate(1e-2);
+    EXPECT_DOUBLE_EQ(JobJson(add, JobView{"base", [](const v1::JobSpec& s) {
+                                            return s.kind() == v1::ADD_TASK ? 1e-2 : 2.5e-3;
+                                          }})["hyperparameters"]["learning_rate_multiplier"]
+                         .get<double>(),
+                     1.0);
+    EXPECT_EQ(JobJson(add, JobView{"base", {}})["hyperparameters"]["learning_rate_multiplier"],
+              "auto");
+  }
 
   v1::JobEvent e;
   e.set_job_id("job-1");

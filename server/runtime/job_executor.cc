@@ -316,7 +316,8 @@ class TrainingJob : public TrainingTask {
     {
       JobEvent log;  // what runs, defaults included
       log.type = JobEvent::Type::kLog;
-      log.message = DescribeRecipe(recipe, p_.overrides);
+      log.message = DescribeRecipe(recipe, p_.overrides,
+                                   /*structure_from_family=*/spec.kind == JobKind::kAddTask);
       Emit(std::move(log));
     }
     std::vector<int64_t> task_index;
@@ -663,8 +664,12 @@ absl::Status RuntimeJobExecutor::Start(const JobRecord& job, EmitFn emit) {
                          "' already exists in family '", spec.family, "'"));
       }
     }
-    // The family's form decides the defaults (its adapter fields are its own).
+    // The family's form decides the defaults; its structure (ranks,
+    // projections, init, alpha) is its own: a spec that asks for another is
+    // refused, naming the field, and the job's recipe event shows the family's.
     ASSIGN_OR_RETURN(p.recipe, ResolveJobRecipe(spec, "4+1d"));
+    ASSIGN_OR_RETURN(p.recipe, RecipeForAddedTask(std::move(p.recipe), p.overrides,
+                                                  fam.adapter->config()));
   } else {
     if (existing.ok()) {
       return absl::AlreadyExistsError(absl::StrCat(

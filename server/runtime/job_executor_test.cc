@@ -204,6 +204,14 @@ TEST_F(JobExecutorTest, TrainThenAddTaskWhilePredicting) {
   JobEvent end2 = log2.Wait();
   ASSERT_EQ(end2.state, JobState::kSucceeded) << end2.message;
   EXPECT_EQ(end2.version, 2);
+  // The recipe event shows the structure that trains: the family's.
+  bool saw_family_structure = false;
+  for (const auto& e : log2.events()) {
+    saw_family_structure |= e.type == JobEvent::Type::kLog &&
+                            e.message.find("ranks=4 (family)") != std::string::npos &&
+                            e.message.find("projections=q,v (family)") != std::string::npos;
+  }
+  EXPECT_TRUE(saw_family_structure);
 
   auto fam = registry_->Get("fam");
   ASSERT_TRUE(fam.ok());
@@ -300,7 +308,32 @@ TEST_F(JobExecutorTest, ValidationNamesTheField) {
   st = executor_->Start(Job("j3", JobKind::kAddTask, "fam", {{"A", "ds"}}, 3), log.Fn());
   EXPECT_EQ(st.code(), absl::StatusCode::kAlreadyExists) << st;
   EXPECT_THAT(std::string(st.message()), HasSubstr("tasks[0].task_name"));
+  // An added task keeps the family's structure (ranks 4 on q,v): a spec
+  // asking for another is refused naming the field; the same one, in any
+  // order or as one rank per bond, is accepted (below).
+  j = Job("j4", JobKind::kAddTask, "fam", {{"B", "ds"}}, 3);
+  j.spec.adapter.ranks = {8};
+  st = executor_->Start(j, log.Fn());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("adapter.ranks: 8 differs"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("ranks 4,4,4,4 on q,v"));
+  j = Job("j4", JobKind::kAddTask, "fam", {{"B", "ds"}}, 3);
+  j.spec.adapter.projections = {"q", "k", "v"};
+  st = executor_->Start(j, log.Fn());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("adapter.projections"));
+  j = Job("j4", JobKind::kAddTask, "fam", {{"B", "ds"}}, 3);
+  j.spec.adapter.alpha = 16.0;
+  st = executor_->Start(j, log.Fn());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("adapter.alpha"));
   EXPECT_TRUE(log.events().empty());
+  EventLog same_log;
+  j = Job("j5", JobKind::kAddTask, "fam", {{"B", "ds"}}, 3);
+  j.spec.adapter.projections = {"v", "q"};
+  j.spec.adapter.ranks = {4, 4, 4, 4};
+  ASSERT_TRUE(executor_->Start(j, same_log.Fn()).ok());
+  EXPECT_EQ(same_log.Wait().state, JobState::kSucceeded);
 }
 
 TEST_F(JobExecutorTest, CancelEndsCancelledWithoutPublishing) {

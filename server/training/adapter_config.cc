@@ -1,10 +1,13 @@
 #include "server/training/adapter_config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/status_macros.h"
 
 namespace metatt {
@@ -74,6 +77,60 @@ absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const ModelGeom
   }
   RETURN_IF_ERROR(Prefixed(c.Validate(), "adapter"));
   return c;
+}
+
+absl::StatusOr<Recipe> RecipeForAddedTask(Recipe r, const RecipeOverrides& o,
+                                          const MetaTTConfig& family) {
+  const std::vector<int64_t> bonds = family.BondRanks();
+  std::vector<std::string> names;
+  for (Projection p : family.projections) names.push_back(ProjectionName(p));
+  const std::string shape =
+      absl::StrCat("ranks ", absl::StrJoin(bonds, ","), " on ", absl::StrJoin(names, ","));
+  auto differs = [&](absl::string_view field, const std::string& asked, const std::string& has) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter.", field, ": ", asked, " differs from the family's ", has,
+                     " (an added task keeps the structure its family was trained with, ", shape,
+                     "; leave adapter.", field, " unset)"));
+  };
+  if (o.ranks && !o.ranks->empty()) {
+    const std::vector<int64_t>& u = *o.ranks;
+    const bool same =
+        u == bonds || (u.size() == 1 && std::all_of(bonds.begin(), bonds.end(),
+                                                    [&](int64_t b) { return b == u[0]; }));
+    if (!same) return differs("ranks", absl::StrJoin(u, ","), absl::StrJoin(bonds, ","));
+  }
+  if (o.projections && !o.projections->empty()) {
+    ASSIGN_OR_RETURN(std::vector<Projection> asked, Projections(*o.projections));
+    std::vector<Projection> a = asked, b = family.projections;
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    if (a != b) {
+      return differs("projections", absl::StrJoin(*o.projections, ","), absl::StrJoin(names, ","));
+    }
+  }
+  if (o.init && !o.init->empty()) {
+    auto specs = [&](const std::string& spec) -> absl::StatusOr<std::string> {
+      ASSIGN_OR_RETURN(std::vector<CoreInit> cores, ParseInitSpec(spec, family.NumCores()));
+      std::vector<std::string> parts;
+      for (const CoreInit& c : cores) parts.push_back(c.ToString());
+      return absl::StrJoin(parts, "-");
+    };
+    auto asked = specs(*o.init);
+    if (!asked.ok()) return Prefixed(asked.status(), "adapter.init");
+    ASSIGN_OR_RETURN(std::string has, specs(family.init));
+    if (*asked != has) return differs("init", *o.init, family.init);
+  }
+  if (o.alpha && *o.alpha > 0 && std::abs(*o.alpha - family.Alpha()) > 1e-9 * family.Alpha()) {
+    return differs("alpha", absl::StrCat(*o.alpha), absl::StrCat(family.Alpha()));
+  }
+  r.form = "4+1d";
+  const bool uniform =
+      std::all_of(bonds.begin(), bonds.end(), [&](int64_t b) { return b == bonds[0]; });
+  r.ranks = uniform ? std::vector<int64_t>{bonds[0]} : bonds;
+  r.projections = names;
+  r.init = family.init;
+  r.alpha = family.alpha ? *family.alpha : 0;
+  return r;
 }
 
 }  // namespace metatt

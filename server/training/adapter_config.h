@@ -24,4 +24,14 @@ absl::StatusOr<MetaTTConfig> MetaTTConfigFromRecipe(const Recipe& r, const Model
 // (peft | random).
 absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const ModelGeometry& model);
 
+// A task added to a saved (4+1)D family keeps the family's structure: its
+// ranks, projections, init and alpha were fixed when the family trained.
+// Returns `r` with those fields taken from `family` (so that what a job
+// reports is what trains), or InvalidArgument naming the field ("adapter.
+// ranks", ...) when `o` asks for a different one. An override equal to the
+// family's (one rank equal to every bond, the same projections in any
+// order, an equivalent init spec, the same alpha) is accepted.
+absl::StatusOr<Recipe> RecipeForAddedTask(Recipe r, const RecipeOverrides& o,
+                                          const MetaTTConfig& family);
+
 }  // namespace metatt

@@ -119,17 +119,26 @@ absl::StatusOr<Recipe> ResolveRecipe(const RecipeOverrides& o, bool adds_task) {
   return r;
 }
 
-std::string DescribeRecipe(const Recipe& r, const RecipeOverrides& o) {
+std::string DescribeRecipe(const Recipe& r, const RecipeOverrides& o, bool structure_from_family) {
   std::vector<std::string> items;
   auto add = [&](absl::string_view name, const std::string& value, bool set) {
     items.push_back(absl::StrCat(name, "=", value, set ? "" : " (auto)"));
   };
   auto set_str = [](const std::optional<std::string>& s) { return s && !s->empty(); };
-  add("form", r.form, set_str(o.form));
-  add("ranks", absl::StrJoin(r.ranks, ","), o.ranks && !o.ranks->empty());
-  add("projections", absl::StrJoin(r.projections, ","), o.projections && !o.projections->empty());
-  add("init", r.init, set_str(o.init));
-  add("alpha", r.alpha > 0 ? absl::StrCat(r.alpha) : "r", o.alpha.has_value());
+  // The structure: the user's, the default's, or (adding a task) the family's.
+  auto structure = [&](absl::string_view name, const std::string& value, bool set) {
+    if (structure_from_family) {
+      items.push_back(absl::StrCat(name, "=", value, " (family)"));
+    } else {
+      add(name, value, set);
+    }
+  };
+  structure("form", r.form, set_str(o.form));
+  structure("ranks", absl::StrJoin(r.ranks, ","), o.ranks && !o.ranks->empty());
+  structure("projections", absl::StrJoin(r.projections, ","),
+            o.projections && !o.projections->empty());
+  structure("init", r.init, set_str(o.init));
+  structure("alpha", r.alpha > 0 ? absl::StrCat(r.alpha) : "r", o.alpha.has_value());
   add("new_task_init", r.new_task_init, set_str(o.new_task_init));
   add("learning_rate", absl::StrCat(r.learning_rate), o.learning_rate.has_value());
   add("inner_lr_multiplier", absl::StrCat(r.inner_lr_multiplier),

@@ -101,7 +101,10 @@ inline constexpr double kAddTaskLearningRateMultiplier = 4.0;
 
 // One line listing every resolved field, "name=value", with " (auto)" after
 // the ones the user left unset; the job executor emits it as a job event and
-// metatt-train prints it.
-std::string DescribeRecipe(const Recipe& recipe, const RecipeOverrides& overrides);
+// metatt-train prints it. With `structure_from_family` (a task added to a
+// saved family: RecipeForAddedTask), form, ranks, projections, init and
+// alpha are marked " (family)" instead: the family fixed them.
+std::string DescribeRecipe(const Recipe& recipe, const RecipeOverrides& overrides,
+                           bool structure_from_family = false);
 
 }  // namespace metatt

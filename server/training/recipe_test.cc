@@ -150,6 +150,20 @@ TEST(Recipe, DescribeMarksAutoFields) {
   EXPECT_THAT(line, HasSubstr("batch_size=" + std::to_string(r->batch_size) + " (auto)"));
 }
 
+TEST(Recipe, DescribeMarksAnAddedTasksStructureAsTheFamilys) {
+  RecipeOverrides o;
+  o.ranks = std::vector<int64_t>{32};
+  o.learning_rate = 0.01;
+  auto r = ResolveRecipe(o, /*adds_task=*/true);
+  ASSERT_TRUE(r.ok());
+  const std::string line = DescribeRecipe(*r, o, /*structure_from_family=*/true);
+  EXPECT_THAT(line, HasSubstr("ranks=32 (family)"));
+  EXPECT_THAT(line, HasSubstr("init=" + r->init + " (family)"));
+  EXPECT_THAT(line, HasSubstr("learning_rate=0.01 "));
+  EXPECT_THAT(line, HasSubstr("weight_decay=0 (auto)"));
+  EXPECT_THAT(DescribeRecipe(*r, o), HasSubstr("ranks=32 projections"));  // set by the user
+}
+
 }  // namespace
 }  // namespace metatt
 

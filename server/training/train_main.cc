@@ -361,7 +361,9 @@ struct RunAdapter {
   int64_t first_task_index = 0;
 };
 
-absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const ModelGeometry& geometry,
+// Prints the resolved recipe first (an added task's structure: its family's).
+absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const RecipeOverrides& overrides,
+                                          const ModelGeometry& geometry,
                                           const std::string& fingerprint, torch::Device device,
                                           uint64_t seed, size_t num_tasks) {
   RunAdapter a;
@@ -373,6 +375,9 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const ModelGeome
     if (a.metatt->config().form != TTForm::k4Plus1D) {
       return absl::FailedPreconditionError("--base_family must be a (4+1)D family");
     }
+    ASSIGN_OR_RETURN(const Recipe added,
+                     RecipeForAddedTask(recipe, overrides, a.metatt->config()));
+    std::cout << DescribeRecipe(added, overrides, /*structure_from_family=*/true) << "\n";
     a.family_tasks = fam.task_names;
     a.old_heads = fam.heads;
     a.metatt->FreezeShared(true);
@@ -385,6 +390,7 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const ModelGeome
               << a.first_task_index << " existing; shared cores frozen ("
               << a.metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
   } else if (recipe.form == "lora") {
+    std::cout << DescribeRecipe(recipe, overrides) << "\n";
     if (num_tasks > 1) return absl::InvalidArgumentError("LoRA trains one task");
     ASSIGN_OR_RETURN(LoraConfig c, LoraConfigFromRecipe(recipe, geometry));
     LoraAdapter::Options ao;
@@ -396,6 +402,7 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const ModelGeome
               << absl::StrJoin(recipe.projections, ",") << ": " << a.lora->NumParameters()
               << " adapter parameters\n";
   } else {
+    std::cout << DescribeRecipe(recipe, overrides) << "\n";
     ASSIGN_OR_RETURN(MetaTTConfig c,
                      MetaTTConfigFromRecipe(recipe, geometry, static_cast<int64_t>(num_tasks)));
     if (c.form != TTForm::k4Plus1D && num_tasks > 1) {
@@ -542,7 +549,6 @@ absl::Status TrainAndSave(Trainer& trainer, RunAdapter& a, const ProgressEvent& 
 absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
                          const RecipeOverrides& overrides, Recipe recipe) {
   if (!overrides.max_length) recipe.max_length = kDefaultDecoderMaxLength;
-  std::cout << DescribeRecipe(recipe, overrides) << "\n";
   ASSIGN_OR_RETURN(std::vector<GenTaskData> data, LoadGenerationData(recipe.seed));
   LlamaDecoder::Options dopt;
   dopt.model_dir = model_dir;
@@ -557,8 +563,8 @@ absl::Status DecoderMain(const std::string& model_dir, torch::Device device,
     return absl::InvalidArgumentError("--trainable=heads: generation tasks have no heads");
   }
   torch::manual_seed(o.seed);
-  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, decoder->geometry(), fingerprint, device,
-                                                o.seed, data.size()));
+  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, overrides, decoder->geometry(),
+                                                fingerprint, device, o.seed, data.size()));
 
   std::vector<TrainTask> tasks;
   for (size_t i = 0; i < data.size(); ++i) {
@@ -591,7 +597,6 @@ absl::Status Main() {
   ASSIGN_OR_RETURN(const Recipe recipe,
                    ResolveRecipe(overrides, /*adds_task=*/!absl::GetFlag(FLAGS_base_family).empty()));
   if (IsLlamaDir(model_dir)) return DecoderMain(model_dir, device, overrides, recipe);
-  std::cout << DescribeRecipe(recipe, overrides) << "\n";
   ASSIGN_OR_RETURN(std::vector<TaskData> data, LoadData(recipe.seed));
 
   BertEncoder::Options eo;
@@ -604,8 +609,8 @@ absl::Status Main() {
 
   ASSIGN_OR_RETURN(TrainerOptions o, RunTrainerOptions(recipe));
   torch::manual_seed(o.seed);
-  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, encoder->geometry(), bc.Fingerprint(),
-                                                device, o.seed, data.size()));
+  ASSIGN_OR_RETURN(RunAdapter a, MakeRunAdapter(recipe, overrides, encoder->geometry(),
+                                                bc.Fingerprint(), device, o.seed, data.size()));
 
   std::vector<TrainTask> tasks;
   for (size_t i = 0; i < data.size(); ++i) {

@@ -118,11 +118,16 @@ def test_openai_sdk_file_job_events_models_classify(stack, tmp_path):
         assert sum(d["scores"]) == pytest.approx(1.0, abs=1e-4)
 
     # A second task on the same family: model = the family, suffix = the task.
+    # learning_rate_multiplier scales the rate an added task gets by default
+    # (4x its form's: server/training/recipe.h), and reads back as given.
     job2 = client.fine_tuning.jobs.create(
         model="sent", training_file=f.id, suffix="SENT2",
+        hyperparameters={"learning_rate_multiplier": 1},
         extra_body={"metatt": {"hparams": {"max_steps": 2000, "batch_size": 8,
                                            "max_length": 32}}})
     assert job2.model_extra["metatt"]["spec"]["kind"] == "ADD_TASK"
+    assert job2.model_extra["metatt"]["spec"]["hparams"]["learning_rate"] == pytest.approx(1e-2)
+    assert job2.hyperparameters.learning_rate_multiplier == pytest.approx(1.0)
     cancelled = client.fine_tuning.jobs.cancel(job2.id)
     assert cancelled.id == job2.id
     assert wait_status(client, job2.id, {"cancelled"}, timeout=120).status == "cancelled"
