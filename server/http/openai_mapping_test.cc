@@ -89,9 +89,11 @@ TEST(OpenAiMapping, JobAndEventObjects) {
   job.mutable_spec()->set_family("sent");
   job.mutable_spec()->add_tasks()->set_task_name("SST-2");
   job.mutable_spec()->mutable_hparams()->set_learning_rate(5e-3);
-  Json j = JobJson(job, JobView{"base", [](const v1::JobSpec& s) {
-                                  return s.kind() == v1::ADD_TASK ? 1e-2 : 2.5e-3;
-                                }});
+  // Default rates per kind, as the gateway's ResolveRecipe gives them.
+  const JobView view{"base", [](const v1::JobSpec& s) {
+                       return s.kind() == v1::ADD_TASK ? 1e-2 : 2.5e-3;
+                     }};
+  Json j = JobJson(job, view);
   EXPECT_EQ(j["status"], "succeeded");
   EXPECT_EQ(j["fine_tuned_model"], "sent:SST-2");
   EXPECT_EQ(j["model"], "base");
@@ -102,11 +104,8 @@ TEST(OpenAiMapping, JobAndEventObjects) {
     v1::Job add = job;
     add.mutable_spec()->set_kind(v1::ADD_TASK);
     add.mutable_spec()->mutable_hparams()->set_learning_rate(1e-2);
-    EXPECT_DOUBLE_EQ(JobJson(add, JobView{"base", [](const v1::JobSpec& s) {
-                                            return s.kind() == v1::ADD_TASK ? 1e-2 : 2.5e-3;
-                                          }})["hyperparameters"]["learning_rate_multiplier"]
-                         .get<double>(),
-                     1.0);
+    EXPECT_DOUBLE_EQ(
+        JobJson(add, view)["hyperparameters"]["learning_rate_multiplier"].get<double>(), 1.0);
     EXPECT_EQ(JobJson(add, JobView{"base", {}})["hyperparameters"]["learning_rate_multiplier"],
               "auto");
   }

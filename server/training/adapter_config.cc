@@ -82,6 +82,8 @@ absl::StatusOr<LoraConfig> LoraConfigFromRecipe(const Recipe& r, const ModelGeom
 absl::StatusOr<Recipe> RecipeForAddedTask(Recipe r, const RecipeOverrides& o,
                                           const MetaTTConfig& family) {
   const std::vector<int64_t> bonds = family.BondRanks();
+  const bool uniform =
+      std::all_of(bonds.begin(), bonds.end(), [&](int64_t b) { return b == bonds[0]; });
   std::vector<std::string> names;
   for (Projection p : family.projections) names.push_back(ProjectionName(p));
   const std::string shape =
@@ -94,9 +96,7 @@ absl::StatusOr<Recipe> RecipeForAddedTask(Recipe r, const RecipeOverrides& o,
   };
   if (o.ranks && !o.ranks->empty()) {
     const std::vector<int64_t>& u = *o.ranks;
-    const bool same =
-        u == bonds || (u.size() == 1 && std::all_of(bonds.begin(), bonds.end(),
-                                                    [&](int64_t b) { return b == u[0]; }));
+    const bool same = u == bonds || (u.size() == 1 && uniform && u[0] == bonds[0]);
     if (!same) return differs("ranks", absl::StrJoin(u, ","), absl::StrJoin(bonds, ","));
   }
   if (o.projections && !o.projections->empty()) {
@@ -124,8 +124,6 @@ absl::StatusOr<Recipe> RecipeForAddedTask(Recipe r, const RecipeOverrides& o,
     return differs("alpha", absl::StrCat(*o.alpha), absl::StrCat(family.Alpha()));
   }
   r.form = "4+1d";
-  const bool uniform =
-      std::all_of(bonds.begin(), bonds.end(), [&](int64_t b) { return b == bonds[0]; });
   r.ranks = uniform ? std::vector<int64_t>{bonds[0]} : bonds;
   r.projections = names;
   r.init = family.init;

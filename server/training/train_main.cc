@@ -367,7 +367,10 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const RecipeOver
                                           const std::string& fingerprint, torch::Device device,
                                           uint64_t seed, size_t num_tasks) {
   RunAdapter a;
-  if (const std::string base = absl::GetFlag(FLAGS_base_family); !base.empty()) {
+  const std::string base = absl::GetFlag(FLAGS_base_family);
+  // An added task prints its family's structure below, once the family is read.
+  if (base.empty()) std::cout << DescribeRecipe(recipe, overrides) << "\n";
+  if (!base.empty()) {
     // Frozen: existing tasks and shared cores never train here (no leaf per task).
     ASSIGN_OR_RETURN(LoadedFamily fam,
                      LoadFamily(base, fingerprint, device, MetaTTAdapter::Leaves::kFrozen));
@@ -390,7 +393,6 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const RecipeOver
               << a.first_task_index << " existing; shared cores frozen ("
               << a.metatt->NumTrainableParameters() << " trainable adapter parameters)\n";
   } else if (recipe.form == "lora") {
-    std::cout << DescribeRecipe(recipe, overrides) << "\n";
     if (num_tasks > 1) return absl::InvalidArgumentError("LoRA trains one task");
     ASSIGN_OR_RETURN(LoraConfig c, LoraConfigFromRecipe(recipe, geometry));
     LoraAdapter::Options ao;
@@ -402,7 +404,6 @@ absl::StatusOr<RunAdapter> MakeRunAdapter(const Recipe& recipe, const RecipeOver
               << absl::StrJoin(recipe.projections, ",") << ": " << a.lora->NumParameters()
               << " adapter parameters\n";
   } else {
-    std::cout << DescribeRecipe(recipe, overrides) << "\n";
     ASSIGN_OR_RETURN(MetaTTConfig c,
                      MetaTTConfigFromRecipe(recipe, geometry, static_cast<int64_t>(num_tasks)));
     if (c.form != TTForm::k4Plus1D && num_tasks > 1) {
