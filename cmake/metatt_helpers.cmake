@@ -35,8 +35,14 @@ function(metatt_cc_test)
   if(NOT A_TIMEOUT)
     set(A_TIMEOUT 600)
   endif()
+  # The shared data: the caller's METATT_SHARED_DIR at configure time (the
+  # scripts export it), else the folder beside the checkout.
+  set(_shared "${PROJECT_SOURCE_DIR}/../shared")
+  if(DEFINED ENV{METATT_SHARED_DIR} AND NOT "$ENV{METATT_SHARED_DIR}" STREQUAL "")
+    set(_shared "$ENV{METATT_SHARED_DIR}")
+  endif()
   set_tests_properties(${A_NAME} PROPERTIES TIMEOUT ${A_TIMEOUT}
-    ENVIRONMENT "METATT_SOURCE_DIR=${PROJECT_SOURCE_DIR};METATT_SHARED_DIR=${PROJECT_SOURCE_DIR}/../shared;METATT_BUILD_DIR=${PROJECT_BINARY_DIR}"
+    ENVIRONMENT "METATT_SOURCE_DIR=${PROJECT_SOURCE_DIR};METATT_SHARED_DIR=${_shared};METATT_BUILD_DIR=${PROJECT_BINARY_DIR}"
     LABELS "${A_LABELS}")
 endfunction()
 
